@@ -1,0 +1,474 @@
+//! Consuming the shard queue. Each delivery is decoded, scheduled so that jobs for one
+//! recipient run one after another (in arrival order) while jobs for different recipients run
+//! concurrently, processed by the pipeline, and settled: its outcome recorded, published with a
+//! confirm, and only then acked.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use jiff::Timestamp;
+use lapin::BasicProperties;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use super::publisher::{PublishError, Publisher, json_properties};
+use super::topology::{DEAD, Names, OUTCOMES_EXCHANGE};
+use crate::job::{Job, Outcome, OutcomeEvent};
+use crate::pipeline::decode::{Decoder, Refused};
+use crate::pipeline::{Disposition, Pipeline};
+use crate::store::LedgerState;
+
+pub const HEADER_DUE: &str = "x-sendwell-due";
+pub const HEADER_ATTEMPTS: &str = "x-sendwell-attempts";
+pub const HEADER_REASON: &str = "x-sendwell-reason";
+pub const HEADER_REASON_CODE: &str = "x-sendwell-reason-code";
+
+/// One broker connection's publishing side; jobs received on it are settled through it.
+pub struct Session {
+    pub publisher: Publisher,
+    /// Cancelled when the connection is lost or closed: items of this session still waiting in
+    /// a lane are skipped (the broker redelivers them on the next connection).
+    pub token: CancellationToken,
+}
+
+struct Item {
+    delivery: Delivery,
+    job: Job,
+    session: Arc<Session>,
+}
+
+#[derive(Default)]
+struct Lanes {
+    /// Jobs waiting behind a running job of the same lane (recipient), in arrival order.
+    waiting: HashMap<Arc<str>, VecDeque<Item>>,
+    /// Job ids currently queued or running, with their lane and how many copies, so a second
+    /// copy of an id (a re-publish, even with another recipient) waits behind the first.
+    ids: HashMap<Arc<str>, (Arc<str>, u32)>,
+}
+
+/// Shared by every session: the lanes outlive connections, so a job redelivered after a
+/// reconnect queues behind its still-running first copy instead of racing it.
+pub struct Worker {
+    pub pipeline: Arc<Pipeline>,
+    decoder: Decoder,
+    pub names: Names,
+    lanes: Mutex<Lanes>,
+    pub tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SettleError {
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    #[error("ack: {0}")]
+    Ack(#[from] lapin::Error),
+    #[error(transparent)]
+    Store(#[from] crate::store::LedgerError),
+}
+
+impl Worker {
+    pub fn new(
+        pipeline: Arc<Pipeline>,
+        decoder: Decoder,
+        names: Names,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            pipeline,
+            decoder,
+            names,
+            lanes: Mutex::new(Lanes::default()),
+            tracker: TaskTracker::new(),
+            shutdown,
+        }
+    }
+
+    /// Takes one delivery from the consumer loop; never blocks on I/O.
+    pub fn handle(self: &Arc<Self>, delivery: Delivery, session: &Arc<Session>) {
+        crate::metrics::job_received();
+        if let Some(due) = header_i64(&delivery.properties, HEADER_DUE)
+            && due > Timestamp::now().as_millisecond() + 50
+        {
+            // Back from a delay tier shorter than the whole wait: wait some more.
+            let this = self.clone();
+            let session = session.clone();
+            self.tracker.spawn(async move {
+                let until = Timestamp::from_millisecond(due).unwrap_or(Timestamp::now());
+                let attempts = header_i64(&delivery.properties, HEADER_ATTEMPTS).unwrap_or(0);
+                if let Err(e) = this
+                    .delay(&session, &delivery, until, attempts as u32)
+                    .await
+                {
+                    tracing::warn!(error = %e, "Could not re-delay a job; it stays queued.");
+                }
+            });
+            return;
+        }
+        match self.decoder.decode(&delivery.data) {
+            Err(refused) => {
+                let this = self.clone();
+                let session = session.clone();
+                self.tracker.spawn(async move {
+                    if let Err(e) = this.settle_invalid(&session, &delivery, refused).await {
+                        tracing::warn!(error = %e, "Could not dead-letter an invalid job; it stays queued.");
+                    }
+                });
+            }
+            Ok(job) => self.schedule(Item {
+                delivery,
+                job,
+                session: session.clone(),
+            }),
+        }
+    }
+
+    fn schedule(self: &Arc<Self>, item: Item) {
+        let key = {
+            let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+            let key: Arc<str> = match lanes.ids.get_mut(&item.job.id) {
+                Some((lane, n)) => {
+                    *n += 1;
+                    lane.clone()
+                }
+                None => {
+                    let lane: Arc<str> = item.job.to.as_str().into();
+                    lanes.ids.insert(item.job.id.clone(), (lane.clone(), 1));
+                    lane
+                }
+            };
+            match lanes.waiting.get_mut(&key) {
+                Some(q) => {
+                    q.push_back(item);
+                    return;
+                }
+                None => {
+                    lanes.waiting.insert(key.clone(), VecDeque::new());
+                }
+            }
+            key
+        };
+        let this = self.clone();
+        self.tracker
+            .spawn(async move { this.run_lane(key, item).await });
+    }
+
+    async fn run_lane(self: Arc<Self>, key: Arc<str>, mut item: Item) {
+        loop {
+            if !self.shutdown.is_cancelled() && !item.session.token.is_cancelled() {
+                crate::metrics::in_flight(1.0);
+                let span =
+                    tracing::info_span!("job", id = %item.job.id, account = %item.job.account);
+                let disposition = self
+                    .pipeline
+                    .process(&item.job, item.delivery.redelivered, &self.shutdown)
+                    .instrument(span)
+                    .await;
+                if let Err(e) = self.settle(&item, disposition).await {
+                    tracing::warn!(id = %item.job.id, error = %e, "Could not settle a job; the broker will redeliver it.");
+                }
+                crate::metrics::in_flight(-1.0);
+            }
+            let next = {
+                let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some((_, n)) = lanes.ids.get_mut(&item.job.id) {
+                    *n -= 1;
+                    if *n == 0 {
+                        lanes.ids.remove(&item.job.id);
+                    }
+                }
+                match lanes.waiting.get_mut(&key).and_then(|q| q.pop_front()) {
+                    Some(next) => Some(next),
+                    None => {
+                        lanes.waiting.remove(&key);
+                        None
+                    }
+                }
+            };
+            match next {
+                Some(n) => item = n,
+                None => return,
+            }
+        }
+    }
+
+    async fn settle(&self, item: &Item, disposition: Disposition) -> Result<(), SettleError> {
+        let job = &item.job;
+        let publisher = &item.session.publisher;
+        match disposition {
+            Disposition::Finish(Outcome::Deferred {
+                until,
+                reason,
+                attempts,
+            }) => {
+                crate::metrics::job_deferred(&job.account, reason);
+                tracing::debug!(id = %job.id, reason, %until, "Job deferred.");
+                self.delay(&item.session, &item.delivery, until, attempts)
+                    .await
+            }
+            Disposition::Finish(outcome) => {
+                let event = OutcomeEvent::for_job(job, &outcome, Timestamp::now());
+                let bytes = event.to_json();
+                let routing_key = event.routing_key();
+                let is_duplicate = outcome == Outcome::Duplicate;
+                if !is_duplicate {
+                    self.pipeline
+                        .finalize(&job.id, event.attempts, bytes.clone())
+                        .await?;
+                }
+                publisher
+                    .publish(
+                        OUTCOMES_EXCHANGE,
+                        &routing_key,
+                        &bytes,
+                        json_properties().with_message_id(job.id.to_string().into()),
+                        false,
+                    )
+                    .await?;
+                if !is_duplicate {
+                    self.pipeline.ledger.mark_published(&job.id).await?;
+                }
+                item.delivery.acker.ack(BasicAckOptions::default()).await?;
+                crate::metrics::job_finished(&job.account, outcome.status(), outcome.reason());
+                tracing::info!(
+                    id = %job.id,
+                    account = %job.account,
+                    to = %job.to.masked(),
+                    status = outcome.status(),
+                    reason = outcome.reason().unwrap_or(""),
+                    attempts = event.attempts,
+                    "Job finished."
+                );
+                Ok(())
+            }
+            Disposition::Republish(bytes) => {
+                let routing_key = stored_routing_key(&bytes);
+                publisher
+                    .publish(
+                        OUTCOMES_EXCHANGE,
+                        &routing_key,
+                        &bytes,
+                        json_properties().with_message_id(job.id.to_string().into()),
+                        false,
+                    )
+                    .await?;
+                self.pipeline.ledger.mark_published(&job.id).await?;
+                item.delivery.acker.ack(BasicAckOptions::default()).await?;
+                tracing::info!(id = %job.id, "Republished the stored outcome of a job whose event was not confirmed before.");
+                Ok(())
+            }
+            Disposition::AckOnly => {
+                item.delivery.acker.ack(BasicAckOptions::default()).await?;
+                Ok(())
+            }
+            Disposition::Abandon => {
+                if !self.shutdown.is_cancelled() {
+                    // The store failed: give it a moment, then let the broker redeliver (its
+                    // delivery limit dead-letters a job that can never be recorded).
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => {}
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                            item.delivery.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await?;
+                        }
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Sends the message to a delay queue that dead-letters it back to the shard queue, then acks.
+    async fn delay(
+        &self,
+        session: &Session,
+        delivery: &Delivery,
+        until: Timestamp,
+        attempts: u32,
+    ) -> Result<(), SettleError> {
+        let wait = (until - Timestamp::now())
+            .unsigned_abs()
+            .min(Duration::from_secs(86400 * 365));
+        let wait = if until <= Timestamp::now() {
+            Duration::ZERO
+        } else {
+            wait
+        };
+        let queue = self.names.delay_queue_for(wait);
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        headers.insert(
+            ShortString::from(HEADER_DUE),
+            AMQPValue::LongLongInt(until.as_millisecond()),
+        );
+        headers.insert(
+            ShortString::from(HEADER_ATTEMPTS),
+            AMQPValue::LongLongInt(attempts as i64),
+        );
+        session
+            .publisher
+            .publish(
+                "",
+                &queue,
+                &delivery.data,
+                carry_properties(delivery, headers),
+                true,
+            )
+            .await?;
+        delivery.acker.ack(BasicAckOptions::default()).await?;
+        Ok(())
+    }
+
+    /// An unusable job: `invalid` outcome (when its id is readable), the original message to
+    /// `sendwell.dead` with its reason, then ack. Nothing vanishes.
+    async fn settle_invalid(
+        &self,
+        session: &Session,
+        delivery: &Delivery,
+        refused: Box<Refused>,
+    ) -> Result<(), SettleError> {
+        let reason = refused.invalid.reason;
+        let detail = &refused.invalid.detail;
+        let id = refused
+            .id
+            .as_deref()
+            .filter(|id| !id.is_empty() && id.len() <= 1024);
+        // A readable id that already has a final outcome keeps it: one final outcome per id.
+        let ledgered = id.filter(|i| i.len() <= 128);
+        let already_final = match ledgered {
+            Some(i) => matches!(
+                self.pipeline.ledger.get(i)?,
+                Some(e) if e.state == LedgerState::Final
+            ),
+            None => false,
+        };
+        let event = id.filter(|_| !already_final).map(|id| OutcomeEvent {
+            id,
+            account: refused.account.as_deref().unwrap_or(""),
+            to: refused.to.as_deref().unwrap_or(""),
+            status: "invalid",
+            reason: Some(reason),
+            detail: Some(detail.clone()),
+            wamid: None,
+            attempts: 0,
+            estimated_cost: None,
+            at: Timestamp::now(),
+            metadata: None,
+            error_code: None,
+            category: None,
+        });
+        let bytes = event.as_ref().map(|e| e.to_json());
+        if let (Some(id), Some(bytes)) = (ledgered, &bytes)
+            && !already_final
+        {
+            self.pipeline.finalize(id, 0, bytes.clone()).await?;
+        }
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        headers.insert(
+            ShortString::from(HEADER_REASON),
+            AMQPValue::LongString(LongString::from(format!("{reason}: {detail}"))),
+        );
+        headers.insert(
+            ShortString::from(HEADER_REASON_CODE),
+            AMQPValue::LongString(LongString::from(reason)),
+        );
+        let dead = session.publisher.publish(
+            DEAD,
+            delivery.routing_key.as_str(),
+            &delivery.data,
+            carry_properties(delivery, headers),
+            true,
+        );
+        let outcome = async {
+            match &bytes {
+                Some(b) => {
+                    session
+                        .publisher
+                        .publish(
+                            OUTCOMES_EXCHANGE,
+                            &format!("invalid.{reason}"),
+                            b,
+                            json_properties(),
+                            false,
+                        )
+                        .await
+                }
+                None => Ok(()),
+            }
+        };
+        let (d, o) = tokio::join!(dead, outcome);
+        d?;
+        o?;
+        if let (Some(id), Some(_)) = (ledgered, &bytes)
+            && !already_final
+        {
+            self.pipeline.ledger.mark_published(id).await?;
+        }
+        delivery.acker.ack(BasicAckOptions::default()).await?;
+        crate::metrics::dead_lettered(reason);
+        crate::metrics::job_finished(
+            refused.account.as_deref().unwrap_or(""),
+            "invalid",
+            Some(reason),
+        );
+        tracing::warn!(id = id.unwrap_or("(unreadable)"), reason, detail = %detail, "Invalid job dead-lettered.");
+        Ok(())
+    }
+}
+
+/// Properties for a copy of a delivered message: the original's (its publish timestamp stays, so
+/// publish-to-outcome age stays honest) with new headers and no per-message TTL.
+fn carry_properties(delivery: &Delivery, headers: FieldTable) -> BasicProperties {
+    let p = &delivery.properties;
+    let mut out = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_headers(headers);
+    if let Some(v) = p.content_type() {
+        out = out.with_content_type(v.clone());
+    }
+    if let Some(v) = p.message_id() {
+        out = out.with_message_id(v.clone());
+    }
+    if let Some(v) = p.correlation_id() {
+        out = out.with_correlation_id(v.clone());
+    }
+    if let Some(v) = p.timestamp() {
+        out = out.with_timestamp(*v);
+    }
+    if let Some(v) = p.app_id() {
+        out = out.with_app_id(v.clone());
+    }
+    out
+}
+
+fn header_i64(p: &BasicProperties, name: &str) -> Option<i64> {
+    let h = p.headers().as_ref()?;
+    match h.inner().get(name)? {
+        AMQPValue::LongLongInt(v) => Some(*v),
+        AMQPValue::LongInt(v) => Some(*v as i64),
+        AMQPValue::LongUInt(v) => Some(*v as i64),
+        AMQPValue::ShortInt(v) => Some(*v as i64),
+        AMQPValue::Timestamp(v) => Some(*v as i64),
+        _ => None,
+    }
+}
+
+/// The routing key of a stored outcome event (`status` or `status.reason`).
+fn stored_routing_key(bytes: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Keys {
+        status: String,
+        reason: Option<String>,
+    }
+    match serde_json::from_slice::<Keys>(bytes) {
+        Ok(Keys {
+            status,
+            reason: Some(r),
+        }) => format!("{status}.{r}"),
+        Ok(Keys { status, .. }) => status,
+        Err(_) => "unknown".into(),
+    }
+}

@@ -1,0 +1,178 @@
+//! The broker edge: [`topology`] declares the queues, [`consumer`] takes and settles jobs,
+//! [`publisher`] publishes with confirms. This file keeps one connection alive: it connects,
+//! declares, consumes, and on any loss reconnects with jittered backoff while `/readyz` says
+//! not ready. Unacked jobs of a lost connection are redelivered by the broker; the ledger keeps
+//! them from being sent twice.
+
+pub mod consumer;
+pub mod publisher;
+pub mod topology;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties};
+use rand::Rng;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::BrokerConfig;
+use consumer::{Session, Worker};
+use publisher::Publisher;
+use topology::TopologyError;
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+    #[error("broker: {0}")]
+    Broker(#[from] lapin::Error),
+    #[error("{0}")]
+    Lost(&'static str),
+}
+
+/// Runs until `shutdown`, reconnecting as needed. Returns an error only for problems a
+/// reconnect cannot fix (a missing plugin, a queue declared with other arguments).
+pub async fn run(
+    worker: Arc<Worker>,
+    cfg: BrokerConfig,
+    connected: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+    grace: Duration,
+) -> Result<(), TopologyError> {
+    let mut failures: u32 = 0;
+    let mut ever_connected = false;
+    loop {
+        let result = session(
+            &worker,
+            &cfg,
+            &connected,
+            &shutdown,
+            grace,
+            &mut ever_connected,
+        )
+        .await;
+        connected.store(false, Ordering::SeqCst);
+        crate::metrics::broker_connected(false);
+        match result {
+            Ok(()) => return Ok(()),
+            Err(SessionError::Topology(e)) if e.is_fatal() => {
+                tracing::error!(error = %e, "Broker topology cannot be set up.");
+                return Err(e);
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                let cap = Duration::from_millis(200)
+                    .saturating_mul(1 << failures.min(10))
+                    .min(cfg.reconnect_max_delay);
+                let wait = Duration::from_millis(
+                    rand::rng().random_range(cap.as_millis() as u64 / 2..=cap.as_millis() as u64),
+                );
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "Broker connection lost or refused; reconnecting.");
+                tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        drain(&worker, grace).await;
+                        return Ok(());
+                    }
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn session(
+    worker: &Arc<Worker>,
+    cfg: &BrokerConfig,
+    connected: &AtomicBool,
+    shutdown: &CancellationToken,
+    grace: Duration,
+    ever_connected: &mut bool,
+) -> Result<(), SessionError> {
+    let names = &worker.names;
+    let props = ConnectionProperties::default()
+        .with_connection_name(format!("sendwell shard {}", names.shard).into());
+    let conn = Connection::connect(cfg.url.expose(), props).await?;
+
+    let topo = conn.create_channel().await?;
+    topology::declare(&topo, names).await?;
+    let _ = topo.close(200, "topology declared".into()).await;
+
+    let token = CancellationToken::new();
+    let publish_channel = conn.create_channel().await?;
+    publish_channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let session = Arc::new(Session {
+        publisher: Publisher::new(publish_channel, token.clone()),
+        token: token.clone(),
+    });
+
+    let consume_channel = conn.create_channel().await?;
+    consume_channel
+        .basic_qos(cfg.prefetch, BasicQosOptions::default())
+        .await?;
+    let tag = format!("sendwell-{}-{}", names.shard, uuid::Uuid::new_v4().simple());
+    let mut consumer = consume_channel
+        .basic_consume(
+            names.jobs_queue.as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+
+    connected.store(true, Ordering::SeqCst);
+    crate::metrics::broker_connected(true);
+    if *ever_connected {
+        crate::metrics::broker_reconnected();
+        tracing::info!(broker = %cfg.redacted_url, "Reconnected to the broker.");
+    } else {
+        tracing::info!(broker = %cfg.redacted_url, queue = %names.jobs_queue, prefetch = cfg.prefetch, "Connected to the broker; consuming.");
+    }
+    *ever_connected = true;
+
+    let end = loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break Ok(()),
+            _ = token.cancelled() => break Err(SessionError::Lost("a publish failed at the broker")),
+            d = consumer.next() => match d {
+                Some(Ok(delivery)) => worker.handle(delivery, &session),
+                Some(Err(e)) => break Err(e.into()),
+                None => break Err(SessionError::Lost("the broker cancelled the consumer")),
+            },
+        }
+    };
+    connected.store(false, Ordering::SeqCst);
+    if end.is_ok() {
+        // Stop taking new jobs, finish the ones in flight, leave the rest unacked.
+        let _ = consume_channel
+            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+            .await;
+        drain(worker, grace).await;
+    }
+    token.cancel();
+    let _ = conn.close(200, "sendwell closing".into()).await;
+    end
+}
+
+/// Waits for in-flight jobs, at most `grace`.
+async fn drain(worker: &Worker, grace: Duration) {
+    worker.tracker.close();
+    if tokio::time::timeout(grace, worker.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace_ms = grace.as_millis() as u64,
+            "Grace period over with jobs still in flight; they stay unacked and will be redelivered."
+        );
+    } else {
+        tracing::info!("In-flight jobs finished.");
+    }
+}

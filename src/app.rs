@@ -1,0 +1,213 @@
+//! Wiring: opens the state, binds the listeners, starts the broker session, and tears it all
+//! down in order on shutdown (stop consuming → finish in-flight jobs → close the broker → stop
+//! the listeners). Config is validated before this runs; nothing here reads the environment.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::amqp::consumer::Worker;
+use crate::amqp::topology::{Names, TopologyError};
+use crate::clock::SystemClock;
+use crate::cloud_api::CloudApi;
+use crate::cloud_api::sandbox::{Sandbox, SandboxConfig, SandboxHandle};
+use crate::config::Config;
+use crate::http::Readiness;
+use crate::pipeline::Pipeline;
+use crate::pipeline::accounts::Accounts;
+use crate::pipeline::decode::Decoder;
+use crate::store::{Ledger, LedgerError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("state directory: {0}")]
+    State(#[from] LedgerError),
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error(transparent)]
+    Broker(#[from] TopologyError),
+}
+
+impl AppError {
+    /// sysexits: 73 can't create (state), 69 unavailable (ports, broker set-up), 70 software.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            AppError::State(_) => 73,
+            AppError::Bind { .. } | AppError::Broker(_) => 69,
+            AppError::Http(_) => 70,
+        }
+    }
+}
+
+/// A started daemon: where it listens, and how to wait for it.
+pub struct RunningApp {
+    pub admin_addr: SocketAddr,
+    /// The in-process sandbox, when `sandbox.enabled`.
+    pub sandbox: Option<(SocketAddr, SandboxHandle)>,
+    pub readiness: Arc<Readiness>,
+    pub ledger: Ledger,
+    join: JoinHandle<Result<(), AppError>>,
+}
+
+impl RunningApp {
+    /// Resolves when the daemon has stopped (after `shutdown` or a fatal broker problem).
+    pub async fn wait(self) -> Result<(), AppError> {
+        match self.join.await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "The daemon's main task failed.");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The process-wide Prometheus recorder (the `metrics` facade has one global recorder).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full(crate::metrics::API_LATENCY.to_string()),
+                    crate::metrics::LATENCY_BUCKETS,
+                )
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let handle = match builder.install_recorder() {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::warn!(error = %e, "A metrics recorder was already installed; /metrics will be empty.");
+                    PrometheusBuilder::new().build_recorder().handle()
+                }
+            };
+            crate::metrics::describe();
+            handle
+        })
+        .clone()
+}
+
+/// Starts everything; returns once listeners are bound and the state is open.
+pub async fn start(config: Config, shutdown: CancellationToken) -> Result<RunningApp, AppError> {
+    crate::privacy::set_masking(config.log.mask_numbers);
+    let metrics = metrics_handle();
+    let readiness = Arc::new(Readiness::default());
+
+    let ledger = Ledger::open(&config.state.dir)?;
+    readiness.state.store(true, Ordering::SeqCst);
+
+    let admin = tokio::net::TcpListener::bind(config.admin.listen)
+        .await
+        .map_err(|source| AppError::Bind {
+            what: "admin",
+            addr: config.admin.listen,
+            source,
+        })?;
+    let admin_addr = admin.local_addr().map_err(|source| AppError::Bind {
+        what: "admin",
+        addr: config.admin.listen,
+        source,
+    })?;
+
+    let mut sandbox = None;
+    let api = if config.sandbox.enabled {
+        let sb = Sandbox::bind(
+            config.sandbox.listen,
+            SandboxConfig {
+                latency: config.sandbox.latency,
+                ..SandboxConfig::default()
+            },
+        )
+        .await
+        .map_err(|source| AppError::Bind {
+            what: "sandbox",
+            addr: config.sandbox.listen,
+            source,
+        })?;
+        let addr = sb.local_addr();
+        sandbox = Some((addr, sb.handle()));
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = sb.serve(token).await {
+                tracing::error!(error = %e, "The built-in sandbox stopped.");
+            }
+        });
+        tracing::warn!(%addr, "The built-in sandbox stands in for the Cloud API: nothing reaches WhatsApp.");
+        CloudApi::with_base_url(&config.cloud_api, &format!("http://{addr}"))?
+    } else {
+        CloudApi::new(&config.cloud_api)?
+    };
+
+    let pipeline = Arc::new(Pipeline {
+        ledger: ledger.clone(),
+        api,
+        accounts: Accounts::new(&config.accounts, config.retry.account_pause_probe),
+        retry: config.retry.clone(),
+        clock: Arc::new(SystemClock),
+    });
+    let names = Names::new(config.broker.shard);
+    let worker = Arc::new(Worker::new(
+        pipeline,
+        Decoder::new(&config),
+        names,
+        shutdown.clone(),
+    ));
+
+    let admin_router = crate::http::router(metrics.clone(), readiness.clone());
+    let admin_shutdown = CancellationToken::new();
+    let admin_stop = admin_shutdown.clone();
+    let admin_task = tokio::spawn(async move {
+        let r = axum::serve(admin, admin_router)
+            .with_graceful_shutdown(async move { admin_stop.cancelled().await })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "Admin listener failed.");
+        }
+    });
+
+    let upkeep_stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = upkeep_stop.cancelled() => return,
+                _ = tick.tick() => metrics.run_upkeep(),
+            }
+        }
+    });
+    tokio::spawn(
+        ledger
+            .clone()
+            .purge_loop(config.state.ledger_retention, shutdown.clone()),
+    );
+
+    let broker_flag = readiness.broker.clone();
+    let broker_cfg = config.broker.clone();
+    let grace = config.shutdown.grace_period;
+    let stop = shutdown.clone();
+    let join = tokio::spawn(async move {
+        let result = crate::amqp::run(worker, broker_cfg, broker_flag, stop.clone(), grace).await;
+        stop.cancel();
+        admin_shutdown.cancel();
+        let _ = admin_task.await;
+        result.map_err(AppError::from)
+    });
+    tracing::info!(admin = %admin_addr, shard = config.broker.shard, "sendwell started.");
+    Ok(RunningApp {
+        admin_addr,
+        sandbox,
+        readiness,
+        ledger,
+        join,
+    })
+}

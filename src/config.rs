@@ -1,0 +1,782 @@
+//! Configuration: one TOML file, `SENDWELL_<SECTION>__<KEY>` environment overrides, secrets
+//! from files (or systemd credentials). Everything is parsed and validated before anything binds
+//! or connects; a bad config is reported as `key: reason` and the daemon exits 64.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use crate::job::Category;
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/sendwell/sendwell.toml";
+
+/// One problem with the configuration, named by its key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigProblem {
+    pub key: String,
+    pub reason: String,
+}
+
+/// Every problem found, so an operator fixes them in one go instead of one per restart.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub problems: Vec<ConfigProblem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "config key `{}`: {}", p.key, p.reason)?;
+        }
+        Ok(())
+    }
+}
+
+impl ConfigError {
+    fn one(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            problems: vec![ConfigProblem {
+                key: key.into(),
+                reason: reason.into(),
+            }],
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The file, as written by the operator.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    broker: BrokerFile,
+    #[serde(default)]
+    state: StateFile,
+    #[serde(default)]
+    cloud_api: CloudApiFile,
+    #[serde(default)]
+    sandbox: SandboxFile,
+    #[serde(default)]
+    retry: RetryFile,
+    #[serde(default)]
+    shutdown: ShutdownFile,
+    #[serde(default)]
+    admin: AdminFile,
+    #[serde(default)]
+    log: LogFile,
+    #[serde(default)]
+    purposes: Vec<PurposeFile>,
+    #[serde(default)]
+    accounts: Vec<AccountFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct BrokerFile {
+    url: String,
+    password_file: Option<PathBuf>,
+    shard: u16,
+    prefetch: u16,
+    #[serde(with = "humantime_serde")]
+    reconnect_max_delay: Duration,
+}
+
+impl Default for BrokerFile {
+    fn default() -> Self {
+        Self {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            password_file: None,
+            shard: 0,
+            prefetch: 1000,
+            reconnect_max_delay: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct StateFile {
+    dir: PathBuf,
+    #[serde(with = "humantime_serde")]
+    ledger_retention: Duration,
+}
+
+impl Default for StateFile {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("/var/lib/sendwell"),
+            ledger_retention: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct CloudApiFile {
+    base_url: String,
+    version: String,
+    #[serde(with = "humantime_serde")]
+    request_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    connect_timeout: Duration,
+}
+
+impl Default for CloudApiFile {
+    fn default() -> Self {
+        Self {
+            base_url: "https://graph.facebook.com".into(),
+            version: "v21.0".into(),
+            request_timeout: Duration::from_secs(15),
+            connect_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct SandboxFile {
+    enabled: bool,
+    listen: SocketAddr,
+    #[serde(with = "humantime_serde")]
+    latency: Duration,
+}
+
+impl Default for SandboxFile {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8089)),
+            latency: Duration::from_millis(100),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RetryFile {
+    max_attempts: u32,
+    #[serde(with = "humantime_serde")]
+    base_delay: Duration,
+    #[serde(with = "humantime_serde")]
+    max_delay: Duration,
+    #[serde(with = "humantime_serde")]
+    inline_max_delay: Duration,
+    #[serde(with = "humantime_serde")]
+    account_pause_probe: Duration,
+    resend_ambiguous: BTreeMap<String, bool>,
+}
+
+impl Default for RetryFile {
+    fn default() -> Self {
+        Self {
+            max_attempts: 8,
+            base_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(15 * 60),
+            inline_max_delay: Duration::from_secs(2),
+            account_pause_probe: Duration::from_secs(30),
+            resend_ambiguous: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct ShutdownFile {
+    #[serde(with = "humantime_serde")]
+    grace_period: Duration,
+}
+
+impl Default for ShutdownFile {
+    fn default() -> Self {
+        Self {
+            grace_period: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct AdminFile {
+    listen: SocketAddr,
+}
+
+impl Default for AdminFile {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9187)),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct LogFile {
+    format: LogFormat,
+    mask_numbers: bool,
+    filter: String,
+}
+
+impl Default for LogFile {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            mask_numbers: true,
+            filter: "info".into(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PurposeFile {
+    name: String,
+    #[serde(default)]
+    description: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AccountFile {
+    name: String,
+    phone_number_id: String,
+    token_file: PathBuf,
+    #[serde(default = "default_mps")]
+    messages_per_second: u32,
+}
+
+fn default_mps() -> u32 {
+    80
+}
+
+// ---------------------------------------------------------------------------------------------
+// The validated config the daemon runs on.
+
+/// A secret that never prints.
+#[derive(Clone)]
+pub struct Secret(Arc<SecretString>);
+
+impl Secret {
+    pub fn new(s: String) -> Self {
+        Self(Arc::new(SecretString::from(s)))
+    }
+    pub fn expose(&self) -> &str {
+        self.0.expose_secret()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub broker: BrokerConfig,
+    pub state: StateConfig,
+    pub cloud_api: CloudApiConfig,
+    pub sandbox: SandboxConfigSection,
+    pub retry: RetryConfig,
+    pub shutdown: ShutdownConfig,
+    pub admin: AdminConfig,
+    pub log: LogConfig,
+    pub purposes: Vec<Purpose>,
+    pub accounts: Vec<Account>,
+}
+
+#[derive(Clone)]
+pub struct BrokerConfig {
+    /// Full AMQP URI including the password; never printed (see `redacted_url`).
+    pub url: Secret,
+    pub redacted_url: String,
+    pub shard: u16,
+    pub prefetch: u16,
+    pub reconnect_max_delay: Duration,
+}
+
+impl fmt::Debug for BrokerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BrokerConfig")
+            .field("url", &self.redacted_url)
+            .field("shard", &self.shard)
+            .field("prefetch", &self.prefetch)
+            .field("reconnect_max_delay", &self.reconnect_max_delay)
+            .finish()
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct StateConfig {
+    pub dir: PathBuf,
+    pub ledger_retention: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct CloudApiConfig {
+    pub base_url: String,
+    pub version: String,
+    pub request_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct SandboxConfigSection {
+    /// Start the built-in Cloud API stand-in inside the daemon and send to it instead of Meta.
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    pub latency: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct RetryConfig {
+    pub max_attempts: u32,
+    pub base_delay: Duration,
+    pub max_delay: Duration,
+    /// Waits up to this long happen in-process; longer ones go through a delay queue so that no
+    /// prefetch slot is held for minutes.
+    pub inline_max_delay: Duration,
+    /// How often a paused account lets one job through to see whether the problem is fixed.
+    pub account_pause_probe: Duration,
+    /// Per category: may a send whose result is unknown (timeout, crash mid-call) be sent again?
+    pub resend_ambiguous: [bool; 4],
+}
+
+impl RetryConfig {
+    pub fn resend_ambiguous(&self, c: Category) -> bool {
+        self.resend_ambiguous[c as usize]
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ShutdownConfig {
+    pub grace_period: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Clone, Debug)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub mask_numbers: bool,
+    pub filter: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct Purpose {
+    pub name: String,
+    pub description: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Account {
+    pub name: Arc<str>,
+    pub phone_number_id: String,
+    /// Where the token came from, so a paused account can re-read it after rotation.
+    pub token_path: PathBuf,
+    pub token: Secret,
+    pub messages_per_second: u32,
+}
+
+impl Config {
+    /// Loads `path` (or the default path) with environment overrides from the process
+    /// environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Self::load_with_env(path, Env::prefixed("SENDWELL_"))
+    }
+
+    fn load_with_env(path: &Path, env: Env) -> Result<Config, ConfigError> {
+        if !path.exists() {
+            return Err(ConfigError::one(
+                "--config",
+                format!("file {} does not exist", path.display()),
+            ));
+        }
+        // Only variables with a section separator are config keys; SENDWELL_CONFIG and the like
+        // belong to the command line.
+        let env = env.filter(|k| k.as_str().contains("__")).split("__");
+        let file: FileConfig = Figment::new()
+            .merge(Toml::file_exact(path))
+            .merge(env)
+            .extract()
+            .map_err(figment_problems)?;
+        let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        validate(file, &base)
+    }
+
+    /// The config as `check-config` prints it: every effective value, secrets redacted.
+    pub fn redacted_summary(&self) -> String {
+        format!("{self:#?}")
+    }
+
+    pub fn account(&self, name: &str) -> Option<&Account> {
+        self.accounts.iter().find(|a| &*a.name == name)
+    }
+}
+
+fn figment_problems(err: figment::Error) -> ConfigError {
+    let problems = err
+        .into_iter()
+        .map(|e| {
+            let mut key = e.path.join(".");
+            if let figment::error::Kind::UnknownField(field, _) = &e.kind
+                && e.path.last().is_none_or(|l| l != field)
+            {
+                key = if key.is_empty() {
+                    field.clone()
+                } else {
+                    format!("{key}.{field}")
+                };
+            }
+            if key.is_empty() {
+                key = "(file)".into();
+            }
+            ConfigProblem {
+                key,
+                reason: e.kind.to_string(),
+            }
+        })
+        .collect();
+    ConfigError { problems }
+}
+
+/// Finds a secret file: an absolute path as given; a bare name in `$CREDENTIALS_DIRECTORY` when
+/// systemd provides one and the file is there; otherwise relative to the config file.
+pub fn resolve_secret_path(p: &Path, base: &Path) -> PathBuf {
+    if p.is_absolute() {
+        return p.to_path_buf();
+    }
+    if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
+        let candidate = Path::new(&dir).join(p);
+        if candidate.exists() {
+            return candidate;
+        }
+    }
+    base.join(p)
+}
+
+/// Reads a secret file; trailing newlines are not part of the secret.
+pub fn read_secret(path: &Path) -> Result<Secret, String> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => {
+            let s = s.trim_end_matches(['\n', '\r']).to_string();
+            if s.is_empty() {
+                Err(format!("secret file {} is empty", path.display()))
+            } else {
+                Ok(Secret::new(s))
+            }
+        }
+        Err(e) => Err(format!("cannot read secret file {}: {e}", path.display())),
+    }
+}
+
+fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
+    let mut problems = Vec::new();
+    let mut problem = |key: &str, reason: String| {
+        problems.push(ConfigProblem {
+            key: key.into(),
+            reason,
+        })
+    };
+
+    // Broker.
+    let mut url = f.broker.url.clone();
+    let parsed = reqwest::Url::parse(&url);
+    let mut redacted_url = String::new();
+    match parsed {
+        Ok(mut u) if u.scheme() == "amqp" || u.scheme() == "amqps" => {
+            if let Some(pf) = &f.broker.password_file {
+                match read_secret(&resolve_secret_path(pf, base)) {
+                    Ok(pw) => {
+                        if u.set_password(Some(pw.expose())).is_err() {
+                            problem("broker.url", "cannot carry a password".into());
+                        }
+                        url = u.to_string();
+                    }
+                    Err(e) => problem("broker.password_file", e),
+                }
+            }
+            let mut r = u.clone();
+            if r.password().is_some() {
+                let _ = r.set_password(Some("***"));
+            }
+            redacted_url = r.to_string();
+        }
+        Ok(u) => problem(
+            "broker.url",
+            format!("scheme must be amqp or amqps, not {}", u.scheme()),
+        ),
+        Err(e) => problem("broker.url", format!("not a URL: {e}")),
+    }
+    if f.broker.prefetch == 0 {
+        problem("broker.prefetch", "must be at least 1".into());
+    }
+
+    // State.
+    if f.state.dir.as_os_str().is_empty() {
+        problem("state.dir", "must not be empty".into());
+    }
+    if f.state.ledger_retention < Duration::from_secs(3600) {
+        problem(
+            "state.ledger_retention",
+            "must be at least 1h, or redelivered jobs could be sent twice".into(),
+        );
+    }
+    let state_dir = if f.state.dir.is_absolute() {
+        f.state.dir.clone()
+    } else {
+        base.join(&f.state.dir)
+    };
+
+    // Cloud API.
+    match reqwest::Url::parse(&f.cloud_api.base_url) {
+        Ok(u) if u.scheme() == "https" || u.scheme() == "http" => {}
+        Ok(_) => problem(
+            "cloud_api.base_url",
+            "scheme must be https (or http for a local stand-in)".into(),
+        ),
+        Err(e) => problem("cloud_api.base_url", format!("not a URL: {e}")),
+    }
+    if !f.cloud_api.version.starts_with('v') || f.cloud_api.version.contains('/') {
+        problem(
+            "cloud_api.version",
+            "must look like v21.0 (pin a Graph API version)".into(),
+        );
+    }
+    if f.cloud_api.request_timeout.is_zero() {
+        problem("cloud_api.request_timeout", "must be more than 0s".into());
+    }
+
+    // Retry.
+    if f.retry.max_attempts == 0 {
+        problem("retry.max_attempts", "must be at least 1".into());
+    }
+    if f.retry.base_delay.is_zero() || f.retry.base_delay > f.retry.max_delay {
+        problem(
+            "retry.base_delay",
+            "must be more than 0s and at most retry.max_delay".into(),
+        );
+    }
+    if f.retry.account_pause_probe < Duration::from_millis(100) {
+        problem("retry.account_pause_probe", "must be at least 100ms".into());
+    }
+    // Marketing is not resent after an ambiguous send by default: a second marketing message
+    // costs money and goodwill; an OTP or an order update that never arrives costs more.
+    let mut resend = [false, true, true, true];
+    for (k, v) in &f.retry.resend_ambiguous {
+        match Category::ALL.iter().find(|c| c.as_str() == k) {
+            Some(c) => resend[*c as usize] = *v,
+            None => problem(
+                &format!("retry.resend_ambiguous.{k}"),
+                "not a category (marketing, utility, authentication, service)".into(),
+            ),
+        }
+    }
+
+    if f.shutdown.grace_period.is_zero() {
+        problem("shutdown.grace_period", "must be more than 0s".into());
+    }
+
+    // Purposes and accounts.
+    let mut seen = HashSet::new();
+    for (i, p) in f.purposes.iter().enumerate() {
+        if p.name.is_empty() || !seen.insert(p.name.clone()) {
+            problem(
+                &format!("purposes[{i}].name"),
+                "must be non-empty and unique".into(),
+            );
+        }
+    }
+    if f.accounts.is_empty() {
+        problem(
+            "accounts",
+            "at least one [[accounts]] entry is needed".into(),
+        );
+    }
+    let mut names = HashSet::new();
+    let mut accounts = Vec::new();
+    for (i, a) in f.accounts.iter().enumerate() {
+        let key = |k: &str| format!("accounts[{i}].{k}");
+        if a.name.is_empty() || !names.insert(a.name.clone()) {
+            problem(&key("name"), "must be non-empty and unique".into());
+        }
+        if a.phone_number_id.is_empty() || !a.phone_number_id.bytes().all(|b| b.is_ascii_digit()) {
+            problem(
+                &key("phone_number_id"),
+                "must be the numeric id Meta shows".into(),
+            );
+        }
+        if !(1..=1000).contains(&a.messages_per_second) {
+            problem(
+                &key("messages_per_second"),
+                "must be between 1 and 1000 (the Cloud API's range)".into(),
+            );
+        }
+        let path = resolve_secret_path(&a.token_file, base);
+        match read_secret(&path) {
+            Ok(token) => accounts.push(Account {
+                name: a.name.as_str().into(),
+                phone_number_id: a.phone_number_id.clone(),
+                token_path: path,
+                token,
+                messages_per_second: a.messages_per_second,
+            }),
+            Err(e) => problem(&key("token_file"), e),
+        }
+    }
+
+    if !problems.is_empty() {
+        return Err(ConfigError { problems });
+    }
+    Ok(Config {
+        broker: BrokerConfig {
+            url: Secret::new(url),
+            redacted_url,
+            shard: f.broker.shard,
+            prefetch: f.broker.prefetch,
+            reconnect_max_delay: f.broker.reconnect_max_delay,
+        },
+        state: StateConfig {
+            dir: state_dir,
+            ledger_retention: f.state.ledger_retention,
+        },
+        cloud_api: CloudApiConfig {
+            base_url: f.cloud_api.base_url.trim_end_matches('/').to_string(),
+            version: f.cloud_api.version,
+            request_timeout: f.cloud_api.request_timeout,
+            connect_timeout: f.cloud_api.connect_timeout,
+        },
+        sandbox: SandboxConfigSection {
+            enabled: f.sandbox.enabled,
+            listen: f.sandbox.listen,
+            latency: f.sandbox.latency,
+        },
+        retry: RetryConfig {
+            max_attempts: f.retry.max_attempts,
+            base_delay: f.retry.base_delay,
+            max_delay: f.retry.max_delay,
+            inline_max_delay: f.retry.inline_max_delay,
+            account_pause_probe: f.retry.account_pause_probe,
+            resend_ambiguous: resend,
+        },
+        shutdown: ShutdownConfig {
+            grace_period: f.shutdown.grace_period,
+        },
+        admin: AdminConfig {
+            listen: f.admin.listen,
+        },
+        log: LogConfig {
+            format: f.log.format,
+            mask_numbers: f.log.mask_numbers,
+            filter: f.log.filter,
+        },
+        purposes: f
+            .purposes
+            .into_iter()
+            .map(|p| Purpose {
+                name: p.name,
+                description: p.description,
+            })
+            .collect(),
+        accounts,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, toml: &str) -> PathBuf {
+        std::fs::write(dir.join("token"), "tok\n").unwrap();
+        let p = dir.join("sendwell.toml");
+        std::fs::write(&p, toml).unwrap();
+        p
+    }
+
+    const GOOD: &str = r#"
+        [[accounts]]
+        name = "acme-de"
+        phone_number_id = "106540352242922"
+        token_file = "token"
+    "#;
+
+    fn no_env() -> Env {
+        Env::prefixed("SENDWELL_TEST_NEVER_SET_")
+    }
+
+    #[test]
+    fn a_minimal_file_gets_documented_defaults() {
+        let d = tempfile::tempdir().unwrap();
+        let c = Config::load_with_env(&write(d.path(), GOOD), no_env()).unwrap();
+        assert_eq!(c.broker.prefetch, 1000);
+        assert_eq!(c.accounts[0].token.expose(), "tok");
+        assert_eq!(c.accounts[0].messages_per_second, 80);
+        assert!(!c.retry.resend_ambiguous(Category::Marketing));
+        assert!(c.retry.resend_ambiguous(Category::Authentication));
+        assert!(!c.redacted_summary().contains("guest:guest"));
+    }
+
+    #[test]
+    fn an_unknown_key_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(d.path(), &format!("[broker]\nprefetsh = 3\n{GOOD}"));
+        let e = Config::load_with_env(&p, no_env()).unwrap_err();
+        assert_eq!(e.problems[0].key, "broker.prefetsh", "{e}");
+    }
+
+    #[test]
+    fn a_duration_without_unit_is_refused_with_its_key() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(
+            d.path(),
+            &format!("[shutdown]\ngrace_period = \"30\"\n{GOOD}"),
+        );
+        let e = Config::load_with_env(&p, no_env()).unwrap_err();
+        assert_eq!(e.problems[0].key, "shutdown.grace_period", "{e}");
+    }
+
+    #[test]
+    fn a_missing_token_file_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(d.path(), &GOOD.replace("\"token\"", "\"nope\""));
+        let e = Config::load_with_env(&p, no_env()).unwrap_err();
+        assert_eq!(e.problems[0].key, "accounts[0].token_file", "{e}");
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API returns its own large error type.
+    fn environment_overrides_a_key() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(d.path(), GOOD);
+        // figment's Jail isolates the process environment for this test.
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("SENDWELL_BROKER__PREFETCH", "7");
+            jail.set_env("SENDWELL_CONFIG", "/ignored");
+            let c = Config::load(&p);
+            assert_eq!(c.map(|c| c.broker.prefetch).ok(), Some(7));
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,40 @@
+//! sendwell sends WhatsApp messages for businesses: only to people who asked, never too often,
+//! at the Cloud API's full speed, with every outcome visible.
+//!
+//! # A map of the crate, following one job through the house
+//!
+//! ```text
+//!  RabbitMQ ─► amqp::consumer ─► pipeline::decode ─► pipeline::dedupe ─► pipeline::dispatch ─► cloud_api::client
+//!  sendwell.jobs.<shard>            (validate)        (store::ledger)      (retries, pause)      (POST /messages)
+//!                                                                                 │
+//!  sendwell.outcomes ◄── amqp::publisher (confirmed) ◄── worker: ledger.finalize ◄┘ ──► ack
+//!  sendwell.delay.*  ◄── deferrals and long retries come back to the shard queue by TTL + dead-letter
+//!  sendwell.dead     ◄── invalid jobs, with header x-sendwell-reason
+//! ```
+//!
+//! - [`config`]: one TOML file + `SENDWELL_<SECTION>__<KEY>` overrides + secret files, validated
+//!   as a whole before anything binds (bad config: exit 64).
+//! - [`job`]: the job as upstream sends it, the validated job, and the [`job::Outcome`] that
+//!   decides the ack, the outcome event and the metric.
+//! - [`pipeline`]: `process(job) -> Outcome`, one file per stage in data-path order.
+//! - [`amqp`]: the broker edge: topology, consuming with reconnect, confirmed publishing.
+//! - [`cloud_api`]: the Cloud API edge: request building, the HTTP client, the error
+//!   classifier, and the built-in sandbox that stands in for Meta.
+//! - [`store`]: the embedded redb store (the idempotency ledger).
+//! - [`http`]: the admin listener (`/metrics`, `/healthz`, `/readyz`).
+//! - [`metrics`]: every metric name and its description, in one place.
+//! - [`app`]: wiring: tasks, readiness, shutdown order.
+//! - [`publish`]: the `sendwell publish` tool for upstream developers.
+
+pub mod amqp;
+pub mod app;
+pub mod clock;
+pub mod cloud_api;
+pub mod config;
+pub mod http;
+pub mod job;
+pub mod metrics;
+pub mod pipeline;
+pub mod privacy;
+pub mod publish;
+pub mod store;

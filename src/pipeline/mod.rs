@@ -1,0 +1,337 @@
+//! `process(job) -> Disposition`: everything sendwell decides about one job, readable top to
+//! bottom. Stages, in data-path order, each in its own file:
+//! [`decode`] (in the consumer, before scheduling) → [`dedupe`] → time window → (consent and
+//! limits join here) → [`dispatch`] with [`accounts`] pausing.
+//!
+//! The pipeline knows nothing of AMQP: the consumer turns a [`Disposition`] into ledger writes,
+//! publishes and acks.
+
+pub mod accounts;
+pub mod decode;
+pub mod dedupe;
+pub mod dispatch;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::SharedClock;
+use crate::cloud_api::{CloudApi, FailureClass, request};
+use crate::config::RetryConfig;
+use crate::job::{Job, Outcome};
+use crate::store::{Ledger, LedgerEntry, LedgerError, LedgerState};
+use accounts::{Accounts, Admit};
+use dedupe::Seen;
+
+/// What the consumer must do with the message after processing.
+#[derive(Debug, PartialEq)]
+pub enum Disposition {
+    /// Record (if final), publish the outcome event (or defer), then ack.
+    Finish(Outcome),
+    /// The job already finished but its event was never confirmed: publish this stored event
+    /// again, then ack.
+    Republish(Vec<u8>),
+    /// Already finished and published; this is the same message again: just ack.
+    AckOnly,
+    /// Shutting down mid-job, or the store failed: leave it unacked; the broker redelivers it.
+    Abandon,
+}
+
+/// Everything `process` needs; shared by all job tasks.
+pub struct Pipeline {
+    pub ledger: Ledger,
+    pub api: CloudApi,
+    pub accounts: Accounts,
+    pub retry: RetryConfig,
+    pub clock: SharedClock,
+}
+
+impl Pipeline {
+    /// Decides one job. `redelivered`: the broker's flag, telling a redelivery of the same message
+    /// (silently acked when already done) from a re-publish of the same id (`duplicate`).
+    pub async fn process(
+        &self,
+        job: &Job,
+        redelivered: bool,
+        shutdown: &CancellationToken,
+    ) -> Disposition {
+        // Dedupe: a job id is sent at most once.
+        let mut attempts = match dedupe::check(&self.ledger, &job.id) {
+            Ok(Seen::New) => 0,
+            Ok(Seen::Resume { attempts }) => attempts,
+            Ok(Seen::InDoubt { attempts }) => {
+                if !self.retry.resend_ambiguous(job.category) {
+                    return Disposition::Finish(Outcome::Failed {
+                        reason: "ambiguous",
+                        detail: format!(
+                            "an earlier attempt may have reached the Cloud API (the daemon stopped mid-call); {} jobs are not resent when in doubt",
+                            job.category
+                        ),
+                        code: None,
+                        attempts,
+                    });
+                }
+                attempts
+            }
+            Ok(Seen::Final { event, published }) => {
+                return match (published, redelivered) {
+                    (false, _) => Disposition::Republish(event),
+                    (true, true) => Disposition::AckOnly,
+                    (true, false) => Disposition::Finish(Outcome::Duplicate),
+                };
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "State store unreadable; the job stays queued.");
+                return Disposition::Abandon;
+            }
+        };
+
+        // Time window: never before not_before, never after expires_at.
+        let now = self.clock.now();
+        if let Some(exp) = job.expires_at
+            && now >= exp
+        {
+            return Disposition::Finish(Outcome::Expired {
+                detail: format!("expired at {exp} before it could be sent"),
+                attempts,
+            });
+        }
+        if let Some(nb) = job.not_before
+            && now < nb
+        {
+            return Disposition::Finish(Outcome::Deferred {
+                until: nb,
+                reason: "not_before",
+                attempts,
+            });
+        }
+
+        // (Consent and limits/caps are the next stages; see issues 4 and 5.)
+
+        self.dispatch(job, &mut attempts, shutdown).await
+    }
+
+    async fn dispatch(
+        &self,
+        job: &Job,
+        attempts: &mut u32,
+        shutdown: &CancellationToken,
+    ) -> Disposition {
+        let Some(account) = self.accounts.get(&job.account) else {
+            // Invariant: decode only admits configured accounts.
+            return Disposition::Abandon;
+        };
+        let body = request::build_body(job);
+        loop {
+            let admit = account.admit(self.accounts.probe_interval());
+            if let Admit::Wait(wait) = admit {
+                return self.defer(job, *attempts, wait, "account_paused");
+            }
+            if self
+                .record(job, LedgerState::Sending, *attempts + 1)
+                .await
+                .is_err()
+            {
+                if admit == Admit::Probe {
+                    account.probe_inconclusive();
+                }
+                return Disposition::Abandon;
+            }
+            *attempts += 1;
+            let token = account.token();
+            let started = std::time::Instant::now();
+            let result = self
+                .api
+                .send(
+                    &account.config.phone_number_id,
+                    token.expose(),
+                    body.clone(),
+                )
+                .await;
+            let took = started.elapsed();
+            let failure = match result {
+                Ok(ok) => {
+                    crate::metrics::api_request(&job.account, "ok", None, took);
+                    account.resume();
+                    return Disposition::Finish(Outcome::Sent {
+                        wamid: ok.wamid,
+                        attempts: *attempts,
+                    });
+                }
+                Err(f) => f,
+            };
+            crate::metrics::api_request(&job.account, failure.class.as_str(), failure.code, took);
+            let class = match failure.class {
+                FailureClass::Ambiguous if !self.retry.resend_ambiguous(job.category) => {
+                    if admit == Admit::Probe {
+                        account.probe_inconclusive();
+                    }
+                    return Disposition::Finish(Outcome::Failed {
+                        reason: "ambiguous",
+                        detail: format!(
+                            "the Cloud API may have accepted it ({}); {} jobs are not resent when in doubt",
+                            failure.message, job.category
+                        ),
+                        code: None,
+                        attempts: *attempts,
+                    });
+                }
+                FailureClass::Ambiguous => FailureClass::Retryable,
+                c => c,
+            };
+            match class {
+                FailureClass::Permanent => {
+                    if admit == Admit::Probe {
+                        account.probe_inconclusive();
+                    }
+                    return Disposition::Finish(Outcome::Failed {
+                        reason: failure.reason,
+                        detail: failure.message,
+                        code: failure.code,
+                        attempts: *attempts,
+                    });
+                }
+                FailureClass::Account => {
+                    account.pause(&failure.message, self.accounts.probe_interval());
+                    // This attempt did not send anything: it does not count against the job.
+                    *attempts -= 1;
+                    if self
+                        .record(job, LedgerState::Pending, *attempts)
+                        .await
+                        .is_err()
+                    {
+                        return Disposition::Abandon;
+                    }
+                    return self.defer(
+                        job,
+                        *attempts,
+                        self.accounts.probe_interval(),
+                        "account_paused",
+                    );
+                }
+                FailureClass::Retryable | FailureClass::PairLimited | FailureClass::Ambiguous => {
+                    if admit == Admit::Probe {
+                        account.probe_inconclusive();
+                    }
+                    if *attempts >= self.retry.max_attempts {
+                        return Disposition::Finish(Outcome::Failed {
+                            reason: failure.reason,
+                            detail: format!(
+                                "gave up after {} attempts: {}",
+                                attempts, failure.message
+                            ),
+                            code: failure.code,
+                            attempts: *attempts,
+                        });
+                    }
+                    let delay = dispatch::retry_delay(
+                        &self.retry,
+                        class,
+                        *attempts,
+                        failure.retry_after,
+                        &mut rand::rng(),
+                    );
+                    crate::metrics::api_retry(&job.account, class.as_str());
+                    if self
+                        .record(job, LedgerState::Pending, *attempts)
+                        .await
+                        .is_err()
+                    {
+                        return Disposition::Abandon;
+                    }
+                    if let Some(exp) = job.expires_at
+                        && self.clock.now() + delay >= exp
+                    {
+                        return Disposition::Finish(Outcome::Expired {
+                            detail: format!(
+                                "the next retry would come after expires_at; last error: {}",
+                                failure.message
+                            ),
+                            attempts: *attempts,
+                        });
+                    }
+                    if delay > self.retry.inline_max_delay {
+                        return self.defer(job, *attempts, delay, "retry");
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Disposition::Abandon,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn defer(&self, job: &Job, attempts: u32, wait: Duration, reason: &'static str) -> Disposition {
+        let until = self.clock.now() + wait;
+        let until = match job.expires_at {
+            // Coming back after expiry only to expire then is pointless: expire now.
+            Some(exp) if until >= exp => {
+                return Disposition::Finish(Outcome::Expired {
+                    detail: format!("would wait ({reason}) past expires_at"),
+                    attempts,
+                });
+            }
+            _ => until,
+        };
+        Disposition::Finish(Outcome::Deferred {
+            until,
+            reason,
+            attempts,
+        })
+    }
+
+    async fn record(
+        &self,
+        job: &Job,
+        state: LedgerState,
+        attempts: u32,
+    ) -> Result<(), LedgerError> {
+        let r = self
+            .ledger
+            .put(
+                &job.id,
+                LedgerEntry {
+                    state,
+                    attempts,
+                    updated_ms: now_ms(),
+                    published: false,
+                    event: Vec::new(),
+                },
+            )
+            .await;
+        if let Err(e) = &r {
+            tracing::error!(error = %e, "State store write failed; the job stays queued.");
+        }
+        r
+    }
+
+    /// Records a final outcome before its event is published (see the ledger's docs for why).
+    pub async fn finalize(
+        &self,
+        id: &str,
+        attempts: u32,
+        event: Vec<u8>,
+    ) -> Result<(), LedgerError> {
+        self.ledger
+            .put(
+                id,
+                LedgerEntry {
+                    state: LedgerState::Final,
+                    attempts,
+                    updated_ms: now_ms(),
+                    published: false,
+                    event,
+                },
+            )
+            .await
+    }
+}
+
+fn now_ms() -> i64 {
+    Timestamp::now().as_millisecond()
+}
+
+pub type SharedPipeline = Arc<Pipeline>;

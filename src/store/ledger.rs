@@ -1,0 +1,346 @@
+//! The idempotency ledger: what sendwell knows about every job id it has seen, durable across
+//! crashes, so that a job id is sent at most once however often it is delivered.
+//!
+//! Writes go through one writer thread that batches everything waiting into one redb transaction
+//! (group commit): hundreds of jobs in flight share one fsync instead of paying one each. Reads
+//! use redb's MVCC read transactions and never wait for the writer.
+//!
+//! Within one process, a job id is only ever processed by one task at a time (the pipeline's
+//! scheduler guarantees it), so "look up, then write" needs no lock. Each shard owns its own
+//! state directory, so no two processes share a ledger.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::{mpsc, oneshot};
+
+const LEDGER: TableDefinition<&str, &[u8]> = TableDefinition::new("ledger_v1");
+
+/// What a job id's history says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LedgerState {
+    /// Seen, and no Cloud API call is in doubt: safe to (re)send.
+    Pending,
+    /// A Cloud API call was started and its result is not recorded: it may have been sent.
+    Sending,
+    /// A final outcome exists; its event is stored.
+    Final,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LedgerEntry {
+    pub state: LedgerState,
+    /// Cloud API calls made so far, carried across redeliveries and delay-queue round trips.
+    pub attempts: u32,
+    /// Unix milliseconds of the last change; retention counts from here.
+    pub updated_ms: i64,
+    /// For `Final`: whether the broker confirmed the outcome event, so a redelivery knows
+    /// whether to publish it again.
+    pub published: bool,
+    /// For `Final`: the outcome event as published (JSON), to republish it byte for byte.
+    pub event: Vec<u8>,
+}
+
+impl LedgerEntry {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(14 + self.event.len());
+        v.push(match self.state {
+            LedgerState::Pending => 1,
+            LedgerState::Sending => 2,
+            LedgerState::Final => 3,
+        });
+        v.push(self.published as u8);
+        v.extend_from_slice(&self.attempts.to_le_bytes());
+        v.extend_from_slice(&self.updated_ms.to_le_bytes());
+        v.extend_from_slice(&self.event);
+        v
+    }
+
+    fn decode(b: &[u8]) -> Option<Self> {
+        if b.len() < 14 {
+            return None;
+        }
+        let state = match b[0] {
+            1 => LedgerState::Pending,
+            2 => LedgerState::Sending,
+            3 => LedgerState::Final,
+            _ => return None,
+        };
+        Some(Self {
+            state,
+            published: b[1] != 0,
+            attempts: u32::from_le_bytes(b[2..6].try_into().ok()?),
+            updated_ms: i64::from_le_bytes(b[6..14].try_into().ok()?),
+            event: b[14..].to_vec(),
+        })
+    }
+}
+
+/// Errors of the store; all of them are worth retrying later (disk full, I/O), none is the job's
+/// fault, so the job stays unacked and comes back.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("state store: {0}")]
+    Store(String),
+    #[error("state store writer has stopped")]
+    WriterGone,
+}
+
+impl<E: Into<redb::Error>> From<E> for LedgerError {
+    fn from(e: E) -> Self {
+        LedgerError::Store(e.into().to_string())
+    }
+}
+
+enum Op {
+    Put { id: Box<str>, entry: LedgerEntry },
+    MarkPublished { id: Box<str> },
+    Purge { older_than_ms: i64 },
+    Remove { id: Box<str> },
+}
+
+struct Request {
+    op: Op,
+    /// None for fire-and-forget writes whose loss is harmless (the "published" marker).
+    done: Option<oneshot::Sender<Result<u64, LedgerError>>>,
+}
+
+/// Handle to the ledger; cheap to clone.
+#[derive(Clone)]
+pub struct Ledger {
+    db: Arc<Database>,
+    tx: mpsc::UnboundedSender<Request>,
+}
+
+impl Ledger {
+    /// Opens (or creates) `state.redb` in `dir` and starts the writer thread, which ends when the
+    /// last handle is dropped.
+    pub fn open(dir: &Path) -> Result<Ledger, LedgerError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| LedgerError::Store(format!("cannot create {}: {e}", dir.display())))?;
+        let db = Arc::new(Database::create(dir.join("state.redb"))?);
+        {
+            let w = db.begin_write()?;
+            w.open_table(LEDGER)?;
+            w.commit()?;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer_db = db.clone();
+        std::thread::Builder::new()
+            .name("sendwell-ledger".into())
+            .spawn(move || writer(writer_db, rx))
+            .map_err(|e| LedgerError::Store(format!("cannot start writer thread: {e}")))?;
+        Ok(Ledger { db, tx })
+    }
+
+    pub fn get(&self, id: &str) -> Result<Option<LedgerEntry>, LedgerError> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(LEDGER)?;
+        Ok(t.get(id)?.and_then(|v| LedgerEntry::decode(v.value())))
+    }
+
+    async fn write(&self, op: Op) -> Result<u64, LedgerError> {
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(Request {
+                op,
+                done: Some(done),
+            })
+            .map_err(|_| LedgerError::WriterGone)?;
+        rx.await.map_err(|_| LedgerError::WriterGone)?
+    }
+
+    /// Durably records the entry (returns once committed).
+    pub async fn put(&self, id: &str, entry: LedgerEntry) -> Result<(), LedgerError> {
+        self.write(Op::Put {
+            id: id.into(),
+            entry,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Records that the outcome event was confirmed by the broker. Awaited, so that the next
+    /// copy of the same id (queued behind this one) sees it and answers `duplicate` rather than
+    /// republishing. If a crash loses it, a redelivery republishes the same stored event, byte
+    /// for byte: consumers see a repeat of an identical event (at-least-once delivery).
+    pub async fn mark_published(&self, id: &str) -> Result<(), LedgerError> {
+        self.write(Op::MarkPublished { id: id.into() })
+            .await
+            .map(|_| ())
+    }
+
+    /// Forgets entries not touched since `older_than_ms`; returns how many.
+    pub async fn purge(&self, older_than_ms: i64) -> Result<u64, LedgerError> {
+        self.write(Op::Purge { older_than_ms }).await
+    }
+
+    pub async fn remove(&self, id: &str) -> Result<(), LedgerError> {
+        self.write(Op::Remove { id: id.into() }).await.map(|_| ())
+    }
+
+    /// Runs `purge` every hour until cancelled, keeping entries for `retention`.
+    pub async fn purge_loop(
+        self,
+        retention: Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(Duration::from_secs(3600));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let cutoff = jiff::Timestamp::now().as_millisecond() - retention.as_millis() as i64;
+            match self.purge(cutoff).await {
+                Ok(n) => tracing::info!(removed = n, "Ledger entries past retention were purged."),
+                Err(e) => tracing::warn!(error = %e, "Ledger purge failed; will try again."),
+            }
+        }
+    }
+}
+
+fn writer(db: Arc<Database>, mut rx: mpsc::UnboundedReceiver<Request>) {
+    let mut batch: Vec<Request> = Vec::with_capacity(1024);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < 4096 {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let result = apply(&db, &batch);
+        for (req, res) in batch.drain(..).zip(result) {
+            if let Some(done) = req.done {
+                let _ = done.send(res);
+            }
+        }
+    }
+}
+
+/// Applies a batch in one transaction; returns one result per request.
+fn apply(db: &Database, batch: &[Request]) -> Vec<Result<u64, LedgerError>> {
+    let run = || -> Result<Vec<u64>, LedgerError> {
+        let w = db.begin_write()?;
+        let mut counts = Vec::with_capacity(batch.len());
+        {
+            let mut t = w.open_table(LEDGER)?;
+            for req in batch {
+                let n = match &req.op {
+                    Op::Put { id, entry } => {
+                        t.insert(&**id, entry.encode().as_slice())?;
+                        1
+                    }
+                    Op::MarkPublished { id } => {
+                        let cur = t.get(&**id)?.and_then(|v| LedgerEntry::decode(v.value()));
+                        match cur {
+                            Some(mut e) => {
+                                e.published = true;
+                                t.insert(&**id, e.encode().as_slice())?;
+                                1
+                            }
+                            None => 0,
+                        }
+                    }
+                    Op::Purge { older_than_ms } => {
+                        let mut n = 0;
+                        t.retain(|_, v| {
+                            let keep = LedgerEntry::decode(v)
+                                .map(|e| e.updated_ms >= *older_than_ms)
+                                .unwrap_or(false);
+                            if !keep {
+                                n += 1;
+                            }
+                            keep
+                        })?;
+                        n
+                    }
+                    Op::Remove { id } => t.remove(&**id)?.is_some() as u64,
+                };
+                counts.push(n);
+            }
+        }
+        w.commit()?;
+        Ok(counts)
+    };
+    match run() {
+        Ok(counts) => counts.into_iter().map(Ok).collect(),
+        Err(e) => {
+            let msg = e.to_string();
+            batch
+                .iter()
+                .map(|_| Err(LedgerError::Store(msg.clone())))
+                .collect()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(state: LedgerState, ms: i64) -> LedgerEntry {
+        LedgerEntry {
+            state,
+            attempts: 2,
+            updated_ms: ms,
+            published: false,
+            event: b"{}".to_vec(),
+        }
+    }
+
+    #[tokio::test]
+    async fn entries_survive_reopening_the_store() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let l = Ledger::open(d.path()).unwrap();
+            l.put("a", entry(LedgerState::Final, 5)).await.unwrap();
+            l.put("b", entry(LedgerState::Sending, 6)).await.unwrap();
+        }
+        // The writer thread exits when the last handle drops; the file lock follows.
+        let l = loop {
+            match Ledger::open(d.path()) {
+                Ok(l) => break l,
+                Err(_) => tokio::task::yield_now().await,
+            }
+        };
+        assert_eq!(l.get("a").unwrap(), Some(entry(LedgerState::Final, 5)));
+        assert_eq!(l.get("b").unwrap().unwrap().state, LedgerState::Sending);
+        assert_eq!(l.get("c").unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn purge_removes_only_old_entries_and_published_marker_sticks() {
+        let d = tempfile::tempdir().unwrap();
+        let l = Ledger::open(d.path()).unwrap();
+        l.put("old", entry(LedgerState::Final, 10)).await.unwrap();
+        l.put("new", entry(LedgerState::Final, 1000)).await.unwrap();
+        l.mark_published("new").await.unwrap();
+        assert_eq!(l.purge(500).await.unwrap(), 1);
+        assert_eq!(l.get("old").unwrap(), None);
+        assert!(l.get("new").unwrap().unwrap().published);
+    }
+
+    #[tokio::test]
+    async fn many_concurrent_writes_all_commit() {
+        let d = tempfile::tempdir().unwrap();
+        let l = Ledger::open(d.path()).unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..500 {
+            let l = l.clone();
+            tasks.push(tokio::spawn(async move {
+                l.put(&format!("id-{i}"), entry(LedgerState::Pending, i))
+                    .await
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        for i in 0..500 {
+            assert!(l.get(&format!("id-{i}")).unwrap().is_some());
+        }
+    }
+}

@@ -1,0 +1,575 @@
+//! Test helpers: a vhost of its own on the real local RabbitMQ for each test, the sandbox on
+//! port 0, and `spawn_app()` starting the whole daemon in-process against both.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Connection, ConnectionProperties, ExchangeKind};
+use sendwell::app::RunningApp;
+use sendwell::cloud_api::sandbox::{Sandbox, SandboxConfig, SandboxHandle};
+use sendwell::config::Config;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+pub const MGMT: &str = "http://127.0.0.1:15672";
+/// base64("guest:guest"): the local broker's default management login.
+const MGMT_AUTH: &str = "Basic Z3Vlc3Q6Z3Vlc3Q=";
+pub const GOOD_TOKEN: &str = "good-token";
+
+/// Polls `check` until it returns Some, or panics with `what` at the deadline.
+pub async fn wait_for<T>(
+    what: &str,
+    within: Duration,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {within:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn mgmt(method: reqwest::Method, path: &str, body: Option<&str>) -> reqwest::Response {
+    let client = reqwest::Client::new();
+    let mut req = client
+        .request(method, format!("{MGMT}{path}"))
+        .header("authorization", MGMT_AUTH)
+        .header("content-type", "application/json");
+    if let Some(b) = body {
+        req = req.body(b.to_string());
+    }
+    req.send()
+        .await
+        .expect("the RabbitMQ management API answers (scripts/ensure-rabbitmq.sh enables it)")
+}
+
+/// A vhost of its own, deleted when dropped.
+pub struct TestBroker {
+    pub vhost: String,
+    pub url: String,
+}
+
+impl TestBroker {
+    pub async fn new() -> Self {
+        let vhost = format!("sendwell-test-{}", uuid::Uuid::new_v4().simple());
+        let r = mgmt(reqwest::Method::PUT, &format!("/api/vhosts/{vhost}"), None).await;
+        assert!(r.status().is_success(), "create vhost: {}", r.status());
+        let r = mgmt(
+            reqwest::Method::PUT,
+            &format!("/api/permissions/{vhost}/guest"),
+            Some(r#"{"configure":".*","write":".*","read":".*"}"#),
+        )
+        .await;
+        assert!(r.status().is_success(), "set permissions: {}", r.status());
+        let url = format!("amqp://guest:guest@127.0.0.1:5672/{vhost}");
+        Self { vhost, url }
+    }
+
+    /// A queue as the management API describes it (None: not there yet).
+    pub async fn queue_info(&self, queue: &str) -> Option<serde_json::Value> {
+        let r = mgmt(
+            reqwest::Method::GET,
+            &format!("/api/queues/{}/{queue}", self.vhost),
+            None,
+        )
+        .await;
+        if !r.status().is_success() {
+            return None;
+        }
+        serde_json::from_slice(&r.bytes().await.ok()?).ok()
+    }
+
+    /// Consumers on a queue (None: queue not there yet).
+    pub async fn consumers(&self, queue: &str) -> Option<u64> {
+        self.queue_info(queue).await?.get("consumers")?.as_u64()
+    }
+
+    /// `rabbitmqctl close_all_connections` for this vhost only (other tests run in parallel).
+    pub fn close_all_connections(&self) {
+        let out = std::process::Command::new("rabbitmqctl")
+            .args([
+                "close_all_connections",
+                "-p",
+                &self.vhost,
+                "test: simulated broker failure",
+            ])
+            .output()
+            .expect("rabbitmqctl runs");
+        assert!(
+            out.status.success(),
+            "close_all_connections: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("curl")
+            .args([
+                "-fsS",
+                "-o",
+                "/dev/null",
+                "-u",
+                "guest:guest",
+                "-X",
+                "DELETE",
+            ])
+            .arg(format!("{MGMT}/api/vhosts/{}", self.vhost))
+            .status();
+    }
+}
+
+/// Everything a test saw on one queue, collected by a background task that survives
+/// connection losses. Identical redelivered bodies are counted once (at-least-once delivery).
+#[derive(Clone, Default)]
+pub struct Collected {
+    pub messages: Arc<Mutex<Vec<Seen>>>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub body: Vec<u8>,
+    pub routing_key: String,
+    pub headers: HashMap<String, String>,
+}
+
+impl Seen {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl Collected {
+    pub fn all(&self) -> Vec<Seen> {
+        self.messages.lock().unwrap().clone()
+    }
+    pub fn json(&self) -> Vec<serde_json::Value> {
+        self.all().iter().map(|s| s.json()).collect()
+    }
+    /// Events whose `id` is `id`.
+    pub fn for_id(&self, id: &str) -> Vec<serde_json::Value> {
+        self.json().into_iter().filter(|v| v["id"] == id).collect()
+    }
+}
+
+/// Declares `queue` bound to `exchange` with `key` (declaring the exchange as sendwell does)
+/// and collects every message on it until the returned token is cancelled.
+pub async fn collect(
+    url: &str,
+    exchange: &str,
+    kind: ExchangeKind,
+    key: &str,
+    queue: &str,
+) -> (Collected, CancellationToken) {
+    let collected = Collected::default();
+    let stop = CancellationToken::new();
+    // Declare once before returning, so nothing published after this call is missed.
+    {
+        let conn = Connection::connect(url, ConnectionProperties::default())
+            .await
+            .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        declare(&ch, exchange, kind.clone(), key, queue).await;
+        let _ = conn.close(200, "declared".into()).await;
+    }
+    let (c, s, url, exchange, key, queue) = (
+        collected.clone(),
+        stop.clone(),
+        url.to_string(),
+        exchange.to_string(),
+        key.to_string(),
+        queue.to_string(),
+    );
+    tokio::spawn(async move {
+        while !s.is_cancelled() {
+            let Ok(conn) = Connection::connect(&url, ConnectionProperties::default()).await else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            let Ok(ch) = conn.create_channel().await else {
+                continue;
+            };
+            declare(&ch, &exchange, kind.clone(), &key, &queue).await;
+            let Ok(mut consumer) = ch
+                .basic_consume(
+                    queue.as_str().into(),
+                    "collector".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+            else {
+                continue;
+            };
+            loop {
+                tokio::select! {
+                    _ = s.cancelled() => return,
+                    d = consumer.next() => match d {
+                        Some(Ok(d)) => {
+                            let headers = d.properties.headers().as_ref().map(|h| {
+                                h.inner().iter().map(|(k, v)| (k.to_string(), match v {
+                                    AMQPValue::LongString(s) => s.to_string(),
+                                    other => format!("{other:?}"),
+                                })).collect()
+                            }).unwrap_or_default();
+                            let seen = Seen { body: d.data.clone(), routing_key: d.routing_key.to_string(), headers };
+                            {
+                                let mut m = c.messages.lock().unwrap();
+                                if !(d.redelivered && m.iter().any(|x| x.body == seen.body)) {
+                                    m.push(seen);
+                                }
+                            }
+                            let _ = d.ack(BasicAckOptions::default()).await;
+                        }
+                        _ => break,
+                    }
+                }
+            }
+        }
+    });
+    (collected, stop)
+}
+
+async fn declare(ch: &lapin::Channel, exchange: &str, kind: ExchangeKind, key: &str, queue: &str) {
+    if !exchange.is_empty() {
+        let _ = ch
+            .exchange_declare(
+                exchange.into(),
+                kind,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+    }
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    if exchange == "sendwell.dead" {
+        // Same arguments as the daemon declares (plain quorum queue).
+    }
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .unwrap();
+    if !exchange.is_empty() {
+        ch.queue_bind(
+            queue.into(),
+            exchange.into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    }
+}
+
+/// Knobs for `spawn_app`.
+pub struct AppOptions {
+    pub sandbox: SandboxConfig,
+    pub token: String,
+    pub extra_toml: String,
+    pub prefetch: u16,
+}
+
+impl Default for AppOptions {
+    fn default() -> Self {
+        Self {
+            sandbox: SandboxConfig {
+                latency: Duration::from_millis(5),
+                latency_jitter: Duration::ZERO,
+                rate_server_error: 0.0,
+                rate_throttle: 0.0,
+                rate_undeliverable: 0.0,
+                valid_tokens: Some(vec![GOOD_TOKEN.to_string()]),
+            },
+            token: GOOD_TOKEN.into(),
+            extra_toml: String::new(),
+            prefetch: 200,
+        }
+    }
+}
+
+/// A sandbox, a vhost, a config file and a state directory: everything a daemon needs.
+pub struct TestEnv {
+    pub broker: TestBroker,
+    pub sandbox: SandboxHandle,
+    pub sandbox_addr: std::net::SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub outcomes: Collected,
+    pub dead: Collected,
+    stops: Vec<CancellationToken>,
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        for s in &self.stops {
+            s.cancel();
+        }
+    }
+}
+
+pub fn write_config(
+    dir: &Path,
+    broker_url: &str,
+    sandbox: &std::net::SocketAddr,
+    token: &str,
+    prefetch: u16,
+    extra: &str,
+) -> PathBuf {
+    std::fs::write(dir.join("token"), token).unwrap();
+    let state = dir.join("state");
+    let toml = format!(
+        r#"
+[broker]
+url = "{broker_url}"
+prefetch = {prefetch}
+reconnect_max_delay = "1s"
+
+[state]
+dir = "{state}"
+
+[cloud_api]
+base_url = "http://{sandbox}"
+request_timeout = "5s"
+
+[retry]
+max_attempts = 5
+base_delay = "20ms"
+max_delay = "2s"
+inline_max_delay = "500ms"
+account_pause_probe = "300ms"
+
+[shutdown]
+grace_period = "10s"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[log]
+filter = "warn,sendwell=info"
+
+[[purposes]]
+name = "newsletter"
+
+[[accounts]]
+name = "acme-de"
+phone_number_id = "106540352242922"
+token_file = "token"
+{extra}
+"#,
+        state = state.display()
+    );
+    let p = dir.join("sendwell.toml");
+    std::fs::write(&p, toml).unwrap();
+    p
+}
+
+impl TestEnv {
+    pub async fn new(opts: &AppOptions) -> TestEnv {
+        let broker = TestBroker::new().await;
+        let sb = Sandbox::bind("127.0.0.1:0".parse().unwrap(), opts.sandbox.clone())
+            .await
+            .unwrap();
+        let sandbox_addr = sb.local_addr();
+        let sandbox = sb.handle();
+        let sb_stop = CancellationToken::new();
+        tokio::spawn(sb.serve(sb_stop.clone()));
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = write_config(
+            dir.path(),
+            &broker.url,
+            &sandbox_addr,
+            &opts.token,
+            opts.prefetch,
+            &opts.extra_toml,
+        );
+        let (outcomes, s1) = collect(
+            &broker.url,
+            "sendwell.outcomes",
+            ExchangeKind::Topic,
+            "#",
+            "test.outcomes",
+        )
+        .await;
+        let (dead, s2) = collect(
+            &broker.url,
+            "sendwell.dead",
+            ExchangeKind::Fanout,
+            "",
+            "test.dead",
+        )
+        .await;
+        TestEnv {
+            broker,
+            sandbox,
+            sandbox_addr,
+            dir,
+            config_path,
+            outcomes,
+            dead,
+            stops: vec![sb_stop, s1, s2],
+        }
+    }
+
+    pub fn config(&self) -> Config {
+        Config::load(&self.config_path).expect("test config is valid")
+    }
+
+    /// Starts the daemon in this process; waits until it consumes.
+    pub async fn start(&self) -> TestApp {
+        let shutdown = CancellationToken::new();
+        let app = sendwell::app::start(self.config(), shutdown.clone())
+            .await
+            .expect("daemon starts");
+        let readiness = app.readiness.clone();
+        wait_for(
+            "the daemon to be ready",
+            Duration::from_secs(20),
+            async || readiness.is_ready().then_some(()),
+        )
+        .await;
+        TestApp {
+            app: Some(app),
+            shutdown,
+        }
+    }
+
+    pub async fn publish(&self, jobs: &[serde_json::Value]) {
+        sendwell::publish::publish_jobs(&self.broker.url, jobs)
+            .await
+            .expect("jobs published");
+    }
+
+    /// Publishes raw bytes to sendwell.jobs (for malformed input).
+    pub async fn publish_raw(&self, routing_key: &str, body: &[u8]) {
+        let conn = Connection::connect(&self.broker.url, ConnectionProperties::default())
+            .await
+            .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        ch.confirm_select(Default::default()).await.unwrap();
+        ch.basic_publish(
+            "sendwell.jobs".into(),
+            routing_key.into(),
+            lapin::options::BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            body,
+            lapin::BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+        let _ = conn.close(200, "".into()).await;
+    }
+
+    /// Waits until every id has a final outcome; returns the events by id.
+    pub async fn final_outcomes(
+        &self,
+        ids: &[String],
+        within: Duration,
+    ) -> HashMap<String, Vec<serde_json::Value>> {
+        let outcomes = self.outcomes.clone();
+        wait_for(
+            &format!("final outcomes for {} jobs", ids.len()),
+            within,
+            async || {
+                let by_id = finals_by_id(&outcomes.json());
+                ids.iter().all(|id| by_id.contains_key(id)).then_some(by_id)
+            },
+        )
+        .await
+    }
+}
+
+pub const FINAL: &[&str] = &["sent", "suppressed", "failed", "expired", "invalid"];
+
+/// Final outcomes (not `duplicate`, not delivery updates), grouped by job id. Outcome events
+/// are delivered at least once: a repeat is byte-identical (same `at`, same everything) and is
+/// the same outcome, so identical events count once, as the README tells consumers to do.
+pub fn finals_by_id(events: &[serde_json::Value]) -> HashMap<String, Vec<serde_json::Value>> {
+    let mut m: HashMap<String, Vec<serde_json::Value>> = HashMap::new();
+    for e in events {
+        if let Some(s) = e["status"].as_str()
+            && FINAL.contains(&s)
+        {
+            let v = m
+                .entry(e["id"].as_str().unwrap_or("").to_string())
+                .or_default();
+            if !v.contains(e) {
+                v.push(e.clone());
+            }
+        }
+    }
+    m
+}
+
+pub struct TestApp {
+    pub app: Option<RunningApp>,
+    pub shutdown: CancellationToken,
+}
+
+impl TestApp {
+    pub fn admin(&self) -> std::net::SocketAddr {
+        self.app.as_ref().unwrap().admin_addr
+    }
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(app) = self.app.take() {
+            let _ = app.wait().await;
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A marketing template job to a distinct recipient.
+pub fn template_job(id: &str, to: &str) -> serde_json::Value {
+    serde_json::json!({
+        "id": id,
+        "account": "acme-de",
+        "to": to,
+        "category": "marketing",
+        "purpose": "newsletter",
+        "template": { "name": "spring_sale", "language": "de", "components": [] },
+        "metadata": { "campaign": "test" }
+    })
+}
+
+/// The n-th test recipient: valid German mobile numbers.
+pub fn number(n: usize) -> String {
+    format!("+49170{:07}", n)
+}
