@@ -100,15 +100,34 @@ async fn run() {
     let publish_times = std::sync::Arc::new(std::sync::Mutex::new(vec![Duration::ZERO; n]));
     let url = env.broker.url.clone();
     let pt = publish_times.clone();
+    // One connection, publisher confirms pipelined in a window, as an upstream service should.
     let publisher = tokio::spawn(async move {
-        // Publish in chunks so each job's publish time is close to when it really entered.
-        for (c, chunk) in jobs.chunks(500).enumerate() {
-            let t = epoch.elapsed();
-            sendwell::publish::publish_jobs(&url, chunk).await.unwrap();
-            let mut p = pt.lock().unwrap();
-            for i in 0..chunk.len() {
-                p[c * 500 + i] = t;
+        let conn = Connection::connect(&url, ConnectionProperties::default())
+            .await
+            .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        ch.confirm_select(Default::default()).await.unwrap();
+        let mut pending = futures_util::stream::FuturesUnordered::new();
+        for (i, job) in jobs.iter().enumerate() {
+            let body = serde_json::to_vec(job).unwrap();
+            pt.lock().unwrap()[i] = epoch.elapsed();
+            let confirm = ch
+                .basic_publish(
+                    "sendwell.jobs".into(),
+                    sendwell::publish::routing_key(job).into(),
+                    lapin::options::BasicPublishOptions::default(),
+                    &body,
+                    lapin::BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .unwrap();
+            pending.push(confirm);
+            while pending.len() >= 1000 {
+                pending.next().await.unwrap().unwrap();
             }
+        }
+        while let Some(c) = pending.next().await {
+            c.unwrap();
         }
         epoch.elapsed()
     });

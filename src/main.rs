@@ -44,6 +44,25 @@ enum Command {
     Sandbox(SandboxArgs),
     /// Publish send jobs to sendwell.jobs with publisher confirms.
     Publish(PublishArgs),
+    /// Print outcome events (JSON lines) as they are published to sendwell.outcomes.
+    Tail(TailArgs),
+}
+
+#[derive(Args)]
+struct TailArgs {
+    /// Broker URL.
+    #[arg(
+        long,
+        env = "SENDWELL_BROKER__URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    url: String,
+    /// Routing-key pattern: `#` for everything, `failed.*`, `sent`, `invalid.#`…
+    #[arg(long, default_value = "#")]
+    pattern: String,
+    /// Stop after this many events.
+    #[arg(long, short = 'n')]
+    limit: Option<usize>,
 }
 
 #[derive(Args)]
@@ -98,6 +117,22 @@ fn main() -> ExitCode {
             Command::CheckConfig { path, config } => check_config(path.unwrap_or(config.config)),
             Command::Sandbox(args) => sandbox(args).await,
             Command::Publish(args) => publish(args).await,
+            Command::Tail(a) => {
+                match sendwell::publish::tail_outcomes(
+                    &a.url,
+                    &a.pattern,
+                    a.limit,
+                    std::io::stdout().lock(),
+                )
+                .await
+                {
+                    Ok(_) => 0,
+                    Err(e) => {
+                        eprintln!("sendwell tail: {e}");
+                        69
+                    }
+                }
+            }
         }
     });
     ExitCode::from(code as u8)

@@ -144,6 +144,71 @@ pub fn read_all(r: impl BufRead) -> Result<String, std::io::Error> {
     Ok(s)
 }
 
+/// `sendwell tail`: prints outcome events as JSON lines as they are published, through a
+/// temporary queue of its own bound to `sendwell.outcomes` with `pattern` (`#` = everything,
+/// `failed.*` = failures only). Stops after `limit` events when given.
+pub async fn tail_outcomes(
+    url: &str,
+    pattern: &str,
+    limit: Option<usize>,
+    mut out: impl std::io::Write,
+) -> Result<usize, PublishToolError> {
+    use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+    use lapin::types::FieldTable;
+    let conn = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .map_err(PublishToolError::Connect)?;
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(PublishToolError::Broker)?;
+    let q = ch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(PublishToolError::Broker)?;
+    ch.queue_bind(
+        q.name().clone(),
+        crate::amqp::topology::OUTCOMES_EXCHANGE.into(),
+        pattern.into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .map_err(PublishToolError::Broker)?;
+    let mut consumer = ch
+        .basic_consume(
+            q.name().clone(),
+            "sendwell-tail".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(PublishToolError::Broker)?;
+    let mut n = 0;
+    while let Some(d) = consumer.next().await {
+        let d = d.map_err(PublishToolError::Broker)?;
+        out.write_all(&d.data)?;
+        out.write_all(b"\n")?;
+        out.flush()?;
+        n += 1;
+        if limit.is_some_and(|l| n >= l) {
+            break;
+        }
+    }
+    Ok(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -508,3 +508,39 @@ async fn a_lost_broker_connection_loses_no_job_and_sends_none_twice() {
     );
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sendwell_tail_prints_outcome_events_as_json_lines() {
+    let env = TestEnv::new(&AppOptions::default()).await;
+    let app = env.start().await;
+    let url = env.broker.url.clone();
+    let tail = tokio::spawn(async move {
+        let mut out = Vec::new();
+        sendwell::publish::tail_outcomes(&url, "sent", Some(1), &mut out)
+            .await
+            .unwrap();
+        out
+    });
+    // The tail's queue is bound once its consumer shows up; publish after that.
+    let broker = &env.broker;
+    wait_for("the tail to consume", T, async || {
+        let r = reqwest::Client::new()
+            .get(format!("{MGMT}/api/consumers/{}", broker.vhost))
+            .basic_auth("guest", Some("guest"))
+            .send()
+            .await
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.ok()?).ok()?;
+        v.as_array()?
+            .iter()
+            .any(|c| c["consumer_tag"] == "sendwell-tail")
+            .then_some(())
+    })
+    .await;
+    env.publish(&[template_job("tail-1", &number(11))]).await;
+    let out = tokio::time::timeout(T, tail).await.unwrap().unwrap();
+    let line: serde_json::Value = serde_json::from_slice(out.strip_suffix(b"\n").unwrap()).unwrap();
+    assert_eq!(line["id"], "tail-1");
+    assert_eq!(line["status"], "sent");
+    app.stop().await;
+}

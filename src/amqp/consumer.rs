@@ -199,7 +199,6 @@ impl Worker {
 
     async fn settle(&self, item: &Item, disposition: Disposition) -> Result<(), SettleError> {
         let job = &item.job;
-        let publisher = &item.session.publisher;
         match disposition {
             Disposition::Finish(Outcome::Deferred {
                 until,
@@ -221,19 +220,8 @@ impl Worker {
                         .finalize(&job.id, event.attempts, bytes.clone())
                         .await?;
                 }
-                publisher
-                    .publish(
-                        OUTCOMES_EXCHANGE,
-                        &routing_key,
-                        &bytes,
-                        json_properties().with_message_id(job.id.to_string().into()),
-                        false,
-                    )
+                self.publish_outcome(item, &routing_key, &bytes, !is_duplicate)
                     .await?;
-                if !is_duplicate {
-                    self.pipeline.ledger.mark_published(&job.id).await?;
-                }
-                item.delivery.acker.ack(BasicAckOptions::default()).await?;
                 crate::metrics::job_finished(&job.account, outcome.status(), outcome.reason());
                 tracing::info!(
                     id = %job.id,
@@ -247,18 +235,8 @@ impl Worker {
                 Ok(())
             }
             Disposition::Republish(bytes) => {
-                let routing_key = stored_routing_key(&bytes);
-                publisher
-                    .publish(
-                        OUTCOMES_EXCHANGE,
-                        &routing_key,
-                        &bytes,
-                        json_properties().with_message_id(job.id.to_string().into()),
-                        false,
-                    )
+                self.publish_outcome(item, &stored_routing_key(&bytes), &bytes, true)
                     .await?;
-                self.pipeline.ledger.mark_published(&job.id).await?;
-                item.delivery.acker.ack(BasicAckOptions::default()).await?;
                 tracing::info!(id = %job.id, "Republished the stored outcome of a job whose event was not confirmed before.");
                 Ok(())
             }
@@ -280,6 +258,33 @@ impl Worker {
                 Ok(())
             }
         }
+    }
+
+    /// Publishes a job's outcome event with a confirm, records that it was published (when it
+    /// is the job's final outcome), then acks the job: in that order, so a crash at any point
+    /// leaves a state the next delivery can finish from.
+    async fn publish_outcome(
+        &self,
+        item: &Item,
+        routing_key: &str,
+        event: &[u8],
+        is_final: bool,
+    ) -> Result<(), SettleError> {
+        item.session
+            .publisher
+            .publish(
+                OUTCOMES_EXCHANGE,
+                routing_key,
+                event,
+                json_properties().with_message_id(item.job.id.to_string().into()),
+                false,
+            )
+            .await?;
+        if is_final {
+            self.pipeline.ledger.mark_published(&item.job.id).await?;
+        }
+        item.delivery.acker.ack(BasicAckOptions::default()).await?;
+        Ok(())
     }
 
     /// Sends the message to a delay queue that dead-letters it back to the shard queue, then acks.

@@ -264,9 +264,6 @@ async fn declare(ch: &lapin::Channel, exchange: &str, kind: ExchangeKind, key: &
         "x-queue-type".into(),
         AMQPValue::LongString("quorum".into()),
     );
-    if exchange == "sendwell.dead" {
-        // Same arguments as the daemon declares (plain quorum queue).
-    }
     ch.queue_declare(
         queue.into(),
         QueueDeclareOptions {
