@@ -190,3 +190,46 @@ fn a_bad_config_exits_64_naming_the_key() {
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(!s.contains("hunter2") && !s.contains("tok-s3cret"), "{s}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_killed_mid_call_does_not_resend_marketing_after_restart() {
+    let env = TestEnv::new(&AppOptions {
+        sandbox: sendwell::cloud_api::sandbox::SandboxConfig {
+            latency: Duration::from_secs(3),
+            ..AppOptions::default().sandbox
+        },
+        ..Default::default()
+    })
+    .await;
+    let mut daemon = spawn_daemon(&env);
+    wait_consuming(&env).await;
+    env.publish(&[template_job("killed-1", &number(14))]).await;
+    let sandbox = env.sandbox.clone();
+    wait_for(
+        "the send to reach the sandbox",
+        Duration::from_secs(20),
+        async || (sandbox.accepted_count_for("killed-1") == 1).then_some(()),
+    )
+    .await;
+    signal(&daemon, "KILL");
+    wait_exit(&mut daemon, Duration::from_secs(10)).await;
+    env.sandbox.set_latency(Duration::from_millis(5));
+
+    let mut daemon = spawn_daemon(&env);
+    let f = env
+        .final_outcomes(&["killed-1".into()], Duration::from_secs(30))
+        .await;
+    let e = &f["killed-1"][0];
+    assert_eq!(e["status"], "failed", "{e}");
+    assert_eq!(e["reason"], "ambiguous");
+    assert_eq!(
+        env.sandbox.accepted_count_for("killed-1"),
+        1,
+        "not sent a second time"
+    );
+    signal(&daemon, "TERM");
+    assert_eq!(
+        wait_exit(&mut daemon, Duration::from_secs(30)).await.code(),
+        Some(0)
+    );
+}

@@ -544,3 +544,47 @@ async fn sendwell_tail_prints_outcome_events_as_json_lines() {
     assert_eq!(line["status"], "sent");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_send_is_not_repeated_for_marketing_but_is_for_utility() {
+    let mut opts = AppOptions::default();
+    opts.sandbox.latency = Duration::from_secs(2);
+    let env = TestEnv::new(&opts).await;
+    let app = env
+        .start_with(|c| c.cloud_api.request_timeout = Duration::from_millis(300))
+        .await;
+    let mut utility = template_job("amb-utility", &number(13));
+    utility["category"] = "utility".into();
+    env.publish(&[template_job("amb-marketing", &number(12)), utility])
+        .await;
+
+    // The sandbox takes both (it decides on arrival); the daemon gives up waiting after 300 ms.
+    let sandbox = env.sandbox.clone();
+    wait_for("both sends to reach the sandbox", T, async || {
+        (sandbox.accepted_count_for("amb-marketing") >= 1
+            && sandbox.accepted_count_for("amb-utility") >= 1)
+            .then_some(())
+    })
+    .await;
+    env.sandbox.set_latency(Duration::from_millis(5));
+
+    let f = env
+        .final_outcomes(&["amb-marketing".into(), "amb-utility".into()], T)
+        .await;
+    let m = &f["amb-marketing"][0];
+    assert_eq!(m["status"], "failed", "{m}");
+    assert_eq!(m["reason"], "ambiguous");
+    assert_eq!(
+        env.sandbox.accepted_count_for("amb-marketing"),
+        1,
+        "marketing is not resent when in doubt"
+    );
+    let u = &f["amb-utility"][0];
+    assert_eq!(u["status"], "sent", "{u}");
+    assert!(u["attempts"].as_u64().unwrap() >= 2, "{u}");
+    assert!(
+        env.sandbox.accepted_count_for("amb-utility") >= 2,
+        "utility is resent when in doubt"
+    );
+    app.stop().await;
+}

@@ -442,8 +442,15 @@ impl TestEnv {
 
     /// Starts the daemon in this process; waits until it consumes.
     pub async fn start(&self) -> TestApp {
+        self.start_with(|_| {}).await
+    }
+
+    /// As `start`, with the loaded config adjusted first.
+    pub async fn start_with(&self, adjust: impl FnOnce(&mut Config)) -> TestApp {
         let shutdown = CancellationToken::new();
-        let app = sendwell::app::start(self.config(), shutdown.clone())
+        let mut config = self.config();
+        adjust(&mut config);
+        let app = sendwell::app::start(config, shutdown.clone())
             .await
             .expect("daemon starts");
         let readiness = app.readiness.clone();
