@@ -37,6 +37,8 @@ pub enum AppError {
     Http(#[from] reqwest::Error),
     #[error(transparent)]
     Broker(#[from] TopologyError),
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl AppError {
@@ -45,7 +47,7 @@ impl AppError {
         match self {
             AppError::State(_) => 73,
             AppError::Bind { .. } | AppError::Broker(_) => 69,
-            AppError::Http(_) => 70,
+            AppError::Http(_) | AppError::Internal(_) => 70,
         }
     }
 }
@@ -65,10 +67,10 @@ impl RunningApp {
     pub async fn wait(self) -> Result<(), AppError> {
         match self.join.await {
             Ok(r) => r,
-            Err(e) => {
-                tracing::error!(error = %e, "The daemon's main task failed.");
-                Ok(())
-            }
+            // A panic must not look like a clean stop: systemd restarts on failure only.
+            Err(e) => Err(AppError::Internal(format!(
+                "the daemon's main task failed: {e}"
+            ))),
         }
     }
 }

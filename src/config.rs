@@ -579,8 +579,26 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
             "must be more than 0s and at most retry.max_delay".into(),
         );
     }
-    if f.retry.account_pause_probe < Duration::from_millis(100) {
-        problem("retry.account_pause_probe", "must be at least 100ms".into());
+    // Upper bounds keep every wait far inside the time types' ranges (no overflow panics).
+    if f.retry.max_delay > Duration::from_secs(86400) {
+        problem("retry.max_delay", "must be at most 1d".into());
+    }
+    if f.retry.inline_max_delay > Duration::from_secs(60) {
+        problem(
+            "retry.inline_max_delay",
+            "must be at most 60s (longer waits belong in a delay queue)".into(),
+        );
+    }
+    if f.retry.account_pause_probe < Duration::from_millis(100)
+        || f.retry.account_pause_probe > Duration::from_secs(3600)
+    {
+        problem(
+            "retry.account_pause_probe",
+            "must be between 100ms and 1h".into(),
+        );
+    }
+    if f.retry.max_attempts > 100 {
+        problem("retry.max_attempts", "must be at most 100".into());
     }
     // Marketing is not resent after an ambiguous send by default: a second marketing message
     // costs money and goodwill; an OTP or an order update that never arrives costs more.
@@ -595,8 +613,14 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
         }
     }
 
-    if f.shutdown.grace_period.is_zero() {
-        problem("shutdown.grace_period", "must be more than 0s".into());
+    if f.shutdown.grace_period.is_zero() || f.shutdown.grace_period > Duration::from_secs(3600) {
+        problem("shutdown.grace_period", "must be between 1ms and 1h".into());
+    }
+    if f.cloud_api.request_timeout > Duration::from_secs(300) {
+        problem("cloud_api.request_timeout", "must be at most 5m".into());
+    }
+    if f.state.ledger_retention > Duration::from_secs(400 * 86400) {
+        problem("state.ledger_retention", "must be at most 400d".into());
     }
 
     // Purposes and accounts.

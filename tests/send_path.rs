@@ -588,3 +588,33 @@ async fn a_timed_out_send_is_not_repeated_for_marketing_but_is_for_utility() {
     );
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_busy_recipient_does_not_stall_the_others() {
+    let mut opts = AppOptions::default();
+    opts.sandbox.latency = Duration::from_millis(20);
+    let env = TestEnv::new(&opts).await;
+    let app = env.start().await;
+    // 300 jobs for one number (they run one after another), then one for somebody else.
+    let busy: Vec<String> = (0..300).map(|i| format!("busy-{i}")).collect();
+    let mut jobs: Vec<_> = busy
+        .iter()
+        .map(|id| template_job(id, &number(20)))
+        .collect();
+    jobs.push(template_job("other-1", &number(21)));
+    env.publish(&jobs).await;
+
+    env.final_outcomes(&["other-1".into()], T).await;
+    let busy_done = finals_by_id(&env.outcomes.json()).len() - 1;
+    assert!(
+        busy_done < 100,
+        "the other recipient waited behind {busy_done} jobs of the busy one"
+    );
+    let f = env.final_outcomes(&busy, Duration::from_secs(60)).await;
+    for id in &busy {
+        assert_eq!(f[id].len(), 1);
+        assert_eq!(f[id][0]["status"], "sent");
+        assert_eq!(env.sandbox.accepted_count_for(id), 1);
+    }
+    app.stop().await;
+}

@@ -21,7 +21,6 @@ use super::topology::{DEAD, Names, OUTCOMES_EXCHANGE};
 use crate::job::{Job, Outcome, OutcomeEvent};
 use crate::pipeline::decode::{Decoder, Refused};
 use crate::pipeline::{Disposition, Pipeline};
-use crate::store::LedgerState;
 
 pub const HEADER_DUE: &str = "x-sendwell-due";
 pub const HEADER_ATTEMPTS: &str = "x-sendwell-attempts";
@@ -40,6 +39,22 @@ struct Item {
     delivery: Delivery,
     job: Job,
     session: Arc<Session>,
+    /// Redelivered by the broker or returned from a delay queue (see `Pipeline::process`).
+    same_message: bool,
+}
+
+/// A lane holds at most this many waiting jobs; more for one recipient are deferred, so one
+/// busy recipient cannot take the whole prefetch and stall every other recipient of the shard.
+pub const MAX_LANE_WAITING: usize = 64;
+
+/// A job that could not be settled is still unacked on a channel that may be healthy: without
+/// help it would hold its prefetch slot until some unrelated reconnect. Ending the session makes
+/// the broker redeliver it (and everything else unacked) on a fresh connection.
+fn settle_failed(session: &Session, result: Result<(), SettleError>, what: &str) {
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "Could not {what}; reconnecting so the broker redelivers it.");
+        session.token.cancel();
+    }
 }
 
 #[derive(Default)]
@@ -68,6 +83,8 @@ enum SettleError {
     Publish(#[from] PublishError),
     #[error("ack: {0}")]
     Ack(#[from] lapin::Error),
+    #[error("ack: the channel is closed; the broker will redeliver the job")]
+    ChannelClosed,
     #[error(transparent)]
     Store(#[from] crate::store::LedgerError),
 }
@@ -101,12 +118,10 @@ impl Worker {
             self.tracker.spawn(async move {
                 let until = Timestamp::from_millisecond(due).unwrap_or(Timestamp::now());
                 let attempts = header_i64(&delivery.properties, HEADER_ATTEMPTS).unwrap_or(0);
-                if let Err(e) = this
+                let r = this
                     .delay(&session, &delivery, until, attempts as u32)
-                    .await
-                {
-                    tracing::warn!(error = %e, "Could not re-delay a job; it stays queued.");
-                }
+                    .await;
+                settle_failed(&session, r, "re-delay a job");
             });
             return;
         }
@@ -115,12 +130,16 @@ impl Worker {
                 let this = self.clone();
                 let session = session.clone();
                 self.tracker.spawn(async move {
-                    if let Err(e) = this.settle_invalid(&session, &delivery, refused).await {
-                        tracing::warn!(error = %e, "Could not dead-letter an invalid job; it stays queued.");
-                    }
+                    let r = this.settle_invalid(&session, &delivery, refused).await;
+                    settle_failed(&session, r, "dead-letter an invalid job");
                 });
             }
             Ok(job) => self.schedule(Item {
+                // A copy back from our own delay queue is, like a broker redelivery, a copy of
+                // a message already taken: if its job is done, it is acked without a
+                // `duplicate` event (dead-lettering is at-least-once and may repeat it).
+                same_message: delivery.redelivered
+                    || header_i64(&delivery.properties, HEADER_ATTEMPTS).is_some(),
                 delivery,
                 job,
                 session: session.clone(),
@@ -143,6 +162,17 @@ impl Worker {
                 }
             };
             match lanes.waiting.get_mut(&key) {
+                Some(q) if q.len() >= MAX_LANE_WAITING => {
+                    if let Some((_, n)) = lanes.ids.get_mut(&item.job.id) {
+                        *n -= 1;
+                        if *n == 0 {
+                            lanes.ids.remove(&item.job.id);
+                        }
+                    }
+                    drop(lanes);
+                    self.defer_busy(item);
+                    return;
+                }
                 Some(q) => {
                     q.push_back(item);
                     return;
@@ -158,6 +188,19 @@ impl Worker {
             .spawn(async move { this.run_lane(key, item).await });
     }
 
+    fn defer_busy(self: &Arc<Self>, item: Item) {
+        crate::metrics::job_deferred(&item.job.account, "recipient_busy");
+        let this = self.clone();
+        self.tracker.spawn(async move {
+            let attempts = header_i64(&item.delivery.properties, HEADER_ATTEMPTS).unwrap_or(0);
+            let until = Timestamp::now() + std::time::Duration::from_secs(5);
+            let r = this
+                .delay(&item.session, &item.delivery, until, attempts as u32)
+                .await;
+            settle_failed(&item.session, r, "defer a job of a busy recipient");
+        });
+    }
+
     async fn run_lane(self: Arc<Self>, key: Arc<str>, mut item: Item) {
         loop {
             if !self.shutdown.is_cancelled() && !item.session.token.is_cancelled() {
@@ -166,12 +209,11 @@ impl Worker {
                     tracing::info_span!("job", id = %item.job.id, account = %item.job.account);
                 let disposition = self
                     .pipeline
-                    .process(&item.job, item.delivery.redelivered, &self.shutdown)
+                    .process(&item.job, item.same_message, &self.shutdown)
                     .instrument(span)
                     .await;
-                if let Err(e) = self.settle(&item, disposition).await {
-                    tracing::warn!(id = %item.job.id, error = %e, "Could not settle a job; the broker will redeliver it.");
-                }
+                let r = self.settle(&item, disposition).await;
+                settle_failed(&item.session, r, "settle a job");
                 crate::metrics::in_flight(-1.0);
             }
             let next = {
@@ -241,7 +283,7 @@ impl Worker {
                 Ok(())
             }
             Disposition::AckOnly => {
-                item.delivery.acker.ack(BasicAckOptions::default()).await?;
+                ack(&item.delivery).await?;
                 Ok(())
             }
             Disposition::Abandon => {
@@ -283,7 +325,7 @@ impl Worker {
         if is_final {
             self.pipeline.ledger.mark_published(&item.job.id).await?;
         }
-        item.delivery.acker.ack(BasicAckOptions::default()).await?;
+        ack(&item.delivery).await?;
         Ok(())
     }
 
@@ -323,7 +365,7 @@ impl Worker {
                 true,
             )
             .await?;
-        delivery.acker.ack(BasicAckOptions::default()).await?;
+        ack(delivery).await?;
         Ok(())
     }
 
@@ -341,13 +383,19 @@ impl Worker {
             .id
             .as_deref()
             .filter(|id| !id.is_empty() && id.len() <= 1024);
-        // A readable id that already has a final outcome keeps it: one final outcome per id.
+        // A readable id that is known (finished, waiting in a delay queue, or being processed
+        // right now) keeps its own outcome: this broken copy is only dead-lettered.
         let ledgered = id.filter(|i| i.len() <= 128);
         let already_final = match ledgered {
-            Some(i) => matches!(
-                self.pipeline.ledger.get(i)?,
-                Some(e) if e.state == LedgerState::Final
-            ),
+            Some(i) => {
+                let in_lanes = self
+                    .lanes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .ids
+                    .contains_key(i);
+                in_lanes || self.pipeline.ledger.get(i)?.is_some()
+            }
             None => false,
         };
         let event = id.filter(|_| !already_final).map(|id| OutcomeEvent {
@@ -412,15 +460,37 @@ impl Worker {
         {
             self.pipeline.ledger.mark_published(id).await?;
         }
-        delivery.acker.ack(BasicAckOptions::default()).await?;
+        ack(delivery).await?;
         crate::metrics::dead_lettered(reason);
-        crate::metrics::job_finished(
-            refused.account.as_deref().unwrap_or(""),
-            "invalid",
-            Some(reason),
+        // Only configured account names become label values; anything else is "unknown".
+        let account = refused
+            .account
+            .as_deref()
+            .filter(|a| self.decoder.knows_account(a))
+            .unwrap_or("unknown");
+        crate::metrics::job_finished(account, "invalid", Some(reason));
+        // A parser's message can quote the offending value (a number given as an integer, say),
+        // so only our own details are logged; the full detail is in the outcome and the header.
+        let logged = if reason == "malformed" {
+            "(see the dead-letter header)"
+        } else {
+            detail.as_str()
+        };
+        tracing::warn!(
+            id = id.unwrap_or("(unreadable)"),
+            reason,
+            detail = logged,
+            "Invalid job dead-lettered."
         );
-        tracing::warn!(id = id.unwrap_or("(unreadable)"), reason, detail = %detail, "Invalid job dead-lettered.");
         Ok(())
+    }
+}
+
+/// Acks; a closed channel (lapin answers `Ok(false)`) is an error, not a success.
+async fn ack(delivery: &Delivery) -> Result<(), SettleError> {
+    match delivery.acker.ack(BasicAckOptions::default()).await? {
+        true => Ok(()),
+        false => Err(SettleError::ChannelClosed),
     }
 }
 

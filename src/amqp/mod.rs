@@ -17,7 +17,7 @@ use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties};
+use lapin::{Channel, Connection, ConnectionProperties, Consumer};
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
@@ -32,9 +32,13 @@ enum SessionError {
     Topology(#[from] TopologyError),
     #[error("broker: {0}")]
     Broker(#[from] lapin::Error),
+    /// The session was consuming when it ended: the next connect starts a fresh backoff.
     #[error("{0}")]
-    Lost(&'static str),
+    LostAfterConsuming(String),
 }
+
+/// How long each closing step may take before shutdown stops waiting for the broker.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs until `shutdown`, reconnecting as needed. Returns an error only for problems a
 /// reconnect cannot fix (a missing plugin, a queue declared with other arguments).
@@ -59,29 +63,31 @@ pub async fn run(
         .await;
         connected.store(false, Ordering::SeqCst);
         crate::metrics::broker_connected(false);
-        match result {
+        let e = match result {
             Ok(()) => return Ok(()),
             Err(SessionError::Topology(e)) if e.is_fatal() => {
                 tracing::error!(error = %e, "Broker topology cannot be set up.");
                 return Err(e);
             }
-            Err(e) => {
-                failures = failures.saturating_add(1);
-                let cap = Duration::from_millis(200)
-                    .saturating_mul(1 << failures.min(10))
-                    .min(cfg.reconnect_max_delay);
-                let wait = Duration::from_millis(
-                    rand::rng().random_range(cap.as_millis() as u64 / 2..=cap.as_millis() as u64),
-                );
-                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "Broker connection lost or refused; reconnecting.");
-                tokio::select! {
-                    _ = shutdown.cancelled() => {
-                        drain(&worker, grace).await;
-                        return Ok(());
-                    }
-                    _ = tokio::time::sleep(wait) => {}
-                }
+            Err(e) => e,
+        };
+        if matches!(e, SessionError::LostAfterConsuming(_)) {
+            failures = 0;
+        }
+        failures = failures.saturating_add(1);
+        let cap = Duration::from_millis(200)
+            .saturating_mul(1 << failures.min(10))
+            .min(cfg.reconnect_max_delay);
+        let wait = Duration::from_millis(
+            rand::rng().random_range(cap.as_millis() as u64 / 2..=cap.as_millis() as u64),
+        );
+        tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "Broker connection lost or refused; reconnecting.");
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                drain(&worker, grace).await;
+                return Ok(());
             }
+            _ = tokio::time::sleep(wait) => {}
         }
     }
 }
@@ -97,35 +103,22 @@ async fn session(
     let names = &worker.names;
     let props = ConnectionProperties::default()
         .with_connection_name(format!("sendwell shard {}", names.shard).into());
-    let conn = Connection::connect(cfg.url.expose(), props).await?;
-
-    let topo = conn.create_channel().await?;
-    topology::declare(&topo, names).await?;
-    let _ = topo.close(200, "topology declared".into()).await;
-
-    let token = CancellationToken::new();
-    let publish_channel = conn.create_channel().await?;
-    publish_channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    let session = Arc::new(Session {
-        publisher: Publisher::new(publish_channel, token.clone()),
-        token: token.clone(),
-    });
-
-    let consume_channel = conn.create_channel().await?;
-    consume_channel
-        .basic_qos(cfg.prefetch, BasicQosOptions::default())
-        .await?;
-    let tag = format!("sendwell-{}-{}", names.shard, uuid::Uuid::new_v4().simple());
-    let mut consumer = consume_channel
-        .basic_consume(
-            names.jobs_queue.as_str().into(),
-            tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    // Connecting can hang (an unreachable host); shutdown must not wait for it.
+    let conn = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        c = Connection::connect(cfg.url.expose(), props) => c?,
+    };
+    let set_up = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        s = setup(&conn, worker, cfg) => Some(s),
+    };
+    let Some(set_up) = set_up else {
+        let _ =
+            tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, "sendwell closing".into())).await;
+        return Ok(());
+    };
+    let (session, consume_channel, tag, mut consumer) = set_up?;
+    let token = session.token.clone();
 
     connected.store(true, Ordering::SeqCst);
     crate::metrics::broker_connected(true);
@@ -140,25 +133,68 @@ async fn session(
     let end = loop {
         tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
-            _ = token.cancelled() => break Err(SessionError::Lost("a publish failed at the broker")),
+            _ = token.cancelled() => break Err(SessionError::LostAfterConsuming(
+                "a job could not be settled on this connection".into(),
+            )),
             d = consumer.next() => match d {
                 Some(Ok(delivery)) => worker.handle(delivery, &session),
-                Some(Err(e)) => break Err(e.into()),
-                None => break Err(SessionError::Lost("the broker cancelled the consumer")),
+                Some(Err(e)) => break Err(SessionError::LostAfterConsuming(e.to_string())),
+                None => break Err(SessionError::LostAfterConsuming(
+                    "the broker cancelled the consumer".into(),
+                )),
             },
         }
     };
     connected.store(false, Ordering::SeqCst);
     if end.is_ok() {
         // Stop taking new jobs, finish the ones in flight, leave the rest unacked.
-        let _ = consume_channel
-            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-            .await;
+        let _ = tokio::time::timeout(
+            CLOSE_TIMEOUT,
+            consume_channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()),
+        )
+        .await;
         drain(worker, grace).await;
     }
     token.cancel();
-    let _ = conn.close(200, "sendwell closing".into()).await;
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, "sendwell closing".into())).await;
     end
+}
+
+/// Declares the topology and opens the publishing and consuming channels of one connection.
+async fn setup(
+    conn: &Connection,
+    worker: &Worker,
+    cfg: &BrokerConfig,
+) -> Result<(Arc<Session>, Channel, String, Consumer), SessionError> {
+    let names = &worker.names;
+    let topo = conn.create_channel().await?;
+    topology::declare(&topo, names).await?;
+    let _ = topo.close(200, "topology declared".into()).await;
+
+    let token = CancellationToken::new();
+    let publish_channel = conn.create_channel().await?;
+    publish_channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let session = Arc::new(Session {
+        publisher: Publisher::new(publish_channel, token.clone()),
+        token,
+    });
+
+    let consume_channel = conn.create_channel().await?;
+    consume_channel
+        .basic_qos(cfg.prefetch, BasicQosOptions::default())
+        .await?;
+    let tag = format!("sendwell-{}-{}", names.shard, uuid::Uuid::new_v4().simple());
+    let consumer = consume_channel
+        .basic_consume(
+            names.jobs_queue.as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((session, consume_channel, tag, consumer))
 }
 
 /// Waits for in-flight jobs, at most `grace`.

@@ -161,9 +161,13 @@ pub async fn declare(ch: &Channel, names: &Names) -> Result<(), TopologyError> {
         ("x-overflow", s("reject-publish")),
         ("x-dead-letter-strategy", s("at-least-once")),
     ];
+    // Single active consumer: a second instance started on the same shard by mistake (or a
+    // rolling deploy's overlap) waits as a standby instead of consuming beside the first with
+    // a ledger of its own, which could send a redelivered job twice.
     let mut shard_args = vec![
         ("x-dead-letter-exchange", s(DEAD)),
         ("x-delivery-limit", AMQPValue::LongLongInt(DELIVERY_LIMIT)),
+        ("x-single-active-consumer", AMQPValue::Boolean(true)),
     ];
     shard_args.extend(dead_lettering.iter().cloned());
     ch.queue_declare(

@@ -49,6 +49,10 @@ impl Decoder {
         }
     }
 
+    pub fn knows_account(&self, name: &str) -> bool {
+        self.accounts.contains_key(name)
+    }
+
     pub fn decode(&self, bytes: &[u8]) -> Result<Job, Box<Refused>> {
         if bytes.len() > MAX_JOB_BYTES {
             return Err(salvage(

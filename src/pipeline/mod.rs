@@ -49,12 +49,13 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Decides one job. `redelivered`: the broker's flag, telling a redelivery of the same message
-    /// (silently acked when already done) from a re-publish of the same id (`duplicate`).
+    /// Decides one job. `same_message`: this delivery is a copy of a message already taken
+    /// (redelivered by the broker, or back from our own delay queue): when its job is done it is
+    /// acked silently, while a new publication of a finished id gets a `duplicate` event.
     pub async fn process(
         &self,
         job: &Job,
-        redelivered: bool,
+        same_message: bool,
         shutdown: &CancellationToken,
     ) -> Disposition {
         // Dedupe: a job id is sent at most once.
@@ -76,7 +77,7 @@ impl Pipeline {
                 attempts
             }
             Ok(Seen::Final { event, published }) => {
-                return match (published, redelivered) {
+                return match (published, same_message) {
                     (false, _) => Disposition::Republish(event),
                     (true, true) => Disposition::AckOnly,
                     (true, false) => Disposition::Finish(Outcome::Duplicate),
@@ -309,24 +310,33 @@ impl Pipeline {
     }
 
     /// Records a final outcome before its event is published (see the ledger's docs for why).
+    /// Tried a few times: the outcome is known only in memory now, and losing it to a passing
+    /// store hiccup would leave the job "in doubt" on its redelivery.
     pub async fn finalize(
         &self,
         id: &str,
         attempts: u32,
         event: Vec<u8>,
     ) -> Result<(), LedgerError> {
-        self.ledger
-            .put(
-                id,
-                LedgerEntry {
-                    state: LedgerState::Final,
-                    attempts,
-                    updated_ms: now_ms(),
-                    published: false,
-                    event,
-                },
-            )
-            .await
+        let mut tries = 0;
+        loop {
+            let entry = LedgerEntry {
+                state: LedgerState::Final,
+                attempts,
+                updated_ms: now_ms(),
+                published: false,
+                event: event.clone(),
+            };
+            match self.ledger.put(id, entry).await {
+                Ok(()) => return Ok(()),
+                Err(e) if tries >= 3 => return Err(e),
+                Err(e) => {
+                    tries += 1;
+                    tracing::warn!(error = %e, "Recording an outcome failed; trying again.");
+                    tokio::time::sleep(Duration::from_millis(100 * 4u64.pow(tries))).await;
+                }
+            }
+        }
     }
 }
 

@@ -97,7 +97,7 @@ impl<E: Into<redb::Error>> From<E> for LedgerError {
 enum Op {
     Put { id: Box<str>, entry: LedgerEntry },
     MarkPublished { id: Box<str> },
-    Purge { older_than_ms: i64 },
+    RemoveMany { ids: Vec<Box<str>> },
     Remove { id: Box<str> },
 }
 
@@ -172,9 +172,38 @@ impl Ledger {
             .map(|_| ())
     }
 
-    /// Forgets entries not touched since `older_than_ms`; returns how many.
+    /// Forgets entries not touched since `older_than_ms`; returns how many. The scan runs on a
+    /// read snapshot (writers go on meanwhile) and removals go in small batches, so jobs in
+    /// flight never wait behind a purge of millions of entries.
     pub async fn purge(&self, older_than_ms: i64) -> Result<u64, LedgerError> {
-        self.write(Op::Purge { older_than_ms }).await
+        let db = self.db.clone();
+        let scan = move || -> Result<Vec<Box<str>>, LedgerError> {
+            let r = db.begin_read()?;
+            let t = r.open_table(LEDGER)?;
+            let mut ids = Vec::new();
+            for row in t.iter()? {
+                let (k, v) = row?;
+                let old = LedgerEntry::decode(v.value())
+                    .map(|e| e.updated_ms < older_than_ms)
+                    .unwrap_or(true);
+                if old {
+                    ids.push(k.value().into());
+                }
+            }
+            Ok(ids)
+        };
+        let expired = tokio::task::spawn_blocking(scan)
+            .await
+            .map_err(|e| LedgerError::Store(format!("purge scan: {e}")))??;
+        let mut removed = 0;
+        for chunk in expired.chunks(2000) {
+            removed += self
+                .write(Op::RemoveMany {
+                    ids: chunk.to_vec(),
+                })
+                .await?;
+        }
+        Ok(removed)
     }
 
     pub async fn remove(&self, id: &str) -> Result<(), LedgerError> {
@@ -245,17 +274,11 @@ fn apply(db: &Database, batch: &[Request]) -> Vec<Result<u64, LedgerError>> {
                             None => 0,
                         }
                     }
-                    Op::Purge { older_than_ms } => {
+                    Op::RemoveMany { ids } => {
                         let mut n = 0;
-                        t.retain(|_, v| {
-                            let keep = LedgerEntry::decode(v)
-                                .map(|e| e.updated_ms >= *older_than_ms)
-                                .unwrap_or(false);
-                            if !keep {
-                                n += 1;
-                            }
-                            keep
-                        })?;
+                        for id in ids {
+                            n += t.remove(&**id)?.is_some() as u64;
+                        }
                         n
                     }
                     Op::Remove { id } => t.remove(&**id)?.is_some() as u64,
