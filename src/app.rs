@@ -18,10 +18,12 @@ use crate::cloud_api::CloudApi;
 use crate::cloud_api::sandbox::{Sandbox, SandboxConfig, SandboxHandle};
 use crate::config::Config;
 use crate::http::Readiness;
-use crate::pipeline::Pipeline;
 use crate::pipeline::accounts::Accounts;
 use crate::pipeline::decode::Decoder;
+use crate::pipeline::meta_state::MetaState;
+use crate::pipeline::{Pipeline, WebhookPolicy};
 use crate::store::{Ledger, LedgerError};
+use crate::webhook::apply::Applier;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -55,6 +57,8 @@ impl AppError {
 /// A started daemon: where it listens, and how to wait for it.
 pub struct RunningApp {
     pub admin_addr: SocketAddr,
+    /// The webhook listener, when `webhook.enabled`.
+    pub webhook_addr: Option<SocketAddr>,
     /// The in-process sandbox, when `sandbox.enabled`.
     pub sandbox: Option<(SocketAddr, SandboxHandle)>,
     pub readiness: Arc<Readiness>,
@@ -106,6 +110,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     let readiness = Arc::new(Readiness::default());
 
     let ledger = Ledger::open(&config.state.dir)?;
+    let meta = MetaState::load(ledger.clone())?;
     readiness.state.store(true, Ordering::SeqCst);
 
     let admin = tokio::net::TcpListener::bind(config.admin.listen)
@@ -121,12 +126,45 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         source,
     })?;
 
+    // The webhook listener binds before the sandbox, which may be told to call it.
+    let webhook = match (&config.webhook.app_secret, &config.webhook.verify_token) {
+        (Some(secret), Some(token)) if config.webhook.enabled => {
+            let l = tokio::net::TcpListener::bind(config.webhook.listen)
+                .await
+                .map_err(|source| AppError::Bind {
+                    what: "webhook",
+                    addr: config.webhook.listen,
+                    source,
+                })?;
+            let addr = l.local_addr().map_err(|source| AppError::Bind {
+                what: "webhook",
+                addr: config.webhook.listen,
+                source,
+            })?;
+            let listener = Arc::new(crate::webhook::Listener {
+                app_secret: secret.clone(),
+                verify_token: token.clone(),
+                sink: crate::webhook::BrokerSink::new(config.broker.url.clone()),
+            });
+            Some((l, addr, listener))
+        }
+        _ => None,
+    };
+    let webhook_addr = webhook.as_ref().map(|w| w.1);
+
     let mut sandbox = None;
     let api = if config.sandbox.enabled {
         let sb = Sandbox::bind(
             config.sandbox.listen,
             SandboxConfig {
                 latency: config.sandbox.latency,
+                // The whole loop runs locally: the sandbox calls our own webhook listener.
+                webhook_url: webhook_addr.map(|a| format!("http://{a}/webhook")),
+                app_secret: config
+                    .webhook
+                    .app_secret
+                    .as_ref()
+                    .map(|s| s.expose().to_string()),
                 ..SandboxConfig::default()
             },
         )
@@ -156,11 +194,17 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         accounts: Accounts::new(&config.accounts, config.retry.account_pause_probe),
         retry: config.retry.clone(),
         clock: Arc::new(SystemClock),
+        meta: meta.clone(),
+        webhook_policy: webhook.as_ref().map(|_| WebhookPolicy {
+            service_window: config.webhook.service_window,
+            template_pause_max_wait: config.webhook.template_pause_max_wait,
+        }),
     });
     let names = Names::new(config.broker.shard);
     let worker = Arc::new(Worker::new(
         pipeline,
         Decoder::new(&config),
+        Applier::new(&config, ledger.clone(), meta),
         names,
         shutdown.clone(),
     ));
@@ -175,6 +219,20 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         if let Err(e) = r {
             tracing::error!(error = %e, "Admin listener failed.");
         }
+    });
+
+    let webhook_task = webhook.map(|(l, addr, listener)| {
+        let router = crate::webhook::router(listener, config.webhook.max_body_bytes);
+        let stop = admin_shutdown.clone();
+        tracing::info!(%addr, "Webhook listener ready.");
+        tokio::spawn(async move {
+            let r = axum::serve(l, router)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "Webhook listener failed.");
+            }
+        })
     });
 
     let upkeep_stop = shutdown.clone();
@@ -202,11 +260,15 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         stop.cancel();
         admin_shutdown.cancel();
         let _ = admin_task.await;
+        if let Some(t) = webhook_task {
+            let _ = t.await;
+        }
         result.map_err(AppError::from)
     });
     tracing::info!(admin = %admin_addr, shard = config.broker.shard, "sendwell started.");
     Ok(RunningApp {
         admin_addr,
+        webhook_addr,
         sandbox,
         readiness,
         ledger,

@@ -77,6 +77,10 @@ struct FileConfig {
     #[serde(default)]
     log: LogFile,
     #[serde(default)]
+    webhook: WebhookFile,
+    #[serde(default)]
+    prices: Option<crate::pricing::PricesFile>,
+    #[serde(default)]
     purposes: Vec<PurposeFile>,
     #[serde(default)]
     accounts: Vec<AccountFile>,
@@ -247,6 +251,35 @@ pub enum LogFormat {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct WebhookFile {
+    enabled: bool,
+    listen: SocketAddr,
+    app_secret_file: Option<PathBuf>,
+    verify_token_file: Option<PathBuf>,
+    max_body_bytes: usize,
+    #[serde(with = "humantime_serde")]
+    template_pause_max_wait: Duration,
+    #[serde(with = "humantime_serde")]
+    service_window: Duration,
+}
+
+impl Default for WebhookFile {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8088)),
+            app_secret_file: None,
+            verify_token_file: None,
+            // Meta documents webhook payloads of up to 3 MB.
+            max_body_bytes: 3 * 1024 * 1024,
+            template_pause_max_wait: Duration::from_secs(6 * 3600),
+            service_window: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PurposeFile {
     name: String,
@@ -262,6 +295,8 @@ struct AccountFile {
     token_file: PathBuf,
     #[serde(default = "default_mps")]
     messages_per_second: u32,
+    #[serde(default)]
+    waba_id: Option<String>,
 }
 
 fn default_mps() -> u32 {
@@ -302,6 +337,25 @@ pub struct Config {
     pub log: LogConfig,
     pub purposes: Vec<Purpose>,
     pub accounts: Vec<Account>,
+    pub webhook: WebhookConfig,
+    pub prices: Arc<crate::pricing::PriceTable>,
+}
+
+#[derive(Clone, Debug)]
+pub struct WebhookConfig {
+    /// Run the webhook listener (needs `app_secret_file` and `verify_token_file`).
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    /// Key of `X-Hub-Signature-256`; None only when the listener is off.
+    pub app_secret: Option<Secret>,
+    /// Answer to Meta's `hub.verify_token` handshake.
+    pub verify_token: Option<Secret>,
+    pub max_body_bytes: usize,
+    /// How long jobs wait for a paused template before they fail `template_paused`.
+    pub template_pause_max_wait: Duration,
+    /// WhatsApp's customer-service window: free-form messages only this long after the
+    /// customer last wrote.
+    pub service_window: Duration,
 }
 
 #[derive(Clone)]
@@ -398,6 +452,8 @@ pub struct Account {
     pub token_path: PathBuf,
     pub token: Secret,
     pub messages_per_second: u32,
+    /// The WhatsApp Business Account, so template and account webhooks find their accounts.
+    pub waba_id: Option<String>,
 }
 
 impl Config {
@@ -666,14 +722,54 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
                 token_path: path,
                 token,
                 messages_per_second: a.messages_per_second,
+                waba_id: a.waba_id.clone(),
             }),
             Err(e) => problem(&key("token_file"), e),
         }
     }
 
-    if !problems.is_empty() {
-        return Err(ConfigError { problems });
+    // Webhook listener.
+    let mut webhook_secret = |key: &str, p: &Option<PathBuf>| -> Option<Secret> {
+        match p {
+            None if f.webhook.enabled => {
+                problem(key, "is needed when webhook.enabled = true".into());
+                None
+            }
+            None => None,
+            Some(p) => match read_secret(&resolve_secret_path(p, base)) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    problem(key, e);
+                    None
+                }
+            },
+        }
+    };
+    let app_secret = webhook_secret("webhook.app_secret_file", &f.webhook.app_secret_file);
+    let verify_token = webhook_secret("webhook.verify_token_file", &f.webhook.verify_token_file);
+    if f.webhook.max_body_bytes < 1024 || f.webhook.max_body_bytes > 64 * 1024 * 1024 {
+        problem(
+            "webhook.max_body_bytes",
+            "must be between 1024 and 67108864".into(),
+        );
     }
+    if f.webhook.enabled && f.webhook.listen == f.admin.listen && f.admin.listen.port() != 0 {
+        problem("webhook.listen", "must differ from admin.listen".into());
+    }
+
+    let prices = match f.prices.unwrap_or_default().validate() {
+        Ok(t) => Some(t),
+        Err(errs) => {
+            for (k, r) in errs {
+                problem(&k, r);
+            }
+            None
+        }
+    };
+
+    let Some(prices) = prices.filter(|_| problems.is_empty()) else {
+        return Err(ConfigError { problems });
+    };
     Ok(Config {
         broker: BrokerConfig {
             url: Secret::new(url),
@@ -725,6 +821,16 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
             })
             .collect(),
         accounts,
+        webhook: WebhookConfig {
+            enabled: f.webhook.enabled,
+            listen: f.webhook.listen,
+            app_secret,
+            verify_token,
+            max_body_bytes: f.webhook.max_body_bytes,
+            template_pause_max_wait: f.webhook.template_pause_max_wait,
+            service_window: f.webhook.service_window,
+        },
+        prices: Arc::new(prices),
     })
 }
 

@@ -35,6 +35,8 @@ pub mod http;
 pub mod job;
 pub mod metrics;
 pub mod pipeline;
+pub mod pricing;
 pub mod privacy;
 pub mod publish;
 pub mod store;
+pub mod webhook;

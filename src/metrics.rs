@@ -20,6 +20,20 @@ pub const BROKER_RECONNECTS: &str = "sendwell_broker_reconnects_total";
 pub const BROKER_CONNECTED: &str = "sendwell_broker_connected";
 pub const ACCOUNT_PAUSED: &str = "sendwell_account_paused";
 pub const ACCOUNT_PAUSES: &str = "sendwell_account_pauses_total";
+pub const WEBHOOK_REQUESTS: &str = "sendwell_webhook_requests_total";
+pub const WEBHOOK_EVENTS: &str = "sendwell_webhook_events_total";
+pub const WEBHOOK_DUPLICATES: &str = "sendwell_webhook_duplicates_total";
+pub const WEBHOOK_UNMATCHED: &str = "sendwell_webhook_unmatched_total";
+pub const WEBHOOK_ERRORS: &str = "sendwell_webhook_errors_total";
+pub const DELIVERY_STATUSES: &str = "sendwell_delivery_statuses_total";
+pub const BILLED_COST: &str = "sendwell_billed_cost_microunits_total";
+pub const OPT_OUTS_LEARNED: &str = "sendwell_opt_outs_learned_total";
+pub const INBOUND_MESSAGES: &str = "sendwell_inbound_messages_total";
+pub const TEMPLATE_STATUS: &str = "sendwell_template_status_updates_total";
+pub const TEMPLATE_QUALITY: &str = "sendwell_template_quality_updates_total";
+pub const MESSAGING_LIMIT: &str = "sendwell_messaging_limit_recipients";
+pub const ACCOUNT_THROUGHPUT: &str = "sendwell_account_throughput_messages_per_second";
+pub const ACCOUNT_UPDATES: &str = "sendwell_account_updates_total";
 
 /// Buckets from 10 ms to 30 s, for the API latency histogram.
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -64,6 +78,131 @@ pub fn describe() {
         "1 while an account is paused because the Cloud API refuses it."
     );
     describe_counter!(ACCOUNT_PAUSES, "Times an account was paused, by reason.");
+    describe_counter!(
+        WEBHOOK_REQUESTS,
+        "Webhook POSTs, by result (ok, unsigned, forged, malformed, unavailable)."
+    );
+    describe_counter!(WEBHOOK_EVENTS, "Webhook events applied, by kind and field.");
+    describe_counter!(
+        WEBHOOK_DUPLICATES,
+        "Webhook events received again and not applied twice."
+    );
+    describe_counter!(
+        WEBHOOK_UNMATCHED,
+        "Status callbacks that match no job sendwell sent, by why."
+    );
+    describe_counter!(WEBHOOK_ERRORS, "Errors Meta reported by webhook, by code.");
+    describe_counter!(
+        DELIVERY_STATUSES,
+        "Delivery statuses from webhooks, by account and status."
+    );
+    describe_counter!(
+        BILLED_COST,
+        "Billed cost from webhook pricing and the price table, in millionths of the currency."
+    );
+    describe_counter!(
+        OPT_OUTS_LEARNED,
+        "Opt-outs learned from Meta (user preferences, error 131050), by source."
+    );
+    describe_counter!(INBOUND_MESSAGES, "Customer messages received, by type.");
+    describe_counter!(
+        TEMPLATE_STATUS,
+        "Template status updates, by template, language and event."
+    );
+    describe_counter!(TEMPLATE_QUALITY, "Template quality updates, by new score.");
+    describe_gauge!(
+        MESSAGING_LIMIT,
+        "The portfolio's daily unique-recipient messaging limit Meta last announced."
+    );
+    describe_gauge!(
+        ACCOUNT_THROUGHPUT,
+        "Messages per second Meta allows the account's number (after upgrades)."
+    );
+    describe_counter!(ACCOUNT_UPDATES, "account_update webhooks, by event.");
+}
+
+pub fn webhook_request(result: &'static str) {
+    counter!(WEBHOOK_REQUESTS, "result" => result).increment(1);
+}
+
+pub fn webhook_event(kind: crate::webhook::parse::EventKind, field: &str) {
+    let kind = match kind {
+        crate::webhook::parse::EventKind::Status => "status",
+        crate::webhook::parse::EventKind::Message => "message",
+        crate::webhook::parse::EventKind::UserPreference => "user_preference",
+        crate::webhook::parse::EventKind::Error => "error",
+        crate::webhook::parse::EventKind::Change => "change",
+    };
+    // Fields are Meta's subscription names: a short, fixed list; anything else is "other".
+    let field = if field.len() <= 48 && field.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+        field.to_string()
+    } else {
+        "other".to_string()
+    };
+    counter!(WEBHOOK_EVENTS, "kind" => kind, "field" => field).increment(1);
+}
+
+pub fn webhook_duplicate() {
+    counter!(WEBHOOK_DUPLICATES).increment(1);
+}
+
+pub fn webhook_unmatched(why: &'static str) {
+    counter!(WEBHOOK_UNMATCHED, "why" => why).increment(1);
+}
+
+pub fn webhook_error(code: i64) {
+    counter!(WEBHOOK_ERRORS, "code" => code.to_string()).increment(1);
+}
+
+pub fn delivery_status(account: &str, status: &str) {
+    let status = match status {
+        "sent" | "delivered" | "read" | "failed" | "played" => status.to_string(),
+        _ => "other".to_string(),
+    };
+    counter!(DELIVERY_STATUSES, "account" => account.to_string(), "status" => status).increment(1);
+}
+
+pub fn billed_cost(account: &str, category: &str, market: &str, currency: &str, micros: i64) {
+    counter!(BILLED_COST, "account" => account.to_string(), "category" => category.to_string(), "market" => market.to_string(), "currency" => currency.to_string())
+        .increment(micros.max(0) as u64);
+}
+
+pub fn opt_out_learned(account: &str, source: &'static str) {
+    tracing::info!(
+        account,
+        source,
+        "An opt-out was learned from Meta; it goes to consent handling."
+    );
+    counter!(OPT_OUTS_LEARNED, "account" => account.to_string(), "source" => source).increment(1);
+}
+
+pub fn inbound_message(account: &str, kind: &str) {
+    let kind = match kind {
+        "text" | "button" | "interactive" | "image" | "audio" | "video" | "document"
+        | "sticker" | "location" | "contacts" | "reaction" => kind.to_string(),
+        _ => "other".to_string(),
+    };
+    counter!(INBOUND_MESSAGES, "account" => account.to_string(), "type" => kind).increment(1);
+}
+
+pub fn template_status(name: &str, language: &str, event: &str) {
+    counter!(TEMPLATE_STATUS, "template" => name.to_string(), "language" => language.to_string(), "event" => event.to_string()).increment(1);
+}
+
+pub fn template_quality(score: &str) {
+    counter!(TEMPLATE_QUALITY, "score" => score.to_string()).increment(1);
+}
+
+pub fn messaging_limit(waba: &str, limit: f64) {
+    gauge!(MESSAGING_LIMIT, "waba" => waba.to_string()).set(limit);
+}
+
+pub fn account_throughput(account: &str, mps: f64) {
+    gauge!(ACCOUNT_THROUGHPUT, "account" => account.to_string()).set(mps);
+}
+
+pub fn account_update(event: &str) {
+    counter!(ACCOUNT_UPDATES, "event" => event.to_string()).increment(1);
 }
 
 pub fn job_received() {

@@ -233,3 +233,214 @@ async fn a_daemon_killed_mid_call_does_not_resend_marketing_after_restart() {
         Some(0)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_killed_right_after_answering_200_loses_no_callback() {
+    use sendwell::webhook::signature::sign;
+    let opts = AppOptions {
+        extra_toml: webhook_toml(1 << 20),
+        ..Default::default()
+    };
+    let env = TestEnv::with_dir_files(
+        &opts,
+        &[("app-secret", APP_SECRET), ("verify-token", VERIFY_TOKEN)],
+    )
+    .await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let vars = [("SENDWELL_WEBHOOK__LISTEN", listen.as_str())];
+    let mut daemon = spawn_daemon_with(&env, &vars);
+    wait_consuming(&env).await;
+    let ids: Vec<String> = (0..40).map(|i| format!("cb-{i}")).collect();
+    env.publish(
+        &ids.iter()
+            .enumerate()
+            .map(|(i, id)| template_job(id, &number(300 + i)))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    env.final_outcomes(&ids, Duration::from_secs(30)).await;
+
+    // Each customer now has a slow send in flight (the sandbox takes 20 s), so the callbacks
+    // about their first jobs queue behind it in their lanes: taken (200) but not yet applied
+    // when the daemon dies.
+    env.sandbox.set_latency(Duration::from_secs(20));
+    let slow: Vec<String> = ids.iter().map(|id| format!("{id}-slow")).collect();
+    env.publish(
+        &slow
+            .iter()
+            .enumerate()
+            .map(|(i, id)| template_job(id, &number(300 + i)))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    let sandbox = env.sandbox.clone();
+    wait_for(
+        "every slow send in flight",
+        Duration::from_secs(30),
+        async || {
+            slow.iter()
+                .all(|id| sandbox.accepted_count_for(id) == 1)
+                .then_some(())
+        },
+    )
+    .await;
+
+    // Meta delivers one callback per message; every one is answered 200, then the daemon dies.
+    let client = reqwest::Client::new();
+    let mut answered = 0;
+    for (i, id) in ids.iter().enumerate() {
+        let body = serde_json::json!({"object":"whatsapp_business_account","entry":[{"id":"102290129340398","changes":[{"field":"messages","value":{
+            "messaging_product":"whatsapp","metadata":{"display_phone_number":"15550783881","phone_number_id":"106540352242922"},
+            "statuses":[{"id":format!("wamid.test{i}"),"status":"delivered","timestamp":"1764390000",
+                "recipient_id":number(300 + i).trim_start_matches('+'),"biz_opaque_callback_data":id}]}}]}]});
+        let body = serde_json::to_vec(&body).unwrap();
+        let r = client
+            .post(format!("http://{listen}/webhook"))
+            .header("x-hub-signature-256", sign(APP_SECRET.as_bytes(), &body))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        answered += 1;
+    }
+    assert!(
+        !env.outcomes
+            .json()
+            .iter()
+            .any(|e| e["status"] == "delivered"),
+        "the callbacks were taken but not applied before the kill"
+    );
+    signal(&daemon, "KILL");
+    wait_exit(&mut daemon, Duration::from_secs(10)).await;
+    assert_eq!(answered, ids.len());
+
+    // Whatever was not applied before the kill is still in the broker: after a restart every
+    // callback that got a 200 has its delivery outcome.
+    env.sandbox.set_latency(Duration::from_millis(5));
+    let mut daemon = spawn_daemon_with(&env, &vars);
+    wait_consuming(&env).await;
+    let outcomes = env.outcomes.clone();
+    wait_for(
+        "a delivered outcome for every callback",
+        Duration::from_secs(30),
+        async || {
+            let events = outcomes.json();
+            ids.iter()
+                .all(|id| {
+                    events
+                        .iter()
+                        .any(|e| e["id"] == *id && e["status"] == "delivered")
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    signal(&daemon, "TERM");
+    assert_eq!(
+        wait_exit(&mut daemon, Duration::from_secs(30)).await.code(),
+        Some(0)
+    );
+}
+
+fn free_port() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
+fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_sent_to_the_sandbox_come_back_delivered_and_read_and_billed_as_the_price_table_says()
+{
+    let opts = AppOptions {
+        extra_toml: webhook_toml(1 << 20),
+        ..Default::default()
+    };
+    let env = TestEnv::with_dir_files(
+        &opts,
+        &[("app-secret", APP_SECRET), ("verify-token", VERIFY_TOKEN)],
+    )
+    .await;
+    let (webhook, admin) = (free_port(), free_port());
+    let vars = [
+        ("SENDWELL_WEBHOOK__LISTEN", webhook.as_str()),
+        ("SENDWELL_ADMIN__LISTEN", admin.as_str()),
+    ];
+    let mut daemon = spawn_daemon_with(&env, &vars);
+    wait_consuming(&env).await;
+    // The sandbox calls the daemon back, signed, like Meta: sent (with pricing) → delivered → read.
+    env.sandbox.set_webhook(
+        Some(format!("http://{webhook}/webhook")),
+        Some(APP_SECRET.into()),
+    );
+    let germans: Vec<String> = (0..20).map(|i| format!("e2e-de-{i}")).collect();
+    let finns: Vec<String> = (0..10).map(|i| format!("e2e-fi-{i}")).collect();
+    let mut jobs: Vec<_> = germans
+        .iter()
+        .enumerate()
+        .map(|(i, id)| template_job(id, &number(200 + i)))
+        .collect();
+    jobs.extend(
+        finns
+            .iter()
+            .enumerate()
+            .map(|(i, id)| template_job(id, &format!("+35840{i:07}"))),
+    );
+    env.publish(&jobs).await;
+
+    let outcomes = env.outcomes.clone();
+    let all: Vec<String> = germans.iter().chain(&finns).cloned().collect();
+    wait_for(
+        "delivered and read for every job",
+        Duration::from_secs(60),
+        async || {
+            let events = outcomes.json();
+            all.iter()
+                .all(|id| {
+                    let statuses: Vec<&str> = events
+                        .iter()
+                        .filter(|e| e["id"] == *id)
+                        .filter_map(|e| e["status"].as_str())
+                        .filter(|s| *s == "delivered" || *s == "read")
+                        .collect();
+                    statuses == ["delivered", "read"]
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    // Germany is 0.1131 EUR per marketing message; Finland falls to the default, 0.0592.
+    let expected = 20.0 * 113_100.0 + 10.0 * 59_200.0;
+    let url = format!("http://{admin}/metrics");
+    let billed = wait_for(
+        "the billed cost to add up",
+        Duration::from_secs(30),
+        async || {
+            let m = reqwest::get(&url).await.ok()?.text().await.ok()?;
+            let b = metric(&m, "sendwell_billed_cost_microunits_total");
+            (b >= expected).then_some(b)
+        },
+    )
+    .await;
+    assert_eq!(billed, expected);
+    signal(&daemon, "TERM");
+    assert_eq!(
+        wait_exit(&mut daemon, Duration::from_secs(30)).await.code(),
+        Some(0)
+    );
+}

@@ -21,6 +21,10 @@ use super::topology::{DEAD, Names, OUTCOMES_EXCHANGE};
 use crate::job::{Job, Outcome, OutcomeEvent};
 use crate::pipeline::decode::{Decoder, Refused};
 use crate::pipeline::{Disposition, Pipeline};
+use crate::store::Table;
+use crate::webhook::apply::Applier;
+use crate::webhook::parse::Event;
+use crate::webhook::{HEADER_KIND, KIND_WEBHOOK};
 
 pub const HEADER_DUE: &str = "x-sendwell-due";
 pub const HEADER_ATTEMPTS: &str = "x-sendwell-attempts";
@@ -43,6 +47,28 @@ struct Item {
     same_message: bool,
 }
 
+/// A webhook event about a customer, processed in that customer's lane: after their jobs in
+/// flight, so a status never overtakes the send it reports on.
+struct WebhookItem {
+    delivery: Delivery,
+    event: Event,
+    session: Arc<Session>,
+}
+
+enum Work {
+    Job(Item),
+    Webhook(WebhookItem),
+}
+
+impl Work {
+    fn session(&self) -> &Arc<Session> {
+        match self {
+            Work::Job(i) => &i.session,
+            Work::Webhook(w) => &w.session,
+        }
+    }
+}
+
 /// A lane holds at most this many waiting jobs; more for one recipient are deferred, so one
 /// busy recipient cannot take the whole prefetch and stall every other recipient of the shard.
 pub const MAX_LANE_WAITING: usize = 64;
@@ -59,8 +85,8 @@ fn settle_failed(session: &Session, result: Result<(), SettleError>, what: &str)
 
 #[derive(Default)]
 struct Lanes {
-    /// Jobs waiting behind a running job of the same lane (recipient), in arrival order.
-    waiting: HashMap<Arc<str>, VecDeque<Item>>,
+    /// Work waiting behind running work of the same lane (recipient), in arrival order.
+    waiting: HashMap<Arc<str>, VecDeque<Work>>,
     /// Job ids currently queued or running, with their lane and how many copies, so a second
     /// copy of an id (a re-publish, even with another recipient) waits behind the first.
     ids: HashMap<Arc<str>, (Arc<str>, u32)>,
@@ -73,6 +99,8 @@ pub struct Worker {
     decoder: Decoder,
     pub names: Names,
     lanes: Mutex<Lanes>,
+    /// Applies webhook events (statuses, inbound messages, account changes).
+    webhooks: Applier,
     pub tracker: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -93,12 +121,14 @@ impl Worker {
     pub fn new(
         pipeline: Arc<Pipeline>,
         decoder: Decoder,
+        webhooks: Applier,
         names: Names,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
             pipeline,
             decoder,
+            webhooks,
             names,
             lanes: Mutex::new(Lanes::default()),
             tracker: TaskTracker::new(),
@@ -108,6 +138,9 @@ impl Worker {
 
     /// Takes one delivery from the consumer loop; never blocks on I/O.
     pub fn handle(self: &Arc<Self>, delivery: Delivery, session: &Arc<Session>) {
+        if header_str(&delivery.properties, HEADER_KIND) == Some(KIND_WEBHOOK) {
+            return self.handle_webhook(delivery, session);
+        }
         crate::metrics::job_received();
         if let Some(due) = header_i64(&delivery.properties, HEADER_DUE)
             && due > Timestamp::now().as_millisecond() + 50
@@ -147,6 +180,65 @@ impl Worker {
         }
     }
 
+    /// Runs `work` in lane `key`: now if the lane is idle, else after what waits there.
+    fn enqueue(self: &Arc<Self>, key: Arc<str>, work: Work) {
+        {
+            let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+            match lanes.waiting.get_mut(&key) {
+                Some(q) => {
+                    q.push_back(work);
+                    return;
+                }
+                None => {
+                    lanes.waiting.insert(key.clone(), VecDeque::new());
+                }
+            }
+        }
+        let this = self.clone();
+        self.tracker
+            .spawn(async move { this.run_lane(key, work).await });
+    }
+
+    fn handle_webhook(self: &Arc<Self>, delivery: Delivery, session: &Arc<Session>) {
+        let event: Event = match serde_json::from_slice(&delivery.data) {
+            Ok(e) => e,
+            Err(e) => {
+                // Only our own listener publishes these; a broken one is kept for inspection.
+                let this = self.clone();
+                let session = session.clone();
+                let detail = e.to_string();
+                self.tracker.spawn(async move {
+                    let r = this
+                        .dead_letter(&session, &delivery, "malformed_webhook_event", &detail)
+                        .await;
+                    settle_failed(&session, r, "dead-letter a broken webhook event");
+                });
+                return;
+            }
+        };
+        let session = session.clone();
+        match event.recipient.clone() {
+            Some(digits) => {
+                let key: Arc<str> = format!("+{digits}").into();
+                self.enqueue(
+                    key,
+                    Work::Webhook(WebhookItem {
+                        delivery,
+                        event,
+                        session,
+                    }),
+                );
+            }
+            None => {
+                let this = self.clone();
+                self.tracker.spawn(async move {
+                    let r = this.settle_webhook(&session, &delivery, &event).await;
+                    settle_failed(&session, r, "apply a webhook event");
+                });
+            }
+        }
+    }
+
     fn schedule(self: &Arc<Self>, item: Item) {
         let key = {
             let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
@@ -173,19 +265,11 @@ impl Worker {
                     self.defer_busy(item);
                     return;
                 }
-                Some(q) => {
-                    q.push_back(item);
-                    return;
-                }
-                None => {
-                    lanes.waiting.insert(key.clone(), VecDeque::new());
-                }
+                _ => {}
             }
             key
         };
-        let this = self.clone();
-        self.tracker
-            .spawn(async move { this.run_lane(key, item).await });
+        self.enqueue(key, Work::Job(item));
     }
 
     fn defer_busy(self: &Arc<Self>, item: Item) {
@@ -201,24 +285,33 @@ impl Worker {
         });
     }
 
-    async fn run_lane(self: Arc<Self>, key: Arc<str>, mut item: Item) {
+    async fn run_lane(self: Arc<Self>, key: Arc<str>, mut work: Work) {
         loop {
-            if !self.shutdown.is_cancelled() && !item.session.token.is_cancelled() {
-                crate::metrics::in_flight(1.0);
-                let span =
-                    tracing::info_span!("job", id = %item.job.id, account = %item.job.account);
-                let disposition = self
-                    .pipeline
-                    .process(&item.job, item.same_message, &self.shutdown)
-                    .instrument(span)
-                    .await;
-                let r = self.settle(&item, disposition).await;
-                settle_failed(&item.session, r, "settle a job");
-                crate::metrics::in_flight(-1.0);
+            if !self.shutdown.is_cancelled() && !work.session().token.is_cancelled() {
+                match &work {
+                    Work::Job(item) => {
+                        crate::metrics::in_flight(1.0);
+                        let span = tracing::info_span!("job", id = %item.job.id, account = %item.job.account);
+                        let disposition = self
+                            .pipeline
+                            .process(&item.job, item.same_message, &self.shutdown)
+                            .instrument(span)
+                            .await;
+                        let r = self.settle(item, disposition).await;
+                        settle_failed(&item.session, r, "settle a job");
+                        crate::metrics::in_flight(-1.0);
+                    }
+                    Work::Webhook(w) => {
+                        let r = self.settle_webhook(&w.session, &w.delivery, &w.event).await;
+                        settle_failed(&w.session, r, "apply a webhook event");
+                    }
+                }
             }
             let next = {
                 let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some((_, n)) = lanes.ids.get_mut(&item.job.id) {
+                if let Work::Job(item) = &work
+                    && let Some((_, n)) = lanes.ids.get_mut(&item.job.id)
+                {
                     *n -= 1;
                     if *n == 0 {
                         lanes.ids.remove(&item.job.id);
@@ -233,10 +326,45 @@ impl Worker {
                 }
             };
             match next {
-                Some(n) => item = n,
+                Some(n) => work = n,
                 None => return,
             }
         }
+    }
+
+    /// Applies a webhook event once: a repeat (same bytes) is only acked; otherwise what it
+    /// implies is published with confirms, the event is recorded as applied, then acked.
+    async fn settle_webhook(
+        &self,
+        session: &Session,
+        delivery: &Delivery,
+        event: &Event,
+    ) -> Result<(), SettleError> {
+        use sha2::Digest;
+        let key = sha2::Sha256::digest(&delivery.data).to_vec();
+        let ledger = &self.pipeline.ledger;
+        if ledger.kv_get(Table::WebhookSeen, &key)?.is_some() {
+            crate::metrics::webhook_duplicate();
+            return ack(delivery).await;
+        }
+        let publications = self.webhooks.apply(event).await?;
+        for p in &publications {
+            session
+                .publisher
+                .publish(
+                    p.exchange,
+                    &p.routing_key,
+                    &p.body,
+                    json_properties(),
+                    false,
+                )
+                .await?;
+        }
+        let now = Timestamp::now().as_millisecond();
+        ledger
+            .kv_put(Table::WebhookSeen, key, now.to_le_bytes().to_vec())
+            .await?;
+        ack(delivery).await
     }
 
     async fn settle(&self, item: &Item, disposition: Disposition) -> Result<(), SettleError> {
@@ -257,6 +385,14 @@ impl Worker {
                 let bytes = event.to_json();
                 let routing_key = event.routing_key();
                 let is_duplicate = outcome == Outcome::Duplicate;
+                if let Outcome::Sent { wamid, .. } = &outcome {
+                    // For status callbacks that come without our job id.
+                    self.pipeline.ledger.kv_put_nowait(
+                        Table::Wamids,
+                        wamid.as_bytes().to_vec(),
+                        job.id.as_bytes().to_vec(),
+                    );
+                }
                 if !is_duplicate {
                     self.pipeline
                         .finalize(&job.id, event.attempts, bytes.clone())
@@ -419,20 +555,11 @@ impl Worker {
         {
             self.pipeline.finalize(id, 0, bytes.clone()).await?;
         }
-        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-        headers.insert(
-            ShortString::from(HEADER_REASON),
-            AMQPValue::LongString(LongString::from(format!("{reason}: {detail}"))),
-        );
-        headers.insert(
-            ShortString::from(HEADER_REASON_CODE),
-            AMQPValue::LongString(LongString::from(reason)),
-        );
         let dead = session.publisher.publish(
             DEAD,
             delivery.routing_key.as_str(),
             &delivery.data,
-            carry_properties(delivery, headers),
+            carry_properties(delivery, dead_headers(delivery, reason, detail)),
             true,
         );
         let outcome = async {
@@ -483,6 +610,51 @@ impl Worker {
             "Invalid job dead-lettered."
         );
         Ok(())
+    }
+}
+
+/// Publishes a delivery to `sendwell.dead` with its reason, then acks it.
+impl Worker {
+    async fn dead_letter(
+        &self,
+        session: &Session,
+        delivery: &Delivery,
+        reason: &'static str,
+        detail: &str,
+    ) -> Result<(), SettleError> {
+        session
+            .publisher
+            .publish(
+                DEAD,
+                delivery.routing_key.as_str(),
+                &delivery.data,
+                carry_properties(delivery, dead_headers(delivery, reason, detail)),
+                true,
+            )
+            .await?;
+        crate::metrics::dead_lettered(reason);
+        ack(delivery).await
+    }
+}
+
+fn dead_headers(delivery: &Delivery, reason: &str, detail: &str) -> FieldTable {
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+    headers.insert(
+        ShortString::from(HEADER_REASON),
+        AMQPValue::LongString(LongString::from(format!("{reason}: {detail}"))),
+    );
+    headers.insert(
+        ShortString::from(HEADER_REASON_CODE),
+        AMQPValue::LongString(LongString::from(reason)),
+    );
+    headers
+}
+
+fn header_str<'a>(p: &'a BasicProperties, name: &str) -> Option<&'a str> {
+    match p.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
+        AMQPValue::ShortString(s) => Some(s.as_str()),
+        _ => None,
     }
 }
 

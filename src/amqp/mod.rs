@@ -117,7 +117,7 @@ async fn session(
             tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, "sendwell closing".into())).await;
         return Ok(());
     };
-    let (session, consume_channel, tag, mut consumer) = set_up?;
+    let (session, consume_channel, tag, mut consumer, mut webhooks) = set_up?;
     let token = session.token.clone();
 
     connected.store(true, Ordering::SeqCst);
@@ -143,16 +143,25 @@ async fn session(
                     "the broker cancelled the consumer".into(),
                 )),
             },
+            d = webhooks.next() => match d {
+                Some(Ok(delivery)) => worker.handle(delivery, &session),
+                Some(Err(e)) => break Err(SessionError::LostAfterConsuming(e.to_string())),
+                None => break Err(SessionError::LostAfterConsuming(
+                    "the broker cancelled the webhook consumer".into(),
+                )),
+            },
         }
     };
     connected.store(false, Ordering::SeqCst);
     if end.is_ok() {
         // Stop taking new jobs, finish the ones in flight, leave the rest unacked.
-        let _ = tokio::time::timeout(
-            CLOSE_TIMEOUT,
-            consume_channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()),
-        )
-        .await;
+        for t in [tag.as_str(), &format!("{tag}-webhooks")] {
+            let _ = tokio::time::timeout(
+                CLOSE_TIMEOUT,
+                consume_channel.basic_cancel(t.into(), BasicCancelOptions::default()),
+            )
+            .await;
+        }
         drain(worker, grace).await;
     }
     token.cancel();
@@ -165,7 +174,7 @@ async fn setup(
     conn: &Connection,
     worker: &Worker,
     cfg: &BrokerConfig,
-) -> Result<(Arc<Session>, Channel, String, Consumer), SessionError> {
+) -> Result<(Arc<Session>, Channel, String, Consumer, Consumer), SessionError> {
     let names = &worker.names;
     let topo = conn.create_channel().await?;
     topology::declare(&topo, names).await?;
@@ -194,7 +203,16 @@ async fn setup(
             FieldTable::default(),
         )
         .await?;
-    Ok((session, consume_channel, tag, consumer))
+    // Account-level webhook events, for every shard.
+    let webhooks = consume_channel
+        .basic_consume(
+            names.webhooks_queue.as_str().into(),
+            format!("{tag}-webhooks").as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((session, consume_channel, tag, consumer, webhooks))
 }
 
 /// Waits for in-flight jobs, at most `grace`.

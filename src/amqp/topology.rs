@@ -17,6 +17,9 @@ pub const JOBS_EXCHANGE: &str = "sendwell.jobs";
 pub const DEAD: &str = "sendwell.dead";
 pub const OUTCOMES_EXCHANGE: &str = "sendwell.outcomes";
 pub const CONSENT_EXCHANGE: &str = "sendwell.consent";
+/// Account-level webhook events (template status, capability, account updates) reach every
+/// shard through this fanout; customer-level events go through `sendwell.jobs` instead.
+pub const WEBHOOKS_EXCHANGE: &str = "sendwell.webhooks";
 pub const DELIVERY_LIMIT: i64 = 20;
 
 /// Delay tiers: a wait is spent in the longest tier that fits and re-delayed for the rest, so
@@ -37,6 +40,7 @@ pub struct Names {
     pub shard: u16,
     pub jobs_queue: String,
     pub consent_queue: String,
+    pub webhooks_queue: String,
 }
 
 impl Names {
@@ -45,6 +49,7 @@ impl Names {
             shard,
             jobs_queue: format!("{JOBS_EXCHANGE}.{shard}"),
             consent_queue: format!("{CONSENT_EXCHANGE}.{shard}"),
+            webhooks_queue: format!("{WEBHOOKS_EXCHANGE}.{shard}"),
         }
     }
 
@@ -214,6 +219,30 @@ pub async fn declare(ch: &Channel, names: &Names) -> Result<(), TopologyError> {
     ch.queue_bind(
         names.consent_queue.as_str().into(),
         CONSENT_EXCHANGE.into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+
+    ch.exchange_declare(
+        WEBHOOKS_EXCHANGE.into(),
+        ExchangeKind::Fanout,
+        exchange_opts(),
+        FieldTable::default(),
+    )
+    .await
+    .map_err(|e| classify("exchange sendwell.webhooks", e))?;
+    ch.queue_declare(
+        names.webhooks_queue.as_str().into(),
+        durable(),
+        quorum_args(&[("x-dead-letter-exchange", s(DEAD))]),
+    )
+    .await
+    .map_err(|e| classify(&format!("queue {}", names.webhooks_queue), e))?;
+    ch.queue_bind(
+        names.webhooks_queue.as_str().into(),
+        WEBHOOKS_EXCHANGE.into(),
         "".into(),
         QueueBindOptions::default(),
         FieldTable::default(),

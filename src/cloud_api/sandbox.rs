@@ -18,6 +18,10 @@
 //! | `POST /_sandbox/faults` | body: a [`Fault`]; 204 |
 //! | `PUT /_sandbox/tokens` | body: `null` (any token) or `["tok", ...]`; 204 |
 //! | `PUT /_sandbox/latency` | body: a humantime string such as `"250ms"`; 204 |
+//! | `POST /_sandbox/async_failures` | body: an [`AsyncFailure`]; 204 |
+//! | `POST /_sandbox/inbound` | body: `{"from":"+491701234567","text":"STOP"}` (or `button`, `button_reply`); 200 `{"id","http_status","attempts"}` |
+//! | `PUT /_sandbox/webhook` | body: `null` (no callbacks) or `{"url":"http://...","app_secret":"..."}`; 204 |
+//! | `GET /_sandbox/callbacks` | JSON array of [`CallbackRecord`], in the order they finished |
 //! | `GET /healthz` | 200 `{"status":"ok"}` |
 //! | anything else | 404 (or 405) with a Meta-shaped JSON error, code 2500 |
 //!
@@ -42,6 +46,21 @@
 //! The outcome is decided and logged when the request arrives; the latency is slept afterwards.
 //! So a client that times out during the latency still leaves an accepted send in the log, exactly
 //! like a real request whose response was lost: that is the case idempotency tests need.
+//!
+//! # Webhooks back to the daemon
+//!
+//! With a `webhook_url`, the sandbox calls back like Meta does, so the whole loop runs locally.
+//! Every accepted send gets its own task that POSTs, one envelope each and `status_delay` apart
+//! (the first `status_delay` after the answer): `sent` (with `pricing`, without `conversation`,
+//! as from v24.0), `delivered` (with `pricing`), and, with probability `read_rate`, `read`. A
+//! matching [`AsyncFailure`] turns that into `sent` then `failed` (with `errors`). Each body is
+//! signed `X-Hub-Signature-256: sha256=<hex HMAC-SHA256(app_secret, body)>` when an app secret is
+//! set. An answer other than 200, or no answer, is retried after 100 ms, doubling, up to 10 tries
+//! in all (Meta keeps retrying for days; a test wants an end). [`SandboxHandle::send_inbound`]
+//! and `POST /_sandbox/inbound` deliver a customer's message the same way. Every callback and its
+//! final answer is kept in [`SandboxHandle::callbacks`]. Callbacks never delay a `/messages`
+//! answer: the task is spawned when the send is decided, so even a send whose answer the client
+//! never reads gets its callbacks, as with Meta.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -58,9 +77,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::serve::ListenerExt;
 use bytes::Bytes;
+use hmac::{Hmac, KeyInit, Mac};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use sha2::Sha256;
 use tokio_util::sync::CancellationToken;
 
 /// Largest request body accepted, like a modest reverse proxy in front of Meta; beyond it: 413.
@@ -80,10 +101,28 @@ const LISTEN_BACKLOG: u32 = 4096;
 /// is about 0.5 GB). When reached, the oldest tenth is dropped; [`SandboxHandle::accepted_count_for`]
 /// keeps counting exactly regardless (its index holds one small entry per distinct callback data).
 pub const RECORD_LOG_CAP: usize = 1_000_000;
+/// Bound on the records [`SandboxHandle::callbacks`] retains; the oldest tenth goes when reached.
+pub const CALLBACK_LOG_CAP: usize = 1_000_000;
+/// The WABA id in callbacks unless configured: Meta's documentation example.
+pub const DEFAULT_WABA_ID: &str = "102290129340398";
+/// The business display number in callbacks unless configured: Meta's documentation example.
+pub const DEFAULT_DISPLAY_PHONE_NUMBER: &str = "15550783881";
+/// `metadata.phone_number_id` of simulated inbound messages unless the request names one.
+pub const DEFAULT_INBOUND_PHONE_NUMBER_ID: &str = "106540352242922";
+/// The profile name of every simulated customer.
+const INBOUND_PROFILE_NAME: &str = "Sandbox User";
+/// Tries per callback, the first included, before it is given up.
+const CALLBACK_TRIES: u32 = 10;
+/// Wait before the first retry of a callback; doubled before each further one.
+const CALLBACK_FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// Per-try bound, so a receiver that never answers cannot hold a callback task forever.
+const CALLBACK_TRY_TIMEOUT: Duration = Duration::from_secs(10);
+/// `errors[].href` in failed statuses, as in Meta's examples.
+const ERROR_CODES_HREF: &str = "/documentation/business-messaging/whatsapp/support/error-codes";
 
 /// Behaviour knobs; all rates are probabilities 0.0..=1.0 per request (values outside are
 /// clamped, NaN counts as 0).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct SandboxConfig {
     /// Slept before every `/messages` answer, so clients meet realistic round trips and tests can
     /// hold many requests in flight.
@@ -99,6 +138,21 @@ pub struct SandboxConfig {
     /// `None`: any non-empty bearer token is accepted (zero-setup use); `Some`: only these, so
     /// token rotation and expiry handling can be tested.
     pub valid_tokens: Option<Vec<String>>,
+    /// Where to POST status and inbound callbacks, e.g. `http://127.0.0.1:8088/webhook`; `None`:
+    /// no callbacks. Changeable later with [`SandboxHandle::set_webhook`].
+    pub webhook_url: Option<String>,
+    /// HMAC-SHA256 key for `X-Hub-Signature-256`, Meta's app secret; `None`: callbacks unsigned.
+    pub app_secret: Option<String>,
+    /// `entry[].id` of every callback: the WhatsApp Business Account.
+    pub waba_id: String,
+    /// `metadata.display_phone_number` of every callback, and `context.from` of button replies.
+    pub display_phone_number: String,
+    /// Gap between the answer and `sent`, and between the callbacks of one message.
+    pub status_delay: Duration,
+    /// Template name → pricing category in its callbacks; templates not listed are "marketing".
+    pub template_categories: HashMap<String, String>,
+    /// Share of accepted sends that are also `read` (after `delivered`).
+    pub read_rate: f64,
 }
 
 impl Default for SandboxConfig {
@@ -110,7 +164,38 @@ impl Default for SandboxConfig {
             rate_throttle: 0.0,
             rate_undeliverable: 0.0,
             valid_tokens: None,
+            webhook_url: None,
+            app_secret: None,
+            waba_id: DEFAULT_WABA_ID.into(),
+            display_phone_number: DEFAULT_DISPLAY_PHONE_NUMBER.into(),
+            status_delay: Duration::from_millis(50),
+            template_categories: HashMap::new(),
+            read_rate: 1.0,
         }
+    }
+}
+
+/// By hand, so the app secret never reaches a log.
+impl std::fmt::Debug for SandboxConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SandboxConfig")
+            .field("latency", &self.latency)
+            .field("latency_jitter", &self.latency_jitter)
+            .field("rate_server_error", &self.rate_server_error)
+            .field("rate_throttle", &self.rate_throttle)
+            .field("rate_undeliverable", &self.rate_undeliverable)
+            .field("valid_tokens", &self.valid_tokens.as_ref().map(Vec::len))
+            .field("webhook_url", &self.webhook_url)
+            .field(
+                "app_secret",
+                &self.app_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("waba_id", &self.waba_id)
+            .field("display_phone_number", &self.display_phone_number)
+            .field("status_delay", &self.status_delay)
+            .field("template_categories", &self.template_categories)
+            .field("read_rate", &self.read_rate)
+            .finish()
     }
 }
 
@@ -152,8 +237,71 @@ pub struct Fault {
     pub times: u32,
 }
 
+/// A scripted asynchronous failure: the next `times` sends that match `to` (None = any recipient)
+/// are accepted (200 and a wamid) but their callbacks are `sent` then `failed` with this error,
+/// as when Meta accepts a message it cannot deliver (131049, 131050, 131026, ...).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AsyncFailure {
+    /// Recipient to hit, compared by digits; None hits any.
+    pub to: Option<String>,
+    /// `errors[].code` of the `failed` status.
+    pub code: i64,
+    /// `errors[].title` (and `message`, which Meta sets to the same text).
+    pub title: String,
+    /// How many matching accepted sends this failure takes before it is used up.
+    pub times: u32,
+}
+
+/// What a simulated customer sends, shaped per Meta's `messages` webhook references.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InboundBody {
+    /// `type: "text"`, `text.body`.
+    Text(String),
+    /// `type: "button"`: a tapped template quick-reply button.
+    Button {
+        /// The button's payload as set on the template send.
+        payload: String,
+        /// The button label.
+        text: String,
+    },
+    /// `type: "interactive"`, `interactive.type: "button_reply"`: a tapped reply button.
+    ButtonReply {
+        /// The button id as set on the interactive send.
+        id: String,
+        /// The button label.
+        title: String,
+    },
+}
+
+/// Which kind of callback a [`CallbackRecord`] describes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallbackKind {
+    /// A `statuses[]` callback for a send.
+    Status,
+    /// A `messages[]` callback: a simulated customer message.
+    Inbound,
+}
+
+/// One callback POST (with its retries) as the sandbox made it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallbackRecord {
+    /// When the first try started, unix milliseconds.
+    pub at_ms: u64,
+    /// Status or inbound.
+    pub kind: CallbackKind,
+    /// `sent`, `delivered`, `read` or `failed`; None for inbound.
+    pub status: Option<String>,
+    /// The message the callback is about: the send's wamid, or the inbound message's id.
+    pub wamid: Option<String>,
+    /// The last try's HTTP status; None if that try got no answer (connection error, timeout).
+    pub http_status: Option<u16>,
+    /// Tries made, 1..=10.
+    pub attempts: u32,
+}
+
 /// clap arguments for the `sendwell sandbox` subcommand.
-#[derive(clap::Args, Clone, Debug)]
+#[derive(clap::Args, Clone)]
 pub struct SandboxArgs {
     /// Address to listen on; loopback by default because the control endpoints are unauthenticated.
     #[arg(long, default_value = "127.0.0.1:8089")]
@@ -176,6 +324,37 @@ pub struct SandboxArgs {
     /// Accepted bearer token (repeatable); without any, every non-empty token is accepted.
     #[arg(long = "token", value_name = "TOKEN")]
     pub tokens: Vec<String>,
+    /// POST signed status and inbound callbacks here, e.g. "http://127.0.0.1:8088/webhook".
+    #[arg(long, value_name = "URL")]
+    pub webhook_url: Option<String>,
+    /// Sign callbacks with the app secret in this file (one trailing newline is ignored); the
+    /// secret is read when the arguments are parsed, so a bad path fails at the command line.
+    #[arg(long = "app-secret-file", value_name = "PATH", value_parser = read_secret_file)]
+    pub app_secret: Option<String>,
+    /// Probability (0.0..=1.0) that an accepted send is also reported read.
+    #[arg(long, default_value_t = 1.0, value_parser = parse_rate)]
+    pub read_rate: f64,
+}
+
+/// By hand, so the app secret never reaches a log.
+impl std::fmt::Debug for SandboxArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SandboxArgs")
+            .field("listen", &self.listen)
+            .field("latency", &self.latency)
+            .field("latency_jitter", &self.latency_jitter)
+            .field("rate_5xx", &self.rate_5xx)
+            .field("rate_throttle", &self.rate_throttle)
+            .field("rate_undeliverable", &self.rate_undeliverable)
+            .field("tokens", &self.tokens.len())
+            .field("webhook_url", &self.webhook_url)
+            .field(
+                "app_secret",
+                &self.app_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("read_rate", &self.read_rate)
+            .finish()
+    }
 }
 
 impl SandboxArgs {
@@ -188,8 +367,24 @@ impl SandboxArgs {
             rate_throttle: self.rate_throttle,
             rate_undeliverable: self.rate_undeliverable,
             valid_tokens: (!self.tokens.is_empty()).then(|| self.tokens.clone()),
+            webhook_url: self.webhook_url.clone(),
+            app_secret: self.app_secret.clone(),
+            read_rate: self.read_rate,
+            ..SandboxConfig::default()
         }
     }
+}
+
+/// clap value parser: the app secret from a file, without the trailing newline editors add.
+fn read_secret_file(path: &str) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    let secret = text
+        .strip_suffix('\n')
+        .map_or(text.as_str(), |s| s.strip_suffix('\r').unwrap_or(s));
+    if secret.is_empty() {
+        return Err(format!("{path} holds no secret"));
+    }
+    Ok(secret.to_owned())
 }
 
 /// clap value parser: a probability, rejected at the command line rather than clamped silently.
@@ -230,7 +425,7 @@ impl Sandbox {
         Ok(Sandbox {
             listener,
             local_addr,
-            shared: Arc::new(Shared::new(config)),
+            shared: Arc::new(Shared::new(config)?),
         })
     }
 
@@ -312,6 +507,51 @@ impl SandboxHandle {
     pub fn set_latency(&self, latency: Duration) {
         self.shared.set_latency(latency);
     }
+
+    /// Queues a scripted asynchronous failure behind those already queued; `times == 0` does
+    /// nothing.
+    pub fn add_async_failure(&self, failure: AsyncFailure) {
+        self.shared.add_async_failure(failure);
+    }
+
+    /// Points callbacks somewhere else (`None`: stop calling back), signed with `app_secret`
+    /// (`None`: unsigned). Sends accepted while no URL is set never get callbacks; callbacks
+    /// still pending when the URL changes go to the new one.
+    pub fn set_webhook(&self, url: Option<String>, app_secret: Option<String>) {
+        self.shared.set_webhook(url, app_secret);
+    }
+
+    /// Every callback made so far (the newest [`CALLBACK_LOG_CAP`] at most), in the order they
+    /// finished, each with its final answer.
+    pub fn callbacks(&self) -> Vec<CallbackRecord> {
+        self.shared.callback_log().clone()
+    }
+
+    /// Delivers a message from the customer `from` (any phone format) to the webhook, as Meta
+    /// would, with `metadata.phone_number_id` [`DEFAULT_INBOUND_PHONE_NUMBER_ID`]. Button replies
+    /// quote (`context.id`) the newest accepted send to that customer, if any. Resolves to the
+    /// webhook's final HTTP status (after retries); `None` if no webhook is set, `from` is not a
+    /// phone number, or no try got an answer.
+    pub fn send_inbound(
+        &self,
+        from: &str,
+        body: InboundBody,
+    ) -> impl Future<Output = Option<u16>> + Send + 'static {
+        let shared = Arc::clone(&self.shared);
+        let from = from.to_owned();
+        async move {
+            match shared
+                .inbound(DEFAULT_INBOUND_PHONE_NUMBER_ID, &from, body, None)
+                .await
+            {
+                Ok(delivery) => delivery.http_status,
+                Err(e) => {
+                    tracing::warn!(details = %e.details, "sandbox inbound message not sent");
+                    None
+                }
+            }
+        }
+    }
 }
 
 /// State shared by the server and every handle.
@@ -336,6 +576,59 @@ struct Shared {
     wamid_salt: u64,
     /// Makes wamids unique within this sandbox.
     wamid_counter: AtomicU64,
+    /// Where callbacks go now; read at every callback, so changes apply to pending ones.
+    webhook: RwLock<Option<Arc<WebhookTarget>>>,
+    /// `entry[].id` of callbacks.
+    waba_id: String,
+    /// `metadata.display_phone_number` of callbacks.
+    display_phone_number: String,
+    /// Gap between the callbacks of one message.
+    status_delay: Duration,
+    /// Template name → pricing category.
+    template_categories: HashMap<String, String>,
+    /// Clamped like the other rates.
+    read_rate: f64,
+    /// Scripted asynchronous failures in the order added.
+    async_failures: Mutex<Vec<AsyncFailure>>,
+    /// Every finished callback, bounded by [`CALLBACK_LOG_CAP`].
+    callbacks: Mutex<Vec<CallbackRecord>>,
+    /// One pooled client for all callbacks.
+    http: reqwest::Client,
+    /// Status callback tasks that have run to their end, so tests can tell "no more callbacks
+    /// will come for these sends" without sleeping.
+    status_runs_done: AtomicU64,
+}
+
+/// A callback destination.
+struct WebhookTarget {
+    url: String,
+    /// HMAC key; None sends unsigned callbacks.
+    app_secret: Option<String>,
+}
+
+/// What the status callbacks of one accepted send need.
+struct StatusRun {
+    /// From the send's URL: `metadata.phone_number_id`.
+    phone_number_id: String,
+    wamid: String,
+    /// `recipient_id`: the digits of `to`.
+    wa_id: String,
+    callback_data: Option<String>,
+    /// The `pricing` object for `sent` and `delivered`.
+    pricing: Value,
+    /// Set: `sent` then `failed` with this error.
+    failure: Option<AsyncFailure>,
+    /// Whether a `read` follows `delivered`.
+    read: bool,
+}
+
+/// How an inbound callback went.
+struct InboundDelivery {
+    /// `messages[].id` of the simulated message.
+    wamid: String,
+    /// Final HTTP status, None when no try was answered.
+    http_status: Option<u16>,
+    attempts: u32,
 }
 
 /// What the sandbox remembers about sends.
@@ -349,8 +642,20 @@ struct Log {
 }
 
 impl Shared {
-    fn new(config: SandboxConfig) -> Shared {
-        Shared {
+    fn new(config: SandboxConfig) -> std::io::Result<Shared> {
+        let http = reqwest::Client::builder()
+            // Callbacks go to a local receiver; a proxy from the environment must not catch them.
+            .no_proxy()
+            .timeout(CALLBACK_TRY_TIMEOUT)
+            .build()
+            .map_err(std::io::Error::other)?;
+        let webhook = config.webhook_url.map(|url| {
+            Arc::new(WebhookTarget {
+                url,
+                app_secret: config.app_secret,
+            })
+        });
+        Ok(Shared {
             latency_jitter_nanos: duration_nanos(config.latency_jitter),
             rate_server_error: clamp_rate(config.rate_server_error),
             rate_throttle: clamp_rate(config.rate_throttle),
@@ -361,7 +666,17 @@ impl Shared {
             log: Mutex::new(Log::default()),
             wamid_salt: rand::rng().random(),
             wamid_counter: AtomicU64::new(0),
-        }
+            webhook: RwLock::new(webhook),
+            waba_id: config.waba_id,
+            display_phone_number: config.display_phone_number,
+            status_delay: config.status_delay,
+            template_categories: config.template_categories,
+            read_rate: clamp_rate(config.read_rate),
+            async_failures: Mutex::new(Vec::new()),
+            callbacks: Mutex::new(Vec::new()),
+            http,
+            status_runs_done: AtomicU64::new(0),
+        })
     }
 
     fn log(&self) -> std::sync::MutexGuard<'_, Log> {
@@ -497,7 +812,7 @@ impl Shared {
         headers: &HeaderMap,
         body: &Result<Bytes, BytesRejection>,
         parsed: &Option<Result<Value, serde_json::Error>>,
-    ) -> Result<(Value, String), MetaError> {
+    ) -> Result<Accepted, MetaError> {
         self.check_token(headers)?;
         let body = match body {
             Ok(body) => body,
@@ -552,8 +867,337 @@ impl Shared {
             "contacts": [{ "input": valid.to, "wa_id": valid.wa_id }],
             "messages": [message],
         });
-        Ok((answer, wamid))
+        let pricing = match valid.template_name {
+            Some(name) => json!({
+                "billable": true,
+                "pricing_model": "PMP",
+                "type": "regular",
+                "category": self
+                    .template_categories
+                    .get(name)
+                    .map_or("marketing", String::as_str),
+            }),
+            // Free-form messages only go out inside a customer service window: free service.
+            None => json!({
+                "billable": false,
+                "pricing_model": "PMP",
+                "type": "free_customer_service",
+                "category": "service",
+            }),
+        };
+        let failure = self.take_async_failure(&valid.wa_id);
+        Ok(Accepted {
+            answer,
+            wamid,
+            wa_id: valid.wa_id,
+            pricing,
+            failure,
+        })
     }
+
+    fn add_async_failure(&self, failure: AsyncFailure) {
+        if failure.times > 0 {
+            self.async_failures
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(failure);
+        }
+    }
+
+    /// Uses up one matching asynchronous failure, if any; a copy with `times: 1` is returned.
+    fn take_async_failure(&self, wa_id: &str) -> Option<AsyncFailure> {
+        let mut failures = self
+            .async_failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let i = failures
+            .iter()
+            .position(|f| f.to.as_deref().is_none_or(|to| digits(to) == wa_id))?;
+        // Never 0 here: add_async_failure drops empty ones and used-up ones are removed below.
+        failures[i].times -= 1;
+        let taken = AsyncFailure {
+            times: 1,
+            ..failures[i].clone()
+        };
+        if failures[i].times == 0 {
+            failures.remove(i);
+        }
+        Some(taken)
+    }
+
+    fn set_webhook(&self, url: Option<String>, app_secret: Option<String>) {
+        *self.webhook.write().unwrap_or_else(|e| e.into_inner()) =
+            url.map(|url| Arc::new(WebhookTarget { url, app_secret }));
+    }
+
+    fn webhook_target(&self) -> Option<Arc<WebhookTarget>> {
+        self.webhook
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn callback_log(&self) -> std::sync::MutexGuard<'_, Vec<CallbackRecord>> {
+        self.callbacks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn record_callback(&self, record: CallbackRecord) {
+        let mut log = self.callback_log();
+        if log.len() >= CALLBACK_LOG_CAP {
+            log.drain(..CALLBACK_LOG_CAP / 10);
+        }
+        log.push(record);
+    }
+
+    /// The newest wamid accepted for this recipient, which a button reply quotes.
+    fn last_wamid_to(&self, wa_id: &str) -> Option<String> {
+        self.log()
+            .records
+            .iter()
+            .rev()
+            .find(|r| r.status == 200 && digits(&r.to) == wa_id)
+            .and_then(|r| r.wamid.clone())
+    }
+
+    /// The status callbacks of one accepted send, in order, `status_delay` apart; the first
+    /// after `first_wait` (the answer's latency plus `status_delay`).
+    async fn run_status_callbacks(self: Arc<Self>, run: StatusRun, first_wait: Duration) {
+        let statuses: &[&str] = match (&run.failure, run.read) {
+            (Some(_), _) => &["sent", "failed"],
+            (None, true) => &["sent", "delivered", "read"],
+            (None, false) => &["sent", "delivered"],
+        };
+        for (i, &status) in statuses.iter().enumerate() {
+            tokio::time::sleep(if i == 0 {
+                first_wait
+            } else {
+                self.status_delay
+            })
+            .await;
+            // Read each time: set_webhook(None) stops pending callbacks, a new URL takes them.
+            let Some(target) = self.webhook_target() else {
+                break;
+            };
+            let body = self.status_envelope(&run, status);
+            self.deliver(
+                &target,
+                CallbackKind::Status,
+                Some(status),
+                &run.wamid,
+                body,
+            )
+            .await;
+        }
+        self.status_runs_done.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One status callback body, as Meta sends it (v24.0+: no `conversation`).
+    fn status_envelope(&self, run: &StatusRun, status: &str) -> Vec<u8> {
+        let mut item = json!({
+            "id": run.wamid,
+            "status": status,
+            "timestamp": unix_secs_string(),
+            "recipient_id": run.wa_id,
+        });
+        if let Some(cb) = &run.callback_data {
+            item["biz_opaque_callback_data"] = json!(cb);
+        }
+        // Meta (webhooks reference, messages/status): `pricing` comes with `sent` and with one of
+        // `delivered`/`read`, never both. The sandbox always reports `delivered` and `read` only
+        // sometimes, so the second copy rides on `delivered`; `read` and `failed` carry none.
+        if matches!(status, "sent" | "delivered") {
+            item["pricing"] = run.pricing.clone();
+        }
+        if let (Some(f), "failed") = (&run.failure, status) {
+            item["errors"] = json!([{
+                "code": f.code,
+                "title": f.title,
+                "message": f.title,
+                "error_data": { "details": known_details(f.code).unwrap_or(&f.title) },
+                "href": ERROR_CODES_HREF,
+            }]);
+        }
+        let value = json!({
+            "messaging_product": "whatsapp",
+            "metadata": {
+                "display_phone_number": self.display_phone_number,
+                "phone_number_id": run.phone_number_id,
+            },
+            "statuses": [item],
+        });
+        self.envelope(value)
+    }
+
+    /// Meta's envelope around one `messages` change value, serialized.
+    fn envelope(&self, value: Value) -> Vec<u8> {
+        let envelope = json!({
+            "object": "whatsapp_business_account",
+            "entry": [{
+                "id": self.waba_id,
+                "changes": [{ "value": value, "field": "messages" }],
+            }],
+        });
+        // Invariant: a Value with string keys always serializes.
+        serde_json::to_vec(&envelope).unwrap_or_default()
+    }
+
+    /// POSTs one callback, retrying like Meta until a 200 or [`CALLBACK_TRIES`] tries, and
+    /// records it. Returns the final status and the tries made.
+    async fn deliver(
+        &self,
+        target: &WebhookTarget,
+        kind: CallbackKind,
+        status: Option<&str>,
+        wamid: &str,
+        body: Vec<u8>,
+    ) -> (Option<u16>, u32) {
+        let at_ms = unix_ms();
+        let signature = target
+            .app_secret
+            .as_deref()
+            .map(|secret| signature_header(secret.as_bytes(), &body));
+        let body = Bytes::from(body);
+        let mut backoff = CALLBACK_FIRST_BACKOFF;
+        let mut attempts = 0;
+        let http_status = loop {
+            attempts += 1;
+            let mut request = self
+                .http
+                .post(&target.url)
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(body.clone());
+            if let Some(signature) = &signature {
+                request = request.header("x-hub-signature-256", signature);
+            }
+            let answer = match request.send().await {
+                Ok(response) => {
+                    let code = response.status().as_u16();
+                    // Read the body so the connection goes back to the pool.
+                    let _ = response.bytes().await;
+                    Some(code)
+                }
+                Err(e) => {
+                    tracing::debug!(url = %target.url, error = %e, "sandbox callback got no answer");
+                    None
+                }
+            };
+            if answer == Some(200) || attempts >= CALLBACK_TRIES {
+                break answer;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff *= 2;
+        };
+        if http_status != Some(200) {
+            tracing::warn!(url = %target.url, ?http_status, attempts, "sandbox callback given up");
+        }
+        self.record_callback(CallbackRecord {
+            at_ms,
+            kind,
+            status: status.map(str::to_owned),
+            wamid: Some(wamid.to_owned()),
+            http_status,
+            attempts,
+        });
+        (http_status, attempts)
+    }
+
+    /// Builds and delivers one inbound message callback; `Err` is the answer to a bad request.
+    async fn inbound(
+        &self,
+        phone_number_id: &str,
+        from: &str,
+        body: InboundBody,
+        context_id: Option<String>,
+    ) -> Result<InboundDelivery, MetaError> {
+        let wa_id = digits(from);
+        let allowed = |c: char| c.is_ascii_digit() || matches!(c, '+' | '-' | '(' | ')' | ' ');
+        if !from.chars().all(allowed) || wa_id.is_empty() || wa_id.len() > PHONE_MAX_DIGITS {
+            return Err(MetaError::invalid(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "from must be a phone number of 1 to {PHONE_MAX_DIGITS} digits; got {from:?}."
+                ),
+            ));
+        }
+        if let InboundBody::Text(text) = &body
+            && text.is_empty()
+        {
+            return Err(MetaError::invalid(
+                StatusCode::BAD_REQUEST,
+                "text must not be empty.".into(),
+            ));
+        }
+        let Some(target) = self.webhook_target() else {
+            return Err(MetaError::invalid(
+                StatusCode::CONFLICT,
+                "No webhook is set: start the sandbox with a webhook URL or PUT /_sandbox/webhook."
+                    .into(),
+            ));
+        };
+        let wamid = self.new_wamid(&wa_id);
+        let mut message = json!({
+            "from": wa_id,
+            "id": wamid,
+            "timestamp": unix_secs_string(),
+        });
+        let quotes = !matches!(body, InboundBody::Text(_));
+        match body {
+            InboundBody::Text(text) => {
+                message["type"] = json!("text");
+                message["text"] = json!({ "body": text });
+            }
+            InboundBody::Button { payload, text } => {
+                message["type"] = json!("button");
+                message["button"] = json!({ "payload": payload, "text": text });
+            }
+            InboundBody::ButtonReply { id, title } => {
+                message["type"] = json!("interactive");
+                message["interactive"] = json!({
+                    "type": "button_reply",
+                    "button_reply": { "id": id, "title": title },
+                });
+            }
+        }
+        // Buttons live on a message the business sent; Meta quotes it in `context`.
+        if quotes && let Some(id) = context_id.or_else(|| self.last_wamid_to(&wa_id)) {
+            message["context"] = json!({ "from": self.display_phone_number, "id": id });
+        }
+        let value = json!({
+            "messaging_product": "whatsapp",
+            "metadata": {
+                "display_phone_number": self.display_phone_number,
+                "phone_number_id": phone_number_id,
+            },
+            "contacts": [{ "profile": { "name": INBOUND_PROFILE_NAME }, "wa_id": wa_id }],
+            "messages": [message],
+        });
+        let body = self.envelope(value);
+        let (http_status, attempts) = self
+            .deliver(&target, CallbackKind::Inbound, None, &wamid, body)
+            .await;
+        Ok(InboundDelivery {
+            wamid,
+            http_status,
+            attempts,
+        })
+    }
+}
+
+/// An accepted send: the answer, and what its callbacks need.
+struct Accepted {
+    answer: Value,
+    wamid: String,
+    wa_id: String,
+    pricing: Value,
+    failure: Option<AsyncFailure>,
+}
+
+/// `X-Hub-Signature-256` for `body`: `sha256=` and the lowercase hex HMAC-SHA256.
+fn signature_header(secret: &[u8], body: &[u8]) -> String {
+    // Invariant: HMAC accepts keys of any length.
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).unwrap_or_else(|_| unreachable!());
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
 /// A Meta-shaped error answer.
@@ -667,6 +1311,8 @@ struct ValidSend<'a> {
     wa_id: String,
     /// Only template answers carry `message_status`.
     is_template: bool,
+    /// `template.name`, which decides the pricing category of the callbacks.
+    template_name: Option<&'a str>,
 }
 
 /// Validates a send body like Meta does; `Err` is the `details` text.
@@ -733,6 +1379,11 @@ fn validate(body: &Value) -> Result<ValidSend<'_>, String> {
         to,
         wa_id,
         is_template: kind == "template",
+        template_name: obj
+            .get("template")
+            .and_then(|t| t.get("name"))
+            .and_then(Value::as_str)
+            .filter(|_| kind == "template"),
     })
 }
 
@@ -806,6 +1457,10 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/_sandbox/faults", post(control_faults))
         .route("/_sandbox/tokens", put(control_tokens))
         .route("/_sandbox/latency", put(control_latency))
+        .route("/_sandbox/async_failures", post(control_async_failures))
+        .route("/_sandbox/inbound", post(control_inbound))
+        .route("/_sandbox/webhook", put(control_webhook))
+        .route("/_sandbox/callbacks", get(control_callbacks))
         .route("/healthz", get(healthz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -833,9 +1488,9 @@ async fn send_unversioned(
     send(&shared, phone_number_id, &headers, body).await
 }
 
-/// Answers one send: decide, log, sleep the latency, answer.
+/// Answers one send: decide, log, start its callbacks, sleep the latency, answer.
 async fn send(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     phone_number_id: Result<String, PathRejection>,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -869,8 +1524,27 @@ async fn send(
         Some(Value::String(k)) => k.as_str(),
         _ => "",
     };
+    let callback_data = str_field("biz_opaque_callback_data").map(str::to_owned);
+    let delay = shared.delay();
     let (status, error_code, wamid, answer) = match outcome {
-        Ok((answer, wamid)) => (StatusCode::OK, None, Some(wamid), answer),
+        Ok(accepted) => {
+            // Spawned now, not after the latency: a send whose answer is lost still gets its
+            // callbacks, as with Meta. The task waits out the latency itself.
+            if shared.webhook_target().is_some() {
+                let run = StatusRun {
+                    phone_number_id: phone_number_id.clone(),
+                    wamid: accepted.wamid.clone(),
+                    wa_id: accepted.wa_id,
+                    callback_data: callback_data.clone(),
+                    pricing: accepted.pricing,
+                    failure: accepted.failure,
+                    read: shared.read_rate > 0.0 && rand::rng().random_bool(shared.read_rate),
+                };
+                let first_wait = delay.saturating_add(shared.status_delay);
+                tokio::spawn(Arc::clone(shared).run_status_callbacks(run, first_wait));
+            }
+            (StatusCode::OK, None, Some(accepted.wamid), accepted.answer)
+        }
         Err(e) => (e.status, Some(e.code), None, e.body()),
     };
     shared.record(SandboxRecord {
@@ -878,12 +1552,11 @@ async fn send(
         phone_number_id,
         to: str_field("to").unwrap_or_default().to_owned(),
         kind: kind.to_owned(),
-        callback_data: str_field("biz_opaque_callback_data").map(str::to_owned),
+        callback_data,
         status: status.as_u16(),
         error_code,
         wamid,
     });
-    let delay = shared.delay();
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
@@ -949,6 +1622,126 @@ async fn control_latency(
     }
 }
 
+async fn control_async_failures(
+    State(shared): State<Arc<Shared>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match parse_control_body::<AsyncFailure>(body) {
+        Ok(failure) => {
+            shared.add_async_failure(failure);
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /_sandbox/inbound`: exactly one of `text`, `button`, `button_reply`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InboundRequest {
+    from: String,
+    /// `metadata.phone_number_id`; [`DEFAULT_INBOUND_PHONE_NUMBER_ID`] when absent.
+    #[serde(default)]
+    phone_number_id: Option<String>,
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    button: Option<InboundButton>,
+    #[serde(default)]
+    button_reply: Option<InboundButtonReply>,
+    /// The quoted message of a button reply; the newest send to `from` when absent.
+    #[serde(default)]
+    context_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InboundButton {
+    payload: String,
+    text: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InboundButtonReply {
+    id: String,
+    title: String,
+}
+
+async fn control_inbound(
+    State(shared): State<Arc<Shared>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let request: InboundRequest = match parse_control_body(body) {
+        Ok(request) => request,
+        Err(e) => return e.into_response(),
+    };
+    let body = match (request.text, request.button, request.button_reply) {
+        (Some(text), None, None) => InboundBody::Text(text),
+        (None, Some(b), None) => InboundBody::Button {
+            payload: b.payload,
+            text: b.text,
+        },
+        (None, None, Some(r)) => InboundBody::ButtonReply {
+            id: r.id,
+            title: r.title,
+        },
+        _ => {
+            return MetaError::invalid(
+                StatusCode::BAD_REQUEST,
+                "Give exactly one of text, button, button_reply.".into(),
+            )
+            .into_response();
+        }
+    };
+    let phone_number_id = request
+        .phone_number_id
+        .unwrap_or_else(|| DEFAULT_INBOUND_PHONE_NUMBER_ID.into());
+    match shared
+        .inbound(&phone_number_id, &request.from, body, request.context_id)
+        .await
+    {
+        Ok(d) => Json(json!({
+            "id": d.wamid,
+            "http_status": d.http_status,
+            "attempts": d.attempts,
+        }))
+        .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `PUT /_sandbox/webhook` body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WebhookRequest {
+    url: String,
+    #[serde(default)]
+    app_secret: Option<String>,
+}
+
+async fn control_webhook(
+    State(shared): State<Arc<Shared>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match parse_control_body::<Option<WebhookRequest>>(body) {
+        Ok(Some(w)) => {
+            shared.set_webhook(Some(w.url), w.app_secret);
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Ok(None) => {
+            shared.set_webhook(None, None);
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn control_callbacks(State(shared): State<Arc<Shared>>) -> Response {
+    let records = shared.callback_log().clone();
+    Json(records).into_response()
+}
+
 /// Reads a control endpoint's JSON body; errors come back Meta-shaped like everything else.
 fn parse_control_body<T: serde::de::DeserializeOwned>(
     body: Result<Bytes, BytesRejection>,
@@ -1003,6 +1796,11 @@ fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Unix seconds as a string, as Meta writes `timestamp` in `messages` webhooks.
+fn unix_secs_string() -> String {
+    (unix_ms() / 1000).to_string()
 }
 
 /// A random id like Meta's `fbtrace_id` (e.g. "Az8or2yhqkZfEZ-_4Qn_Bam"), which clients log.
@@ -1690,6 +2488,646 @@ mod tests {
 
         assert!(Cli::try_parse_from(["sandbox", "--rate-throttle", "1.5"]).is_err());
         assert!(Cli::try_parse_from(["sandbox", "--latency", "fast"]).is_err());
+    }
+
+    const SECRET: &str = "sandbox-test-secret";
+
+    /// What a receiver got: each callback's signature header and raw body, in arrival order.
+    type Received = Arc<Mutex<Vec<(Option<String>, Bytes)>>>;
+
+    /// A webhook receiver on a free loopback port: keeps every callback and answers the
+    /// scripted statuses first, then 200.
+    struct Receiver {
+        url: String,
+        got: Received,
+    }
+
+    async fn receiver(script: Vec<u16>) -> Receiver {
+        let got: Received = Arc::default();
+        let script = Arc::new(Mutex::new(std::collections::VecDeque::from(script)));
+        let sink = Arc::clone(&got);
+        let app = Router::new().route(
+            "/webhook",
+            post(move |headers: HeaderMap, body: Bytes| {
+                let sink = Arc::clone(&sink);
+                let script = Arc::clone(&script);
+                async move {
+                    let signature = headers
+                        .get("x-hub-signature-256")
+                        .map(|v| v.to_str().unwrap().to_owned());
+                    sink.lock().unwrap().push((signature, body));
+                    let code = script.lock().unwrap().pop_front().unwrap_or(200);
+                    StatusCode::from_u16(code).unwrap()
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/webhook", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Receiver { url, got }
+    }
+
+    impl Receiver {
+        fn count(&self) -> usize {
+            self.got.lock().unwrap().len()
+        }
+
+        /// Every body so far, after checking its signature against SECRET.
+        fn signed(&self) -> Vec<Value> {
+            let got = self.got.lock().unwrap();
+            got.iter()
+                .map(|(signature, body)| {
+                    assert_signed(signature.as_deref(), body);
+                    serde_json::from_slice(body).unwrap()
+                })
+                .collect()
+        }
+    }
+
+    /// Checks `sha256=<lowercase hex HMAC-SHA256(SECRET, body)>`, computed here independently.
+    fn assert_signed(signature: Option<&str>, body: &[u8]) {
+        let hex_sig = signature
+            .expect("signed")
+            .strip_prefix("sha256=")
+            .expect("sha256= prefix");
+        assert_eq!(hex_sig.len(), 64);
+        assert_eq!(hex_sig, hex_sig.to_ascii_lowercase());
+        let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+        mac.update(body);
+        mac.verify_slice(&hex::decode(hex_sig).unwrap())
+            .expect("signature matches the body");
+    }
+
+    /// Polls `check` until it yields, failing at a deadline instead of sleeping a guess.
+    async fn wait_until<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(v) = check() {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn webhooked(url: &str) -> SandboxConfig {
+        SandboxConfig {
+            webhook_url: Some(url.into()),
+            app_secret: Some(SECRET.into()),
+            status_delay: Duration::from_millis(5),
+            ..quick()
+        }
+    }
+
+    /// The one status of a status callback.
+    fn status_of(body: &Value) -> &Value {
+        &body["entry"][0]["changes"][0]["value"]["statuses"][0]
+    }
+
+    fn runs_done(sb: &Running) -> u64 {
+        sb.handle.shared.status_runs_done.load(Ordering::Relaxed)
+    }
+
+    async fn wamid_of_send(sb: &Running, body: &Value) -> String {
+        let (status, answer) = sb.send(body).await;
+        assert_eq!(status, 200, "{answer}");
+        answer["messages"][0]["id"].as_str().unwrap().to_owned()
+    }
+
+    #[tokio::test]
+    async fn accepted_sends_come_back_sent_delivered_read_signed_with_pricing() {
+        let rx = receiver(vec![]).await;
+        let sb = start(SandboxConfig {
+            template_categories: HashMap::from([("order_update".into(), "utility".into())]),
+            ..webhooked(&rx.url)
+        })
+        .await;
+        let before = unix_ms() / 1000;
+        let wamid = wamid_of_send(&sb, &template("+49 170 1234567", "job-1")).await;
+        wait_until("three callbacks", || (rx.count() >= 3).then_some(())).await;
+        let bodies = rx.signed();
+        assert_eq!(bodies.len(), 3);
+        let ts = status_of(&bodies[0])["timestamp"].as_str().unwrap();
+        let secs: u64 = ts.parse().unwrap();
+        assert!(secs >= before && secs <= unix_ms() / 1000, "{ts}");
+        let marketing = json!({
+            "billable": true, "pricing_model": "PMP", "type": "regular", "category": "marketing"
+        });
+        // Exactly Meta's envelope; v24.0+ shape, so no `conversation`.
+        assert_eq!(
+            bodies[0],
+            json!({
+                "object": "whatsapp_business_account",
+                "entry": [{
+                    "id": "102290129340398",
+                    "changes": [{
+                        "value": {
+                            "messaging_product": "whatsapp",
+                            "metadata": {
+                                "display_phone_number": "15550783881",
+                                "phone_number_id": "106540352242922"
+                            },
+                            "statuses": [{
+                                "id": wamid,
+                                "status": "sent",
+                                "timestamp": ts,
+                                "recipient_id": "491701234567",
+                                "biz_opaque_callback_data": "job-1",
+                                "pricing": marketing
+                            }]
+                        },
+                        "field": "messages"
+                    }]
+                }]
+            })
+        );
+        let statuses: Vec<_> = bodies
+            .iter()
+            .map(|b| status_of(b)["status"].clone())
+            .collect();
+        assert_eq!(statuses, ["sent", "delivered", "read"]);
+        assert_eq!(status_of(&bodies[1])["pricing"], marketing);
+        assert!(status_of(&bodies[2]).get("pricing").is_none());
+        for b in &bodies {
+            let s = status_of(b);
+            assert_eq!(s["id"], wamid);
+            assert_eq!(s["biz_opaque_callback_data"], "job-1");
+            assert!(s.get("conversation").is_none());
+            assert!(s["timestamp"].is_string());
+        }
+        let records = wait_until("three callback records", || {
+            let r = sb.handle.callbacks();
+            (r.len() == 3).then_some(r)
+        })
+        .await;
+        for (r, status) in records.iter().zip(["sent", "delivered", "read"]) {
+            assert_eq!(r.kind, CallbackKind::Status);
+            assert_eq!(r.status.as_deref(), Some(status));
+            assert_eq!(r.wamid.as_deref(), Some(wamid.as_str()));
+            assert_eq!((r.http_status, r.attempts), (Some(200), 1));
+        }
+
+        // A configured template category, and free-form text (free service, no callback data).
+        let mut utility = template("491701234567", "job-2");
+        utility["template"]["name"] = json!("order_update");
+        let utility_wamid = wamid_of_send(&sb, &utility).await;
+        let text_wamid = wamid_of_send(&sb, &text("491701234567", "hi")).await;
+        wait_until("nine callbacks", || (rx.count() >= 9).then_some(())).await;
+        let bodies = rx.signed();
+        let sent_of = |w: &str| {
+            bodies
+                .iter()
+                .map(status_of)
+                .find(|s| s["id"] == w && s["status"] == "sent")
+                .unwrap()
+                .clone()
+        };
+        assert_eq!(sent_of(&utility_wamid)["pricing"]["category"], "utility");
+        let text_sent = sent_of(&text_wamid);
+        assert_eq!(
+            text_sent["pricing"],
+            json!({
+                "billable": false, "pricing_model": "PMP",
+                "type": "free_customer_service", "category": "service"
+            })
+        );
+        assert!(text_sent.get("biz_opaque_callback_data").is_none());
+        // Per message the order holds even with sends interleaved.
+        for w in [&utility_wamid, &text_wamid] {
+            let order: Vec<_> = bodies
+                .iter()
+                .map(status_of)
+                .filter(|s| s["id"] == **w)
+                .map(|s| s["status"].as_str().unwrap().to_owned())
+                .collect();
+            assert_eq!(order, ["sent", "delivered", "read"]);
+        }
+        sb.stop().await;
+    }
+
+    #[tokio::test]
+    async fn read_rate_zero_stops_at_delivered_and_refused_sends_get_no_callbacks() {
+        let rx = receiver(vec![]).await;
+        let sb = start(SandboxConfig {
+            read_rate: 0.0,
+            valid_tokens: Some(vec!["tok".into()]),
+            ..webhooked(&rx.url)
+        })
+        .await;
+        assert_eq!(sb.post_as(Some("bad"), &text("1", "x")).await.0, 401);
+        assert_eq!(sb.send(&text("", "x")).await.0, 400);
+        let wamid = wamid_of_send(&sb, &template("491701234567", "j")).await;
+        wait_until("the callback task to end", || {
+            (runs_done(&sb) == 1).then_some(())
+        })
+        .await;
+        let statuses: Vec<_> = rx
+            .signed()
+            .iter()
+            .map(|b| (status_of(b)["id"].clone(), status_of(b)["status"].clone()))
+            .collect();
+        assert_eq!(
+            statuses,
+            [
+                (json!(wamid), json!("sent")),
+                (json!(wamid), json!("delivered"))
+            ]
+        );
+        sb.stop().await;
+    }
+
+    #[tokio::test]
+    async fn async_failure_is_accepted_then_sent_and_failed_with_the_code() {
+        let rx = receiver(vec![]).await;
+        let sb = start(SandboxConfig {
+            read_rate: 0.0,
+            ..webhooked(&rx.url)
+        })
+        .await;
+        sb.handle.add_async_failure(AsyncFailure {
+            to: Some("+49 170 1234567".into()),
+            code: 131_049,
+            title: "This message was not delivered to maintain healthy ecosystem engagement."
+                .into(),
+            times: 1,
+        });
+        let other = wamid_of_send(&sb, &template("4915112345678", "other")).await;
+        let failed = wamid_of_send(&sb, &template("491701234567", "job-1")).await;
+        let fine = wamid_of_send(&sb, &template("491701234567", "job-1b")).await;
+        wait_until("three callback tasks", || {
+            (runs_done(&sb) == 3).then_some(())
+        })
+        .await;
+        let bodies = rx.signed();
+        let of = |w: &str| -> Vec<Value> {
+            bodies
+                .iter()
+                .map(status_of)
+                .filter(|s| s["id"] == w)
+                .cloned()
+                .collect()
+        };
+        let names = |v: &[Value]| -> Vec<String> {
+            v.iter()
+                .map(|s| s["status"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        assert_eq!(names(&of(&other)), ["sent", "delivered"]);
+        assert_eq!(
+            names(&of(&fine)),
+            ["sent", "delivered"],
+            "used up after one"
+        );
+        let f = of(&failed);
+        assert_eq!(names(&f), ["sent", "failed"]);
+        assert!(f[0].get("pricing").is_some());
+        assert!(f[1].get("pricing").is_none());
+        assert_eq!(f[1]["biz_opaque_callback_data"], "job-1");
+        assert_eq!(
+            f[1]["errors"],
+            json!([{
+                "code": 131_049,
+                "title": "This message was not delivered to maintain healthy ecosystem engagement.",
+                "message": "This message was not delivered to maintain healthy ecosystem engagement.",
+                "error_data": { "details": known_details(131_049).unwrap() },
+                "href": "/documentation/business-messaging/whatsapp/support/error-codes"
+            }])
+        );
+
+        // The same over HTTP, for any recipient; a malformed rule is refused.
+        let rule = json!({ "to": null, "code": 131_050, "title": "Unable to deliver", "times": 1 });
+        assert_eq!(
+            sb.control(reqwest::Method::POST, "/_sandbox/async_failures", &rule)
+                .await,
+            204
+        );
+        assert_eq!(
+            sb.control(
+                reqwest::Method::POST,
+                "/_sandbox/async_failures",
+                &json!({})
+            )
+            .await,
+            400
+        );
+        let w = wamid_of_send(&sb, &text("16505551234", "x")).await;
+        wait_until("the failed status", || {
+            rx.signed()
+                .iter()
+                .map(status_of)
+                .find(|s| s["id"] == w.as_str() && s["status"] == "failed")
+                .map(|s| assert_eq!(s["errors"][0]["code"], 131_050))
+        })
+        .await;
+        sb.stop().await;
+    }
+
+    #[tokio::test]
+    async fn inbound_messages_arrive_signed_in_metas_shapes() {
+        let rx = receiver(vec![]).await;
+        let sb = start(SandboxConfig {
+            read_rate: 0.0,
+            ..webhooked(&rx.url)
+        })
+        .await;
+        let status = sb
+            .handle
+            .send_inbound("+49 170 1234567", InboundBody::Text("STOP".into()))
+            .await;
+        assert_eq!(status, Some(200));
+        let body = rx.signed().pop().unwrap();
+        let message = body["entry"][0]["changes"][0]["value"]["messages"][0].clone();
+        let id = message["id"].as_str().unwrap();
+        assert!(id.starts_with("wamid."), "{id}");
+        let ts = message["timestamp"].as_str().unwrap();
+        assert!(ts.parse::<u64>().unwrap() > 1_700_000_000);
+        assert_eq!(
+            body,
+            json!({
+                "object": "whatsapp_business_account",
+                "entry": [{
+                    "id": "102290129340398",
+                    "changes": [{
+                        "value": {
+                            "messaging_product": "whatsapp",
+                            "metadata": {
+                                "display_phone_number": "15550783881",
+                                "phone_number_id": "106540352242922"
+                            },
+                            "contacts": [{
+                                "profile": { "name": "Sandbox User" },
+                                "wa_id": "491701234567"
+                            }],
+                            "messages": [{
+                                "from": "491701234567",
+                                "id": id,
+                                "timestamp": ts,
+                                "type": "text",
+                                "text": { "body": "STOP" }
+                            }]
+                        },
+                        "field": "messages"
+                    }]
+                }]
+            })
+        );
+        let records = sb.handle.callbacks();
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].kind, CallbackKind::Inbound);
+        assert_eq!(records[0].status, None);
+        assert_eq!(records[0].wamid.as_deref(), Some(id));
+
+        // A template quick-reply button quotes the newest send to that customer.
+        let wamid = wamid_of_send(&sb, &template("491701234567", "job-1")).await;
+        wait_until("the send's callbacks", || {
+            (runs_done(&sb) == 1).then_some(())
+        })
+        .await;
+        let status = sb
+            .handle
+            .send_inbound(
+                "491701234567",
+                InboundBody::Button {
+                    payload: "YES".into(),
+                    text: "Yes".into(),
+                },
+            )
+            .await;
+        assert_eq!(status, Some(200));
+        let body = rx.signed().pop().unwrap();
+        let message = &body["entry"][0]["changes"][0]["value"]["messages"][0];
+        assert_eq!(message["type"], "button");
+        assert_eq!(
+            message["button"],
+            json!({ "payload": "YES", "text": "Yes" })
+        );
+        assert_eq!(
+            message["context"],
+            json!({ "from": "15550783881", "id": wamid })
+        );
+
+        // Over HTTP: an interactive reply-button answer, for another phone number id.
+        let request = json!({
+            "from": "+491701234567",
+            "button_reply": { "id": "yes", "title": "Yes" },
+            "phone_number_id": "999",
+            "context_id": "wamid.quoted"
+        });
+        let (code, bytes) = sb
+            .request(
+                reqwest::Method::POST,
+                "/_sandbox/inbound",
+                None,
+                serde_json::to_vec(&request).unwrap(),
+            )
+            .await;
+        assert_eq!(code, 200);
+        let answer: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(answer["http_status"], 200);
+        assert_eq!(answer["attempts"], 1);
+        let body = rx.signed().pop().unwrap();
+        let value = &body["entry"][0]["changes"][0]["value"];
+        assert_eq!(value["metadata"]["phone_number_id"], "999");
+        let message = &value["messages"][0];
+        assert_eq!(message["id"], answer["id"]);
+        assert_eq!(message["type"], "interactive");
+        assert_eq!(
+            message["interactive"],
+            json!({ "type": "button_reply", "button_reply": { "id": "yes", "title": "Yes" } })
+        );
+        assert_eq!(message["context"]["id"], "wamid.quoted");
+
+        // Bad requests are refused without a callback.
+        let n = rx.count();
+        for bad in [
+            json!({ "from": "+491701234567", "text": "a", "button": { "payload": "p", "text": "t" } }),
+            json!({ "from": "+491701234567" }),
+            json!({ "from": "nobody", "text": "hi" }),
+            json!({ "from": "491701234567", "text": "" }),
+            json!({ "from": "491701234567", "txt": "typo" }),
+        ] {
+            let body = serde_json::to_vec(&bad).unwrap();
+            let (code, bytes) = sb
+                .request(reqwest::Method::POST, "/_sandbox/inbound", None, body)
+                .await;
+            assert_eq!(code, 400, "{bad}");
+            assert_eq!(error_of(&serde_json::from_slice(&bytes).unwrap()).0, 100);
+        }
+        assert_eq!(rx.count(), n);
+        sb.stop().await;
+    }
+
+    #[tokio::test]
+    async fn callbacks_are_retried_with_backoff_until_a_200() {
+        let rx = receiver(vec![500, 500]).await;
+        let sb = start(SandboxConfig {
+            read_rate: 0.0,
+            ..webhooked(&rx.url)
+        })
+        .await;
+        let t0 = Instant::now();
+        let wamid = wamid_of_send(&sb, &text("491701234567", "x")).await;
+        wait_until("the callback task to end", || {
+            (runs_done(&sb) == 1).then_some(())
+        })
+        .await;
+        // Backoff 100 ms then 200 ms before the third try.
+        assert!(
+            t0.elapsed() >= Duration::from_millis(300),
+            "{:?}",
+            t0.elapsed()
+        );
+        let records = sb.handle.callbacks();
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[0].status.as_deref(), Some("sent"));
+        assert_eq!(
+            (records[0].http_status, records[0].attempts),
+            (Some(200), 3)
+        );
+        assert_eq!(
+            (records[1].http_status, records[1].attempts),
+            (Some(200), 1)
+        );
+        // Three tries of the same bytes, then delivered.
+        let got = rx.got.lock().unwrap().clone();
+        assert_eq!(got.len(), 4);
+        assert!(got[..3].iter().all(|g| *g == got[0]));
+        let bodies = rx.signed();
+        assert_eq!(status_of(&bodies[0])["id"], wamid.as_str());
+        assert_eq!(status_of(&bodies[3])["status"], "delivered");
+
+        // Over HTTP the callback log is the same.
+        let (code, bytes) = sb
+            .request(reqwest::Method::GET, "/_sandbox/callbacks", None, vec![])
+            .await;
+        assert_eq!(code, 200);
+        let listed: Vec<CallbackRecord> = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(listed, records);
+        sb.stop().await;
+    }
+
+    #[tokio::test]
+    async fn webhook_can_be_set_later_unsigned_and_never_delays_the_answer() {
+        let sb = start(SandboxConfig {
+            read_rate: 0.0,
+            status_delay: Duration::from_millis(5),
+            ..quick()
+        })
+        .await;
+        // No webhook: accepted sends get no callback task; inbound has nowhere to go.
+        wamid_of_send(&sb, &text("1", "x")).await;
+        assert_eq!(
+            sb.handle
+                .send_inbound("1", InboundBody::Text("hi".into()))
+                .await,
+            None
+        );
+        let body = serde_json::to_vec(&json!({ "from": "1", "text": "hi" })).unwrap();
+        let (code, _) = sb
+            .request(reqwest::Method::POST, "/_sandbox/inbound", None, body)
+            .await;
+        assert_eq!(code, 409);
+
+        // Unsigned when no secret is given.
+        let rx = receiver(vec![]).await;
+        sb.handle.set_webhook(Some(rx.url.clone()), None);
+        let wamid = wamid_of_send(&sb, &text("1", "y")).await;
+        wait_until("the callback task to end", || {
+            (runs_done(&sb) == 1).then_some(())
+        })
+        .await;
+        let got = rx.got.lock().unwrap().clone();
+        assert_eq!(got.len(), 2, "only the send made after set_webhook");
+        assert!(got.iter().all(|(signature, _)| signature.is_none()));
+        let first: Value = serde_json::from_slice(&got[0].1).unwrap();
+        assert_eq!(status_of(&first)["id"], wamid.as_str());
+
+        // Over HTTP, with a secret; then off again.
+        let set = json!({ "url": rx.url, "app_secret": SECRET });
+        assert_eq!(
+            sb.control(reqwest::Method::PUT, "/_sandbox/webhook", &set)
+                .await,
+            204
+        );
+        assert_eq!(
+            sb.handle
+                .send_inbound("1", InboundBody::Text("hi".into()))
+                .await,
+            Some(200)
+        );
+        let got = rx.got.lock().unwrap().clone();
+        assert_eq!(got.len(), 3);
+        assert_signed(got[2].0.as_deref(), &got[2].1);
+        assert_eq!(
+            sb.control(reqwest::Method::PUT, "/_sandbox/webhook", &Value::Null)
+                .await,
+            204
+        );
+        assert_eq!(
+            sb.handle
+                .send_inbound("1", InboundBody::Text("hi".into()))
+                .await,
+            None
+        );
+
+        // A dead receiver (retrying for ~50 s) does not hold up the send's answer.
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead_url = format!("http://{}/webhook", dead.local_addr().unwrap());
+        drop(dead);
+        sb.handle.set_webhook(Some(dead_url), Some(SECRET.into()));
+        let t0 = Instant::now();
+        wamid_of_send(&sb, &text("1", "z")).await;
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        sb.stop().await;
+    }
+
+    #[test]
+    fn webhook_args_read_the_secret_file_and_debug_hides_it() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: SandboxArgs,
+        }
+        use clap::Parser;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("app-secret");
+        std::fs::write(&path, "s3cr3t-value\n").unwrap();
+        let args = Cli::try_parse_from([
+            "sandbox",
+            "--webhook-url",
+            "http://127.0.0.1:8088/webhook",
+            "--app-secret-file",
+            path.to_str().unwrap(),
+            "--read-rate",
+            "0.25",
+        ])
+        .unwrap()
+        .args;
+        let config = args.config();
+        assert_eq!(
+            config.webhook_url.as_deref(),
+            Some("http://127.0.0.1:8088/webhook")
+        );
+        assert_eq!(config.app_secret.as_deref(), Some("s3cr3t-value"));
+        assert_eq!(config.read_rate, 0.25);
+        assert_eq!(config.waba_id, DEFAULT_WABA_ID);
+        assert_eq!(config.status_delay, Duration::from_millis(50));
+        assert!(!format!("{args:?}").contains("s3cr3t"));
+        assert!(!format!("{config:?}").contains("s3cr3t"));
+
+        let defaults = Cli::try_parse_from(["sandbox"]).unwrap().args.config();
+        assert_eq!((defaults.webhook_url, defaults.app_secret), (None, None));
+        assert_eq!(defaults.read_rate, 1.0);
+        let missing = dir.path().join("nope");
+        assert!(
+            Cli::try_parse_from(["sandbox", "--app-secret-file", missing.to_str().unwrap()])
+                .is_err()
+        );
+        std::fs::write(&path, "\n").unwrap();
+        assert!(
+            Cli::try_parse_from(["sandbox", "--app-secret-file", path.to_str().unwrap()]).is_err()
+        );
+        assert!(Cli::try_parse_from(["sandbox", "--read-rate", "2"]).is_err());
     }
 
     #[test]

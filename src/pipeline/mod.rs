@@ -10,6 +10,7 @@ pub mod accounts;
 pub mod decode;
 pub mod dedupe;
 pub mod dispatch;
+pub mod meta_state;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::SharedClock;
 use crate::cloud_api::{CloudApi, FailureClass, request};
 use crate::config::RetryConfig;
-use crate::job::{Job, Outcome};
+use crate::job::{Category, Content, Job, Outcome};
 use crate::store::{Ledger, LedgerEntry, LedgerError, LedgerState};
 use accounts::{Accounts, Admit};
 use dedupe::Seen;
@@ -46,6 +47,17 @@ pub struct Pipeline {
     pub accounts: Accounts,
     pub retry: RetryConfig,
     pub clock: SharedClock,
+    /// What webhooks told us: service windows, paused templates, restricted accounts.
+    pub meta: Arc<meta_state::MetaState>,
+    /// Set when the webhook listener runs; without it nothing tells us about windows and
+    /// templates, so those checks are off.
+    pub webhook_policy: Option<WebhookPolicy>,
+}
+
+#[derive(Clone, Debug)]
+pub struct WebhookPolicy {
+    pub service_window: Duration,
+    pub template_pause_max_wait: Duration,
 }
 
 impl Pipeline {
@@ -107,6 +119,13 @@ impl Pipeline {
                 reason: "not_before",
                 attempts,
             });
+        }
+
+        // What Meta told us by webhook: paused templates, restrictions, service windows.
+        if let Some(policy) = &self.webhook_policy
+            && let Some(d) = self.meta_checks(job, policy, attempts)
+        {
+            return d;
         }
 
         // (Consent and limits/caps are the next stages; see issues 4 and 5.)
@@ -263,6 +282,61 @@ impl Pipeline {
                 }
             }
         }
+    }
+
+    fn meta_checks(&self, job: &Job, policy: &WebhookPolicy, attempts: u32) -> Option<Disposition> {
+        let now_ms = self.clock.now().as_millisecond();
+        let account = self.accounts.get(&job.account)?;
+        if let Content::Template(t) = &job.content {
+            // Templates are business-initiated; an account_update restriction stops them all.
+            if let Some(until) = self.meta.restricted_until_ms(&job.account)
+                && until > now_ms
+            {
+                let wait = Duration::from_millis((until - now_ms) as u64);
+                return Some(self.defer(job, attempts, wait, "account_restricted"));
+            }
+            if let Some(b) =
+                self.meta
+                    .template_block(account.config.waba_id.as_deref(), &t.name, &t.language)
+            {
+                let give_up_ms = b.since_ms + policy.template_pause_max_wait.as_millis() as i64;
+                if now_ms >= give_up_ms {
+                    return Some(Disposition::Finish(Outcome::Failed {
+                        reason: "template_paused",
+                        detail: format!(
+                            "template {} ({}) is {} and did not come back within {}",
+                            t.name,
+                            t.language,
+                            b.status,
+                            humantime::format_duration(policy.template_pause_max_wait)
+                        ),
+                        code: None,
+                        attempts,
+                    }));
+                }
+                let wait = Duration::from_millis((give_up_ms - now_ms) as u64)
+                    .min(self.accounts.probe_interval());
+                return Some(self.defer(job, attempts, wait, "template_paused"));
+            }
+        }
+        let free_form =
+            matches!(job.content, Content::Text(_)) || job.category == Category::Service;
+        if free_form {
+            let last = self.meta.last_inbound_ms(&job.account, job.to.digits());
+            let window_ms = policy.service_window.as_millis() as i64;
+            if last.is_none_or(|l| now_ms - l > window_ms) {
+                return Some(Disposition::Finish(Outcome::Failed {
+                    reason: "outside_service_window",
+                    detail: format!(
+                        "the customer has not written in the last {}: only templates may be sent (Meta would refuse it with 131047)",
+                        humantime::format_duration(policy.service_window)
+                    ),
+                    code: None,
+                    attempts,
+                }));
+            }
+        }
+        None
     }
 
     fn defer(&self, job: &Job, attempts: u32, wait: Duration, reason: &'static str) -> Disposition {

@@ -18,6 +18,48 @@ use tokio::sync::{mpsc, oneshot};
 
 const LEDGER: TableDefinition<&str, &[u8]> = TableDefinition::new("ledger_v1");
 
+/// One row of a byte table: key and value.
+pub type KvRow = (Vec<u8>, Vec<u8>);
+
+/// The store's other tables: plain byte maps, each owned by one module that knows its encoding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Table {
+    /// Webhook events already applied (key: SHA-256 of the event), so a repeat is applied once.
+    WebhookSeen,
+    /// wamid → job id, for status callbacks that carry no `biz_opaque_callback_data`.
+    Wamids,
+    /// job id → the last delivery status published for it (monotonic).
+    Delivery,
+    /// template → its status from `message_template_status_update`.
+    Templates,
+    /// account|number → last inbound message time (the customer-service window).
+    Inbound,
+    /// account → business-initiated messaging restricted until (from `account_update`).
+    Restrictions,
+}
+
+impl Table {
+    const ALL: [Table; 6] = [
+        Table::WebhookSeen,
+        Table::Wamids,
+        Table::Delivery,
+        Table::Templates,
+        Table::Inbound,
+        Table::Restrictions,
+    ];
+
+    fn def(self) -> TableDefinition<'static, &'static [u8], &'static [u8]> {
+        TableDefinition::new(match self {
+            Table::WebhookSeen => "webhook_seen_v1",
+            Table::Wamids => "wamids_v1",
+            Table::Delivery => "delivery_v1",
+            Table::Templates => "templates_v1",
+            Table::Inbound => "inbound_v1",
+            Table::Restrictions => "restrictions_v1",
+        })
+    }
+}
+
 /// What a job id's history says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LedgerState {
@@ -95,10 +137,30 @@ impl<E: Into<redb::Error>> From<E> for LedgerError {
 }
 
 enum Op {
-    Put { id: Box<str>, entry: LedgerEntry },
-    MarkPublished { id: Box<str> },
-    RemoveMany { ids: Vec<Box<str>> },
-    Remove { id: Box<str> },
+    Put {
+        id: Box<str>,
+        entry: LedgerEntry,
+    },
+    MarkPublished {
+        id: Box<str>,
+    },
+    RemoveMany {
+        ids: Vec<Box<str>>,
+    },
+    KvPut {
+        table: Table,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    /// Inserts only when the key is absent; counts 1 when it inserted.
+    KvInsertIfAbsent {
+        table: Table,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Remove {
+        id: Box<str>,
+    },
 }
 
 struct Request {
@@ -124,6 +186,9 @@ impl Ledger {
         {
             let w = db.begin_write()?;
             w.open_table(LEDGER)?;
+            for t in Table::ALL {
+                w.open_table(t.def())?;
+            }
             w.commit()?;
         }
         let (tx, rx) = mpsc::unbounded_channel();
@@ -206,6 +271,57 @@ impl Ledger {
         Ok(removed)
     }
 
+    pub fn kv_get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, LedgerError> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(table.def())?;
+        Ok(t.get(key)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Every row of a table, for loading an in-memory cache at start.
+    pub fn kv_scan(&self, table: Table) -> Result<Vec<KvRow>, LedgerError> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(table.def())?;
+        let mut rows = Vec::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            rows.push((k.value().to_vec(), v.value().to_vec()));
+        }
+        Ok(rows)
+    }
+
+    /// Durably sets `key` to `value`.
+    pub async fn kv_put(
+        &self,
+        table: Table,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    ) -> Result<(), LedgerError> {
+        self.write(Op::KvPut { table, key, value })
+            .await
+            .map(|_| ())
+    }
+
+    /// Sets `key` without waiting for the commit: for indexes whose loss in a crash only costs
+    /// a fallback (the wamid index, when a callback also carries our job id).
+    pub fn kv_put_nowait(&self, table: Table, key: Vec<u8>, value: Vec<u8>) {
+        let _ = self.tx.send(Request {
+            op: Op::KvPut { table, key, value },
+            done: None,
+        });
+    }
+
+    /// Atomic insert-if-absent: true when this call inserted the key (the first to claim it).
+    pub async fn kv_insert_if_absent(
+        &self,
+        table: Table,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    ) -> Result<bool, LedgerError> {
+        self.write(Op::KvInsertIfAbsent { table, key, value })
+            .await
+            .map(|n| n == 1)
+    }
+
     pub async fn remove(&self, id: &str) -> Result<(), LedgerError> {
         self.write(Op::Remove { id: id.into() }).await.map(|_| ())
     }
@@ -280,6 +396,20 @@ fn apply(db: &Database, batch: &[Request]) -> Vec<Result<u64, LedgerError>> {
                             n += t.remove(&**id)?.is_some() as u64;
                         }
                         n
+                    }
+                    Op::KvPut { table, key, value } => {
+                        w.open_table(table.def())?
+                            .insert(key.as_slice(), value.as_slice())?;
+                        1
+                    }
+                    Op::KvInsertIfAbsent { table, key, value } => {
+                        let mut kt = w.open_table(table.def())?;
+                        if kt.get(key.as_slice())?.is_some() {
+                            0
+                        } else {
+                            kt.insert(key.as_slice(), value.as_slice())?;
+                            1
+                        }
                     }
                     Op::Remove { id } => t.remove(&**id)?.is_some() as u64,
                 };

@@ -3,4 +3,4 @@
 
 pub mod ledger;
 
-pub use ledger::{Ledger, LedgerEntry, LedgerError, LedgerState};
+pub use ledger::{Ledger, LedgerEntry, LedgerError, LedgerState, Table};

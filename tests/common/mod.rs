@@ -24,6 +24,37 @@ pub const MGMT: &str = "http://127.0.0.1:15672";
 /// base64("guest:guest"): the local broker's default management login.
 const MGMT_AUTH: &str = "Basic Z3Vlc3Q6Z3Vlc3Q=";
 pub const GOOD_TOKEN: &str = "good-token";
+pub const APP_SECRET: &str = "test-app-secret";
+pub const VERIFY_TOKEN: &str = "test-verify-token";
+
+/// Config for a daemon with its webhook listener on (port 0) and a small price table.
+pub fn webhook_toml(max_body: usize) -> String {
+    format!(
+        r#"
+[webhook]
+enabled = true
+listen = "127.0.0.1:0"
+app_secret_file = "app-secret"
+verify_token_file = "verify-token"
+max_body_bytes = {max_body}
+template_pause_max_wait = "3s"
+
+[prices]
+currency = "EUR"
+[prices.default]
+marketing = "0.0592"
+utility = "0.0171"
+authentication = "0.0171"
+service = "0.0171"
+[prices.markets.germany]
+calling_codes = ["49"]
+marketing = "0.1131"
+utility = "0.0456"
+authentication = "0.0456"
+service = "0.0456"
+"#
+    )
+}
 
 /// Polls `check` until it returns Some, or panics with `what` at the deadline.
 pub async fn wait_for<T>(
@@ -300,11 +331,8 @@ impl Default for AppOptions {
         Self {
             sandbox: SandboxConfig {
                 latency: Duration::from_millis(5),
-                latency_jitter: Duration::ZERO,
-                rate_server_error: 0.0,
-                rate_throttle: 0.0,
-                rate_undeliverable: 0.0,
                 valid_tokens: Some(vec![GOOD_TOKEN.to_string()]),
+                ..SandboxConfig::default()
             },
             token: GOOD_TOKEN.into(),
             extra_toml: String::new(),
@@ -380,6 +408,7 @@ name = "newsletter"
 name = "acme-de"
 phone_number_id = "106540352242922"
 token_file = "token"
+waba_id = "102290129340398"
 {extra}
 "#,
         state = state.display()
@@ -391,6 +420,11 @@ token_file = "token"
 
 impl TestEnv {
     pub async fn new(opts: &AppOptions) -> TestEnv {
+        Self::with_dir_files(opts, &[]).await
+    }
+
+    /// As `new`, writing extra files (secrets) into the config directory first.
+    pub async fn with_dir_files(opts: &AppOptions, files: &[(&str, &str)]) -> TestEnv {
         let broker = TestBroker::new().await;
         let sb = Sandbox::bind("127.0.0.1:0".parse().unwrap(), opts.sandbox.clone())
             .await
@@ -400,6 +434,9 @@ impl TestEnv {
         let sb_stop = CancellationToken::new();
         tokio::spawn(sb.serve(sb_stop.clone()));
         let dir = tempfile::tempdir().unwrap();
+        for (name, content) in files {
+            std::fs::write(dir.path().join(name), content).unwrap();
+        }
         let config_path = write_config(
             dir.path(),
             &broker.url,
@@ -545,6 +582,22 @@ pub struct TestApp {
 impl TestApp {
     pub fn admin(&self) -> std::net::SocketAddr {
         self.app.as_ref().unwrap().admin_addr
+    }
+    pub fn webhook(&self) -> std::net::SocketAddr {
+        self.app
+            .as_ref()
+            .unwrap()
+            .webhook_addr
+            .expect("webhook listener on")
+    }
+    /// The admin listener's /metrics text.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.admin()))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
     pub async fn stop(mut self) {
         self.shutdown.cancel();

@@ -1,0 +1,623 @@
+//! What each webhook event changes. Runs on the shard that owns the recipient (status, inbound,
+//! preference events come through the recipient's lane, after any job of theirs in flight) or on
+//! every shard (account-level changes). Returns what must be published; the caller publishes it
+//! with confirms, then records the event as applied, then acks.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::parse::{Event, EventKind};
+use crate::cloud_api::classify::class_of_code;
+use crate::config::Config;
+use crate::job::Cost;
+use crate::pipeline::meta_state::MetaState;
+use crate::pricing::{PriceTable, billed};
+use crate::privacy::Masked;
+use crate::store::{Ledger, LedgerError, LedgerState, Table};
+
+/// A message to publish as a consequence of an event.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Publication {
+    pub exchange: &'static str,
+    pub routing_key: String,
+    pub body: Vec<u8>,
+}
+
+/// A customer's message, parsed: what consent handling (STOP, YES/NO) works from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboundMessage {
+    pub account: Option<String>,
+    /// `+` and digits.
+    pub from: String,
+    pub wamid: String,
+    pub at: Timestamp,
+    /// `text`, `button`, `interactive`, or another Meta type.
+    pub kind: String,
+    pub text: Option<String>,
+    /// Quick-reply payload or interactive reply id.
+    pub payload: Option<String>,
+}
+
+pub struct Applier {
+    pub ledger: Ledger,
+    pub meta: Arc<MetaState>,
+    pub prices: Arc<PriceTable>,
+    /// phone_number_id → account name.
+    accounts_by_number: HashMap<String, String>,
+    /// WABA id → its accounts.
+    accounts_by_waba: HashMap<String, Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StrOrNum {
+    S(String),
+    N(i64),
+}
+
+impl StrOrNum {
+    fn secs(&self) -> Option<i64> {
+        match self {
+            StrOrNum::S(s) => s.parse().ok(),
+            StrOrNum::N(n) => Some(*n),
+        }
+    }
+}
+
+fn at_of(ts: &Option<StrOrNum>) -> Timestamp {
+    ts.as_ref()
+        .and_then(|t| t.secs())
+        .and_then(|s| Timestamp::from_second(s).ok())
+        .unwrap_or_else(Timestamp::now)
+}
+
+#[derive(Deserialize)]
+struct Status {
+    id: String,
+    status: String,
+    #[serde(default)]
+    timestamp: Option<StrOrNum>,
+    recipient_id: String,
+    #[serde(default)]
+    biz_opaque_callback_data: Option<String>,
+    #[serde(default)]
+    pricing: Option<Pricing>,
+    #[serde(default)]
+    errors: Vec<MetaError>,
+}
+
+#[derive(Deserialize)]
+struct Pricing {
+    #[serde(default)]
+    billable: Option<bool>,
+    #[serde(default, rename = "type")]
+    kind: Option<String>,
+    #[serde(default)]
+    category: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct MetaError {
+    code: i64,
+    #[serde(default)]
+    title: Option<String>,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+/// The parts of a job's stored final outcome a delivery update repeats.
+#[derive(Deserialize)]
+struct StoredOutcome<'a> {
+    id: String,
+    account: String,
+    to: String,
+    status: String,
+    #[serde(default)]
+    attempts: u32,
+    #[serde(borrow, default)]
+    metadata: Option<&'a RawValue>,
+    #[serde(default)]
+    category: Option<String>,
+}
+
+/// CONTRACT §3 for delivery updates (`delivered`, `read`, `undelivered`); `billed_cost` is an
+/// addition: what Meta's `pricing` says this message costs, from the price table.
+#[derive(Serialize)]
+struct DeliveryEvent<'a> {
+    id: &'a str,
+    account: &'a str,
+    to: &'a str,
+    status: &'static str,
+    reason: Option<&'static str>,
+    detail: Option<String>,
+    wamid: &'a str,
+    attempts: u32,
+    estimated_cost: Option<Cost>,
+    at: Timestamp,
+    metadata: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error_code: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    category: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    billed_cost: Option<Cost>,
+}
+
+/// CONTRACT §4, for opt-outs learned from Meta.
+#[derive(Serialize)]
+struct ConsentEvent<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    account: &'a str,
+    to: String,
+    purposes: [&'a str; 0],
+    source: &'static str,
+    at: Timestamp,
+    evidence: String,
+}
+
+/// Delivery levels, monotonic: a later webhook never moves a job backwards.
+const DELIVERED: u8 = 1;
+const READ: u8 = 2;
+const UNDELIVERED: u8 = 3;
+
+impl Applier {
+    pub fn new(config: &Config, ledger: Ledger, meta: Arc<MetaState>) -> Self {
+        let mut accounts_by_waba: HashMap<String, Vec<String>> = HashMap::new();
+        for a in &config.accounts {
+            if let Some(w) = &a.waba_id {
+                accounts_by_waba
+                    .entry(w.clone())
+                    .or_default()
+                    .push(a.name.to_string());
+            }
+        }
+        Self {
+            ledger,
+            meta,
+            prices: config.prices.clone(),
+            accounts_by_number: config
+                .accounts
+                .iter()
+                .map(|a| (a.phone_number_id.clone(), a.name.to_string()))
+                .collect(),
+            accounts_by_waba,
+        }
+    }
+
+    fn account_of(&self, ev: &Event) -> Option<&str> {
+        ev.phone_number_id
+            .as_deref()
+            .and_then(|p| self.accounts_by_number.get(p))
+            .map(String::as_str)
+    }
+
+    pub async fn apply(&self, ev: &Event) -> Result<Vec<Publication>, LedgerError> {
+        crate::metrics::webhook_event(ev.kind, &ev.field);
+        match ev.kind {
+            EventKind::Status => self.status(ev).await,
+            EventKind::Message => self.message(ev).await,
+            EventKind::UserPreference => self.preference(ev),
+            EventKind::Error => {
+                if let Ok(e) = serde_json::from_str::<MetaError>(ev.item.get()) {
+                    crate::metrics::webhook_error(e.code);
+                    tracing::warn!(code = e.code, title = e.title.as_deref().unwrap_or(""), waba = %ev.waba_id, "The Cloud API reported an error by webhook.");
+                }
+                Ok(Vec::new())
+            }
+            EventKind::Change => self.change(ev).await,
+        }
+    }
+
+    async fn status(&self, ev: &Event) -> Result<Vec<Publication>, LedgerError> {
+        let Ok(s) = serde_json::from_str::<Status>(ev.item.get()) else {
+            crate::metrics::webhook_unmatched("unreadable_status");
+            return Ok(Vec::new());
+        };
+        // The job: our id rides in biz_opaque_callback_data; otherwise look the wamid up.
+        let job_id = match &s.biz_opaque_callback_data {
+            Some(id) => Some(id.clone()),
+            None => self
+                .ledger
+                .kv_get(Table::Wamids, s.id.as_bytes())?
+                .and_then(|v| String::from_utf8(v).ok()),
+        };
+        let entry = match &job_id {
+            Some(id) => self.ledger.get(id)?,
+            None => None,
+        };
+        let Some(entry) = entry.filter(|e| e.state == LedgerState::Final) else {
+            crate::metrics::webhook_unmatched("unknown_message");
+            tracing::info!(status = %s.status, "A status callback for a message sendwell does not know was ignored.");
+            return Ok(Vec::new());
+        };
+        let Ok(job) = serde_json::from_slice::<StoredOutcome>(&entry.event) else {
+            crate::metrics::webhook_unmatched("unreadable_job");
+            return Ok(Vec::new());
+        };
+        if job.status != "sent" {
+            crate::metrics::webhook_unmatched("job_not_sent");
+            return Ok(Vec::new());
+        }
+        crate::metrics::delivery_status(&job.account, &s.status);
+
+        // Billing: Meta may repeat `pricing` on sent and delivered/read; count a message once.
+        let mut billed_cost = None;
+        if let Some(p) = &s.pricing
+            && billed(p.billable, p.kind.as_deref())
+        {
+            let category = p
+                .category
+                .clone()
+                .or(job.category.clone())
+                .unwrap_or_default();
+            let digits = s.recipient_id.trim_start_matches('+');
+            if let Some(price) = self.prices.price(&category, digits) {
+                let first = self
+                    .ledger
+                    .kv_insert_if_absent(
+                        Table::WebhookSeen,
+                        format!("billed|{}", s.id).into_bytes(),
+                        Vec::new(),
+                    )
+                    .await?;
+                if first {
+                    crate::metrics::billed_cost(
+                        &job.account,
+                        &category,
+                        self.prices.market(digits),
+                        self.prices.currency(),
+                        price.0,
+                    );
+                }
+                billed_cost = Some(Cost {
+                    amount: price.to_decimal_string(),
+                    currency: self.prices.currency().to_string(),
+                });
+            } else {
+                tracing::warn!(
+                    category,
+                    "A billed message's category has no price in the table."
+                );
+            }
+        }
+
+        let at = at_of(&s.timestamp);
+        let mut out = Vec::new();
+        // 131050: the customer stopped marketing from this business in WhatsApp. An opt-out
+        // counts whatever the job's delivery state is.
+        if s.status == "failed"
+            && let Some(e) = s.errors.iter().find(|e| e.code == 131050)
+        {
+            out.push(self.opt_out(
+                &job.account,
+                &s.recipient_id,
+                "whatsapp_131050",
+                at,
+                e.message.clone().or(e.title.clone()).unwrap_or_default(),
+            ));
+        }
+        let level = match s.status.as_str() {
+            "delivered" => DELIVERED,
+            "read" => READ,
+            "failed" => UNDELIVERED,
+            _ => return Ok(out),
+        };
+        let current = self
+            .ledger
+            .kv_get(Table::Delivery, job.id.as_bytes())?
+            .and_then(|v| v.first().copied())
+            .unwrap_or(0);
+        if current >= level || current == UNDELIVERED {
+            return Ok(out);
+        }
+        let mut event = |status: &'static str, reason, detail, code, cost: Option<Cost>| {
+            let e = DeliveryEvent {
+                id: &job.id,
+                account: &job.account,
+                to: &job.to,
+                status,
+                reason,
+                detail,
+                wamid: &s.id,
+                attempts: job.attempts,
+                estimated_cost: None,
+                at,
+                metadata: job.metadata,
+                error_code: code,
+                category: job.category.as_deref(),
+                billed_cost: cost,
+            };
+            out.push(Publication {
+                exchange: crate::amqp::topology::OUTCOMES_EXCHANGE,
+                routing_key: format!("delivery.{status}"),
+                body: serde_json::to_vec(&e).unwrap_or_default(),
+            });
+        };
+        match level {
+            // "A status is considered read only if it has been delivered": when both happen at
+            // once Meta sends only `read`, but the funnel still counts the delivery.
+            READ if current < DELIVERED => {
+                event("delivered", None, None, None, billed_cost.clone());
+                event("read", None, None, None, None);
+            }
+            READ => event("read", None, None, None, billed_cost),
+            DELIVERED => event("delivered", None, None, None, billed_cost),
+            _ => {
+                let err = s.errors.first();
+                let code = err.map(|e| e.code);
+                let reason = code.map(|c| class_of_code(c).1).unwrap_or("api_error");
+                let detail = err.map(|e| e.message.clone().or(e.title.clone()).unwrap_or_default());
+                event("undelivered", Some(reason), detail, code, None);
+            }
+        }
+        self.ledger
+            .kv_put(Table::Delivery, job.id.as_bytes().to_vec(), vec![level])
+            .await?;
+        Ok(out)
+    }
+
+    fn opt_out(
+        &self,
+        account: &str,
+        digits: &str,
+        source: &'static str,
+        at: Timestamp,
+        evidence: String,
+    ) -> Publication {
+        crate::metrics::opt_out_learned(account, source);
+        let e = ConsentEvent {
+            kind: "opt_out",
+            account,
+            to: format!("+{}", digits.trim_start_matches('+')),
+            purposes: [],
+            source,
+            at,
+            evidence,
+        };
+        Publication {
+            exchange: crate::amqp::topology::CONSENT_EXCHANGE,
+            routing_key: String::new(),
+            body: serde_json::to_vec(&e).unwrap_or_default(),
+        }
+    }
+
+    async fn message(&self, ev: &Event) -> Result<Vec<Publication>, LedgerError> {
+        #[derive(Deserialize)]
+        struct Msg {
+            from: String,
+            id: String,
+            #[serde(default)]
+            timestamp: Option<StrOrNum>,
+            #[serde(default, rename = "type")]
+            kind: Option<String>,
+            #[serde(default)]
+            text: Option<TextBody>,
+            #[serde(default)]
+            button: Option<Button>,
+            #[serde(default)]
+            interactive: Option<Interactive>,
+        }
+        #[derive(Deserialize)]
+        struct TextBody {
+            body: String,
+        }
+        #[derive(Deserialize)]
+        struct Button {
+            #[serde(default)]
+            payload: Option<String>,
+            #[serde(default)]
+            text: Option<String>,
+        }
+        #[derive(Deserialize)]
+        struct Interactive {
+            #[serde(default)]
+            button_reply: Option<Reply>,
+            #[serde(default)]
+            list_reply: Option<Reply>,
+        }
+        #[derive(Deserialize)]
+        struct Reply {
+            id: String,
+            #[serde(default)]
+            title: Option<String>,
+        }
+        let Ok(m) = serde_json::from_str::<Msg>(ev.item.get()) else {
+            crate::metrics::webhook_unmatched("unreadable_message");
+            return Ok(Vec::new());
+        };
+        let account = self.account_of(ev).map(str::to_string);
+        let at = at_of(&m.timestamp);
+        let kind = m.kind.unwrap_or_else(|| "unknown".into());
+        let (text, payload) = match (m.text, m.button, m.interactive) {
+            (Some(t), _, _) => (Some(t.body), None),
+            (_, Some(b), _) => (b.text, b.payload),
+            (_, _, Some(i)) => match i.button_reply.or(i.list_reply) {
+                Some(r) => (r.title, Some(r.id)),
+                None => (None, None),
+            },
+            _ => (None, None),
+        };
+        let inbound = InboundMessage {
+            account: account.clone(),
+            from: format!("+{}", m.from.trim_start_matches('+')),
+            wamid: m.id,
+            at,
+            kind,
+            text,
+            payload,
+        };
+        if let Some(a) = &account {
+            // The customer wrote: their 24-hour customer-service window opens (or restarts).
+            self.meta
+                .record_inbound(a, inbound.from.trim_start_matches('+'), at.as_millisecond())
+                .await?;
+        }
+        Ok(self.inbound(&inbound))
+    }
+
+    /// The one place inbound messages are handed over. Consent handling (STOP keywords, YES/NO
+    /// confirmations of a double opt-in) builds on this; today it counts and logs them.
+    pub fn inbound(&self, m: &InboundMessage) -> Vec<Publication> {
+        crate::metrics::inbound_message(m.account.as_deref().unwrap_or("unknown"), &m.kind);
+        tracing::info!(from = %Masked(&m.from), kind = %m.kind, "Inbound message received.");
+        Vec::new()
+    }
+
+    fn preference(&self, ev: &Event) -> Result<Vec<Publication>, LedgerError> {
+        #[derive(Deserialize)]
+        struct Pref {
+            wa_id: String,
+            #[serde(default)]
+            detail: Option<String>,
+            #[serde(default)]
+            category: Option<String>,
+            value: String,
+            #[serde(default)]
+            timestamp: Option<StrOrNum>,
+        }
+        let Ok(p) = serde_json::from_str::<Pref>(ev.item.get()) else {
+            crate::metrics::webhook_unmatched("unreadable_preference");
+            return Ok(Vec::new());
+        };
+        let accounts: Vec<String> = match self.account_of(ev) {
+            Some(a) => vec![a.to_string()],
+            None => self
+                .accounts_by_waba
+                .get(&ev.waba_id)
+                .cloned()
+                .unwrap_or_default(),
+        };
+        if p.value != "stop"
+            || p.category
+                .as_deref()
+                .is_some_and(|c| c != "marketing_messages")
+        {
+            tracing::info!(value = %p.value, "A user preference change other than a marketing stop was noted.");
+            return Ok(Vec::new());
+        }
+        let at = at_of(&p.timestamp);
+        Ok(accounts
+            .iter()
+            .map(|a| {
+                self.opt_out(
+                    a,
+                    &p.wa_id,
+                    "whatsapp_user_preferences",
+                    at,
+                    p.detail.clone().unwrap_or_default(),
+                )
+            })
+            .collect())
+    }
+
+    async fn change(&self, ev: &Event) -> Result<Vec<Publication>, LedgerError> {
+        let v: serde_json::Value = serde_json::from_str(ev.item.get()).unwrap_or_default();
+        let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+        let accounts = self
+            .accounts_by_waba
+            .get(&ev.waba_id)
+            .cloned()
+            .unwrap_or_default();
+        let now = Timestamp::now().as_millisecond();
+        match ev.field.as_str() {
+            "message_template_status_update" => {
+                let (Some(event), Some(name)) = (s("event"), s("message_template_name")) else {
+                    return Ok(Vec::new());
+                };
+                let language = s("message_template_language").unwrap_or_default();
+                self.meta
+                    .set_template(&ev.waba_id, &name, &language, &event, now)
+                    .await?;
+                crate::metrics::template_status(&name, &language, &event);
+                tracing::warn!(template = %name, language = %language, event = %event, "Template status changed.");
+            }
+            "message_template_quality_update" => {
+                let score = s("new_quality_score").unwrap_or_default();
+                crate::metrics::template_quality(&score);
+                tracing::info!(template = s("message_template_name").unwrap_or_default(), score = %score, "Template quality changed.");
+            }
+            "business_capability_update" | "phone_number_quality_update" => {
+                let limit = v
+                    .get("max_daily_conversations_per_business")
+                    .or(v.get("max_daily_conversation_per_phone"))
+                    .or(v.get("current_limit"))
+                    .and_then(tier_limit);
+                if let Some(l) = limit {
+                    crate::metrics::messaging_limit(&ev.waba_id, l);
+                }
+                if s("event").as_deref() == Some("THROUGHPUT_UPGRADE") {
+                    for a in &accounts {
+                        crate::metrics::account_throughput(a, 1000.0);
+                    }
+                }
+                tracing::info!(field = %ev.field, waba = %ev.waba_id, limit, "Messaging capability changed.");
+            }
+            "account_update" => {
+                if s("event").as_deref() == Some("ACCOUNT_RESTRICTION") {
+                    let infos = v
+                        .get("restriction_info")
+                        .and_then(|r| r.as_array())
+                        .cloned()
+                        .unwrap_or_default();
+                    for r in infos {
+                        let kind = r.get("restriction_type").and_then(|x| x.as_str());
+                        let until = r.get("expiration").and_then(|x| x.as_i64());
+                        if kind == Some("RESTRICTED_BIZ_INITIATED_MESSAGING")
+                            && let Some(until) = until
+                        {
+                            for a in &accounts {
+                                self.meta.restrict(a, until * 1000).await?;
+                                tracing::error!(account = %a, until, "Business-initiated messaging is restricted by Meta; template jobs wait until the restriction ends.");
+                            }
+                        }
+                    }
+                }
+                crate::metrics::account_update(s("event").as_deref().unwrap_or("unknown"));
+            }
+            _ => {}
+        }
+        Ok(Vec::new())
+    }
+}
+
+/// Meta's tier names and numbers as a daily unique-recipient limit (infinite when unlimited).
+fn tier_limit(v: &serde_json::Value) -> Option<f64> {
+    if let Some(n) = v.as_f64() {
+        return Some(n);
+    }
+    let s = v.as_str()?.to_ascii_uppercase();
+    let s = s.trim_start_matches("TIER_");
+    match s {
+        "UNLIMITED" => Some(f64::INFINITY),
+        "NOT_SET" => None,
+        _ => {
+            let (num, mult) = match s.strip_suffix('K') {
+                Some(n) => (n, 1000.0),
+                None => (s, 1.0),
+            };
+            num.parse::<f64>().ok().map(|n| n * mult)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiers_read_as_numbers() {
+        let t = |s: &str| tier_limit(&serde_json::Value::String(s.into()));
+        assert_eq!(t("TIER_250"), Some(250.0));
+        assert_eq!(t("TIER_2K"), Some(2000.0));
+        assert_eq!(t("TIER_100K"), Some(100000.0));
+        assert_eq!(t("10000"), Some(10000.0));
+        assert_eq!(t("UNLIMITED"), Some(f64::INFINITY));
+        assert_eq!(t("TIER_UNLIMITED"), Some(f64::INFINITY));
+        assert_eq!(t("TIER_NOT_SET"), None);
+    }
+}

@@ -1,0 +1,492 @@
+//! Webhooks: Meta's signed callbacks (fixtures under tests/fixtures/webhooks, shaped as Meta
+//! documents them) through the real listener, the real broker and the daemon.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use lapin::ExchangeKind;
+use sendwell::webhook::signature::sign;
+
+const T: Duration = Duration::from_secs(30);
+const JOB1_TO: &str = "+491701234567";
+
+/// A fixture with every `timestamp` and `entry[].time` set to now: a customer who just wrote,
+/// or a second, later webhook with the same content.
+fn fresh(name: &str) -> Vec<u8> {
+    let mut v: serde_json::Value = serde_json::from_slice(&fixture(name)).unwrap();
+    let now = jiff::Timestamp::now().as_second();
+    fn walk(v: &mut serde_json::Value, now: i64) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, x) in m.iter_mut() {
+                    match k.as_str() {
+                        "timestamp" => *x = now.to_string().into(),
+                        "time" => *x = now.into(),
+                        _ => walk(x, now),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(|x| walk(x, now)),
+            _ => {}
+        }
+    }
+    walk(&mut v, now);
+    serde_json::to_vec(&v).unwrap()
+}
+
+fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(format!(
+        "{}/tests/fixtures/webhooks/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap_or_else(|e| panic!("fixture {name}: {e}"))
+}
+
+async fn post(app: &TestApp, body: &[u8], signature: Option<String>) -> u16 {
+    let mut req = reqwest::Client::new()
+        .post(format!("http://{}/webhook", app.webhook()))
+        .header("content-type", "application/json")
+        .body(body.to_vec());
+    if let Some(s) = signature {
+        req = req.header("x-hub-signature-256", s);
+    }
+    req.send().await.unwrap().status().as_u16()
+}
+
+async fn post_signed(app: &TestApp, body: &[u8]) -> u16 {
+    post(app, body, Some(sign(APP_SECRET.as_bytes(), body))).await
+}
+
+/// A daemon with its webhook listener, and job-1 (the fixtures' job) already sent.
+async fn env_with_job1(max_body: usize) -> (TestEnv, TestApp) {
+    let opts = AppOptions {
+        extra_toml: webhook_toml(max_body),
+        ..Default::default()
+    };
+    let env = TestEnv::with_dir_files(
+        &opts,
+        &[("app-secret", APP_SECRET), ("verify-token", VERIFY_TOKEN)],
+    )
+    .await;
+    let app = env.start().await;
+    env.publish(&[
+        template_job("job-1", JOB1_TO),
+        template_job("job-2", "+491701234568"),
+    ])
+    .await;
+    env.final_outcomes(&["job-1".into(), "job-2".into()], T)
+        .await;
+    (env, app)
+}
+
+fn delivery_events(env: &TestEnv, id: &str) -> Vec<serde_json::Value> {
+    env.outcomes
+        .for_id(id)
+        .into_iter()
+        .filter(|e| {
+            ["delivered", "read", "undelivered"].contains(&e["status"].as_str().unwrap_or(""))
+        })
+        .collect()
+}
+
+async fn wait_delivery(env: &TestEnv, id: &str, status: &str) -> serde_json::Value {
+    let outcomes = env.outcomes.clone();
+    wait_for(&format!("{status} for {id}"), T, async || {
+        outcomes
+            .for_id(id)
+            .into_iter()
+            .find(|e| e["status"] == status)
+    })
+    .await
+}
+
+fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_verification_handshake_echoes_the_challenge_only_for_the_right_token() {
+    let (_env, app) = env_with_job1(1 << 20).await;
+    let get = |q: String| {
+        let url = format!("http://{}/webhook?{q}", app.webhook());
+        async move {
+            let r = reqwest::get(url).await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let ok = get(format!(
+        "hub.mode=subscribe&hub.verify_token={VERIFY_TOKEN}&hub.challenge=1158201444"
+    ))
+    .await;
+    assert_eq!(ok, (200, "1158201444".to_string()));
+    let wrong = get("hub.mode=subscribe&hub.verify_token=nope&hub.challenge=1".into()).await;
+    assert_eq!(wrong.0, 403);
+    let no_mode = get(format!("hub.verify_token={VERIFY_TOKEN}&hub.challenge=1")).await;
+    assert_eq!(no_mode.0, 403);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsigned_forged_oversized_and_malformed_callbacks_are_refused_and_change_nothing() {
+    let (env, app) = env_with_job1(1 << 20).await;
+    let delivered = fixture("status_delivered.json");
+    // Forged: signed with another secret; missing: no header at all.
+    assert_eq!(
+        post(&app, &delivered, Some(sign(b"not-the-secret", &delivered))).await,
+        401
+    );
+    assert_eq!(post(&app, &delivered, Some("sha256=00".into())).await, 401);
+    assert_eq!(post(&app, &delivered, None).await, 401);
+    // 2 MB against a 1 MiB limit.
+    let big = vec![b' '; 2 * 1024 * 1024];
+    assert_eq!(
+        post(&app, &big, Some(sign(APP_SECRET.as_bytes(), &big))).await,
+        413
+    );
+    // Signed but not a callback.
+    assert_eq!(
+        post_signed(
+            &app,
+            b"{\"object\": \"whatsapp_business_account\", \"entry\": ["
+        )
+        .await,
+        400
+    );
+    assert_eq!(
+        post_signed(&app, b"{\"object\": \"page\", \"entry\": []}").await,
+        400
+    );
+
+    // A valid read afterwards is applied; nothing before it was.
+    assert_eq!(post_signed(&app, &fixture("status_read.json")).await, 200);
+    wait_delivery(&env, "job-1", "read").await;
+    let events = delivery_events(&env, "job-1");
+    let statuses: Vec<_> = events
+        .iter()
+        .map(|e| e["status"].as_str().unwrap().to_string())
+        .collect();
+    // read implies delivered: both are published, once each, from the one valid callback.
+    assert_eq!(statuses, vec!["delivered", "read"], "{events:?}");
+    let m = app.metrics().await;
+    assert!(metric(&m, "sendwell_webhook_requests_total{result=\"forged\"}") >= 2.0);
+    assert!(metric(&m, "sendwell_webhook_requests_total{result=\"unsigned\"}") >= 1.0);
+    assert!(metric(&m, "sendwell_webhook_requests_total{result=\"malformed\"}") >= 2.0);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statuses_become_delivery_outcomes_once_each_and_in_order() {
+    let (env, app) = env_with_job1(1 << 20).await;
+    for f in [
+        "status_sent.json",
+        "status_delivered.json",
+        "status_delivered.json",
+        "status_read.json",
+        "status_delivered.json",
+    ] {
+        assert_eq!(post_signed(&app, &fixture(f)).await, 200, "{f}");
+    }
+    // Sentinel: job-2's failure arrives after all of them in its own lane; job-1's events are
+    // applied before we look because each waits for its predecessor in job-1's lane.
+    let read = wait_delivery(&env, "job-1", "read").await;
+    let events = delivery_events(&env, "job-1");
+    let statuses: Vec<_> = events
+        .iter()
+        .map(|e| e["status"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        statuses,
+        vec!["delivered", "read"],
+        "the same callback twice is applied once; no going back"
+    );
+    assert_eq!(read["account"], "acme-de");
+    assert_eq!(read["to"], JOB1_TO);
+    assert_eq!(
+        read["metadata"]["campaign"], "test",
+        "the job's metadata is echoed"
+    );
+    assert_eq!(read["category"], "marketing");
+    assert!(
+        env.outcomes
+            .all()
+            .iter()
+            .any(|s| s.routing_key == "delivery.read")
+    );
+    // The delivered event carries the billed cost (pricing on `delivered` in the fixture).
+    let delivered = &events[0];
+    assert_eq!(delivered["billed_cost"]["amount"], "0.1131", "{delivered}");
+    assert_eq!(delivered["billed_cost"]["currency"], "EUR");
+    let m = app.metrics().await;
+    assert!(
+        metric(&m, "sendwell_webhook_duplicates_total") >= 2.0,
+        "{m}"
+    );
+    // (The billed-cost counter is checked end to end in tests/process.rs, where the daemon's
+    // metrics are its own.)
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_statuses_are_undelivered_with_the_code_and_131050_is_an_opt_out() {
+    let (env, app) = env_with_job1(1 << 20).await;
+    let (consent, _stop) = collect(
+        &env.broker.url,
+        "sendwell.consent",
+        ExchangeKind::Fanout,
+        "",
+        "test.consent",
+    )
+    .await;
+    assert_eq!(
+        post_signed(&app, &fixture("status_failed_131049.json")).await,
+        200
+    );
+    let u = wait_delivery(&env, "job-1", "undelivered").await;
+    assert_eq!(u["error_code"], 131049);
+    assert_eq!(u["reason"], "per_user_limit");
+    assert!(
+        env.outcomes
+            .all()
+            .iter()
+            .any(|s| s.routing_key == "delivery.undelivered")
+    );
+
+    assert_eq!(
+        post_signed(&app, &fixture("status_failed_131050.json")).await,
+        200
+    );
+    let c = consent.clone();
+    let ev = wait_for("an opt-out on sendwell.consent", T, async || {
+        c.json().into_iter().next()
+    })
+    .await;
+    assert_eq!(ev["type"], "opt_out");
+    assert_eq!(ev["to"], JOB1_TO);
+    assert_eq!(ev["account"], "acme-de");
+    assert_eq!(ev["purposes"], serde_json::json!([]));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_for_an_unknown_message_is_taken_and_counted_but_changes_nothing() {
+    let (env, app) = env_with_job1(1 << 20).await;
+    let before = metric(&app.metrics().await, "sendwell_webhook_unmatched_total");
+    assert_eq!(
+        post_signed(&app, &fixture("status_unknown_wamid.json")).await,
+        200
+    );
+    wait_for("the unmatched counter", T, async || {
+        (metric(&app.metrics().await, "sendwell_webhook_unmatched_total") > before).then_some(())
+    })
+    .await;
+    assert!(
+        env.outcomes
+            .json()
+            .iter()
+            .all(|e| e["status"] != "delivered" && e["status"] != "read")
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_callback_updates_every_job_in_it() {
+    let (env, app) = env_with_job1(1 << 20).await;
+    assert_eq!(post_signed(&app, &fixture("status_batch.json")).await, 200);
+    wait_delivery(&env, "job-1", "delivered").await;
+    wait_delivery(&env, "job-2", "delivered").await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inbound_message_opens_the_service_window_for_text_jobs() {
+    let (env, app) = env_with_job1(1 << 20).await;
+    let text = |id: &str| {
+        serde_json::json!({
+            "id": id, "account": "acme-de", "to": JOB1_TO, "category": "service",
+            "text": { "body": "Yes, it comes in blue." }
+        })
+    };
+    // Nobody wrote yet: a free-form message would be refused by Meta (131047).
+    env.publish(&[text("reply-early")]).await;
+    let f = env.final_outcomes(&["reply-early".into()], T).await;
+    assert_eq!(f["reply-early"][0]["status"], "failed");
+    assert_eq!(f["reply-early"][0]["reason"], "outside_service_window");
+
+    assert_eq!(
+        post_signed(&app, &fresh("inbound_text_question.json")).await,
+        200
+    );
+    let before = env.sandbox.accepted().len();
+    // The inbound is applied in the customer's lane before this job, published after it.
+    env.publish(&[text("reply-1")]).await;
+    let f = env.final_outcomes(&["reply-1".into()], T).await;
+    assert_eq!(f["reply-1"][0]["status"], "sent", "{:?}", f["reply-1"]);
+    assert_eq!(env.sandbox.accepted().len(), before + 1);
+
+    for fx in [
+        "inbound_text.json",
+        "inbound_button.json",
+        "inbound_interactive_button_reply.json",
+    ] {
+        assert_eq!(post_signed(&app, &fixture(fx)).await, 200, "{fx}");
+    }
+    wait_for("inbound messages counted by type", T, async || {
+        let m = app.metrics().await;
+        (metric(
+            &m,
+            "sendwell_inbound_messages_total{account=\"acme-de\",type=\"button\"}",
+        ) >= 1.0
+            && metric(
+                &m,
+                "sendwell_inbound_messages_total{account=\"acme-de\",type=\"interactive\"}",
+            ) >= 1.0
+            && metric(
+                &m,
+                "sendwell_inbound_messages_total{account=\"acme-de\",type=\"text\"}",
+            ) >= 2.0)
+            .then_some(())
+    })
+    .await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_template_holds_its_jobs_until_approved_or_fails_them_after_the_wait() {
+    let (env, app) = env_with_job1(1 << 20).await;
+    assert_eq!(
+        post_signed(&app, &fixture("template_paused.json")).await,
+        200
+    );
+    // Account-level events reach the shard through the fanout; wait until it is applied.
+    wait_for("the template pause to be applied", T, async || {
+        let m = app.metrics().await;
+        (metric(
+            &m,
+            "sendwell_template_status_updates_total{template=\"spring_sale\"",
+        ) >= 1.0)
+            .then_some(())
+    })
+    .await;
+    env.publish(&[template_job("held-1", &number(30))]).await;
+    let outcomes = env.outcomes.clone();
+    // Deferred, not sent: the sandbox never sees it while paused.
+    let metrics_show_deferral = wait_for("a template_paused deferral", T, async || {
+        let m = app.metrics().await;
+        (metric(
+            &m,
+            "sendwell_jobs_deferred_total{account=\"acme-de\",reason=\"template_paused\"}",
+        ) >= 1.0)
+            .then_some(m)
+    })
+    .await;
+    assert!(!metrics_show_deferral.is_empty());
+    assert_eq!(env.sandbox.accepted_count_for("held-1"), 0);
+    assert!(!finals_by_id(&outcomes.json()).contains_key("held-1"));
+
+    assert_eq!(
+        post_signed(&app, &fixture("template_approved.json")).await,
+        200
+    );
+    let f = env.final_outcomes(&["held-1".into()], T).await;
+    assert_eq!(f["held-1"][0]["status"], "sent");
+
+    // Paused again (a new webhook: a later entry time) and never approved: after
+    // template_pause_max_wait (3 s here) jobs fail.
+    assert_eq!(post_signed(&app, &fresh("template_paused.json")).await, 200);
+    wait_for("the second pause", T, async || {
+        let m = app.metrics().await;
+        (metric(&m, "sendwell_template_status_updates_total{template=\"spring_sale\",language=\"de\",event=\"PAUSED\"}") >= 2.0).then_some(())
+    })
+    .await;
+    env.publish(&[template_job("held-2", &number(31))]).await;
+    let f = env.final_outcomes(&["held-2".into()], T).await;
+    assert_eq!(f["held-2"][0]["status"], "failed");
+    assert_eq!(f["held-2"][0]["reason"], "template_paused");
+    assert_eq!(env.sandbox.accepted_count_for("held-2"), 0);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn account_and_capability_updates_show_in_metrics_and_restrict_sends() {
+    let (env, app) = env_with_job1(1 << 20).await;
+    for f in [
+        "template_rejected.json",
+        "template_quality_yellow.json",
+        "business_capability_update.json",
+        "phone_number_quality_throughput_upgrade.json",
+        "phone_number_quality_legacy_upgrade.json",
+        "system_error_130429.json",
+        "user_preferences_resume.json",
+    ] {
+        assert_eq!(post_signed(&app, &fixture(f)).await, 200, "{f}");
+    }
+    wait_for("capability, quality and error metrics", T, async || {
+        let m = app.metrics().await;
+        (metric(
+            &m,
+            "sendwell_account_throughput_messages_per_second{account=\"acme-de\"}",
+        ) == 1000.0
+            && metric(
+                &m,
+                "sendwell_template_quality_updates_total{score=\"YELLOW\"}",
+            ) >= 1.0
+            && metric(&m, "sendwell_webhook_errors_total{code=\"130429\"}") >= 1.0
+            && m.contains("sendwell_messaging_limit_recipients{waba=\"102290129340398\"}"))
+        .then_some(())
+    })
+    .await;
+
+    // Business-initiated messaging restricted: template jobs wait (deferred), nothing is sent.
+    assert_eq!(
+        post_signed(&app, &fixture("account_update_restriction.json")).await,
+        200
+    );
+    wait_for("the restriction to be applied", T, async || {
+        (metric(
+            &app.metrics().await,
+            "sendwell_account_updates_total{event=\"ACCOUNT_RESTRICTION\"}",
+        ) >= 1.0)
+            .then_some(())
+    })
+    .await;
+    env.publish(&[template_job("restricted-1", &number(32))])
+        .await;
+    wait_for("an account_restricted deferral", T, async || {
+        (metric(
+            &app.metrics().await,
+            "sendwell_jobs_deferred_total{account=\"acme-de\",reason=\"account_restricted\"}",
+        ) >= 1.0)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(env.sandbox.accepted_count_for("restricted-1"), 0);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_marketing_stop_in_user_preferences_goes_to_consent_as_an_opt_out() {
+    let (env, app) = env_with_job1(1 << 20).await;
+    let (consent, _stop) = collect(
+        &env.broker.url,
+        "sendwell.consent",
+        ExchangeKind::Fanout,
+        "",
+        "test.consent",
+    )
+    .await;
+    assert_eq!(
+        post_signed(&app, &fixture("user_preferences_stop.json")).await,
+        200
+    );
+    let c = consent.clone();
+    let ev = wait_for("an opt-out", T, async || c.json().into_iter().next()).await;
+    assert_eq!(ev["type"], "opt_out");
+    assert_eq!(ev["source"], "whatsapp_user_preferences");
+    assert_eq!(ev["to"], JOB1_TO);
+    app.stop().await;
+}
