@@ -46,7 +46,7 @@ fn benches(c: &mut Criterion) {
     });
     let job = d.decode(JOB).unwrap();
     c.bench_function("build_request_body", |b| {
-        b.iter(|| build_body(black_box(&job)))
+        b.iter(|| build_body(black_box(&job), None))
     });
     let outcome = Outcome::Sent {
         wamid: "wamid.HBgLNDkxNzAxMjM0NTY3FQIAERgSQ0Y".into(),

@@ -17,6 +17,8 @@ use crate::clock::SystemClock;
 use crate::cloud_api::CloudApi;
 use crate::cloud_api::sandbox::{Sandbox, SandboxConfig, SandboxHandle};
 use crate::config::Config;
+use crate::consent::flow::ConsentFlow;
+use crate::consent::{ConsentStore, EventDecoder};
 use crate::http::Readiness;
 use crate::pipeline::accounts::Accounts;
 use crate::pipeline::decode::Decoder;
@@ -111,6 +113,14 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
 
     let ledger = Ledger::open(&config.state.dir)?;
     let meta = MetaState::load(ledger.clone())?;
+    let started = std::time::Instant::now();
+    let consent = ConsentStore::load(ledger.clone(), &config).await?;
+    crate::metrics::consent_cache_entries(consent.cached_entries());
+    tracing::info!(
+        entries = consent.cached_entries(),
+        took_ms = started.elapsed().as_millis() as u64,
+        "Consent loaded."
+    );
     readiness.state.store(true, Ordering::SeqCst);
 
     let admin = tokio::net::TcpListener::bind(config.admin.listen)
@@ -199,12 +209,17 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
             service_window: config.webhook.service_window,
             template_pause_max_wait: config.webhook.template_pause_max_wait,
         }),
+        consent: consent.clone(),
     });
+    let flow = Arc::new(ConsentFlow::new(&config, consent.clone()));
+    let mut applier = Applier::new(&config, ledger.clone(), meta);
+    applier.consent = Some(flow.clone());
     let names = Names::new(config.broker.shard);
     let worker = Arc::new(Worker::new(
         pipeline,
         Decoder::new(&config),
-        Applier::new(&config, ledger.clone(), meta),
+        applier,
+        (flow, EventDecoder::new(&config)),
         names,
         shutdown.clone(),
     ));
@@ -250,6 +265,21 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
             .clone()
             .purge_loop(config.state.ledger_retention, shutdown.clone()),
     );
+    let tombstones = config.consent.erase_tombstone_retention;
+    let purge_stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(3600));
+        loop {
+            tokio::select! {
+                _ = purge_stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let cutoff = jiff::Timestamp::now().as_millisecond() - tombstones.as_millis() as i64;
+            if let Err(e) = consent.purge_tombstones(cutoff).await {
+                tracing::warn!(error = %e, "Purging erasure tombstones failed; will try again.");
+            }
+        }
+    });
 
     let broker_flag = readiness.broker.clone();
     let broker_cfg = config.broker.clone();

@@ -81,9 +81,74 @@ struct FileConfig {
     #[serde(default)]
     prices: Option<crate::pricing::PricesFile>,
     #[serde(default)]
+    consent: ConsentFile,
+    #[serde(default)]
     purposes: Vec<PurposeFile>,
     #[serde(default)]
     accounts: Vec<AccountFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct ConsentFile {
+    #[serde(with = "humantime_serde")]
+    confirm_within: Duration,
+    #[serde(with = "humantime_serde")]
+    erase_tombstone_retention: Duration,
+    #[serde(with = "humantime_serde")]
+    future_tolerance: Duration,
+}
+
+impl Default for ConsentFile {
+    fn default() -> Self {
+        Self {
+            confirm_within: Duration::from_secs(48 * 3600),
+            erase_tombstone_retention: Duration::from_secs(30 * 86400),
+            future_tolerance: Duration::from_secs(600),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct AccountConsentFile {
+    opt_out_keywords: Option<Vec<String>>,
+    opt_in_keywords: Option<Vec<String>>,
+    yes_keywords: Option<Vec<String>>,
+    no_keywords: Option<Vec<String>>,
+    opt_out_reply: Option<String>,
+    start_purposes: Option<Vec<String>>,
+    marketing_footer: Option<String>,
+    opt_out_templates: Option<Vec<String>>,
+    templates_without_opt_out: TemplatesWithoutOptOut,
+    double_opt_in: Option<DoubleOptInFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DoubleOptInFile {
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    yes_title: Option<String>,
+    #[serde(default)]
+    no_title: Option<String>,
+    #[serde(default)]
+    template: Option<String>,
+    #[serde(default)]
+    language: Option<String>,
+}
+
+/// What happens to a marketing template job whose template is not listed as carrying the
+/// opt-out (`opt_out_templates`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TemplatesWithoutOptOut {
+    /// Send it, with a warning in the log and `sendwell_templates_without_opt_out_total`.
+    #[default]
+    Warn,
+    /// Suppress it (`suppressed`, reason `no_opt_out_in_template`).
+    Refuse,
 }
 
 #[derive(Debug, Deserialize)]
@@ -285,6 +350,12 @@ struct PurposeFile {
     name: String,
     #[serde(default)]
     description: Option<String>,
+    #[serde(default)]
+    categories: Option<Vec<String>>,
+    #[serde(default)]
+    double_opt_in: Option<bool>,
+    #[serde(default, with = "humantime_serde")]
+    expire_after: Option<Duration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -297,6 +368,8 @@ struct AccountFile {
     messages_per_second: u32,
     #[serde(default)]
     waba_id: Option<String>,
+    #[serde(default)]
+    consent: AccountConsentFile,
 }
 
 fn default_mps() -> u32 {
@@ -337,6 +410,7 @@ pub struct Config {
     pub log: LogConfig,
     pub purposes: Vec<Purpose>,
     pub accounts: Vec<Account>,
+    pub consent: ConsentConfig,
     pub webhook: WebhookConfig,
     pub prices: Arc<crate::pricing::PriceTable>,
 }
@@ -442,6 +516,63 @@ pub struct LogConfig {
 pub struct Purpose {
     pub name: String,
     pub description: Option<String>,
+    /// Which job categories may rely on consent for this purpose (marketing and utility).
+    pub categories: Vec<Category>,
+    /// None: the CONTRACT §4 default (marketing needs a confirmed double opt-in, utility an
+    /// opt-in); Some: this purpose's own rule for both.
+    pub double_opt_in: Option<bool>,
+    /// Consent older than this (since the last opt-in or confirmation) no longer counts.
+    pub expire_after: Option<Duration>,
+}
+
+impl Purpose {
+    pub fn needs_confirmation(&self, c: Category) -> bool {
+        self.double_opt_in.unwrap_or(c == Category::Marketing)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ConsentConfig {
+    /// How long a double opt-in question waits for its YES.
+    pub confirm_within: Duration,
+    /// How long an erased number's keyed hash is kept so late older events stay void.
+    pub erase_tombstone_retention: Duration,
+    /// Events dated further in the future than this are refused (a skewed clock upstream must
+    /// not create consent that outranks tomorrow's STOP).
+    pub future_tolerance: Duration,
+}
+
+/// An account's consent handling: keywords, replies, the double opt-in question, the footer.
+#[derive(Clone, Debug)]
+pub struct AccountConsent {
+    pub opt_out_keywords: Vec<String>,
+    pub opt_in_keywords: Vec<String>,
+    pub yes_keywords: Vec<String>,
+    pub no_keywords: Vec<String>,
+    /// Sent (free-form, the customer just wrote) after a STOP keyword.
+    pub opt_out_reply: Option<String>,
+    /// Purposes a START keyword opts in to; None: those the number had opted in to before.
+    pub start_purposes: Option<Vec<String>>,
+    /// Appended to marketing text messages: the way out, in every message.
+    pub marketing_footer: Option<String>,
+    /// Approved templates that carry the opt-out (a STOP line or Meta's opt-out button).
+    pub opt_out_templates: Option<Vec<String>>,
+    pub templates_without_opt_out: TemplatesWithoutOptOut,
+    pub double_opt_in: Option<DoubleOptInMessage>,
+}
+
+/// The "are you sure?" message sendwell sends after an opt-in that needs confirmation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DoubleOptInMessage {
+    /// An interactive message with two reply buttons (needs an open customer-service window:
+    /// fits opt-ins captured in a WhatsApp chat).
+    Interactive {
+        text: String,
+        yes_title: String,
+        no_title: String,
+    },
+    /// An approved template whose first two quick-reply buttons are YES and NO.
+    Template { name: String, language: String },
 }
 
 #[derive(Clone, Debug)]
@@ -454,6 +585,7 @@ pub struct Account {
     pub messages_per_second: u32,
     /// The WhatsApp Business Account, so template and account webhooks find their accounts.
     pub waba_id: Option<String>,
+    pub consent: AccountConsent,
 }
 
 impl Config {
@@ -681,13 +813,70 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
 
     // Purposes and accounts.
     let mut seen = HashSet::new();
+    let mut purposes = Vec::new();
     for (i, p) in f.purposes.iter().enumerate() {
-        if p.name.is_empty() || !seen.insert(p.name.clone()) {
+        if p.name.is_empty() || p.name == "*" || !seen.insert(p.name.clone()) {
             problem(
                 &format!("purposes[{i}].name"),
-                "must be non-empty and unique".into(),
+                "must be non-empty, not `*`, and unique".into(),
             );
         }
+        let mut categories = Vec::new();
+        for c in p
+            .categories
+            .clone()
+            .unwrap_or_else(|| vec!["marketing".into(), "utility".into()])
+        {
+            match Category::ALL.iter().find(|x| x.as_str() == c) {
+                Some(c) if c.needs_purpose() => categories.push(*c),
+                _ => problem(
+                    &format!("purposes[{i}].categories"),
+                    format!(
+                        "`{c}` is not marketing or utility (authentication and service need no consent purpose)"
+                    ),
+                ),
+            }
+        }
+        if let Some(e) = p.expire_after
+            && (e < Duration::from_secs(86400) || e > Duration::from_secs(20 * 365 * 86400))
+        {
+            problem(
+                &format!("purposes[{i}].expire_after"),
+                "must be between 1d and 20 years (e.g. \"730d\")".into(),
+            );
+        }
+        purposes.push(Purpose {
+            name: p.name.clone(),
+            description: p.description.clone(),
+            categories,
+            double_opt_in: p.double_opt_in,
+            expire_after: p.expire_after,
+        });
+    }
+    // The consent cache packs the purpose into 6 bits and the account into 8 (slot 0 is "every
+    // purpose"): see consent::index.
+    if purposes.len() > 63 {
+        problem("purposes", "at most 63 purposes".into());
+    }
+    if f.accounts.len() > 255 {
+        problem("accounts", "at most 255 accounts per instance".into());
+    }
+    if f.consent.confirm_within < Duration::from_secs(60)
+        || f.consent.confirm_within > Duration::from_secs(30 * 86400)
+    {
+        problem(
+            "consent.confirm_within",
+            "must be between 1m and 30d".into(),
+        );
+    }
+    if f.consent.erase_tombstone_retention > Duration::from_secs(400 * 86400) {
+        problem(
+            "consent.erase_tombstone_retention",
+            "must be at most 400d".into(),
+        );
+    }
+    if f.consent.future_tolerance > Duration::from_secs(86400) {
+        problem("consent.future_tolerance", "must be at most 1d".into());
     }
     if f.accounts.is_empty() {
         problem(
@@ -714,6 +903,9 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
                 "must be between 1 and 1000 (the Cloud API's range)".into(),
             );
         }
+        let consent = account_consent(&a.consent, &seen, &mut |k, r| {
+            problem(&key(&format!("consent.{k}")), r)
+        });
         let path = resolve_secret_path(&a.token_file, base);
         match read_secret(&path) {
             Ok(token) => accounts.push(Account {
@@ -723,6 +915,7 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
                 token,
                 messages_per_second: a.messages_per_second,
                 waba_id: a.waba_id.clone(),
+                consent,
             }),
             Err(e) => problem(&key("token_file"), e),
         }
@@ -812,15 +1005,13 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
             mask_numbers: f.log.mask_numbers,
             filter: f.log.filter,
         },
-        purposes: f
-            .purposes
-            .into_iter()
-            .map(|p| Purpose {
-                name: p.name,
-                description: p.description,
-            })
-            .collect(),
+        purposes,
         accounts,
+        consent: ConsentConfig {
+            confirm_within: f.consent.confirm_within,
+            erase_tombstone_retention: f.consent.erase_tombstone_retention,
+            future_tolerance: f.consent.future_tolerance,
+        },
         webhook: WebhookConfig {
             enabled: f.webhook.enabled,
             listen: f.webhook.listen,
@@ -832,6 +1023,123 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
         },
         prices: Arc::new(prices),
     })
+}
+
+fn account_consent(
+    c: &AccountConsentFile,
+    purposes: &HashSet<String>,
+    problem: &mut dyn FnMut(&str, String),
+) -> AccountConsent {
+    use crate::consent::keywords;
+    let words =
+        |k: &str, v: &Option<Vec<String>>, d: &[&str], problem: &mut dyn FnMut(&str, String)| {
+            let list: Vec<String> = match v {
+                Some(v) => v.clone(),
+                None => d.iter().map(|s| s.to_string()).collect(),
+            };
+            if list.iter().any(|w| keywords::normalize(w).is_empty()) {
+                problem(k, "keywords must not be empty or punctuation only".into());
+            }
+            list
+        };
+    let opt_out_keywords = words(
+        "opt_out_keywords",
+        &c.opt_out_keywords,
+        keywords::DEFAULT_OPT_OUT,
+        problem,
+    );
+    let opt_in_keywords = words(
+        "opt_in_keywords",
+        &c.opt_in_keywords,
+        keywords::DEFAULT_OPT_IN,
+        problem,
+    );
+    let yes_keywords = words(
+        "yes_keywords",
+        &c.yes_keywords,
+        keywords::DEFAULT_YES,
+        problem,
+    );
+    let no_keywords = words("no_keywords", &c.no_keywords, keywords::DEFAULT_NO, problem);
+    let outs = keywords::Keywords::new(&opt_out_keywords);
+    if let Some(w) = opt_in_keywords
+        .iter()
+        .chain(&yes_keywords)
+        .find(|w| outs.matches(w))
+    {
+        problem(
+            "opt_in_keywords",
+            format!("`{w}` is also an opt-out keyword"),
+        );
+    }
+    if let Some(ps) = &c.start_purposes {
+        for p in ps {
+            if !purposes.contains(p) {
+                problem(
+                    "start_purposes",
+                    format!("`{p}` is not a configured purpose"),
+                );
+            }
+        }
+    }
+    let double_opt_in = c.double_opt_in.as_ref().and_then(|d| {
+        match (&d.text, &d.template) {
+            (Some(text), None) => {
+                let yes_title = d.yes_title.clone().unwrap_or_else(|| "YES".into());
+                let no_title = d.no_title.clone().unwrap_or_else(|| "NO".into());
+                // Meta: reply button titles are at most 20 characters, the body 1024.
+                if yes_title.chars().count() > 20 || no_title.chars().count() > 20 {
+                    problem(
+                        "double_opt_in.yes_title",
+                        "button titles are at most 20 characters".into(),
+                    );
+                }
+                if text.is_empty() || text.chars().count() > 1024 {
+                    problem("double_opt_in.text", "must be 1 to 1024 characters".into());
+                }
+                Some(DoubleOptInMessage::Interactive {
+                    text: text.clone(),
+                    yes_title,
+                    no_title,
+                })
+            }
+            (None, Some(name)) => match &d.language {
+                Some(l) => Some(DoubleOptInMessage::Template {
+                    name: name.clone(),
+                    language: l.clone(),
+                }),
+                None => {
+                    problem("double_opt_in.language", "is needed with template".into());
+                    None
+                }
+            },
+            _ => {
+                problem(
+                    "double_opt_in",
+                    "give either text (an interactive YES/NO question) or template + language"
+                        .into(),
+                );
+                None
+            }
+        }
+    });
+    if let Some(f) = &c.marketing_footer
+        && (f.trim().is_empty() || f.chars().count() > 200)
+    {
+        problem("marketing_footer", "must be 1 to 200 characters".into());
+    }
+    AccountConsent {
+        opt_out_keywords,
+        opt_in_keywords,
+        yes_keywords,
+        no_keywords,
+        opt_out_reply: c.opt_out_reply.clone(),
+        start_purposes: c.start_purposes.clone(),
+        marketing_footer: c.marketing_footer.clone(),
+        opt_out_templates: c.opt_out_templates.clone(),
+        templates_without_opt_out: c.templates_without_opt_out,
+        double_opt_in,
+    }
 }
 
 #[cfg(test)]

@@ -31,6 +31,7 @@ pub mod app;
 pub mod clock;
 pub mod cloud_api;
 pub mod config;
+pub mod consent;
 pub mod http;
 pub mod job;
 pub mod metrics;

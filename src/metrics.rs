@@ -34,6 +34,11 @@ pub const TEMPLATE_QUALITY: &str = "sendwell_template_quality_updates_total";
 pub const MESSAGING_LIMIT: &str = "sendwell_messaging_limit_recipients";
 pub const ACCOUNT_THROUGHPUT: &str = "sendwell_account_throughput_messages_per_second";
 pub const ACCOUNT_UPDATES: &str = "sendwell_account_updates_total";
+pub const CONSENT_EVENTS: &str = "sendwell_consent_events_total";
+pub const CONSENT_CACHE_ENTRIES: &str = "sendwell_consent_cache_entries";
+pub const CONSENT_ANSWERS: &str = "sendwell_consent_answers_total";
+pub const CONSENT_MESSAGES: &str = "sendwell_consent_messages_total";
+pub const TEMPLATES_WITHOUT_OPT_OUT: &str = "sendwell_templates_without_opt_out_total";
 
 /// Buckets from 10 ms to 30 s, for the API latency histogram.
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -41,6 +46,26 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 ];
 
 pub fn describe() {
+    describe_counter!(
+        CONSENT_EVENTS,
+        "Consent events applied, by type and result (new, replay, void: dated before an erasure, erased)."
+    );
+    describe_gauge!(
+        CONSENT_CACHE_ENTRIES,
+        "(account, number, purpose) entries in the in-memory consent cache."
+    );
+    describe_counter!(
+        CONSENT_MESSAGES,
+        "Messages sendwell sent for consent (double opt-in questions, STOP confirmations), by account, kind and result."
+    );
+    describe_counter!(
+        CONSENT_ANSWERS,
+        "Answers to double opt-in questions, by account and answer (yes, no)."
+    );
+    describe_counter!(
+        TEMPLATES_WITHOUT_OPT_OUT,
+        "Marketing template jobs whose template is not listed as carrying the opt-out, by account and action (warned, refused)."
+    );
     describe_counter!(JOBS_RECEIVED, "Send jobs taken from the shard queue.");
     describe_counter!(
         JOBS_FINISHED,
@@ -171,7 +196,7 @@ pub fn opt_out_learned(account: &str, source: &'static str) {
     tracing::info!(
         account,
         source,
-        "An opt-out was learned from Meta; it goes to consent handling."
+        "An opt-out was learned from WhatsApp; it is applied and published to sendwell.consent."
     );
     counter!(OPT_OUTS_LEARNED, "account" => account.to_string(), "source" => source).increment(1);
 }
@@ -258,4 +283,33 @@ pub fn account_paused(account: &str, reason: &str) {
 pub fn account_resumed(account: &str, reason: &str) {
     tracing::info!(account, was = reason, "Account resumed: a send succeeded.");
     gauge!(ACCOUNT_PAUSED, "account" => account.to_string()).set(0.0);
+}
+
+pub fn consent_event(kind: &'static str, result: &'static str) {
+    counter!(CONSENT_EVENTS, "type" => kind, "result" => result).increment(1);
+}
+
+pub fn consent_cache_entries(n: usize) {
+    gauge!(CONSENT_CACHE_ENTRIES).set(n as f64);
+}
+
+pub fn consent_message(account: &str, kind: &'static str, result: &'static str) {
+    counter!(CONSENT_MESSAGES, "account" => account.to_string(), "kind" => kind, "result" => result)
+        .increment(1);
+}
+
+pub fn consent_question_answered(account: &str, answer: &'static str) {
+    counter!(CONSENT_ANSWERS, "account" => account.to_string(), "answer" => answer).increment(1);
+}
+
+pub fn template_without_opt_out(account: &str, template: &str, refused: bool) {
+    let action = if refused { "refused" } else { "warned" };
+    tracing::warn!(
+        account,
+        template,
+        action,
+        "A marketing job uses a template not listed in opt_out_templates: its recipients may have no way to opt out."
+    );
+    counter!(TEMPLATES_WITHOUT_OPT_OUT, "account" => account.to_string(), "action" => action)
+        .increment(1);
 }

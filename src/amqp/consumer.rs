@@ -17,14 +17,16 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::publisher::{PublishError, Publisher, json_properties};
-use super::topology::{DEAD, Names, OUTCOMES_EXCHANGE};
+use super::topology::{CONSENT_EXCHANGE, DEAD, JOBS_EXCHANGE, Names, OUTCOMES_EXCHANGE};
+use crate::consent::flow::{ConsentFlow, Outgoing};
+use crate::consent::{Applied, ConsentEvent, EventDecoder};
 use crate::job::{Job, Outcome, OutcomeEvent};
 use crate::pipeline::decode::{Decoder, Refused};
 use crate::pipeline::{Disposition, Pipeline};
 use crate::store::Table;
 use crate::webhook::apply::Applier;
 use crate::webhook::parse::Event;
-use crate::webhook::{HEADER_KIND, KIND_WEBHOOK};
+use crate::webhook::{HEADER_KIND, KIND_CONSENT_QUESTION, KIND_WEBHOOK};
 
 pub const HEADER_DUE: &str = "x-sendwell-due";
 pub const HEADER_ATTEMPTS: &str = "x-sendwell-attempts";
@@ -55,9 +57,21 @@ struct WebhookItem {
     session: Arc<Session>,
 }
 
+/// A consent event, applied in its number's lane: after the number's jobs already taken, before
+/// the ones taken after it.
+struct ConsentItem {
+    delivery: Delivery,
+    event: ConsentEvent,
+    session: Arc<Session>,
+    /// Came through `sendwell.jobs` as a question request: this shard owns the number and
+    /// asks the double opt-in question.
+    ask: bool,
+}
+
 enum Work {
     Job(Item),
     Webhook(WebhookItem),
+    Consent(ConsentItem),
 }
 
 impl Work {
@@ -65,6 +79,7 @@ impl Work {
         match self {
             Work::Job(i) => &i.session,
             Work::Webhook(w) => &w.session,
+            Work::Consent(c) => &c.session,
         }
     }
 }
@@ -101,6 +116,9 @@ pub struct Worker {
     lanes: Mutex<Lanes>,
     /// Applies webhook events (statuses, inbound messages, account changes).
     webhooks: Applier,
+    /// Consent: the store every job is checked against, and the conversation around it.
+    consent: Arc<ConsentFlow>,
+    consent_decoder: EventDecoder,
     pub tracker: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -122,6 +140,7 @@ impl Worker {
         pipeline: Arc<Pipeline>,
         decoder: Decoder,
         webhooks: Applier,
+        consent: (Arc<ConsentFlow>, EventDecoder),
         names: Names,
         shutdown: CancellationToken,
     ) -> Self {
@@ -129,6 +148,8 @@ impl Worker {
             pipeline,
             decoder,
             webhooks,
+            consent: consent.0,
+            consent_decoder: consent.1,
             names,
             lanes: Mutex::new(Lanes::default()),
             tracker: TaskTracker::new(),
@@ -138,8 +159,10 @@ impl Worker {
 
     /// Takes one delivery from the consumer loop; never blocks on I/O.
     pub fn handle(self: &Arc<Self>, delivery: Delivery, session: &Arc<Session>) {
-        if header_str(&delivery.properties, HEADER_KIND) == Some(KIND_WEBHOOK) {
-            return self.handle_webhook(delivery, session);
+        match header_str(&delivery.properties, HEADER_KIND) {
+            Some(KIND_WEBHOOK) => return self.handle_webhook(delivery, session),
+            Some(KIND_CONSENT_QUESTION) => return self.handle_consent(delivery, session, true),
+            _ => {}
         }
         crate::metrics::job_received();
         if let Some(due) = header_i64(&delivery.properties, HEADER_DUE)
@@ -197,6 +220,113 @@ impl Worker {
         let this = self.clone();
         self.tracker
             .spawn(async move { this.run_lane(key, work).await });
+    }
+
+    /// Takes one consent event (from `sendwell.consent.<shard>`, or a question request routed
+    /// here through `sendwell.jobs`). An invalid event is dead-lettered with its reason.
+    pub fn handle_consent(self: &Arc<Self>, delivery: Delivery, session: &Arc<Session>, ask: bool) {
+        match self
+            .consent_decoder
+            .decode(&delivery.data, Timestamp::now())
+        {
+            Err(invalid) => {
+                crate::metrics::consent_event("invalid", "dead_lettered");
+                let this = self.clone();
+                let session = session.clone();
+                self.tracker.spawn(async move {
+                    let r = this
+                        .dead_letter(&session, &delivery, invalid.reason, &invalid.detail)
+                        .await;
+                    settle_failed(&session, r, "dead-letter an invalid consent event");
+                    tracing::warn!(reason = invalid.reason, detail = %invalid.detail, "Invalid consent event dead-lettered.");
+                });
+            }
+            Ok(event) => {
+                let key: Arc<str> = event.to.as_str().into();
+                self.enqueue(
+                    key,
+                    Work::Consent(ConsentItem {
+                        delivery,
+                        event,
+                        session: session.clone(),
+                        ask,
+                    }),
+                );
+            }
+        }
+    }
+
+    /// Applies a consent event; on the number's own shard, asks the double opt-in question.
+    async fn settle_consent(&self, item: &ConsentItem) -> Result<(), SettleError> {
+        let ev = &item.event;
+        let applied = self.consent.store.apply(ev).await?;
+        crate::metrics::consent_event(ev.kind.as_str(), applied.as_str());
+        crate::metrics::consent_cache_entries(self.consent.store.cached_entries());
+        if applied == Applied::Erased {
+            self.pipeline.meta.forget_inbound(ev.to.digits());
+            tracing::info!(to = %ev.to.masked(), "Number erased.");
+        }
+        if item.ask {
+            if let Some(out) = self.consent.question(ev).await?
+                && !self.send_consent_message(&out, ev).await
+            {
+                self.consent.question_failed(ev).await?;
+            }
+        } else if applied != Applied::Void && self.consent.wants_question(ev) {
+            // Every instance hears every opt-in; only the shard that owns the number asks.
+            let mut headers = FieldTable::default();
+            headers.insert(
+                ShortString::from(HEADER_KIND),
+                AMQPValue::LongString(LongString::from(KIND_CONSENT_QUESTION)),
+            );
+            item.session
+                .publisher
+                .publish(
+                    JOBS_EXCHANGE,
+                    ev.to.digits(),
+                    &ev.to_json(),
+                    json_properties().with_headers(headers),
+                    true,
+                )
+                .await?;
+        }
+        ack(&item.delivery).await
+    }
+
+    /// Sends a consent message (question, STOP confirmation) on the account; true when the
+    /// Cloud API accepted it. A few quick tries: these are conversational, late is useless.
+    async fn send_consent_message(&self, out: &Outgoing, ev: &ConsentEvent) -> bool {
+        let Some(account) = self.pipeline.accounts.get(&out.account) else {
+            return false;
+        };
+        for attempt in 1..=3u32 {
+            let token = account.token();
+            match self
+                .pipeline
+                .api
+                .send(
+                    &account.config.phone_number_id,
+                    token.expose(),
+                    out.body.clone(),
+                )
+                .await
+            {
+                Ok(_) => {
+                    crate::metrics::consent_message(&out.account, out.kind, "sent");
+                    tracing::info!(to = %ev.to.masked(), kind = out.kind, "Consent message sent.");
+                    return true;
+                }
+                Err(f) if f.class == crate::cloud_api::FailureClass::Retryable && attempt < 3 => {
+                    tokio::time::sleep(Duration::from_millis(200 * attempt as u64)).await;
+                }
+                Err(f) => {
+                    crate::metrics::consent_message(&out.account, out.kind, "failed");
+                    tracing::warn!(to = %ev.to.masked(), kind = out.kind, error = %f.message, "A consent message could not be sent.");
+                    return false;
+                }
+            }
+        }
+        false
     }
 
     fn handle_webhook(self: &Arc<Self>, delivery: Delivery, session: &Arc<Session>) {
@@ -305,6 +435,10 @@ impl Worker {
                         let r = self.settle_webhook(&w.session, &w.delivery, &w.event).await;
                         settle_failed(&w.session, r, "apply a webhook event");
                     }
+                    Work::Consent(c) => {
+                        let r = self.settle_consent(c).await;
+                        settle_failed(&c.session, r, "apply a consent event");
+                    }
                 }
             }
             let next = {
@@ -348,6 +482,20 @@ impl Worker {
             return ack(delivery).await;
         }
         let publications = self.webhooks.apply(event).await?;
+        let mut learned = Vec::new();
+        for p in &publications {
+            if p.exchange == CONSENT_EXCHANGE
+                && let Ok(ev) = self.consent_decoder.decode(&p.body, Timestamp::now())
+            {
+                // Applied here at once, so the number's next job (queued behind this event in
+                // its lane) already sees it; every other instance learns it from the broker.
+                let applied = self.consent.store.apply(&ev).await?;
+                crate::metrics::consent_event(ev.kind.as_str(), applied.as_str());
+                if applied == Applied::New {
+                    learned.push(ev);
+                }
+            }
+        }
         for p in &publications {
             session
                 .publisher
@@ -359,6 +507,11 @@ impl Worker {
                     false,
                 )
                 .await?;
+        }
+        for ev in &learned {
+            if let Some(out) = self.consent.opt_out_reply(ev) {
+                self.send_consent_message(&out, ev).await;
+            }
         }
         let now = Timestamp::now().as_millisecond();
         ledger

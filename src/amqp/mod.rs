@@ -117,7 +117,7 @@ async fn session(
             tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, "sendwell closing".into())).await;
         return Ok(());
     };
-    let (session, consume_channel, tag, mut consumer, mut webhooks) = set_up?;
+    let (session, consume_channel, tag, mut consumer, mut webhooks, mut consent) = set_up?;
     let token = session.token.clone();
 
     connected.store(true, Ordering::SeqCst);
@@ -150,12 +150,23 @@ async fn session(
                     "the broker cancelled the webhook consumer".into(),
                 )),
             },
+            d = consent.next() => match d {
+                Some(Ok(delivery)) => worker.handle_consent(delivery, &session, false),
+                Some(Err(e)) => break Err(SessionError::LostAfterConsuming(e.to_string())),
+                None => break Err(SessionError::LostAfterConsuming(
+                    "the broker cancelled the consent consumer".into(),
+                )),
+            },
         }
     };
     connected.store(false, Ordering::SeqCst);
     if end.is_ok() {
         // Stop taking new jobs, finish the ones in flight, leave the rest unacked.
-        for t in [tag.as_str(), &format!("{tag}-webhooks")] {
+        for t in [
+            tag.as_str(),
+            &format!("{tag}-webhooks"),
+            &format!("{tag}-consent"),
+        ] {
             let _ = tokio::time::timeout(
                 CLOSE_TIMEOUT,
                 consume_channel.basic_cancel(t.into(), BasicCancelOptions::default()),
@@ -174,7 +185,7 @@ async fn setup(
     conn: &Connection,
     worker: &Worker,
     cfg: &BrokerConfig,
-) -> Result<(Arc<Session>, Channel, String, Consumer, Consumer), SessionError> {
+) -> Result<(Arc<Session>, Channel, String, Consumer, Consumer, Consumer), SessionError> {
     let names = &worker.names;
     let topo = conn.create_channel().await?;
     topology::declare(&topo, names).await?;
@@ -212,7 +223,16 @@ async fn setup(
             FieldTable::default(),
         )
         .await?;
-    Ok((session, consume_channel, tag, consumer, webhooks))
+    // Consent events, for every instance.
+    let consent = consume_channel
+        .basic_consume(
+            names.consent_queue.as_str().into(),
+            format!("{tag}-consent").as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((session, consume_channel, tag, consumer, webhooks, consent))
 }
 
 /// Waits for in-flight jobs, at most `grace`.

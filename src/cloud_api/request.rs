@@ -40,8 +40,9 @@ struct TextBody<'a> {
     preview_url: bool,
 }
 
-/// The JSON body for one send.
-pub fn build_body(job: &Job) -> Vec<u8> {
+/// The JSON body for one send; `footer` (the way to opt out) is appended to a text body.
+pub fn build_body(job: &Job, footer: Option<&str>) -> Vec<u8> {
+    let with_footer;
     let (kind, template, text) = match &job.content {
         Content::Template(t) => (
             "template",
@@ -56,7 +57,13 @@ pub fn build_body(job: &Job) -> Vec<u8> {
             "text",
             None,
             Some(TextBody {
-                body: &t.body,
+                body: match footer {
+                    Some(f) => {
+                        with_footer = format!("{}\n\n{f}", t.body);
+                        &with_footer
+                    }
+                    None => &t.body,
+                },
                 preview_url: t.preview_url,
             }),
         ),

@@ -219,6 +219,9 @@ pub struct SandboxRecord {
     pub error_code: Option<i64>,
     /// Message id answered on success, to match against the daemon's outcome events.
     pub wamid: Option<String>,
+    /// The words the customer would read: `text.body`, or an interactive message's
+    /// `body.text`; None for templates. Lets tests check footers and questions.
+    pub text: Option<String>,
 }
 
 /// A scripted fault: answer the next `times` requests that match `to` (None = any recipient) with
@@ -1368,10 +1371,11 @@ fn validate(body: &Value) -> Result<ValidSend<'_>, String> {
     match kind {
         "text" => validate_text(obj.get("text"))?,
         "template" => validate_template(obj.get("template"))?,
+        "interactive" => validate_interactive(obj.get("interactive"))?,
         other => {
             return Err(format!(
-                "Message type {other:?} is not supported by the sandbox (only \"template\" and \
-                 \"text\")."
+                "Message type {other:?} is not supported by the sandbox (only \"template\", \
+                 \"text\" and \"interactive\" reply buttons)."
             ));
         }
     }
@@ -1408,6 +1412,48 @@ fn validate_text(text: Option<&Value>) -> Result<(), String> {
         None | Some(Value::Bool(_)) => Ok(()),
         Some(_) => Err("The parameter text.preview_url must be a boolean.".into()),
     }
+}
+
+/// Reply-button messages as Meta documents them: a body of at most 1024 characters and 1 to 3
+/// buttons with unique ids (at most 256 characters) and titles of at most 20 characters.
+fn validate_interactive(i: Option<&Value>) -> Result<(), String> {
+    let Some(i) = i.and_then(Value::as_object) else {
+        return Err("The parameter interactive is required and must be an object.".into());
+    };
+    if i.get("type").and_then(Value::as_str) != Some("button") {
+        return Err("The sandbox supports interactive.type \"button\" only.".into());
+    }
+    let body = i
+        .get("body")
+        .and_then(|b| b.get("text"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if body.is_empty() || body.chars().count() > 1024 {
+        return Err("interactive.body.text must be 1 to 1024 characters.".into());
+    }
+    let buttons = i
+        .get("action")
+        .and_then(|a| a.get("buttons"))
+        .and_then(Value::as_array)
+        .ok_or("interactive.action.buttons is required.")?;
+    if buttons.is_empty() || buttons.len() > 3 {
+        return Err("interactive.action.buttons must have 1 to 3 buttons.".into());
+    }
+    let mut ids = std::collections::HashSet::new();
+    for b in buttons {
+        let id = b.pointer("/reply/id").and_then(Value::as_str).unwrap_or("");
+        let title = b
+            .pointer("/reply/title")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        if id.is_empty() || id.chars().count() > 256 || !ids.insert(id) {
+            return Err("Each button needs a unique reply.id of at most 256 characters.".into());
+        }
+        if title.is_empty() || title.chars().count() > 20 {
+            return Err("Each button needs a reply.title of 1 to 20 characters.".into());
+        }
+    }
+    Ok(())
 }
 
 fn validate_template(template: Option<&Value>) -> Result<(), String> {
@@ -1525,6 +1571,13 @@ async fn send(
         _ => "",
     };
     let callback_data = str_field("biz_opaque_callback_data").map(str::to_owned);
+    let text = fields
+        .and_then(|v| {
+            v.pointer("/text/body")
+                .or_else(|| v.pointer("/interactive/body/text"))
+        })
+        .and_then(Value::as_str)
+        .map(str::to_owned);
     let delay = shared.delay();
     let (status, error_code, wamid, answer) = match outcome {
         Ok(accepted) => {
@@ -1556,6 +1609,7 @@ async fn send(
         status: status.as_u16(),
         error_code,
         wamid,
+        text,
     });
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
@@ -1989,6 +2043,7 @@ mod tests {
                 status: 200,
                 error_code: None,
                 wamid: Some(wamid),
+                text: None,
             }
         );
         sb.stop().await;

@@ -123,6 +123,15 @@ impl MetaState {
             .await
     }
 
+    /// Forgets a number's customer-service windows in memory (erasure removes the rows).
+    pub fn forget_inbound(&self, digits: &str) {
+        let suffix = format!("|{digits}");
+        self.inbound
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|k, _| !k.ends_with(&suffix));
+    }
+
     /// The blocking state of a template for an account of `waba_id` (None: any WABA).
     pub fn template_block(
         &self,

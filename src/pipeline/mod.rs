@@ -20,7 +20,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::SharedClock;
 use crate::cloud_api::{CloudApi, FailureClass, request};
-use crate::config::RetryConfig;
+use crate::config::{RetryConfig, TemplatesWithoutOptOut};
+use crate::consent::{ConsentStore, Decision};
 use crate::job::{Category, Content, Job, Outcome};
 use crate::store::{Ledger, LedgerEntry, LedgerError, LedgerState};
 use accounts::{Accounts, Admit};
@@ -52,6 +53,8 @@ pub struct Pipeline {
     /// Set when the webhook listener runs; without it nothing tells us about windows and
     /// templates, so those checks are off.
     pub webhook_policy: Option<WebhookPolicy>,
+    /// Consent: every marketing and utility job must have what its purpose's rule demands.
+    pub consent: Arc<ConsentStore>,
 }
 
 #[derive(Clone, Debug)]
@@ -121,14 +124,22 @@ impl Pipeline {
             });
         }
 
+        // Consent: nobody gets a message they did not ask for.
+        if let Decision::Suppress { reason, detail } = self.consent.check(job, now) {
+            return Disposition::Finish(Outcome::Suppressed { reason, detail });
+        }
+        if let Some(d) = self.opt_out_in_template(job) {
+            return d;
+        }
+
+        // (Limits and frequency caps are the next stage; see issue 5.)
+
         // What Meta told us by webhook: paused templates, restrictions, service windows.
         if let Some(policy) = &self.webhook_policy
             && let Some(d) = self.meta_checks(job, policy, attempts)
         {
             return d;
         }
-
-        // (Consent and limits/caps are the next stages; see issues 4 and 5.)
 
         self.dispatch(job, &mut attempts, shutdown).await
     }
@@ -143,7 +154,13 @@ impl Pipeline {
             // Invariant: decode only admits configured accounts.
             return Disposition::Abandon;
         };
-        let body = request::build_body(job);
+        let footer = match (&job.content, job.category) {
+            (Content::Text(_), Category::Marketing) => {
+                account.config.consent.marketing_footer.as_deref()
+            }
+            _ => None,
+        };
+        let body = request::build_body(job, footer);
         loop {
             let admit = account.admit(self.accounts.probe_interval());
             if let Admit::Wait(wait) = admit {
@@ -282,6 +299,30 @@ impl Pipeline {
                 }
             }
         }
+    }
+
+    /// A marketing template must carry the way out, when the account lists the templates that
+    /// do.
+    fn opt_out_in_template(&self, job: &Job) -> Option<Disposition> {
+        let (Content::Template(t), Category::Marketing) = (&job.content, job.category) else {
+            return None;
+        };
+        let consent = &self.accounts.get(&job.account)?.config.consent;
+        let listed = consent.opt_out_templates.as_ref()?;
+        if listed.iter().any(|n| *n == t.name) {
+            return None;
+        }
+        let refuse = consent.templates_without_opt_out == TemplatesWithoutOptOut::Refuse;
+        crate::metrics::template_without_opt_out(&job.account, &t.name, refuse);
+        refuse.then(|| {
+            Disposition::Finish(Outcome::Suppressed {
+                reason: "no_opt_out_in_template",
+                detail: format!(
+                    "template {} is not listed in opt_out_templates: marketing must offer a way out",
+                    t.name
+                ),
+            })
+        })
     }
 
     fn meta_checks(&self, job: &Job, policy: &WebhookPolicy, attempts: u32) -> Option<Disposition> {

@@ -36,16 +36,31 @@ pub enum Table {
     Inbound,
     /// account → business-initiated messaging restricted until (from `account_update`).
     Restrictions,
+    /// digits|account|time|hash → one consent event as received: the proof (`consent show`).
+    ConsentHistory,
+    /// digits|account → what the history adds up to per purpose; loaded into memory at start.
+    ConsentSummary,
+    /// digits|account → a double opt-in question sent and not yet answered.
+    ConsentPending,
+    /// keyed hash of digits → when the number was erased, so a late older event stays void.
+    ConsentErased,
+    /// Store-wide settings (the key of the erasure hashes).
+    StoreMeta,
 }
 
 impl Table {
-    const ALL: [Table; 6] = [
+    pub const ALL: [Table; 11] = [
         Table::WebhookSeen,
         Table::Wamids,
         Table::Delivery,
         Table::Templates,
         Table::Inbound,
         Table::Restrictions,
+        Table::ConsentHistory,
+        Table::ConsentSummary,
+        Table::ConsentPending,
+        Table::ConsentErased,
+        Table::StoreMeta,
     ];
 
     fn def(self) -> TableDefinition<'static, &'static [u8], &'static [u8]> {
@@ -56,6 +71,11 @@ impl Table {
             Table::Templates => "templates_v1",
             Table::Inbound => "inbound_v1",
             Table::Restrictions => "restrictions_v1",
+            Table::ConsentHistory => "consent_history_v1",
+            Table::ConsentSummary => "consent_summary_v1",
+            Table::ConsentPending => "consent_pending_v1",
+            Table::ConsentErased => "consent_erased_v1",
+            Table::StoreMeta => "store_meta_v1",
         })
     }
 }
@@ -128,6 +148,9 @@ pub enum LedgerError {
     Store(String),
     #[error("state store writer has stopped")]
     WriterGone,
+    /// Another process (the running daemon) has the store open.
+    #[error("the state store is in use by another process (is the daemon running?)")]
+    InUse,
 }
 
 impl<E: Into<redb::Error>> From<E> for LedgerError {
@@ -161,6 +184,31 @@ enum Op {
     Remove {
         id: Box<str>,
     },
+    /// Several changes that must commit together (a consent event and its summary).
+    Many(Vec<KvOp>),
+}
+
+/// One change of an atomic [`Ledger::kv_many`] write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KvOp {
+    Put {
+        table: Table,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        table: Table,
+        key: Vec<u8>,
+    },
+    /// Deletes every key that starts with `prefix`.
+    DeletePrefix {
+        table: Table,
+        prefix: Vec<u8>,
+    },
+    /// Deletes ledger entries (job ids).
+    DeleteJobs {
+        ids: Vec<String>,
+    },
 }
 
 struct Request {
@@ -182,7 +230,27 @@ impl Ledger {
     pub fn open(dir: &Path) -> Result<Ledger, LedgerError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| LedgerError::Store(format!("cannot create {}: {e}", dir.display())))?;
-        let db = Arc::new(Database::create(dir.join("state.redb"))?);
+        let db = match Database::create(dir.join("state.redb")) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(LedgerError::InUse),
+            Err(e) => return Err(e.into()),
+        };
+        Self::start(db)
+    }
+
+    /// A store that lives in memory only: for tests and benchmarks.
+    pub fn open_in_memory() -> Result<Ledger, LedgerError> {
+        let db = Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())?;
+        Self::start(db)
+    }
+
+    /// The path of the store file in a state directory.
+    pub fn file_in(dir: &Path) -> std::path::PathBuf {
+        dir.join("state.redb")
+    }
+
+    fn start(db: Database) -> Result<Ledger, LedgerError> {
+        let db = Arc::new(db);
         {
             let w = db.begin_write()?;
             w.open_table(LEDGER)?;
@@ -322,6 +390,79 @@ impl Ledger {
             .map(|n| n == 1)
     }
 
+    /// How many rows a table has.
+    pub fn kv_len(&self, table: Table) -> Result<u64, LedgerError> {
+        use redb::ReadableTableMetadata;
+        let r = self.db.begin_read()?;
+        Ok(r.open_table(table.def())?.len()?)
+    }
+
+    /// Rows whose key starts with `prefix`, in key order.
+    pub fn kv_scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Vec<KvRow>, LedgerError> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(table.def())?;
+        let mut rows = Vec::new();
+        for row in t.range(prefix..)? {
+            let (k, v) = row?;
+            if !k.value().starts_with(prefix) {
+                break;
+            }
+            rows.push((k.value().to_vec(), v.value().to_vec()));
+        }
+        Ok(rows)
+    }
+
+    /// Calls `f` on every row of a table from one read snapshot, without collecting them: for
+    /// loading millions of rows at start.
+    pub fn kv_for_each(
+        &self,
+        table: Table,
+        mut f: impl FnMut(&[u8], &[u8]),
+    ) -> Result<(), LedgerError> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(table.def())?;
+        for row in t.iter()? {
+            let (k, v) = row?;
+            f(k.value(), v.value());
+        }
+        Ok(())
+    }
+
+    /// Applies all `ops` in one transaction: all or nothing.
+    pub async fn kv_many(&self, ops: Vec<KvOp>) -> Result<u64, LedgerError> {
+        self.write(Op::Many(ops)).await
+    }
+
+    /// Job ids whose stored outcome event contains `needle` (a scan: for erasure, not the hot
+    /// path).
+    pub fn job_ids_mentioning(&self, needle: &[u8]) -> Result<Vec<String>, LedgerError> {
+        let r = self.db.begin_read()?;
+        let t = r.open_table(LEDGER)?;
+        let mut ids = Vec::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            if v.value().windows(needle.len()).any(|w| w == needle) {
+                ids.push(k.value().to_string());
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Every key and value of every table, for tests that prove a number is gone.
+    pub fn dump_all(&self) -> Result<Vec<KvRow>, LedgerError> {
+        let mut rows = Vec::new();
+        let r = self.db.begin_read()?;
+        let t = r.open_table(LEDGER)?;
+        for row in t.iter()? {
+            let (k, v) = row?;
+            rows.push((k.value().as_bytes().to_vec(), v.value().to_vec()));
+        }
+        for table in Table::ALL {
+            rows.extend(self.kv_scan(table)?);
+        }
+        Ok(rows)
+    }
+
     pub async fn remove(&self, id: &str) -> Result<(), LedgerError> {
         self.write(Op::Remove { id: id.into() }).await.map(|_| ())
     }
@@ -364,6 +505,43 @@ fn writer(db: Arc<Database>, mut rx: mpsc::UnboundedReceiver<Request>) {
             }
         }
     }
+}
+
+fn apply_kv(
+    w: &redb::WriteTransaction,
+    jobs: &mut redb::Table<&str, &[u8]>,
+    op: &KvOp,
+) -> Result<u64, LedgerError> {
+    Ok(match op {
+        KvOp::Put { table, key, value } => {
+            w.open_table(table.def())?
+                .insert(key.as_slice(), value.as_slice())?;
+            1
+        }
+        KvOp::Delete { table, key } => {
+            w.open_table(table.def())?.remove(key.as_slice())?.is_some() as u64
+        }
+        KvOp::DeletePrefix { table, prefix } => {
+            let mut t = w.open_table(table.def())?;
+            let keys: Vec<Vec<u8>> = t
+                .range(prefix.as_slice()..)?
+                .map_while(|r| r.ok())
+                .map(|(k, _)| k.value().to_vec())
+                .take_while(|k| k.starts_with(prefix))
+                .collect();
+            for k in &keys {
+                t.remove(k.as_slice())?;
+            }
+            keys.len() as u64
+        }
+        KvOp::DeleteJobs { ids } => {
+            let mut n = 0;
+            for id in ids {
+                n += jobs.remove(id.as_str())?.is_some() as u64;
+            }
+            n
+        }
+    })
 }
 
 /// Applies a batch in one transaction; returns one result per request.
@@ -412,6 +590,13 @@ fn apply(db: &Database, batch: &[Request]) -> Vec<Result<u64, LedgerError>> {
                         }
                     }
                     Op::Remove { id } => t.remove(&**id)?.is_some() as u64,
+                    Op::Many(ops) => {
+                        let mut n = 0;
+                        for op in ops {
+                            n += apply_kv(&w, &mut t, op)?;
+                        }
+                        n
+                    }
                 };
                 counts.push(n);
             }

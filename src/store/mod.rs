@@ -1,6 +1,6 @@
-//! The embedded durable store (redb, one file in the state directory). Today it holds the
-//! idempotency ledger; consent and cap history join it in their own tables.
+//! The embedded durable store (redb, one file in the state directory): the idempotency ledger,
+//! consent history and summaries, and what webhooks taught us, each in its own table.
 
 pub mod ledger;
 
-pub use ledger::{Ledger, LedgerEntry, LedgerError, LedgerState, Table};
+pub use ledger::{KvOp, KvRow, Ledger, LedgerEntry, LedgerError, LedgerState, Table};

@@ -13,6 +13,7 @@ use serde_json::value::RawValue;
 use super::parse::{Event, EventKind};
 use crate::cloud_api::classify::class_of_code;
 use crate::config::Config;
+use crate::consent::flow::ConsentFlow;
 use crate::job::Cost;
 use crate::pipeline::meta_state::MetaState;
 use crate::pricing::{PriceTable, billed};
@@ -50,6 +51,8 @@ pub struct Applier {
     accounts_by_number: HashMap<String, String>,
     /// WABA id → its accounts.
     accounts_by_waba: HashMap<String, Vec<String>>,
+    /// What customers' messages mean for consent (STOP, START, YES/NO).
+    pub consent: Option<Arc<ConsentFlow>>,
 }
 
 #[derive(Deserialize)]
@@ -186,6 +189,7 @@ impl Applier {
                 .map(|a| (a.phone_number_id.clone(), a.name.to_string()))
                 .collect(),
             accounts_by_waba,
+            consent: None,
         }
     }
 
@@ -457,15 +461,35 @@ impl Applier {
                 .record_inbound(a, inbound.from.trim_start_matches('+'), at.as_millisecond())
                 .await?;
         }
-        Ok(self.inbound(&inbound))
+        self.inbound(&inbound).await
     }
 
-    /// The one place inbound messages are handed over. Consent handling (STOP keywords, YES/NO
-    /// confirmations of a double opt-in) builds on this; today it counts and logs them.
-    pub fn inbound(&self, m: &InboundMessage) -> Vec<Publication> {
+    /// The one place inbound messages are handed over: consent handling turns STOP, START and
+    /// answers to a double opt-in question into consent events, published to every instance.
+    pub async fn inbound(&self, m: &InboundMessage) -> Result<Vec<Publication>, LedgerError> {
         crate::metrics::inbound_message(m.account.as_deref().unwrap_or("unknown"), &m.kind);
         tracing::info!(from = %Masked(&m.from), kind = %m.kind, "Inbound message received.");
-        Vec::new()
+        let Some(flow) = &self.consent else {
+            return Ok(Vec::new());
+        };
+        let events = flow.on_inbound(m).await?;
+        Ok(events
+            .iter()
+            .map(|ev| {
+                if ev.kind == crate::consent::Kind::OptOut {
+                    let source = match ev.source.as_deref() {
+                        Some(crate::consent::flow::SOURCE_BUTTON) => "whatsapp_opt_out_button",
+                        _ => "whatsapp_keyword",
+                    };
+                    crate::metrics::opt_out_learned(&ev.account, source);
+                }
+                Publication {
+                    exchange: crate::amqp::topology::CONSENT_EXCHANGE,
+                    routing_key: String::new(),
+                    body: ev.to_json(),
+                }
+            })
+            .collect())
     }
 
     fn preference(&self, ev: &Event) -> Result<Vec<Publication>, LedgerError> {

@@ -28,6 +28,9 @@ use crate::config::Secret;
 /// Header that marks a webhook event among the jobs on a shard queue.
 pub const HEADER_KIND: &str = "x-sendwell-kind";
 pub const KIND_WEBHOOK: &str = "webhook";
+/// An opt-in whose double opt-in question the number's own shard must ask (routed like a job,
+/// so exactly one instance asks).
+pub const KIND_CONSENT_QUESTION: &str = "consent_question";
 
 /// Publishes events with confirms over a connection of its own, reconnecting on demand.
 pub struct BrokerSink {

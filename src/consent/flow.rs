@@ -1,0 +1,337 @@
+//! Consent learned in conversation: STOP and START keywords, Meta's opt-out button, and the
+//! double opt-in sendwell runs itself ("are you sure?" → YES). Decides what a customer's
+//! message means and what to send; the consumer applies the events and does the sending.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use super::event::{ConsentEvent, Kind};
+use super::keywords::{Keywords, META_OPT_OUT_BUTTON_PAYLOADS, normalize};
+use super::model::{CONFIRMED, OPTED_IN};
+use super::store::{ConsentStore, number_account_key};
+use crate::config::{AccountConsent, Config, DoubleOptInMessage};
+use crate::pipeline::decode::parse_e164;
+use crate::store::{LedgerError, Table};
+use crate::webhook::apply::InboundMessage;
+
+/// Reply ids of the interactive question's buttons (and payloads of a template's buttons).
+pub const YES_ID: &str = "sendwell_optin_yes";
+pub const NO_ID: &str = "sendwell_optin_no";
+
+/// `source` of the events sendwell creates from conversation.
+pub const SOURCE_KEYWORD: &str = "whatsapp_keyword";
+pub const SOURCE_BUTTON: &str = "whatsapp_opt_out_button";
+pub const SOURCE_REPLY: &str = "whatsapp_double_opt_in_reply";
+
+struct AccountWords {
+    out: Keywords,
+    start: Keywords,
+    yes: Keywords,
+    no: Keywords,
+    config: AccountConsent,
+}
+
+/// A double opt-in question asked and not yet answered.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pending {
+    pub purposes: Vec<String>,
+    pub asked_ms: i64,
+    pub expires_ms: i64,
+}
+
+/// A message sendwell sends on its own account (the question, the STOP confirmation).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outgoing {
+    pub account: Arc<str>,
+    /// `question` or `opt_out_reply`, for metrics.
+    pub kind: &'static str,
+    pub body: Vec<u8>,
+}
+
+pub struct ConsentFlow {
+    pub store: Arc<ConsentStore>,
+    accounts: HashMap<String, AccountWords>,
+    confirm_within: Duration,
+}
+
+impl ConsentFlow {
+    pub fn new(config: &Config, store: Arc<ConsentStore>) -> Self {
+        Self {
+            store,
+            accounts: config
+                .accounts
+                .iter()
+                .map(|a| {
+                    let c = &a.consent;
+                    (
+                        a.name.to_string(),
+                        AccountWords {
+                            out: Keywords::new(&c.opt_out_keywords),
+                            start: Keywords::new(&c.opt_in_keywords),
+                            yes: Keywords::new(&c.yes_keywords),
+                            no: Keywords::new(&c.no_keywords),
+                            config: c.clone(),
+                        },
+                    )
+                })
+                .collect(),
+            confirm_within: config.consent.confirm_within,
+        }
+    }
+
+    pub fn pending(&self, digits: &str, account: &str) -> Result<Option<Pending>, LedgerError> {
+        Ok(self
+            .store
+            .ledger
+            .kv_get(Table::ConsentPending, &number_account_key(digits, account))?
+            .and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    /// What a customer's message means for consent: the events it implies (applied and
+    /// published by the caller). Keywords count only as the whole message.
+    pub async fn on_inbound(&self, m: &InboundMessage) -> Result<Vec<ConsentEvent>, LedgerError> {
+        let Some(account) = m.account.as_deref() else {
+            return Ok(Vec::new());
+        };
+        let (Some(words), Ok(to)) = (self.accounts.get(account), parse_e164(&m.from)) else {
+            return Ok(Vec::new());
+        };
+        let account: Arc<str> = account.into();
+        let text = m.text.as_deref().unwrap_or("");
+        let payload = m.payload.as_deref().unwrap_or("");
+        let evidence = Some(if payload.is_empty() {
+            text.to_string()
+        } else {
+            format!("{text} [{payload}]")
+        });
+        let digits = to.digits().to_string();
+        let event = |kind, purposes: Vec<String>, source: &str, at: Timestamp| ConsentEvent {
+            kind,
+            account: account.clone(),
+            to: to.clone(),
+            purposes,
+            source: Some(source.to_string()),
+            at,
+            evidence: evidence.clone(),
+        };
+        // Meta's "Stop promotions" quick reply arrives as a `button` message; payload and text
+        // both repeat the label, so both are compared as keywords are.
+        let button = m.kind == "button"
+            && META_OPT_OUT_BUTTON_PAYLOADS.iter().any(|p| {
+                let p = normalize(p);
+                normalize(payload) == p || normalize(text) == p
+            });
+        if button || words.out.matches(text) {
+            // Meta's timestamps are whole seconds: the STOP is dated at the end of its second, so
+            // an opt-in earlier in the same second cannot outrank it.
+            let at = m.at + Duration::from_millis(999);
+            self.drop_pending(&digits, &account).await?;
+            let source = if button {
+                SOURCE_BUTTON
+            } else {
+                SOURCE_KEYWORD
+            };
+            return Ok(vec![event(Kind::OptOut, Vec::new(), source, at)]);
+        }
+        let now = Timestamp::now().as_millisecond();
+        if let Some(p) = self.pending(&digits, &account)?
+            && p.expires_ms > now
+        {
+            // The reply cannot precede the question: date it no earlier than the asking.
+            let at = Timestamp::from_millisecond(m.at.as_millisecond().max(p.asked_ms + 1))
+                .unwrap_or(m.at);
+            if payload == YES_ID || words.yes.matches(text) {
+                self.drop_pending(&digits, &account).await?;
+                crate::metrics::consent_question_answered(&account, "yes");
+                return Ok(vec![event(Kind::Confirm, p.purposes, SOURCE_REPLY, at)]);
+            }
+            if payload == NO_ID || words.no.matches(text) {
+                // NO leaves the opt-in unconfirmed, which is no consent for what needs it.
+                self.drop_pending(&digits, &account).await?;
+                crate::metrics::consent_question_answered(&account, "no");
+                return Ok(Vec::new());
+            }
+        }
+        if words.start.matches(text) {
+            let purposes = match &words.config.start_purposes {
+                Some(p) => p.clone(),
+                None => self
+                    .store
+                    .summary(&digits, &account)?
+                    .into_keys()
+                    .filter(|p| p != super::model::ALL)
+                    .collect(),
+            };
+            if !purposes.is_empty() {
+                return Ok(vec![event(Kind::OptIn, purposes, SOURCE_KEYWORD, m.at)]);
+            }
+        }
+        Ok(Vec::new())
+    }
+
+    async fn drop_pending(&self, digits: &str, account: &str) -> Result<(), LedgerError> {
+        self.store
+            .ledger
+            .kv_many(vec![crate::store::KvOp::Delete {
+                table: Table::ConsentPending,
+                key: number_account_key(digits, account),
+            }])
+            .await
+            .map(|_| ())
+    }
+
+    /// The confirmation reply to a STOP sent by keyword or button, if the account has one.
+    pub fn opt_out_reply(&self, ev: &ConsentEvent) -> Option<Outgoing> {
+        if ev.kind != Kind::OptOut
+            || !matches!(ev.source.as_deref(), Some(SOURCE_KEYWORD | SOURCE_BUTTON))
+        {
+            return None;
+        }
+        let text = self
+            .accounts
+            .get(&*ev.account)?
+            .config
+            .opt_out_reply
+            .as_ref()?;
+        Some(Outgoing {
+            account: ev.account.clone(),
+            kind: "opt_out_reply",
+            body: text_body(ev.to.as_str(), text),
+        })
+    }
+
+    /// Whether an opt-in may need the question: the account asks, and a purpose of the
+    /// event needs confirmation. No I/O: every instance calls it for every opt-in.
+    pub fn wants_question(&self, ev: &ConsentEvent) -> bool {
+        ev.kind == Kind::OptIn
+            && self
+                .accounts
+                .get(&*ev.account)
+                .is_some_and(|w| w.config.double_opt_in.is_some())
+            && ev.purposes.iter().any(|p| self.needs_confirmation(p))
+    }
+
+    fn needs_confirmation(&self, purpose: &str) -> bool {
+        self.store
+            .rule(purpose)
+            .is_some_and(|r| r.categories.iter().any(|c| r.needs_confirmation(*c)))
+    }
+
+    /// The double opt-in question for an applied opt-in, recorded as pending; None when no
+    /// purpose of it awaits confirmation or a question is already open.
+    pub async fn question(&self, ev: &ConsentEvent) -> Result<Option<Outgoing>, LedgerError> {
+        let Some(question) = self
+            .accounts
+            .get(&*ev.account)
+            .and_then(|w| w.config.double_opt_in.as_ref())
+        else {
+            return Ok(None);
+        };
+        if ev.kind != Kind::OptIn {
+            return Ok(None);
+        }
+        let digits = ev.to.digits();
+        let summary = self.store.summary(digits, &ev.account)?;
+        let unconfirmed: Vec<String> = ev
+            .purposes
+            .iter()
+            .filter(|p| {
+                let st = summary.get(*p).map(|s| s.flags).unwrap_or(0);
+                self.needs_confirmation(p) && st & OPTED_IN != 0 && st & CONFIRMED == 0
+            })
+            .cloned()
+            .collect();
+        if unconfirmed.is_empty() {
+            return Ok(None);
+        }
+        let now = Timestamp::now().as_millisecond();
+        if self
+            .pending(digits, &ev.account)?
+            .is_some_and(|p| p.expires_ms > now)
+        {
+            // Asked already; one question at a time.
+            return Ok(None);
+        }
+        let pending = Pending {
+            purposes: unconfirmed,
+            asked_ms: now,
+            expires_ms: now + self.confirm_within.as_millis() as i64,
+        };
+        // Recorded before sending: a crash mid-send never asks twice.
+        self.store
+            .ledger
+            .kv_put(
+                Table::ConsentPending,
+                number_account_key(digits, &ev.account),
+                serde_json::to_vec(&pending).unwrap_or_default(),
+            )
+            .await?;
+        Ok(Some(Outgoing {
+            account: ev.account.clone(),
+            kind: "question",
+            body: question_body(ev.to.as_str(), question),
+        }))
+    }
+
+    /// A question that could not be sent is forgotten, so the next opt-in asks again.
+    pub async fn question_failed(&self, ev: &ConsentEvent) -> Result<(), LedgerError> {
+        self.drop_pending(ev.to.digits(), &ev.account).await
+    }
+}
+
+fn text_body(to: &str, text: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "messaging_product": "whatsapp",
+        "recipient_type": "individual",
+        "to": to,
+        "type": "text",
+        "text": { "body": text, "preview_url": false },
+    }))
+    .unwrap_or_default()
+}
+
+/// The "are you sure?" message: interactive reply buttons, or a template whose first two
+/// quick-reply buttons carry our YES and NO payloads.
+pub fn question_body(to: &str, q: &DoubleOptInMessage) -> Vec<u8> {
+    let v = match q {
+        DoubleOptInMessage::Interactive {
+            text,
+            yes_title,
+            no_title,
+        } => serde_json::json!({
+            "messaging_product": "whatsapp",
+            "recipient_type": "individual",
+            "to": to,
+            "type": "interactive",
+            "interactive": {
+                "type": "button",
+                "body": { "text": text },
+                "action": { "buttons": [
+                    { "type": "reply", "reply": { "id": YES_ID, "title": yes_title } },
+                    { "type": "reply", "reply": { "id": NO_ID, "title": no_title } },
+                ] },
+            },
+        }),
+        DoubleOptInMessage::Template { name, language } => serde_json::json!({
+            "messaging_product": "whatsapp",
+            "recipient_type": "individual",
+            "to": to,
+            "type": "template",
+            "template": {
+                "name": name,
+                "language": { "code": language },
+                "components": [
+                    { "type": "button", "sub_type": "quick_reply", "index": "0",
+                      "parameters": [{ "type": "payload", "payload": YES_ID }] },
+                    { "type": "button", "sub_type": "quick_reply", "index": "1",
+                      "parameters": [{ "type": "payload", "payload": NO_ID }] },
+                ],
+            },
+        }),
+    };
+    serde_json::to_vec(&v).unwrap_or_default()
+}

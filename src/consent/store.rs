@@ -1,0 +1,480 @@
+//! Consent, durable and cached: every event is kept as proof (`consent_history_v1`), what the
+//! history adds up to is kept per number and account (`consent_summary_v1`) and loaded into the
+//! in-memory [`ConsentIndex`] at start, so each job's check does no I/O.
+//!
+//! Changes for one number are applied one at a time (the consumer runs them in the number's
+//! lane; the CLI is one process), so "read the history, write the summary" needs no lock.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use hmac::{KeyInit, Mac};
+use jiff::Timestamp;
+
+use super::event::{ConsentEvent, Kind, RawConsentEvent};
+use super::index::{ConsentIndex, number_key};
+use super::model::{self, Decision, Fact, JobFacts, PurposeState};
+use crate::config::{Config, Purpose};
+use crate::job::Job;
+use crate::store::{KvOp, Ledger, LedgerError, Table};
+
+/// What applying an event did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// Recorded; the summary may have changed.
+    New,
+    /// Already recorded: nothing changed.
+    Replay,
+    /// Dated at or before the number's erasure: ignored.
+    Void,
+    /// The number was erased.
+    Erased,
+}
+
+impl Applied {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Applied::New => "new",
+            Applied::Replay => "replay",
+            Applied::Void => "void",
+            Applied::Erased => "erased",
+        }
+    }
+}
+
+/// A stored event: the proof `consent show` prints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Proof {
+    pub account: String,
+    pub event: serde_json::Value,
+}
+
+/// What an erasure removed, for the operator's report (counts only: no personal data).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct EraseReport {
+    pub consent_events: u64,
+    pub summaries: u64,
+    pub pending_confirmations: u64,
+    pub jobs: u64,
+    pub other_rows: u64,
+}
+
+pub struct ConsentStore {
+    pub ledger: Ledger,
+    index: ConsentIndex,
+    rules: HashMap<String, Purpose>,
+    accounts: Vec<String>,
+    /// Keys the erasure hashes, so a tombstone does not hold the number.
+    erase_key: [u8; 32],
+}
+
+fn sep(parts: &[&[u8]]) -> Vec<u8> {
+    let mut v = Vec::new();
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            v.push(0);
+        }
+        v.extend_from_slice(p);
+    }
+    v
+}
+
+/// `digits \0 account`: the summary and pending-confirmation key.
+pub fn number_account_key(digits: &str, account: &str) -> Vec<u8> {
+    sep(&[digits.as_bytes(), account.as_bytes()])
+}
+
+fn history_prefix(digits: &str, account: &str) -> Vec<u8> {
+    let mut k = number_account_key(digits, account);
+    k.push(0);
+    k
+}
+
+fn number_prefix(digits: &str) -> Vec<u8> {
+    let mut k = digits.as_bytes().to_vec();
+    k.push(0);
+    k
+}
+
+fn history_key(ev: &ConsentEvent) -> Vec<u8> {
+    let mut k = history_prefix(ev.to.digits(), &ev.account);
+    k.extend_from_slice(&(ev.at.as_millisecond().max(0) as u64).to_be_bytes());
+    k.extend_from_slice(&ev.fingerprint());
+    k
+}
+
+/// Summary on disk: per purpose `[len][name][consented_at u32 LE][flags][n][len][source]…`.
+pub fn encode_summary(summary: &BTreeMap<String, PurposeState>) -> Vec<u8> {
+    let mut v = Vec::new();
+    for (p, st) in summary {
+        let p = &p.as_bytes()[..p.len().min(255)];
+        v.push(p.len() as u8);
+        v.extend_from_slice(p);
+        v.extend_from_slice(&st.consented_at.to_le_bytes());
+        v.push(st.flags);
+        v.push(st.sources.len().min(255) as u8);
+        for s in st.sources.iter().take(255) {
+            let s = &s.as_bytes()[..s.len().min(255)];
+            v.push(s.len() as u8);
+            v.extend_from_slice(s);
+        }
+    }
+    v
+}
+
+pub fn decode_summary(mut b: &[u8]) -> Option<BTreeMap<String, PurposeState>> {
+    fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        if b.len() < n {
+            return None;
+        }
+        let (h, t) = b.split_at(n);
+        *b = t;
+        Some(h)
+    }
+    let mut out = BTreeMap::new();
+    while !b.is_empty() {
+        let n = take(&mut b, 1)?[0] as usize;
+        let p = std::str::from_utf8(take(&mut b, n)?).ok()?.to_string();
+        let at = u32::from_le_bytes(take(&mut b, 4)?.try_into().ok()?);
+        let flags = take(&mut b, 1)?[0];
+        let ns = take(&mut b, 1)?[0];
+        let mut sources = std::collections::BTreeSet::new();
+        for _ in 0..ns {
+            let n = take(&mut b, 1)?[0] as usize;
+            sources.insert(std::str::from_utf8(take(&mut b, n)?).ok()?.to_string());
+        }
+        out.insert(
+            p,
+            PurposeState {
+                flags,
+                consented_at: at,
+                sources,
+            },
+        );
+    }
+    Some(out)
+}
+
+fn fact_of(bytes: &[u8]) -> Option<Fact> {
+    let raw: RawConsentEvent = serde_json::from_slice(bytes).ok()?;
+    Some(Fact {
+        at_ms: raw.at.as_millisecond(),
+        kind: raw.kind,
+        purposes: raw.purposes.unwrap_or_default(),
+        source: raw.source,
+    })
+}
+
+impl ConsentStore {
+    /// Loads every summary into memory. Returns the store and how many entries were loaded.
+    pub async fn load(ledger: Ledger, config: &Config) -> Result<Arc<ConsentStore>, LedgerError> {
+        let accounts: Vec<String> = config.accounts.iter().map(|a| a.name.to_string()).collect();
+        let rules: HashMap<String, Purpose> = config
+            .purposes
+            .iter()
+            .map(|p| (p.name.clone(), p.clone()))
+            .collect();
+        Self::load_with(ledger, accounts, rules).await
+    }
+
+    pub async fn load_with(
+        ledger: Ledger,
+        accounts: Vec<String>,
+        rules: HashMap<String, Purpose>,
+    ) -> Result<Arc<ConsentStore>, LedgerError> {
+        let mut purposes: Vec<&str> = rules.keys().map(String::as_str).collect();
+        purposes.sort();
+        let erase_key = match ledger.kv_get(Table::StoreMeta, b"erase_key")? {
+            Some(k) if k.len() == 32 => k.try_into().unwrap_or([0; 32]),
+            _ => {
+                let k: [u8; 32] = rand::random();
+                // Written before any tombstone can exist; a crash here only means a new key.
+                ledger
+                    .kv_put(Table::StoreMeta, b"erase_key".to_vec(), k.to_vec())
+                    .await?;
+                k
+            }
+        };
+        let rows = ledger.kv_len(Table::ConsentSummary)?;
+        let index = ConsentIndex::new(
+            accounts.iter().map(String::as_str),
+            purposes.iter().copied(),
+            rows as usize,
+        );
+        ledger.kv_for_each(Table::ConsentSummary, |k, v| {
+            let mut parts = k.splitn(2, |b| *b == 0);
+            let (Some(digits), Some(account)) = (parts.next(), parts.next()) else {
+                return;
+            };
+            let (Ok(digits), Ok(account)) =
+                (std::str::from_utf8(digits), std::str::from_utf8(account))
+            else {
+                return;
+            };
+            if let (Some(n), Some(summary)) = (number_key(digits), decode_summary(v)) {
+                index.set(account, n, &summary);
+            }
+        })?;
+        Ok(Arc::new(ConsentStore {
+            ledger,
+            index,
+            rules,
+            accounts,
+            erase_key,
+        }))
+    }
+
+    /// Entries in the in-memory cache.
+    pub fn cached_entries(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn rule(&self, purpose: &str) -> Option<&Purpose> {
+        self.rules.get(purpose)
+    }
+
+    /// The consent stage's question for one job: no I/O.
+    pub fn check(&self, job: &Job, now: Timestamp) -> Decision {
+        let facts = JobFacts {
+            category: job.category,
+            purpose: job.purpose.as_deref(),
+            has_source_filter: job.opt_in_sources.is_some(),
+        };
+        if !job.category.needs_purpose() {
+            return model::decide(&Default::default(), &facts, None, now.as_second());
+        }
+        let purpose = job.purpose.as_deref().unwrap_or("");
+        let found = match number_key(job.to.digits()) {
+            Some(n) => self
+                .index
+                .find(&job.account, n, purpose, job.opt_in_sources.as_deref()),
+            None => Default::default(),
+        };
+        model::decide(&found, &facts, self.rules.get(purpose), now.as_second())
+    }
+
+    /// The summary the store holds for (number, account).
+    pub fn summary(
+        &self,
+        digits: &str,
+        account: &str,
+    ) -> Result<BTreeMap<String, PurposeState>, LedgerError> {
+        Ok(self
+            .ledger
+            .kv_get(Table::ConsentSummary, &number_account_key(digits, account))?
+            .and_then(|v| decode_summary(&v))
+            .unwrap_or_default())
+    }
+
+    fn tombstone_key(&self, digits: &str) -> Vec<u8> {
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.erase_key)
+            .expect("HMAC takes keys of any length");
+        mac.update(digits.as_bytes());
+        mac.finalize().into_bytes()[..16].to_vec()
+    }
+
+    /// When the number was last erased (unix ms), if within tombstone retention.
+    pub fn erased_at(&self, digits: &str) -> Result<Option<i64>, LedgerError> {
+        Ok(self
+            .ledger
+            .kv_get(Table::ConsentErased, &self.tombstone_key(digits))?
+            .and_then(|v| v.as_slice().try_into().ok().map(i64::from_le_bytes)))
+    }
+
+    /// Applies one event, idempotently and by its own time.
+    pub async fn apply(&self, ev: &ConsentEvent) -> Result<Applied, LedgerError> {
+        let digits = ev.to.digits();
+        if ev.kind == Kind::Erase {
+            self.erase(digits, ev.at).await?;
+            return Ok(Applied::Erased);
+        }
+        if self
+            .erased_at(digits)?
+            .is_some_and(|t| ev.at.as_millisecond() <= t)
+        {
+            return Ok(Applied::Void);
+        }
+        let key = history_key(ev);
+        let known = self.ledger.kv_get(Table::ConsentHistory, &key)?.is_some();
+        let rows = self
+            .ledger
+            .kv_scan_prefix(Table::ConsentHistory, &history_prefix(digits, &ev.account))?;
+        let mut facts: Vec<Fact> = rows.iter().filter_map(|(_, v)| fact_of(v)).collect();
+        let json = ev.to_json();
+        if !known && let Some(f) = fact_of(&json) {
+            facts.push(f);
+        }
+        let summary = model::summarize(&facts);
+        let skey = number_account_key(digits, &ev.account);
+        let stored = self.ledger.kv_get(Table::ConsentSummary, &skey)?;
+        let encoded = encode_summary(&summary);
+        let mut ops = Vec::new();
+        if !known {
+            ops.push(KvOp::Put {
+                table: Table::ConsentHistory,
+                key,
+                value: json,
+            });
+        }
+        // Recomputed even for a replay: it repairs a summary a crash left behind its history.
+        if stored.as_deref() != Some(encoded.as_slice()) {
+            ops.push(if summary.is_empty() {
+                KvOp::Delete {
+                    table: Table::ConsentSummary,
+                    key: skey,
+                }
+            } else {
+                KvOp::Put {
+                    table: Table::ConsentSummary,
+                    key: skey,
+                    value: encoded,
+                }
+            });
+        }
+        if !ops.is_empty() {
+            self.ledger.kv_many(ops).await?;
+        }
+        if let Some(n) = number_key(digits) {
+            self.index.set(&ev.account, n, &summary);
+        }
+        Ok(if known { Applied::Replay } else { Applied::New })
+    }
+
+    /// Removes every trace of the number: consent history, summaries, pending confirmations,
+    /// customer-service windows, ledger entries and delivery records of jobs to it. Keeps only
+    /// a keyed hash of the number with the erasure time (for `erase_tombstone_retention`), so
+    /// that an older event arriving late does not bring consent back.
+    pub async fn erase(&self, digits: &str, at: Timestamp) -> Result<EraseReport, LedgerError> {
+        let mut report = EraseReport::default();
+        let mut ops = Vec::new();
+        let prefix = number_prefix(digits);
+        report.consent_events = self
+            .ledger
+            .kv_scan_prefix(Table::ConsentHistory, &prefix)?
+            .len() as u64;
+        report.summaries = self
+            .ledger
+            .kv_scan_prefix(Table::ConsentSummary, &prefix)?
+            .len() as u64;
+        report.pending_confirmations = self
+            .ledger
+            .kv_scan_prefix(Table::ConsentPending, &prefix)?
+            .len() as u64;
+        for table in [
+            Table::ConsentHistory,
+            Table::ConsentSummary,
+            Table::ConsentPending,
+        ] {
+            ops.push(KvOp::DeletePrefix {
+                table,
+                prefix: prefix.clone(),
+            });
+        }
+        for a in &self.accounts {
+            let k = format!("{a}|{digits}").into_bytes();
+            if self.ledger.kv_get(Table::Inbound, &k)?.is_some() {
+                report.other_rows += 1;
+            }
+            ops.push(KvOp::Delete {
+                table: Table::Inbound,
+                key: k,
+            });
+        }
+        // Jobs to the number: their ledger entries, delivery state, wamid index and billing marks.
+        let ledger = self.ledger.clone();
+        let needle = format!("\"to\":\"+{digits}\"");
+        let (ids, wamids) = tokio::task::spawn_blocking(move || {
+            let ids = ledger.job_ids_mentioning(needle.as_bytes())?;
+            let wanted: std::collections::HashSet<&[u8]> =
+                ids.iter().map(|i| i.as_bytes()).collect();
+            let mut wamids = Vec::new();
+            ledger.kv_for_each(Table::Wamids, |k, v| {
+                if wanted.contains(v) {
+                    wamids.push(k.to_vec());
+                }
+            })?;
+            Ok::<_, LedgerError>((ids, wamids))
+        })
+        .await
+        .map_err(|e| LedgerError::Store(format!("erase scan: {e}")))??;
+        report.jobs = ids.len() as u64;
+        for id in &ids {
+            ops.push(KvOp::Delete {
+                table: Table::Delivery,
+                key: id.as_bytes().to_vec(),
+            });
+        }
+        for w in wamids {
+            let mut billed = b"billed|".to_vec();
+            billed.extend_from_slice(&w);
+            ops.push(KvOp::Delete {
+                table: Table::WebhookSeen,
+                key: billed,
+            });
+            ops.push(KvOp::Delete {
+                table: Table::Wamids,
+                key: w,
+            });
+            report.other_rows += 1;
+        }
+        ops.push(KvOp::DeleteJobs { ids });
+        let at_ms = at
+            .as_millisecond()
+            .max(self.erased_at(digits)?.unwrap_or(i64::MIN));
+        ops.push(KvOp::Put {
+            table: Table::ConsentErased,
+            key: self.tombstone_key(digits),
+            value: at_ms.to_le_bytes().to_vec(),
+        });
+        self.ledger.kv_many(ops).await?;
+        if let Some(n) = number_key(digits) {
+            self.index.remove_number(n);
+        }
+        Ok(report)
+    }
+
+    /// Every stored event of a number, oldest first, per account.
+    pub fn history(&self, digits: &str) -> Result<Vec<Proof>, LedgerError> {
+        let rows = self
+            .ledger
+            .kv_scan_prefix(Table::ConsentHistory, &number_prefix(digits))?;
+        let mut out: Vec<Proof> = rows
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let account = k.split(|b| *b == 0).nth(1)?;
+                Some(Proof {
+                    account: String::from_utf8_lossy(account).into_owned(),
+                    event: serde_json::from_slice(&v).ok()?,
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            (a.event["at"].as_str(), &a.account).cmp(&(b.event["at"].as_str(), &b.account))
+        });
+        Ok(out)
+    }
+
+    /// Calls `f` with every stored event (canonical JSON), number by number.
+    pub fn for_each_event(&self, mut f: impl FnMut(&[u8])) -> Result<(), LedgerError> {
+        self.ledger.kv_for_each(Table::ConsentHistory, |_, v| f(v))
+    }
+
+    /// Removes tombstones older than `retention`.
+    pub async fn purge_tombstones(&self, older_than_ms: i64) -> Result<u64, LedgerError> {
+        let mut ops = Vec::new();
+        self.ledger.kv_for_each(Table::ConsentErased, |k, v| {
+            if let Ok(b) = v.try_into()
+                && i64::from_le_bytes(b) < older_than_ms
+            {
+                ops.push(KvOp::Delete {
+                    table: Table::ConsentErased,
+                    key: k.to_vec(),
+                });
+            }
+        })?;
+        if ops.is_empty() {
+            return Ok(0);
+        }
+        self.ledger.kv_many(ops).await
+    }
+}

@@ -1,0 +1,1 @@
+//! GDPR tools over the consent store: `sendwell consent show | export | import | erase`.
