@@ -45,6 +45,9 @@ async fn run() {
     opts.sandbox.latency = Duration::from_millis(latency_ms);
     opts.prefetch = prefetch;
     opts.extra_toml = String::new();
+    // Every recipient has a confirmed opt-in: the bench measures sending, with the consent
+    // check on the path as in production.
+    opts.consented = 0..n;
     let env = TestEnv::new(&opts).await;
     let app = env.start().await;
 

@@ -70,6 +70,8 @@ async fn env_with_job1(max_body: usize) -> (TestEnv, TestApp) {
         &[("app-secret", APP_SECRET), ("verify-token", VERIFY_TOKEN)],
     )
     .await;
+    env.seed_consent(&[JOB1_TO.into(), "+491701234568".into()])
+        .await;
     let app = env.start().await;
     env.publish(&[
         template_job("job-1", JOB1_TO),

@@ -341,9 +341,10 @@ impl ConsentStore {
     }
 
     /// Removes every trace of the number: consent history, summaries, pending confirmations,
-    /// customer-service windows, ledger entries and delivery records of jobs to it. Keeps only
-    /// a keyed hash of the number with the erasure time (for `erase_tombstone_retention`), so
-    /// that an older event arriving late does not bring consent back.
+    /// customer-service windows, ledger entries and delivery records of jobs to it, then
+    /// compacts the file so no freed page keeps a copy. Keeps only a keyed hash of the number
+    /// with the erasure time (for `erase_tombstone_retention`), so that an older event arriving
+    /// late does not bring consent back.
     pub async fn erase(&self, digits: &str, at: Timestamp) -> Result<EraseReport, LedgerError> {
         let mut report = EraseReport::default();
         let mut ops = Vec::new();
@@ -430,6 +431,9 @@ impl ConsentStore {
         if let Some(n) = number_key(digits) {
             self.index.remove_number(n);
         }
+        // Deleted rows live on in freed pages until overwritten (redb is copy-on-write):
+        // compaction rewrites them away, so the file itself no longer holds the number.
+        self.ledger.compact().await?;
         Ok(report)
     }
 

@@ -10,7 +10,7 @@
 //! state directory, so no two processes share a ledger.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -186,6 +186,8 @@ enum Op {
     },
     /// Several changes that must commit together (a consent event and its summary).
     Many(Vec<KvOp>),
+    /// Compact the file after the batch commits.
+    Compact,
 }
 
 /// One change of an atomic [`Ledger::kv_many`] write.
@@ -220,7 +222,8 @@ struct Request {
 /// Handle to the ledger; cheap to clone.
 #[derive(Clone)]
 pub struct Ledger {
-    db: Arc<Database>,
+    /// Readers and the writer share it; only compaction (after an erasure) takes it alone.
+    db: Arc<RwLock<Database>>,
     tx: mpsc::UnboundedSender<Request>,
 }
 
@@ -230,12 +233,21 @@ impl Ledger {
     pub fn open(dir: &Path) -> Result<Ledger, LedgerError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| LedgerError::Store(format!("cannot create {}: {e}", dir.display())))?;
-        let db = match Database::create(dir.join("state.redb")) {
-            Ok(db) => db,
-            Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(LedgerError::InUse),
-            Err(e) => return Err(e.into()),
-        };
-        Self::start(db)
+        // A handle just dropped in this process closes on its writer thread a moment later;
+        // anything holding the file longer than that is another process.
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        loop {
+            match Database::create(dir.join("state.redb")) {
+                Ok(db) => return Self::start(db),
+                Err(redb::DatabaseError::DatabaseAlreadyOpen)
+                    if std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(LedgerError::InUse),
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// A store that lives in memory only: for tests and benchmarks.
@@ -250,9 +262,9 @@ impl Ledger {
     }
 
     fn start(db: Database) -> Result<Ledger, LedgerError> {
-        let db = Arc::new(db);
+        let db = Arc::new(RwLock::new(db));
         {
-            let w = db.begin_write()?;
+            let w = read(&db).begin_write()?;
             w.open_table(LEDGER)?;
             for t in Table::ALL {
                 w.open_table(t.def())?;
@@ -269,7 +281,8 @@ impl Ledger {
     }
 
     pub fn get(&self, id: &str) -> Result<Option<LedgerEntry>, LedgerError> {
-        let r = self.db.begin_read()?;
+        let g = read(&self.db);
+        let r = g.begin_read()?;
         let t = r.open_table(LEDGER)?;
         Ok(t.get(id)?.and_then(|v| LedgerEntry::decode(v.value())))
     }
@@ -311,7 +324,8 @@ impl Ledger {
     pub async fn purge(&self, older_than_ms: i64) -> Result<u64, LedgerError> {
         let db = self.db.clone();
         let scan = move || -> Result<Vec<Box<str>>, LedgerError> {
-            let r = db.begin_read()?;
+            let g = read(&db);
+            let r = g.begin_read()?;
             let t = r.open_table(LEDGER)?;
             let mut ids = Vec::new();
             for row in t.iter()? {
@@ -340,14 +354,16 @@ impl Ledger {
     }
 
     pub fn kv_get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, LedgerError> {
-        let r = self.db.begin_read()?;
+        let g = read(&self.db);
+        let r = g.begin_read()?;
         let t = r.open_table(table.def())?;
         Ok(t.get(key)?.map(|v| v.value().to_vec()))
     }
 
     /// Every row of a table, for loading an in-memory cache at start.
     pub fn kv_scan(&self, table: Table) -> Result<Vec<KvRow>, LedgerError> {
-        let r = self.db.begin_read()?;
+        let g = read(&self.db);
+        let r = g.begin_read()?;
         let t = r.open_table(table.def())?;
         let mut rows = Vec::new();
         for row in t.iter()? {
@@ -393,13 +409,15 @@ impl Ledger {
     /// How many rows a table has.
     pub fn kv_len(&self, table: Table) -> Result<u64, LedgerError> {
         use redb::ReadableTableMetadata;
-        let r = self.db.begin_read()?;
+        let g = read(&self.db);
+        let r = g.begin_read()?;
         Ok(r.open_table(table.def())?.len()?)
     }
 
     /// Rows whose key starts with `prefix`, in key order.
     pub fn kv_scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Vec<KvRow>, LedgerError> {
-        let r = self.db.begin_read()?;
+        let g = read(&self.db);
+        let r = g.begin_read()?;
         let t = r.open_table(table.def())?;
         let mut rows = Vec::new();
         for row in t.range(prefix..)? {
@@ -419,7 +437,8 @@ impl Ledger {
         table: Table,
         mut f: impl FnMut(&[u8], &[u8]),
     ) -> Result<(), LedgerError> {
-        let r = self.db.begin_read()?;
+        let g = read(&self.db);
+        let r = g.begin_read()?;
         let t = r.open_table(table.def())?;
         for row in t.iter()? {
             let (k, v) = row?;
@@ -433,10 +452,17 @@ impl Ledger {
         self.write(Op::Many(ops)).await
     }
 
+    /// Compacts the file (see [`compact`]): every store write waits meanwhile, so it is for
+    /// rare events (erasures), not routine use.
+    pub async fn compact(&self) -> Result<u64, LedgerError> {
+        self.write(Op::Compact).await
+    }
+
     /// Job ids whose stored outcome event contains `needle` (a scan: for erasure, not the hot
     /// path).
     pub fn job_ids_mentioning(&self, needle: &[u8]) -> Result<Vec<String>, LedgerError> {
-        let r = self.db.begin_read()?;
+        let g = read(&self.db);
+        let r = g.begin_read()?;
         let t = r.open_table(LEDGER)?;
         let mut ids = Vec::new();
         for row in t.iter()? {
@@ -451,7 +477,8 @@ impl Ledger {
     /// Every key and value of every table, for tests that prove a number is gone.
     pub fn dump_all(&self) -> Result<Vec<KvRow>, LedgerError> {
         let mut rows = Vec::new();
-        let r = self.db.begin_read()?;
+        let g = read(&self.db);
+        let r = g.begin_read()?;
         let t = r.open_table(LEDGER)?;
         for row in t.iter()? {
             let (k, v) = row?;
@@ -488,7 +515,25 @@ impl Ledger {
     }
 }
 
-fn writer(db: Arc<Database>, mut rx: mpsc::UnboundedReceiver<Request>) {
+fn read(db: &RwLock<Database>) -> RwLockReadGuard<'_, Database> {
+    db.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Rewrites the file so that freed pages (which still hold erased bytes: redb is
+/// copy-on-write) are overwritten by live pages or cut off the end.
+fn compact(db: &RwLock<Database>) -> Result<u64, LedgerError> {
+    let mut g = db.write().unwrap_or_else(|e| e.into_inner());
+    let mut rounds = 0;
+    while rounds < 1000
+        && g.compact()
+            .map_err(|e| LedgerError::Store(format!("compaction: {e}")))?
+    {
+        rounds += 1;
+    }
+    Ok(rounds)
+}
+
+fn writer(db: Arc<RwLock<Database>>, mut rx: mpsc::UnboundedReceiver<Request>) {
     let mut batch: Vec<Request> = Vec::with_capacity(1024);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
@@ -498,7 +543,18 @@ fn writer(db: Arc<Database>, mut rx: mpsc::UnboundedReceiver<Request>) {
                 Err(_) => break,
             }
         }
-        let result = apply(&db, &batch);
+        let mut result = apply(&db, &batch);
+        if batch.iter().any(|r| matches!(r.op, Op::Compact)) {
+            let c = compact(&db);
+            for (req, res) in batch.iter().zip(result.iter_mut()) {
+                if matches!(req.op, Op::Compact) && res.is_ok() {
+                    *res = c
+                        .as_ref()
+                        .map(|n| *n)
+                        .map_err(|e| LedgerError::Store(e.to_string()));
+                }
+            }
+        }
         for (req, res) in batch.drain(..).zip(result) {
             if let Some(done) = req.done {
                 let _ = done.send(res);
@@ -545,9 +601,10 @@ fn apply_kv(
 }
 
 /// Applies a batch in one transaction; returns one result per request.
-fn apply(db: &Database, batch: &[Request]) -> Vec<Result<u64, LedgerError>> {
+fn apply(db: &RwLock<Database>, batch: &[Request]) -> Vec<Result<u64, LedgerError>> {
     let run = || -> Result<Vec<u64>, LedgerError> {
-        let w = db.begin_write()?;
+        let g = read(db);
+        let w = g.begin_write()?;
         let mut counts = Vec::with_capacity(batch.len());
         {
             let mut t = w.open_table(LEDGER)?;
@@ -590,6 +647,7 @@ fn apply(db: &Database, batch: &[Request]) -> Vec<Result<u64, LedgerError>> {
                         }
                     }
                     Op::Remove { id } => t.remove(&**id)?.is_some() as u64,
+                    Op::Compact => 0,
                     Op::Many(ops) => {
                         let mut n = 0;
                         for op in ops {

@@ -324,6 +324,9 @@ pub struct AppOptions {
     pub token: String,
     pub extra_toml: String,
     pub prefetch: u16,
+    /// Recipients `number(i)` given a confirmed double opt-in for `newsletter` before the
+    /// daemon starts, so send-path tests exercise sending, not suppression.
+    pub consented: std::ops::Range<usize>,
 }
 
 impl Default for AppOptions {
@@ -337,6 +340,7 @@ impl Default for AppOptions {
             token: GOOD_TOKEN.into(),
             extra_toml: String::new(),
             prefetch: 200,
+            consented: 0..4000,
         }
     }
 }
@@ -461,7 +465,7 @@ impl TestEnv {
             "test.dead",
         )
         .await;
-        TestEnv {
+        let env = TestEnv {
             broker,
             sandbox,
             sandbox_addr,
@@ -470,7 +474,21 @@ impl TestEnv {
             outcomes,
             dead,
             stops: vec![sb_stop, s1, s2],
-        }
+        };
+        let numbers: Vec<String> = opts.consented.clone().map(number).collect();
+        env.seed_consent(&numbers).await;
+        env
+    }
+
+    /// Gives each number a confirmed double opt-in for `newsletter` (account acme-de), through
+    /// the consent store itself, before the daemon runs (the store is one process's at a time).
+    pub async fn seed_consent(&self, numbers: &[String]) {
+        seed_consent_at(&self.config(), numbers).await
+    }
+
+    /// Publishes consent events to `sendwell.consent`, with confirms.
+    pub async fn publish_consent(&self, events: &[serde_json::Value]) {
+        publish_to(&self.broker.url, "sendwell.consent", "", events).await
     }
 
     pub fn config(&self) -> Config {
@@ -629,4 +647,81 @@ pub fn template_job(id: &str, to: &str) -> serde_json::Value {
 /// The n-th test recipient: valid German mobile numbers.
 pub fn number(n: usize) -> String {
     format!("+49170{:07}", n)
+}
+
+/// As [`TestEnv::seed_consent`], for any config (a second instance's state directory).
+pub async fn seed_consent_at(config: &Config, numbers: &[String]) {
+    if numbers.is_empty() {
+        return;
+    }
+    let ledger = sendwell::store::Ledger::open(&config.state.dir).unwrap();
+    let store = sendwell::consent::ConsentStore::load(ledger, config)
+        .await
+        .unwrap();
+    let decoder = sendwell::consent::EventDecoder::new(config);
+    let now = jiff::Timestamp::now();
+    let at = now - Duration::from_secs(3600);
+    let grants = numbers.iter().map(|n| {
+        let store = &store;
+        let decoder = &decoder;
+        async move {
+            for (kind, dt) in [("opt_in", 0), ("confirm", 60)] {
+                let raw = serde_json::json!({
+                    "type": kind, "account": "acme-de", "to": n,
+                    "purposes": ["newsletter"], "source": "test_seed",
+                    "at": (at + Duration::from_secs(dt)).to_string(),
+                });
+                let ev = decoder
+                    .decode(raw.to_string().as_bytes(), now)
+                    .expect("seed event is valid");
+                store.apply(&ev).await.unwrap();
+            }
+        }
+    });
+    futures_util::future::join_all(grants).await;
+}
+
+/// Publishes JSON messages to an exchange with confirms.
+pub async fn publish_to(url: &str, exchange: &str, key: &str, bodies: &[serde_json::Value]) {
+    let conn = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    for b in bodies {
+        ch.basic_publish(
+            exchange.into(),
+            key.into(),
+            lapin::options::BasicPublishOptions::default(),
+            &serde_json::to_vec(b).unwrap(),
+            lapin::BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    let _ = conn.close(200, "".into()).await;
+}
+
+/// The consent flags the daemon's store holds for (number, purpose) under acme-de: read from
+/// its state, so a test can wait until an event is applied.
+pub fn consent_flags(ledger: &sendwell::store::Ledger, to: &str, purpose: &str) -> Option<u8> {
+    let key = sendwell::consent::store::number_account_key(to.trim_start_matches('+'), "acme-de");
+    let v = ledger
+        .kv_get(sendwell::store::Table::ConsentSummary, &key)
+        .unwrap()?;
+    sendwell::consent::store::decode_summary(&v)?
+        .get(purpose)
+        .map(|s| s.flags)
+}
+
+/// A sum of the samples of one metric (all label sets that start with `prefix`).
+pub fn metric_value(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
