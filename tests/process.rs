@@ -376,6 +376,8 @@ async fn jobs_sent_to_the_sandbox_come_back_delivered_and_read_and_billed_as_the
         &[("app-secret", APP_SECRET), ("verify-token", VERIFY_TOKEN)],
     )
     .await;
+    let finnish: Vec<String> = (0..10).map(|i| format!("+35840{i:07}")).collect();
+    env.seed_consent(&finnish).await;
     let (webhook, admin) = (free_port(), free_port());
     let vars = [
         ("SENDWELL_WEBHOOK__LISTEN", webhook.as_str()),
@@ -398,8 +400,8 @@ async fn jobs_sent_to_the_sandbox_come_back_delivered_and_read_and_billed_as_the
     jobs.extend(
         finns
             .iter()
-            .enumerate()
-            .map(|(i, id)| template_job(id, &format!("+35840{i:07}"))),
+            .zip(&finnish)
+            .map(|(id, to)| template_job(id, to)),
     );
     env.publish(&jobs).await;
 
