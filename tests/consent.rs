@@ -411,7 +411,44 @@ async fn stop_in_three_languages_opts_out_on_every_instance() {
         (replies.len() == 3).then_some(())
     })
     .await;
-    // The opt-out went out on sendwell.consent for upstream too (and every instance).
+    // START opts back in (to what the number had before) and starts a new double opt-in:
+    // one question, from one instance, and no marketing until it is answered.
+    let body = inbound_text_webhook(&numbers[0], "Start");
+    let status = reqwest::Client::new()
+        .post(format!("http://{}/webhook", app.webhook()))
+        .header("content-type", "application/json")
+        .header(
+            "x-hub-signature-256",
+            sendwell::webhook::signature::sign(APP_SECRET.as_bytes(), &body),
+        )
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
+    for l in &ledgers {
+        wait_flags(l, &numbers[0], Some(OPTED_IN)).await;
+    }
+    let sandbox = env.sandbox.clone();
+    let first = numbers[0].clone();
+    wait_for("the new double opt-in question", T, async || {
+        sandbox
+            .accepted()
+            .into_iter()
+            .find(|r| r.to == first && r.kind == "interactive")
+    })
+    .await;
+    env.publish(&[template_job("after-start", &numbers[0])])
+        .await;
+    assert_eq!(outcome(&env, "after-start").await["reason"], "no_consent");
+    let questions = env
+        .sandbox
+        .accepted()
+        .iter()
+        .filter(|r| r.to == numbers[0] && r.kind == "interactive")
+        .count();
+    assert_eq!(questions, 1);
     shutdown2.cancel();
     let _ = app2.wait().await;
     app.stop().await;

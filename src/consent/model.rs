@@ -254,4 +254,141 @@ mod tests {
         let s = summarize(&[f(1000, Kind::OptIn, &["a"]), f(1000, Kind::OptOut, &["a"])]);
         assert_eq!(s["a"].flags, OPTED_OUT);
     }
+
+    fn purpose(categories: &[Category], double: Option<bool>, expire_days: Option<u64>) -> Purpose {
+        Purpose {
+            name: "p".into(),
+            description: None,
+            categories: categories.to_vec(),
+            double_opt_in: double,
+            expire_after: expire_days.map(|d| std::time::Duration::from_secs(d * 86400)),
+        }
+    }
+
+    fn job(category: Category) -> JobFacts<'static> {
+        JobFacts {
+            category,
+            purpose: Some("p"),
+            has_source_filter: false,
+        }
+    }
+
+    fn found(flags: u8, at: u32) -> Found {
+        Found {
+            flags: Some(flags),
+            consented_at: at,
+            globally_opted_out: false,
+            source_matches: true,
+        }
+    }
+
+    fn reason(d: Decision) -> &'static str {
+        match d {
+            Decision::Allow => "allow",
+            Decision::Suppress { reason, .. } => reason,
+        }
+    }
+
+    #[test]
+    fn the_contract_rules_per_category() {
+        let both = purpose(&[Category::Marketing, Category::Utility], None, None);
+        let opted_in = found(OPTED_IN, 0);
+        let confirmed = found(OPTED_IN | CONFIRMED, 0);
+        assert_eq!(
+            reason(decide(&opted_in, &job(Category::Marketing), Some(&both), 0)),
+            "no_consent"
+        );
+        assert_eq!(
+            reason(decide(
+                &confirmed,
+                &job(Category::Marketing),
+                Some(&both),
+                0
+            )),
+            "allow"
+        );
+        assert_eq!(
+            reason(decide(&opted_in, &job(Category::Utility), Some(&both), 0)),
+            "allow"
+        );
+        let nothing = Found::default();
+        assert_eq!(
+            reason(decide(&nothing, &job(Category::Utility), Some(&both), 0)),
+            "no_consent"
+        );
+        let out = found(OPTED_OUT, 0);
+        assert_eq!(
+            reason(decide(&out, &job(Category::Utility), Some(&both), 0)),
+            "opted_out"
+        );
+        let global = Found {
+            globally_opted_out: true,
+            ..Found::default()
+        };
+        assert_eq!(
+            reason(decide(&global, &job(Category::Marketing), Some(&both), 0)),
+            "opted_out"
+        );
+        // Authentication and service need no marketing consent, even after an opt-out.
+        assert_eq!(
+            reason(decide(&out, &job(Category::Authentication), None, 0)),
+            "allow"
+        );
+        assert_eq!(
+            reason(decide(&global, &job(Category::Service), None, 0)),
+            "allow"
+        );
+    }
+
+    #[test]
+    fn per_purpose_rules_categories_and_expiry() {
+        let single = purpose(&[Category::Marketing], Some(false), Some(30));
+        let opted_in = found(OPTED_IN, 1_000_000);
+        let day = 86400;
+        assert_eq!(
+            reason(decide(
+                &opted_in,
+                &job(Category::Marketing),
+                Some(&single),
+                1_000_000 + 29 * day
+            )),
+            "allow"
+        );
+        assert_eq!(
+            reason(decide(
+                &opted_in,
+                &job(Category::Marketing),
+                Some(&single),
+                1_000_000 + 31 * day
+            )),
+            "consent_expired"
+        );
+        // This purpose does not cover utility messages.
+        assert_eq!(
+            reason(decide(
+                &opted_in,
+                &job(Category::Utility),
+                Some(&single),
+                1_000_000
+            )),
+            "no_consent"
+        );
+        let strict = purpose(&[Category::Utility], Some(true), None);
+        assert_eq!(
+            reason(decide(&opted_in, &job(Category::Utility), Some(&strict), 0)),
+            "no_consent"
+        );
+        let filtered = JobFacts {
+            has_source_filter: true,
+            ..job(Category::Marketing)
+        };
+        let wrong_source = Found {
+            source_matches: false,
+            ..opted_in
+        };
+        assert_eq!(
+            reason(decide(&wrong_source, &filtered, Some(&single), 1_000_000)),
+            "no_consent"
+        );
+    }
 }
