@@ -119,7 +119,7 @@ async fn each_job_needs_the_consent_its_purpose_and_category_demand() {
     // An opt-out of everything; an older opt-in arriving late does not undo it, and a replay
     // of the opt-out changes nothing.
     let out = consent("opt_out", &b, &[], t0 + Duration::from_secs(120));
-    env.publish_consent(&[out.clone()]).await;
+    env.publish_consent(std::slice::from_ref(&out)).await;
     wait_flags(&ledger, &b, Some(OPTED_OUT)).await;
     let before = history_len(&ledger, &b);
     env.publish_consent(&[

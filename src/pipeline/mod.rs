@@ -309,7 +309,7 @@ impl Pipeline {
         };
         let consent = &self.accounts.get(&job.account)?.config.consent;
         let listed = consent.opt_out_templates.as_ref()?;
-        if listed.iter().any(|n| *n == t.name) {
+        if listed.contains(&t.name) {
             return None;
         }
         let refuse = consent.templates_without_opt_out == TemplatesWithoutOptOut::Refuse;
