@@ -263,7 +263,9 @@ impl Worker {
         crate::metrics::consent_event(ev.kind.as_str(), applied.as_str());
         crate::metrics::consent_cache_entries(self.consent.store.cached_entries());
         if applied == Applied::Erased {
-            self.pipeline.meta.forget_inbound(ev.to.digits());
+            self.pipeline
+                .meta
+                .forget_inbound(ev.to.digits(), ev.at.as_millisecond());
             tracing::info!(to = %ev.to.masked(), "Number erased.");
         }
         if item.ask {

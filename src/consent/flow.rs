@@ -125,10 +125,11 @@ impl ConsentFlow {
                 let p = normalize(p);
                 normalize(payload) == p || normalize(text) == p
             });
+        // Dated when read, not by Meta's timestamp: those are whole seconds, too coarse to
+        // order a STOP against an opt-in (or a START) in the same second, and the customer sent
+        // the message no later than we read it.
+        let at = m.at.max(Timestamp::now());
         if button || words.out.matches(text) {
-            // Meta's timestamps are whole seconds: the STOP is dated at the end of its second, so
-            // an opt-in earlier in the same second cannot outrank it.
-            let at = m.at + Duration::from_millis(999);
             self.drop_pending(&digits, &account).await?;
             let source = if button {
                 SOURCE_BUTTON
@@ -141,9 +142,6 @@ impl ConsentFlow {
         if let Some(p) = self.pending(&digits, &account)?
             && p.expires_ms > now
         {
-            // The reply cannot precede the question: date it no earlier than the asking.
-            let at = Timestamp::from_millisecond(m.at.as_millisecond().max(p.asked_ms + 1))
-                .unwrap_or(m.at);
             if payload == YES_ID || words.yes.matches(text) {
                 self.drop_pending(&digits, &account).await?;
                 crate::metrics::consent_question_answered(&account, "yes");
@@ -167,7 +165,7 @@ impl ConsentFlow {
                     .collect(),
             };
             if !purposes.is_empty() {
-                return Ok(vec![event(Kind::OptIn, purposes, SOURCE_KEYWORD, m.at)]);
+                return Ok(vec![event(Kind::OptIn, purposes, SOURCE_KEYWORD, at)]);
             }
         }
         Ok(Vec::new())

@@ -44,9 +44,9 @@ pub struct ConsentIndex {
     map: DashMap<u64, u64, Hasher>,
     /// Source lists of entries with the overflow bit.
     overflow: DashMap<u64, Box<[u32]>, Hasher>,
-    accounts: HashMap<String, u8>,
+    accounts: HashMap<String, u8, Hasher>,
     /// Purpose name → slot (1..=63); slot 0 is [`ALL`].
-    purposes: HashMap<String, u8>,
+    purposes: HashMap<String, u8, Hasher>,
     sources: RwLock<Interner>,
 }
 
@@ -145,17 +145,6 @@ impl ConsentIndex {
                 if self.map.remove(&k).is_some() {
                     self.overflow.remove(&k);
                 }
-            }
-        }
-    }
-
-    /// Forgets the number under every account.
-    pub fn remove_number(&self, number: u64) {
-        for &a in self.accounts.values() {
-            for slot in 0..=self.purposes.len() as u8 {
-                let k = key(a, slot, number);
-                self.map.remove(&k);
-                self.overflow.remove(&k);
             }
         }
     }

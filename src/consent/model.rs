@@ -75,7 +75,6 @@ pub fn summarize(facts: &[Fact]) -> BTreeMap<String, PurposeState> {
             .map(|f| f.at_ms)
             .max()
     };
-    let mut newest_in_any = None::<i64>;
     for p in named {
         let out_at = newest_out(Some(p));
         let ins: Vec<&Fact> = facts
@@ -88,7 +87,6 @@ pub fn summarize(facts: &[Fact]) -> BTreeMap<String, PurposeState> {
             ins.iter().map(|f| f.at_ms).min(),
             ins.iter().map(|f| f.at_ms).max(),
         ) {
-            newest_in_any = newest_in_any.max(Some(last));
             st.flags |= OPTED_IN;
             st.sources = ins.iter().filter_map(|f| f.source.clone()).collect();
             let confirmed = facts
@@ -108,9 +106,9 @@ pub fn summarize(facts: &[Fact]) -> BTreeMap<String, PurposeState> {
         }
         out.insert(p.to_string(), st);
     }
-    if let Some(o) = newest_out(None)
-        && newest_in_any.is_none_or(|i| o >= i)
-    {
+    // Kept whenever the number opted out of everything, so a job for a purpose it never named
+    // is told `opted_out`, not `no_consent`; purposes opted into since have their own entries.
+    if newest_out(None).is_some() {
         out.insert(
             ALL.to_string(),
             PurposeState {
@@ -246,7 +244,7 @@ mod tests {
         facts.push(f(4000, Kind::OptIn, &["news"]));
         let s = summarize(&facts);
         assert_eq!(s["news"].flags, OPTED_IN);
-        assert!(!s.contains_key(ALL));
+        assert_eq!(s[ALL].flags, OPTED_OUT);
     }
 
     #[test]

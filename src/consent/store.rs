@@ -62,7 +62,9 @@ pub struct EraseReport {
 pub struct ConsentStore {
     pub ledger: Ledger,
     index: ConsentIndex,
-    rules: HashMap<String, Purpose>,
+    /// Looked up on every job: a fast hasher (no untrusted keys reach it; purposes are
+    /// validated against config first).
+    rules: HashMap<String, Purpose, foldhash::fast::FixedState>,
     accounts: Vec<String>,
     /// Keys the erasure hashes, so a tombstone does not hold the number.
     erase_key: [u8; 32],
@@ -218,7 +220,7 @@ impl ConsentStore {
         Ok(Arc::new(ConsentStore {
             ledger,
             index,
-            rules,
+            rules: rules.into_iter().collect(),
             accounts,
             erase_key,
         }))
@@ -340,52 +342,94 @@ impl ConsentStore {
         Ok(if known { Applied::Replay } else { Applied::New })
     }
 
-    /// Removes every trace of the number: consent history, summaries, pending confirmations,
-    /// customer-service windows, ledger entries and delivery records of jobs to it, then
-    /// compacts the file so no freed page keeps a copy. Keeps only a keyed hash of the number
-    /// with the erasure time (for `erase_tombstone_retention`), so that an older event arriving
-    /// late does not bring consent back.
+    /// Removes every trace of the number dated at or before `at`: consent history (events
+    /// dated later, such as a STOP sent after the erasure was requested, stay, and the summary
+    /// is recomputed from them), an open question, customer-service windows, and the ledger
+    /// entries, delivery records, wamid index and billing marks of jobs to it; then compacts
+    /// the file so no freed page keeps a copy. Keeps only a keyed hash of the number with the
+    /// erasure time (for `erase_tombstone_retention`), so that an older event arriving late
+    /// does not bring consent back. Dating it makes a late or repeated erasure harmless.
     pub async fn erase(&self, digits: &str, at: Timestamp) -> Result<EraseReport, LedgerError> {
+        let until_ms = at.as_millisecond();
         let mut report = EraseReport::default();
         let mut ops = Vec::new();
         let prefix = number_prefix(digits);
-        report.consent_events = self
-            .ledger
-            .kv_scan_prefix(Table::ConsentHistory, &prefix)?
-            .len() as u64;
-        report.summaries = self
-            .ledger
-            .kv_scan_prefix(Table::ConsentSummary, &prefix)?
-            .len() as u64;
-        report.pending_confirmations = self
-            .ledger
-            .kv_scan_prefix(Table::ConsentPending, &prefix)?
-            .len() as u64;
-        for table in [
-            Table::ConsentHistory,
-            Table::ConsentSummary,
-            Table::ConsentPending,
-        ] {
-            ops.push(KvOp::DeletePrefix {
-                table,
-                prefix: prefix.clone(),
-            });
+        let mut kept: BTreeMap<String, Vec<Fact>> = BTreeMap::new();
+        for (k, v) in self.ledger.kv_scan_prefix(Table::ConsentHistory, &prefix)? {
+            let rest = &k[prefix.len()..];
+            let Some(sep) = rest.iter().position(|b| *b == 0) else {
+                continue;
+            };
+            let account = String::from_utf8_lossy(&rest[..sep]).into_owned();
+            let at_ms = rest
+                .get(sep + 1..sep + 9)
+                .and_then(|b| b.try_into().ok())
+                .map(|b| u64::from_be_bytes(b) as i64)
+                .unwrap_or(i64::MIN);
+            if at_ms <= until_ms {
+                report.consent_events += 1;
+                ops.push(KvOp::Delete {
+                    table: Table::ConsentHistory,
+                    key: k,
+                });
+            } else if let Some(f) = fact_of(&v) {
+                kept.entry(account).or_default().push(f);
+            }
+        }
+        let mut summaries = Vec::new();
+        for (k, _) in self.ledger.kv_scan_prefix(Table::ConsentSummary, &prefix)? {
+            let account = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            let summary = kept
+                .get(&account)
+                .map(|f| model::summarize(f))
+                .unwrap_or_default();
+            if summary.is_empty() {
+                report.summaries += 1;
+                ops.push(KvOp::Delete {
+                    table: Table::ConsentSummary,
+                    key: k,
+                });
+            } else {
+                ops.push(KvOp::Put {
+                    table: Table::ConsentSummary,
+                    key: k,
+                    value: encode_summary(&summary),
+                });
+            }
+            summaries.push((account, summary));
+        }
+        for (k, v) in self.ledger.kv_scan_prefix(Table::ConsentPending, &prefix)? {
+            let asked = serde_json::from_slice::<serde_json::Value>(&v)
+                .ok()
+                .and_then(|p| p["asked_ms"].as_i64())
+                .unwrap_or(i64::MIN);
+            if asked <= until_ms {
+                report.pending_confirmations += 1;
+                ops.push(KvOp::Delete {
+                    table: Table::ConsentPending,
+                    key: k,
+                });
+            }
         }
         for a in &self.accounts {
             let k = format!("{a}|{digits}").into_bytes();
-            if self.ledger.kv_get(Table::Inbound, &k)?.is_some() {
+            let opened = self
+                .ledger
+                .kv_get(Table::Inbound, &k)?
+                .and_then(|v| v.as_slice().try_into().ok().map(i64::from_le_bytes));
+            if opened.is_some_and(|t| t <= until_ms) {
                 report.other_rows += 1;
+                ops.push(KvOp::Delete {
+                    table: Table::Inbound,
+                    key: k,
+                });
             }
-            ops.push(KvOp::Delete {
-                table: Table::Inbound,
-                key: k,
-            });
         }
         // Jobs to the number: their ledger entries, delivery state, wamid index and billing marks.
         let ledger = self.ledger.clone();
         let needle = format!("\"to\":\"+{digits}\"");
         let (ids, wamids) = tokio::task::spawn_blocking(move || {
-            let ids = ledger.job_ids_mentioning(needle.as_bytes())?;
+            let ids = ledger.job_ids_mentioning(needle.as_bytes(), until_ms)?;
             let wanted: std::collections::HashSet<&[u8]> =
                 ids.iter().map(|i| i.as_bytes()).collect();
             let mut wamids = Vec::new();
@@ -419,17 +463,17 @@ impl ConsentStore {
             report.other_rows += 1;
         }
         ops.push(KvOp::DeleteJobs { ids });
-        let at_ms = at
-            .as_millisecond()
-            .max(self.erased_at(digits)?.unwrap_or(i64::MIN));
+        let tombstone = until_ms.max(self.erased_at(digits)?.unwrap_or(i64::MIN));
         ops.push(KvOp::Put {
             table: Table::ConsentErased,
             key: self.tombstone_key(digits),
-            value: at_ms.to_le_bytes().to_vec(),
+            value: tombstone.to_le_bytes().to_vec(),
         });
         self.ledger.kv_many(ops).await?;
         if let Some(n) = number_key(digits) {
-            self.index.remove_number(n);
+            for (account, summary) in &summaries {
+                self.index.set(account, n, summary);
+            }
         }
         // Deleted rows live on in freed pages until overwritten (redb is copy-on-write):
         // compaction rewrites them away, so the file itself no longer holds the number.

@@ -123,13 +123,14 @@ impl MetaState {
             .await
     }
 
-    /// Forgets a number's customer-service windows in memory (erasure removes the rows).
-    pub fn forget_inbound(&self, digits: &str) {
+    /// Forgets a number's customer-service windows opened at or before `until_ms`, in memory
+    /// (erasure removes the rows).
+    pub fn forget_inbound(&self, digits: &str, until_ms: i64) {
         let suffix = format!("|{digits}");
         self.inbound
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|k, _| !k.ends_with(&suffix));
+            .retain(|k, at| !(k.ends_with(&suffix) && *at <= until_ms));
     }
 
     /// The blocking state of a template for an account of `waba_id` (None: any WABA).

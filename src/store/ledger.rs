@@ -458,16 +458,21 @@ impl Ledger {
         self.write(Op::Compact).await
     }
 
-    /// Job ids whose stored outcome event contains `needle` (a scan: for erasure, not the hot
-    /// path).
-    pub fn job_ids_mentioning(&self, needle: &[u8]) -> Result<Vec<String>, LedgerError> {
+    /// Job ids whose stored outcome event contains `needle` and that last changed at or before
+    /// `until_ms` (a scan: for erasure, not the hot path).
+    pub fn job_ids_mentioning(
+        &self,
+        needle: &[u8],
+        until_ms: i64,
+    ) -> Result<Vec<String>, LedgerError> {
         let g = read(&self.db);
         let r = g.begin_read()?;
         let t = r.open_table(LEDGER)?;
         let mut ids = Vec::new();
         for row in t.iter()? {
             let (k, v) = row?;
-            if v.value().windows(needle.len()).any(|w| w == needle) {
+            let old = LedgerEntry::decode(v.value()).is_none_or(|e| e.updated_ms <= until_ms);
+            if old && v.value().windows(needle.len()).any(|w| w == needle) {
                 ids.push(k.value().to_string());
             }
         }
