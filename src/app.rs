@@ -224,13 +224,22 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         shutdown.clone(),
     ));
 
-    let admin_router = crate::http::router(metrics.clone(), readiness.clone());
+    let admin_router = crate::http::router_with_consent(
+        metrics.clone(),
+        readiness.clone(),
+        consent.clone(),
+        config.state.dir.clone(),
+    );
     let admin_shutdown = CancellationToken::new();
     let admin_stop = admin_shutdown.clone();
     let admin_task = tokio::spawn(async move {
-        let r = axum::serve(admin, admin_router)
-            .with_graceful_shutdown(async move { admin_stop.cancelled().await })
-            .await;
+        // The consent endpoints decide by the peer's address.
+        let r = axum::serve(
+            admin,
+            admin_router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { admin_stop.cancelled().await })
+        .await;
         if let Err(e) = r {
             tracing::error!(error = %e, "Admin listener failed.");
         }

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use sendwell::cloud_api::sandbox::{Sandbox, SandboxArgs};
 use sendwell::config::{Config, DEFAULT_CONFIG_PATH, LogFormat};
+use sendwell::consent::tools::{self, Format};
 
 #[derive(Parser)]
 #[command(
@@ -46,6 +47,101 @@ enum Command {
     Publish(PublishArgs),
     /// Print outcome events (JSON lines) as they are published to sendwell.outcomes.
     Tail(TailArgs),
+    /// GDPR tools: show, export, import or erase consent, whether the daemon runs or not.
+    #[command(
+        subcommand,
+        long_about = "GDPR tools over the consent store, whether the daemon runs or not.\n\n\
+When no daemon holds the state store (config state.dir), the tools open it directly. When one \
+does, show and export read through its admin listener (admin.listen; the consent endpoints \
+answer loopback clients only), and import and erase publish consent events to sendwell.consent, \
+which every daemon instance consumes and applies.\n\n\
+Exit codes: 0 done, 64 bad usage or config, 65 rejected rows (the valid ones are applied), \
+66 input not readable, 69 broker or daemon unreachable, 73 state store problem, 74 output not \
+writable, 75 erasure published but not applied by the daemon within 30 s."
+    )]
+    Consent(ConsentCommand),
+}
+
+#[derive(Subcommand)]
+enum ConsentCommand {
+    /// Print a number's consent proof: every event with source, evidence and time.
+    ///
+    /// Then, per account and purpose, what the events add up to (opted in, confirmed, opted
+    /// out, consented at). Prints the full number: it is the data subject's own proof (logs
+    /// mask numbers).
+    Show {
+        /// The number in E.164 form; spaces and punctuation are fine: "+49 170 1234567".
+        number: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Write every stored consent event, as JSON lines (lossless) or CSV.
+    Export {
+        #[arg(long, value_enum, default_value_t = Format::Jsonl)]
+        format: Format,
+        /// Write to this file (created whole or not at all) instead of standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Import consent events in bulk (e.g. a CRM export), validated; idempotent.
+    #[command(long_about = "Import consent events in bulk (e.g. a CRM export).\n\n\
+Each row is validated like an event on sendwell.consent (CONTRACT §4); numbers may carry spaces \
+and punctuation but need + or 00 and the country code. CSV needs a header naming its columns: \
+type,account,to,purposes,source,at,evidence (purposes joined with |; type, account, to and at \
+required; an unknown column refuses the whole file). Importing the same rows again changes \
+nothing.\n\n\
+The report lists rows read, applied (new), already present, void (dated at or before an \
+erasure of the number) and rejected, with each rejected row as `line N: reason: detail`. \
+Exit 65 when some rows were rejected; the valid ones are applied all the same.\n\n\
+With the daemon running, the valid events are published to sendwell.consent (with publisher \
+confirms) and every instance applies them. With it stopped, they are applied to the store \
+here; --publish also publishes them, so that other instances (other shards, other state \
+directories) learn them too.")]
+    Import {
+        /// The file; `-` reads standard input.
+        file: PathBuf,
+        /// Default: from the extension (.csv; .jsonl, .ndjson, .json); JSON lines for `-`.
+        #[arg(long, value_enum)]
+        format: Option<Format>,
+        /// Validate only: apply and publish nothing.
+        #[arg(long, conflicts_with = "publish")]
+        dry_run: bool,
+        /// When the daemon is stopped: also publish the events to sendwell.consent for the
+        /// other instances (a running daemon is always reached through the broker).
+        #[arg(long)]
+        publish: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Erase every trace of a number (irreversible: needs --yes).
+    #[command(
+        long_about = "Erase every trace of a number (GDPR art. 17): its consent history \
+and summaries, pending double opt-in questions, customer-service windows, and the ledger \
+entries, delivery records and wamid index of jobs sent to it. Only a keyed hash of the number \
+and the erasure time remain, so that an older event arriving late cannot bring consent back. \
+Irreversible: needs --yes.\n\n\
+With the daemon running, an erase event is published to sendwell.consent; every instance \
+applies it, and this command waits (up to 30 s) until the daemon shows the number erased. \
+With it stopped, the store is erased and compacted here; --publish also publishes the erase \
+event, so that other instances (other shards, other state directories) forget the number too."
+    )]
+    Erase {
+        /// The number in E.164 form; spaces and punctuation are fine.
+        number: String,
+        /// Confirm: the erasure cannot be undone.
+        #[arg(long)]
+        yes: bool,
+        /// When the daemon is stopped: also publish the erase event to sendwell.consent.
+        #[arg(long)]
+        publish: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
 }
 
 #[derive(Args)]
@@ -117,6 +213,7 @@ fn main() -> ExitCode {
             Command::CheckConfig { path, config } => check_config(path.unwrap_or(config.config)),
             Command::Sandbox(args) => sandbox(args).await,
             Command::Publish(args) => publish(args).await,
+            Command::Consent(c) => consent(c).await,
             Command::Tail(a) => {
                 match sendwell::publish::tail_outcomes(
                     &a.url,
@@ -303,4 +400,71 @@ async fn publish(a: PublishArgs) -> i32 {
             69
         }
     }
+}
+
+async fn consent(cmd: ConsentCommand) -> i32 {
+    if let ConsentCommand::Erase { yes: false, .. } = cmd {
+        eprintln!(
+            "sendwell consent erase: this removes every trace of the number and cannot be undone; run again with --yes"
+        );
+        return tools::EX_USAGE;
+    }
+    let path = match &cmd {
+        ConsentCommand::Show { config, .. }
+        | ConsentCommand::Export { config, .. }
+        | ConsentCommand::Import { config, .. }
+        | ConsentCommand::Erase { config, .. } => config.config.clone(),
+    };
+    let config = match load(&path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    sendwell::privacy::set_masking(config.log.mask_numbers);
+    init_logging(&config.log.filter, config.log.format);
+    let result = match cmd {
+        ConsentCommand::Show { number, json, .. } => tools::show(&config, &number).await.map(|r| {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            } else {
+                print!("{r}");
+            }
+            0
+        }),
+        ConsentCommand::Export { format, output, .. } => {
+            tools::export(&config, format, output.as_deref())
+                .await
+                .map(|n| {
+                    match n {
+                        tools::Exported::Events(n) => eprintln!("exported {n} consent event(s)"),
+                        tools::Exported::Bytes(n) => {
+                            eprintln!("exported {n} bytes through the running daemon")
+                        }
+                    }
+                    0
+                })
+        }
+        ConsentCommand::Import {
+            file,
+            format,
+            dry_run,
+            publish,
+            ..
+        } => tools::import(&config, &file, format, dry_run, publish)
+            .await
+            .map(|r| {
+                print!("{r}");
+                r.exit_code()
+            }),
+        ConsentCommand::Erase {
+            number, publish, ..
+        } => tools::erase(&config, &number, publish).await.map(|e| {
+            let shown = tools::parse_number(&number).map_or(number, |n| n.as_str().to_string());
+            println!("{}", e.describe(&shown));
+            0
+        }),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("sendwell consent: {e}");
+        e.exit_code()
+    })
 }
