@@ -274,6 +274,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
             .clone()
             .purge_loop(config.state.ledger_retention, shutdown.clone()),
     );
+    tokio::spawn(consent.clone().compactor(shutdown.clone()));
+    let final_compaction = consent.clone();
     let tombstones = config.consent.erase_tombstone_retention;
     let purge_stop = shutdown.clone();
     tokio::spawn(async move {
@@ -297,6 +299,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     let join = tokio::spawn(async move {
         let result = crate::amqp::run(worker, broker_cfg, broker_flag, stop.clone(), grace).await;
         stop.cancel();
+        // An erasure whose compaction was still waiting must not leave the number in the file.
+        if let Err(e) = final_compaction.compact_if_due().await {
+            tracing::warn!(error = %e, "Compacting the state store after an erasure failed.");
+        }
         admin_shutdown.cancel();
         let _ = admin_task.await;
         if let Some(t) = webhook_task {

@@ -815,10 +815,16 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
     let mut seen = HashSet::new();
     let mut purposes = Vec::new();
     for (i, p) in f.purposes.iter().enumerate() {
-        if p.name.is_empty() || p.name == "*" || !seen.insert(p.name.clone()) {
+        // Names travel in CSV exports (`|`-joined), store keys and metric labels: keep them
+        // plain.
+        let plain = p
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+        if p.name.is_empty() || p.name.len() > 64 || !plain || !seen.insert(p.name.clone()) {
             problem(
                 &format!("purposes[{i}].name"),
-                "must be non-empty, not `*`, and unique".into(),
+                "must be 1 to 64 letters, digits, `_`, `-` or `.`, and unique".into(),
             );
         }
         let mut categories = Vec::new();

@@ -7,19 +7,46 @@ use std::time::Duration;
 
 use common::*;
 
-fn spawn_daemon(env: &TestEnv) -> Child {
+/// The daemon as a child process, killed when dropped so a failing test leaves none behind.
+struct Daemon(Child);
+
+impl std::ops::Deref for Daemon {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Daemon {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn spawn_daemon(env: &TestEnv) -> Daemon {
     spawn_daemon_with(env, &[])
 }
 
-fn spawn_daemon_with(env: &TestEnv, vars: &[(&str, &str)]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_sendwell"))
-        .envs(vars.iter().copied())
-        .args(["run", "--config"])
-        .arg(&env.config_path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("the daemon starts")
+fn spawn_daemon_with(env: &TestEnv, vars: &[(&str, &str)]) -> Daemon {
+    Daemon(
+        Command::new(env!("CARGO_BIN_EXE_sendwell"))
+            .envs(vars.iter().copied())
+            .args(["run", "--config"])
+            .arg(&env.config_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the daemon starts"),
+    )
 }
 
 fn signal(child: &Child, sig: &str) {

@@ -66,6 +66,9 @@ struct ConsentItem {
     /// Came through `sendwell.jobs` as a question request: this shard owns the number and
     /// asks the double opt-in question.
     ask: bool,
+    /// Published by `sendwell consent import`: history from a CRM, not a customer opting in
+    /// right now, so nobody is asked "are you sure?".
+    imported: bool,
 }
 
 enum Work {
@@ -243,6 +246,9 @@ impl Worker {
             }
             Ok(event) => {
                 let key: Arc<str> = event.to.as_str().into();
+                let imported =
+                    header_str(&delivery.properties, crate::consent::tools::HEADER_ORIGIN)
+                        == Some("consent_import");
                 self.enqueue(
                     key,
                     Work::Consent(ConsentItem {
@@ -250,6 +256,7 @@ impl Worker {
                         event,
                         session: session.clone(),
                         ask,
+                        imported,
                     }),
                 );
             }
@@ -274,7 +281,7 @@ impl Worker {
             {
                 self.consent.question_failed(ev).await?;
             }
-        } else if applied != Applied::Void && self.consent.wants_question(ev) {
+        } else if applied != Applied::Void && !item.imported && self.consent.wants_question(ev) {
             // Every instance hears every opt-in; only the shard that owns the number asks.
             let mut headers = FieldTable::default();
             headers.insert(

@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use hmac::{KeyInit, Mac};
 use jiff::Timestamp;
@@ -68,6 +69,9 @@ pub struct ConsentStore {
     accounts: Vec<String>,
     /// Keys the erasure hashes, so a tombstone does not hold the number.
     erase_key: [u8; 32],
+    /// An erasure left freed pages holding the number: compact soon (see [`Self::compactor`]).
+    compaction_due: AtomicBool,
+    compaction_wanted: tokio::sync::Notify,
 }
 
 fn sep(parts: &[&[u8]]) -> Vec<u8> {
@@ -223,6 +227,8 @@ impl ConsentStore {
             rules: rules.into_iter().collect(),
             accounts,
             erase_key,
+            compaction_due: AtomicBool::new(false),
+            compaction_wanted: tokio::sync::Notify::new(),
         }))
     }
 
@@ -345,8 +351,8 @@ impl ConsentStore {
     /// Removes every trace of the number dated at or before `at`: consent history (events
     /// dated later, such as a STOP sent after the erasure was requested, stay, and the summary
     /// is recomputed from them), an open question, customer-service windows, and the ledger
-    /// entries, delivery records, wamid index and billing marks of jobs to it; then compacts
-    /// the file so no freed page keeps a copy. Keeps only a keyed hash of the number with the
+    /// entries, delivery records, wamid index and billing marks of jobs to it; then asks for a
+    /// compaction ([`Self::compact_if_due`]) so no freed page keeps a copy. Keeps only a keyed hash of the number with the
     /// erasure time (for `erase_tombstone_retention`), so that an older event arriving late
     /// does not bring consent back. Dating it makes a late or repeated erasure harmless.
     pub async fn erase(&self, digits: &str, at: Timestamp) -> Result<EraseReport, LedgerError> {
@@ -477,8 +483,46 @@ impl ConsentStore {
         }
         // Deleted rows live on in freed pages until overwritten (redb is copy-on-write):
         // compaction rewrites them away, so the file itself no longer holds the number.
-        self.ledger.compact().await?;
+        self.compaction_due.store(true, Ordering::SeqCst);
+        self.compaction_wanted.notify_one();
         Ok(report)
+    }
+
+    /// Compacts the store if an erasure happened since the last compaction. Tools call it
+    /// before they exit; the daemon's [`Self::compactor`] calls it after a burst of erasures
+    /// and at shutdown.
+    pub async fn compact_if_due(&self) -> Result<bool, LedgerError> {
+        if !self.compaction_due.swap(false, Ordering::SeqCst) {
+            return Ok(false);
+        }
+        let started = std::time::Instant::now();
+        if let Err(e) = self.ledger.compact().await {
+            self.compaction_due.store(true, Ordering::SeqCst);
+            return Err(e);
+        }
+        tracing::info!(
+            took_ms = started.elapsed().as_millis() as u64,
+            "State store compacted after an erasure."
+        );
+        Ok(true)
+    }
+
+    /// Compacts after erasures, at most once a second: compaction stops every store write
+    /// while it runs, and erasures come in bursts (an import, a batch of requests).
+    pub async fn compactor(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.compaction_wanted.notified() => {}
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            }
+            if let Err(e) = self.compact_if_due().await {
+                tracing::warn!(error = %e, "Compacting the state store after an erasure failed; will try again.");
+            }
+        }
     }
 
     /// Every stored event of a number, oldest first, per account.

@@ -642,6 +642,10 @@ pub async fn import_rows(
     reader
         .await
         .map_err(|e| ToolError::Input(format!("reading the input failed: {e}")))??;
+    if let Some(store) = store {
+        // Erase rows: one compaction for all of them, so no freed page keeps a number.
+        store.compact_if_due().await?;
+    }
     if let Some(p) = publisher {
         report.published = Some(p.wait_confirms().await?);
     }
@@ -1254,8 +1258,9 @@ pub async fn erase(config: &Config, number: &str, publish: bool) -> Result<Erase
             } else {
                 None
             };
-            // The store compacts the file as part of the erasure: no freed page keeps a copy.
             let report = store.erase(to.digits(), now).await?;
+            // No freed page of the file may keep a copy of the number.
+            store.compact_if_due().await?;
             tracing::info!(to = %to.masked(), "Number erased.");
             if let Some(p) = publisher.as_mut() {
                 p.publish(&event.to_json()).await?;

@@ -9,6 +9,7 @@
 //! scheduler guarantees it), so "look up, then write" needs no lock. Each shard owns its own
 //! state directory, so no two processes share a ledger.
 
+use std::ops::Bound;
 use std::path::Path;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::Duration;
@@ -17,6 +18,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
 const LEDGER: TableDefinition<&str, &[u8]> = TableDefinition::new("ledger_v1");
+/// Rows per read transaction in long scans.
+const SCAN_PAGE: usize = 4096;
 
 /// One row of a byte table: key and value.
 pub type KvRow = (Vec<u8>, Vec<u8>);
@@ -437,14 +440,31 @@ impl Ledger {
         table: Table,
         mut f: impl FnMut(&[u8], &[u8]),
     ) -> Result<(), LedgerError> {
-        let g = read(&self.db);
-        let r = g.begin_read()?;
-        let t = r.open_table(table.def())?;
-        for row in t.iter()? {
-            let (k, v) = row?;
-            f(k.value(), v.value());
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            // One page per read transaction: a long scan (an export to a slow client, a load)
+            // never holds the store so long that compaction, and every job behind it, waits.
+            let g = read(&self.db);
+            let r = g.begin_read()?;
+            let t = r.open_table(table.def())?;
+            let rows = match &after {
+                None => t.iter()?,
+                Some(k) => t.range::<&[u8]>((Bound::Excluded(k.as_slice()), Bound::Unbounded))?,
+            };
+            let mut last = None;
+            for (n, row) in rows.enumerate() {
+                let (k, v) = row?;
+                f(k.value(), v.value());
+                if n + 1 == SCAN_PAGE {
+                    last = Some(k.value().to_vec());
+                    break;
+                }
+            }
+            match last {
+                Some(k) => after = Some(k),
+                None => return Ok(()),
+            }
         }
-        Ok(())
     }
 
     /// Applies all `ops` in one transaction: all or nothing.
@@ -459,24 +479,39 @@ impl Ledger {
     }
 
     /// Job ids whose stored outcome event contains `needle` and that last changed at or before
-    /// `until_ms` (a scan: for erasure, not the hot path).
+    /// `until_ms` (a scan, page by page: for erasure, not the hot path).
     pub fn job_ids_mentioning(
         &self,
         needle: &[u8],
         until_ms: i64,
     ) -> Result<Vec<String>, LedgerError> {
-        let g = read(&self.db);
-        let r = g.begin_read()?;
-        let t = r.open_table(LEDGER)?;
         let mut ids = Vec::new();
-        for row in t.iter()? {
-            let (k, v) = row?;
-            let old = LedgerEntry::decode(v.value()).is_none_or(|e| e.updated_ms <= until_ms);
-            if old && v.value().windows(needle.len()).any(|w| w == needle) {
-                ids.push(k.value().to_string());
+        let mut after: Option<String> = None;
+        loop {
+            let g = read(&self.db);
+            let r = g.begin_read()?;
+            let t = r.open_table(LEDGER)?;
+            let rows = match &after {
+                None => t.iter()?,
+                Some(k) => t.range::<&str>((Bound::Excluded(k.as_str()), Bound::Unbounded))?,
+            };
+            let mut last = None;
+            for (n, row) in rows.enumerate() {
+                let (k, v) = row?;
+                let old = LedgerEntry::decode(v.value()).is_none_or(|e| e.updated_ms <= until_ms);
+                if old && v.value().windows(needle.len()).any(|w| w == needle) {
+                    ids.push(k.value().to_string());
+                }
+                if n + 1 == SCAN_PAGE {
+                    last = Some(k.value().to_string());
+                    break;
+                }
+            }
+            match last {
+                Some(k) => after = Some(k),
+                None => return Ok(ids),
             }
         }
-        Ok(ids)
     }
 
     /// Every key and value of every table, for tests that prove a number is gone.
@@ -743,5 +778,24 @@ mod tests {
         for i in 0..500 {
             assert!(l.get(&format!("id-{i}")).unwrap().is_some());
         }
+    }
+
+    #[tokio::test]
+    async fn a_paged_scan_visits_every_row_once_in_order() {
+        let l = Ledger::open_in_memory().unwrap();
+        let n = SCAN_PAGE * 2 + 17;
+        let ops = (0..n)
+            .map(|i| KvOp::Put {
+                table: Table::ConsentSummary,
+                key: format!("{i:08}").into_bytes(),
+                value: vec![1],
+            })
+            .collect();
+        l.kv_many(ops).await.unwrap();
+        let mut seen = Vec::new();
+        l.kv_for_each(Table::ConsentSummary, |k, _| seen.push(k.to_vec()))
+            .unwrap();
+        let want: Vec<Vec<u8>> = (0..n).map(|i| format!("{i:08}").into_bytes()).collect();
+        assert_eq!(seen, want);
     }
 }
