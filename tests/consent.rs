@@ -521,6 +521,10 @@ async fn erase_leaves_no_byte_of_the_number_in_the_state_store() {
         dump_has(&ledger, digits.as_bytes()),
         "the number is in the store before"
     );
+    // wamids (Meta's and the sandbox's) carry the number in base64.
+    let b64 = sendwell::cloud_api::sandbox::base64(digits.as_bytes());
+    let b64 = &b64.as_bytes()[..digits.len() / 3 * 4];
+    assert!(dump_has(&ledger, b64), "and in base64, in its wamids");
 
     env.publish_consent(&[consent("erase", &n, &[], jiff::Timestamp::now())])
         .await;
@@ -528,6 +532,7 @@ async fn erase_leaves_no_byte_of_the_number_in_the_state_store() {
         (!dump_has(&ledger, digits.as_bytes())).then_some(())
     })
     .await;
+    assert!(!dump_has(&ledger, b64));
     assert_eq!(
         consent_flags(&ledger, &keep, "newsletter"),
         Some(OPTED_IN | CONFIRMED)
@@ -558,7 +563,7 @@ async fn erase_leaves_no_byte_of_the_number_in_the_state_store() {
     let file = std::fs::read(env.config().state.dir.join("state.redb")).unwrap();
     let be = digits.parse::<u64>().unwrap().to_be_bytes();
     let le = digits.parse::<u64>().unwrap().to_le_bytes();
-    for needle in [digits.as_bytes(), &be[2..], &le[..6]] {
+    for needle in [digits.as_bytes(), &be[2..], &le[..6], b64] {
         assert!(
             !file.windows(needle.len()).any(|w| w == needle),
             "{needle:?} found in state.redb"
