@@ -1,4 +1,5 @@
 //! Criterion micro-benches for the per-job hot functions: decode + validate, E.164 parsing,
+//! the consent check (small cache; `benches/consent.rs` measures it at 10 million records),
 //! request body building, outcome event encoding, error classification.
 //! Run: `cargo bench --bench hot`.
 
@@ -8,6 +9,8 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use sendwell::cloud_api::classify::classify_response;
 use sendwell::cloud_api::request::build_body;
 use sendwell::config::Config;
+use sendwell::consent::{ConsentStore, Decision, EventDecoder};
+use sendwell::store::Ledger;
 use sendwell::job::{Outcome, OutcomeEvent};
 use sendwell::pipeline::decode::{Decoder, parse_e164};
 
@@ -24,7 +27,7 @@ const JOB: &[u8] = br#"{
   "metadata": { "campaign": "spring-2027" }
 }"#;
 
-fn decoder() -> Decoder {
+fn config() -> Config {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("token"), "t").unwrap();
     let p = dir.path().join("c.toml");
@@ -33,11 +36,12 @@ fn decoder() -> Decoder {
         "[[purposes]]\nname = \"newsletter\"\n[[accounts]]\nname = \"acme-de\"\nphone_number_id = \"1\"\ntoken_file = \"token\"\n",
     )
     .unwrap();
-    Decoder::new(&Config::load(&p).unwrap())
+    Config::load(&p).unwrap()
 }
 
 fn benches(c: &mut Criterion) {
-    let d = decoder();
+    let config = config();
+    let d = Decoder::new(&config);
     c.bench_function("decode_and_validate_job", |b| {
         b.iter(|| d.decode(black_box(JOB)).unwrap())
     });
@@ -45,6 +49,26 @@ fn benches(c: &mut Criterion) {
         b.iter(|| parse_e164(black_box("+491701234567")).unwrap())
     });
     let job = d.decode(JOB).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store = rt.block_on(async {
+        let store = ConsentStore::load(Ledger::open_in_memory().unwrap(), &config)
+            .await
+            .unwrap();
+        let decoder = EventDecoder::new(&config);
+        for kind in ["opt_in", "confirm"] {
+            let ev = format!(
+                r#"{{"type":"{kind}","account":"acme-de","to":"+491701234567","purposes":["newsletter"],"source":"web","at":"2026-11-01T00:00:00Z"}}"#
+            );
+            let ev = decoder.decode(ev.as_bytes(), jiff::Timestamp::now()).unwrap();
+            store.apply(&ev).await.unwrap();
+        }
+        store
+    });
+    let now = jiff::Timestamp::now();
+    assert_eq!(store.check(&job, now), Decision::Allow);
+    c.bench_function("consent_check", |b| {
+        b.iter(|| store.check(black_box(&job), now))
+    });
     c.bench_function("build_request_body", |b| {
         b.iter(|| build_body(black_box(&job), None))
     });
