@@ -19,6 +19,7 @@ use std::sync::RwLock;
 use dashmap::DashMap;
 
 use super::model::{ALL, Found, PurposeState};
+use super::store::EncodedEntry;
 
 type Hasher = foldhash::fast::FixedState;
 
@@ -34,6 +35,10 @@ pub fn number_key(digits: &str) -> Option<u64> {
         return None;
     }
     digits.parse().ok()
+}
+
+fn pack(consented_at: u32, flags: u8, source_bits: u64) -> u64 {
+    ((consented_at as u64) << 32) | ((flags as u64 & 0xf) << FLAGS_SHIFT) | source_bits
 }
 
 fn key(account: u8, slot: u8, number: u64) -> u64 {
@@ -130,9 +135,7 @@ impl ConsentIndex {
                     }
                 }
             }
-            let v =
-                ((st.consented_at as u64) << 32) | ((st.flags as u64 & 0xf) << FLAGS_SHIFT) | bits;
-            self.map.insert(k, v);
+            self.map.insert(k, pack(st.consented_at, st.flags, bits));
             if extra.is_empty() {
                 self.overflow.remove(&k);
             } else {
@@ -146,6 +149,39 @@ impl ConsentIndex {
                     self.overflow.remove(&k);
                 }
             }
+        }
+    }
+
+    /// Adds one stored entry at start-up (the number has no other entry for this purpose yet).
+    pub fn load(&self, account: &str, number: u64, e: &EncodedEntry) {
+        let (Some(&a), Some(slot)) = (self.accounts.get(account), self.slot(e.purpose)) else {
+            return;
+        };
+        let k = key(a, slot, number);
+        let mut bits = 0u64;
+        let mut extra = Vec::new();
+        for s in e.sources() {
+            let known = self
+                .sources
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .ids
+                .get(s)
+                .copied();
+            let id = match known {
+                Some(id) => id,
+                None => self.sources.write().unwrap_or_else(|e| e.into_inner()).id(s),
+            };
+            if id < SOURCE_BITS {
+                bits |= 1 << id;
+            } else {
+                bits |= OVERFLOW;
+                extra.push(id);
+            }
+        }
+        self.map.insert(k, pack(e.consented_at, e.flags, bits));
+        if !extra.is_empty() {
+            self.overflow.insert(k, extra.into_boxed_slice());
         }
     }
 

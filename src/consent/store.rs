@@ -128,7 +128,30 @@ pub fn encode_summary(summary: &BTreeMap<String, PurposeState>) -> Vec<u8> {
     v
 }
 
-pub fn decode_summary(mut b: &[u8]) -> Option<BTreeMap<String, PurposeState>> {
+/// One purpose of an encoded summary, borrowed from the stored bytes (loading ten million of
+/// them allocates nothing per row).
+pub struct EncodedEntry<'a> {
+    pub purpose: &'a str,
+    pub consented_at: u32,
+    pub flags: u8,
+    /// Length-prefixed source strings, already checked to be well formed.
+    sources: &'a [u8],
+}
+
+impl<'a> EncodedEntry<'a> {
+    pub fn sources(&self) -> impl Iterator<Item = &'a str> + 'a {
+        let mut b = self.sources;
+        std::iter::from_fn(move || {
+            let (&n, rest) = b.split_first()?;
+            let (s, rest) = rest.split_at_checked(n as usize)?;
+            b = rest;
+            std::str::from_utf8(s).ok()
+        })
+    }
+}
+
+/// Calls `f` for each purpose of an encoded summary; false if the bytes are malformed.
+pub fn for_each_encoded<'a>(mut b: &'a [u8], mut f: impl FnMut(EncodedEntry<'a>)) -> bool {
     fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
         if b.len() < n {
             return None;
@@ -137,28 +160,46 @@ pub fn decode_summary(mut b: &[u8]) -> Option<BTreeMap<String, PurposeState>> {
         *b = t;
         Some(h)
     }
-    let mut out = BTreeMap::new();
-    while !b.is_empty() {
-        let n = take(&mut b, 1)?[0] as usize;
-        let p = std::str::from_utf8(take(&mut b, n)?).ok()?.to_string();
-        let at = u32::from_le_bytes(take(&mut b, 4)?.try_into().ok()?);
-        let flags = take(&mut b, 1)?[0];
-        let ns = take(&mut b, 1)?[0];
-        let mut sources = std::collections::BTreeSet::new();
+    let one = |b: &mut &'a [u8]| -> Option<EncodedEntry<'a>> {
+        let n = take(b, 1)?[0] as usize;
+        let purpose = std::str::from_utf8(take(b, n)?).ok()?;
+        let consented_at = u32::from_le_bytes(take(b, 4)?.try_into().ok()?);
+        let flags = take(b, 1)?[0];
+        let ns = take(b, 1)?[0];
+        let start = *b;
         for _ in 0..ns {
-            let n = take(&mut b, 1)?[0] as usize;
-            sources.insert(std::str::from_utf8(take(&mut b, n)?).ok()?.to_string());
+            let n = take(b, 1)?[0] as usize;
+            std::str::from_utf8(take(b, n)?).ok()?;
         }
+        Some(EncodedEntry {
+            purpose,
+            consented_at,
+            flags,
+            sources: &start[..start.len() - b.len()],
+        })
+    };
+    while !b.is_empty() {
+        match one(&mut b) {
+            Some(e) => f(e),
+            None => return false,
+        }
+    }
+    true
+}
+
+pub fn decode_summary(b: &[u8]) -> Option<BTreeMap<String, PurposeState>> {
+    let mut out = BTreeMap::new();
+    let ok = for_each_encoded(b, |e| {
         out.insert(
-            p,
+            e.purpose.to_string(),
             PurposeState {
-                flags,
-                consented_at: at,
-                sources,
+                flags: e.flags,
+                consented_at: e.consented_at,
+                sources: e.sources().map(str::to_string).collect(),
             },
         );
-    }
-    Some(out)
+    });
+    ok.then_some(out)
 }
 
 fn fact_of(bytes: &[u8]) -> Option<Fact> {
@@ -201,11 +242,13 @@ impl ConsentStore {
                 k
             }
         };
-        let rows = ledger.kv_len(Table::ConsentSummary)?;
+        // A row holds one entry per purpose: sized for 1.5 per row, so a typical store loads
+        // without the table growing (each growth rehashes every entry loaded so far).
+        let rows = ledger.kv_len(Table::ConsentSummary)? as usize;
         let index = ConsentIndex::new(
             accounts.iter().map(String::as_str),
             purposes.iter().copied(),
-            rows as usize,
+            rows + rows / 2,
         );
         ledger.kv_for_each(Table::ConsentSummary, |k, v| {
             let mut parts = k.splitn(2, |b| *b == 0);
@@ -217,8 +260,8 @@ impl ConsentStore {
             else {
                 return;
             };
-            if let (Some(n), Some(summary)) = (number_key(digits), decode_summary(v)) {
-                index.set(account, n, &summary);
+            if let Some(n) = number_key(digits) {
+                for_each_encoded(v, |e| index.load(account, n, &e));
             }
         })?;
         Ok(Arc::new(ConsentStore {
