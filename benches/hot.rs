@@ -10,9 +10,9 @@ use sendwell::cloud_api::classify::classify_response;
 use sendwell::cloud_api::request::build_body;
 use sendwell::config::Config;
 use sendwell::consent::{ConsentStore, Decision, EventDecoder};
-use sendwell::store::Ledger;
 use sendwell::job::{Outcome, OutcomeEvent};
 use sendwell::pipeline::decode::{Decoder, parse_e164};
+use sendwell::store::Ledger;
 
 const JOB: &[u8] = br#"{
   "id": "7f0c1d2e-5a8b-4c11-9f3e-2b7d9c0a1e55",

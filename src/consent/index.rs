@@ -170,7 +170,11 @@ impl ConsentIndex {
                 .copied();
             let id = match known {
                 Some(id) => id,
-                None => self.sources.write().unwrap_or_else(|e| e.into_inner()).id(s),
+                None => self
+                    .sources
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .id(s),
             };
             if id < SOURCE_BITS {
                 bits |= 1 << id;
