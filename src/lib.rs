@@ -4,12 +4,13 @@
 //! # A map of the crate, following one job through the house
 //!
 //! ```text
-//!  RabbitMQ ─► amqp::consumer ─► pipeline::decode ─► pipeline::dedupe ─► pipeline::dispatch ─► cloud_api::client
-//!  sendwell.jobs.<shard>            (validate)        (store::ledger)      (retries, pause)      (POST /messages)
+//!  RabbitMQ ─► amqp::consumer ─► pipeline::decode ─► pipeline::dedupe ─► consent ─► pipeline::dispatch ─► cloud_api::client
+//!  sendwell.jobs.<shard>            (validate)        (store::ledger)    (cache)   (retries, pause)      (POST /messages)
 //!                                                                                 │
 //!  sendwell.outcomes ◄── amqp::publisher (confirmed) ◄── worker: ledger.finalize ◄┘ ──► ack
 //!  sendwell.delay.*  ◄── deferrals and long retries come back to the shard queue by TTL + dead-letter
-//!  sendwell.dead     ◄── invalid jobs, with header x-sendwell-reason
+//!  sendwell.dead     ◄── invalid jobs and consent events, with header x-sendwell-reason
+//!  sendwell.consent  ──► amqp::consumer ─► consent::store (history, summary, cache) ◄── webhook STOP / YES
 //! ```
 //!
 //! - [`config`]: one TOML file + `SENDWELL_<SECTION>__<KEY>` overrides + secret files, validated
@@ -17,10 +18,12 @@
 //! - [`job`]: the job as upstream sends it, the validated job, and the [`job::Outcome`] that
 //!   decides the ack, the outcome event and the metric.
 //! - [`pipeline`]: `process(job) -> Outcome`, one file per stage in data-path order.
+//! - [`consent`]: the consent rule (`decide`), the in-memory cache every job is checked
+//!   against, the history kept as proof, STOP/START/YES in conversation, the GDPR tools.
 //! - [`amqp`]: the broker edge: topology, consuming with reconnect, confirmed publishing.
 //! - [`cloud_api`]: the Cloud API edge: request building, the HTTP client, the error
 //!   classifier, and the built-in sandbox that stands in for Meta.
-//! - [`store`]: the embedded redb store (the idempotency ledger).
+//! - [`store`]: the embedded redb store (the idempotency ledger, consent, webhook state).
 //! - [`http`]: the admin listener (`/metrics`, `/healthz`, `/readyz`).
 //! - [`metrics`]: every metric name and its description, in one place.
 //! - [`app`]: wiring: tasks, readiness, shutdown order.
