@@ -369,20 +369,7 @@ async fn stop_in_three_languages_opts_out_on_every_instance() {
     ];
 
     for (n, word) in numbers.iter().zip(["STOP", "  lopeta ", "Arrêt!"]) {
-        let body = inbound_text_webhook(n, word);
-        let status = reqwest::Client::new()
-            .post(format!("http://{}/webhook", app.webhook()))
-            .header("content-type", "application/json")
-            .header(
-                "x-hub-signature-256",
-                sendwell::webhook::signature::sign(APP_SECRET.as_bytes(), &body),
-            )
-            .body(body)
-            .send()
-            .await
-            .unwrap()
-            .status();
-        assert_eq!(status, 200, "{word}");
+        assert_eq!(customer_writes(&app, n, word).await, 200, "{word}");
     }
     for n in &numbers {
         for l in &ledgers {
@@ -413,20 +400,7 @@ async fn stop_in_three_languages_opts_out_on_every_instance() {
     .await;
     // START opts back in (to what the number had before) and starts a new double opt-in:
     // one question, from one instance, and no marketing until it is answered.
-    let body = inbound_text_webhook(&numbers[0], "Start");
-    let status = reqwest::Client::new()
-        .post(format!("http://{}/webhook", app.webhook()))
-        .header("content-type", "application/json")
-        .header(
-            "x-hub-signature-256",
-            sendwell::webhook::signature::sign(APP_SECRET.as_bytes(), &body),
-        )
-        .body(body)
-        .send()
-        .await
-        .unwrap()
-        .status();
-    assert_eq!(status, 200);
+    assert_eq!(customer_writes(&app, &numbers[0], "Start").await, 200);
     for l in &ledgers {
         wait_flags(l, &numbers[0], Some(OPTED_IN)).await;
     }
@@ -452,6 +426,24 @@ async fn stop_in_three_languages_opts_out_on_every_instance() {
     shutdown2.cancel();
     let _ = app2.wait().await;
     app.stop().await;
+}
+
+/// Posts a customer's text message to the daemon's webhook, signed as Meta signs it.
+async fn customer_writes(app: &TestApp, from: &str, text: &str) -> u16 {
+    let body = inbound_text_webhook(from, text);
+    reqwest::Client::new()
+        .post(format!("http://{}/webhook", app.webhook()))
+        .header("content-type", "application/json")
+        .header(
+            "x-hub-signature-256",
+            sendwell::webhook::signature::sign(APP_SECRET.as_bytes(), &body),
+        )
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
 }
 
 /// A customer's text message as Meta's webhook carries it.

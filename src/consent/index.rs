@@ -121,20 +121,7 @@ impl ConsentIndex {
             let Some(slot) = self.slot(p) else { continue };
             present |= 1 << slot;
             let k = key(a, slot, number);
-            let mut bits = 0u64;
-            let mut extra = Vec::new();
-            if !st.sources.is_empty() {
-                let mut interner = self.sources.write().unwrap_or_else(|e| e.into_inner());
-                for s in &st.sources {
-                    let id = interner.id(s);
-                    if id < SOURCE_BITS {
-                        bits |= 1 << id;
-                    } else {
-                        bits |= OVERFLOW;
-                        extra.push(id);
-                    }
-                }
-            }
+            let (bits, extra) = self.source_bits(st.sources.iter().map(String::as_str));
             self.map.insert(k, pack(st.consented_at, st.flags, bits));
             if extra.is_empty() {
                 self.overflow.remove(&k);
@@ -152,15 +139,12 @@ impl ConsentIndex {
         }
     }
 
-    /// Adds one stored entry at start-up (the number has no other entry for this purpose yet).
-    pub fn load(&self, account: &str, number: u64, e: &EncodedEntry) {
-        let (Some(&a), Some(slot)) = (self.accounts.get(account), self.slot(e.purpose)) else {
-            return;
-        };
-        let k = key(a, slot, number);
+    /// The bits of interned sources, and the ids past the bits (the overflow list).
+    fn source_bits<'s>(&self, sources: impl Iterator<Item = &'s str>) -> (u64, Vec<u32>) {
         let mut bits = 0u64;
         let mut extra = Vec::new();
-        for s in e.sources() {
+        for s in sources {
+            // Nearly always known already: a read lock, and the write lock only for a new one.
             let known = self
                 .sources
                 .read()
@@ -183,6 +167,16 @@ impl ConsentIndex {
                 extra.push(id);
             }
         }
+        (bits, extra)
+    }
+
+    /// Adds one stored entry at start-up (the number has no other entry for this purpose yet).
+    pub fn load(&self, account: &str, number: u64, e: &EncodedEntry) {
+        let (Some(&a), Some(slot)) = (self.accounts.get(account), self.slot(e.purpose)) else {
+            return;
+        };
+        let k = key(a, slot, number);
+        let (bits, extra) = self.source_bits(e.sources());
         self.map.insert(k, pack(e.consented_at, e.flags, bits));
         if !extra.is_empty() {
             self.overflow.insert(k, extra.into_boxed_slice());
