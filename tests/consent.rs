@@ -335,7 +335,7 @@ async fn the_double_opt_in_round_trip_runs_through_whatsapp() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_in_three_languages_opts_out_on_every_instance() {
     let env = env_with_webhook(0..0).await;
-    let numbers: Vec<String> = (30..33).map(fresh_number).collect();
+    let numbers: Vec<String> = (30..34).map(fresh_number).collect();
     env.seed_consent(&numbers).await;
     // A second instance on shard 1, sharing the broker, with its own state.
     let dir2 = tempfile::tempdir().unwrap();
@@ -371,12 +371,28 @@ async fn stop_in_three_languages_opts_out_on_every_instance() {
     for (n, word) in numbers.iter().zip(["STOP", "  lopeta ", "Arrêt!"]) {
         assert_eq!(customer_writes(&app, n, word).await, 200, "{word}");
     }
+    // The fourth taps Meta's "Stop promotions" button under a marketing template.
+    env.sandbox.set_webhook(
+        Some(format!("http://{}/webhook", app.webhook())),
+        Some(APP_SECRET.into()),
+    );
+    let tapped = env
+        .sandbox
+        .send_inbound(
+            &numbers[3],
+            InboundBody::Button {
+                payload: "Stop promotions".into(),
+                text: "Stop promotions".into(),
+            },
+        )
+        .await;
+    assert_eq!(tapped, Some(200));
     for n in &numbers {
         for l in &ledgers {
             wait_flags(l, n, Some(OPTED_OUT)).await;
         }
     }
-    let ids: Vec<String> = (0..3).map(|i| format!("after-stop-{i}")).collect();
+    let ids: Vec<String> = (0..4).map(|i| format!("after-stop-{i}")).collect();
     let jobs: Vec<_> = ids
         .iter()
         .zip(&numbers)
@@ -389,13 +405,13 @@ async fn stop_in_three_languages_opts_out_on_every_instance() {
     }
     // Each STOP was answered once, by the instance that owns the number.
     let sandbox = env.sandbox.clone();
-    wait_for("three STOP confirmations", T, async || {
+    wait_for("four STOP confirmations", T, async || {
         let replies: Vec<_> = sandbox
             .accepted()
             .into_iter()
             .filter(|r| r.text.as_deref().is_some_and(|t| t.starts_with("Erledigt")))
             .collect();
-        (replies.len() == 3).then_some(())
+        (replies.len() == 4).then_some(())
     })
     .await;
     // START opts back in (to what the number had before) and starts a new double opt-in:
