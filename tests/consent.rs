@@ -308,13 +308,9 @@ async fn the_double_opt_in_round_trip_runs_through_whatsapp() {
 
     // NO to a second question leaves no consent for it.
     let m = fresh_number(21);
-    env.publish_consent(&[consent(
-        "opt_in",
-        &m,
-        &["newsletter"],
-        jiff::Timestamp::now(),
-    )])
-    .await;
+    let first_opt_in_at = jiff::Timestamp::now();
+    env.publish_consent(&[consent("opt_in", &m, &["newsletter"], first_opt_in_at)])
+        .await;
     let sandbox = env.sandbox.clone();
     wait_for("the second question", T, async || {
         sandbox
@@ -329,6 +325,28 @@ async fn the_double_opt_in_round_trip_runs_through_whatsapp() {
     env.publish(&[template_job("after-no", &m)]).await;
     assert_eq!(outcome(&env, "after-no").await["reason"], "no_consent");
     assert_eq!(consent_flags(&ledger, &m, "newsletter"), Some(OPTED_IN));
+    // Upstream repeats the same opt-in (at-least-once): the customer who said NO is not asked
+    // again.
+    let before = history_len(&ledger, &m);
+    env.publish_consent(&[consent("opt_in", &m, &["newsletter"], first_opt_in_at)])
+        .await;
+    // A question request would go through the shard queue before the replay is acked: once
+    // both queues are drained, whatever the replay caused has happened.
+    let broker = &env.broker;
+    wait_for("the replayed opt-in and its effects", T, async || {
+        (broker.drained("sendwell.consent.0") && broker.drained("sendwell.jobs.0")).then_some(())
+    })
+    .await;
+    assert_eq!(history_len(&ledger, &m), before);
+    env.publish(&[template_job("after-replay", &m)]).await;
+    assert_eq!(outcome(&env, "after-replay").await["reason"], "no_consent");
+    let asked = env
+        .sandbox
+        .accepted()
+        .iter()
+        .filter(|r| r.to == m && r.kind == "interactive")
+        .count();
+    assert_eq!(asked, 1, "asked once, not again after NO");
     app.stop().await;
 }
 

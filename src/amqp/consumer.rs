@@ -241,7 +241,18 @@ impl Worker {
                         .dead_letter(&session, &delivery, invalid.reason, &invalid.detail)
                         .await;
                     settle_failed(&session, r, "dead-letter an invalid consent event");
-                    tracing::warn!(reason = invalid.reason, detail = %invalid.detail, "Invalid consent event dead-lettered.");
+                    // A parser's message can quote the offending value (a number given as
+                    // an integer): only our own details are logged, as for jobs.
+                    let detail = if invalid.reason == "malformed" {
+                        "(see the dead-letter header)"
+                    } else {
+                        invalid.detail.as_str()
+                    };
+                    tracing::warn!(
+                        reason = invalid.reason,
+                        detail,
+                        "Invalid consent event dead-lettered."
+                    );
                 });
             }
             Ok(event) => {

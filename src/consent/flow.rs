@@ -15,7 +15,7 @@ use super::model::{CONFIRMED, OPTED_IN};
 use super::store::{ConsentStore, number_account_key};
 use crate::config::{AccountConsent, Config, DoubleOptInMessage};
 use crate::pipeline::decode::parse_e164;
-use crate::store::{LedgerError, Table};
+use crate::store::{KvOp, LedgerError, Table};
 use crate::webhook::apply::InboundMessage;
 
 /// Reply ids of the interactive question's buttons (and payloads of a template's buttons).
@@ -41,6 +41,21 @@ pub struct Pending {
     pub purposes: Vec<String>,
     pub asked_ms: i64,
     pub expires_ms: i64,
+}
+
+/// The newest opt-in a question was asked about (kept after the answer, so that a replay of
+/// that opt-in never asks again; erased with the number). `asked_ms` lets erasure date it.
+#[derive(Serialize, Deserialize)]
+struct Asked {
+    opt_in_ms: i64,
+    asked_ms: i64,
+}
+
+/// `digits \0 account \0 asked`: beside the pending question, under the number's prefix.
+fn asked_key(digits: &str, account: &str) -> Vec<u8> {
+    let mut k = number_account_key(digits, account);
+    k.extend_from_slice(b"\0asked");
+    k
 }
 
 /// A message sendwell sends on its own account (the question, the STOP confirmation).
@@ -161,7 +176,7 @@ impl ConsentFlow {
                     .store
                     .summary(&digits, &account)?
                     .into_keys()
-                    .filter(|p| p != super::model::ALL)
+                    .filter(|p| self.store.rule(p).is_some())
                     .collect(),
             };
             if !purposes.is_empty() {
@@ -174,7 +189,7 @@ impl ConsentFlow {
     async fn drop_pending(&self, digits: &str, account: &str) -> Result<(), LedgerError> {
         self.store
             .ledger
-            .kv_many(vec![crate::store::KvOp::Delete {
+            .kv_many(vec![KvOp::Delete {
                 table: Table::ConsentPending,
                 key: number_account_key(digits, account),
             }])
@@ -247,11 +262,28 @@ impl ConsentFlow {
             return Ok(None);
         }
         let now = Timestamp::now().as_millisecond();
+        let opt_in_ms = ev.at.as_millisecond();
+        if opt_in_ms + (self.confirm_within.as_millis() as i64) < now {
+            // An opt-in older than the answer window (a lagging instance's backlog, a replay
+            // of old history): asking now would surprise the customer.
+            return Ok(None);
+        }
         if self
             .pending(digits, &ev.account)?
             .is_some_and(|p| p.expires_ms > now)
         {
             // Asked already; one question at a time.
+            return Ok(None);
+        }
+        // One question per opt-in: after a NO, an expiry or a replay, only a newer opt-in (the
+        // customer opting in again) is asked about.
+        let marker = asked_key(digits, &ev.account);
+        let asked_for = self
+            .store
+            .ledger
+            .kv_get(Table::ConsentPending, &marker)?
+            .and_then(|v| serde_json::from_slice::<Asked>(&v).ok());
+        if asked_for.is_some_and(|a| a.opt_in_ms >= opt_in_ms) {
             return Ok(None);
         }
         let pending = Pending {
@@ -262,11 +294,22 @@ impl ConsentFlow {
         // Recorded before sending: a crash mid-send never asks twice.
         self.store
             .ledger
-            .kv_put(
-                Table::ConsentPending,
-                number_account_key(digits, &ev.account),
-                serde_json::to_vec(&pending).unwrap_or_default(),
-            )
+            .kv_many(vec![
+                KvOp::Put {
+                    table: Table::ConsentPending,
+                    key: number_account_key(digits, &ev.account),
+                    value: serde_json::to_vec(&pending).unwrap_or_default(),
+                },
+                KvOp::Put {
+                    table: Table::ConsentPending,
+                    key: marker,
+                    value: serde_json::to_vec(&Asked {
+                        opt_in_ms,
+                        asked_ms: now,
+                    })
+                    .unwrap_or_default(),
+                },
+            ])
             .await?;
         Ok(Some(Outgoing {
             account: ev.account.clone(),

@@ -550,8 +550,8 @@ impl ConsentStore {
         Ok(true)
     }
 
-    /// Compacts after erasures, at most once a second: compaction stops every store write
-    /// while it runs, and erasures come in bursts (an import, a batch of requests).
+    /// Compacts after erasures: a second after a burst, then at most every 30 s. Compaction
+    /// stops every store access while it runs, and erasures come in bursts.
     pub async fn compactor(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
         loop {
             tokio::select! {
@@ -564,6 +564,12 @@ impl ConsentStore {
             }
             if let Err(e) = self.compact_if_due().await {
                 tracing::warn!(error = %e, "Compacting the state store after an erasure failed; will try again.");
+            }
+            // A steady trickle of erasures compacts at most twice a minute; what is due by
+            // then is done at the next round (or at shutdown).
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
             }
         }
     }

@@ -170,9 +170,6 @@ enum Op {
     MarkPublished {
         id: Box<str>,
     },
-    RemoveMany {
-        ids: Vec<Box<str>>,
-    },
     KvPut {
         table: Table,
         key: Vec<u8>,
@@ -325,35 +322,97 @@ impl Ledger {
     /// read snapshot (writers go on meanwhile) and removals go in small batches, so jobs in
     /// flight never wait behind a purge of millions of entries.
     pub async fn purge(&self, older_than_ms: i64) -> Result<u64, LedgerError> {
-        let db = self.db.clone();
-        let scan = move || -> Result<Vec<Box<str>>, LedgerError> {
-            let g = read(&db);
-            let r = g.begin_read()?;
-            let t = r.open_table(LEDGER)?;
+        let this = self.clone();
+        // Everything keyed by a job or a webhook goes with its job: the wamid index, delivery
+        // state and billing marks (wamids carry the number, so they must not outlive the
+        // retention the operator chose), and applied-webhook marks past retention.
+        let scan = move || -> Result<(Vec<String>, Vec<KvOp>), LedgerError> {
             let mut ids = Vec::new();
-            for row in t.iter()? {
-                let (k, v) = row?;
-                let old = LedgerEntry::decode(v.value())
+            this.for_each_job(|k, v| {
+                let old = LedgerEntry::decode(v)
                     .map(|e| e.updated_ms < older_than_ms)
                     .unwrap_or(true);
                 if old {
-                    ids.push(k.value().into());
+                    ids.push(k.to_string());
                 }
+            })?;
+            let gone: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
+            let mut ops = Vec::new();
+            for id in &ids {
+                ops.push(KvOp::Delete {
+                    table: Table::Delivery,
+                    key: id.as_bytes().to_vec(),
+                });
             }
-            Ok(ids)
+            this.kv_for_each(Table::Wamids, |k, v| {
+                if std::str::from_utf8(v).is_ok_and(|id| gone.contains(id)) {
+                    let mut billed = b"billed|".to_vec();
+                    billed.extend_from_slice(k);
+                    ops.push(KvOp::Delete {
+                        table: Table::WebhookSeen,
+                        key: billed,
+                    });
+                    ops.push(KvOp::Delete {
+                        table: Table::Wamids,
+                        key: k.to_vec(),
+                    });
+                }
+            })?;
+            this.kv_for_each(Table::WebhookSeen, |k, v| {
+                if let Ok(b) = <[u8; 8]>::try_from(v)
+                    && i64::from_le_bytes(b) < older_than_ms
+                {
+                    ops.push(KvOp::Delete {
+                        table: Table::WebhookSeen,
+                        key: k.to_vec(),
+                    });
+                }
+            })?;
+            Ok((ids, ops))
         };
-        let expired = tokio::task::spawn_blocking(scan)
+        let (expired, ops) = tokio::task::spawn_blocking(scan)
             .await
             .map_err(|e| LedgerError::Store(format!("purge scan: {e}")))??;
         let mut removed = 0;
+        // Small batches: jobs in flight never wait behind a purge of millions of rows.
         for chunk in expired.chunks(2000) {
             removed += self
-                .write(Op::RemoveMany {
+                .kv_many(vec![KvOp::DeleteJobs {
                     ids: chunk.to_vec(),
-                })
+                }])
                 .await?;
         }
+        for chunk in ops.chunks(2000) {
+            self.kv_many(chunk.to_vec()).await?;
+        }
         Ok(removed)
+    }
+
+    /// Calls `f` with every ledger entry (job id, encoded entry), page by page.
+    fn for_each_job(&self, mut f: impl FnMut(&str, &[u8])) -> Result<(), LedgerError> {
+        let mut after: Option<String> = None;
+        loop {
+            let g = read(&self.db);
+            let r = g.begin_read()?;
+            let t = r.open_table(LEDGER)?;
+            let rows = match &after {
+                None => t.iter()?,
+                Some(k) => t.range::<&str>((Bound::Excluded(k.as_str()), Bound::Unbounded))?,
+            };
+            let mut last = None;
+            for (n, row) in rows.enumerate() {
+                let (k, v) = row?;
+                f(k.value(), v.value());
+                if n + 1 == SCAN_PAGE {
+                    last = Some(k.value().to_string());
+                    break;
+                }
+            }
+            match last {
+                Some(k) => after = Some(k),
+                None => return Ok(()),
+            }
+        }
     }
 
     pub fn kv_get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, LedgerError> {
@@ -486,44 +545,21 @@ impl Ledger {
         until_ms: i64,
     ) -> Result<Vec<String>, LedgerError> {
         let mut ids = Vec::new();
-        let mut after: Option<String> = None;
-        loop {
-            let g = read(&self.db);
-            let r = g.begin_read()?;
-            let t = r.open_table(LEDGER)?;
-            let rows = match &after {
-                None => t.iter()?,
-                Some(k) => t.range::<&str>((Bound::Excluded(k.as_str()), Bound::Unbounded))?,
-            };
-            let mut last = None;
-            for (n, row) in rows.enumerate() {
-                let (k, v) = row?;
-                let old = LedgerEntry::decode(v.value()).is_none_or(|e| e.updated_ms <= until_ms);
-                if old && v.value().windows(needle.len()).any(|w| w == needle) {
-                    ids.push(k.value().to_string());
-                }
-                if n + 1 == SCAN_PAGE {
-                    last = Some(k.value().to_string());
-                    break;
-                }
+        self.for_each_job(|k, v| {
+            let old = LedgerEntry::decode(v).is_none_or(|e| e.updated_ms <= until_ms);
+            if old && v.windows(needle.len()).any(|w| w == needle) {
+                ids.push(k.to_string());
             }
-            match last {
-                Some(k) => after = Some(k),
-                None => return Ok(ids),
-            }
-        }
+        })?;
+        Ok(ids)
     }
 
     /// Every key and value of every table, for tests that prove a number is gone.
     pub fn dump_all(&self) -> Result<Vec<KvRow>, LedgerError> {
         let mut rows = Vec::new();
-        let g = read(&self.db);
-        let r = g.begin_read()?;
-        let t = r.open_table(LEDGER)?;
-        for row in t.iter()? {
-            let (k, v) = row?;
-            rows.push((k.value().as_bytes().to_vec(), v.value().to_vec()));
-        }
+        // One read guard at a time: a second one taken while holding the first would wait
+        // forever behind a compaction queued in between.
+        self.for_each_job(|k, v| rows.push((k.as_bytes().to_vec(), v.to_vec())))?;
         for table in Table::ALL {
             rows.extend(self.kv_scan(table)?);
         }
@@ -665,13 +701,6 @@ fn apply(db: &RwLock<Database>, batch: &[Request]) -> Vec<Result<u64, LedgerErro
                             None => 0,
                         }
                     }
-                    Op::RemoveMany { ids } => {
-                        let mut n = 0;
-                        for id in ids {
-                            n += t.remove(&**id)?.is_some() as u64;
-                        }
-                        n
-                    }
                     Op::KvPut { table, key, value } => {
                         w.open_table(table.def())?
                             .insert(key.as_slice(), value.as_slice())?;
@@ -755,9 +784,33 @@ mod tests {
         l.put("old", entry(LedgerState::Final, 10)).await.unwrap();
         l.put("new", entry(LedgerState::Final, 1000)).await.unwrap();
         l.mark_published("new").await.unwrap();
+        // What hangs off a job (its wamid, which carries the number; its delivery state and
+        // billing mark) goes with it.
+        for (id, wamid) in [("old", "wamid.OLD"), ("new", "wamid.NEW")] {
+            l.kv_put(Table::Wamids, wamid.into(), id.into())
+                .await
+                .unwrap();
+            l.kv_put(Table::Delivery, id.into(), vec![1]).await.unwrap();
+            l.kv_put(Table::WebhookSeen, format!("billed|{wamid}").into(), vec![])
+                .await
+                .unwrap();
+        }
         assert_eq!(l.purge(500).await.unwrap(), 1);
         assert_eq!(l.get("old").unwrap(), None);
         assert!(l.get("new").unwrap().unwrap().published);
+        assert_eq!(l.kv_get(Table::Wamids, b"wamid.OLD").unwrap(), None);
+        assert_eq!(l.kv_get(Table::Delivery, b"old").unwrap(), None);
+        assert_eq!(
+            l.kv_get(Table::WebhookSeen, b"billed|wamid.OLD").unwrap(),
+            None
+        );
+        assert!(l.kv_get(Table::Wamids, b"wamid.NEW").unwrap().is_some());
+        assert!(l.kv_get(Table::Delivery, b"new").unwrap().is_some());
+        assert!(
+            l.kv_get(Table::WebhookSeen, b"billed|wamid.NEW")
+                .unwrap()
+                .is_some()
+        );
     }
 
     #[tokio::test]

@@ -129,6 +129,28 @@ impl TestBroker {
         self.queue_info(queue).await?.get("consumers")?.as_u64()
     }
 
+    /// Whether `queue` has nothing ready and nothing unacked, asked of the queue itself
+    /// (`rabbitmqctl`, not the management API's statistics, which lag by seconds).
+    pub fn drained(&self, queue: &str) -> bool {
+        let out = std::process::Command::new("rabbitmqctl")
+            .args([
+                "list_queues",
+                "-q",
+                "--no-table-headers",
+                "-p",
+                &self.vhost,
+                "name",
+                "messages_ready",
+                "messages_unacknowledged",
+            ])
+            .output()
+            .expect("rabbitmqctl runs");
+        String::from_utf8_lossy(&out.stdout).lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() == 3 && f[0] == queue && f[1] == "0" && f[2] == "0"
+        })
+    }
+
     /// `rabbitmqctl close_all_connections` for this vhost only (other tests run in parallel).
     pub fn close_all_connections(&self) {
         let out = std::process::Command::new("rabbitmqctl")
