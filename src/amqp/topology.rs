@@ -209,10 +209,15 @@ pub async fn declare(ch: &Channel, names: &Names) -> Result<(), TopologyError> {
     )
     .await
     .map_err(|e| classify("exchange sendwell.consent", e))?;
+    // Single active consumer here too: an overlapping second instance of the shard (a rolling
+    // deploy) must not take half of the STOPs into a store of its own.
     ch.queue_declare(
         names.consent_queue.as_str().into(),
         durable(),
-        quorum_args(&[("x-dead-letter-exchange", s(DEAD))]),
+        quorum_args(&[
+            ("x-dead-letter-exchange", s(DEAD)),
+            ("x-single-active-consumer", AMQPValue::Boolean(true)),
+        ]),
     )
     .await
     .map_err(|e| classify(&format!("queue {}", names.consent_queue), e))?;
@@ -236,7 +241,10 @@ pub async fn declare(ch: &Channel, names: &Names) -> Result<(), TopologyError> {
     ch.queue_declare(
         names.webhooks_queue.as_str().into(),
         durable(),
-        quorum_args(&[("x-dead-letter-exchange", s(DEAD))]),
+        quorum_args(&[
+            ("x-dead-letter-exchange", s(DEAD)),
+            ("x-single-active-consumer", AMQPValue::Boolean(true)),
+        ]),
     )
     .await
     .map_err(|e| classify(&format!("queue {}", names.webhooks_queue), e))?;
