@@ -495,7 +495,7 @@ fn inbound_text_webhook(from: &str, text: &str) -> Vec<u8> {
                     "contacts": [{ "profile": { "name": "Kunde" }, "wa_id": from.trim_start_matches('+') }],
                     "messages": [{
                         "from": from.trim_start_matches('+'),
-                        "id": format!("wamid.in-{}-{now}", from.trim_start_matches('+')),
+                        "id": format!("wamid.in-{}", uuid::Uuid::new_v4().simple()),
                         "timestamp": now.to_string(),
                         "type": "text",
                         "text": { "body": text }

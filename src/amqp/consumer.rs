@@ -511,6 +511,7 @@ impl Worker {
                 // its lane) already sees it; every other instance learns it from the broker.
                 let applied = self.consent.store.apply(&ev).await?;
                 crate::metrics::consent_event(ev.kind.as_str(), applied.as_str());
+                self.consent.answered(&ev).await?;
                 if applied == Applied::New {
                     learned.push(ev);
                 }

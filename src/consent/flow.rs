@@ -140,10 +140,15 @@ impl ConsentFlow {
                 let p = normalize(p);
                 normalize(payload) == p || normalize(text) == p
             });
-        // Dated when read, not by Meta's timestamp: those are whole seconds, too coarse to
-        // order a STOP against an opt-in (or a START) in the same second, and the customer sent
-        // the message no later than we read it.
-        let at = m.at.max(Timestamp::now());
+        // Dating. Meta's timestamps are whole seconds, too coarse to order a STOP against an
+        // opt-in in the same second; when we first read the message is precise but can be late
+        // (Meta retries webhooks for days). So each event is dated in its safe direction: an
+        // opt-out at the later of the two (it outranks anything the customer did before), an
+        // opt-in or confirmation no later than the end of the second it was sent in (a late
+        // delivery cannot outrank an opt-out made since). The first reading is recorded, so a
+        // redelivered webhook yields the same event, which changes nothing.
+        let read = self.first_read(&m.wamid).await?;
+        let sent_by = (m.at + Duration::from_millis(999)).min(read);
         if button || words.out.matches(text) {
             self.drop_pending(&digits, &account).await?;
             let source = if button {
@@ -151,15 +156,24 @@ impl ConsentFlow {
             } else {
                 SOURCE_KEYWORD
             };
-            return Ok(vec![event(Kind::OptOut, Vec::new(), source, at)]);
+            return Ok(vec![event(
+                Kind::OptOut,
+                Vec::new(),
+                source,
+                m.at.max(read),
+            )]);
         }
         let now = Timestamp::now().as_millisecond();
         if let Some(p) = self.pending(&digits, &account)?
             && p.expires_ms > now
         {
             if payload == YES_ID || words.yes.matches(text) {
-                self.drop_pending(&digits, &account).await?;
                 crate::metrics::consent_question_answered(&account, "yes");
+                // The answer cannot precede the question. The question stays open until the
+                // confirmation is applied ([`Self::answered`]), so a failure in between loses
+                // nothing: the redelivered YES finds it again.
+                let at = Timestamp::from_millisecond(sent_by.as_millisecond().max(p.asked_ms + 1))
+                    .unwrap_or(sent_by);
                 return Ok(vec![event(Kind::Confirm, p.purposes, SOURCE_REPLY, at)]);
             }
             if payload == NO_ID || words.no.matches(text) {
@@ -180,10 +194,40 @@ impl ConsentFlow {
                     .collect(),
             };
             if !purposes.is_empty() {
-                return Ok(vec![event(Kind::OptIn, purposes, SOURCE_KEYWORD, at)]);
+                return Ok(vec![event(Kind::OptIn, purposes, SOURCE_KEYWORD, sent_by)]);
             }
         }
         Ok(Vec::new())
+    }
+
+    /// When this inbound message was first read (recorded under a hash of its wamid, which
+    /// carries the number; purged with the webhook marks after retention).
+    async fn first_read(&self, wamid: &str) -> Result<Timestamp, LedgerError> {
+        use sha2::Digest;
+        let mut key = b"read|".to_vec();
+        key.extend_from_slice(&sha2::Sha256::digest(wamid.as_bytes())[..16]);
+        let ledger = &self.store.ledger;
+        let now = Timestamp::now();
+        ledger
+            .kv_insert_if_absent(
+                Table::WebhookSeen,
+                key.clone(),
+                now.as_millisecond().to_le_bytes().to_vec(),
+            )
+            .await?;
+        Ok(ledger
+            .kv_get(Table::WebhookSeen, &key)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .and_then(|b| Timestamp::from_millisecond(i64::from_le_bytes(b)).ok())
+            .unwrap_or(now))
+    }
+
+    /// A confirmation from the customer's answer was applied: the question is closed.
+    pub async fn answered(&self, ev: &ConsentEvent) -> Result<(), LedgerError> {
+        if ev.kind == Kind::Confirm && ev.source.as_deref() == Some(SOURCE_REPLY) {
+            self.drop_pending(ev.to.digits(), &ev.account).await?;
+        }
+        Ok(())
     }
 
     async fn drop_pending(&self, digits: &str, account: &str) -> Result<(), LedgerError> {

@@ -319,8 +319,9 @@ impl fmt::Display for NumberReport {
 // ---------------------------------------------------------------------------------------------
 // export
 
-/// Writes every stored event to `out`; returns how many. Runs on one read snapshot of the
-/// store (the daemon keeps writing meanwhile), so the export is consistent as of its start.
+/// Writes every stored event to `out`; returns how many. Reads the store page by page (the
+/// daemon keeps writing meanwhile): an event recorded during the export may or may not be in
+/// it, every event recorded before it started is.
 pub fn export_events(
     store: &ConsentStore,
     format: Format,
