@@ -2013,6 +2013,41 @@ mod tests {
         (code, details)
     }
 
+    #[test]
+    fn the_double_opt_in_questions_are_valid_sends() {
+        use crate::config::DoubleOptInMessage;
+        use crate::consent::flow::question_body;
+        for q in [
+            DoubleOptInMessage::Interactive {
+                text: "Newsletter?".into(),
+                yes_title: "Ja".into(),
+                no_title: "Nein".into(),
+            },
+            DoubleOptInMessage::Template {
+                name: "optin_confirmation".into(),
+                language: "de".into(),
+            },
+        ] {
+            let body: Value = serde_json::from_slice(&question_body("+491701234567", &q)).unwrap();
+            assert!(
+                validate(&body).is_ok(),
+                "{q:?}: {:?}",
+                validate(&body).err()
+            );
+        }
+        let mut too_long: Value = serde_json::from_slice(&question_body(
+            "+491701234567",
+            &DoubleOptInMessage::Interactive {
+                text: "x".into(),
+                yes_title: "Ja".into(),
+                no_title: "Nein".into(),
+            },
+        ))
+        .unwrap();
+        too_long["interactive"]["action"]["buttons"][0]["reply"]["title"] =
+            "a title longer than twenty".into();
+        assert!(validate(&too_long).is_err());
+    }
     #[tokio::test]
     async fn template_is_accepted_with_metas_shape() {
         let sb = start(quick()).await;

@@ -420,3 +420,49 @@ pub fn question_body(to: &str, q: &DoubleOptInMessage) -> Vec<u8> {
     };
     serde_json::to_vec(&v).unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_question_carries_our_yes_and_no_in_either_form() {
+        let interactive = DoubleOptInMessage::Interactive {
+            text: "Newsletter per WhatsApp?".into(),
+            yes_title: "Ja, gerne".into(),
+            no_title: "Nein".into(),
+        };
+        let v: serde_json::Value =
+            serde_json::from_slice(&question_body("+491701234567", &interactive)).unwrap();
+        assert_eq!(v["type"], "interactive");
+        assert_eq!(v["interactive"]["type"], "button");
+        let buttons = v["interactive"]["action"]["buttons"].as_array().unwrap();
+        let ids: Vec<&str> = buttons
+            .iter()
+            .map(|b| b["reply"]["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, [YES_ID, NO_ID]);
+        assert_eq!(buttons[0]["reply"]["title"], "Ja, gerne");
+
+        let template = DoubleOptInMessage::Template {
+            name: "optin_confirmation".into(),
+            language: "de".into(),
+        };
+        let v: serde_json::Value =
+            serde_json::from_slice(&question_body("+491701234567", &template)).unwrap();
+        assert_eq!(v["template"]["name"], "optin_confirmation");
+        let payloads: Vec<(&str, &str)> = v["template"]["components"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                assert_eq!(c["sub_type"], "quick_reply");
+                (
+                    c["index"].as_str().unwrap(),
+                    c["parameters"][0]["payload"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(payloads, [("0", YES_ID), ("1", NO_ID)]);
+    }
+}
