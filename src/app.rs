@@ -43,6 +43,8 @@ pub enum AppError {
     Broker(#[from] TopologyError),
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
 }
 
 impl AppError {
@@ -52,6 +54,7 @@ impl AppError {
             AppError::State(_) => 73,
             AppError::Bind { .. } | AppError::Broker(_) => 69,
             AppError::Http(_) | AppError::Internal(_) => 70,
+            AppError::Config(_) => 64,
         }
     }
 }
@@ -91,6 +94,12 @@ pub fn metrics_handle() -> PrometheusHandle {
                     Matcher::Full(crate::metrics::API_LATENCY.to_string()),
                     crate::metrics::LATENCY_BUCKETS,
                 )
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(crate::metrics::LIMIT_WAIT.to_string()),
+                        crate::metrics::WAIT_BUCKETS,
+                    )
+                })
                 .unwrap_or_else(|_| PrometheusBuilder::new());
             let handle = match builder.install_recorder() {
                 Ok(h) => h,
@@ -121,6 +130,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         took_ms = started.elapsed().as_millis() as u64,
         "Consent loaded."
     );
+    let limits = Arc::new(crate::pipeline::limits::Limits::new(&config)?);
+    limits.load(&ledger, jiff::Timestamp::now())?;
     readiness.state.store(true, Ordering::SeqCst);
 
     let admin = tokio::net::TcpListener::bind(config.admin.listen)
@@ -210,10 +221,17 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
             template_pause_max_wait: config.webhook.template_pause_max_wait,
         }),
         consent: consent.clone(),
+        limits: limits.clone(),
     });
+    tokio::spawn(limits.clone().housekeeping(
+        ledger.clone(),
+        Arc::new(SystemClock),
+        shutdown.clone(),
+    ));
     let flow = Arc::new(ConsentFlow::new(&config, consent.clone()));
     let mut applier = Applier::new(&config, ledger.clone(), meta);
     applier.consent = Some(flow.clone());
+    applier.limits = Some(limits.clone());
     let names = Names::new(config.broker.shard);
     let worker = Arc::new(Worker::new(
         pipeline,

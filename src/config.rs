@@ -44,7 +44,7 @@ impl fmt::Display for ConfigError {
 }
 
 impl ConfigError {
-    fn one(key: impl Into<String>, reason: impl Into<String>) -> Self {
+    pub(crate) fn one(key: impl Into<String>, reason: impl Into<String>) -> Self {
         Self {
             problems: vec![ConfigProblem {
                 key: key.into(),
@@ -86,6 +86,117 @@ struct FileConfig {
     purposes: Vec<PurposeFile>,
     #[serde(default)]
     accounts: Vec<AccountFile>,
+    #[serde(default)]
+    portfolios: Vec<PortfolioFile>,
+    #[serde(default)]
+    caps: Vec<CapFile>,
+    #[serde(default)]
+    limits: LimitsFile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct LimitsFile {
+    #[serde(with = "humantime_serde")]
+    per_user_limit_block: Duration,
+    #[serde(with = "humantime_serde")]
+    recover_after: Duration,
+    #[serde(with = "humantime_serde")]
+    housekeeping_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    arrival_jitter: Duration,
+    country_zones: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for LimitsFile {
+    fn default() -> Self {
+        Self {
+            per_user_limit_block: Duration::from_secs(24 * 3600),
+            recover_after: Duration::from_secs(10),
+            housekeeping_interval: Duration::from_secs(60),
+            arrival_jitter: Duration::from_millis(50),
+            country_zones: Default::default(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PortfolioFile {
+    name: String,
+    #[serde(default)]
+    messaging_limit: Option<TierFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum TierFile {
+    Count(u64),
+    Word(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CapFile {
+    category: String,
+    #[serde(default = "default_cap_scope")]
+    scope: String,
+    rules: Vec<CapRuleFile>,
+    #[serde(default)]
+    on_exceed: Option<String>,
+}
+
+fn default_cap_scope() -> String {
+    "account".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CapRuleFile {
+    max: u64,
+    #[serde(with = "humantime_serde")]
+    per: Duration,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PacingFile {
+    #[serde(default = "default_pacing_interval", with = "humantime_serde")]
+    interval: Duration,
+    #[serde(default = "default_pacing_burst")]
+    burst: u32,
+}
+
+impl Default for PacingFile {
+    fn default() -> Self {
+        Self {
+            interval: default_pacing_interval(),
+            burst: default_pacing_burst(),
+        }
+    }
+}
+
+fn default_pacing_interval() -> Duration {
+    Duration::from_secs(6)
+}
+
+fn default_pacing_burst() -> u32 {
+    1
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QuietHoursFile {
+    start: String,
+    end: String,
+    #[serde(default)]
+    categories: Option<Vec<String>>,
+    #[serde(default = "default_spread", with = "humantime_serde")]
+    spread: Duration,
+}
+
+fn default_spread() -> Duration {
+    Duration::from_secs(30 * 60)
 }
 
 #[derive(Debug, Deserialize)]
@@ -370,6 +481,16 @@ struct AccountFile {
     waba_id: Option<String>,
     #[serde(default)]
     consent: AccountConsentFile,
+    #[serde(default)]
+    burst: Option<u32>,
+    #[serde(default)]
+    portfolio: Option<String>,
+    #[serde(default)]
+    brand: Option<String>,
+    #[serde(default)]
+    pacing: PacingFile,
+    #[serde(default)]
+    quiet_hours: Option<QuietHoursFile>,
 }
 
 fn default_mps() -> u32 {
@@ -413,6 +534,26 @@ pub struct Config {
     pub consent: ConsentConfig,
     pub webhook: WebhookConfig,
     pub prices: Arc<crate::pricing::PriceTable>,
+    pub limits: LimitsConfig,
+}
+
+/// What [`crate::pipeline::limits`] enforces beyond each account's own settings.
+#[derive(Clone, Debug)]
+pub struct LimitsConfig {
+    /// Portfolios (name, daily unique-recipient tier; `tier::UNLIMITED` for none). Accounts
+    /// refer to them by index.
+    pub portfolios: Vec<(Arc<str>, u32)>,
+    pub caps: Vec<crate::pipeline::limits::caps::CapConfig>,
+    /// After Meta's 131049 (per-user marketing limit): no marketing to that number for this long.
+    pub per_user_limit_block: Duration,
+    /// After a 130429, quiet time before the account's rate steps back up by a tenth.
+    pub recover_after: Duration,
+    /// How often idle limiter state is dropped and stale rows purged.
+    pub housekeeping_interval: Duration,
+    /// Transit-time variation between our gate and Meta's door that the burst must absorb.
+    pub arrival_jitter: Duration,
+    /// Country (ISO 3166) → the one zone its quiet hours follow (instead of all its zones).
+    pub country_zones: Vec<(String, String)>,
 }
 
 #[derive(Clone, Debug)]
@@ -586,6 +727,16 @@ pub struct Account {
     /// The WhatsApp Business Account, so template and account webhooks find their accounts.
     pub waba_id: Option<String>,
     pub consent: AccountConsent,
+    /// Calls that may pass the throughput gate at once (GCRA burst).
+    pub burst: u32,
+    /// Index into `LimitsConfig::portfolios`: whose daily tier this number's sends count toward.
+    pub portfolio: usize,
+    /// Frequency caps with `scope = "brand"` count across the accounts of one brand.
+    pub brand: Arc<str>,
+    /// Meta's pair rate: one message per `interval` to one number (0 = off), with a burst.
+    pub pacing_interval: Duration,
+    pub pacing_burst: u32,
+    pub quiet_hours: Option<crate::pipeline::limits::quiet::QuietHours>,
 }
 
 impl Config {
@@ -892,6 +1043,31 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
     }
     let mut names = HashSet::new();
     let mut accounts = Vec::new();
+    // Portfolios: the configured ones first, then one of its own for each account without.
+    let mut portfolios: Vec<(Arc<str>, u32)> = Vec::new();
+    let mut portfolio_index: std::collections::HashMap<String, usize> = Default::default();
+    for (i, p) in f.portfolios.iter().enumerate() {
+        let key = |k: &str| format!("portfolios[{i}].{k}");
+        if p.name.is_empty() || portfolio_index.contains_key(&p.name) {
+            problem(&key("name"), "must be non-empty and unique".into());
+        }
+        let limit = match &p.messaging_limit {
+            None => crate::pipeline::limits::tier::UNLIMITED,
+            Some(TierFile::Word(w)) if w.eq_ignore_ascii_case("unlimited") => {
+                crate::pipeline::limits::tier::UNLIMITED
+            }
+            Some(TierFile::Count(n)) if (1..u32::MAX as u64).contains(n) => *n as u32,
+            Some(_) => {
+                problem(
+                    &key("messaging_limit"),
+                    "must be a number of recipients (Meta's tiers: 250, 2000, 10000, 100000; a share of one when sharded) or \"unlimited\"".into(),
+                );
+                crate::pipeline::limits::tier::UNLIMITED
+            }
+        };
+        portfolio_index.insert(p.name.clone(), portfolios.len());
+        portfolios.push((p.name.as_str().into(), limit));
+    }
     for (i, a) in f.accounts.iter().enumerate() {
         let key = |k: &str| format!("accounts[{i}].{k}");
         if a.name.is_empty() || !names.insert(a.name.clone()) {
@@ -912,6 +1088,43 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
         let consent = account_consent(&a.consent, &seen, &mut |k, r| {
             problem(&key(&format!("consent.{k}")), r)
         });
+        let burst = a.burst.unwrap_or_else(|| {
+            crate::pipeline::limits::throughput::default_burst(a.messages_per_second)
+        });
+        if burst == 0 || burst > 10_000 {
+            problem(&key("burst"), "must be between 1 and 10000".into());
+        }
+        let portfolio_name = a.portfolio.clone().unwrap_or_else(|| a.name.clone());
+        let portfolio = match portfolio_index.get(portfolio_name.as_str()) {
+            Some(&i) => i,
+            None if a.portfolio.is_some() => {
+                problem(
+                    &key("portfolio"),
+                    format!("no [[portfolios]] entry is named `{portfolio_name}`"),
+                );
+                0
+            }
+            None => {
+                portfolio_index.insert(portfolio_name.clone(), portfolios.len());
+                portfolios.push((
+                    portfolio_name.as_str().into(),
+                    crate::pipeline::limits::tier::UNLIMITED,
+                ));
+                portfolios.len() - 1
+            }
+        };
+        if a.pacing.interval > Duration::from_secs(3600) {
+            problem(
+                &key("pacing.interval"),
+                "must be at most 1h (0 turns pacing off)".into(),
+            );
+        }
+        if a.pacing.burst == 0 || a.pacing.burst > 1000 {
+            problem(&key("pacing.burst"), "must be between 1 and 1000".into());
+        }
+        let quiet_hours = a.quiet_hours.as_ref().and_then(|q| {
+            quiet_hours(q, &mut |k, r| problem(&key(&format!("quiet_hours.{k}")), r))
+        });
         let path = resolve_secret_path(&a.token_file, base);
         match read_secret(&path) {
             Ok(token) => accounts.push(Account {
@@ -922,6 +1135,12 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
                 messages_per_second: a.messages_per_second,
                 waba_id: a.waba_id.clone(),
                 consent,
+                burst,
+                portfolio,
+                brand: a.brand.as_deref().unwrap_or(&a.name).into(),
+                pacing_interval: a.pacing.interval,
+                pacing_burst: a.pacing.burst,
+                quiet_hours,
             }),
             Err(e) => problem(&key("token_file"), e),
         }
@@ -966,6 +1185,53 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
         }
     };
 
+    let caps = caps(&f.caps, &mut problem);
+    {
+        let names: Vec<(&str, &str)> = accounts.iter().map(|a| (&*a.name, &*a.brand)).collect();
+        if let Err(e) = crate::pipeline::limits::caps::validate(&caps, &names) {
+            problem("caps", e);
+        }
+    }
+    if f.limits.per_user_limit_block > Duration::from_secs(30 * 86400) {
+        problem("limits.per_user_limit_block", "must be at most 30d".into());
+    }
+    if f.limits.recover_after < Duration::from_millis(100)
+        || f.limits.recover_after > Duration::from_secs(3600)
+    {
+        problem(
+            "limits.recover_after",
+            "must be between 100ms and 1h".into(),
+        );
+    }
+    if f.limits.housekeeping_interval < Duration::from_secs(1)
+        || f.limits.housekeeping_interval > Duration::from_secs(3600)
+    {
+        problem(
+            "limits.housekeeping_interval",
+            "must be between 1s and 1h".into(),
+        );
+    }
+    if f.limits.arrival_jitter > Duration::from_secs(1) {
+        problem("limits.arrival_jitter", "must be at most 1s".into());
+    }
+    let country_zones: Vec<(String, String)> = f
+        .limits
+        .country_zones
+        .iter()
+        .map(|(c, z)| (c.to_ascii_uppercase(), z.clone()))
+        .collect();
+    for (c, z) in &country_zones {
+        if let Err(e) = crate::pipeline::limits::quiet::job_zone(z) {
+            problem(&format!("limits.country_zones.{c}"), e);
+        }
+    }
+    // Quiet hours need the time-zone database (Debian's tzdata): refuse to start without it
+    // rather than send at night.
+    if accounts.iter().any(|a| a.quiet_hours.is_some())
+        && let Err(e) = crate::pipeline::limits::quiet::Zones::load(&country_zones)
+    {
+        problem("limits.country_zones", e);
+    }
     let Some(prices) = prices.filter(|_| problems.is_empty()) else {
         return Err(ConfigError { problems });
     };
@@ -1028,7 +1294,152 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
             service_window: f.webhook.service_window,
         },
         prices: Arc::new(prices),
+        limits: LimitsConfig {
+            portfolios,
+            caps,
+            per_user_limit_block: f.limits.per_user_limit_block,
+            recover_after: f.limits.recover_after,
+            housekeeping_interval: f.limits.housekeeping_interval,
+            arrival_jitter: f.limits.arrival_jitter,
+            country_zones,
+        },
     })
+}
+
+fn quiet_hours(
+    q: &QuietHoursFile,
+    problem: &mut dyn FnMut(&str, String),
+) -> Option<crate::pipeline::limits::quiet::QuietHours> {
+    let mut time = |k: &str, v: &str| match v.parse::<jiff::civil::Time>() {
+        Ok(t) => Some(t),
+        Err(_) => {
+            problem(k, format!("`{v}` is not a time of day such as \"21:00\""));
+            None
+        }
+    };
+    let (start, end) = (time("start", &q.start), time("end", &q.end));
+    let mut categories = Vec::new();
+    for c in q
+        .categories
+        .clone()
+        .unwrap_or_else(|| vec!["marketing".into()])
+    {
+        match Category::ALL.iter().find(|x| x.as_str() == c) {
+            Some(c) => categories.push(*c),
+            None => problem(
+                "categories",
+                format!("`{c}` is not a category (marketing, utility, authentication, service)"),
+            ),
+        }
+    }
+    if q.spread > Duration::from_secs(12 * 3600) {
+        problem("spread", "must be at most 12h".into());
+    }
+    let (start, end) = (start?, end?);
+    if start == end {
+        problem(
+            "end",
+            "must differ from start (an empty or a 24-hour window)".into(),
+        );
+        return None;
+    }
+    Some(crate::pipeline::limits::quiet::QuietHours {
+        start,
+        end,
+        categories,
+        spread: q.spread,
+    })
+}
+
+fn caps(
+    files: &[CapFile],
+    problem: &mut dyn FnMut(&str, String),
+) -> Vec<crate::pipeline::limits::caps::CapConfig> {
+    use crate::pipeline::limits::caps::{CapConfig, CapRule, CapScope, MAX_PER_RULE, OnExceed};
+    let mut out: Vec<CapConfig> = Vec::new();
+    for (i, c) in files.iter().enumerate() {
+        let key = |k: &str| format!("caps[{i}].{k}");
+        let Some(category) = Category::ALL
+            .iter()
+            .find(|x| x.as_str() == c.category)
+            .copied()
+        else {
+            problem(
+                &key("category"),
+                format!(
+                    "`{}` is not a category (marketing, utility, authentication, service)",
+                    c.category
+                ),
+            );
+            continue;
+        };
+        let scope = match c.scope.as_str() {
+            "account" => CapScope::Account,
+            "brand" => CapScope::Brand,
+            other => {
+                problem(
+                    &key("scope"),
+                    format!("`{other}` is not `account` or `brand`"),
+                );
+                continue;
+            }
+        };
+        let on_exceed = match c.on_exceed.as_deref() {
+            None if category == Category::Marketing => OnExceed::Suppress,
+            None => OnExceed::Defer,
+            Some("suppress") => OnExceed::Suppress,
+            Some("defer") => OnExceed::Defer,
+            Some(other) => {
+                problem(
+                    &key("on_exceed"),
+                    format!("`{other}` is not `suppress` or `defer`"),
+                );
+                continue;
+            }
+        };
+        if c.rules.is_empty() {
+            problem(&key("rules"), "needs at least one { max, per } rule".into());
+        }
+        let mut rules = Vec::new();
+        for (j, r) in c.rules.iter().enumerate() {
+            if r.max == 0 || r.max > MAX_PER_RULE as u64 {
+                problem(
+                    &key(&format!("rules[{j}].max")),
+                    format!("must be between 1 and {MAX_PER_RULE}"),
+                );
+            }
+            if r.per < Duration::from_secs(1) || r.per > Duration::from_secs(400 * 86400) {
+                problem(
+                    &key(&format!("rules[{j}].per")),
+                    "must be between 1s and 400d".into(),
+                );
+            }
+            rules.push(CapRule {
+                max: r.max.clamp(1, MAX_PER_RULE as u64) as u8,
+                per_secs: r.per.as_secs().clamp(1, u32::MAX as u64) as u32,
+            });
+        }
+        if out
+            .iter()
+            .any(|o| o.category == category && o.scope == scope)
+        {
+            problem(
+                &key("category"),
+                format!(
+                    "a second cap for {} with scope {}: put both rules in one entry",
+                    c.category, c.scope
+                ),
+            );
+            continue;
+        }
+        out.push(CapConfig {
+            category,
+            scope,
+            rules,
+            on_exceed,
+        });
+    }
+    out
 }
 
 fn account_consent(

@@ -91,6 +91,10 @@ pub struct RawJob {
     pub expires_at: Option<Timestamp>,
     #[serde(default)]
     pub metadata: Option<Box<RawValue>>,
+    /// Optional IANA time zone of the recipient (an addition to the contract): quiet hours
+    /// follow it instead of the zones of the number's country.
+    #[serde(default)]
+    pub timezone: Option<String>,
 }
 
 /// What the job sends.
@@ -140,6 +144,8 @@ pub struct Job {
     pub not_before: Option<Timestamp>,
     pub expires_at: Option<Timestamp>,
     pub metadata: Option<Box<RawValue>>,
+    /// The recipient's own time zone, when the job names one.
+    pub timezone: Option<jiff::tz::TimeZone>,
 }
 
 /// Why a job was refused before anything was tried; `reason` strings are part of the contract.

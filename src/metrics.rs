@@ -39,6 +39,16 @@ pub const CONSENT_CACHE_ENTRIES: &str = "sendwell_consent_cache_entries";
 pub const CONSENT_ANSWERS: &str = "sendwell_consent_answers_total";
 pub const CONSENT_MESSAGES: &str = "sendwell_consent_messages_total";
 pub const TEMPLATES_WITHOUT_OPT_OUT: &str = "sendwell_templates_without_opt_out_total";
+pub const LIMIT_WAIT: &str = "sendwell_limit_wait_seconds";
+pub const ACCOUNT_RATE: &str = "sendwell_account_rate_messages_per_second";
+pub const TIER_USAGE: &str = "sendwell_tier_usage_recipients";
+pub const TIER_LIMIT: &str = "sendwell_tier_limit_recipients";
+pub const LIMIT_STATE: &str = "sendwell_limit_state_entries";
+
+/// Buckets from 1 ms to 10 s, for inline limit waits (longer waits become deferrals).
+pub const WAIT_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 /// Buckets from 10 ms to 30 s, for the API latency histogram.
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -46,6 +56,27 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 ];
 
 pub fn describe() {
+    describe_histogram!(
+        LIMIT_WAIT,
+        Unit::Seconds,
+        "Time a send waited inline for a limit (throughput: the account's rate; pacing: the recipient pair), by account and limit."
+    );
+    describe_gauge!(
+        ACCOUNT_RATE,
+        "The rate sendwell enforces for an account now (msgs/s): the configured one, lower after Meta's 130429 while it recovers."
+    );
+    describe_gauge!(
+        TIER_USAGE,
+        "Distinct recipients counted toward the portfolio's daily messaging tier in the trailing 24 hours."
+    );
+    describe_gauge!(
+        TIER_LIMIT,
+        "The portfolio's daily unique-recipient tier (4294967295 = unlimited)."
+    );
+    describe_gauge!(
+        LIMIT_STATE,
+        "Entries held in memory by the limits (pacing pairs, frequency-cap logs), by kind: bounded by housekeeping."
+    );
     describe_counter!(
         CONSENT_EVENTS,
         "Consent events applied, by type and result (new, replay, void: dated before an erasure, erased)."
@@ -224,6 +255,24 @@ pub fn messaging_limit(waba: &str, limit: f64) {
 
 pub fn account_throughput(account: &str, mps: f64) {
     gauge!(ACCOUNT_THROUGHPUT, "account" => account.to_string()).set(mps);
+}
+
+pub fn limit_wait(account: &str, limit: &'static str, waited: Duration) {
+    histogram!(LIMIT_WAIT, "account" => account.to_string(), "limit" => limit)
+        .record(waited.as_secs_f64());
+}
+
+pub fn account_rate(account: &str, mps: f64) {
+    gauge!(ACCOUNT_RATE, "account" => account.to_string()).set(mps);
+}
+
+pub fn tier(portfolio: &str, used: usize, limit: u32) {
+    gauge!(TIER_USAGE, "portfolio" => portfolio.to_string()).set(used as f64);
+    gauge!(TIER_LIMIT, "portfolio" => portfolio.to_string()).set(limit as f64);
+}
+
+pub fn limit_state(kind: &'static str, entries: usize) {
+    gauge!(LIMIT_STATE, "kind" => kind).set(entries as f64);
 }
 
 pub fn account_update(event: &str) {

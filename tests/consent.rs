@@ -363,6 +363,7 @@ async fn stop_in_three_languages_opts_out_on_every_instance() {
         &env.sandbox_addr,
         GOOD_TOKEN,
         50,
+        RELAXED_LIMITS,
         &format!("{OPT_IN_TOML}\n{}", webhook_toml(1 << 20)),
     );
     std::fs::write(dir2.path().join("app-secret"), APP_SECRET).unwrap();

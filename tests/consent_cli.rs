@@ -26,6 +26,7 @@ impl Offline {
             &"127.0.0.1:9".parse().unwrap(),
             GOOD_TOKEN,
             10,
+            RELAXED_LIMITS,
             "[[purposes]]\nname = \"offers\"\n",
         );
         Self { dir, config }

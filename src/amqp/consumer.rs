@@ -320,6 +320,14 @@ impl Worker {
             return false;
         };
         for attempt in 1..=3u32 {
+            // Consent messages are Cloud API calls like any other: they take the account's
+            // throughput cell (and a pacing cell would only delay a reply the customer asked
+            // for, so they skip pacing).
+            if let Some(gate) = self.pipeline.limits.throughput(&out.account)
+                && gate.acquire(&self.shutdown).await.is_err()
+            {
+                return false;
+            }
             let token = account.token();
             match self
                 .pipeline

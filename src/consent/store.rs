@@ -512,6 +512,14 @@ impl ConsentStore {
             report.other_rows += 1;
         }
         ops.push(KvOp::DeleteJobs { ids });
+        // What the limits remember of the number (frequency caps, tier counts, Meta's
+        // per-user block): all keyed `digits\0…`. The in-memory copies live until they expire.
+        for table in [Table::CapHistory, Table::TierUsage, Table::UserLimit] {
+            ops.push(KvOp::DeletePrefix {
+                table,
+                prefix: prefix.clone(),
+            });
+        }
         let tombstone = until_ms.max(self.erased_at(digits)?.unwrap_or(i64::MIN));
         ops.push(KvOp::Put {
             table: Table::ConsentErased,

@@ -126,6 +126,13 @@ impl Decoder {
                 )));
             }
         }
+        let timezone = match raw.timezone.as_deref() {
+            None => None,
+            Some(name) => match crate::pipeline::limits::quiet::job_zone(name) {
+                Ok(tz) => Some(tz),
+                Err(e) => return Err(refuse(Invalid::new("invalid_timezone", e))),
+            },
+        };
         let content = match (raw.template, raw.text) {
             (Some(t), None) => {
                 if t.name.is_empty() || t.language.is_empty() {
@@ -172,6 +179,7 @@ impl Decoder {
             not_before: raw.not_before,
             expires_at: raw.expires_at,
             metadata: raw.metadata,
+            timezone,
         })
     }
 }

@@ -1,7 +1,8 @@
 //! `process(job) -> Disposition`: everything sendwell decides about one job, readable top to
 //! bottom. Stages, in data-path order, each in its own file:
-//! [`decode`] (in the consumer, before scheduling) → [`dedupe`] → time window → (consent and
-//! limits join here) → [`dispatch`] with [`accounts`] pausing.
+//! [`decode`] (in the consumer, before scheduling) → [`dedupe`] → time window → consent →
+//! what Meta told us by webhook → [`limits`] → [`dispatch`] with [`accounts`] pausing (the
+//! limits' waits and counts sit inside the dispatch loop, right before each Cloud API call).
 //!
 //! The pipeline knows nothing of AMQP: the consumer turns a [`Disposition`] into ledger writes,
 //! publishes and acks.
@@ -10,6 +11,7 @@ pub mod accounts;
 pub mod decode;
 pub mod dedupe;
 pub mod dispatch;
+pub mod limits;
 pub mod meta_state;
 
 use std::sync::Arc;
@@ -23,9 +25,10 @@ use crate::cloud_api::{CloudApi, FailureClass, request};
 use crate::config::{RetryConfig, TemplatesWithoutOptOut};
 use crate::consent::{ConsentStore, Decision};
 use crate::job::{Category, Content, Job, Outcome};
-use crate::store::{Ledger, LedgerEntry, LedgerError, LedgerState};
+use crate::store::{KvOp, Ledger, LedgerEntry, LedgerError, LedgerState};
 use accounts::{Accounts, Admit};
 use dedupe::Seen;
+use limits::{Check, Held, Limits, Reservation};
 
 /// What the consumer must do with the message after processing.
 #[derive(Debug, PartialEq)]
@@ -55,6 +58,8 @@ pub struct Pipeline {
     pub webhook_policy: Option<WebhookPolicy>,
     /// Consent: every marketing and utility job must have what its purpose's rule demands.
     pub consent: Arc<ConsentStore>,
+    /// Throughput, pacing, daily tier, frequency caps, quiet hours.
+    pub limits: Arc<Limits>,
 }
 
 #[derive(Clone, Debug)]
@@ -132,13 +137,21 @@ impl Pipeline {
             return d;
         }
 
-        // (Limits and frequency caps are the next stage; see issue 5.)
-
-        // What Meta told us by webhook: paused templates, restrictions, service windows.
+        // What Meta told us by webhook: paused templates, restrictions, service windows. Before
+        // the limits: a job that cannot go at all should not wait for a cap.
         if let Some(policy) = &self.webhook_policy
             && let Some(d) = self.meta_checks(job, policy, attempts)
         {
             return d;
+        }
+
+        // Limits: quiet hours, Meta's per-user marketing block, frequency caps.
+        match self.limits.check(job, now) {
+            Check::Go => {}
+            Check::Defer { wait, reason } => return self.defer(job, attempts, wait, reason),
+            Check::Suppress { reason, detail } => {
+                return Disposition::Finish(Outcome::Suppressed { reason, detail });
+            }
         }
 
         self.dispatch(job, &mut attempts, shutdown).await
@@ -161,19 +174,62 @@ impl Pipeline {
             _ => None,
         };
         let body = request::build_body(job, footer);
+        // A template outside the customer's service window opens a business-initiated
+        // conversation: it counts toward the portfolio's daily tier.
+        let counts_for_tier = matches!(job.content, Content::Template(_))
+            && !self.in_service_window(job, self.clock.now());
+        let mut counted = Reservation::default();
         loop {
             let admit = account.admit(self.accounts.probe_interval());
             if let Admit::Wait(wait) = admit {
                 return self.defer(job, *attempts, wait, "account_paused");
             }
+            let mut also = Vec::new();
+            if counts_for_tier {
+                match self
+                    .limits
+                    .reserve_tier(job, false, self.clock.now(), &mut counted)
+                {
+                    Ok(op) => also.extend(op),
+                    Err(wait) => {
+                        if admit == Admit::Probe {
+                            account.probe_inconclusive();
+                        }
+                        return self.defer(job, *attempts, wait, "messaging_limit");
+                    }
+                }
+            }
+            match self
+                .limits
+                .pass(job, self.retry.inline_max_delay, shutdown)
+                .await
+            {
+                Ok(()) => {}
+                Err(held) => {
+                    if admit == Admit::Probe {
+                        account.probe_inconclusive();
+                    }
+                    self.give_back(job, &mut counted).await;
+                    return match held {
+                        Held::Pacing(wait) => self.defer(job, *attempts, wait, "recipient_pacing"),
+                        Held::ShuttingDown => Disposition::Abandon,
+                    };
+                }
+            }
+            also.extend(
+                self.limits
+                    .reserve_caps(job, self.clock.now(), &mut counted),
+            );
             if self
-                .record(job, LedgerState::Sending, *attempts + 1)
+                .record_with(job, LedgerState::Sending, *attempts + 1, also)
                 .await
                 .is_err()
             {
                 if admit == Admit::Probe {
                     account.probe_inconclusive();
                 }
+                // Nothing was written: the counts go back in memory only.
+                self.limits.release(job, &mut counted);
                 return Disposition::Abandon;
             }
             *attempts += 1;
@@ -191,6 +247,7 @@ impl Pipeline {
             let failure = match result {
                 Ok(ok) => {
                     crate::metrics::api_request(&job.account, "ok", None, took);
+                    self.limits.sent(job);
                     account.resume();
                     return Disposition::Finish(Outcome::Sent {
                         wamid: ok.wamid,
@@ -200,6 +257,12 @@ impl Pipeline {
                 Err(f) => f,
             };
             crate::metrics::api_request(&job.account, failure.class.as_str(), failure.code, took);
+            self.learn_from_failure(job, failure.code).await;
+            if failure.class != FailureClass::Ambiguous {
+                // An error answer means Meta did not send it: it does not count. (An ambiguous
+                // call may have been sent, and stays counted.)
+                self.give_back(job, &mut counted).await;
+            }
             let class = match failure.class {
                 FailureClass::Ambiguous if !self.retry.resend_ambiguous(job.category) => {
                     if admit == Admit::Probe {
@@ -263,13 +326,20 @@ impl Pipeline {
                             attempts: *attempts,
                         });
                     }
-                    let delay = dispatch::retry_delay(
-                        &self.retry,
-                        class,
-                        *attempts,
-                        failure.retry_after,
-                        &mut rand::rng(),
-                    );
+                    let delay = match class {
+                        // The pair's own 4^X, shared by every job to the number.
+                        FailureClass::PairLimited => self.limits.pair_limited(job),
+                        _ => None,
+                    };
+                    let delay = delay.unwrap_or_else(|| {
+                        dispatch::retry_delay(
+                            &self.retry,
+                            class,
+                            *attempts,
+                            failure.retry_after,
+                            &mut rand::rng(),
+                        )
+                    });
                     crate::metrics::api_retry(&job.account, class.as_str());
                     if self
                         .record(job, LedgerState::Pending, *attempts)
@@ -380,6 +450,47 @@ impl Pipeline {
         None
     }
 
+    /// Whether the customer wrote to this account within the service window (so a message
+    /// now opens no business-initiated conversation). Without the webhook listener nothing
+    /// tells us, so nothing is in a window.
+    fn in_service_window(&self, job: &Job, now: Timestamp) -> bool {
+        let Some(policy) = &self.webhook_policy else {
+            return false;
+        };
+        self.meta
+            .last_inbound_ms(&job.account, job.to.digits())
+            .is_some_and(|l| now.as_millisecond() - l <= policy.service_window.as_millis() as i64)
+    }
+
+    /// Un-counts a send that definitely did not happen. A failed write leaves the count in the
+    /// store: conservative (a cap or tier slot held until it expires), never over a limit.
+    async fn give_back(&self, job: &Job, counted: &mut Reservation) {
+        let ops = self.limits.release(job, counted);
+        if !ops.is_empty()
+            && let Err(e) = self.ledger.kv_many(ops).await
+        {
+            tracing::warn!(error = %e, "Could not un-count a send that did not happen; it stays counted.");
+        }
+    }
+
+    /// What Meta's error says about the limits: 130429 (account throughput), 131049 (the
+    /// number's marketing limit). 131056 is handled where the retry delay is chosen.
+    async fn learn_from_failure(&self, job: &Job, code: Option<i64>) {
+        match code {
+            Some(130429) => self.limits.throttled(&job.account),
+            Some(131049) if job.category == Category::Marketing => {
+                if let Some(op) = self
+                    .limits
+                    .per_user_limited(job.to.digits(), self.clock.now())
+                    && let Err(e) = self.ledger.kv_many(vec![op]).await
+                {
+                    tracing::warn!(error = %e, "Could not store Meta's per-user marketing block.");
+                }
+            }
+            _ => {}
+        }
+    }
+
     fn defer(&self, job: &Job, attempts: u32, wait: Duration, reason: &'static str) -> Disposition {
         let until = self.clock.now() + wait;
         let until = match job.expires_at {
@@ -405,9 +516,21 @@ impl Pipeline {
         state: LedgerState,
         attempts: u32,
     ) -> Result<(), LedgerError> {
+        self.record_with(job, state, attempts, Vec::new()).await
+    }
+
+    /// Records the job's state together with `also` (the limits' counts of this send), in one
+    /// transaction.
+    async fn record_with(
+        &self,
+        job: &Job,
+        state: LedgerState,
+        attempts: u32,
+        also: Vec<KvOp>,
+    ) -> Result<(), LedgerError> {
         let r = self
             .ledger
-            .put(
+            .put_with(
                 &job.id,
                 LedgerEntry {
                     state,
@@ -416,6 +539,7 @@ impl Pipeline {
                     published: false,
                     event: Vec::new(),
                 },
+                also,
             )
             .await;
         if let Err(e) = &r {

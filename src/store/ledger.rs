@@ -47,12 +47,20 @@ pub enum Table {
     ConsentPending,
     /// keyed hash of digits → when the number was erased, so a late older event stays void.
     ConsentErased,
-    /// Store-wide settings (the key of the erasure hashes).
+    /// Store-wide settings (the key of the erasure hashes, learned messaging tiers).
     StoreMeta,
+    /// digits|scope|category → the most recent counted sends (frequency caps), so a restart
+    /// never resets a cap.
+    CapHistory,
+    /// digits|portfolio → when the number last counted toward the portfolio's daily
+    /// unique-recipient tier.
+    TierUsage,
+    /// digits|account → not to be sent marketing until (Meta's per-user marketing limit, 131049).
+    UserLimit,
 }
 
 impl Table {
-    pub const ALL: [Table; 11] = [
+    pub const ALL: [Table; 14] = [
         Table::WebhookSeen,
         Table::Wamids,
         Table::Delivery,
@@ -64,6 +72,9 @@ impl Table {
         Table::ConsentPending,
         Table::ConsentErased,
         Table::StoreMeta,
+        Table::CapHistory,
+        Table::TierUsage,
+        Table::UserLimit,
     ];
 
     fn def(self) -> TableDefinition<'static, &'static [u8], &'static [u8]> {
@@ -79,6 +90,9 @@ impl Table {
             Table::ConsentPending => "consent_pending_v1",
             Table::ConsentErased => "consent_erased_v1",
             Table::StoreMeta => "store_meta_v1",
+            Table::CapHistory => "cap_history_v1",
+            Table::TierUsage => "tier_usage_v1",
+            Table::UserLimit => "user_limit_v1",
         })
     }
 }
@@ -211,6 +225,11 @@ pub enum KvOp {
     DeleteJobs {
         ids: Vec<String>,
     },
+    /// Records a job's ledger entry (with [`Ledger::put_with`]: together with what it implies).
+    PutJob {
+        id: String,
+        entry: LedgerEntry,
+    },
 }
 
 struct Request {
@@ -306,6 +325,26 @@ impl Ledger {
         })
         .await
         .map(|_| ())
+    }
+
+    /// Durably records the entry together with `also` in one transaction: a send attempt and
+    /// the cap and tier counts it reserves commit or vanish together.
+    pub async fn put_with(
+        &self,
+        id: &str,
+        entry: LedgerEntry,
+        also: Vec<KvOp>,
+    ) -> Result<(), LedgerError> {
+        if also.is_empty() {
+            return self.put(id, entry).await;
+        }
+        let mut ops = Vec::with_capacity(also.len() + 1);
+        ops.push(KvOp::PutJob {
+            id: id.to_string(),
+            entry,
+        });
+        ops.extend(also);
+        self.write(Op::Many(ops)).await.map(|_| ())
     }
 
     /// Records that the outcome event was confirmed by the broker. Awaited, so that the next
@@ -665,6 +704,10 @@ fn apply_kv(
                 t.remove(k.as_slice())?;
             }
             keys.len() as u64
+        }
+        KvOp::PutJob { id, entry } => {
+            jobs.insert(id.as_str(), entry.encode().as_slice())?;
+            1
         }
         KvOp::DeleteJobs { ids } => {
             let mut n = 0;

@@ -53,6 +53,8 @@ pub struct Applier {
     accounts_by_waba: HashMap<String, Vec<String>>,
     /// What customers' messages mean for consent (STOP, START, YES/NO).
     pub consent: Option<Arc<ConsentFlow>>,
+    /// Where Meta's limit signals go: tier changes, 130429, 131049.
+    pub limits: Option<Arc<crate::pipeline::limits::Limits>>,
 }
 
 #[derive(Deserialize)]
@@ -190,6 +192,7 @@ impl Applier {
                 .collect(),
             accounts_by_waba,
             consent: None,
+            limits: None,
         }
     }
 
@@ -209,6 +212,11 @@ impl Applier {
             EventKind::Error => {
                 if let Ok(e) = serde_json::from_str::<MetaError>(ev.item.get()) {
                     crate::metrics::webhook_error(e.code);
+                    if e.code == 130429
+                        && let Some(limits) = &self.limits
+                    {
+                        limits.throttled_waba(&ev.waba_id);
+                    }
                     tracing::warn!(code = e.code, title = e.title.as_deref().unwrap_or(""), waba = %ev.waba_id, "The Cloud API reported an error by webhook.");
                 }
                 Ok(Vec::new())
@@ -304,6 +312,15 @@ impl Applier {
                 at,
                 e.message.clone().or(e.title.clone()).unwrap_or_default(),
             ));
+        }
+        // 131049: Meta's per-user marketing limit (all businesses together): resending sooner
+        // than a day extends it, so the number gets no marketing for a while.
+        if s.status == "failed"
+            && s.errors.iter().any(|e| e.code == 131049)
+            && let Some(limits) = &self.limits
+            && let Some(op) = limits.per_user_limited(&s.recipient_id, at)
+        {
+            self.ledger.kv_many(vec![op]).await?;
         }
         let level = match s.status.as_str() {
             "delivered" => DELIVERED,
@@ -573,6 +590,12 @@ impl Applier {
                     .and_then(tier_limit);
                 if let Some(l) = limit {
                     crate::metrics::messaging_limit(&ev.waba_id, l);
+                    if let Some(limits) = &self.limits {
+                        let ops = limits.tier_learned(&ev.waba_id, l);
+                        if !ops.is_empty() {
+                            self.ledger.kv_many(ops).await?;
+                        }
+                    }
                 }
                 if s("event").as_deref() == Some("THROUGHPUT_UPGRADE") {
                     for a in &accounts {

@@ -349,7 +349,14 @@ pub struct AppOptions {
     /// Recipients `number(i)` given a confirmed double opt-in for `newsletter` before the
     /// daemon starts, so send-path tests exercise sending, not suppression.
     pub consented: std::ops::Range<usize>,
+    /// Limit keys of the `acme-de` account (inside its `[[accounts]]` table, before
+    /// `extra_toml`).
+    pub account_limits: String,
 }
+
+/// Tests of the send path are not tests of the limits: the account may send at the Cloud
+/// API's maximum and recipient pacing is off. Limit tests set their own.
+pub const RELAXED_LIMITS: &str = "messages_per_second = 1000\npacing = { interval = \"0s\" }\n";
 
 impl Default for AppOptions {
     fn default() -> Self {
@@ -363,6 +370,7 @@ impl Default for AppOptions {
             extra_toml: String::new(),
             prefetch: 200,
             consented: 0..4000,
+            account_limits: RELAXED_LIMITS.into(),
         }
     }
 }
@@ -393,6 +401,7 @@ pub fn write_config(
     sandbox: &std::net::SocketAddr,
     token: &str,
     prefetch: u16,
+    account_limits: &str,
     extra: &str,
 ) -> PathBuf {
     std::fs::write(dir.join("token"), token).unwrap();
@@ -435,6 +444,7 @@ name = "acme-de"
 phone_number_id = "106540352242922"
 token_file = "token"
 waba_id = "102290129340398"
+{account_limits}
 {extra}
 "#,
         state = state.display()
@@ -469,6 +479,7 @@ impl TestEnv {
             &sandbox_addr,
             &opts.token,
             opts.prefetch,
+            &opts.account_limits,
             &opts.extra_toml,
         );
         let (outcomes, s1) = collect(

@@ -1,0 +1,535 @@
+//! Stage 4: limits that keep the channel clean — "low frequency, high relevance", and never
+//! past what Meta allows. One file per limit:
+//!
+//! | limit | file | meaning | on exceed |
+//! |---|---|---|---|
+//! | quiet hours | [`quiet`] | no (marketing) at night in the recipient's time zone | defer to the opening, spread |
+//! | per-user block | here | Meta's 131049: no marketing to the number for a while | defer |
+//! | frequency caps | [`caps`] | never more than N in any window T, exact, durable | suppress (marketing) or defer |
+//! | daily tier | [`tier`] | the portfolio's unique recipients in 24 h | defer until room |
+//! | recipient pacing | [`pacing`] | Meta's pair rate (1 per 6 s), 4^X after 131056 | wait inline, or defer |
+//! | throughput | [`throughput`] | the account's msgs/s with burst, down on 130429 | wait (backpressure) |
+//!
+//! The pipeline calls them in that order: the cheap memory reads that refuse for a long time
+//! first ([`Limits::check`]), then the tier count, then the waits right before each Cloud API
+//! call ([`Limits::pass`]), then the cap count at the instant of the send
+//! ([`Limits::reserve_caps`]), written in the same store transaction as the send record. A
+//! send that definitely did not happen gives its counts back ([`Limits::release`]).
+//!
+//! Per-recipient state needs no locks: the consumer runs one lane per recipient and the
+//! consistent-hash exchange sends a recipient to one shard. With several shards, each instance
+//! enforces its own share: configure `messages_per_second` and tiers divided by the shards.
+
+pub mod caps;
+pub mod pacing;
+pub mod quiet;
+pub mod throughput;
+pub mod tier;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use governor::nanos::Nanos;
+use jiff::Timestamp;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::SharedClock;
+use crate::config::{Config, ConfigError};
+use crate::job::{Category, Job};
+use crate::store::{KvOp, Ledger, LedgerError, Table};
+use caps::{CapSubject, Caps, OnExceed};
+use pacing::Pacing;
+use quiet::{QuietHours, Zones};
+use throughput::Throughput;
+use tier::Tier;
+
+/// The monotonic clock of the rate limiters (account throughput, recipient pacing): tokio's, so
+/// a test on tokio's paused clock drives them without sleeping, and a wall-clock step (NTP)
+/// never opens or closes a gate.
+#[derive(Clone, Copy, Debug)]
+pub struct MonoClock {
+    origin: Instant,
+}
+
+impl MonoClock {
+    pub fn new() -> Self {
+        Self {
+            origin: Instant::now(),
+        }
+    }
+}
+
+impl Default for MonoClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl governor::clock::Clock for MonoClock {
+    type Instant = Nanos;
+
+    fn now(&self) -> Nanos {
+        Nanos::from(self.origin.elapsed())
+    }
+}
+
+/// What the limits say about a job before it may be sent.
+#[derive(Debug, PartialEq)]
+pub enum Check {
+    Go,
+    /// Not now: come back after this long (through a delay queue; no slot is held).
+    Defer {
+        wait: Duration,
+        reason: &'static str,
+    },
+    /// Never: finish the job with this reason.
+    Suppress {
+        reason: &'static str,
+        detail: String,
+    },
+}
+
+/// Counts a send took before it happened, to give back if it definitely did not happen.
+#[derive(Debug, Default)]
+pub struct Reservation {
+    tier: Option<tier::TierTicket>,
+    /// When the caps counted it.
+    caps_at: Option<Timestamp>,
+}
+
+/// Why `pass` did not let the send go.
+#[derive(Debug, PartialEq)]
+pub enum Held {
+    /// The recipient pair must wait longer than an inline wait: defer by this long.
+    Pacing(Duration),
+    ShuttingDown,
+}
+
+/// One account's limits.
+struct AccountLimits {
+    /// Index in config order: the high bits of pacing and block keys.
+    throughput: Throughput,
+    pacing: Pacing,
+    portfolio: usize,
+    brand: Arc<str>,
+    quiet: Option<QuietHours>,
+}
+
+/// Every limit, for the pipeline: what a job must pass before and while it is sent.
+pub struct Limits {
+    accounts: HashMap<Arc<str>, AccountLimits>,
+    caps: Caps,
+    tier: Tier,
+    /// Loaded only when some account has quiet hours.
+    zones: Option<Zones>,
+    /// Meta's per-user marketing limit (131049) is per number across all businesses: number →
+    /// no marketing before (Unix ms).
+    blocked: DashMap<u64, i64>,
+    per_user_block: Duration,
+    /// WABA → the portfolios of its accounts, for tier updates by webhook.
+    portfolios_by_waba: HashMap<String, Vec<usize>>,
+    /// WABA → its accounts, for 130429 reported by webhook.
+    accounts_by_waba: HashMap<String, Vec<Arc<str>>>,
+    housekeeping_interval: Duration,
+}
+
+impl Limits {
+    /// Builds every limiter from the config; fails (with the config key) only when quiet hours
+    /// need the time-zone database and it is missing.
+    pub fn new(config: &Config) -> Result<Limits, ConfigError> {
+        let clock = MonoClock::new();
+        let accounts = config
+            .accounts
+            .iter()
+            .map(|a| {
+                (
+                    a.name.clone(),
+                    AccountLimits {
+                        throughput: Throughput::new(
+                            a.name.clone(),
+                            a.messages_per_second,
+                            a.burst,
+                            config.limits.arrival_jitter,
+                            config.limits.recover_after,
+                            clock,
+                        ),
+                        pacing: Pacing::new(
+                            a.pacing_interval,
+                            a.pacing_burst,
+                            config.retry.max_delay,
+                            clock,
+                        ),
+                        portfolio: a.portfolio,
+                        brand: a.brand.clone(),
+                        quiet: a.quiet_hours.clone(),
+                    },
+                )
+            })
+            .collect();
+        let zones = if config.accounts.iter().any(|a| a.quiet_hours.is_some()) {
+            let z = Zones::load(&config.limits.country_zones)
+                .map_err(|e| ConfigError::one("limits.country_zones", e))?;
+            for a in &config.accounts {
+                if let Some(q) = &a.quiet_hours {
+                    let c = z.conflicts(q);
+                    if !c.is_empty() {
+                        tracing::warn!(account = %a.name, countries = %c.join(","), "These countries' time zones leave no common open hour for the account's quiet hours: their jobs follow the first zone. Set limits.country_zones to choose one.");
+                    }
+                }
+            }
+            Some(z)
+        } else {
+            None
+        };
+        let names: Vec<(&str, &str)> = config
+            .accounts
+            .iter()
+            .map(|a| (&*a.name, &*a.brand))
+            .collect();
+        let mut portfolios_by_waba: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut accounts_by_waba: HashMap<String, Vec<Arc<str>>> = HashMap::new();
+        for a in &config.accounts {
+            if let Some(w) = &a.waba_id {
+                let p = portfolios_by_waba.entry(w.clone()).or_default();
+                if !p.contains(&a.portfolio) {
+                    p.push(a.portfolio);
+                }
+                accounts_by_waba
+                    .entry(w.clone())
+                    .or_default()
+                    .push(a.name.clone());
+            }
+        }
+        Ok(Limits {
+            accounts,
+            caps: Caps::new(config.limits.caps.clone(), &names),
+            tier: Tier::new(&config.limits.portfolios),
+            zones,
+            blocked: DashMap::new(),
+            per_user_block: config.limits.per_user_limit_block,
+            portfolios_by_waba,
+            accounts_by_waba,
+            housekeeping_interval: config.limits.housekeeping_interval,
+        })
+    }
+
+    /// Loads what must survive a restart: cap logs, tier counts, per-user blocks.
+    pub fn load(&self, ledger: &Ledger, now: Timestamp) -> Result<(), LedgerError> {
+        let caps = self.caps.load(ledger, now)?;
+        let tier = self.tier.load(ledger, now)?;
+        let now_ms = now.as_millisecond();
+        ledger.kv_for_each(Table::UserLimit, |k, v| {
+            let number = k
+                .split(|b| *b == 0)
+                .next()
+                .and_then(|d| std::str::from_utf8(d).ok())
+                .and_then(|d| d.parse::<u64>().ok());
+            let until = <[u8; 8]>::try_from(v).ok().map(i64::from_le_bytes);
+            if let (Some(n), Some(u)) = (number, until)
+                && u > now_ms
+            {
+                self.blocked.insert(n, u);
+            }
+        })?;
+        tracing::info!(
+            cap_logs = caps,
+            tier_counts = tier,
+            blocked = self.blocked.len(),
+            "Limits loaded."
+        );
+        Ok(())
+    }
+
+    /// The checks that need no send slot: quiet hours, Meta's per-user marketing block,
+    /// frequency caps. Pure reads of memory.
+    pub fn check(&self, job: &Job, now: Timestamp) -> Check {
+        let Some(a) = self.accounts.get(&job.account) else {
+            return Check::Go;
+        };
+        if let Some(q) = &a.quiet
+            && q.applies_to(job.category)
+            && let Some(until) = self.quiet_until(q, job, now)
+        {
+            return Check::Defer {
+                wait: wait_until(now, until),
+                reason: "quiet_hours",
+            };
+        }
+        if job.category == Category::Marketing
+            && !self.blocked.is_empty()
+            && let Some(n) = number(job)
+            && let Some(until) = self.blocked.get(&n).map(|u| *u)
+            && until > now.as_millisecond()
+        {
+            return Check::Defer {
+                wait: Duration::from_millis((until - now.as_millisecond()) as u64),
+                reason: "per_user_limit",
+            };
+        }
+        if !self.caps.is_empty()
+            && let Some(refusal) = self.caps.check(&self.subject(a, job), now)
+        {
+            return match refusal.on_exceed {
+                OnExceed::Suppress => Check::Suppress {
+                    reason: "frequency_cap",
+                    detail: refusal.detail,
+                },
+                OnExceed::Defer => Check::Defer {
+                    wait: wait_until(now, refusal.until),
+                    reason: "frequency_cap",
+                },
+            };
+        }
+        Check::Go
+    }
+
+    fn quiet_until(&self, q: &QuietHours, job: &Job, now: Timestamp) -> Option<Timestamp> {
+        let key = quiet::spread_key(&job.id);
+        if let Some(tz) = &job.timezone {
+            return q.release_at(std::slice::from_ref(tz), now, key);
+        }
+        let zones = self
+            .zones
+            .as_ref()
+            .map(|z| z.for_number(job.to.as_str(), job.to.region()))
+            .unwrap_or_default();
+        if zones.is_empty() {
+            return q.release_at(std::slice::from_ref(&jiff::tz::TimeZone::UTC), now, key);
+        }
+        q.release_at(zones, now, key)
+    }
+
+    /// Counts the send toward the portfolio's daily tier when it opens a business-initiated
+    /// conversation (`in_service_window` false); Err(wait) when the tier is used up.
+    pub fn reserve_tier(
+        &self,
+        job: &Job,
+        in_service_window: bool,
+        now: Timestamp,
+        r: &mut Reservation,
+    ) -> Result<Option<KvOp>, Duration> {
+        if in_service_window || r.tier.is_some() {
+            return Ok(None);
+        }
+        let (Some(a), Some(n)) = (self.accounts.get(&job.account), number(job)) else {
+            return Ok(None);
+        };
+        match self.tier.reserve(a.portfolio, n, job.to.digits(), now) {
+            Ok(Some((ticket, op))) => {
+                r.tier = Some(ticket);
+                Ok(Some(op))
+            }
+            Ok(None) => Ok(None),
+            Err(until) => Err(wait_until(now, until)),
+        }
+    }
+
+    /// Waits for the recipient pair and then the account's throughput gate. Pacing first: a
+    /// pair that must wait longer than `inline_max` defers before spending a throughput cell.
+    pub async fn pass(
+        &self,
+        job: &Job,
+        inline_max: Duration,
+        shutdown: &CancellationToken,
+    ) -> Result<(), Held> {
+        let Some(a) = self.accounts.get(&job.account) else {
+            return Ok(());
+        };
+        if let Some(n) = number(job) {
+            let started = tokio::time::Instant::now();
+            loop {
+                match a.pacing.check(n) {
+                    Ok(()) => break,
+                    Err(wait) if wait > inline_max => return Err(Held::Pacing(wait)),
+                    Err(wait) => {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return Err(Held::ShuttingDown),
+                            _ = tokio::time::sleep(wait) => {}
+                        }
+                    }
+                }
+            }
+            let waited = started.elapsed();
+            if !waited.is_zero() {
+                crate::metrics::limit_wait(&job.account, "pacing", waited);
+            }
+        }
+        let waited = a
+            .throughput
+            .acquire(shutdown)
+            .await
+            .map_err(|_| Held::ShuttingDown)?;
+        crate::metrics::limit_wait(&job.account, "throughput", waited);
+        Ok(())
+    }
+
+    /// Counts the send in the frequency caps, at the instant it goes (after every wait, so the
+    /// sliding windows are exact); returns the rows to write with the send record.
+    pub fn reserve_caps(&self, job: &Job, now: Timestamp, r: &mut Reservation) -> Vec<KvOp> {
+        if self.caps.is_empty() || r.caps_at.is_some() {
+            return Vec::new();
+        }
+        let Some(a) = self.accounts.get(&job.account) else {
+            return Vec::new();
+        };
+        r.caps_at = Some(now);
+        self.caps.reserve(&self.subject(a, job), now)
+    }
+
+    /// Gives back what a send that definitely did not happen had counted; returns the rows to
+    /// write.
+    pub fn release(&self, job: &Job, r: &mut Reservation) -> Vec<KvOp> {
+        let mut ops = Vec::new();
+        if let Some(t) = r.tier.take() {
+            ops.push(self.tier.release(t, job.to.digits()));
+        }
+        if let Some(at) = r.caps_at.take()
+            && let Some(a) = self.accounts.get(&job.account)
+        {
+            ops.extend(self.caps.release(&self.subject(a, job), at));
+        }
+        ops
+    }
+
+    /// A send went through.
+    pub fn sent(&self, job: &Job) {
+        if let (Some(a), Some(n)) = (self.accounts.get(&job.account), number(job)) {
+            a.pacing.sent(n);
+        }
+    }
+
+    /// Meta said 131056 for this pair: how long the pair now waits (4^X s).
+    pub fn pair_limited(&self, job: &Job) -> Option<Duration> {
+        let (a, n) = (self.accounts.get(&job.account)?, number(job)?);
+        Some(a.pacing.pair_limited(n))
+    }
+
+    /// Meta said 130429 (throughput exceeded) for an account.
+    pub fn throttled(&self, account: &str) {
+        if let Some(a) = self.accounts.get(account) {
+            a.throughput.throttled();
+        }
+    }
+
+    /// Meta reported 130429 by webhook for a WABA: every account of it steps down.
+    pub fn throttled_waba(&self, waba: &str) {
+        for a in self.accounts_by_waba.get(waba).into_iter().flatten() {
+            self.throttled(a);
+        }
+    }
+
+    /// Meta said 131049 (per-user marketing limit) for a number at `at`: no marketing to it
+    /// for `per_user_limit_block`; returns the row that remembers it.
+    pub fn per_user_limited(&self, digits: &str, at: Timestamp) -> Option<KvOp> {
+        let n = digits.parse::<u64>().ok()?;
+        let until = at.as_millisecond() + self.per_user_block.as_millis() as i64;
+        let mut entry = self.blocked.entry(n).or_insert(until);
+        *entry = (*entry).max(until);
+        let mut key = digits.as_bytes().to_vec();
+        key.push(0);
+        Some(KvOp::Put {
+            table: Table::UserLimit,
+            key,
+            value: (*entry).to_le_bytes().to_vec(),
+        })
+    }
+
+    /// Meta set a WABA's messaging tier (`business_capability_update`): every portfolio of
+    /// its accounts takes it; returns the rows that remember it.
+    pub fn tier_learned(&self, waba: &str, limit: f64) -> Vec<KvOp> {
+        let limit = if limit.is_finite() && limit >= 1.0 {
+            (limit as u64).min(tier::UNLIMITED as u64 - 1) as u32
+        } else {
+            tier::UNLIMITED
+        };
+        self.portfolios_by_waba
+            .get(waba)
+            .into_iter()
+            .flatten()
+            .map(|&p| self.tier.set_limit(p, limit))
+            .collect()
+    }
+
+    /// (counted recipients, limit) of an account's portfolio.
+    pub fn tier_usage(&self, account: &str, now: Timestamp) -> Option<(usize, u32)> {
+        let a = self.accounts.get(account)?;
+        Some(self.tier.usage(a.portfolio, now))
+    }
+
+    /// The account's throughput gate (also taken by consent messages, which go around the
+    /// pipeline).
+    pub fn throughput(&self, account: &str) -> Option<&Throughput> {
+        self.accounts.get(account).map(|a| &a.throughput)
+    }
+
+    /// Drops idle limiter state now and then and purges rows that can no longer matter, so
+    /// memory and the store stay bounded by recent traffic.
+    pub async fn housekeeping(
+        self: Arc<Self>,
+        ledger: Ledger,
+        clock: SharedClock,
+        shutdown: CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(self.housekeeping_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = self.housekeep(&ledger, clock.now()).await {
+                tracing::warn!(error = %e, "Limits housekeeping failed; will try again.");
+            }
+        }
+    }
+
+    /// One round of housekeeping.
+    pub async fn housekeep(&self, ledger: &Ledger, now: Timestamp) -> Result<(), LedgerError> {
+        let pairs: usize = self.accounts.values().map(|a| a.pacing.housekeep()).sum();
+        let logs = self.caps.evict_idle(now);
+        let now_ms = now.as_millisecond();
+        self.blocked.retain(|_, until| *until > now_ms);
+        crate::metrics::limit_state("pacing_pairs", pairs);
+        crate::metrics::limit_state("cap_logs", self.caps.len());
+        crate::metrics::limit_state("per_user_blocks", self.blocked.len());
+        let _ = logs;
+        let mut ops = self.caps.purge_ops(ledger, now, 10_000)?;
+        ops.extend(self.tier.housekeep(ledger, now, 10_000)?);
+        ledger.kv_for_each(Table::UserLimit, |k, v| {
+            let stale = <[u8; 8]>::try_from(v)
+                .map(|b| i64::from_le_bytes(b) <= now_ms)
+                .unwrap_or(true);
+            if stale && ops.len() < 30_000 {
+                ops.push(KvOp::Delete {
+                    table: Table::UserLimit,
+                    key: k.to_vec(),
+                });
+            }
+        })?;
+        if !ops.is_empty() {
+            ledger.kv_many(ops).await?;
+        }
+        Ok(())
+    }
+
+    fn subject<'a>(&'a self, a: &'a AccountLimits, job: &'a Job) -> CapSubject<'a> {
+        CapSubject {
+            account: &job.account,
+            brand: &a.brand,
+            digits: job.to.digits(),
+            category: job.category,
+        }
+    }
+}
+
+/// The number as an integer (E.164 digits fit 50 bits).
+fn number(job: &Job) -> Option<u64> {
+    job.to.digits().parse().ok()
+}
+
+fn wait_until(now: Timestamp, until: Timestamp) -> Duration {
+    Duration::try_from(until.duration_since(now)).unwrap_or(Duration::ZERO)
+}

@@ -1,0 +1,329 @@
+//! Account throughput: at most `messages_per_second` Cloud API calls per sender account, with a
+//! configurable burst, and an adaptive step-down when Meta says 130429 (throughput exceeded).
+//!
+//! Governor's GCRA is exactly the wanted meaning here (a token bucket of `burst` cells refilled at
+//! the rate): in any 1-second window at most `rate + burst - 1` calls pass the gate, and the long
+//! run is the rate. Governor's own `until_ready` sleeps on `futures-timer` and needs a real-time
+//! clock, so the wait loop is ours: on tokio's timer (cancellable by shutdown, and driven by
+//! tokio's paused clock in tests) and behind a FIFO mutex, so jobs pass in arrival order and a
+//! thousand waiters do not all poll the limiter on every tick.
+//!
+//! Meta counts at its door, not at our gate: the store commit and the network between the two
+//! can bunch calls up. So part of the configured burst is held in reserve for that: the gate's
+//! own burst is `burst - rate × arrival_jitter` (at least 2, at most `burst`), and a receiver
+//! sees at most `rate + burst` in any second as long as the calls' transit times vary by less
+//! than `arrival_jitter` (default 50 ms).
+//!
+//! Waiting here is the backpressure: a job holds its prefetch slot while it waits its turn, so
+//! the broker stops handing us more than we can send. It is never failed or dropped for it.
+
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use governor::clock::Clock as _;
+use governor::middleware::NoOpMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::MonoClock;
+
+type Direct =
+    RateLimiter<NotKeyed, InMemoryState, MonoClock, NoOpMiddleware<governor::nanos::Nanos>>;
+
+/// The gate was left because the daemon is shutting down.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ShuttingDown;
+
+/// One account's gate.
+pub struct Throughput {
+    /// For metrics and logs.
+    account: Arc<str>,
+    /// What the config allows; the adaptive rate never goes above it.
+    configured: u32,
+    /// Cells that may pass the gate at once after a quiet spell (the configured burst less the
+    /// reserve for arrival jitter).
+    burst: u32,
+    /// After a 130429, how long without another one before the rate steps back up.
+    recover_after: Duration,
+    /// The rate the limiter below enforces now (msgs/s).
+    rate: AtomicU32,
+    /// Swapped when the rate changes; a new limiter starts full (one burst), which is fine:
+    /// the step that rebuilt it was either a cut (fewer cells from now on) or a recovery after
+    /// `recover_after` of quiet.
+    limiter: RwLock<Arc<Direct>>,
+    /// Holders pass the limiter one at a time, in arrival order (tokio's mutex is FIFO).
+    gate: tokio::sync::Mutex<()>,
+    /// When the rate last changed (a cut, or a recovery step).
+    last_change: Mutex<Option<Instant>>,
+    clock: MonoClock,
+}
+
+impl Throughput {
+    pub fn new(
+        account: Arc<str>,
+        configured: u32,
+        burst: u32,
+        arrival_jitter: Duration,
+        recover_after: Duration,
+        clock: MonoClock,
+    ) -> Self {
+        let configured = configured.max(1);
+        let burst = gate_burst(configured, burst, arrival_jitter);
+        crate::metrics::account_rate(&account, configured as f64);
+        Self {
+            limiter: RwLock::new(Arc::new(build(configured, burst, clock))),
+            account,
+            configured,
+            burst,
+            recover_after,
+            rate: AtomicU32::new(configured),
+            gate: tokio::sync::Mutex::new(()),
+            last_change: Mutex::new(None),
+            clock,
+        }
+    }
+
+    /// The rate enforced now.
+    pub fn rate(&self) -> u32 {
+        self.rate.load(Ordering::Relaxed)
+    }
+
+    /// Waits for this account's next cell; returns how long it waited.
+    pub async fn acquire(&self, shutdown: &CancellationToken) -> Result<Duration, ShuttingDown> {
+        let started = Instant::now();
+        let _turn = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return Err(ShuttingDown),
+            g = self.gate.lock() => g,
+        };
+        self.maybe_recover();
+        loop {
+            let limiter = self.current();
+            match limiter.check() {
+                Ok(()) => return Ok(started.elapsed()),
+                Err(not_until) => {
+                    let wait = not_until.wait_time_from(self.clock.now());
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => return Err(ShuttingDown),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes a cell if one is free now, without waiting (the consent messages' path and tests).
+    pub fn try_acquire(&self) -> bool {
+        self.current().check().is_ok()
+    }
+
+    /// Meta said 130429: halve the rate (not below 1 msg/s). Answers to calls already in flight
+    /// arrive together, so cuts closer than one second apart count once.
+    pub fn throttled(&self) {
+        let now = Instant::now();
+        let mut last = self.last_change.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.rate();
+        if let Some(t) = *last
+            && now.duration_since(t) < Duration::from_secs(1)
+            && current < self.configured
+        {
+            return;
+        }
+        let next = (current / 2).max(1);
+        *last = Some(now);
+        if next != current {
+            self.set_rate(next);
+            tracing::warn!(account = %self.account, from = current, to = next, "Meta says throughput exceeded (130429): stepping the account's rate down.");
+        }
+    }
+
+    /// A tenth of the configured rate back for every `recover_after` without a 130429.
+    fn maybe_recover(&self) {
+        let current = self.rate();
+        if current >= self.configured {
+            return;
+        }
+        let now = Instant::now();
+        let mut last = self.last_change.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|t| now.duration_since(t) < self.recover_after) {
+            return;
+        }
+        let next = (current + (self.configured / 10).max(1)).min(self.configured);
+        *last = Some(now);
+        self.set_rate(next);
+        tracing::info!(account = %self.account, from = current, to = next, "Account rate recovering.");
+    }
+
+    fn set_rate(&self, rate: u32) {
+        self.rate.store(rate, Ordering::Relaxed);
+        // A lower rate keeps the burst at most the rate, so a cut really lowers the 1 s peak.
+        let limiter = Arc::new(build(rate, self.burst.min(rate.max(2)), self.clock));
+        *self.limiter.write().unwrap_or_else(|e| e.into_inner()) = limiter;
+        crate::metrics::account_rate(&self.account, rate as f64);
+    }
+
+    fn current(&self) -> Arc<Direct> {
+        self.limiter
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+fn build(rate: u32, burst: u32, clock: MonoClock) -> Direct {
+    // Invariant: both are at least 1 (clamped by the callers).
+    let r = NonZeroU32::new(rate.max(1)).unwrap_or(NonZeroU32::MIN);
+    let b = NonZeroU32::new(burst.max(1)).unwrap_or(NonZeroU32::MIN);
+    RateLimiter::direct_with_clock(Quota::per_second(r).allow_burst(b), clock)
+}
+
+/// The gate's burst: the configured one less `rate × jitter` cells kept for transit-time
+/// variation, but at least 2 (see [`default_burst`]) and never more than configured.
+pub fn gate_burst(rate: u32, burst: u32, jitter: Duration) -> u32 {
+    let reserve = (rate as f64 * jitter.as_secs_f64()).ceil() as u32;
+    burst.saturating_sub(reserve).max(2).min(burst.max(1))
+}
+
+/// The default burst: a tenth of the rate, at least 2. At least 2 because a waiter that wakes a
+/// timer tick late would otherwise lose that tick for good (GCRA with burst 1 has no slack), and
+/// at 200 msg/s a 1 ms tick is a fifth of the interval.
+pub fn default_burst(mps: u32) -> u32 {
+    (mps / 10).max(2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every pass time of `n` cells through the gate, on tokio's paused clock.
+    async fn passes(t: &Throughput, n: usize) -> Vec<Duration> {
+        let start = Instant::now();
+        let never = CancellationToken::new();
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            t.acquire(&never).await.unwrap();
+            out.push(start.elapsed());
+        }
+        out
+    }
+
+    /// Most passes in any half-open 1-second window.
+    fn max_per_second(times: &[Duration]) -> usize {
+        let mut best = 0;
+        let mut j = 0;
+        for i in 0..times.len() {
+            while times[i] - times[j] >= Duration::from_secs(1) {
+                j += 1;
+            }
+            best = best.max(i - j + 1);
+        }
+        best
+    }
+
+    fn gate(rate: u32, burst: u32) -> Throughput {
+        Throughput::new(
+            "t".into(),
+            rate,
+            burst,
+            Duration::ZERO,
+            Duration::from_secs(10),
+            MonoClock::new(),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_second_holds_more_than_rate_plus_burst_minus_one_and_the_long_run_is_the_rate() {
+        for (rate, burst) in [(50, 1), (50, 5), (200, 20), (80, 8)] {
+            let t = gate(rate, burst);
+            let times = passes(&t, rate as usize * 10).await;
+            let peak = max_per_second(&times);
+            assert!(
+                peak < (rate + burst) as usize,
+                "rate {rate} burst {burst}: {peak} in one second"
+            );
+            // From the first cell after the burst to the last: exactly the rate.
+            let steady = &times[burst as usize..];
+            let span = (*steady.last().unwrap() - steady[0]).as_secs_f64();
+            let measured = (steady.len() - 1) as f64 / span;
+            assert!(
+                (measured - rate as f64).abs() / (rate as f64) < 0.01,
+                "rate {rate}: measured {measured}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiters_pass_in_arrival_order() {
+        let t = Arc::new(gate(10, 1));
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for i in 0..20 {
+            let (t, order) = (t.clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                t.acquire(&CancellationToken::new()).await.unwrap();
+                order.lock().unwrap().push(i);
+            }));
+            // Let each task reach the gate before the next is spawned.
+            tokio::task::yield_now().await;
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), (0..20).collect::<Vec<_>>());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_leaves_the_gate_at_once() {
+        let t = gate(1, 1);
+        let stop = CancellationToken::new();
+        t.acquire(&stop).await.unwrap();
+        stop.cancel();
+        assert_eq!(t.acquire(&stop).await, Err(ShuttingDown));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_130429_halves_the_rate_once_per_second_and_quiet_brings_it_back() {
+        let t = gate(80, 8);
+        t.throttled();
+        t.throttled(); // same burst of answers: counted once
+        assert_eq!(t.rate(), 40);
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        t.throttled();
+        assert_eq!(t.rate(), 20);
+        // Under the cut rate, no second holds more than the new rate + burst - 1.
+        let times = passes(&t, 60).await;
+        assert!(max_per_second(&times) < 20 + 8);
+        // Ten quiet seconds per step of a tenth (8/s) back up to 80, never above.
+        let mut seen = vec![t.rate()];
+        for _ in 0..12 {
+            tokio::time::advance(Duration::from_secs(10)).await;
+            t.acquire(&CancellationToken::new()).await.unwrap();
+            seen.push(t.rate());
+        }
+        assert_eq!(&seen[..8], &[20, 28, 36, 44, 52, 60, 68, 76]);
+        assert!(seen[8..].iter().all(|&r| r == 80), "{seen:?}");
+    }
+
+    #[test]
+    fn part_of_the_burst_is_kept_for_transit_jitter() {
+        let j = Duration::from_millis(50);
+        assert_eq!(gate_burst(200, 20, j), 10);
+        assert_eq!(gate_burst(50, 5, j), 2);
+        assert_eq!(gate_burst(80, 8, j), 4);
+        assert_eq!(gate_burst(1000, 100, j), 50);
+        assert_eq!(gate_burst(50, 1, j), 1, "never above the configured burst");
+        assert_eq!(gate_burst(50, 5, Duration::ZERO), 5);
+    }
+
+    #[test]
+    fn default_burst_is_a_tenth_and_at_least_two() {
+        assert_eq!(default_burst(1), 2);
+        assert_eq!(default_burst(80), 8);
+        assert_eq!(default_burst(1000), 100);
+    }
+}

@@ -1,0 +1,387 @@
+//! The daily unique-recipient tier (Meta's "messaging limit"): how many distinct customers a
+//! business portfolio may reach outside a customer-service window in a moving 24 hours — 250,
+//! 2,000, 10,000, 100,000 or unlimited, shared since October 2025 by every number of the
+//! portfolio (facts §3.3).
+//!
+//! Meta documents no error for running out: messages past the limit are simply not delivered.
+//! So the budget is kept here. A number counts from its latest business-initiated send; a number
+//! already counted in the trailing 24 hours is free; a new number beyond the limit waits until
+//! the oldest counted one leaves the window. We count accepted sends, not deliveries: never
+//! more than Meta, sometimes a few more than needed.
+//!
+//! Each portfolio's window is behind one mutex: its jobs come from many recipient lanes at once,
+//! and check-and-count must be one step. Counts are durable ([`Table::TierUsage`]), and so is a
+//! tier learned from Meta's webhook (in [`Table::StoreMeta`]), so a restart neither resets the
+//! window nor forgets an upgrade.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use jiff::Timestamp;
+
+use crate::store::{KvOp, Ledger, LedgerError, Table};
+
+/// The moving window Meta counts over.
+pub const WINDOW_MS: i64 = 24 * 3600 * 1000;
+/// "No limit" (Meta's `UNLIMITED`, or a portfolio without a configured tier).
+pub const UNLIMITED: u32 = u32::MAX;
+
+/// A counted send, so that a send that definitely did not happen can be un-counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TierTicket {
+    portfolio: usize,
+    number: u64,
+    /// The number's previous count time, if it had one in the window.
+    previous: Option<i64>,
+    at: i64,
+}
+
+struct Window {
+    /// number → when it last counted (Unix ms).
+    last: HashMap<u64, i64>,
+    /// The same, ordered by time, so the oldest is found and expired in O(log n).
+    by_time: BTreeSet<(i64, u64)>,
+}
+
+impl Window {
+    fn expire(&mut self, now_ms: i64) {
+        while let Some(&(t, n)) = self.by_time.first() {
+            if t > now_ms - WINDOW_MS {
+                break;
+            }
+            self.by_time.pop_first();
+            self.last.remove(&n);
+        }
+    }
+}
+
+struct Portfolio {
+    name: Arc<str>,
+    /// The tier as configured (kept to tell whether a learned tier is still current).
+    configured: u32,
+    limit: AtomicU32,
+    window: Mutex<Window>,
+}
+
+pub struct Tier {
+    portfolios: Vec<Portfolio>,
+}
+
+impl Tier {
+    /// `portfolios`: name and configured limit ([`UNLIMITED`] for none), in the order the
+    /// accounts refer to them by index.
+    pub fn new(portfolios: &[(Arc<str>, u32)]) -> Self {
+        Self {
+            portfolios: portfolios
+                .iter()
+                .map(|(name, limit)| Portfolio {
+                    name: name.clone(),
+                    configured: *limit,
+                    limit: AtomicU32::new(*limit),
+                    window: Mutex::new(Window {
+                        last: HashMap::new(),
+                        by_time: BTreeSet::new(),
+                    }),
+                })
+                .collect(),
+        }
+    }
+
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.portfolios.iter().position(|p| &*p.name == name)
+    }
+
+    /// Loads learned tiers and the counts of the last 24 hours.
+    pub fn load(&self, ledger: &Ledger, now: Timestamp) -> Result<usize, LedgerError> {
+        for p in &self.portfolios {
+            if let Some(v) = ledger.kv_get(Table::StoreMeta, &meta_key(&p.name))?
+                && let Some((learned, configured_then)) = decode_learned(&v)
+                && configured_then == p.configured
+            {
+                p.limit.store(learned, Ordering::Relaxed);
+            }
+        }
+        let now_ms = now.as_millisecond();
+        let mut n = 0;
+        ledger.kv_for_each(Table::TierUsage, |key, value| {
+            let Some((number, portfolio)) = decode_key(key) else {
+                return;
+            };
+            let (Some(i), Ok(b)) = (self.index_of(portfolio), <[u8; 8]>::try_from(value)) else {
+                return;
+            };
+            let at = i64::from_le_bytes(b);
+            if at <= now_ms - WINDOW_MS {
+                return;
+            }
+            let mut w = lock(&self.portfolios[i].window);
+            if let Some(old) = w.last.insert(number, at) {
+                w.by_time.remove(&(old, number));
+            }
+            w.by_time.insert((at, number));
+            n += 1;
+        })?;
+        for p in &self.portfolios {
+            crate::metrics::tier(
+                &p.name,
+                lock(&p.window).last.len(),
+                p.limit.load(Ordering::Relaxed),
+            );
+        }
+        Ok(n)
+    }
+
+    /// Counts a business-initiated send to `number` now, if the tier allows it: Ok(ticket and
+    /// the row to write with the send record), or Err(when the window has room again).
+    pub fn reserve(
+        &self,
+        portfolio: usize,
+        number: u64,
+        digits: &str,
+        now: Timestamp,
+    ) -> Result<Option<(TierTicket, KvOp)>, Timestamp> {
+        let p = &self.portfolios[portfolio];
+        let limit = p.limit.load(Ordering::Relaxed);
+        if limit == UNLIMITED {
+            return Ok(None);
+        }
+        let now_ms = now.as_millisecond();
+        let mut w = lock(&p.window);
+        w.expire(now_ms);
+        let previous = w.last.get(&number).copied();
+        if previous.is_none() && w.last.len() >= limit as usize {
+            let oldest = w.by_time.first().map_or(now_ms, |&(t, _)| t);
+            return Err(Timestamp::from_millisecond(oldest + WINDOW_MS).unwrap_or(now));
+        }
+        if let Some(old) = previous {
+            w.by_time.remove(&(old, number));
+        }
+        w.last.insert(number, now_ms);
+        w.by_time.insert((now_ms, number));
+        crate::metrics::tier(&p.name, w.last.len(), limit);
+        let op = KvOp::Put {
+            table: Table::TierUsage,
+            key: row_key(digits, &p.name),
+            value: now_ms.to_le_bytes().to_vec(),
+        };
+        Ok(Some((
+            TierTicket {
+                portfolio,
+                number,
+                previous,
+                at: now_ms,
+            },
+            op,
+        )))
+    }
+
+    /// Un-counts a send that definitely did not happen; returns the row change to write.
+    pub fn release(&self, t: TierTicket, digits: &str) -> KvOp {
+        let p = &self.portfolios[t.portfolio];
+        let mut w = lock(&p.window);
+        if w.last.get(&t.number) == Some(&t.at) {
+            w.by_time.remove(&(t.at, t.number));
+            match t.previous {
+                Some(prev) => {
+                    w.last.insert(t.number, prev);
+                    w.by_time.insert((prev, t.number));
+                }
+                None => {
+                    w.last.remove(&t.number);
+                }
+            }
+        }
+        let key = row_key(digits, &p.name);
+        match t.previous {
+            Some(prev) => KvOp::Put {
+                table: Table::TierUsage,
+                key,
+                value: prev.to_le_bytes().to_vec(),
+            },
+            None => KvOp::Delete {
+                table: Table::TierUsage,
+                key,
+            },
+        }
+    }
+
+    /// Meta raised (or set) the portfolio's tier; returns the row that remembers it.
+    pub fn set_limit(&self, portfolio: usize, limit: u32) -> KvOp {
+        let p = &self.portfolios[portfolio];
+        let before = p.limit.swap(limit, Ordering::Relaxed);
+        if before != limit {
+            tracing::info!(portfolio = %p.name, from = before, to = limit, "Messaging tier changed.");
+        }
+        crate::metrics::tier(&p.name, lock(&p.window).last.len(), limit);
+        let mut value = limit.to_le_bytes().to_vec();
+        value.extend_from_slice(&p.configured.to_le_bytes());
+        KvOp::Put {
+            table: Table::StoreMeta,
+            key: meta_key(&p.name),
+            value,
+        }
+    }
+
+    /// (counted recipients in the window, limit) of a portfolio.
+    pub fn usage(&self, portfolio: usize, now: Timestamp) -> (usize, u32) {
+        let p = &self.portfolios[portfolio];
+        let mut w = lock(&p.window);
+        w.expire(now.as_millisecond());
+        (w.last.len(), p.limit.load(Ordering::Relaxed))
+    }
+
+    /// Forgets what left the window; returns the store rows to delete (at most `limit`).
+    pub fn housekeep(
+        &self,
+        ledger: &Ledger,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<KvOp>, LedgerError> {
+        let now_ms = now.as_millisecond();
+        for p in &self.portfolios {
+            let mut w = lock(&p.window);
+            w.expire(now_ms);
+            crate::metrics::tier(&p.name, w.last.len(), p.limit.load(Ordering::Relaxed));
+        }
+        let mut ops = Vec::new();
+        ledger.kv_for_each(Table::TierUsage, |key, value| {
+            if ops.len() >= limit {
+                return;
+            }
+            let stale = <[u8; 8]>::try_from(value)
+                .map(|b| i64::from_le_bytes(b) <= now_ms - WINDOW_MS)
+                .unwrap_or(true);
+            if stale || decode_key(key).is_none_or(|(_, p)| self.index_of(p).is_none()) {
+                ops.push(KvOp::Delete {
+                    table: Table::TierUsage,
+                    key: key.to_vec(),
+                });
+            }
+        })?;
+        Ok(ops)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `digits\0portfolio`: starts with the number, so erasure by prefix finds it.
+fn row_key(digits: &str, portfolio: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(digits.len() + 1 + portfolio.len());
+    k.extend_from_slice(digits.as_bytes());
+    k.push(0);
+    k.extend_from_slice(portfolio.as_bytes());
+    k
+}
+
+fn decode_key(key: &[u8]) -> Option<(u64, &str)> {
+    let nul = key.iter().position(|&b| b == 0)?;
+    let digits = std::str::from_utf8(&key[..nul]).ok()?;
+    let portfolio = std::str::from_utf8(&key[nul + 1..]).ok()?;
+    Some((digits.parse().ok()?, portfolio))
+}
+
+fn meta_key(portfolio: &str) -> Vec<u8> {
+    format!("tier|{portfolio}").into_bytes()
+}
+
+fn decode_learned(v: &[u8]) -> Option<(u32, u32)> {
+    let learned = u32::from_le_bytes(v.get(..4)?.try_into().ok()?);
+    let configured = u32::from_le_bytes(v.get(4..8)?.try_into().ok()?);
+    Some((learned, configured))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jiff::ToSpan;
+
+    fn t0() -> Timestamp {
+        "2026-11-29T00:00:00Z".parse().unwrap()
+    }
+
+    fn tier(limit: u32) -> Tier {
+        Tier::new(&[("acme".into(), limit), ("other".into(), UNLIMITED)])
+    }
+
+    fn ok(t: &Tier, p: usize, n: u64, at: Timestamp) -> Option<(TierTicket, KvOp)> {
+        t.reserve(p, n, &n.to_string(), at).unwrap()
+    }
+
+    #[test]
+    fn new_numbers_beyond_the_tier_wait_for_the_oldest_to_leave_the_24h_window() {
+        let t = tier(3);
+        for (i, n) in [1, 2, 3].into_iter().enumerate() {
+            ok(&t, 0, n, t0() + (i as i64).hours());
+        }
+        // A number already counted is free, and its count moves to now.
+        ok(&t, 0, 2, t0() + 5.hours());
+        assert_eq!(t.usage(0, t0() + 5.hours()), (3, 3));
+        // A fourth number waits until number 1 (counted at t0) leaves the window.
+        assert_eq!(
+            t.reserve(0, 4, "4", t0() + 6.hours()),
+            Err(t0() + 24.hours())
+        );
+        assert!(
+            t.reserve(0, 4, "4", t0() + 24.hours() - 1.millisecond())
+                .is_err()
+        );
+        ok(&t, 0, 4, t0() + 24.hours());
+        // Next to leave is number 3 (t0 + 2h); number 2 was refreshed at t0 + 5h.
+        assert_eq!(
+            t.reserve(0, 5, "5", t0() + 25.hours()),
+            Err(t0() + 26.hours())
+        );
+        // An unlimited portfolio never counts.
+        for n in 0..10_000 {
+            assert_eq!(t.reserve(1, n, "x", t0()), Ok(None));
+        }
+    }
+
+    #[test]
+    fn a_released_ticket_gives_the_room_back_and_restores_the_previous_count() {
+        let t = tier(1);
+        let (first, _) = ok(&t, 0, 1, t0()).unwrap();
+        assert!(t.reserve(0, 2, "2", t0()).is_err());
+        assert_eq!(
+            t.release(first, "1"),
+            KvOp::Delete {
+                table: Table::TierUsage,
+                key: b"1\0acme".to_vec()
+            }
+        );
+        ok(&t, 0, 2, t0());
+        // Refreshing a counted number and releasing that puts its old time back.
+        let (again, _) = ok(&t, 0, 2, t0() + 1.hours()).unwrap();
+        t.release(again, "2");
+        assert_eq!(
+            t.reserve(0, 3, "3", t0() + 2.hours()),
+            Err(t0() + 24.hours())
+        );
+    }
+
+    #[tokio::test]
+    async fn counts_and_a_learned_tier_survive_a_restart_unless_the_config_changed() {
+        let ledger = Ledger::open_in_memory().unwrap();
+        let t = tier(2);
+        let mut ops = vec![t.set_limit(0, 3)];
+        for n in [10, 11, 12] {
+            ops.push(ok(&t, 0, n, t0()).unwrap().1);
+        }
+        ledger.kv_many(ops).await.unwrap();
+        let again = tier(2);
+        assert_eq!(again.load(&ledger, t0() + 1.hours()).unwrap(), 3);
+        assert_eq!(again.usage(0, t0() + 1.hours()), (3, 3));
+        assert!(again.reserve(0, 13, "13", t0() + 1.hours()).is_err());
+        // The operator changed the tier in the config since: the config wins.
+        let changed = tier(5);
+        changed.load(&ledger, t0() + 1.hours()).unwrap();
+        assert_eq!(changed.usage(0, t0() + 1.hours()), (3, 5));
+        // A day later the rows are stale, and housekeeping deletes them.
+        let later = t0() + 24.hours();
+        assert_eq!(tier(2).load(&ledger, later).unwrap(), 0);
+        assert_eq!(t.housekeep(&ledger, later, 100).unwrap().len(), 3);
+    }
+}
