@@ -222,9 +222,22 @@ yes_title = "Ja, gerne"
 no_title = "Nein"
 "#;
 
+/// A frequency cap and a daily tier, so that sends leave limit rows that erasure must remove.
+const LIMITS_TOML: &str = r#"
+[[portfolios]]
+name = "acme"
+messaging_limit = 100000
+
+[[caps]]
+category = "marketing"
+scope = "brand"
+rules = [{ max = 8, per = "1h" }]
+"#;
+
 async fn env_with_webhook(consented: std::ops::Range<usize>) -> TestEnv {
     let opts = AppOptions {
-        extra_toml: format!("{OPT_IN_TOML}\n{}", webhook_toml(1 << 20)),
+        account_limits: format!("{RELAXED_LIMITS}portfolio = \"acme\"\n"),
+        extra_toml: format!("{OPT_IN_TOML}\n{}\n{LIMITS_TOML}", webhook_toml(1 << 20)),
         consented,
         ..Default::default()
     };
@@ -520,7 +533,8 @@ async fn erase_leaves_no_byte_of_the_number_in_the_state_store() {
         Some(format!("http://{}/webhook", app.webhook())),
         Some(APP_SECRET.into()),
     );
-    // Leave traces everywhere: a sent job with delivery callbacks, an inbound message.
+    // Leave traces everywhere: a sent job with delivery callbacks, an inbound message, its
+    // frequency-cap log and its count toward the daily tier.
     env.publish(&[template_job("to-erase", &n), template_job("to-keep", &keep)])
         .await;
     env.final_outcomes(&["to-erase".into(), "to-keep".into()], T)
@@ -548,6 +562,18 @@ async fn erase_leaves_no_byte_of_the_number_in_the_state_store() {
         dump_has(&ledger, digits.as_bytes()),
         "the number is in the store before"
     );
+    let mut prefix = digits.as_bytes().to_vec();
+    prefix.push(0);
+    for table in [
+        sendwell::store::Table::CapHistory,
+        sendwell::store::Table::TierUsage,
+    ] {
+        assert_eq!(
+            ledger.kv_scan_prefix(table, &prefix).unwrap().len(),
+            1,
+            "{table:?} counts the send before the erasure"
+        );
+    }
     // wamids (Meta's and the sandbox's) carry the number in base64.
     let b64 = sendwell::cloud_api::sandbox::base64(digits.as_bytes());
     let b64 = &b64.as_bytes()[..digits.len() / 3 * 4];

@@ -140,6 +140,8 @@ async fn frequency_caps_survive_a_daemon_restart() {
         ..AppOptions::default()
     };
     let env = TestEnv::new(&opts).await;
+    // Started first: it declares the exchanges the jobs are published to.
+    let app = env.start().await;
     let mut jobs = Vec::new();
     let mut ids = Vec::new();
     for round in 0..3 {
@@ -150,7 +152,6 @@ async fn frequency_caps_survive_a_daemon_restart() {
         }
     }
     env.publish(&jobs).await;
-    let app = env.start().await;
     let sandbox = env.sandbox.clone();
     wait_for(
         "some sends before the restart",
@@ -244,6 +245,196 @@ async fn a_job_in_quiet_hours_is_deferred_and_sent_when_they_end() {
             &metrics,
             "sendwell_jobs_deferred_total{account=\"acme-de\",reason=\"quiet_hours\"}"
         ) >= 1.0
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_message_to_a_number_waits_for_its_pacing_interval() {
+    // Pacing 2 s (Meta's is 6 s; shorter keeps the test short), longer than the inline wait
+    // (500 ms): the second job is deferred through a delay queue, then sent, in order.
+    let opts = AppOptions {
+        account_limits: "messages_per_second = 1000\npacing = { interval = \"2s\" }\n".into(),
+        consented: 0..2,
+        ..AppOptions::default()
+    };
+    let env = TestEnv::new(&opts).await;
+    let app = env.start().await;
+    let ids: Vec<String> = (0..3).map(|i| format!("pace-{i}")).collect();
+    let jobs: Vec<_> = ids.iter().map(|id| template_job(id, &number(0))).collect();
+    // Another number is not held back by the first one's pacing.
+    let other = template_job("pace-other", &number(1));
+    env.publish(&[jobs[0].clone(), jobs[1].clone(), jobs[2].clone(), other])
+        .await;
+    let mut all = ids.clone();
+    all.push("pace-other".into());
+    let finals = env.final_outcomes(&all, Duration::from_secs(30)).await;
+    assert!(all.iter().all(|id| finals[id][0]["status"] == "sent"));
+    let at: HashMap<String, u64> = env
+        .sandbox
+        .accepted()
+        .into_iter()
+        .filter_map(|r| r.callback_data.map(|id| (id, r.at_ms)))
+        .collect();
+    for w in ids.windows(2) {
+        assert!(
+            at[&w[1]] >= at[&w[0]] + 2000,
+            "{} came {} ms after {}",
+            w[1],
+            at[&w[1]] as i64 - at[&w[0]] as i64,
+            w[0]
+        );
+    }
+    assert!(
+        at["pace-other"] < at["pace-1"],
+        "the other number did not wait"
+    );
+    let metrics = app.metrics().await;
+    assert!(
+        metric_value(
+            &metrics,
+            "sendwell_jobs_deferred_total{account=\"acme-de\",reason=\"recipient_pacing\"}"
+        ) >= 2.0
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_recipients_beyond_the_daily_tier_wait() {
+    // A portfolio with a tier of 3: three new recipients get their message, two more wait;
+    // a recipient already reached today is not new.
+    let opts = AppOptions {
+        account_limits: format!("{RELAXED_LIMITS}portfolio = \"acme\"\n"),
+        extra_toml: "[[portfolios]]\nname = \"acme\"\nmessaging_limit = 3\n".into(),
+        consented: 0..0,
+        ..AppOptions::default()
+    };
+    let env = TestEnv::new(&opts).await;
+    let app = env.start().await;
+    let first: Vec<_> = (0..3)
+        .map(|i| auth_job(&format!("tier-{i}"), "acme-de", &number(i)))
+        .collect();
+    env.publish(&first).await;
+    let ids: Vec<String> = (0..3).map(|i| format!("tier-{i}")).collect();
+    env.final_outcomes(&ids, Duration::from_secs(20)).await;
+    env.publish(&[
+        auth_job("tier-3", "acme-de", &number(3)),
+        auth_job("tier-4", "acme-de", &number(4)),
+        auth_job("tier-again", "acme-de", &number(0)),
+    ])
+    .await;
+    env.final_outcomes(&["tier-again".into()], Duration::from_secs(20))
+        .await;
+    let admin = app.admin();
+    let m = wait_for("two tier deferrals", Duration::from_secs(20), async || {
+        let m = reqwest::get(format!("http://{admin}/metrics"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        (metric_value(
+            &m,
+            "sendwell_jobs_deferred_total{account=\"acme-de\",reason=\"messaging_limit\"}",
+        ) >= 2.0)
+            .then_some(m)
+    })
+    .await;
+    assert_eq!(
+        metric_value(&m, "sendwell_tier_usage_recipients{portfolio=\"acme\"}"),
+        3.0
+    );
+    assert_eq!(
+        metric_value(&m, "sendwell_tier_limit_recipients{portfolio=\"acme\"}"),
+        3.0
+    );
+    let sent: Vec<String> = env
+        .sandbox
+        .accepted()
+        .into_iter()
+        .filter_map(|r| r.callback_data)
+        .collect();
+    assert_eq!(sent.len(), 4, "{sent:?}");
+    assert!(!sent.iter().any(|id| id == "tier-3" || id == "tier-4"));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meta_limit_errors_back_off_the_pair_and_block_marketing_to_the_number() {
+    use sendwell::cloud_api::sandbox::Fault;
+    let opts = AppOptions {
+        consented: 0..2,
+        ..AppOptions::default()
+    };
+    let env = TestEnv::new(&opts).await;
+    let app = env.start().await;
+    // 131056 twice for number 0: the pair waits 4^0 = 1 s, then 4^1 = 4 s (capped at
+    // retry.max_delay, 2 s in tests), then goes.
+    env.sandbox.add_fault(Fault {
+        to: Some(number(0)),
+        http_status: 400,
+        code: 131056,
+        message: "(#131056) (Business Account, Consumer Account) pair rate limit hit".into(),
+        times: 2,
+    });
+    // 131049 for number 1: that job fails, and the next marketing job to it is held back.
+    env.sandbox.add_fault(Fault {
+        to: Some(number(1)),
+        http_status: 400,
+        code: 131049,
+        message:
+            "(#131049) This message was not delivered to maintain healthy ecosystem engagement."
+                .into(),
+        times: 1,
+    });
+    env.publish(&[
+        template_job("pair-1", &number(0)),
+        template_job("user-1", &number(1)),
+    ])
+    .await;
+    let finals = env
+        .final_outcomes(&["pair-1".into(), "user-1".into()], Duration::from_secs(30))
+        .await;
+    assert_eq!(finals["pair-1"][0]["status"], "sent");
+    assert_eq!(finals["user-1"][0]["status"], "failed");
+    assert_eq!(finals["user-1"][0]["reason"], "per_user_limit");
+    let tries: Vec<u64> = env
+        .sandbox
+        .requests()
+        .into_iter()
+        .filter(|r| r.callback_data.as_deref() == Some("pair-1"))
+        .map(|r| r.at_ms)
+        .collect();
+    assert_eq!(tries.len(), 3);
+    assert!(tries[1] - tries[0] >= 1000, "{tries:?}");
+    assert!(tries[2] - tries[1] >= 2000, "{tries:?}");
+
+    env.publish(&[template_job("user-2", &number(1))]).await;
+    let admin = app.admin();
+    wait_for(
+        "the next marketing job deferred for the per-user limit",
+        Duration::from_secs(20),
+        async || {
+            let m = reqwest::get(format!("http://{admin}/metrics"))
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            (metric_value(
+                &m,
+                "sendwell_jobs_deferred_total{account=\"acme-de\",reason=\"per_user_limit\"}",
+            ) >= 1.0)
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        !env.sandbox
+            .requests()
+            .iter()
+            .any(|r| r.callback_data.as_deref() == Some("user-2")),
+        "no marketing went to the blocked number"
     );
     app.stop().await;
 }

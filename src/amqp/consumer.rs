@@ -323,10 +323,11 @@ impl Worker {
             // Consent messages are Cloud API calls like any other: they take the account's
             // throughput cell (and a pacing cell would only delay a reply the customer asked
             // for, so they skip pacing).
-            if let Some(gate) = self.pipeline.limits.throughput(&out.account)
-                && gate.acquire(&self.shutdown).await.is_err()
-            {
-                return false;
+            if let Some(gate) = self.pipeline.limits.throughput(&out.account) {
+                if gate.acquire(&self.shutdown).await.is_err() {
+                    return false;
+                }
+                gate.at_the_door().await;
             }
             let token = account.token();
             match self

@@ -233,6 +233,7 @@ impl Pipeline {
                 return Disposition::Abandon;
             }
             *attempts += 1;
+            self.limits.at_the_door(job).await;
             let token = account.token();
             let started = std::time::Instant::now();
             let result = self

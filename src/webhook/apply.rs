@@ -215,7 +215,12 @@ impl Applier {
                     if e.code == 130429
                         && let Some(limits) = &self.limits
                     {
-                        limits.throttled_waba(&ev.waba_id);
+                        // The number's own account when the event names it, else every
+                        // account of the WABA.
+                        match self.account_of(ev) {
+                            Some(a) => limits.throttled(a),
+                            None => limits.throttled_waba(&ev.waba_id),
+                        }
                     }
                     tracing::warn!(code = e.code, title = e.title.as_deref().unwrap_or(""), waba = %ev.waba_id, "The Cloud API reported an error by webhook.");
                 }

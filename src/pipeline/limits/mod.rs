@@ -76,6 +76,10 @@ impl governor::clock::Clock for MonoClock {
     }
 }
 
+/// A job held back by the daily tier looks again this often, so a tier raised by Meta's webhook
+/// frees it within minutes rather than when the oldest recipient leaves the 24 h window.
+pub const TIER_RECHECK: Duration = Duration::from_secs(300);
+
 /// What the limits say about a job before it may be sent.
 #[derive(Debug, PartialEq)]
 pub enum Check {
@@ -323,7 +327,8 @@ impl Limits {
                 Ok(Some(op))
             }
             Ok(None) => Ok(None),
-            Err(until) => Err(wait_until(now, until)),
+            // Come back at least every few minutes: Meta may raise the tier meanwhile.
+            Err(until) => Err(wait_until(now, until).min(TIER_RECHECK)),
         }
     }
 
@@ -392,6 +397,17 @@ impl Limits {
             ops.extend(self.caps.release(&self.subject(a, job), at));
         }
         ops
+    }
+
+    /// Right before the HTTP call (after the send is recorded): see
+    /// [`Throughput::at_the_door`].
+    pub async fn at_the_door(&self, job: &Job) {
+        if let Some(a) = self.accounts.get(&job.account) {
+            let waited = a.throughput.at_the_door().await;
+            if !waited.is_zero() {
+                crate::metrics::limit_wait(&job.account, "door", waited);
+            }
+        }
     }
 
     /// A send went through.

@@ -14,6 +14,12 @@
 //! sees at most `rate + burst` in any second as long as the calls' transit times vary by less
 //! than `arrival_jitter` (default 50 ms).
 //!
+//! The wait at the gate comes before the store records the send as started (a crash while
+//! waiting must not leave the job "in doubt"), so the commit's own latency sits between the
+//! gate and the wire and bunches calls up. A second limiter with the same rate and burst,
+//! right before the HTTP call ([`Throughput::at_the_door`]), takes that out again: its waits
+//! are short (only the bunching), so it needs no queue and is never cancelled.
+//!
 //! Waiting here is the backpressure: a job holds its prefetch slot while it waits its turn, so
 //! the broker stops handing us more than we can send. It is never failed or dropped for it.
 
@@ -33,6 +39,12 @@ use super::MonoClock;
 
 type Direct =
     RateLimiter<NotKeyed, InMemoryState, MonoClock, NoOpMiddleware<governor::nanos::Nanos>>;
+
+/// The gate (where jobs queue) and the door (right before the wire), built together.
+struct Gates {
+    gate: Direct,
+    door: Direct,
+}
 
 /// The gate was left because the daemon is shutting down.
 #[derive(Debug, PartialEq, Eq)]
@@ -54,7 +66,7 @@ pub struct Throughput {
     /// Swapped when the rate changes; a new limiter starts full (one burst), which is fine:
     /// the step that rebuilt it was either a cut (fewer cells from now on) or a recovery after
     /// `recover_after` of quiet.
-    limiter: RwLock<Arc<Direct>>,
+    limiter: RwLock<Arc<Gates>>,
     /// Holders pass the limiter one at a time, in arrival order (tokio's mutex is FIFO).
     gate: tokio::sync::Mutex<()>,
     /// When the rate last changed (a cut, or a recovery step).
@@ -103,7 +115,7 @@ impl Throughput {
         self.maybe_recover();
         loop {
             let limiter = self.current();
-            match limiter.check() {
+            match limiter.gate.check() {
                 Ok(()) => return Ok(started.elapsed()),
                 Err(not_until) => {
                     let wait = not_until.wait_time_from(self.clock.now());
@@ -117,9 +129,25 @@ impl Throughput {
         }
     }
 
-    /// Takes a cell if one is free now, without waiting (the consent messages' path and tests).
+    /// Takes a cell if one is free now, without waiting (benchmarks and tests).
     pub fn try_acquire(&self) -> bool {
-        self.current().check().is_ok()
+        self.current().gate.check().is_ok()
+    }
+
+    /// Right before the HTTP call: evens out what happened since the gate (a store commit),
+    /// so the calls leave at the rate they passed the gate. Short, and deliberately not
+    /// cancellable: the send is already recorded as started.
+    pub async fn at_the_door(&self) -> Duration {
+        let started = Instant::now();
+        loop {
+            let limiter = self.current();
+            match limiter.door.check() {
+                Ok(()) => return started.elapsed(),
+                Err(not_until) => {
+                    tokio::time::sleep(not_until.wait_time_from(self.clock.now())).await;
+                }
+            }
+        }
     }
 
     /// Meta said 130429: halve the rate (not below 1 msg/s). Answers to calls already in flight
@@ -167,7 +195,7 @@ impl Throughput {
         crate::metrics::account_rate(&self.account, rate as f64);
     }
 
-    fn current(&self) -> Arc<Direct> {
+    fn current(&self) -> Arc<Gates> {
         self.limiter
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -175,11 +203,15 @@ impl Throughput {
     }
 }
 
-fn build(rate: u32, burst: u32, clock: MonoClock) -> Direct {
+fn build(rate: u32, burst: u32, clock: MonoClock) -> Gates {
     // Invariant: both are at least 1 (clamped by the callers).
     let r = NonZeroU32::new(rate.max(1)).unwrap_or(NonZeroU32::MIN);
     let b = NonZeroU32::new(burst.max(1)).unwrap_or(NonZeroU32::MIN);
-    RateLimiter::direct_with_clock(Quota::per_second(r).allow_burst(b), clock)
+    let quota = Quota::per_second(r).allow_burst(b);
+    Gates {
+        gate: RateLimiter::direct_with_clock(quota, clock),
+        door: RateLimiter::direct_with_clock(quota, clock),
+    }
 }
 
 /// The gate's burst: the configured one less `rate × jitter` cells kept for transit-time
@@ -275,6 +307,30 @@ mod tests {
             task.await.unwrap();
         }
         assert_eq!(*order.lock().unwrap(), (0..20).collect::<Vec<_>>());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_door_evens_out_calls_bunched_up_after_the_gate() {
+        let t = gate(50, 5);
+        let never = CancellationToken::new();
+        // 100 cells pass the gate; then a "store commit" holds them back 200 ms in groups of
+        // 20, which would put 20 calls on the wire at once.
+        let mut gate_times = Vec::new();
+        for _ in 0..100 {
+            t.acquire(&never).await.unwrap();
+            gate_times.push(Instant::now());
+        }
+        let start = gate_times[0];
+        let mut wire = Vec::new();
+        for chunk in gate_times.chunks(20) {
+            let release = *chunk.last().unwrap() + Duration::from_millis(200);
+            tokio::time::sleep_until(release).await;
+            for _ in chunk {
+                t.at_the_door().await;
+                wire.push(Instant::now() - start);
+            }
+        }
+        assert!(max_per_second(&wire) < 50 + 5, "{}", max_per_second(&wire));
     }
 
     #[tokio::test(start_paused = true)]
