@@ -1613,6 +1613,73 @@ mod tests {
     }
 
     #[test]
+    fn limits_get_their_defaults_and_portfolios_their_tiers() {
+        let d = tempfile::tempdir().unwrap();
+        let toml = format!(
+            "{GOOD}portfolio = \"acme\"\nbrand = \"acme\"\n\
+             quiet_hours = {{ start = \"21:00\", end = \"09:00\" }}\n\
+             [[portfolios]]\nname = \"acme\"\nmessaging_limit = 2000\n\
+             [[caps]]\ncategory = \"marketing\"\nscope = \"brand\"\n\
+             rules = [{{ max = 2, per = \"7d\" }}, {{ max = 1, per = \"1d\" }}]\n\
+             [[caps]]\ncategory = \"utility\"\nrules = [{{ max = 3, per = \"1d\" }}]\n"
+        );
+        let c = Config::load_with_env(&write(d.path(), &toml), no_env()).unwrap();
+        let a = &c.accounts[0];
+        assert_eq!((a.burst, a.portfolio, &*a.brand), (8, 0, "acme"));
+        assert_eq!(
+            (a.pacing_interval, a.pacing_burst),
+            (Duration::from_secs(6), 1)
+        );
+        let q = a.quiet_hours.as_ref().unwrap();
+        assert_eq!(q.categories, vec![Category::Marketing]);
+        assert_eq!(q.spread, Duration::from_secs(1800));
+        assert_eq!(c.limits.portfolios, vec![("acme".into(), 2000)]);
+        use crate::pipeline::limits::caps::OnExceed;
+        assert_eq!(c.limits.caps[0].on_exceed, OnExceed::Suppress);
+        assert_eq!(c.limits.caps[0].rules[0].per_secs, 7 * 86400);
+        assert_eq!(
+            c.limits.caps[1].on_exceed,
+            OnExceed::Defer,
+            "utility defers"
+        );
+        assert_eq!(c.limits.per_user_limit_block, Duration::from_secs(86400));
+        // Without a portfolio, an account has one of its own, unlimited.
+        let c = Config::load_with_env(&write(d.path(), GOOD), no_env()).unwrap();
+        assert_eq!(
+            c.limits.portfolios,
+            vec![("acme-de".into(), crate::pipeline::limits::tier::UNLIMITED)]
+        );
+    }
+
+    #[test]
+    fn bad_limits_are_named_by_their_keys() {
+        let d = tempfile::tempdir().unwrap();
+        let toml = format!(
+            "{GOOD}portfolio = \"nope\"\nburst = 0\npacing = {{ interval = \"2h\" }}\n\
+             quiet_hours = {{ start = \"25:00\", end = \"09:00\" }}\n\
+             [[portfolios]]\nname = \"acme\"\nmessaging_limit = \"lots\"\n\
+             [[caps]]\ncategory = \"marketing\"\nrules = [{{ max = 9, per = \"0s\" }}]\n\
+             [[caps]]\ncategory = \"marketing\"\nscope = \"galaxy\"\nrules = []\n\
+             [limits]\ncountry_zones = {{ US = \"Mars/Base\" }}\n"
+        );
+        let e = Config::load_with_env(&write(d.path(), &toml), no_env()).unwrap_err();
+        let keys: Vec<&str> = e.problems.iter().map(|p| p.key.as_str()).collect();
+        for k in [
+            "accounts[0].portfolio",
+            "accounts[0].burst",
+            "accounts[0].pacing.interval",
+            "accounts[0].quiet_hours.start",
+            "portfolios[0].messaging_limit",
+            "caps[0].rules[0].max",
+            "caps[0].rules[0].per",
+            "caps[1].scope",
+            "limits.country_zones.US",
+        ] {
+            assert!(keys.contains(&k), "{k} missing from {e}");
+        }
+    }
+
+    #[test]
     fn a_missing_token_file_is_named() {
         let d = tempfile::tempdir().unwrap();
         let p = write(d.path(), &GOOD.replace("\"token\"", "\"nope\""));

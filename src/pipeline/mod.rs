@@ -259,9 +259,11 @@ impl Pipeline {
             };
             crate::metrics::api_request(&job.account, failure.class.as_str(), failure.code, took);
             self.learn_from_failure(job, failure.code).await;
-            if failure.class != FailureClass::Ambiguous {
-                // An error answer means Meta did not send it: it does not count. (An ambiguous
-                // call may have been sent, and stays counted.)
+            if failure.class == FailureClass::Ambiguous {
+                // It may have been sent: it stays counted, also if the job goes no further.
+                counted.maybe_sent();
+            } else {
+                // An error answer means Meta did not send it: it does not count.
                 self.give_back(job, &mut counted).await;
             }
             let class = match failure.class {

@@ -102,6 +102,16 @@ pub struct Reservation {
     tier: Option<tier::TierTicket>,
     /// When the caps counted it.
     caps_at: Option<Timestamp>,
+    /// A call with these counts may have reached Meta (it timed out): they are never given
+    /// back, and a resend of the same job reuses them.
+    maybe_sent: bool,
+}
+
+impl Reservation {
+    /// The call may have been sent: keep the counts whatever happens next.
+    pub fn maybe_sent(&mut self) {
+        self.maybe_sent = true;
+    }
 }
 
 /// Why `pass` did not let the send go.
@@ -388,6 +398,9 @@ impl Limits {
     /// write.
     pub fn release(&self, job: &Job, r: &mut Reservation) -> Vec<KvOp> {
         let mut ops = Vec::new();
+        if r.maybe_sent {
+            return ops;
+        }
         if let Some(t) = r.tier.take() {
             ops.push(self.tier.release(t, job.to.digits()));
         }
@@ -548,4 +561,154 @@ fn number(job: &Job) -> Option<u64> {
 
 fn wait_until(now: Timestamp, until: Timestamp) -> Duration {
     Duration::try_from(until.duration_since(now)).unwrap_or(Duration::ZERO)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::decode::Decoder;
+    use jiff::ToSpan;
+
+    /// A config with a tier of 2, a 1-per-day marketing cap and quiet hours 21:00–09:00.
+    fn config() -> (tempfile::TempDir, Config) {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("token"), "tok").unwrap();
+        let toml = r#"
+            [[purposes]]
+            name = "newsletter"
+            [[accounts]]
+            name = "acme-de"
+            phone_number_id = "1"
+            token_file = "token"
+            portfolio = "acme"
+            quiet_hours = { start = "21:00", end = "09:00", spread = "10m" }
+            [[portfolios]]
+            name = "acme"
+            messaging_limit = 2
+            [[caps]]
+            category = "marketing"
+            rules = [{ max = 1, per = "1d" }]
+        "#;
+        let p = d.path().join("sendwell.toml");
+        std::fs::write(&p, toml).unwrap();
+        let c = Config::load(&p).unwrap();
+        (d, c)
+    }
+
+    fn job(c: &Config, id: &str, to: &str, extra: &str) -> Job {
+        let body = format!(
+            r#"{{"id":"{id}","account":"acme-de","to":"{to}","category":"marketing","purpose":"newsletter","template":{{"name":"t","language":"de"}}{extra}}}"#
+        );
+        Decoder::new(c).decode(body.as_bytes()).unwrap()
+    }
+
+    /// 12:00 in Berlin (winter): outside quiet hours.
+    fn noon() -> Timestamp {
+        "2026-01-15T11:00:00Z".parse().unwrap()
+    }
+
+    #[test]
+    fn check_defers_at_night_and_caps_after_a_counted_send() {
+        let (_d, c) = config();
+        let limits = Limits::new(&c).unwrap();
+        let j = job(&c, "a", "+491701234567", "");
+        assert_eq!(limits.check(&j, noon()), Check::Go);
+        // 22:30 Berlin: quiet until 09:00 Berlin (08:00Z) plus at most the 10 min spread.
+        let night: Timestamp = "2026-01-15T21:30:00Z".parse().unwrap();
+        let Check::Defer { wait, reason } = limits.check(&j, night) else {
+            panic!("not deferred at night");
+        };
+        assert_eq!(reason, "quiet_hours");
+        let opens: Timestamp = "2026-01-16T08:00:00Z".parse().unwrap();
+        let until = night + wait;
+        assert!(until >= opens && until < opens + 10.minutes(), "{until}");
+        // The job's own zone wins: 22:30Z is 14:30 in Los Angeles.
+        let la = job(
+            &c,
+            "b",
+            "+491701234567",
+            r#","timezone":"America/Los_Angeles""#,
+        );
+        assert_eq!(limits.check(&la, night), Check::Go);
+
+        let mut r = Reservation::default();
+        assert_eq!(limits.reserve_caps(&j, noon(), &mut r).len(), 1);
+        let Check::Suppress { reason, detail } = limits.check(&j, noon() + 1.hours()) else {
+            panic!("not capped");
+        };
+        assert_eq!(reason, "frequency_cap");
+        assert!(!detail.contains("1701234567"), "{detail}");
+        assert_eq!(limits.check(&j, noon() + 24.hours()), Check::Go);
+    }
+
+    #[test]
+    fn a_send_that_did_not_happen_gives_its_counts_back_but_a_maybe_sent_one_keeps_them() {
+        let (_d, c) = config();
+        let limits = Limits::new(&c).unwrap();
+        let j1 = job(&c, "a", "+491701234567", "");
+        let j2 = job(&c, "b", "+491701234568", "");
+        let j3 = job(&c, "c", "+491701234569", "");
+        let mut r1 = Reservation::default();
+        let mut r2 = Reservation::default();
+        let mut r3 = Reservation::default();
+        assert!(limits.reserve_tier(&j1, false, noon(), &mut r1).is_ok());
+        limits.reserve_caps(&j1, noon(), &mut r1);
+        assert!(limits.reserve_tier(&j2, false, noon(), &mut r2).is_ok());
+        // The tier (2) is full: a third new recipient waits (and looks again within minutes).
+        let wait = limits
+            .reserve_tier(&j3, false, noon(), &mut r3)
+            .unwrap_err();
+        assert_eq!(wait, TIER_RECHECK);
+        // An error answer for j1: its tier count and cap entry come back.
+        assert_eq!(limits.release(&j1, &mut r1).len(), 2);
+        assert_eq!(limits.check(&j1, noon() + 1.hours()), Check::Go);
+        assert!(limits.reserve_tier(&j3, false, noon(), &mut r3).is_ok());
+        // j2's call timed out: it may have been sent, so nothing is given back.
+        r2.maybe_sent();
+        assert!(limits.release(&j2, &mut r2).is_empty());
+        let mut again = Reservation::default();
+        assert!(limits.reserve_tier(&j1, false, noon(), &mut again).is_err());
+        // A reply inside the customer's service window is not a new conversation.
+        assert_eq!(limits.reserve_tier(&j1, true, noon(), &mut again), Ok(None));
+    }
+
+    #[tokio::test]
+    async fn blocks_and_counts_survive_a_restart() {
+        let (_d, c) = config();
+        let ledger = Ledger::open_in_memory().unwrap();
+        let limits = Limits::new(&c).unwrap();
+        let j = job(&c, "a", "+491701234567", "");
+        let mut r = Reservation::default();
+        let mut ops: Vec<KvOp> = limits
+            .reserve_tier(&j, false, noon(), &mut r)
+            .unwrap()
+            .into_iter()
+            .collect();
+        ops.extend(limits.reserve_caps(&j, noon(), &mut r));
+        ops.extend(limits.per_user_limited("491701234568", noon()));
+        ledger.kv_many(ops).await.unwrap();
+
+        let again = Limits::new(&c).unwrap();
+        again.load(&ledger, noon()).unwrap();
+        assert!(matches!(
+            again.check(&j, noon() + 1.hours()),
+            Check::Suppress { .. }
+        ));
+        assert_eq!(again.tier_usage("acme-de", noon()), Some((1, 2)));
+        let blocked = job(&c, "b", "+491701234568", "");
+        assert_eq!(
+            again.check(&blocked, noon() + 1.hours()),
+            Check::Defer {
+                wait: Duration::from_secs(23 * 3600),
+                reason: "per_user_limit"
+            }
+        );
+        // A day later housekeeping forgets all of it, in memory and in the store.
+        let later = noon() + 25.hours();
+        again.housekeep(&ledger, later).await.unwrap();
+        for t in [Table::CapHistory, Table::TierUsage, Table::UserLimit] {
+            assert_eq!(ledger.kv_len(t).unwrap(), 0, "{t:?}");
+        }
+        assert_eq!(again.check(&blocked, later), Check::Go);
+    }
 }
