@@ -729,7 +729,8 @@ pub struct Account {
     pub consent: AccountConsent,
     /// Calls that may pass the throughput gate at once (GCRA burst).
     pub burst: u32,
-    /// Index into `LimitsConfig::portfolios`: whose daily tier this number's sends count toward.
+    /// Index into `LimitsConfig::portfolios`: whose daily tier this number's sends count toward
+    /// (default: `waba-<waba_id>`, shared by the WABA's numbers, else the account's name).
     pub portfolio: usize,
     /// Frequency caps with `scope = "brand"` count across the accounts of one brand.
     pub brand: Arc<str>,
@@ -1094,7 +1095,12 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
         if burst == 0 || burst > 10_000 {
             problem(&key("burst"), "must be between 1 and 10000".into());
         }
-        let portfolio_name = a.portfolio.clone().unwrap_or_else(|| a.name.clone());
+        // Without a named portfolio, the numbers of one WABA share one (Meta's tier is shared at
+        // least that widely); a number without a WABA has one of its own.
+        let portfolio_name = a.portfolio.clone().unwrap_or_else(|| match &a.waba_id {
+            Some(w) => format!("waba-{w}"),
+            None => a.name.clone(),
+        });
         let portfolio = match portfolio_index.get(portfolio_name.as_str()) {
             Some(&i) => i,
             None if a.portfolio.is_some() => {

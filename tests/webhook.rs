@@ -440,7 +440,7 @@ async fn account_and_capability_updates_show_in_metrics_and_restrict_sends() {
             && metric(&m, "sendwell_webhook_errors_total{code=\"130429\"}") >= 1.0
             // The limits learn from them: the portfolio's tier, and the account steps down
             // from its 1000/s after Meta's 130429.
-            && metric(&m, "sendwell_tier_limit_recipients{portfolio=\"acme-de\"}") == 10000.0
+            && metric(&m, "sendwell_tier_limit_recipients{portfolio=\"waba-102290129340398\"}") == 10000.0
             && metric(
                 &m,
                 "sendwell_account_rate_messages_per_second{account=\"acme-de\"}",

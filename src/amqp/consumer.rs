@@ -284,6 +284,7 @@ impl Worker {
             self.pipeline
                 .meta
                 .forget_inbound(ev.to.digits(), ev.at.as_millisecond());
+            self.pipeline.limits.forget(ev.to.digits());
             tracing::info!(to = %ev.to.masked(), "Number erased.");
         }
         if item.ask {
@@ -321,13 +322,16 @@ impl Worker {
         };
         for attempt in 1..=3u32 {
             // Consent messages are Cloud API calls like any other: they take the account's
-            // throughput cell (and a pacing cell would only delay a reply the customer asked
-            // for, so they skip pacing).
-            if let Some(gate) = self.pipeline.limits.throughput(&out.account) {
-                if gate.acquire(&self.shutdown).await.is_err() {
-                    return false;
-                }
-                gate.at_the_door().await;
+            // throughput cell and the pair's pacing cell, waiting inline (there is no job to
+            // defer; the customer just wrote, so the wait is short).
+            if self
+                .pipeline
+                .limits
+                .pass_inline(&out.account, ev.to.digits(), &self.shutdown)
+                .await
+                .is_err()
+            {
+                return false;
             }
             let token = account.token();
             match self
@@ -346,6 +350,9 @@ impl Worker {
                     return true;
                 }
                 Err(f) if f.class == crate::cloud_api::FailureClass::Retryable && attempt < 3 => {
+                    if f.code == Some(130429) {
+                        self.pipeline.limits.throttled(&out.account);
+                    }
                     tokio::time::sleep(Duration::from_millis(200 * attempt as u64)).await;
                 }
                 Err(f) => {

@@ -216,6 +216,13 @@ impl Pipeline {
                     };
                 }
             }
+            if let Some(wait) = self.limits.quiet_now(job, self.clock.now()) {
+                if admit == Admit::Probe {
+                    account.probe_inconclusive();
+                }
+                self.give_back(job, &mut counted).await;
+                return self.defer(job, *attempts, wait, "quiet_hours");
+            }
             also.extend(
                 self.limits
                     .reserve_caps(job, self.clock.now(), &mut counted),
@@ -233,7 +240,7 @@ impl Pipeline {
                 return Disposition::Abandon;
             }
             *attempts += 1;
-            self.limits.at_the_door(job).await;
+            self.limits.at_the_door(job, shutdown).await;
             let token = account.token();
             let started = std::time::Instant::now();
             let result = self

@@ -55,7 +55,8 @@ pub enum Table {
     /// digits|portfolio → when the number last counted toward the portfolio's daily
     /// unique-recipient tier.
     TierUsage,
-    /// digits|account → not to be sent marketing until (Meta's per-user marketing limit, 131049).
+    /// digits\0 → no marketing to the number until (Meta's per-user marketing limit, 131049,
+    /// which counts across all businesses).
     UserLimit,
 }
 
@@ -224,6 +225,13 @@ pub enum KvOp {
     /// Deletes ledger entries (job ids).
     DeleteJobs {
         ids: Vec<String>,
+    },
+    /// Deletes the row only if it still holds `value`: housekeeping decides from a scan, and
+    /// a write that landed since must win.
+    DeleteIf {
+        table: Table,
+        key: Vec<u8>,
+        value: Vec<u8>,
     },
     /// Records a job's ledger entry (with [`Ledger::put_with`]: together with what it implies).
     PutJob {
@@ -704,6 +712,16 @@ fn apply_kv(
                 t.remove(k.as_slice())?;
             }
             keys.len() as u64
+        }
+        KvOp::DeleteIf { table, key, value } => {
+            let mut t = w.open_table(table.def())?;
+            let same = t
+                .get(key.as_slice())?
+                .is_some_and(|v| v.value() == value.as_slice());
+            if same {
+                t.remove(key.as_slice())?;
+            }
+            same as u64
         }
         KvOp::PutJob { id, entry } => {
             jobs.insert(id.as_str(), entry.encode().as_slice())?;

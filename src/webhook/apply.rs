@@ -323,7 +323,9 @@ impl Applier {
         if s.status == "failed"
             && s.errors.iter().any(|e| e.code == 131049)
             && let Some(limits) = &self.limits
-            && let Some(op) = limits.per_user_limited(&s.recipient_id, at)
+            // The job's own number: `recipient_id` is the WhatsApp ID, which for some
+            // countries (BR, MX) differs from the E.164 number jobs use.
+            && let Some(op) = limits.per_user_limited(job.to.trim_start_matches('+'), at)
         {
             self.ledger.kv_many(vec![op]).await?;
         }

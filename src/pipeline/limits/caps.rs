@@ -628,9 +628,8 @@ impl Caps {
     /// number's erasure removes them with the rest.
     ///
     /// A row whose in-memory log is live (a send reserved after the scan's snapshot) is
-    /// skipped. What remains is the short gap between this scan and the caller's write: a send
-    /// reserved exactly then to a number idle for a whole window would lose its row (not its
-    /// in-memory log) — apply the returned ops promptly.
+    /// skipped, and the deletes are conditional on the row being unchanged, so a send reserved
+    /// between this scan and the caller's write keeps its row.
     pub fn purge_ops(
         &self,
         ledger: &Ledger,
@@ -661,12 +660,25 @@ impl Caps {
             {
                 return;
             }
-            ops.push(KvOp::Delete {
+            // Only if unchanged: a send reserved after this scan rewrote the row, and wins.
+            ops.push(KvOp::DeleteIf {
                 table: Table::CapHistory,
                 key: k.to_vec(),
+                value: v.to_vec(),
             });
         })?;
         Ok(ops)
+    }
+
+    /// Forgets a number's logs in memory (its rows are deleted by the erasure itself), so a
+    /// later send cannot write the erased history back.
+    pub fn forget(&self, digits: &str) {
+        let Some(number) = crate::consent::index::number_key(digits) else {
+            return;
+        };
+        for id in 0..self.ids.len() {
+            self.logs.remove(&pack(id as u16, number));
+        }
     }
 
     /// The log ids a send of `s` counts in, and the packed number; None when nothing applies
@@ -1395,9 +1407,10 @@ mod tests {
             ])
             .await
             .unwrap();
-        let delete = |key: &[u8]| KvOp::Delete {
+        let delete = |key: &[u8]| KvOp::DeleteIf {
             table: Table::CapHistory,
             key: key.to_vec(),
+            value: ledger.kv_get(Table::CapHistory, key).unwrap().unwrap(),
         };
         // Before anything expired only the corrupt row goes.
         assert_eq!(
@@ -1411,6 +1424,28 @@ mod tests {
             vec![delete(&corrupt), delete(b"491701234567\0a:solo\0marketing")]
         );
         assert_eq!(c.purge_ops(&ledger, at(D0 + DAY), 1).unwrap().len(), 1);
+        // A row rewritten between the scan and the write (a new send) is not deleted.
+        let stale = ops[1].clone();
+        let fresh = (D0 + DAY).to_le_bytes().to_vec();
+        let key = b"491701234567\0a:solo\0marketing".to_vec();
+        ledger
+            .kv_many(vec![KvOp::Put {
+                table: Table::CapHistory,
+                key: key.clone(),
+                value: fresh.clone(),
+            }])
+            .await
+            .unwrap();
+        ledger.kv_many(vec![stale]).await.unwrap();
+        assert_eq!(ledger.kv_get(Table::CapHistory, &key).unwrap(), Some(fresh));
+        ledger
+            .kv_many(vec![KvOp::Put {
+                table: Table::CapHistory,
+                key,
+                value: D0.to_le_bytes().to_vec(),
+            }])
+            .await
+            .unwrap();
         assert!(c.purge_ops(&ledger, at(D0 + DAY), 0).unwrap().is_empty());
         ledger.kv_many(ops).await.unwrap();
 

@@ -76,6 +76,9 @@ impl governor::clock::Clock for MonoClock {
     }
 }
 
+/// Store rows purged per table and housekeeping round.
+const PURGE_BATCH: usize = 5_000;
+
 /// A job held back by the daily tier looks again this often, so a tier raised by Meta's webhook
 /// frees it within minutes rather than when the oldest recipient leaves the 24 h window.
 pub const TIER_RECHECK: Duration = Duration::from_secs(300);
@@ -342,8 +345,12 @@ impl Limits {
         }
     }
 
-    /// Waits for the recipient pair and then the account's throughput gate. Pacing first: a
-    /// pair that must wait longer than `inline_max` defers before spending a throughput cell.
+    /// Waits for the account's throughput gate, then for the recipient pair. Pacing comes
+    /// after the gate because Meta measures the pair where the message arrives: a job that
+    /// waited long at the gate must still be `interval` after the pair's previous message. A
+    /// pair that must wait longer than `inline_max` defers (its gate cell is lost: a slight
+    /// under-use of the rate); a shorter wait is slept and the gate passed again, so a late
+    /// send never adds to a second that was already full.
     pub async fn pass(
         &self,
         job: &Job,
@@ -353,32 +360,72 @@ impl Limits {
         let Some(a) = self.accounts.get(&job.account) else {
             return Ok(());
         };
-        if let Some(n) = number(job) {
-            let started = tokio::time::Instant::now();
-            loop {
-                match a.pacing.check(n) {
-                    Ok(()) => break,
-                    Err(wait) if wait > inline_max => return Err(Held::Pacing(wait)),
-                    Err(wait) => {
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return Err(Held::ShuttingDown),
-                            _ = tokio::time::sleep(wait) => {}
-                        }
+        let n = number(job);
+        // A pair backing off after a 131056 defers before it queues at the gate.
+        if let Some(n) = n
+            && let Some(wait) = a.pacing.backing_off(n)
+            && wait > inline_max
+        {
+            return Err(Held::Pacing(wait));
+        }
+        loop {
+            let waited = a
+                .throughput
+                .acquire(shutdown)
+                .await
+                .map_err(|_| Held::ShuttingDown)?;
+            crate::metrics::limit_wait(&job.account, "throughput", waited);
+            let Some(n) = n else {
+                return Ok(());
+            };
+            match a.pacing.check(n) {
+                Ok(()) => return Ok(()),
+                Err(wait) if wait > inline_max => return Err(Held::Pacing(wait)),
+                Err(wait) => {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Err(Held::ShuttingDown),
+                        _ = tokio::time::sleep(wait) => {}
                     }
+                    crate::metrics::limit_wait(&job.account, "pacing", wait);
                 }
             }
-            let waited = started.elapsed();
-            if !waited.is_zero() {
-                crate::metrics::limit_wait(&job.account, "pacing", waited);
+        }
+    }
+
+    /// Quiet hours again, after the waits: a job checked at 20:59:55 that waited at the gate
+    /// must not go at 21:00:07.
+    pub fn quiet_now(&self, job: &Job, now: Timestamp) -> Option<Duration> {
+        let a = self.accounts.get(&job.account)?;
+        let q = a.quiet.as_ref().filter(|q| q.applies_to(job.category))?;
+        self.quiet_until(q, job, now).map(|t| wait_until(now, t))
+    }
+
+    /// A message sendwell sends on its own (a consent question or reply, to a customer who
+    /// just wrote): it waits for the pair and the gate inline, as there is no job to defer.
+    pub async fn pass_inline(
+        &self,
+        account: &str,
+        digits: &str,
+        shutdown: &CancellationToken,
+    ) -> Result<(), Held> {
+        let Some(a) = self.accounts.get(account) else {
+            return Ok(());
+        };
+        let n = digits.parse::<u64>().ok();
+        loop {
+            a.throughput
+                .acquire(shutdown)
+                .await
+                .map_err(|_| Held::ShuttingDown)?;
+            let Some(Err(wait)) = n.map(|n| a.pacing.check(n)) else {
+                a.throughput.at_the_door(shutdown).await;
+                return Ok(());
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return Err(Held::ShuttingDown),
+                _ = tokio::time::sleep(wait) => {}
             }
         }
-        let waited = a
-            .throughput
-            .acquire(shutdown)
-            .await
-            .map_err(|_| Held::ShuttingDown)?;
-        crate::metrics::limit_wait(&job.account, "throughput", waited);
-        Ok(())
     }
 
     /// Counts the send in the frequency caps, at the instant it goes (after every wait, so the
@@ -414,9 +461,9 @@ impl Limits {
 
     /// Right before the HTTP call (after the send is recorded): see
     /// [`Throughput::at_the_door`].
-    pub async fn at_the_door(&self, job: &Job) {
+    pub async fn at_the_door(&self, job: &Job, shutdown: &CancellationToken) {
         if let Some(a) = self.accounts.get(&job.account) {
-            let waited = a.throughput.at_the_door().await;
+            let waited = a.throughput.at_the_door(shutdown).await;
             if !waited.is_zero() {
                 crate::metrics::limit_wait(&job.account, "door", waited);
             }
@@ -469,10 +516,13 @@ impl Limits {
     /// Meta set a WABA's messaging tier (`business_capability_update`): every portfolio of
     /// its accounts takes it; returns the rows that remember it.
     pub fn tier_learned(&self, waba: &str, limit: f64) -> Vec<KvOp> {
-        let limit = if limit.is_finite() && limit >= 1.0 {
+        let limit = if limit.is_infinite() && limit > 0.0 {
+            tier::UNLIMITED
+        } else if limit >= 1.0 {
             (limit as u64).min(tier::UNLIMITED as u64 - 1) as u32
         } else {
-            tier::UNLIMITED
+            // Zero, negative or not a number: not a tier we can act on.
+            return Vec::new();
         };
         self.portfolios_by_waba
             .get(waba)
@@ -495,7 +545,7 @@ impl Limits {
     }
 
     /// Drops idle limiter state now and then and purges rows that can no longer matter, so
-    /// memory and the store stay bounded by recent traffic.
+    /// memory and the store stay bounded by recent traffic. The scans run on the blocking pool.
     pub async fn housekeeping(
         self: Arc<Self>,
         ledger: Ledger,
@@ -509,39 +559,65 @@ impl Limits {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            if let Err(e) = self.housekeep(&ledger, clock.now()).await {
+            if let Err(e) = self.clone().housekeep(&ledger, clock.now()).await {
                 tracing::warn!(error = %e, "Limits housekeeping failed; will try again.");
             }
         }
     }
 
-    /// One round of housekeeping.
-    pub async fn housekeep(&self, ledger: &Ledger, now: Timestamp) -> Result<(), LedgerError> {
+    /// One round of housekeeping: memory at once, then at most [`PURGE_BATCH`] store rows per
+    /// table (a big backlog goes over several rounds, so one commit never grows large).
+    pub async fn housekeep(
+        self: Arc<Self>,
+        ledger: &Ledger,
+        now: Timestamp,
+    ) -> Result<(), LedgerError> {
+        let this = self.clone();
+        let scan = ledger.clone();
+        let ops = tokio::task::spawn_blocking(move || this.purge_scan(&scan, now))
+            .await
+            .map_err(|e| LedgerError::Store(format!("housekeeping: {e}")))??;
+        if !ops.is_empty() {
+            ledger.kv_many(ops).await?;
+        }
+        Ok(())
+    }
+
+    fn purge_scan(&self, ledger: &Ledger, now: Timestamp) -> Result<Vec<KvOp>, LedgerError> {
         let pairs: usize = self.accounts.values().map(|a| a.pacing.housekeep()).sum();
-        let logs = self.caps.evict_idle(now);
+        self.caps.evict_idle(now);
         let now_ms = now.as_millisecond();
         self.blocked.retain(|_, until| *until > now_ms);
         crate::metrics::limit_state("pacing_pairs", pairs);
         crate::metrics::limit_state("cap_logs", self.caps.len());
         crate::metrics::limit_state("per_user_blocks", self.blocked.len());
-        let _ = logs;
-        let mut ops = self.caps.purge_ops(ledger, now, 10_000)?;
-        ops.extend(self.tier.housekeep(ledger, now, 10_000)?);
+        let mut ops = self.caps.purge_ops(ledger, now, PURGE_BATCH)?;
+        ops.extend(self.tier.housekeep(ledger, now, PURGE_BATCH)?);
+        let mut blocks = Vec::new();
         ledger.kv_for_each(Table::UserLimit, |k, v| {
             let stale = <[u8; 8]>::try_from(v)
                 .map(|b| i64::from_le_bytes(b) <= now_ms)
                 .unwrap_or(true);
-            if stale && ops.len() < 30_000 {
-                ops.push(KvOp::Delete {
+            if stale && blocks.len() < PURGE_BATCH {
+                blocks.push(KvOp::DeleteIf {
                     table: Table::UserLimit,
                     key: k.to_vec(),
+                    value: v.to_vec(),
                 });
             }
         })?;
-        if !ops.is_empty() {
-            ledger.kv_many(ops).await?;
+        ops.extend(blocks);
+        Ok(ops)
+    }
+
+    /// The number was erased (GDPR): forget it in memory too. Its store rows went with the
+    /// erasure; without this a later send or release would write its history back.
+    pub fn forget(&self, digits: &str) {
+        self.caps.forget(digits);
+        if let Ok(n) = digits.parse::<u64>() {
+            self.tier.forget(n);
+            self.blocked.remove(&n);
         }
-        Ok(())
     }
 
     fn subject<'a>(&'a self, a: &'a AccountLimits, job: &'a Job) -> CapSubject<'a> {
@@ -688,7 +764,7 @@ mod tests {
         ops.extend(limits.per_user_limited("491701234568", noon()));
         ledger.kv_many(ops).await.unwrap();
 
-        let again = Limits::new(&c).unwrap();
+        let again = Arc::new(Limits::new(&c).unwrap());
         again.load(&ledger, noon()).unwrap();
         assert!(matches!(
             again.check(&j, noon() + 1.hours()),
@@ -705,7 +781,7 @@ mod tests {
         );
         // A day later housekeeping forgets all of it, in memory and in the store.
         let later = noon() + 25.hours();
-        again.housekeep(&ledger, later).await.unwrap();
+        again.clone().housekeep(&ledger, later).await.unwrap();
         for t in [Table::CapHistory, Table::TierUsage, Table::UserLimit] {
             assert_eq!(ledger.kv_len(t).unwrap(), 0, "{t:?}");
         }

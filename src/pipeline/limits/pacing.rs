@@ -73,6 +73,13 @@ impl Pacing {
         })
     }
 
+    /// How long the pair still backs off after a 131056, if it does (takes no pacing cell).
+    pub fn backing_off(&self, number: u64) -> Option<Duration> {
+        let b = self.backoff.get(&number)?;
+        let now = Instant::now();
+        (b.until > now).then(|| b.until - now)
+    }
+
     /// Meta said 131056 for this pair: hold it back 4^X seconds (X = 0, 1, 2, … per failure in
     /// a row) and return that wait.
     pub fn pair_limited(&self, number: u64) -> Duration {

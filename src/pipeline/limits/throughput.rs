@@ -46,6 +46,12 @@ struct Gates {
     door: Direct,
 }
 
+#[derive(Debug, Default)]
+struct Changes {
+    any: Option<Instant>,
+    cut: Option<Instant>,
+}
+
 /// The gate was left because the daemon is shutting down.
 #[derive(Debug, PartialEq, Eq)]
 pub struct ShuttingDown;
@@ -69,8 +75,8 @@ pub struct Throughput {
     limiter: RwLock<Arc<Gates>>,
     /// Holders pass the limiter one at a time, in arrival order (tokio's mutex is FIFO).
     gate: tokio::sync::Mutex<()>,
-    /// When the rate last changed (a cut, or a recovery step).
-    last_change: Mutex<Option<Instant>>,
+    /// When the rate last changed (a cut, or a recovery step), and when it was last cut.
+    last_change: Mutex<Changes>,
     clock: MonoClock,
 }
 
@@ -94,7 +100,7 @@ impl Throughput {
             recover_after,
             rate: AtomicU32::new(configured),
             gate: tokio::sync::Mutex::new(()),
-            last_change: Mutex::new(None),
+            last_change: Mutex::new(Changes::default()),
             clock,
         }
     }
@@ -135,16 +141,21 @@ impl Throughput {
     }
 
     /// Right before the HTTP call: evens out what happened since the gate (a store commit),
-    /// so the calls leave at the rate they passed the gate. Short, and deliberately not
-    /// cancellable: the send is already recorded as started.
-    pub async fn at_the_door(&self) -> Duration {
+    /// so the calls leave at the rate they passed the gate. Short; at shutdown it stops
+    /// waiting and lets the call go, as the send is already recorded as started (abandoning it
+    /// would leave the job "in doubt").
+    pub async fn at_the_door(&self, shutdown: &CancellationToken) -> Duration {
         let started = Instant::now();
         loop {
             let limiter = self.current();
             match limiter.door.check() {
                 Ok(()) => return started.elapsed(),
                 Err(not_until) => {
-                    tokio::time::sleep(not_until.wait_time_from(self.clock.now())).await;
+                    let wait = not_until.wait_time_from(self.clock.now());
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return started.elapsed(),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
                 }
             }
         }
@@ -156,16 +167,17 @@ impl Throughput {
         let now = Instant::now();
         let mut last = self.last_change.lock().unwrap_or_else(|e| e.into_inner());
         let current = self.rate();
-        if let Some(t) = *last
-            && now.duration_since(t) < Duration::from_secs(1)
-            && current < self.configured
+        if last
+            .cut
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
         {
             return;
         }
         let next = (current / 2).max(1);
-        *last = Some(now);
+        last.cut = Some(now);
+        last.any = Some(now);
         if next != current {
-            self.set_rate(next);
+            self.set_rate(next, true);
             tracing::warn!(account = %self.account, from = current, to = next, "Meta says throughput exceeded (130429): stepping the account's rate down.");
         }
     }
@@ -178,19 +190,31 @@ impl Throughput {
         }
         let now = Instant::now();
         let mut last = self.last_change.lock().unwrap_or_else(|e| e.into_inner());
-        if last.is_some_and(|t| now.duration_since(t) < self.recover_after) {
+        if last
+            .any
+            .is_some_and(|t| now.duration_since(t) < self.recover_after)
+        {
             return;
         }
         let next = (current + (self.configured / 10).max(1)).min(self.configured);
-        *last = Some(now);
-        self.set_rate(next);
+        last.any = Some(now);
+        self.set_rate(next, false);
         tracing::info!(account = %self.account, from = current, to = next, "Account rate recovering.");
     }
 
-    fn set_rate(&self, rate: u32) {
+    fn set_rate(&self, rate: u32, cut: bool) {
         self.rate.store(rate, Ordering::Relaxed);
         // A lower rate keeps the burst at most the rate, so a cut really lowers the 1 s peak.
-        let limiter = Arc::new(build(rate, self.burst.min(rate.max(2)), self.clock));
+        let burst = self.burst.min(rate.max(2));
+        let limiter = Arc::new(build(rate, burst, self.clock));
+        if cut {
+            // A new limiter starts with a full bucket; after a 130429 that burst must not go
+            // out at once, so it starts empty.
+            for _ in 0..burst {
+                let _ = limiter.gate.check();
+                let _ = limiter.door.check();
+            }
+        }
         *self.limiter.write().unwrap_or_else(|e| e.into_inner()) = limiter;
         crate::metrics::account_rate(&self.account, rate as f64);
     }
@@ -326,7 +350,7 @@ mod tests {
             let release = *chunk.last().unwrap() + Duration::from_millis(200);
             tokio::time::sleep_until(release).await;
             for _ in chunk {
-                t.at_the_door().await;
+                t.at_the_door(&never).await;
                 wire.push(Instant::now() - start);
             }
         }

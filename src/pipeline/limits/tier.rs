@@ -253,13 +253,26 @@ impl Tier {
                 .map(|b| i64::from_le_bytes(b) <= now_ms - WINDOW_MS)
                 .unwrap_or(true);
             if stale || decode_key(key).is_none_or(|(_, p)| self.index_of(p).is_none()) {
-                ops.push(KvOp::Delete {
+                ops.push(KvOp::DeleteIf {
                     table: Table::TierUsage,
                     key: key.to_vec(),
+                    value: value.to_vec(),
                 });
             }
         })?;
         Ok(ops)
+    }
+}
+
+impl Tier {
+    /// Forgets a number in memory (after its erasure), so no later release writes it back.
+    pub fn forget(&self, number: u64) {
+        for p in &self.portfolios {
+            let mut w = lock(&p.window);
+            if let Some(at) = w.last.remove(&number) {
+                w.by_time.remove(&(at, number));
+            }
+        }
     }
 }
 
