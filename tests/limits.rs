@@ -98,13 +98,14 @@ async fn two_accounts_keep_their_rates_at_the_receiving_end() {
         );
         eprintln!("{phone}: peak {peak} in 1 s, long-run {rate:.2}/s (limit {limit})");
     }
+    // With the queue full, nearly every job waited its turn at the gate (only real waits are
+    // recorded: the first burst went at once).
     let metrics = app.metrics().await;
-    assert!(
-        metric_value(
-            &metrics,
-            "sendwell_limit_wait_seconds_count{account=\"acme-fr\",limit=\"throughput\"}"
-        ) >= 8_000.0
+    let waits = metric_value(
+        &metrics,
+        "sendwell_limit_wait_seconds_count{account=\"acme-fr\",limit=\"throughput\"}",
     );
+    assert!((7_500.0..=8_000.0).contains(&waits), "{waits} waits");
     assert_eq!(
         metric_value(
             &metrics,

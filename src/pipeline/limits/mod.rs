@@ -374,7 +374,9 @@ impl Limits {
                 .acquire(shutdown)
                 .await
                 .map_err(|_| Held::ShuttingDown)?;
-            crate::metrics::limit_wait(&job.account, "throughput", waited);
+            if !waited.is_zero() {
+                crate::metrics::limit_wait(&job.account, "throughput", waited);
+            }
             let Some(n) = n else {
                 return Ok(());
             };

@@ -119,11 +119,15 @@ impl Throughput {
             g = self.gate.lock() => g,
         };
         self.maybe_recover();
+        let mut waited = false;
         loop {
             let limiter = self.current();
             match limiter.gate.check() {
+                // Zero when it did not have to sleep: metrics count real waits only.
+                Ok(()) if !waited => return Ok(Duration::ZERO),
                 Ok(()) => return Ok(started.elapsed()),
                 Err(not_until) => {
+                    waited = true;
                     let wait = not_until.wait_time_from(self.clock.now());
                     tokio::select! {
                         biased;
@@ -146,11 +150,14 @@ impl Throughput {
     /// would leave the job "in doubt").
     pub async fn at_the_door(&self, shutdown: &CancellationToken) -> Duration {
         let started = Instant::now();
+        let mut waited = false;
         loop {
             let limiter = self.current();
             match limiter.door.check() {
+                Ok(()) if !waited => return Duration::ZERO,
                 Ok(()) => return started.elapsed(),
                 Err(not_until) => {
+                    waited = true;
                     let wait = not_until.wait_time_from(self.clock.now());
                     tokio::select! {
                         _ = shutdown.cancelled() => return started.elapsed(),
