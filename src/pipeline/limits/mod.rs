@@ -382,7 +382,9 @@ impl Limits {
             };
             match a.pacing.check(n) {
                 Ok(()) => return Ok(()),
-                Err(wait) if wait > inline_max => return Err(Held::Pacing(wait)),
+                Err(wait) if wait > inline_max => {
+                    return Err(Held::Pacing(a.pacing.deferral(n, wait)));
+                }
                 Err(wait) => {
                     tokio::select! {
                         _ = shutdown.cancelled() => return Err(Held::ShuttingDown),

@@ -37,6 +37,11 @@ pub struct Pacing {
     /// None when pacing is off (interval 0).
     limiter: Option<Keyed>,
     backoff: DashMap<u64, Backoff>,
+    /// Pair → the latest release time handed to a job deferred for pacing, so the next one
+    /// deferred is released an interval after it: deferred jobs come back in their order.
+    queued: DashMap<u64, Instant>,
+    /// Pacing's interval (zero when off).
+    interval: Duration,
     /// The longest 4^X wait (the retry policy's max delay).
     max_backoff: Duration,
     clock: MonoClock,
@@ -51,6 +56,8 @@ impl Pacing {
         Self {
             limiter,
             backoff: DashMap::new(),
+            queued: DashMap::new(),
+            interval,
             max_backoff,
             clock,
         }
@@ -71,6 +78,21 @@ impl Pacing {
             n.wait_time_from(self.clock.now())
                 .max(Duration::from_millis(1))
         })
+    }
+
+    /// A job to the pair must wait `wait` and will be deferred: returns the wait that gives it
+    /// a release time at least an interval after every job of the pair deferred before it.
+    /// Delay queues are not a per-pair FIFO; spacing the release times keeps the order.
+    pub fn deferral(&self, number: u64, wait: Duration) -> Duration {
+        let now = Instant::now();
+        let mut last = self.queued.entry(number).or_insert(now);
+        let at = if *last > now {
+            (now + wait).max(*last + self.interval)
+        } else {
+            now + wait
+        };
+        *last = at;
+        at - now
     }
 
     /// How long the pair still backs off after a 131056, if it does (takes no pacing cell).
@@ -108,13 +130,14 @@ impl Pacing {
         // A streak is remembered for one more max wait after it ran out, so a quick 131056
         // after it still escalates.
         self.backoff.retain(|_, b| b.until + self.max_backoff > now);
+        self.queued.retain(|_, at| *at > now);
         match &self.limiter {
             Some(l) => {
                 l.retain_recent();
                 l.shrink_to_fit();
-                l.len() + self.backoff.len()
+                l.len() + self.backoff.len() + self.queued.len()
             }
-            None => self.backoff.len(),
+            None => self.backoff.len() + self.queued.len(),
         }
     }
 }
@@ -181,6 +204,29 @@ mod tests {
             "a success resets X"
         );
         assert_eq!(p.check(10), Ok(()), "other pairs are not held back");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn jobs_deferred_for_a_pair_are_released_an_interval_apart_in_order() {
+        let p = pacing(6, 1);
+        p.check(3).unwrap();
+        let w1 = p.check(3).unwrap_err();
+        let w2 = p.check(3).unwrap_err();
+        let d1 = p.deferral(3, w1);
+        let d2 = p.deferral(3, w2);
+        assert_eq!(d1, w1);
+        assert_eq!(d2, d1 + Duration::from_secs(6));
+        // Another pair is not queued behind this one.
+        assert_eq!(
+            p.deferral(4, Duration::from_secs(1)),
+            Duration::from_secs(1)
+        );
+        // Once the queue has drained, a new deferral starts from now again.
+        tokio::time::advance(d2 + Duration::from_secs(1)).await;
+        assert_eq!(
+            p.deferral(3, Duration::from_secs(2)),
+            Duration::from_secs(2)
+        );
     }
 
     #[tokio::test(start_paused = true)]

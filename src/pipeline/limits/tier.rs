@@ -159,7 +159,10 @@ impl Tier {
         }
         w.last.insert(number, now_ms);
         w.by_time.insert((now_ms, number));
-        crate::metrics::tier(&p.name, w.last.len(), limit);
+        if previous.is_none() {
+            // Only a new recipient changes the usage (the gauges cost more than the count).
+            crate::metrics::tier(&p.name, w.last.len(), limit);
+        }
         let op = KvOp::Put {
             table: Table::TierUsage,
             key: row_key(digits, &p.name),
