@@ -75,10 +75,12 @@ fn benches(c: &mut Criterion) {
     let outcome = Outcome::Sent {
         wamid: "wamid.HBgLNDkxNzAxMjM0NTY3FQIAERgSQ0Y".into(),
         attempts: 1,
+        estimated_cost: Some(sendwell::pricing::Micros(113_100)),
     };
     c.bench_function("encode_outcome_event", |b| {
         b.iter(|| {
-            OutcomeEvent::for_job(black_box(&job), &outcome, jiff::Timestamp::now()).to_json()
+            OutcomeEvent::for_job(black_box(&job), &outcome, jiff::Timestamp::now(), "EUR")
+                .to_json()
         })
     });
     c.bench_function("classify_error", |b| {

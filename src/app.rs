@@ -100,6 +100,12 @@ pub fn metrics_handle() -> PrometheusHandle {
                         crate::metrics::WAIT_BUCKETS,
                     )
                 })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(crate::metrics::JOB_AGE.to_string()),
+                        crate::metrics::AGE_BUCKETS,
+                    )
+                })
                 .unwrap_or_else(|_| PrometheusBuilder::new());
             let handle = match builder.install_recorder() {
                 Ok(h) => h,
@@ -132,6 +138,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     );
     let limits = Arc::new(crate::pipeline::limits::Limits::new(&config)?);
     limits.load(&ledger, jiff::Timestamp::now())?;
+    let spend = Arc::new(crate::pipeline::spend::Spend::new(&config, ledger.clone()));
+    spend.load(&ledger, jiff::Timestamp::now())?;
     readiness.state.store(true, Ordering::SeqCst);
 
     let admin = tokio::net::TcpListener::bind(config.admin.listen)
@@ -222,6 +230,43 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         }),
         consent: consent.clone(),
         limits: limits.clone(),
+        spend: spend.clone(),
+    });
+    // Gauges that are cheaper to compute now and then than on every change: the consent
+    // census, the rolling spend (it ages out without sends); and the spend rows that left the day.
+    let census_stop = shutdown.clone();
+    let (census_consent, census_spend, census_ledger) =
+        (consent.clone(), spend.clone(), ledger.clone());
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                _ = census_stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let (c, s, l) = (
+                census_consent.clone(),
+                census_spend.clone(),
+                census_ledger.clone(),
+            );
+            let done = tokio::task::spawn_blocking(move || {
+                let (consents, opt_outs) = c.census();
+                crate::metrics::consent_numbers(consents, opt_outs);
+                s.housekeep(&l, jiff::Timestamp::now())
+            })
+            .await;
+            match done {
+                Ok(Ok(ops)) if !ops.is_empty() => {
+                    if let Err(e) = census_ledger.kv_many(ops).await {
+                        tracing::warn!(error = %e, "Purging old spend rows failed; will try again.");
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "Spend housekeeping failed; will try again.")
+                }
+                _ => {}
+            }
+        }
     });
     tokio::spawn(limits.clone().housekeeping(
         ledger.clone(),

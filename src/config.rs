@@ -491,6 +491,10 @@ struct AccountFile {
     pacing: PacingFile,
     #[serde(default)]
     quiet_hours: Option<QuietHoursFile>,
+    #[serde(default)]
+    daily_budget: Option<String>,
+    #[serde(default)]
+    budget_categories: Option<Vec<String>>,
 }
 
 fn default_mps() -> u32 {
@@ -738,6 +742,10 @@ pub struct Account {
     pub pacing_interval: Duration,
     pub pacing_burst: u32,
     pub quiet_hours: Option<crate::pipeline::limits::quiet::QuietHours>,
+    /// Estimated spend allowed over a rolling 24 hours, in the price table's currency.
+    pub daily_budget: Option<crate::pricing::Micros>,
+    /// What the budget holds back once spent (default: marketing).
+    pub budget_categories: Vec<Category>,
 }
 
 impl Config {
@@ -1128,6 +1136,39 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
         if a.pacing.burst == 0 || a.pacing.burst > 1000 {
             problem(&key("pacing.burst"), "must be between 1 and 1000".into());
         }
+        let daily_budget = match a.daily_budget.as_deref().map(crate::pricing::parse_decimal) {
+            None => None,
+            Some(Ok(m)) if m.0 > 0 => Some(m),
+            Some(Ok(_)) => {
+                problem(&key("daily_budget"), "must be more than 0".into());
+                None
+            }
+            Some(Err(e)) => {
+                problem(
+                    &key("daily_budget"),
+                    format!(
+                        "{e} (a decimal string such as \"250.00\", in the price table's currency)"
+                    ),
+                );
+                None
+            }
+        };
+        let mut budget_categories = Vec::new();
+        for c in a
+            .budget_categories
+            .clone()
+            .unwrap_or_else(|| vec!["marketing".into()])
+        {
+            match Category::ALL.iter().find(|x| x.as_str() == c) {
+                Some(c) => budget_categories.push(*c),
+                None => problem(
+                    &key("budget_categories"),
+                    format!(
+                        "`{c}` is not a category (marketing, utility, authentication, service)"
+                    ),
+                ),
+            }
+        }
         let quiet_hours = a.quiet_hours.as_ref().and_then(|q| {
             quiet_hours(q, &mut |k, r| problem(&key(&format!("quiet_hours.{k}")), r))
         });
@@ -1147,6 +1188,8 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
                 pacing_interval: a.pacing.interval,
                 pacing_burst: a.pacing.burst,
                 quiet_hours,
+                daily_budget,
+                budget_categories,
             }),
             Err(e) => problem(&key("token_file"), e),
         }

@@ -168,7 +168,12 @@ impl Invalid {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Outcome {
     /// The Cloud API accepted the message.
-    Sent { wamid: String, attempts: u32 },
+    Sent {
+        wamid: String,
+        attempts: u32,
+        /// What the price table says this message costs, when it has a price for it.
+        estimated_cost: Option<crate::pricing::Micros>,
+    },
     /// Policy held the job back (consent, caps, quiet hours…).
     Suppressed {
         reason: &'static str,
@@ -271,8 +276,8 @@ pub struct OutcomeEvent<'a> {
 }
 
 impl<'a> OutcomeEvent<'a> {
-    /// The event for a validated job.
-    pub fn for_job(job: &'a Job, outcome: &Outcome, at: Timestamp) -> Self {
+    /// The event for a validated job; `currency` is the price table's, for the estimate.
+    pub fn for_job(job: &'a Job, outcome: &Outcome, at: Timestamp, currency: &str) -> Self {
         Self {
             id: &job.id,
             account: &job.account,
@@ -285,7 +290,16 @@ impl<'a> OutcomeEvent<'a> {
                 _ => None,
             },
             attempts: outcome.attempts(),
-            estimated_cost: None,
+            estimated_cost: match outcome {
+                Outcome::Sent {
+                    estimated_cost: Some(c),
+                    ..
+                } => Some(Cost {
+                    amount: c.to_decimal_string(),
+                    currency: currency.to_string(),
+                }),
+                _ => None,
+            },
             at,
             metadata: job.metadata.as_deref(),
             error_code: match outcome {

@@ -44,10 +44,70 @@ pub const ACCOUNT_RATE: &str = "sendwell_account_rate_messages_per_second";
 pub const TIER_USAGE: &str = "sendwell_tier_usage_recipients";
 pub const TIER_LIMIT: &str = "sendwell_tier_limit_recipients";
 pub const LIMIT_STATE: &str = "sendwell_limit_state_entries";
+pub const ESTIMATED_COST: &str = "sendwell_estimated_cost_microunits_total";
+pub const JOB_AGE: &str = "sendwell_job_age_seconds";
+pub const CONSENT_NUMBERS: &str = "sendwell_consent_numbers";
+pub const SPEND: &str = "sendwell_spend_rolling_day_microunits";
+pub const SPEND_BUDGET: &str = "sendwell_spend_budget_microunits";
+pub const SPEND_GUARD: &str = "sendwell_spend_guard_active";
+pub const QUEUE_MESSAGES: &str = "sendwell_queue_messages";
+
+/// Every metric the daemon exports (histograms add `_bucket`, `_sum`, `_count`): what the
+/// dashboard and the alert rules may query.
+pub const ALL: &[&str] = &[
+    JOBS_RECEIVED,
+    JOBS_FINISHED,
+    JOBS_DEFERRED,
+    JOBS_DEAD_LETTERED,
+    JOBS_IN_FLIGHT,
+    API_REQUESTS,
+    API_LATENCY,
+    API_RETRIES,
+    BROKER_RECONNECTS,
+    BROKER_CONNECTED,
+    ACCOUNT_PAUSED,
+    ACCOUNT_PAUSES,
+    WEBHOOK_REQUESTS,
+    WEBHOOK_EVENTS,
+    WEBHOOK_DUPLICATES,
+    WEBHOOK_UNMATCHED,
+    WEBHOOK_ERRORS,
+    DELIVERY_STATUSES,
+    BILLED_COST,
+    OPT_OUTS_LEARNED,
+    INBOUND_MESSAGES,
+    TEMPLATE_STATUS,
+    TEMPLATE_QUALITY,
+    MESSAGING_LIMIT,
+    ACCOUNT_THROUGHPUT,
+    ACCOUNT_UPDATES,
+    CONSENT_EVENTS,
+    CONSENT_CACHE_ENTRIES,
+    CONSENT_ANSWERS,
+    CONSENT_MESSAGES,
+    TEMPLATES_WITHOUT_OPT_OUT,
+    LIMIT_WAIT,
+    ACCOUNT_RATE,
+    TIER_USAGE,
+    TIER_LIMIT,
+    LIMIT_STATE,
+    ESTIMATED_COST,
+    JOB_AGE,
+    CONSENT_NUMBERS,
+    SPEND,
+    SPEND_BUDGET,
+    SPEND_GUARD,
+    QUEUE_MESSAGES,
+];
 
 /// Buckets from 1 ms to 10 s, for inline limit waits (longer waits become deferrals).
 pub const WAIT_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Buckets from 50 ms to 6 h, for the publish-to-outcome age of jobs (deferrals included).
+pub const AGE_BUCKETS: &[f64] = &[
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0,
 ];
 
 /// Buckets from 10 ms to 30 s, for the API latency histogram.
@@ -56,6 +116,35 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 ];
 
 pub fn describe() {
+    describe_counter!(
+        ESTIMATED_COST,
+        "Estimated cost of sent messages at send time, from the price table, in millionths of its currency, by account, category and recipient country (ISO 3166)."
+    );
+    describe_histogram!(
+        JOB_AGE,
+        Unit::Seconds,
+        "From a job's publication (AMQP timestamp) to its final outcome, by account and status."
+    );
+    describe_gauge!(
+        CONSENT_NUMBERS,
+        "Consent held now: opted_in = (account, number, purpose) with a current opt-in; opted_out = (account, number) opted out of every purpose. Refreshed every minute."
+    );
+    describe_gauge!(
+        SPEND,
+        "Estimated spend over the trailing 24 hours, in millionths of the price table's currency, by account."
+    );
+    describe_gauge!(
+        SPEND_BUDGET,
+        "The account's daily budget (estimated spend over a rolling day), in millionths of the currency."
+    );
+    describe_gauge!(
+        SPEND_GUARD,
+        "1 while the account's daily budget is spent and its guarded categories (marketing by default) are held back."
+    );
+    describe_gauge!(
+        QUEUE_MESSAGES,
+        "Messages ready in a queue (jobs: this shard's queue; dead: sendwell.dead), polled every 15 s."
+    );
     describe_histogram!(
         LIMIT_WAIT,
         Unit::Seconds,
@@ -218,8 +307,15 @@ pub fn delivery_status(account: &str, status: &str) {
     counter!(DELIVERY_STATUSES, "account" => account.to_string(), "status" => status).increment(1);
 }
 
-pub fn billed_cost(account: &str, category: &str, market: &str, currency: &str, micros: i64) {
-    counter!(BILLED_COST, "account" => account.to_string(), "category" => category.to_string(), "market" => market.to_string(), "currency" => currency.to_string())
+pub fn billed_cost(
+    account: &str,
+    category: &str,
+    market: &str,
+    country: &str,
+    currency: &str,
+    micros: i64,
+) {
+    counter!(BILLED_COST, "account" => account.to_string(), "category" => category.to_string(), "market" => market.to_string(), "country" => country.to_string(), "currency" => currency.to_string())
         .increment(micros.max(0) as u64);
 }
 
@@ -273,6 +369,39 @@ pub fn tier(portfolio: &str, used: usize, limit: u32) {
 
 pub fn limit_state(kind: &'static str, entries: usize) {
     gauge!(LIMIT_STATE, "kind" => kind).set(entries as f64);
+}
+
+pub fn estimated_cost(account: &str, category: &str, country: &str, currency: &str, micros: i64) {
+    counter!(ESTIMATED_COST, "account" => account.to_string(), "category" => category.to_string(), "country" => country.to_string(), "currency" => currency.to_string())
+        .increment(micros.max(0) as u64);
+}
+
+pub fn job_age(account: &str, status: &'static str, age: Duration) {
+    histogram!(JOB_AGE, "account" => account.to_string(), "status" => status)
+        .record(age.as_secs_f64());
+}
+
+pub fn consent_numbers(opted_in: usize, opted_out: usize) {
+    gauge!(CONSENT_NUMBERS, "state" => "opted_in").set(opted_in as f64);
+    gauge!(CONSENT_NUMBERS, "state" => "opted_out").set(opted_out as f64);
+}
+
+pub fn spend(account: &str, currency: &str, micros: i64) {
+    gauge!(SPEND, "account" => account.to_string(), "currency" => currency.to_string())
+        .set(micros as f64);
+}
+
+pub fn spend_budget(account: &str, currency: &str, micros: i64) {
+    gauge!(SPEND_BUDGET, "account" => account.to_string(), "currency" => currency.to_string())
+        .set(micros as f64);
+}
+
+pub fn spend_guard(account: &str, active: bool) {
+    gauge!(SPEND_GUARD, "account" => account.to_string()).set(if active { 1.0 } else { 0.0 });
+}
+
+pub fn queue_messages(queue: &'static str, ready: u32) {
+    gauge!(QUEUE_MESSAGES, "queue" => queue).set(ready as f64);
 }
 
 pub fn account_update(event: &str) {

@@ -376,7 +376,7 @@ fn parse_row(
 /// Parses a non-negative decimal string with at most six fraction digits ("0.1131", "1",
 /// "0") into micro-units, exactly. Signs, exponents, spaces and bare dots are refused so a
 /// price means one thing only.
-fn parse_decimal(text: &str) -> Result<Micros, String> {
+pub fn parse_decimal(text: &str) -> Result<Micros, String> {
     let bad = |why: &str| {
         Err(format!(
             "{text:?} is not a price: {why} (write a decimal string like \"0.1131\")"

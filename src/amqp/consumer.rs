@@ -571,7 +571,12 @@ impl Worker {
                     .await
             }
             Disposition::Finish(outcome) => {
-                let event = OutcomeEvent::for_job(job, &outcome, Timestamp::now());
+                let event = OutcomeEvent::for_job(
+                    job,
+                    &outcome,
+                    Timestamp::now(),
+                    self.pipeline.spend.prices().currency(),
+                );
                 let bytes = event.to_json();
                 let routing_key = event.routing_key();
                 let is_duplicate = outcome == Outcome::Duplicate;
@@ -591,6 +596,16 @@ impl Worker {
                 self.publish_outcome(item, &routing_key, &bytes, !is_duplicate)
                     .await?;
                 crate::metrics::job_finished(&job.account, outcome.status(), outcome.reason());
+                // Publish to final outcome, from the AMQP timestamp (whole seconds; kept on
+                // copies through the delay queues), when the publisher set one.
+                if let Some(ts) = *item.delivery.properties.timestamp() {
+                    let age_ms = Timestamp::now().as_millisecond() - (ts as i64) * 1000;
+                    crate::metrics::job_age(
+                        &job.account,
+                        outcome.status(),
+                        Duration::from_millis(age_ms.max(0) as u64),
+                    );
+                }
                 tracing::info!(
                     id = %job.id,
                     account = %job.account,

@@ -189,9 +189,15 @@ async fn setup(
     let names = &worker.names;
     let topo = conn.create_channel().await?;
     topology::declare(&topo, names).await?;
-    let _ = topo.close(200, "topology declared".into()).await;
 
     let token = CancellationToken::new();
+    // The topology channel stays open to read queue depths for the alerts ("jobs waiting but
+    // nothing sent", "dead letters growing"), until the session ends.
+    tokio::spawn(poll_queue_depths(
+        topo,
+        names.jobs_queue.clone(),
+        token.clone(),
+    ));
     let publish_channel = conn.create_channel().await?;
     publish_channel
         .confirm_select(ConfirmSelectOptions::default())
@@ -233,6 +239,32 @@ async fn setup(
         )
         .await?;
     Ok((session, consume_channel, tag, consumer, webhooks, consent))
+}
+
+/// Every 15 s: ready messages in the shard queue and in `sendwell.dead`, by passive declare.
+async fn poll_queue_depths(ch: Channel, jobs_queue: String, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(15));
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        for (label, queue) in [("jobs", jobs_queue.as_str()), ("dead", topology::DEAD)] {
+            match ch
+                .queue_declare(queue.into(), passive, FieldTable::default())
+                .await
+            {
+                Ok(q) => crate::metrics::queue_messages(label, q.message_count()),
+                // The channel is gone with its connection; the next session polls again.
+                Err(_) => return,
+            }
+        }
+    }
+    let _ = ch.close(200, "sendwell closing".into()).await;
 }
 
 /// Waits for in-flight jobs, at most `grace`.

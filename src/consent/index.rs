@@ -102,6 +102,22 @@ impl ConsentIndex {
         self.map.is_empty()
     }
 
+    /// (consents: (account, number, purpose) with a current opt-in; opt-outs: (account, number)
+    /// opted out of every purpose), for the gauges. One pass over the map.
+    pub fn census(&self) -> (usize, usize) {
+        let (mut consents, mut opt_outs) = (0, 0);
+        for e in self.map.iter() {
+            let flags = ((*e.value() >> FLAGS_SHIFT) & 0xf) as u8;
+            let slot = (*e.key() >> NUMBER_BITS) & ((1 << SLOT_BITS) - 1);
+            if slot == 0 {
+                opt_outs += usize::from(flags & super::model::OPTED_OUT != 0);
+            } else if flags & super::model::OPTED_IN != 0 && flags & super::model::OPTED_OUT == 0 {
+                consents += 1;
+            }
+        }
+        (consents, opt_outs)
+    }
+
     fn slot(&self, purpose: &str) -> Option<u8> {
         if purpose == ALL {
             Some(0)

@@ -280,6 +280,11 @@ impl ConsentStore {
         self.index.len()
     }
 
+    /// See [`ConsentIndex::census`].
+    pub fn census(&self) -> (usize, usize) {
+        self.index.census()
+    }
+
     pub fn rule(&self, purpose: &str) -> Option<&Purpose> {
         self.rules.get(purpose)
     }

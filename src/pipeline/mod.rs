@@ -13,6 +13,7 @@ pub mod dedupe;
 pub mod dispatch;
 pub mod limits;
 pub mod meta_state;
+pub mod spend;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,6 +61,8 @@ pub struct Pipeline {
     pub consent: Arc<ConsentStore>,
     /// Throughput, pacing, daily tier, frequency caps, quiet hours.
     pub limits: Arc<Limits>,
+    /// Estimated cost of each send, and the daily budget that holds marketing back.
+    pub spend: Arc<spend::Spend>,
 }
 
 #[derive(Clone, Debug)]
@@ -143,6 +146,11 @@ impl Pipeline {
             && let Some(d) = self.meta_checks(job, policy, attempts)
         {
             return d;
+        }
+
+        // Spend guard: a daily budget holds the guarded categories back once spent.
+        if let Err(wait) = self.spend.check(job, now) {
+            return self.defer(job, attempts, wait, "spend_budget");
         }
 
         // Limits: quiet hours, Meta's per-user marketing block, frequency caps.
@@ -257,9 +265,27 @@ impl Pipeline {
                     crate::metrics::api_request(&job.account, "ok", None, took);
                     self.limits.sent(job);
                     account.resume();
+                    let now = self.clock.now();
+                    let estimated_cost = spend::estimate(
+                        self.spend.prices(),
+                        job,
+                        self.in_service_window(job, now),
+                        now,
+                    );
+                    if let Some(cost) = estimated_cost {
+                        crate::metrics::estimated_cost(
+                            &job.account,
+                            job.category.as_str(),
+                            job.to.region(),
+                            self.spend.prices().currency(),
+                            cost.0,
+                        );
+                        self.spend.add(&job.account, cost, now);
+                    }
                     return Disposition::Finish(Outcome::Sent {
                         wamid: ok.wamid,
                         attempts: *attempts,
+                        estimated_cost,
                     });
                 }
                 Err(f) => f,

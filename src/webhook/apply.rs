@@ -287,6 +287,9 @@ impl Applier {
                         &job.account,
                         &category,
                         self.prices.market(digits),
+                        crate::pipeline::decode::parse_e164(&job.to)
+                            .map(|r| r.region())
+                            .unwrap_or("ZZ"),
                         self.prices.currency(),
                         price.0,
                     );

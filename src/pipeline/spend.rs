@@ -1,0 +1,424 @@
+//! What a send costs, estimated when it is sent, and the spend guard: an optional daily budget
+//! per account. When an account's estimated spend over the trailing 24 hours reaches its budget,
+//! jobs of the guarded categories (marketing by default) are deferred until enough of the day's
+//! spend has aged out; the other categories keep flowing. Nobody wakes up to a runaway campaign
+//! bill.
+//!
+//! The estimate uses the same price table as the billed amounts from webhooks
+//! ([`crate::pricing`]): per delivered template by category × the recipient's market. Meta made
+//! utility templates inside an open customer-service window free until 2026-10-01 and charges
+//! them since; service messages are free.
+//!
+//! Spend is kept per minute (1,440 buckets per account, a fixed-size ring), so the rolling sum
+//! is exact to the minute and costs O(1) per send. Each send's bucket is also written to the
+//! store (fire-and-forget, one small row per account and minute), so a restart does not forget
+//! the day's spend. The guard checks before a send; sends already in flight when the budget is
+//! reached still go, so spend can overshoot by what is in flight (at most `broker.prefetch`
+//! messages).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use jiff::Timestamp;
+
+use crate::config::Config;
+use crate::job::{Category, Content, Job};
+use crate::pricing::{Micros, PriceTable};
+use crate::store::{KvOp, Ledger, LedgerError, Table};
+
+const MINUTES: usize = 24 * 60;
+/// Utility templates inside the service window were free until then (Meta, July 2025 pricing).
+const UTILITY_IN_WINDOW_FREE_UNTIL: Timestamp = Timestamp::constant(1_790_812_800, 0);
+/// A job held back by the budget looks again at least this often.
+pub const BUDGET_RECHECK: Duration = Duration::from_secs(300);
+
+/// The estimated price of sending `job` now, or None when the table has no price for it.
+pub fn estimate(
+    prices: &PriceTable,
+    job: &Job,
+    in_service_window: bool,
+    now: Timestamp,
+) -> Option<Micros> {
+    let category = match (&job.content, job.category) {
+        // Free-form messages are only possible inside the window and are not charged.
+        (Content::Text(_), _) | (_, Category::Service) => return Some(Micros(0)),
+        (_, Category::Utility) if in_service_window && now < UTILITY_IN_WINDOW_FREE_UNTIL => {
+            return Some(Micros(0));
+        }
+        (_, c) => c.as_str(),
+    };
+    prices.price(category, job.to.digits())
+}
+
+/// One account's spend per minute over the last 24 hours.
+struct Ring {
+    /// Micros per minute slot (minute since the epoch mod 1440).
+    slots: Box<[i64; MINUTES]>,
+    /// Which absolute minute each slot holds, so stale slots read as zero.
+    minute_of: Box<[i64; MINUTES]>,
+}
+
+impl Ring {
+    fn new() -> Self {
+        Self {
+            slots: Box::new([0; MINUTES]),
+            minute_of: Box::new([i64::MIN; MINUTES]),
+        }
+    }
+
+    fn add(&mut self, minute: i64, micros: i64) -> i64 {
+        let i = minute.rem_euclid(MINUTES as i64) as usize;
+        if self.minute_of[i] != minute {
+            self.minute_of[i] = minute;
+            self.slots[i] = 0;
+        }
+        self.slots[i] += micros;
+        self.slots[i]
+    }
+
+    /// Spend in the 1,440 minutes ending with `minute` (inclusive).
+    fn total(&self, minute: i64) -> i64 {
+        (0..MINUTES)
+            .filter(|&i| self.minute_of[i] > minute - MINUTES as i64 && self.minute_of[i] <= minute)
+            .map(|i| self.slots[i])
+            .sum()
+    }
+
+    /// The first minute from which the rolling sum drops below `budget`, assuming no new spend.
+    fn frees_at(&self, minute: i64, budget: i64) -> i64 {
+        let mut live: Vec<(i64, i64)> = (0..MINUTES)
+            .filter(|&i| self.minute_of[i] > minute - MINUTES as i64 && self.minute_of[i] <= minute)
+            .map(|i| (self.minute_of[i], self.slots[i]))
+            .collect();
+        live.sort_unstable();
+        let mut total: i64 = live.iter().map(|(_, v)| v).sum();
+        for (m, v) in live {
+            total -= v;
+            if total < budget {
+                return m + MINUTES as i64;
+            }
+        }
+        minute + 1
+    }
+}
+
+struct Account {
+    budget: Option<i64>,
+    guarded: Vec<Category>,
+    ring: Mutex<Ring>,
+    /// 0: below 80 %, 1: at 80 %, 2: at the budget (for one log line per crossing).
+    level: Mutex<u8>,
+}
+
+/// Spend per account and the guard.
+pub struct Spend {
+    prices: Arc<PriceTable>,
+    /// Where each minute's spend is remembered.
+    ledger: Ledger,
+    accounts: HashMap<Arc<str>, Account>,
+}
+
+impl Spend {
+    pub fn new(config: &Config, ledger: Ledger) -> Self {
+        let accounts = config
+            .accounts
+            .iter()
+            .map(|a| {
+                if let Some(b) = a.daily_budget {
+                    crate::metrics::spend_budget(&a.name, config.prices.currency(), b.0);
+                }
+                (
+                    a.name.clone(),
+                    Account {
+                        budget: a.daily_budget.map(|m| m.0),
+                        guarded: a.budget_categories.clone(),
+                        ring: Mutex::new(Ring::new()),
+                        level: Mutex::new(0),
+                    },
+                )
+            })
+            .collect();
+        Self {
+            prices: config.prices.clone(),
+            ledger,
+            accounts,
+        }
+    }
+
+    pub fn prices(&self) -> &PriceTable {
+        &self.prices
+    }
+
+    /// Loads the last 24 hours of spend.
+    pub fn load(&self, ledger: &Ledger, now: Timestamp) -> Result<(), LedgerError> {
+        let minute = minute_of(now);
+        ledger.kv_for_each(Table::StoreMeta, |k, v| {
+            let Some(rest) = k.strip_prefix(b"spend|") else {
+                return;
+            };
+            let Some(sep) = rest.iter().rposition(|&b| b == b'|') else {
+                return;
+            };
+            let (Ok(name), Ok(m), Ok(b)) = (
+                std::str::from_utf8(&rest[..sep]),
+                std::str::from_utf8(&rest[sep + 1..]).map(|m| m.parse::<i64>()),
+                <[u8; 8]>::try_from(v),
+            ) else {
+                return;
+            };
+            let Ok(m) = m else { return };
+            if m <= minute - MINUTES as i64 {
+                return;
+            }
+            if let Some(a) = self.accounts.get(name) {
+                lock(&a.ring).add(m, i64::from_le_bytes(b));
+            }
+        })?;
+        for name in self.accounts.keys() {
+            self.report(name, now);
+        }
+        Ok(())
+    }
+
+    /// Ok, or the wait when the account's budget is spent and the job's category is guarded.
+    pub fn check(&self, job: &Job, now: Timestamp) -> Result<(), Duration> {
+        let Some(a) = self.accounts.get(&job.account) else {
+            return Ok(());
+        };
+        let (Some(budget), true) = (a.budget, a.guarded.contains(&job.category)) else {
+            return Ok(());
+        };
+        let minute = minute_of(now);
+        let ring = lock(&a.ring);
+        if ring.total(minute) < budget {
+            return Ok(());
+        }
+        let frees = ring.frees_at(minute, budget);
+        let wait = Duration::from_secs(((frees - minute).max(1) * 60) as u64);
+        Err(wait.min(BUDGET_RECHECK))
+    }
+
+    /// Adds a sent message's estimated cost, and remembers the minute's new total in the
+    /// store (queued while the ring is locked, so the writes of one minute stay in order).
+    pub fn add(&self, account: &str, micros: Micros, now: Timestamp) {
+        let Some(a) = self.accounts.get(account) else {
+            return;
+        };
+        if micros.0 == 0 {
+            return;
+        }
+        let minute = minute_of(now);
+        {
+            let mut ring = lock(&a.ring);
+            let bucket = ring.add(minute, micros.0);
+            self.ledger.kv_put_nowait(
+                Table::StoreMeta,
+                format!("spend|{account}|{minute}").into_bytes(),
+                bucket.to_le_bytes().to_vec(),
+            );
+        }
+        self.report(account, now);
+    }
+
+    /// The account's estimated spend over the trailing 24 hours.
+    pub fn rolling(&self, account: &str, now: Timestamp) -> Option<Micros> {
+        let a = self.accounts.get(account)?;
+        Some(Micros(lock(&a.ring).total(minute_of(now))))
+    }
+
+    /// Gauges, and one log line when the spend crosses 80 % and 100 % of the budget.
+    fn report(&self, account: &str, now: Timestamp) {
+        let Some(a) = self.accounts.get(account) else {
+            return;
+        };
+        let total = lock(&a.ring).total(minute_of(now));
+        crate::metrics::spend(account, self.prices.currency(), total);
+        let Some(budget) = a.budget else {
+            return;
+        };
+        let level = if total >= budget {
+            2
+        } else if total * 10 >= budget * 8 {
+            1
+        } else {
+            0
+        };
+        crate::metrics::spend_guard(account, level == 2);
+        let mut last = lock(&a.level);
+        if level > *last {
+            let spent = Micros(total).to_decimal_string();
+            let of = Micros(budget).to_decimal_string();
+            let currency = self.prices.currency();
+            if level == 2 {
+                tracing::error!(account, spent = %spent, budget = %of, currency, "Daily budget reached: guarded categories (marketing by default) are held back until the rolling day's spend drops below it.");
+            } else {
+                tracing::warn!(account, spent = %spent, budget = %of, currency, "Spend is at 80 % of the daily budget.");
+            }
+        }
+        *last = level;
+    }
+
+    /// Refreshes the gauges (spend ages out without new sends) and returns the store rows of
+    /// minutes that left the day.
+    pub fn housekeep(&self, ledger: &Ledger, now: Timestamp) -> Result<Vec<KvOp>, LedgerError> {
+        for name in self.accounts.keys() {
+            self.report(name, now);
+        }
+        let oldest = minute_of(now) - MINUTES as i64;
+        let mut ops = Vec::new();
+        ledger.kv_for_each(Table::StoreMeta, |k, _| {
+            let stale = k
+                .strip_prefix(b"spend|")
+                .and_then(|rest| rest.rsplit(|&b| b == b'|').next())
+                .and_then(|m| std::str::from_utf8(m).ok()?.parse::<i64>().ok())
+                .is_some_and(|m| m <= oldest);
+            if stale {
+                ops.push(KvOp::Delete {
+                    table: Table::StoreMeta,
+                    key: k.to_vec(),
+                });
+            }
+        })?;
+        Ok(ops)
+    }
+}
+
+fn minute_of(t: Timestamp) -> i64 {
+    t.as_second().div_euclid(60)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::decode::Decoder;
+
+    fn config() -> (tempfile::TempDir, Config) {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("token"), "tok").unwrap();
+        let toml = r#"
+            [[purposes]]
+            name = "news"
+            [[accounts]]
+            name = "a"
+            phone_number_id = "1"
+            token_file = "token"
+            daily_budget = "0.30"
+            [prices]
+            currency = "EUR"
+            [prices.default]
+            marketing = "0.0592"
+            [prices.markets.germany]
+            calling_codes = ["49"]
+            marketing = "0.1131"
+            utility = "0.0456"
+        "#;
+        let p = d.path().join("sendwell.toml");
+        std::fs::write(&p, toml).unwrap();
+        let c = Config::load(&p).unwrap();
+        (d, c)
+    }
+
+    fn job(c: &Config, category: &str, to: &str, text: bool) -> Job {
+        let content = if text {
+            r#""text":{"body":"hi"}"#
+        } else {
+            r#""template":{"name":"t","language":"de"}"#
+        };
+        let purpose = match category {
+            "marketing" | "utility" => r#""purpose":"news","#,
+            _ => "",
+        };
+        let body = format!(
+            r#"{{"id":"x","account":"a","to":"{to}","category":"{category}",{purpose}{content}}}"#
+        );
+        Decoder::new(c).decode(body.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn the_estimate_follows_the_table_and_meta_s_free_cases() {
+        let (_d, c) = config();
+        let t = &c.prices;
+        let now: Timestamp = "2026-11-29T12:00:00Z".parse().unwrap();
+        let before: Timestamp = "2026-09-30T12:00:00Z".parse().unwrap();
+        let de = "+491701234567";
+        let m = job(&c, "marketing", de, false);
+        assert_eq!(estimate(t, &m, false, now), Some(Micros(113_100)));
+        assert_eq!(
+            estimate(t, &job(&c, "marketing", "+33612345678", false), false, now),
+            Some(Micros(59_200)),
+            "a market without its own row pays the default"
+        );
+        let u = job(&c, "utility", de, false);
+        assert_eq!(estimate(t, &u, false, now), Some(Micros(45_600)));
+        assert_eq!(
+            estimate(t, &u, true, before),
+            Some(Micros(0)),
+            "free in the window before October 2026"
+        );
+        assert_eq!(
+            estimate(t, &u, true, now),
+            Some(Micros(45_600)),
+            "charged since"
+        );
+        assert_eq!(
+            estimate(t, &job(&c, "service", de, true), true, now),
+            Some(Micros(0))
+        );
+        assert_eq!(
+            estimate(t, &job(&c, "authentication", de, false), false, now),
+            None,
+            "no price: unknown, not zero"
+        );
+    }
+
+    #[test]
+    fn the_guard_holds_back_marketing_once_the_budget_is_spent() {
+        let (_d, c) = config();
+        let spend = Spend::new(&c, Ledger::open_in_memory().unwrap());
+        let now: Timestamp = "2026-11-29T12:00:00Z".parse().unwrap();
+        let m = job(&c, "marketing", "+491701234567", false);
+        let u = job(&c, "utility", "+491701234567", false);
+        assert!(spend.check(&m, now).is_ok());
+        spend.add("a", Micros(113_100), now);
+        spend.add("a", Micros(113_100), now);
+        assert!(spend.check(&m, now).is_ok(), "0.2262 < 0.30");
+        spend.add("a", Micros(113_100), now);
+        assert_eq!(spend.check(&m, now), Err(BUDGET_RECHECK));
+        assert!(spend.check(&u, now).is_ok(), "utility is not guarded");
+        // A day later the spend has aged out.
+        let later = now + std::time::Duration::from_secs(86_400);
+        assert!(spend.check(&m, later).is_ok());
+        assert_eq!(spend.rolling("a", later), Some(Micros(0)));
+    }
+
+    #[test]
+    fn the_rolling_day_sums_exactly_the_last_1440_minutes() {
+        let mut r = Ring::new();
+        r.add(100, 5);
+        r.add(100, 5);
+        r.add(700, 20);
+        assert_eq!(r.total(700), 30);
+        assert_eq!(r.total(100 + 1439), 30);
+        assert_eq!(r.total(100 + 1440), 20, "minute 100 left the day");
+        // Wrapping around the ring overwrites the old slot.
+        r.add(100 + 1440, 1);
+        assert_eq!(r.total(100 + 1440), 21);
+    }
+
+    #[test]
+    fn the_budget_frees_when_enough_spend_ages_out() {
+        let mut r = Ring::new();
+        r.add(0, 60);
+        r.add(10, 30);
+        r.add(20, 10);
+        // Budget 90 at minute 30 (spent 100): dropping minute 0 leaves 40 < 90.
+        assert_eq!(r.frees_at(30, 90), 1440);
+        // Budget 20: needs minutes 0 and 10 gone (10 left).
+        assert_eq!(r.frees_at(30, 20), 10 + 1440);
+    }
+}
