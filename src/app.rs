@@ -68,10 +68,18 @@ pub struct RunningApp {
     pub sandbox: Option<(SocketAddr, SandboxHandle)>,
     pub readiness: Arc<Readiness>,
     pub ledger: Ledger,
+    /// For the status line: how many accounts are paused.
+    pipeline: Arc<Pipeline>,
     join: JoinHandle<Result<(), AppError>>,
 }
 
 impl RunningApp {
+    /// How many accounts are paused now, as a function the status line can call later.
+    pub fn paused_accounts(&self) -> impl Fn() -> usize + Send + Sync + 'static {
+        let p = self.pipeline.clone();
+        move || p.accounts.paused_count()
+    }
+
     /// Resolves when the daemon has stopped (after `shutdown` or a fatal broker problem).
     pub async fn wait(self) -> Result<(), AppError> {
         match self.join.await {
@@ -279,7 +287,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     applier.limits = Some(limits.clone());
     let names = Names::new(config.broker.shard);
     let worker = Arc::new(Worker::new(
-        pipeline,
+        pipeline.clone(),
         Decoder::new(&config),
         applier,
         (flow, EventDecoder::new(&config)),
@@ -380,6 +388,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         sandbox,
         readiness,
         ledger,
+        pipeline,
         join,
     })
 }

@@ -17,7 +17,9 @@
 //!   as a whole before anything binds (bad config: exit 64).
 //! - [`job`]: the job as upstream sends it, the validated job, and the [`job::Outcome`] that
 //!   decides the ack, the outcome event and the metric.
-//! - [`pipeline`]: `process(job) -> Outcome`, one file per stage in data-path order.
+//! - [`pipeline`]: `process(job) -> Outcome`, one file per stage in data-path order, with the
+//!   limits (`pipeline::limits`: throughput, pacing, tiers, caps, quiet hours) and the cost
+//!   estimate and spend guard (`pipeline::spend`).
 //! - [`consent`]: the consent rule (`decide`), the in-memory cache every job is checked
 //!   against, the history kept as proof, STOP/START/YES in conversation, the GDPR tools.
 //! - [`amqp`]: the broker edge: topology, consuming with reconnect, confirmed publishing.
@@ -25,7 +27,9 @@
 //!   classifier, and the built-in sandbox that stands in for Meta.
 //! - [`store`]: the embedded redb store (the idempotency ledger, consent, webhook state).
 //! - [`http`]: the admin listener (`/metrics`, `/healthz`, `/readyz`).
-//! - [`metrics`]: every metric name and its description, in one place.
+//! - [`metrics`]: every metric name and its description, in one place; [`health`]: whether the
+//!   pipeline makes progress, fed by the same calls.
+//! - [`notify`]: systemd's notify protocol: READY, STATUS, STOPPING and the watchdog.
 //! - [`app`]: wiring: tasks, readiness, shutdown order.
 //! - [`publish`]: the `sendwell publish` tool for upstream developers.
 
@@ -35,9 +39,11 @@ pub mod clock;
 pub mod cloud_api;
 pub mod config;
 pub mod consent;
+pub mod health;
 pub mod http;
 pub mod job;
 pub mod metrics;
+pub mod notify;
 pub mod pipeline;
 pub mod pricing;
 pub mod privacy;

@@ -286,6 +286,7 @@ fn handle_signals(shutdown: CancellationToken) {
                 tracing::info!(
                     "Shutting down: no new jobs; finishing those in flight (signal again to exit at once)."
                 );
+                sendwell::notify::stopping();
                 shutdown.cancel();
             } else {
                 tracing::warn!("Second signal: exiting now; unfinished jobs stay unacked.");
@@ -303,7 +304,7 @@ async fn run(path: PathBuf) -> i32 {
     init_logging(&config.log.filter, config.log.format);
     let shutdown = CancellationToken::new();
     handle_signals(shutdown.clone());
-    let app = match sendwell::app::start(config, shutdown).await {
+    let app = match sendwell::app::start(config, shutdown.clone()).await {
         Ok(a) => a,
         Err(e) => {
             tracing::error!(error = %e, "sendwell cannot start.");
@@ -311,6 +312,13 @@ async fn run(path: PathBuf) -> i32 {
             return e.exit_code();
         }
     };
+    // systemd: READY=1 once the broker topology is declared and the state loaded, then the
+    // status line and the watchdog.
+    tokio::spawn(sendwell::notify::run(
+        app.readiness.clone(),
+        app.paused_accounts(),
+        shutdown,
+    ));
     match app.wait().await {
         Ok(()) => {
             tracing::info!("sendwell stopped.");

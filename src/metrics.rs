@@ -222,7 +222,10 @@ pub fn describe() {
         ACCOUNT_PAUSED,
         "1 while an account is paused because the Cloud API refuses it."
     );
-    describe_counter!(ACCOUNT_PAUSES, "Times an account was paused, by reason.");
+    describe_counter!(
+        ACCOUNT_PAUSES,
+        "Times an account was paused, by account (the reason, Meta's text, is in the log line)."
+    );
     describe_counter!(
         WEBHOOK_REQUESTS,
         "Webhook POSTs, by result (ok, unsigned, forged, malformed, unavailable)."
@@ -401,6 +404,9 @@ pub fn spend_guard(account: &str, active: bool) {
 }
 
 pub fn queue_messages(queue: &'static str, ready: u32) {
+    if queue == "jobs" {
+        crate::health::queue_ready(ready);
+    }
     gauge!(QUEUE_MESSAGES, "queue" => queue).set(ready as f64);
 }
 
@@ -409,14 +415,17 @@ pub fn account_update(event: &str) {
 }
 
 pub fn job_received() {
+    crate::health::progressed();
     counter!(JOBS_RECEIVED).increment(1);
 }
 
 pub fn job_finished(account: &str, status: &'static str, reason: Option<&'static str>) {
+    crate::health::finished();
     counter!(JOBS_FINISHED, "account" => account.to_string(), "status" => status, "reason" => reason.unwrap_or("")).increment(1);
 }
 
 pub fn job_deferred(account: &str, reason: &'static str) {
+    crate::health::progressed();
     counter!(JOBS_DEFERRED, "account" => account.to_string(), "reason" => reason).increment(1);
 }
 
@@ -425,6 +434,7 @@ pub fn dead_lettered(reason: &'static str) {
 }
 
 pub fn in_flight(delta: f64) {
+    crate::health::in_flight(delta as i64);
     gauge!(JOBS_IN_FLIGHT).increment(delta);
 }
 
@@ -441,6 +451,7 @@ pub fn api_retry(account: &str, class: &'static str) {
 }
 
 pub fn broker_connected(up: bool) {
+    crate::health::connected(up);
     gauge!(BROKER_CONNECTED).set(if up { 1.0 } else { 0.0 });
 }
 

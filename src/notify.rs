@@ -1,0 +1,79 @@
+//! systemd's notify protocol (`Type=notify`), through the `sd-notify` crate (pure Rust, no
+//! libsystemd; a no-op without `$NOTIFY_SOCKET`, so the daemon runs the same outside systemd):
+//! `READY=1` once the config is valid, the state loaded and the topology declared; `STATUS=`
+//! with a one-line summary; `STOPPING=1` at shutdown; `WATCHDOG=1` every half `WatchdogSec`,
+//! but only while [`crate::health::making_progress`] says the pipeline moves or is idle — a
+//! wedged daemon stops pinging and systemd restarts it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+use tokio_util::sync::CancellationToken;
+
+use crate::http::Readiness;
+
+fn send(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!(error = %e, "Cannot notify the service manager.");
+    }
+}
+
+/// Shutting down (the first signal).
+pub fn stopping() {
+    send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+}
+
+/// Waits until the daemon is ready, says so, then keeps the status line and the watchdog
+/// going until shutdown.
+pub async fn run(readiness: Arc<Readiness>, paused: impl Fn() -> usize, stop: CancellationToken) {
+    loop {
+        if readiness.is_ready() {
+            break;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+    send(&[NotifyState::Ready, NotifyState::Status("ready")]);
+    let watchdog = sd_notify::watchdog_enabled();
+    // Ping at half the timeout, as sd_watchdog_enabled(3) advises; the status line at most
+    // every 5 s.
+    let every = watchdog
+        .map(|w| (w / 2).min(Duration::from_secs(5)))
+        .unwrap_or(Duration::from_secs(5));
+    let mut tick = tokio::time::interval(every);
+    let mut last = (std::time::Instant::now(), crate::health::finished_total());
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let (t, n) = (std::time::Instant::now(), crate::health::finished_total());
+        let rate = (n - last.1) as f64 / t.duration_since(last.0).as_secs_f64().max(0.001);
+        last = (t, n);
+        let status = format!(
+            "{rate:.1} jobs/s, {} in flight, {} paused accounts, broker {}",
+            crate::health::in_flight_now(),
+            paused(),
+            if readiness.is_ready() {
+                "connected"
+            } else {
+                "reconnecting"
+            }
+        );
+        match watchdog {
+            Some(w) if crate::health::making_progress(w) => {
+                send(&[NotifyState::Watchdog, NotifyState::Status(&status)]);
+            }
+            Some(_) => {
+                tracing::error!(
+                    "No progress with jobs waiting: withholding the watchdog ping so systemd restarts the daemon."
+                );
+                send(&[NotifyState::Status(&format!("wedged: {status}"))]);
+            }
+            None => send(&[NotifyState::Status(&status)]),
+        }
+    }
+}
