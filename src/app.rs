@@ -68,9 +68,92 @@ pub struct RunningApp {
     pub sandbox: Option<(SocketAddr, SandboxHandle)>,
     pub readiness: Arc<Readiness>,
     pub ledger: Ledger,
-    /// For the status line: how many accounts are paused.
+    /// For the status line (paused accounts) and for reloads.
     pipeline: Arc<Pipeline>,
+    /// The config running now, to tell what a reload changes.
+    config: Arc<std::sync::Mutex<Config>>,
     join: JoinHandle<Result<(), AppError>>,
+}
+
+/// Applies a reloaded config to a running daemon (SIGHUP); cheap to clone.
+#[derive(Clone)]
+pub struct Reloader {
+    pipeline: Arc<Pipeline>,
+    config: Arc<std::sync::Mutex<Config>>,
+}
+
+impl RunningApp {
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            pipeline: self.pipeline.clone(),
+            config: self.config.clone(),
+        }
+    }
+}
+
+impl Reloader {
+    /// Applies what can change safely in a running daemon (SIGHUP): each account's
+    /// `messages_per_second` and `burst`. Everything else that differs is named in the log as
+    /// needing a restart; nothing in flight is dropped.
+    pub fn reload(&self, new: Config) {
+        let mut current = self.config.lock().unwrap_or_else(|e| e.into_inner());
+        let applied = self.pipeline.limits.reload(&new);
+        let mut restart = Vec::new();
+        let same =
+            |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
+        for (name, differs) in [
+            ("broker", !same(&current.broker, &new.broker)),
+            ("state", !same(&current.state, &new.state)),
+            ("cloud_api", !same(&current.cloud_api, &new.cloud_api)),
+            ("sandbox", !same(&current.sandbox, &new.sandbox)),
+            ("retry", !same(&current.retry, &new.retry)),
+            ("admin", !same(&current.admin, &new.admin)),
+            ("log", !same(&current.log, &new.log)),
+            ("webhook", !same(&current.webhook, &new.webhook)),
+            ("consent", !same(&current.consent, &new.consent)),
+            ("purposes", !same(&current.purposes, &new.purposes)),
+            ("prices", !same(&current.prices, &new.prices)),
+            (
+                "caps, portfolios, limits",
+                !same(&current.limits, &new.limits),
+            ),
+        ] {
+            if differs {
+                restart.push(name.to_string());
+            }
+        }
+        let names = |c: &Config| {
+            c.accounts
+                .iter()
+                .map(|a| a.name.to_string())
+                .collect::<Vec<_>>()
+        };
+        if names(&current) != names(&new) {
+            restart.push("accounts (added or removed)".into());
+        }
+        for (old, a) in current.accounts.iter().zip(&new.accounts) {
+            let mut o = old.clone();
+            o.messages_per_second = a.messages_per_second;
+            o.burst = a.burst;
+            if o.name == a.name && !same(&o, a) {
+                restart.push(format!(
+                    "accounts.{} (other than messages_per_second, burst)",
+                    a.name
+                ));
+            }
+        }
+        tracing::info!(applied = %applied.join(", "), "Config reloaded: account rates applied.");
+        if !restart.is_empty() {
+            tracing::warn!(keys = %restart.join("; "), "These changed settings take effect only after a restart.");
+        }
+        // Only the rates were applied: that is all that changed in the running config.
+        for (c, n) in current.accounts.iter_mut().zip(&new.accounts) {
+            if c.name == n.name {
+                c.messages_per_second = n.messages_per_second;
+                c.burst = n.burst;
+            }
+        }
+    }
 }
 
 impl RunningApp {
@@ -130,6 +213,7 @@ pub fn metrics_handle() -> PrometheusHandle {
 
 /// Starts everything; returns once listeners are bound and the state is open.
 pub async fn start(config: Config, shutdown: CancellationToken) -> Result<RunningApp, AppError> {
+    let running_config = config.clone();
     crate::privacy::set_masking(config.log.mask_numbers);
     let metrics = metrics_handle();
     let readiness = Arc::new(Readiness::default());
@@ -389,6 +473,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         readiness,
         ledger,
         pipeline,
+        config: Arc::new(std::sync::Mutex::new(running_config)),
         join,
     })
 }

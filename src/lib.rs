@@ -44,6 +44,7 @@ pub mod http;
 pub mod job;
 pub mod metrics;
 pub mod notify;
+pub mod ops;
 pub mod pipeline;
 pub mod pricing;
 pub mod privacy;

@@ -60,6 +60,32 @@ Exit codes: 0 done, 64 bad usage or config, 65 rejected rows (the valid ones are
 writable, 75 erasure published but not applied by the daemon within 30 s."
     )]
     Consent(ConsentCommand),
+    /// Dead letters: list what is in sendwell.dead, replay jobs to sendwell.jobs.
+    #[command(
+        subcommand,
+        long_about = "Dead letters: list what is in sendwell.dead, replay jobs to sendwell.jobs.\n\n\
+Both take messages with manual acks and give back what they do not move: nothing leaves the \
+queue except a job replayed and confirmed by the broker. Given-back messages may change their \
+order. Numbers are always shown masked.\n\n\
+Exit codes: 0 done, 64 bad usage or config, 69 broker unreachable (or sendwell.dead not \
+declared yet), 74 output not writable, 75 some replayed jobs were not confirmed (they stay \
+dead: run again)."
+    )]
+    Dead(DeadCommand),
+    /// Back up or restore the state store (state.redb) of a stopped daemon.
+    #[command(
+        subcommand,
+        long_about = "Back up or restore the state store (state.redb in state.dir) of a \
+stopped daemon: the idempotency ledger, consent proofs, webhook and limit state.\n\n\
+A backup holds personal data (consent proofs: numbers, sources, evidence): it is written \
+with mode 0600; store and transfer it protected, and delete it when no longer needed (an \
+erasure does not reach backups).\n\n\
+The daemon holds the store while it runs: stop it first (systemctl stop sendwell, or \
+sendwell@N for a shard).\n\n\
+Exit codes: 0 done, 64 bad usage or config, 65 the file is not a sendwell store, 66 input \
+not readable, 73 state store problem, 74 output not writable, 75 the daemon is running."
+    )]
+    State(StateCommand),
 }
 
 #[derive(Subcommand)]
@@ -144,6 +170,85 @@ event, so that other instances (other shards, other state directories) forget th
     },
 }
 
+#[derive(Subcommand)]
+enum DeadCommand {
+    /// Show dead-lettered messages (reason, origin, x-death, job id, account, masked number,
+    /// size) and leave them in the queue.
+    #[command(
+        long_about = "Show dead-lettered messages and leave them in the queue.\n\n\
+Per message: the reason (x-sendwell-reason or the broker's x-death reason), the exchange and \
+routing key it came with, the x-death history, the job id, account, category and masked \
+number when the body is a job, its size, and whether `dead replay` would take it.\n\n\
+Messages are taken with manual acks and given back with basic.nack(requeue); one whose \
+x-delivery-count has reached 5 is given back as a fresh copy at the tail instead (confirmed, \
+then the old one acked), because a quorum queue's delivery limit (20 by default on RabbitMQ \
+4) would otherwise drop it after repeated listings."
+    )]
+    List {
+        /// Show at most this many (from the head of the queue).
+        #[arg(long, short = 'n', default_value_t = sendwell::ops::DEFAULT_LIST_LIMIT)]
+        limit: usize,
+        #[arg(long, value_enum, default_value_t = sendwell::ops::ListFormat::Text)]
+        format: sendwell::ops::ListFormat,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Move dead-lettered jobs back to sendwell.jobs, to be processed again.
+    #[command(
+        long_about = "Move dead-lettered jobs back to sendwell.jobs, to be processed \
+again.\n\n\
+Each matching job is republished with its recipient's digits as routing key (the shard is \
+picked as for upstream's jobs), with a publisher confirm; its dead copy is acked only after \
+the confirm, so a failure leaves it dead, at worst duplicated, and the ledger sends a job id \
+at most once.\n\n\
+Replay is for jobs that never got an outcome: those the broker dead-lettered after the \
+delivery limit (a job that kept failing to settle, e.g. while the state store failed). A job \
+dead-lettered as invalid already has its final `invalid` outcome: a replay would only answer \
+`duplicate`, so it is left in the queue; publish the fixed job under a new id. Bodies that \
+are not jobs, and webhook or consent messages, are left too. Everything else goes back \
+unchanged (order may change).\n\n\
+Prints each message left with why, then: replayed, skipped (not matching), left."
+    )]
+    Replay {
+        /// Only messages with this reason code (as `dead list` shows it, e.g. delivery_limit).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Only the job with this id.
+        #[arg(long)]
+        id: Option<String>,
+        /// Replay at most this many jobs.
+        #[arg(long, short = 'n')]
+        limit: Option<usize>,
+        /// Say what would be replayed; move nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+#[derive(Subcommand)]
+enum StateCommand {
+    /// Write a verified copy of a stopped daemon's state.redb (mode 0600: it holds personal
+    /// data).
+    Backup {
+        /// The backup file (replaced whole, or left as it was).
+        #[arg(long)]
+        to: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Put a backup in place of a stopped daemon's state.redb (the old one is kept as
+    /// state.redb.before-restore).
+    Restore {
+        /// A file written by `sendwell state backup`.
+        #[arg(long)]
+        from: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
 #[derive(Args)]
 struct TailArgs {
     /// Broker URL.
@@ -214,6 +319,8 @@ fn main() -> ExitCode {
             Command::Sandbox(args) => sandbox(args).await,
             Command::Publish(args) => publish(args).await,
             Command::Consent(c) => consent(c).await,
+            Command::Dead(c) => dead(c).await,
+            Command::State(c) => state(c),
             Command::Tail(a) => {
                 match sendwell::publish::tail_outcomes(
                     &a.url,
@@ -296,6 +403,29 @@ fn handle_signals(shutdown: CancellationToken) {
     });
 }
 
+/// SIGHUP: read the config file again; a valid one is applied as far as it safely can be
+/// (see `RunningApp::reload`), an invalid one is refused with its problems and the daemon
+/// keeps running on the old one.
+fn reload_on_sighup(app: sendwell::app::Reloader, path: PathBuf) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::error!("Cannot install the SIGHUP handler.");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
+            match Config::load(&path) {
+                Ok(config) => app.reload(config),
+                Err(e) => {
+                    tracing::error!(problems = %e, "Reload refused: the config file is invalid; still running on the previous one.")
+                }
+            }
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        }
+    });
+}
+
 async fn run(path: PathBuf) -> i32 {
     let config = match load(&path) {
         Ok(c) => c,
@@ -312,6 +442,7 @@ async fn run(path: PathBuf) -> i32 {
             return e.exit_code();
         }
     };
+    reload_on_sighup(app.reloader(), path.clone());
     // systemd: READY=1 once the broker topology is declared and the state loaded, then the
     // status line and the watchdog.
     tokio::spawn(sendwell::notify::run(
@@ -475,4 +606,71 @@ async fn consent(cmd: ConsentCommand) -> i32 {
         eprintln!("sendwell consent: {e}");
         e.exit_code()
     })
+}
+
+async fn dead(cmd: DeadCommand) -> i32 {
+    let (DeadCommand::List { config, .. } | DeadCommand::Replay { config, .. }) = &cmd;
+    let config = match load(&config.config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let result = match cmd {
+        DeadCommand::List { limit, format, .. } => {
+            sendwell::ops::dead_list(&config, limit, format, &mut std::io::stdout().lock())
+                .await
+                .map(|r| {
+                    // Keep standard output JSON lines only.
+                    match format {
+                        sendwell::ops::ListFormat::Text => println!("{r}"),
+                        sendwell::ops::ListFormat::Jsonl => eprintln!("{r}"),
+                    }
+                    0
+                })
+        }
+        DeadCommand::Replay {
+            reason,
+            id,
+            limit,
+            dry_run,
+            ..
+        } => {
+            let filter = sendwell::ops::ReplayFilter {
+                reason,
+                id,
+                limit,
+                dry_run,
+            };
+            sendwell::ops::dead_replay(&config, &filter).await.map(|r| {
+                print!("{r}");
+                r.exit_code()
+            })
+        }
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("sendwell dead: {e}");
+        e.exit_code()
+    })
+}
+
+fn state(cmd: StateCommand) -> i32 {
+    let (StateCommand::Backup { config, .. } | StateCommand::Restore { config, .. }) = &cmd;
+    let config = match load(&config.config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let result = match cmd {
+        StateCommand::Backup { to, .. } => {
+            sendwell::ops::state_backup(&config, &to).map(|r| print!("{r}"))
+        }
+        StateCommand::Restore { from, .. } => {
+            sendwell::ops::state_restore(&config, &from).map(|r| print!("{r}"))
+        }
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("sendwell state: {e}");
+            e.exit_code()
+        }
+    }
 }

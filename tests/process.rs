@@ -473,3 +473,81 @@ async fn jobs_sent_to_the_sandbox_come_back_delivered_and_read_and_billed_as_the
         Some(0)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_a_new_rate_limit_to_a_running_daemon() {
+    let env = TestEnv::new(&AppOptions::default()).await;
+    let admin = free_port();
+    let mut daemon = spawn_daemon_with(&env, &[("SENDWELL_ADMIN__LISTEN", admin.as_str())]);
+    wait_consuming(&env).await;
+    let rate = async |admin: &str| {
+        let m = reqwest::get(format!("http://{admin}/metrics"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        Some(metric(
+            &m,
+            "sendwell_account_rate_messages_per_second{account=\"acme-de\"}",
+        ))
+    };
+    assert_eq!(rate(&admin).await, Some(1000.0));
+    let original = std::fs::read_to_string(&env.config_path).unwrap();
+    assert!(original.contains("messages_per_second = 1000"));
+
+    // An invalid file is refused; the daemon keeps running on the old config.
+    std::fs::write(&env.config_path, "[broker]\nprefetch = 0\n").unwrap();
+    signal(&daemon, "HUP");
+    // Then a valid one with a new rate: applied without a restart.
+    std::fs::write(
+        &env.config_path,
+        original.replace("messages_per_second = 1000", "messages_per_second = 5"),
+    )
+    .unwrap();
+    signal(&daemon, "HUP");
+    wait_for("the new rate", Duration::from_secs(10), async || {
+        (rate(&admin).await == Some(5.0)).then_some(())
+    })
+    .await;
+    assert_eq!(daemon.try_wait().unwrap(), None, "still the same process");
+
+    // And it is enforced: 20 calls at 5/s (default burst 2) at the sandbox.
+    let jobs: Vec<serde_json::Value> = (0..20)
+        .map(|i| {
+            serde_json::json!({
+                "id": format!("hup-{i}"),
+                "account": "acme-de",
+                "to": number(3000 + i),
+                "category": "authentication",
+                "template": { "name": "otp", "language": "en", "components": [] }
+            })
+        })
+        .collect();
+    env.publish(&jobs).await;
+    let ids: Vec<String> = (0..20).map(|i| format!("hup-{i}")).collect();
+    env.final_outcomes(&ids, Duration::from_secs(30)).await;
+    let mut at: Vec<u64> = env
+        .sandbox
+        .accepted()
+        .iter()
+        .filter(|r| {
+            r.callback_data
+                .as_deref()
+                .is_some_and(|id| id.starts_with("hup-"))
+        })
+        .map(|r| r.at_ms)
+        .collect();
+    at.sort_unstable();
+    assert_eq!(at.len(), 20);
+    let span = at[19] - at[0];
+    assert!(span >= 3_000, "20 calls at 5/s took only {span} ms");
+    let peak = (0..at.len())
+        .map(|i| at[i..].iter().take_while(|&&t| t < at[i] + 1000).count())
+        .max()
+        .unwrap();
+    assert!(peak <= 5 + 2, "{peak} calls in one second");
+    signal(&daemon, "TERM");
+    let status = wait_exit(&mut daemon, Duration::from_secs(20)).await;
+    assert_eq!(status.code(), Some(0));
+}

@@ -233,6 +233,23 @@ impl Limits {
         })
     }
 
+    /// Applies a reloaded config's account rates and bursts (SIGHUP); returns the accounts
+    /// whose rate changed. Other limit settings need a restart (the caller says so).
+    pub fn reload(&self, config: &Config) -> Vec<String> {
+        let mut changed = Vec::new();
+        for a in &config.accounts {
+            let Some(l) = self.accounts.get(&a.name) else {
+                continue;
+            };
+            if l.throughput.rate() != a.messages_per_second {
+                changed.push(format!("{}: {} msgs/s", a.name, a.messages_per_second));
+            }
+            l.throughput
+                .reconfigure(a.messages_per_second, a.burst, config.limits.arrival_jitter);
+        }
+        changed
+    }
+
     /// Loads what must survive a restart: cap logs, tier counts, per-user blocks.
     pub fn load(&self, ledger: &Ledger, now: Timestamp) -> Result<(), LedgerError> {
         let caps = self.caps.load(ledger, now)?;

@@ -61,10 +61,10 @@ pub struct Throughput {
     /// For metrics and logs.
     account: Arc<str>,
     /// What the config allows; the adaptive rate never goes above it.
-    configured: u32,
+    configured: AtomicU32,
     /// Cells that may pass the gate at once after a quiet spell (the configured burst less the
     /// reserve for arrival jitter).
-    burst: u32,
+    burst: AtomicU32,
     /// After a 130429, how long without another one before the rate steps back up.
     recover_after: Duration,
     /// The rate the limiter below enforces now (msgs/s).
@@ -95,14 +95,27 @@ impl Throughput {
         Self {
             limiter: RwLock::new(Arc::new(build(configured, burst, clock))),
             account,
-            configured,
-            burst,
+            configured: AtomicU32::new(configured),
+            burst: AtomicU32::new(burst),
             recover_after,
             rate: AtomicU32::new(configured),
             gate: tokio::sync::Mutex::new(()),
             last_change: Mutex::new(Changes::default()),
             clock,
         }
+    }
+
+    fn configured(&self) -> u32 {
+        self.configured.load(Ordering::Relaxed)
+    }
+
+    /// A new configured rate and burst (SIGHUP): takes effect at once, for the next cells.
+    pub fn reconfigure(&self, rate: u32, burst: u32, arrival_jitter: Duration) {
+        let rate = rate.max(1);
+        self.configured.store(rate, Ordering::Relaxed);
+        self.burst
+            .store(gate_burst(rate, burst, arrival_jitter), Ordering::Relaxed);
+        self.set_rate(rate, false);
     }
 
     /// The rate enforced now.
@@ -192,7 +205,7 @@ impl Throughput {
     /// A tenth of the configured rate back for every `recover_after` without a 130429.
     fn maybe_recover(&self) {
         let current = self.rate();
-        if current >= self.configured {
+        if current >= self.configured() {
             return;
         }
         let now = Instant::now();
@@ -203,7 +216,7 @@ impl Throughput {
         {
             return;
         }
-        let next = (current + (self.configured / 10).max(1)).min(self.configured);
+        let next = (current + (self.configured() / 10).max(1)).min(self.configured());
         last.any = Some(now);
         self.set_rate(next, false);
         tracing::info!(account = %self.account, from = current, to = next, "Account rate recovering.");
@@ -212,7 +225,7 @@ impl Throughput {
     fn set_rate(&self, rate: u32, cut: bool) {
         self.rate.store(rate, Ordering::Relaxed);
         // A lower rate keeps the burst at most the rate, so a cut really lowers the 1 s peak.
-        let burst = self.burst.min(rate.max(2));
+        let burst = self.burst.load(Ordering::Relaxed).min(rate.max(2));
         let limiter = Arc::new(build(rate, burst, self.clock));
         if cut {
             // A new limiter starts with a full bucket; after a 130429 that burst must not go
