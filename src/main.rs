@@ -339,6 +339,12 @@ fn main() -> ExitCode {
             }
         }
     });
+    // Stop what is left of the tasks, so their store handles drop, and let the store's writer
+    // close the file: a file not closed cleanly must be repaired at the next start.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(10));
+    if !sendwell::store::wait_closed(std::time::Duration::from_secs(10)) {
+        eprintln!("sendwell: the state store did not close within 10 s");
+    }
     ExitCode::from(code as u8)
 }
 

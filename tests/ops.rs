@@ -451,3 +451,31 @@ async fn state_tools_refuse_a_store_in_use_and_a_file_that_is_no_store() {
     .await;
     assert_eq!(out.status.code(), Some(66), "{}", stderr(&out));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cli_tool_leaves_the_store_closed_cleanly() {
+    // The tools' store writer must close the file before the process exits; otherwise the
+    // next open (the daemon's start, a backup) has to repair it.
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = offline_config(dir.path(), "amqp://guest:guest@127.0.0.1:1/%2f");
+    let csv = dir.path().join("in.csv");
+    std::fs::write(
+        &csv,
+        format!(
+            "type,account,to,purposes,source,at,evidence\nopt_in,acme-de,{},newsletter,web,2026-11-29T08:00:00Z,box\n",
+            number(5)
+        ),
+    )
+    .unwrap();
+    let out = sendwell(&["consent", "import", csv.to_str().unwrap()], &config_path).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let backup = dir.path().join("b.redb");
+    let out = sendwell(
+        &["state", "backup", "--to", backup.to_str().unwrap()],
+        &config_path,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let all = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(!all.contains("not been closed cleanly"), "{all}");
+}

@@ -300,10 +300,14 @@ impl Ledger {
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let writer_db = db.clone();
+        *OPEN_WRITERS.0.lock().unwrap_or_else(|e| e.into_inner()) += 1;
         std::thread::Builder::new()
             .name("sendwell-ledger".into())
             .spawn(move || writer(writer_db, rx))
-            .map_err(|e| LedgerError::Store(format!("cannot start writer thread: {e}")))?;
+            .map_err(|e| {
+                *OPEN_WRITERS.0.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+                LedgerError::Store(format!("cannot start writer thread: {e}"))
+            })?;
         Ok(Ledger { db, tx })
     }
 
@@ -656,7 +660,33 @@ fn compact(db: &RwLock<Database>) -> Result<u64, LedgerError> {
     Ok(rounds)
 }
 
-fn writer(db: Arc<RwLock<Database>>, mut rx: mpsc::UnboundedReceiver<Request>) {
+/// Writer threads still running (each closes its database when it ends).
+static OPEN_WRITERS: (std::sync::Mutex<usize>, std::sync::Condvar) =
+    (std::sync::Mutex::new(0), std::sync::Condvar::new());
+
+/// Waits (at most `within`) until every store opened in this process is closed, i.e. all its
+/// handles are dropped and its writer has committed and closed the file. A process that exits
+/// without waiting leaves a file redb must repair at the next open (slow on a big store).
+pub fn wait_closed(within: Duration) -> bool {
+    let (lock, cvar) = &OPEN_WRITERS;
+    let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+    let (guard, _) = cvar
+        .wait_timeout_while(guard, within, |n| *n > 0)
+        .unwrap_or_else(|e| e.into_inner());
+    *guard == 0
+}
+
+/// Runs on the writer thread; `start` counted it in [`OPEN_WRITERS`] before spawning it.
+fn writer(db: Arc<RwLock<Database>>, rx: mpsc::UnboundedReceiver<Request>) {
+    write_loop(&db, rx);
+    // The last handle is gone: dropping the database here closes the file cleanly.
+    drop(db);
+    let (lock, cvar) = &OPEN_WRITERS;
+    *lock.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+    cvar.notify_all();
+}
+
+fn write_loop(db: &Arc<RwLock<Database>>, mut rx: mpsc::UnboundedReceiver<Request>) {
     let mut batch: Vec<Request> = Vec::with_capacity(1024);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
@@ -666,9 +696,9 @@ fn writer(db: Arc<RwLock<Database>>, mut rx: mpsc::UnboundedReceiver<Request>) {
                 Err(_) => break,
             }
         }
-        let mut result = apply(&db, &batch);
+        let mut result = apply(db, &batch);
         if batch.iter().any(|r| matches!(r.op, Op::Compact)) {
-            let c = compact(&db);
+            let c = compact(db);
             for (req, res) in batch.iter().zip(result.iter_mut()) {
                 if matches!(req.op, Op::Compact) && res.is_ok() {
                     *res = c

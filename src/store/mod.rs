@@ -3,4 +3,4 @@
 
 pub mod ledger;
 
-pub use ledger::{KvOp, KvRow, Ledger, LedgerEntry, LedgerError, LedgerState, Table};
+pub use ledger::{KvOp, KvRow, Ledger, LedgerEntry, LedgerError, LedgerState, Table, wait_closed};
