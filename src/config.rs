@@ -788,7 +788,18 @@ fn figment_problems(err: figment::Error) -> ConfigError {
     let problems = err
         .into_iter()
         .map(|e| {
-            let mut key = e.path.join(".");
+            // `accounts[0].name`, as validation names keys (figment says `accounts.0.name`).
+            let mut key = String::new();
+            for seg in &e.path {
+                if seg.parse::<usize>().is_ok() {
+                    key.push_str(&format!("[{seg}]"));
+                } else {
+                    if !key.is_empty() {
+                        key.push('.');
+                    }
+                    key.push_str(seg);
+                }
+            }
             if let figment::error::Kind::UnknownField(field, _) = &e.kind
                 && e.path.last().is_none_or(|l| l != field)
             {

@@ -204,6 +204,54 @@ fn a_bad_config_exits_64_naming_the_key() {
             assert!(err.contains(&format!("`{key}`")), "{cmd}: {err}");
         }
     }
+    // Every kind of mistake inside an account or a later section, named by its key.
+    let account_cases = [
+        (
+            "messages_per_second = 5000\n",
+            "accounts[0].messages_per_second",
+        ),
+        ("token_file = \"missing\"\n", "accounts[0].token_file"),
+        ("colour = \"blue\"\n", "accounts[0].colour"),
+        (
+            "pacing = { interval = \"2h\" }\n",
+            "accounts[0].pacing.interval",
+        ),
+        (
+            "quiet_hours = { start = \"25:00\", end = \"09:00\" }\n",
+            "accounts[0].quiet_hours.start",
+        ),
+        ("daily_budget = \"lots\"\n", "accounts[0].daily_budget"),
+        ("portfolio = \"nowhere\"\n", "accounts[0].portfolio"),
+        (
+            "[[caps]]\ncategory = \"marketing\"\nrules = [{ max = 99, per = \"1d\" }]\n",
+            "caps[0].rules[0].max",
+        ),
+        ("[webhook]\nenabled = true\n", "webhook.app_secret_file"),
+        ("[[purposes]]\nname = \"a b\"\n", "purposes[0].name"),
+        (
+            "[limits]\ncountry_zones = { US = \"Mars/Base\" }\n",
+            "limits.country_zones.US",
+        ),
+    ];
+    for (extra, key) in account_cases {
+        let p = dir.path().join("c.toml");
+        // A second token_file line would be a TOML error, not the case under test.
+        let account = if extra.starts_with("token_file") {
+            "[[accounts]]\nname = \"a\"\nphone_number_id = \"1\"\n".to_string()
+        } else {
+            "[[accounts]]\nname = \"a\"\nphone_number_id = \"1\"\ntoken_file = \"token\"\n"
+                .to_string()
+        };
+        std::fs::write(&p, format!("{account}{extra}")).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_sendwell"))
+            .args(["check-config"])
+            .arg(&p)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{extra}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&format!("`{key}`")), "{key}: {err}");
+    }
     // A secret never appears in check-config's output.
     let p = dir.path().join("ok.toml");
     std::fs::write(&p, "[broker]\nurl = \"amqp://u:hunter2@127.0.0.1:5672/%2f\"\n[[accounts]]\nname = \"a\"\nphone_number_id = \"1\"\ntoken_file = \"token\"\n").unwrap();
