@@ -373,10 +373,45 @@ fn init_logging(filter: &str, format: LogFormat) {
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.try_init(),
+    // Under systemd, stderr goes to the journal (`$JOURNAL_STREAM` is set): each line starts
+    // with its syslog priority (sd-daemon(3): `<3>` error … `<7>` debug), so `journalctl -p`
+    // filters it, and without a timestamp, which the journal adds.
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let _ = match (format, journal) {
+        (LogFormat::Json, _) => builder.json().try_init(),
+        (LogFormat::Text, true) => builder
+            .event_format(JournalPriority(
+                tracing_subscriber::fmt::format().without_time(),
+            ))
+            .try_init(),
+        (LogFormat::Text, false) => builder.try_init(),
     };
+}
+
+/// Prefixes each formatted line with its syslog priority for the journal.
+struct JournalPriority<F>(F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for JournalPriority<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let priority = match *event.metadata().level() {
+            tracing::Level::ERROR => 3,
+            tracing::Level::WARN => 4,
+            tracing::Level::INFO => 6,
+            _ => 7,
+        };
+        write!(writer, "<{priority}>")?;
+        self.0.format_event(ctx, writer, event)
+    }
 }
 
 /// First SIGTERM/SIGINT: graceful shutdown. Second: exit at once.

@@ -599,3 +599,62 @@ async fn sighup_applies_a_new_rate_limit_to_a_running_daemon() {
     let status = wait_exit(&mut daemon, Duration::from_secs(20)).await;
     assert_eq!(status.code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_the_journal_each_line_carries_its_syslog_priority() {
+    use std::io::BufRead;
+    let env = TestEnv::new(&AppOptions::default()).await;
+    // An unreachable broker: the daemon starts, logs at info, and warns while reconnecting.
+    let mut daemon = Daemon(
+        Command::new(env!("CARGO_BIN_EXE_sendwell"))
+            .env("JOURNAL_STREAM", "8:12345")
+            .env("SENDWELL_BROKER__URL", "amqp://guest:guest@127.0.0.1:1/%2f")
+            .args(["run", "--config"])
+            .arg(&env.config_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = daemon.0.stderr.take().unwrap();
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    let seen = lines.clone();
+    wait_for(
+        "an info line and a warning",
+        Duration::from_secs(20),
+        async || {
+            let l = seen.lock().unwrap();
+            (l.iter().any(|x| x.starts_with("<6>")) && l.iter().any(|x| x.starts_with("<4>")))
+                .then_some(())
+        },
+    )
+    .await;
+    let all = lines.lock().unwrap().clone();
+    for l in &all {
+        assert!(
+            ["<3>", "<4>", "<6>", "<7>"]
+                .iter()
+                .any(|p| l.starts_with(p)),
+            "every line has a priority: {l}"
+        );
+        // No timestamp of our own: the journal adds one.
+        assert!(!l[3..].trim_start().starts_with("20"), "{l}");
+    }
+    let warn = all.iter().find(|l| l.starts_with("<4>")).unwrap();
+    assert!(warn.contains("WARN"), "{warn}");
+    assert!(
+        !warn.contains("guest:guest"),
+        "no broker password in the log: {warn}"
+    );
+    signal(&daemon, "TERM");
+    wait_exit(&mut daemon, Duration::from_secs(20)).await;
+}
