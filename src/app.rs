@@ -93,11 +93,25 @@ impl RunningApp {
 
 impl Reloader {
     /// Applies what can change safely in a running daemon (SIGHUP): each account's
-    /// `messages_per_second` and `burst`. Everything else that differs is named in the log as
-    /// needing a restart; nothing in flight is dropped.
+    /// `messages_per_second`, `burst` and marketing footer, and the price table. Everything
+    /// else that differs is named in the log as needing a restart; nothing in flight is
+    /// dropped.
     pub fn reload(&self, new: Config) {
         let mut current = self.config.lock().unwrap_or_else(|e| e.into_inner());
-        let applied = self.pipeline.limits.reload(&new);
+        let mut applied = self.pipeline.limits.reload(&new);
+        if format!("{:?}", current.prices) != format!("{:?}", new.prices) {
+            self.pipeline.spend.shared_prices().set(new.prices.clone());
+            current.prices = new.prices.clone();
+            applied.push("prices".into());
+        }
+        for a in &new.accounts {
+            if let Some(rt) = self.pipeline.accounts.get(&a.name)
+                && rt.marketing_footer().as_deref() != a.consent.marketing_footer.as_deref()
+            {
+                rt.set_marketing_footer(a.consent.marketing_footer.as_deref());
+                applied.push(format!("{}: marketing_footer", a.name));
+            }
+        }
         let mut restart = Vec::new();
         let same =
             |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
@@ -112,7 +126,6 @@ impl Reloader {
             ("webhook", !same(&current.webhook, &new.webhook)),
             ("consent", !same(&current.consent, &new.consent)),
             ("purposes", !same(&current.purposes, &new.purposes)),
-            ("prices", !same(&current.prices, &new.prices)),
             (
                 "caps, portfolios, limits",
                 !same(&current.limits, &new.limits),
@@ -135,6 +148,7 @@ impl Reloader {
             let mut o = old.clone();
             o.messages_per_second = a.messages_per_second;
             o.burst = a.burst;
+            o.consent.marketing_footer = a.consent.marketing_footer.clone();
             if o.name == a.name && !same(&o, a) {
                 restart.push(format!(
                     "accounts.{} (other than messages_per_second, burst)",
@@ -142,15 +156,16 @@ impl Reloader {
                 ));
             }
         }
-        tracing::info!(applied = %applied.join(", "), "Config reloaded: account rates applied.");
+        tracing::info!(applied = %applied.join(", "), "Config reloaded: rates, footers and prices applied.");
         if !restart.is_empty() {
             tracing::warn!(keys = %restart.join("; "), "These changed settings take effect only after a restart.");
         }
-        // Only the rates were applied: that is all that changed in the running config.
+        // What was applied is now the running config; the rest still runs as before.
         for (c, n) in current.accounts.iter_mut().zip(&new.accounts) {
             if c.name == n.name {
                 c.messages_per_second = n.messages_per_second;
                 c.burst = n.burst;
+                c.consent.marketing_footer = n.consent.marketing_footer.clone();
             }
         }
     }
@@ -369,6 +384,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     let mut applier = Applier::new(&config, ledger.clone(), meta);
     applier.consent = Some(flow.clone());
     applier.limits = Some(limits.clone());
+    applier.prices = spend.shared_prices();
     let names = Names::new(config.broker.shard);
     let worker = Arc::new(Worker::new(
         pipeline.clone(),

@@ -234,6 +234,25 @@ impl PricesFile {
     }
 }
 
+/// The price table in use, replaceable while the daemon runs (SIGHUP): readers take the
+/// current table; a reload swaps it for the next reads.
+#[derive(Debug)]
+pub struct SharedPrices(std::sync::RwLock<std::sync::Arc<PriceTable>>);
+
+impl SharedPrices {
+    pub fn new(table: std::sync::Arc<PriceTable>) -> Self {
+        Self(std::sync::RwLock::new(table))
+    }
+
+    pub fn get(&self) -> std::sync::Arc<PriceTable> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set(&self, table: std::sync::Arc<PriceTable>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = table;
+    }
+}
+
 /// Validated rate card with a calling-code index; cheap to share behind an `Arc`.
 #[derive(Debug, Clone)]
 pub struct PriceTable {

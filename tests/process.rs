@@ -548,9 +548,11 @@ async fn sighup_applies_a_new_rate_limit_to_a_running_daemon() {
     std::fs::write(&env.config_path, "[broker]\nprefetch = 0\n").unwrap();
     signal(&daemon, "HUP");
     // Then a valid one with a new rate: applied without a restart.
+    // ... and a price table, which applies too.
     std::fs::write(
         &env.config_path,
-        original.replace("messages_per_second = 1000", "messages_per_second = 5"),
+        original.replace("messages_per_second = 1000", "messages_per_second = 5")
+            + "\n[prices]\ncurrency = \"EUR\"\n[prices.default]\nauthentication = \"0.0456\"\n",
     )
     .unwrap();
     signal(&daemon, "HUP");
@@ -574,7 +576,14 @@ async fn sighup_applies_a_new_rate_limit_to_a_running_daemon() {
         .collect();
     env.publish(&jobs).await;
     let ids: Vec<String> = (0..20).map(|i| format!("hup-{i}")).collect();
-    env.final_outcomes(&ids, Duration::from_secs(30)).await;
+    let finals = env.final_outcomes(&ids, Duration::from_secs(30)).await;
+    for id in &ids {
+        assert_eq!(
+            finals[id][0]["estimated_cost"],
+            serde_json::json!({ "amount": "0.0456", "currency": "EUR" }),
+            "the reloaded price table prices {id}"
+        );
+    }
     let mut at: Vec<u64> = env
         .sandbox
         .accepted()

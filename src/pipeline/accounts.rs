@@ -27,6 +27,8 @@ pub struct AccountRuntime {
     /// Replaced when the token file changes (rotation) while paused.
     token: RwLock<Secret>,
     pause: Mutex<Option<Pause>>,
+    /// Appended to marketing text; replaceable on reload (SIGHUP).
+    footer: RwLock<Option<Arc<str>>>,
 }
 
 /// Whether a job of this account may call the API now.
@@ -56,6 +58,9 @@ impl Accounts {
                             config: a.clone(),
                             token: RwLock::new(a.token.clone()),
                             pause: Mutex::new(None),
+                            footer: RwLock::new(
+                                a.consent.marketing_footer.as_deref().map(Arc::from),
+                            ),
                         }),
                     )
                 })
@@ -78,6 +83,17 @@ impl Accounts {
 }
 
 impl AccountRuntime {
+    pub fn marketing_footer(&self) -> Option<Arc<str>> {
+        self.footer
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn set_marketing_footer(&self, footer: Option<&str>) {
+        *self.footer.write().unwrap_or_else(|e| e.into_inner()) = footer.map(Arc::from);
+    }
+
     pub fn token(&self) -> Secret {
         self.token.read().unwrap_or_else(|e| e.into_inner()).clone()
     }

@@ -176,12 +176,10 @@ impl Pipeline {
             return Disposition::Abandon;
         };
         let footer = match (&job.content, job.category) {
-            (Content::Text(_), Category::Marketing) => {
-                account.config.consent.marketing_footer.as_deref()
-            }
+            (Content::Text(_), Category::Marketing) => account.marketing_footer(),
             _ => None,
         };
-        let body = request::build_body(job, footer);
+        let body = request::build_body(job, footer.as_deref());
         // A template outside the customer's service window opens a business-initiated
         // conversation: it counts toward the portfolio's daily tier.
         let counts_for_tier = matches!(job.content, Content::Template(_))
@@ -266,18 +264,15 @@ impl Pipeline {
                     self.limits.sent(job);
                     account.resume();
                     let now = self.clock.now();
-                    let estimated_cost = spend::estimate(
-                        self.spend.prices(),
-                        job,
-                        self.in_service_window(job, now),
-                        now,
-                    );
+                    let prices = self.spend.prices();
+                    let estimated_cost =
+                        spend::estimate(&prices, job, self.in_service_window(job, now), now);
                     if let Some(cost) = estimated_cost {
                         crate::metrics::estimated_cost(
                             &job.account,
                             job.category.as_str(),
                             job.to.region(),
-                            self.spend.prices().currency(),
+                            prices.currency(),
                             cost.0,
                         );
                         self.spend.add(&job.account, cost, now);

@@ -113,7 +113,8 @@ struct Account {
 
 /// Spend per account and the guard.
 pub struct Spend {
-    prices: Arc<PriceTable>,
+    /// Shared with the webhook applier (billed cost) and replaced on reload.
+    prices: Arc<crate::pricing::SharedPrices>,
     /// Where each minute's spend is remembered.
     ledger: Ledger,
     accounts: HashMap<Arc<str>, Account>,
@@ -140,14 +141,20 @@ impl Spend {
             })
             .collect();
         Self {
-            prices: config.prices.clone(),
+            prices: Arc::new(crate::pricing::SharedPrices::new(config.prices.clone())),
             ledger,
             accounts,
         }
     }
 
-    pub fn prices(&self) -> &PriceTable {
-        &self.prices
+    /// The price table in use now.
+    pub fn prices(&self) -> Arc<PriceTable> {
+        self.prices.get()
+    }
+
+    /// The replaceable handle, for the webhook applier and reloads.
+    pub fn shared_prices(&self) -> Arc<crate::pricing::SharedPrices> {
+        self.prices.clone()
     }
 
     /// Loads the last 24 hours of spend.
@@ -233,7 +240,7 @@ impl Spend {
             return;
         };
         let total = lock(&a.ring).total(minute_of(now));
-        crate::metrics::spend(account, self.prices.currency(), total);
+        crate::metrics::spend(account, self.prices.get().currency(), total);
         let Some(budget) = a.budget else {
             return;
         };
@@ -249,7 +256,8 @@ impl Spend {
         if level > *last {
             let spent = Micros(total).to_decimal_string();
             let of = Micros(budget).to_decimal_string();
-            let currency = self.prices.currency();
+            let prices = self.prices.get();
+            let currency = prices.currency();
             if level == 2 {
                 tracing::error!(account, spent = %spent, budget = %of, currency, "Daily budget reached: guarded categories (marketing by default) are held back until the rolling day's spend drops below it.");
             } else {

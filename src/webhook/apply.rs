@@ -16,7 +16,7 @@ use crate::config::Config;
 use crate::consent::flow::ConsentFlow;
 use crate::job::Cost;
 use crate::pipeline::meta_state::MetaState;
-use crate::pricing::{PriceTable, billed};
+use crate::pricing::billed;
 use crate::privacy::Masked;
 use crate::store::{Ledger, LedgerError, LedgerState, Table};
 
@@ -46,7 +46,8 @@ pub struct InboundMessage {
 pub struct Applier {
     pub ledger: Ledger,
     pub meta: Arc<MetaState>,
-    pub prices: Arc<PriceTable>,
+    /// Shared with the pipeline's spend, so a reloaded table prices both.
+    pub prices: Arc<crate::pricing::SharedPrices>,
     /// phone_number_id → account name.
     accounts_by_number: HashMap<String, String>,
     /// WABA id → its accounts.
@@ -184,7 +185,7 @@ impl Applier {
         Self {
             ledger,
             meta,
-            prices: config.prices.clone(),
+            prices: Arc::new(crate::pricing::SharedPrices::new(config.prices.clone())),
             accounts_by_number: config
                 .accounts
                 .iter()
@@ -273,7 +274,8 @@ impl Applier {
                 .or(job.category.clone())
                 .unwrap_or_default();
             let digits = s.recipient_id.trim_start_matches('+');
-            if let Some(price) = self.prices.price(&category, digits) {
+            let prices = self.prices.get();
+            if let Some(price) = prices.price(&category, digits) {
                 let first = self
                     .ledger
                     .kv_insert_if_absent(
@@ -286,17 +288,17 @@ impl Applier {
                     crate::metrics::billed_cost(
                         &job.account,
                         &category,
-                        self.prices.market(digits),
+                        prices.market(digits),
                         crate::pipeline::decode::parse_e164(&job.to)
                             .map(|r| r.region())
                             .unwrap_or("ZZ"),
-                        self.prices.currency(),
+                        prices.currency(),
                         price.0,
                     );
                 }
                 billed_cost = Some(Cost {
                     amount: price.to_decimal_string(),
-                    currency: self.prices.currency().to_string(),
+                    currency: prices.currency().to_string(),
                 });
             } else {
                 tracing::warn!(
