@@ -17,17 +17,7 @@ const T: Duration = Duration::from_secs(30);
 /// The webhook listener on (the sandbox calls it back with `pricing`), and the tests' price
 /// table: marketing to Germany costs 0.1131 EUR.
 async fn env(account_limits: String) -> TestEnv {
-    let opts = AppOptions {
-        account_limits,
-        extra_toml: webhook_toml(1 << 20),
-        consented: 0..20,
-        ..AppOptions::default()
-    };
-    TestEnv::with_dir_files(
-        &opts,
-        &[("app-secret", APP_SECRET), ("verify-token", VERIFY_TOKEN)],
-    )
-    .await
+    env_with_webhook_and_prices(account_limits, 0..20).await
 }
 
 fn micros(amount: &str) -> i64 {
@@ -88,12 +78,7 @@ async fn counters_and_costs_on_metrics_equal_what_the_outcomes_say() {
     // Billed cost arrives with the delivery callbacks.
     let admin = app.admin();
     let m = wait_for("billed cost for every delivered message", T, async || {
-        let m = reqwest::get(format!("http://{admin}/metrics"))
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
+        let m = scrape(admin).await?;
         (metric_value(
             &m,
             "sendwell_billed_cost_microunits_total{account=\"acme-de\"",

@@ -529,12 +529,7 @@ async fn sighup_applies_a_new_rate_limit_to_a_running_daemon() {
     let mut daemon = spawn_daemon_with(&env, &[("SENDWELL_ADMIN__LISTEN", admin.as_str())]);
     wait_consuming(&env).await;
     let rate = async |admin: &str| {
-        let m = reqwest::get(format!("http://{admin}/metrics"))
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
+        let m = scrape(admin).await?;
         Some(metric(
             &m,
             "sendwell_account_rate_messages_per_second{account=\"acme-de\"}",

@@ -13,17 +13,7 @@ const T: Duration = Duration::from_secs(30);
 /// The webhook listener on (the sandbox calls it back with `pricing`), and the tests' price
 /// table: marketing to Germany costs 0.1131 EUR.
 async fn env(account_limits: String) -> TestEnv {
-    let opts = AppOptions {
-        account_limits,
-        extra_toml: webhook_toml(1 << 20),
-        consented: 0..20,
-        ..AppOptions::default()
-    };
-    TestEnv::with_dir_files(
-        &opts,
-        &[("app-secret", APP_SECRET), ("verify-token", VERIFY_TOKEN)],
-    )
-    .await
+    env_with_webhook_and_prices(account_limits, 0..20).await
 }
 
 fn micros(amount: &str) -> i64 {
@@ -50,12 +40,7 @@ async fn a_spent_budget_holds_marketing_back_while_utility_still_goes() {
     assert_eq!(finals["b-utility"][0]["status"], "sent");
     let admin = app.admin();
     let m = wait_for("the marketing job deferred by the budget", T, async || {
-        let m = reqwest::get(format!("http://{admin}/metrics"))
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
+        let m = scrape(admin).await?;
         (metric_value(
             &m,
             "sendwell_jobs_deferred_total{account=\"acme-de\",reason=\"spend_budget\"}",

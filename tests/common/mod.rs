@@ -752,6 +752,36 @@ pub fn consent_flags(ledger: &sendwell::store::Ledger, to: &str, purpose: &str) 
 }
 
 /// A sum of the samples of one metric (all label sets that start with `prefix`).
+/// The admin listener's `/metrics` text at `admin` (`host:port`), or None while it does not
+/// answer; for `wait_for` conditions.
+pub async fn scrape(admin: impl std::fmt::Display) -> Option<String> {
+    reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()
+}
+
+/// A test env with the webhook listener on (its secret files written) and the tests' price
+/// table (marketing to Germany: 0.1131 EUR).
+pub async fn env_with_webhook_and_prices(
+    account_limits: String,
+    consented: std::ops::Range<usize>,
+) -> TestEnv {
+    let opts = AppOptions {
+        account_limits,
+        extra_toml: webhook_toml(1 << 20),
+        consented,
+        ..AppOptions::default()
+    };
+    TestEnv::with_dir_files(
+        &opts,
+        &[("app-secret", APP_SECRET), ("verify-token", VERIFY_TOKEN)],
+    )
+    .await
+}
+
 pub fn metric_value(text: &str, prefix: &str) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(prefix))
