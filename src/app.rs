@@ -70,6 +70,8 @@ pub struct RunningApp {
     pub ledger: Ledger,
     /// For the status line (paused accounts) and for reloads.
     pipeline: Arc<Pipeline>,
+    /// For reloads of the consent keywords and replies.
+    flow: Arc<ConsentFlow>,
     /// The config running now, to tell what a reload changes.
     config: Arc<std::sync::Mutex<Config>>,
     join: JoinHandle<Result<(), AppError>>,
@@ -79,6 +81,8 @@ pub struct RunningApp {
 #[derive(Clone)]
 pub struct Reloader {
     pipeline: Arc<Pipeline>,
+    /// Keywords and replies of the consent conversation.
+    flow: Arc<ConsentFlow>,
     config: Arc<std::sync::Mutex<Config>>,
 }
 
@@ -86,22 +90,28 @@ impl RunningApp {
     pub fn reloader(&self) -> Reloader {
         Reloader {
             pipeline: self.pipeline.clone(),
+            flow: self.flow.clone(),
             config: self.config.clone(),
         }
     }
 }
 
 impl Reloader {
-    /// Applies what can change safely in a running daemon (SIGHUP): each account's
-    /// `messages_per_second`, `burst` and marketing footer, and the price table. Everything
-    /// else that differs is named in the log as needing a restart; nothing in flight is
-    /// dropped.
+    /// Applies what can change safely in a running daemon (SIGHUP), without dropping anything
+    /// in flight or any count:
+    /// - per account: `messages_per_second`, `burst`, `quiet_hours`, and the consent keywords,
+    ///   replies, START purposes, double opt-in message and marketing footer;
+    /// - `[[caps]]` (the new caps take over the counts of the caps they keep), the portfolios'
+    ///   `messaging_limit`, `limits.country_zones`;
+    /// - the price table.
+    ///
+    /// Everything else that differs is named in the log as needing a restart, and keeps
+    /// running as before.
     pub fn reload(&self, new: Config) {
         let mut current = self.config.lock().unwrap_or_else(|e| e.into_inner());
-        let mut applied = self.pipeline.limits.reload(&new);
+        let (mut applied, mut restart) = self.pipeline.limits.reload(&current, &new);
         if format!("{:?}", current.prices) != format!("{:?}", new.prices) {
             self.pipeline.spend.shared_prices().set(new.prices.clone());
-            current.prices = new.prices.clone();
             applied.push("prices".into());
         }
         for a in &new.accounts {
@@ -112,7 +122,9 @@ impl Reloader {
                 applied.push(format!("{}: marketing_footer", a.name));
             }
         }
-        let mut restart = Vec::new();
+        for name in self.flow.reload(&new) {
+            applied.push(format!("{name}: consent keywords and replies"));
+        }
         let same =
             |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
         for (name, differs) in [
@@ -126,10 +138,6 @@ impl Reloader {
             ("webhook", !same(&current.webhook, &new.webhook)),
             ("consent", !same(&current.consent, &new.consent)),
             ("purposes", !same(&current.purposes, &new.purposes)),
-            (
-                "caps, portfolios, limits",
-                !same(&current.limits, &new.limits),
-            ),
         ] {
             if differs {
                 restart.push(name.to_string());
@@ -146,29 +154,51 @@ impl Reloader {
         }
         for (old, a) in current.accounts.iter().zip(&new.accounts) {
             let mut o = old.clone();
-            o.messages_per_second = a.messages_per_second;
-            o.burst = a.burst;
-            o.consent.marketing_footer = a.consent.marketing_footer.clone();
+            take_reloadable(&mut o, a);
             if o.name == a.name && !same(&o, a) {
                 restart.push(format!(
-                    "accounts.{} (other than messages_per_second, burst)",
+                    "accounts.{} (other than rates, quiet hours, keywords, replies, footer)",
                     a.name
                 ));
             }
         }
-        tracing::info!(applied = %applied.join(", "), "Config reloaded: rates, footers and prices applied.");
+        tracing::info!(applied = %applied.join(", "), "Config reloaded.");
         if !restart.is_empty() {
             tracing::warn!(keys = %restart.join("; "), "These changed settings take effect only after a restart.");
         }
         // What was applied is now the running config; the rest still runs as before.
+        current.prices = new.prices.clone();
+        if !restart.iter().any(|r| r.starts_with("caps")) {
+            current.limits.caps = new.limits.caps.clone();
+        }
+        if !restart.iter().any(|r| r.starts_with("portfolios")) {
+            current.limits.portfolios = new.limits.portfolios.clone();
+        }
+        if !restart.iter().any(|r| r.starts_with("quiet hours")) {
+            current.limits.country_zones = new.limits.country_zones.clone();
+        }
         for (c, n) in current.accounts.iter_mut().zip(&new.accounts) {
             if c.name == n.name {
-                c.messages_per_second = n.messages_per_second;
-                c.burst = n.burst;
-                c.consent.marketing_footer = n.consent.marketing_footer.clone();
+                take_reloadable(c, n);
             }
         }
     }
+}
+
+/// Copies what [`Reloader::reload`] applies of an account from `new` into `into`.
+fn take_reloadable(into: &mut crate::config::Account, new: &crate::config::Account) {
+    into.messages_per_second = new.messages_per_second;
+    into.burst = new.burst;
+    into.quiet_hours = new.quiet_hours.clone();
+    let (c, n) = (&mut into.consent, &new.consent);
+    c.opt_out_keywords = n.opt_out_keywords.clone();
+    c.opt_in_keywords = n.opt_in_keywords.clone();
+    c.yes_keywords = n.yes_keywords.clone();
+    c.no_keywords = n.no_keywords.clone();
+    c.opt_out_reply = n.opt_out_reply.clone();
+    c.start_purposes = n.start_purposes.clone();
+    c.double_opt_in = n.double_opt_in.clone();
+    c.marketing_footer = n.marketing_footer.clone();
 }
 
 impl RunningApp {
@@ -390,7 +420,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         pipeline.clone(),
         Decoder::new(&config),
         applier,
-        (flow, EventDecoder::new(&config)),
+        (flow.clone(), EventDecoder::new(&config)),
         names,
         shutdown.clone(),
     ));
@@ -489,6 +519,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         readiness,
         ledger,
         pipeline,
+        flow,
         config: Arc::new(std::sync::Mutex::new(running_config)),
         join,
     })

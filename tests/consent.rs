@@ -661,3 +661,54 @@ async fn marketing_carries_the_way_out() {
     assert_eq!(o["reason"], "no_opt_out_in_template", "{o}");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_applies_new_keywords_and_caps_and_keeps_the_counts() {
+    let env = env_with_webhook(0..0).await;
+    let (n, m) = (fresh_number(50), fresh_number(51));
+    env.seed_consent(&[n.clone(), m.clone()]).await;
+    let app = env.start().await;
+    let running = app.app.as_ref().unwrap();
+    let ledger = running.ledger.clone();
+    // Two marketing messages to `n` under the cap of 8 an hour.
+    let first: Vec<String> = (0..2).map(|i| format!("reload-a{i}")).collect();
+    let jobs: Vec<_> = first.iter().map(|id| template_job(id, &n)).collect();
+    env.publish(&jobs).await;
+    let f = env.final_outcomes(&first, T).await;
+    for id in &first {
+        assert_eq!(f[id][0]["status"], "sent", "{id}: {:?}", f[id]);
+    }
+
+    // The reload: 3 an hour, and HALT (not a default keyword anywhere) opts out.
+    let original = std::fs::read_to_string(&env.config_path).unwrap();
+    let edited = original
+        .replace(
+            "rules = [{ max = 8, per = \"1h\" }]",
+            "rules = [{ max = 3, per = \"1h\" }]",
+        )
+        .replace(
+            "[accounts.consent]\n",
+            "[accounts.consent]\nopt_out_keywords = [\"STOP\", \"HALT\"]\n",
+        );
+    assert_ne!(edited, original);
+    std::fs::write(&env.config_path, edited).unwrap();
+    running.reloader().reload(env.config());
+
+    // The two sends still count: one more goes, the next is over the new cap.
+    let second: Vec<String> = (0..2).map(|i| format!("reload-b{i}")).collect();
+    env.publish(&[template_job(&second[0], &n)]).await;
+    assert_eq!(outcome(&env, &second[0]).await["status"], "sent");
+    env.publish(&[template_job(&second[1], &n)]).await;
+    let capped = outcome(&env, &second[1]).await;
+    assert_eq!(capped["status"], "suppressed", "{capped}");
+    assert_eq!(capped["reason"], "frequency_cap");
+    assert!(
+        capped["detail"].as_str().unwrap().contains("limit 3"),
+        "{capped}"
+    );
+
+    // The new keyword works without a restart.
+    assert_eq!(customer_writes(&app, &m, "halt").await, 200);
+    wait_flags(&ledger, &m, Some(OPTED_OUT)).await;
+    app.stop().await;
+}

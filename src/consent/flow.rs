@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
@@ -33,6 +34,21 @@ struct AccountWords {
     yes: Keywords,
     no: Keywords,
     config: AccountConsent,
+}
+
+impl AccountWords {
+    /// Whether a reload changes what this flow does (the footer and template lists are the
+    /// pipeline's).
+    fn differs(&self, other: &AccountWords) -> bool {
+        let (a, b) = (&self.config, &other.config);
+        a.opt_out_keywords != b.opt_out_keywords
+            || a.opt_in_keywords != b.opt_in_keywords
+            || a.yes_keywords != b.yes_keywords
+            || a.no_keywords != b.no_keywords
+            || a.opt_out_reply != b.opt_out_reply
+            || a.start_purposes != b.start_purposes
+            || format!("{:?}", a.double_opt_in) != format!("{:?}", b.double_opt_in)
+    }
 }
 
 /// A double opt-in question asked and not yet answered.
@@ -69,33 +85,57 @@ pub struct Outgoing {
 
 pub struct ConsentFlow {
     pub store: Arc<ConsentStore>,
-    accounts: HashMap<String, AccountWords>,
+    /// Per account: keywords, replies, the double opt-in message. Swapped whole on SIGHUP
+    /// ([`Self::reload`]); a message being handled keeps the words it started with.
+    accounts: ArcSwap<HashMap<String, Arc<AccountWords>>>,
     confirm_within: Duration,
+}
+
+fn account_words(config: &Config) -> HashMap<String, Arc<AccountWords>> {
+    config
+        .accounts
+        .iter()
+        .map(|a| {
+            let c = &a.consent;
+            (
+                a.name.to_string(),
+                Arc::new(AccountWords {
+                    out: Keywords::new(&c.opt_out_keywords),
+                    start: Keywords::new(&c.opt_in_keywords),
+                    yes: Keywords::new(&c.yes_keywords),
+                    no: Keywords::new(&c.no_keywords),
+                    config: c.clone(),
+                }),
+            )
+        })
+        .collect()
 }
 
 impl ConsentFlow {
     pub fn new(config: &Config, store: Arc<ConsentStore>) -> Self {
         Self {
             store,
-            accounts: config
-                .accounts
-                .iter()
-                .map(|a| {
-                    let c = &a.consent;
-                    (
-                        a.name.to_string(),
-                        AccountWords {
-                            out: Keywords::new(&c.opt_out_keywords),
-                            start: Keywords::new(&c.opt_in_keywords),
-                            yes: Keywords::new(&c.yes_keywords),
-                            no: Keywords::new(&c.no_keywords),
-                            config: c.clone(),
-                        },
-                    )
-                })
-                .collect(),
+            accounts: ArcSwap::from_pointee(account_words(config)),
             confirm_within: config.consent.confirm_within,
         }
+    }
+
+    /// SIGHUP: the accounts' keywords, opt-out replies, START purposes and double opt-in
+    /// messages from a reloaded config; returns the accounts whose settings changed.
+    pub fn reload(&self, config: &Config) -> Vec<String> {
+        let old = self.accounts.load_full();
+        let new = account_words(config);
+        let changed = new
+            .iter()
+            .filter(|(name, w)| old.get(*name).is_none_or(|o| o.differs(w)))
+            .map(|(name, _)| name.clone())
+            .collect();
+        self.accounts.store(Arc::new(new));
+        changed
+    }
+
+    fn words(&self, account: &str) -> Option<Arc<AccountWords>> {
+        self.accounts.load().get(account).cloned()
     }
 
     pub fn pending(&self, digits: &str, account: &str) -> Result<Option<Pending>, LedgerError> {
@@ -112,7 +152,7 @@ impl ConsentFlow {
         let Some(account) = m.account.as_deref() else {
             return Ok(Vec::new());
         };
-        let (Some(words), Ok(to)) = (self.accounts.get(account), parse_e164(&m.from)) else {
+        let (Some(words), Ok(to)) = (self.words(account), parse_e164(&m.from)) else {
             return Ok(Vec::new());
         };
         let account: Arc<str> = account.into();
@@ -248,12 +288,8 @@ impl ConsentFlow {
         {
             return None;
         }
-        let text = self
-            .accounts
-            .get(&*ev.account)?
-            .config
-            .opt_out_reply
-            .as_ref()?;
+        let words = self.words(&ev.account)?;
+        let text = words.config.opt_out_reply.as_ref()?;
         Some(Outgoing {
             account: ev.account.clone(),
             kind: "opt_out_reply",
@@ -266,8 +302,7 @@ impl ConsentFlow {
     pub fn wants_question(&self, ev: &ConsentEvent) -> bool {
         ev.kind == Kind::OptIn
             && self
-                .accounts
-                .get(&*ev.account)
+                .words(&ev.account)
                 .is_some_and(|w| w.config.double_opt_in.is_some())
             && ev.purposes.iter().any(|p| self.needs_confirmation(p))
     }
@@ -281,11 +316,10 @@ impl ConsentFlow {
     /// The double opt-in question for an applied opt-in, recorded as pending; None when no
     /// purpose of it awaits confirmation or a question is already open.
     pub async fn question(&self, ev: &ConsentEvent) -> Result<Option<Outgoing>, LedgerError> {
-        let Some(question) = self
-            .accounts
-            .get(&*ev.account)
-            .and_then(|w| w.config.double_opt_in.as_ref())
-        else {
+        let Some(words) = self.words(&ev.account) else {
+            return Ok(None);
+        };
+        let Some(question) = words.config.double_opt_in.as_ref() else {
             return Ok(None);
         };
         if ev.kind != Kind::OptIn {

@@ -234,6 +234,43 @@ impl SendLog {
         self.len = new_len as u8;
     }
 
+    /// Merges `other` into this log as multisets of seconds (for each second, the larger of
+    /// the two counts), keeping the newest `keep`: a log copied twice, or one that gained
+    /// entries on both sides, counts every send once.
+    pub fn merge(&mut self, other: &SendLog, keep: usize) {
+        let keep = keep.min(K);
+        let (a, b) = (&self.times[..self.len()], &other.times[..other.len()]);
+        let mut out = [0u32; K];
+        let (mut i, mut j, mut n) = (0, 0, 0);
+        // Both are newest first; equal seconds pair up (max of the counts), others interleave.
+        while n < keep && (i < a.len() || j < b.len()) {
+            let t = match (a.get(i), b.get(j)) {
+                (Some(&x), Some(&y)) if x == y => {
+                    i += 1;
+                    j += 1;
+                    x
+                }
+                (Some(&x), Some(&y)) if x > y => {
+                    i += 1;
+                    x
+                }
+                (Some(_), Some(&y)) | (None, Some(&y)) => {
+                    j += 1;
+                    y
+                }
+                (Some(&x), None) => {
+                    i += 1;
+                    x
+                }
+                (None, None) => unreachable!("loop condition"),
+            };
+            out[n] = t;
+            n += 1;
+        }
+        self.times = out;
+        self.len = n as u8;
+    }
+
     /// Un-counts one send at exactly `at` (a reservation whose send definitely did not
     /// happen); false if absent.
     ///
@@ -606,6 +643,37 @@ impl Caps {
             }
         }
         ops
+    }
+
+    /// Takes over the in-memory logs of `old`, the caps before a reload (SIGHUP): each log
+    /// goes to the log of the same scope, name and category here, cut to this config's size;
+    /// logs of caps no longer configured stay behind (their store rows are kept, as
+    /// [`Self::load`] says). Merges ([`SendLog::merge`]), so running it again after the swap
+    /// picks up sends that were counted in `old` meanwhile without counting any twice.
+    /// Returns the logs taken over.
+    pub fn adopt(&self, old: &Caps) -> usize {
+        if self.is_empty() {
+            return 0;
+        }
+        let mut moved = 0;
+        for e in old.logs.iter() {
+            let old_id = (*e.key() >> NUMBER_BITS) as u16;
+            let number = *e.key() & ((1u64 << NUMBER_BITS) - 1);
+            let Some(&id) = old
+                .ids
+                .get(usize::from(old_id))
+                .and_then(|s| self.by_suffix.get(&s.suffix))
+            else {
+                continue;
+            };
+            let keep = self.cap_of(id).keep;
+            self.logs
+                .entry(pack(id, number))
+                .or_default()
+                .merge(e.value(), keep);
+            moved += 1;
+        }
+        moved
     }
 
     /// Drops in-memory logs whose newest entry has left the cap's longest window (they can
@@ -1041,6 +1109,76 @@ mod tests {
         assert!(c.check(&mkt("solo", NUM), at(D0 + HOUR)).is_none());
         assert!(c.check(&mkt("acme-fr", OTHER), at(D0 + HOUR)).is_none());
         assert!(c.check(&mkt("acme-fr", NUM), at(D0 + DAY)).is_none());
+    }
+
+    #[test]
+    fn merge_counts_each_send_once() {
+        let log = |ts: &[u32]| {
+            let mut l = SendLog::default();
+            for &t in ts {
+                l.record(t, K);
+            }
+            l
+        };
+        let times = |l: &SendLog| l.times[..l.len()].to_vec();
+        // Two sends in one second on one side, one of them also on the other: still two.
+        let mut a = log(&[10, 20, 20]);
+        a.merge(&log(&[20, 30]), K);
+        assert_eq!(times(&a), vec![30, 20, 20, 10]);
+        // Merging a copy of itself changes nothing.
+        let mut b = a;
+        b.merge(&a, K);
+        assert_eq!(times(&b), times(&a));
+        // Cut to the newest `keep`.
+        a.merge(&log(&[5, 40]), 3);
+        assert_eq!(times(&a), vec![40, 30, 20]);
+    }
+
+    #[test]
+    fn a_reload_keeps_the_counts_of_caps_that_stay_and_drops_the_others() {
+        let old = caps(vec![
+            cap(
+                Category::Marketing,
+                CapScope::Brand,
+                &[rule(1, DAY)],
+                OnExceed::Suppress,
+            ),
+            cap(
+                Category::Utility,
+                CapScope::Account,
+                &[rule(1, DAY)],
+                OnExceed::Defer,
+            ),
+        ]);
+        old.reserve(&mkt("acme-de", NUM), at(D0));
+        old.reserve(&subject("acme-de", NUM, Category::Utility), at(D0));
+        // The new config: the marketing cap loosened to 2 a day, the utility cap gone.
+        let new = caps(vec![cap(
+            Category::Marketing,
+            CapScope::Brand,
+            &[rule(2, DAY)],
+            OnExceed::Suppress,
+        )]);
+        assert_eq!(
+            new.adopt(&old),
+            1,
+            "only the marketing log has a cap to go to"
+        );
+        // One send counted: a second is allowed under the new rule, a third is not.
+        assert!(new.check(&mkt("acme-fr", NUM), at(D0 + 1)).is_none());
+        new.reserve(&mkt("acme-fr", NUM), at(D0 + 1));
+        assert_eq!(until(&new, &mkt("acme-de", NUM), D0 + 2), Some(D0 + DAY));
+        // A send counted in the old caps while the swap happened is picked up by a second
+        // pass, and the first one is not counted twice.
+        old.reserve(&mkt("acme-de", OTHER), at(D0 + 3));
+        assert_eq!(new.adopt(&old), 2);
+        assert_eq!(
+            new.logs.get(&pack(0, number(NUM).unwrap())).unwrap().len(),
+            2
+        );
+        assert!(new.check(&mkt("acme-de", OTHER), at(D0 + 4)).is_none());
+        new.reserve(&mkt("acme-de", OTHER), at(D0 + 4));
+        assert!(new.check(&mkt("acme-de", OTHER), at(D0 + 5)).is_some());
     }
 
     #[test]

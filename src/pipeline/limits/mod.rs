@@ -30,6 +30,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::{ArcSwap, ArcSwapOption};
 use dashmap::DashMap;
 use governor::nanos::Nanos;
 use jiff::Timestamp;
@@ -132,16 +133,19 @@ struct AccountLimits {
     pacing: Pacing,
     portfolio: usize,
     brand: Arc<str>,
-    quiet: Option<QuietHours>,
+    /// Swapped on SIGHUP.
+    quiet: ArcSwapOption<QuietHours>,
 }
 
 /// Every limit, for the pipeline: what a job must pass before and while it is sent.
 pub struct Limits {
     accounts: HashMap<Arc<str>, AccountLimits>,
-    caps: Caps,
+    /// Swapped whole on SIGHUP; the new caps take over the counts ([`Limits::reload`]).
+    caps: ArcSwap<Caps>,
     tier: Tier,
-    /// Loaded only when some account has quiet hours.
-    zones: Option<Zones>,
+    /// Loaded only when some account has quiet hours (at start, or by the reload that adds
+    /// them).
+    zones: ArcSwapOption<Zones>,
     /// Meta's per-user marketing limit (131049) is per number across all businesses: number →
     /// no marketing before (Unix ms).
     blocked: DashMap<u64, i64>,
@@ -181,31 +185,12 @@ impl Limits {
                         ),
                         portfolio: a.portfolio,
                         brand: a.brand.clone(),
-                        quiet: a.quiet_hours.clone(),
+                        quiet: ArcSwapOption::from(a.quiet_hours.clone().map(Arc::new)),
                     },
                 )
             })
             .collect();
-        let zones = if config.accounts.iter().any(|a| a.quiet_hours.is_some()) {
-            let z = Zones::load(&config.limits.country_zones)
-                .map_err(|e| ConfigError::one("limits.country_zones", e))?;
-            for a in &config.accounts {
-                if let Some(q) = &a.quiet_hours {
-                    let c = z.conflicts(q);
-                    if !c.is_empty() {
-                        tracing::warn!(account = %a.name, countries = %c.join(","), "These countries' time zones leave no common open hour for the account's quiet hours: their jobs follow the first zone. Set limits.country_zones to choose one.");
-                    }
-                }
-            }
-            Some(z)
-        } else {
-            None
-        };
-        let names: Vec<(&str, &str)> = config
-            .accounts
-            .iter()
-            .map(|a| (&*a.name, &*a.brand))
-            .collect();
+        let zones = load_zones(config)?;
         let mut portfolios_by_waba: HashMap<String, Vec<usize>> = HashMap::new();
         let mut accounts_by_waba: HashMap<String, Vec<Arc<str>>> = HashMap::new();
         for a in &config.accounts {
@@ -222,9 +207,9 @@ impl Limits {
         }
         Ok(Limits {
             accounts,
-            caps: Caps::new(config.limits.caps.clone(), &names),
+            caps: ArcSwap::from_pointee(new_caps(config)),
             tier: Tier::new(&config.limits.portfolios),
-            zones,
+            zones: ArcSwapOption::from(zones.map(Arc::new)),
             blocked: DashMap::new(),
             per_user_block: config.limits.per_user_limit_block,
             portfolios_by_waba,
@@ -233,26 +218,123 @@ impl Limits {
         })
     }
 
-    /// Applies a reloaded config's account rates and bursts (SIGHUP); returns the accounts
-    /// whose rate changed. Other limit settings need a restart (the caller says so).
-    pub fn reload(&self, config: &Config) -> Vec<String> {
-        let mut changed = Vec::new();
+    /// Applies what a reloaded config (SIGHUP) changes in the limits, without dropping any
+    /// count: each account's rate and burst and quiet hours, the frequency caps (the new caps
+    /// take over the counts of the caps they keep), the portfolios' configured tiers. Returns
+    /// (what was applied, what differs and needs a restart).
+    pub fn reload(&self, old: &Config, config: &Config) -> (Vec<String>, Vec<String>) {
+        let (mut applied, mut restart) = (Vec::new(), Vec::new());
+        let same =
+            |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
+        let quiet_wanted = config.accounts.iter().any(|a| a.quiet_hours.is_some());
+        let zones_changed = !same(&old.limits.country_zones, &config.limits.country_zones);
+        if quiet_wanted && (self.zones.load().is_none() || zones_changed) {
+            match load_zones(config) {
+                Ok(z) => {
+                    self.zones.store(z.map(Arc::new));
+                    if zones_changed {
+                        applied.push("limits.country_zones".into());
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(problem = %e, "Quiet hours not reloaded: the time-zone database cannot be read.");
+                    restart.push("quiet hours (time-zone database missing)".into());
+                }
+            }
+        }
         for a in &config.accounts {
             let Some(l) = self.accounts.get(&a.name) else {
                 continue;
             };
             if l.throughput.rate() != a.messages_per_second {
-                changed.push(format!("{}: {} msgs/s", a.name, a.messages_per_second));
+                applied.push(format!("{}: {} msgs/s", a.name, a.messages_per_second));
             }
             l.throughput
                 .reconfigure(a.messages_per_second, a.burst, config.limits.arrival_jitter);
+            let quiet = a.quiet_hours.clone().map(Arc::new);
+            if !same(&l.quiet.load_full(), &quiet)
+                && (quiet.is_none() || self.zones.load().is_some())
+            {
+                l.quiet.store(quiet);
+                applied.push(format!("{}: quiet_hours", a.name));
+            }
         }
-        changed
+        if !same(&old.limits.caps, &config.limits.caps) {
+            let brands_same = old
+                .accounts
+                .iter()
+                .map(|a| (&a.name, &a.brand))
+                .eq(config.accounts.iter().map(|a| (&a.name, &a.brand)));
+            if brands_same {
+                self.swap_caps(new_caps(config));
+                applied.push("caps".into());
+            } else {
+                restart.push("caps (the accounts or their brands changed too)".into());
+            }
+        }
+        if !same(&old.limits.portfolios, &config.limits.portfolios) {
+            let names = |c: &Config| {
+                c.limits
+                    .portfolios
+                    .iter()
+                    .map(|p| p.0.clone())
+                    .collect::<Vec<_>>()
+            };
+            if names(old) == names(config) {
+                for (i, (name, limit)) in config.limits.portfolios.iter().enumerate() {
+                    if self.tier.reconfigure(i, *limit) {
+                        applied.push(format!("portfolio {name}: messaging_limit"));
+                    }
+                }
+            } else {
+                restart.push("portfolios (added, removed or renamed)".into());
+            }
+        }
+        for (key, differs) in [
+            (
+                "limits.per_user_limit_block",
+                old.limits.per_user_limit_block != config.limits.per_user_limit_block,
+            ),
+            (
+                "limits.recover_after",
+                old.limits.recover_after != config.limits.recover_after,
+            ),
+            (
+                "limits.housekeeping_interval",
+                old.limits.housekeeping_interval != config.limits.housekeeping_interval,
+            ),
+        ] {
+            if differs {
+                restart.push(key.into());
+            }
+        }
+        (applied, restart)
+    }
+
+    /// Puts new caps in place with every count of the old ones they keep: copied before the
+    /// swap, then again right after it and once more a second later, for sends that were
+    /// counted in the old caps by a call already under way (merging never counts one twice).
+    fn swap_caps(&self, new: Caps) {
+        let new = Arc::new(new);
+        let old = self.caps.load_full();
+        new.adopt(&old);
+        self.caps.store(new.clone());
+        let moved = new.adopt(&old);
+        tracing::info!(
+            cap_logs = moved,
+            "Frequency caps replaced; their counts carried over."
+        );
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                new.adopt(&old);
+            });
+        }
     }
 
     /// Loads what must survive a restart: cap logs, tier counts, per-user blocks.
     pub fn load(&self, ledger: &Ledger, now: Timestamp) -> Result<(), LedgerError> {
-        let caps = self.caps.load(ledger, now)?;
+        let caps = self.caps.load().load(ledger, now)?;
         let tier = self.tier.load(ledger, now)?;
         let now_ms = now.as_millisecond();
         ledger.kv_for_each(Table::UserLimit, |k, v| {
@@ -283,7 +365,7 @@ impl Limits {
         let Some(a) = self.accounts.get(&job.account) else {
             return Check::Go;
         };
-        if let Some(q) = &a.quiet
+        if let Some(q) = &*a.quiet.load()
             && q.applies_to(job.category)
             && let Some(until) = self.quiet_until(q, job, now)
         {
@@ -303,8 +385,9 @@ impl Limits {
                 reason: "per_user_limit",
             };
         }
-        if !self.caps.is_empty()
-            && let Some(refusal) = self.caps.check(&self.subject(a, job), now)
+        let caps = self.caps.load();
+        if !caps.is_empty()
+            && let Some(refusal) = caps.check(&self.subject(a, job), now)
         {
             return match refusal.on_exceed {
                 OnExceed::Suppress => Check::Suppress {
@@ -325,8 +408,8 @@ impl Limits {
         if let Some(tz) = &job.timezone {
             return q.release_at(std::slice::from_ref(tz), now, key);
         }
-        let zones = self
-            .zones
+        let loaded = self.zones.load();
+        let zones = loaded
             .as_ref()
             .map(|z| z.for_number(job.to.as_str(), job.to.region()))
             .unwrap_or_default();
@@ -417,8 +500,8 @@ impl Limits {
     /// must not go at 21:00:07.
     pub fn quiet_now(&self, job: &Job, now: Timestamp) -> Option<Duration> {
         let a = self.accounts.get(&job.account)?;
-        let q = a.quiet.as_ref().filter(|q| q.applies_to(job.category))?;
-        self.quiet_until(q, job, now).map(|t| wait_until(now, t))
+        let q = a.quiet.load_full().filter(|q| q.applies_to(job.category))?;
+        self.quiet_until(&q, job, now).map(|t| wait_until(now, t))
     }
 
     /// A message sendwell sends on its own (a consent question or reply, to a customer who
@@ -452,14 +535,15 @@ impl Limits {
     /// Counts the send in the frequency caps, at the instant it goes (after every wait, so the
     /// sliding windows are exact); returns the rows to write with the send record.
     pub fn reserve_caps(&self, job: &Job, now: Timestamp, r: &mut Reservation) -> Vec<KvOp> {
-        if self.caps.is_empty() || r.caps_at.is_some() {
+        let caps = self.caps.load();
+        if caps.is_empty() || r.caps_at.is_some() {
             return Vec::new();
         }
         let Some(a) = self.accounts.get(&job.account) else {
             return Vec::new();
         };
         r.caps_at = Some(now);
-        self.caps.reserve(&self.subject(a, job), now)
+        caps.reserve(&self.subject(a, job), now)
     }
 
     /// Gives back what a send that definitely did not happen had counted; returns the rows to
@@ -475,7 +559,7 @@ impl Limits {
         if let Some(at) = r.caps_at.take()
             && let Some(a) = self.accounts.get(&job.account)
         {
-            ops.extend(self.caps.release(&self.subject(a, job), at));
+            ops.extend(self.caps.load().release(&self.subject(a, job), at));
         }
         ops
     }
@@ -606,13 +690,14 @@ impl Limits {
 
     fn purge_scan(&self, ledger: &Ledger, now: Timestamp) -> Result<Vec<KvOp>, LedgerError> {
         let pairs: usize = self.accounts.values().map(|a| a.pacing.housekeep()).sum();
-        self.caps.evict_idle(now);
+        let caps = self.caps.load_full();
+        caps.evict_idle(now);
         let now_ms = now.as_millisecond();
         self.blocked.retain(|_, until| *until > now_ms);
         crate::metrics::limit_state("pacing_pairs", pairs);
-        crate::metrics::limit_state("cap_logs", self.caps.len());
+        crate::metrics::limit_state("cap_logs", caps.len());
         crate::metrics::limit_state("per_user_blocks", self.blocked.len());
-        let mut ops = self.caps.purge_ops(ledger, now, PURGE_BATCH)?;
+        let mut ops = caps.purge_ops(ledger, now, PURGE_BATCH)?;
         ops.extend(self.tier.housekeep(ledger, now, PURGE_BATCH)?);
         let mut blocks = Vec::new();
         ledger.kv_for_each(Table::UserLimit, |k, v| {
@@ -634,7 +719,7 @@ impl Limits {
     /// The number was erased (GDPR): forget it in memory too. Its store rows went with the
     /// erasure; without this a later send or release would write its history back.
     pub fn forget(&self, digits: &str) {
-        self.caps.forget(digits);
+        self.caps.load().forget(digits);
         if let Ok(n) = digits.parse::<u64>() {
             self.tier.forget(n);
             self.blocked.remove(&n);
@@ -649,6 +734,34 @@ impl Limits {
             category: job.category,
         }
     }
+}
+
+/// The time-zone tables, when some account has quiet hours; fails (with the config key) only
+/// when the time-zone database is missing.
+fn load_zones(config: &Config) -> Result<Option<Zones>, ConfigError> {
+    if !config.accounts.iter().any(|a| a.quiet_hours.is_some()) {
+        return Ok(None);
+    }
+    let z = Zones::load(&config.limits.country_zones)
+        .map_err(|e| ConfigError::one("limits.country_zones", e))?;
+    for a in &config.accounts {
+        if let Some(q) = &a.quiet_hours {
+            let c = z.conflicts(q);
+            if !c.is_empty() {
+                tracing::warn!(account = %a.name, countries = %c.join(","), "These countries' time zones leave no common open hour for the account's quiet hours: their jobs follow the first zone. Set limits.country_zones to choose one.");
+            }
+        }
+    }
+    Ok(Some(z))
+}
+
+fn new_caps(config: &Config) -> Caps {
+    let names: Vec<(&str, &str)> = config
+        .accounts
+        .iter()
+        .map(|a| (&*a.name, &*a.brand))
+        .collect();
+    Caps::new(config.limits.caps.clone(), &names)
 }
 
 /// The number as an integer (E.164 digits fit 50 bits).
@@ -736,6 +849,58 @@ mod tests {
         assert_eq!(reason, "frequency_cap");
         assert!(!detail.contains("1701234567"), "{detail}");
         assert_eq!(limits.check(&j, noon() + 24.hours()), Check::Go);
+    }
+
+    #[test]
+    fn a_reload_swaps_quiet_hours_caps_and_tiers_and_keeps_the_counts() {
+        let (d, c) = config();
+        let limits = Limits::new(&c).unwrap();
+        let j = job(&c, "a", "+491701234567", "");
+        let k = job(&c, "b", "+491701234568", "");
+        let r = || Reservation::default();
+        limits.reserve_caps(&j, noon(), &mut r());
+        assert!(limits.reserve_tier(&j, false, noon(), &mut r()).is_ok());
+        assert!(limits.reserve_tier(&k, false, noon(), &mut r()).is_ok());
+        let night: Timestamp = "2026-01-15T21:30:00Z".parse().unwrap();
+        assert!(matches!(limits.check(&k, night), Check::Defer { .. }));
+
+        // No quiet hours, 2 marketing a day, a tier of 3, a new retry policy.
+        let toml = std::fs::read_to_string(d.path().join("sendwell.toml"))
+            .unwrap()
+            .replace(
+                "quiet_hours = { start = \"21:00\", end = \"09:00\", spread = \"10m\" }",
+                "",
+            )
+            .replace("max = 1, per", "max = 2, per")
+            .replace("messaging_limit = 2", "messaging_limit = 3")
+            + "[limits]\nper_user_limit_block = \"1h\"\n";
+        let p = d.path().join("reloaded.toml");
+        std::fs::write(&p, toml).unwrap();
+        let new = Config::load(&p).unwrap();
+        let (applied, restart) = limits.reload(&c, &new);
+        assert_eq!(
+            applied,
+            vec![
+                "acme-de: quiet_hours",
+                "caps",
+                "portfolio acme: messaging_limit"
+            ]
+        );
+        assert_eq!(restart, vec!["limits.per_user_limit_block"]);
+
+        assert_eq!(limits.check(&k, night), Check::Go, "quiet hours gone");
+        // The cap's one counted send carried over: one more today, then capped at 2.
+        assert_eq!(limits.check(&j, noon() + 1.hours()), Check::Go);
+        limits.reserve_caps(&j, noon() + 1.hours(), &mut r());
+        assert!(matches!(
+            limits.check(&j, noon() + 2.hours()),
+            Check::Suppress { .. }
+        ));
+        // Two recipients counted, the tier is 3 now: one more new one, then full.
+        let l = job(&c, "c", "+491701234569", "");
+        let m = job(&c, "d", "+491701234560", "");
+        assert!(limits.reserve_tier(&l, false, noon(), &mut r()).is_ok());
+        assert!(limits.reserve_tier(&m, false, noon(), &mut r()).is_err());
     }
 
     #[test]

@@ -59,7 +59,7 @@ impl Window {
 struct Portfolio {
     name: Arc<str>,
     /// The tier as configured (kept to tell whether a learned tier is still current).
-    configured: u32,
+    configured: AtomicU32,
     limit: AtomicU32,
     window: Mutex<Window>,
 }
@@ -77,7 +77,7 @@ impl Tier {
                 .iter()
                 .map(|(name, limit)| Portfolio {
                     name: name.clone(),
-                    configured: *limit,
+                    configured: AtomicU32::new(*limit),
                     limit: AtomicU32::new(*limit),
                     window: Mutex::new(Window {
                         last: HashMap::new(),
@@ -97,7 +97,7 @@ impl Tier {
         for p in &self.portfolios {
             if let Some(v) = ledger.kv_get(Table::StoreMeta, &meta_key(&p.name))?
                 && let Some((learned, configured_then)) = decode_learned(&v)
-                && configured_then == p.configured
+                && configured_then == p.configured.load(Ordering::Relaxed)
             {
                 p.limit.store(learned, Ordering::Relaxed);
             }
@@ -218,12 +218,27 @@ impl Tier {
         }
         crate::metrics::tier(&p.name, lock(&p.window).last.len(), limit);
         let mut value = limit.to_le_bytes().to_vec();
-        value.extend_from_slice(&p.configured.to_le_bytes());
+        value.extend_from_slice(&p.configured.load(Ordering::Relaxed).to_le_bytes());
         KvOp::Put {
             table: Table::StoreMeta,
             key: meta_key(&p.name),
             value,
         }
+    }
+
+    /// SIGHUP: a new configured tier for the portfolio; it replaces a tier learned from Meta
+    /// as a changed configured value does at start ([`Self::load`]). The counts stay. Returns
+    /// whether the configured value changed.
+    pub fn reconfigure(&self, portfolio: usize, configured: u32) -> bool {
+        let Some(p) = self.portfolios.get(portfolio) else {
+            return false;
+        };
+        if p.configured.swap(configured, Ordering::Relaxed) == configured {
+            return false;
+        }
+        p.limit.store(configured, Ordering::Relaxed);
+        crate::metrics::tier(&p.name, lock(&p.window).last.len(), configured);
+        true
     }
 
     /// (counted recipients in the window, limit) of a portfolio.
