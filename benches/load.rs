@@ -42,6 +42,9 @@
 //!   baseline at every latency, `0` none
 //! - `SENDWELL_BENCH_BASELINE_PREFETCH` (1000)
 //! - `SENDWELL_BENCH_STALL_S` (60): give up when no outcome arrives for this long
+//! - `SENDWELL_BENCH_RATE` (0): publish at most this many jobs/s; 0 publishes as fast as the
+//!   broker confirms, so the jobs queue up and the latencies are mostly time in the queue; a
+//!   rate below the throughput measures the pipeline's own latency at that load
 //!
 //! Without `--bench` (as `cargo test --all-targets` runs it) it only says it is skipped.
 
@@ -116,6 +119,8 @@ struct Settings {
     baseline: BaselineMode,
     baseline_prefetch: u16,
     stall: Duration,
+    /// Publish at most this many jobs/s (0: as fast as the broker confirms).
+    rate: f64,
 }
 
 impl Settings {
@@ -151,6 +156,7 @@ impl Settings {
             baseline,
             baseline_prefetch: env_or("SENDWELL_BENCH_BASELINE_PREFETCH", 1000u16).max(1),
             stall: Duration::from_secs(env_or("SENDWELL_BENCH_STALL_S", 60u64).max(5)),
+            rate: env_or("SENDWELL_BENCH_RATE", 0.0f64).max(0.0),
         }
     }
 }
@@ -243,6 +249,7 @@ async fn measure(
         jobs.clone(),
         epoch,
         times.clone(),
+        s.rate,
     ));
     let c = drive::collect(consumer, dead, jobs, epoch, &times, &probe, s.stall).await;
     let publish_seconds = if c.stalled && !publisher.is_finished() {
@@ -323,9 +330,14 @@ async fn run() {
     let machine = machine();
     println!("sendwell load bench — {machine}");
     println!(
-        "jobs {} · accounts {} × 1000/s · sandbox latency {:?} ms · sendwell prefetch {} · \
-         baseline prefetch {} · RabbitMQ pid {}",
+        "jobs {} · publish rate {} · accounts {} × 1000/s · sandbox latency {:?} ms · \
+         sendwell prefetch {} · baseline prefetch {} · RabbitMQ pid {}",
         s.jobs,
+        if s.rate > 0.0 {
+            format!("{:.0}/s", s.rate)
+        } else {
+            "unpaced".into()
+        },
         s.accounts,
         s.latencies_ms,
         s.prefetch,
@@ -387,9 +399,19 @@ fn progress(r: &RunResult) {
     );
 }
 
+/// The cores, the CPU model and how busy the machine was over one second before the bench
+/// started (it may be shared: a busy one makes every run slower, the baselines too).
 fn machine() -> String {
+    let before = procfs::machine_ticks();
+    std::thread::sleep(Duration::from_secs(1));
+    let busy = match (before, procfs::machine_ticks()) {
+        (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => {
+            format!("{:.0} %", (b1 - b0) as f64 * 100.0 / (t1 - t0) as f64)
+        }
+        _ => "?".into(),
+    };
     format!(
-        "{} cores, {}",
+        "{} cores, {}, busy before the start {busy}",
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(0),
@@ -403,7 +425,7 @@ fn machine() -> String {
                     .trim()
                     .to_string())
             )
-            .unwrap_or_default()
+            .unwrap_or_default(),
     )
 }
 
@@ -787,18 +809,21 @@ fn report(s: &Settings, machine: &str, results: &[RunResult]) {
     println!("sendwell load bench — {machine}; {} jobs per run", s.jobs);
     println!();
     println!(
-        "| run | API latency | prefetch | finished | time | jobs/s | p50 | p99 | p99.9 | CPU µs/job | peak RSS | peak in flight | peak calls at API | RabbitMQ µs/job | bench µs/job | machine busy |"
+        "| run | API latency | prefetch | finished | published in | time | jobs/s | p50 | p99 | p99.9 | CPU µs/job | peak RSS | peak in flight | peak calls at API | RabbitMQ µs/job | bench µs/job | machine busy |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
     for r in results {
         println!(
-            "| {} | {} | {} | {}/{}{} | {:.1} s | {:.0} | {:.0} ms | {:.0} ms | {:.0} ms | {} | {} MiB | {} | {} | {} | {} | {} % |",
+            "| {} | {} | {} | {}/{}{} | {:.1} s | {:.1} s | {:.0} | {:.0} ms | {:.0} ms | {:.0} ms | {} | {} MiB | {} | {} | {} | {} | {} % |",
             r.kind.label(),
             r.latency_ms.map_or("–".into(), |l| format!("{l} ms")),
             r.prefetch,
             r.finished,
             r.jobs,
             if r.stalled { " STALLED" } else { "" },
+            r.publish_seconds,
             r.seconds,
             r.jobs_per_second,
             r.p50_ms,
@@ -967,6 +992,7 @@ fn report(s: &Settings, machine: &str, results: &[RunResult]) {
             "jobs": s.jobs, "latencies_ms": s.latencies_ms, "accounts": s.accounts,
             "account_limit_per_second": 1000, "prefetch": s.prefetch,
             "baseline_prefetch": s.baseline_prefetch,
+            "publish_rate_per_second": (s.rate > 0.0).then_some(s.rate),
             "mix": "marketing 60% / utility 30% / authentication 10%; 5% of marketing and utility recipients not consented; 0.5% malformed",
         },
         "runs": results,

@@ -366,13 +366,15 @@ pub fn publish_times(n: usize) -> PublishTimes {
 }
 
 /// One connection, persistent messages, publisher confirms pipelined in a window of 1,000, as
-/// an upstream service should publish. Returns when every job is confirmed: how long it took.
+/// an upstream service should publish; at most `rate` jobs/s when it is above 0, else as fast as
+/// the broker confirms. Returns when every job is confirmed: how long it took.
 pub async fn publish(
     url: String,
     exchange: String,
     jobs: Arc<Jobs>,
     epoch: Instant,
     times: PublishTimes,
+    rate: f64,
 ) -> Duration {
     let conn = Connection::connect(&url, ConnectionProperties::default())
         .await
@@ -381,6 +383,12 @@ pub async fn publish(
     ch.confirm_select(Default::default()).await.unwrap();
     let mut pending = futures_util::stream::FuturesUnordered::new();
     for (i, job) in jobs.jobs.iter().enumerate() {
+        if rate > 0.0 {
+            let due = epoch + Duration::from_secs_f64(i as f64 / rate);
+            if Instant::now() < due {
+                tokio::time::sleep_until(due.into()).await;
+            }
+        }
         times[i].store(epoch.elapsed().as_micros() as u64 + 1, Ordering::Relaxed);
         let confirm = ch
             .basic_publish(
