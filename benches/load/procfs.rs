@@ -1,0 +1,135 @@
+//! What the kernel knows about a process: CPU time (utime + stime, all threads) and peak RSS,
+//! from `/proc`, so the bench measures the daemon's own cost, not the load generator's.
+
+use std::time::Instant;
+
+/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`), asked of `getconf` (no libc dependency);
+/// 100 on every Linux this runs on, which is also the fallback.
+pub fn clock_ticks() -> u64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .filter(|&t| t > 0)
+        .unwrap_or(100)
+}
+
+/// utime + stime of a process, in clock ticks (`/proc/<pid>/stat` fields 14 and 15).
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count from the last `)`.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// Peak resident set size (`VmHWM`), in KiB.
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The whole machine's (busy, total) ticks over all cores, from the `cpu` line of `/proc/stat`.
+pub fn machine_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    let idle = v.get(3)? + v.get(4).unwrap_or(&0);
+    let total: u64 = v.iter().take(8).sum();
+    Some((total - idle, total))
+}
+
+/// RabbitMQ's Erlang VM (`beam.smp` running the rabbit application), if visible.
+pub fn find_rabbitmq() -> Option<u32> {
+    let mut candidates = Vec::new();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() == "beam.smp" {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let rabbit = String::from_utf8_lossy(&cmdline).contains("rabbit");
+            candidates.push((rabbit, pid));
+        }
+    }
+    candidates.sort();
+    candidates.last().map(|&(_, pid)| pid)
+}
+
+/// Which processes a run watches.
+#[derive(Clone, Copy, Debug)]
+pub struct Probe {
+    /// The measured process: the daemon or the baseline.
+    pub target: u32,
+    pub broker: Option<u32>,
+    /// Clock ticks per second ([`clock_ticks`]).
+    pub ticks: u64,
+}
+
+/// CPU counters at one moment.
+#[derive(Clone, Copy, Debug)]
+pub struct Snapshot {
+    pub at: Instant,
+    pub target: Option<u64>,
+    pub broker: Option<u64>,
+    /// This process: the load generator, the outcome collector and the sandbox.
+    pub bench: Option<u64>,
+    pub machine: Option<(u64, u64)>,
+}
+
+impl Probe {
+    pub fn snap(&self) -> Snapshot {
+        Snapshot {
+            at: Instant::now(),
+            target: cpu_ticks(self.target),
+            broker: self.broker.and_then(cpu_ticks),
+            bench: cpu_ticks(std::process::id()),
+            machine: machine_ticks(),
+        }
+    }
+}
+
+/// CPU seconds spent between two snapshots.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Usage {
+    pub target_s: Option<f64>,
+    pub broker_s: Option<f64>,
+    pub bench_s: Option<f64>,
+    /// Share of all cores busy (any process), 0..=1.
+    pub machine_busy: Option<f64>,
+}
+
+pub fn usage(a: &Snapshot, b: &Snapshot, ticks_per_s: u64) -> Usage {
+    let secs =
+        |x: Option<u64>, y: Option<u64>| Some(y?.saturating_sub(x?) as f64 / ticks_per_s as f64);
+    Usage {
+        target_s: secs(a.target, b.target),
+        broker_s: secs(a.broker, b.broker),
+        bench_s: secs(a.bench, b.bench),
+        machine_busy: match (a.machine, b.machine) {
+            (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => {
+                Some((b1 - b0) as f64 / (t1 - t0) as f64)
+            }
+            _ => None,
+        },
+    }
+}
