@@ -26,7 +26,7 @@
 //! Measured from the first publish to the last final outcome: jobs/s; publish-to-outcome
 //! p50/p99/p99.9; the measured process's CPU (utime + stime from `/proc/<pid>/stat`) per job;
 //! its peak RSS (`VmHWM`); peak jobs in flight (sendwell: its `sendwell_jobs_in_flight` gauge,
-//! scraped every 200 ms; baseline: its own count) and peak concurrent calls at the sandbox
+//! scraped every second, as a busy Prometheus would; baseline: its own count) and peak concurrent calls at the sandbox
 //! (arrivals within one latency); RabbitMQ's CPU per job (`beam.smp`), the bench process's, and
 //! how busy the whole machine was. Then sendwell's jobs/s and CPU per job as ratios to the
 //! baselines, and the targets (reported, never asserted). A table on stdout, JSON in
@@ -691,7 +691,7 @@ async fn run_sendwell(
                 }
                 tokio::select! {
                     _ = stop.cancelled() => {}
-                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    _ = tokio::time::sleep(Duration::from_millis(1000)) => {}
                 }
             }
         })

@@ -268,7 +268,8 @@ struct BrokerFile {
     url: String,
     password_file: Option<PathBuf>,
     shard: u16,
-    prefetch: u16,
+    /// None: [`PREFETCH_PER_ACCOUNT`] per account.
+    prefetch: Option<u16>,
     #[serde(with = "humantime_serde")]
     reconnect_max_delay: Duration,
 }
@@ -279,7 +280,7 @@ impl Default for BrokerFile {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
             password_file: None,
             shard: 0,
-            prefetch: 1000,
+            prefetch: None,
             reconnect_max_delay: Duration::from_secs(30),
         }
     }
@@ -575,6 +576,16 @@ pub struct WebhookConfig {
     /// WhatsApp's customer-service window: free-form messages only this long after the
     /// customer last wrote.
     pub service_window: Duration,
+}
+
+/// Jobs in flight per configured account when `broker.prefetch` is not set. Throughput comes
+/// from concurrency (Little's law: in flight = rate × API latency): an account at the Cloud
+/// API's 1,000 msgs/s with answers in up to a second needs 1,000 in flight, so the API's
+/// latency never sets the throughput.
+pub const PREFETCH_PER_ACCOUNT: u16 = 1000;
+
+fn default_prefetch(accounts: usize) -> u16 {
+    (accounts.max(1) * usize::from(PREFETCH_PER_ACCOUNT)).min(usize::from(u16::MAX)) as u16
 }
 
 #[derive(Clone)]
@@ -889,7 +900,7 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
         ),
         Err(e) => problem("broker.url", format!("not a URL: {e}")),
     }
-    if f.broker.prefetch == 0 {
+    if f.broker.prefetch == Some(0) {
         problem("broker.prefetch", "must be at least 1".into());
     }
 
@@ -1300,7 +1311,10 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
             url: Secret::new(url),
             redacted_url,
             shard: f.broker.shard,
-            prefetch: f.broker.prefetch,
+            prefetch: f
+                .broker
+                .prefetch
+                .unwrap_or_else(|| default_prefetch(f.accounts.len())),
             reconnect_max_delay: f.broker.reconnect_max_delay,
         },
         state: StateConfig {
@@ -1639,6 +1653,13 @@ mod tests {
 
     fn no_env() -> Env {
         Env::prefixed("SENDWELL_TEST_NEVER_SET_")
+    }
+
+    #[test]
+    fn prefetch_defaults_to_a_thousand_per_account() {
+        assert_eq!(default_prefetch(0), 1000);
+        assert_eq!(default_prefetch(8), 8000);
+        assert_eq!(default_prefetch(100), u16::MAX);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::consent::{Applied, ConsentEvent, EventDecoder};
 use crate::job::{Job, Outcome, OutcomeEvent};
 use crate::pipeline::decode::{Decoder, Refused};
 use crate::pipeline::{Disposition, Pipeline};
-use crate::store::Table;
+use crate::store::{KvOp, Table};
 use crate::webhook::apply::Applier;
 use crate::webhook::parse::Event;
 use crate::webhook::{HEADER_KIND, KIND_CONSENT_QUESTION, KIND_WEBHOOK};
@@ -580,17 +580,19 @@ impl Worker {
                 let bytes = event.to_json();
                 let routing_key = event.routing_key();
                 let is_duplicate = outcome == Outcome::Duplicate;
-                if let Outcome::Sent { wamid, .. } = &outcome {
-                    // For status callbacks that come without our job id.
-                    self.pipeline.ledger.kv_put_nowait(
-                        Table::Wamids,
-                        wamid.as_bytes().to_vec(),
-                        job.id.as_bytes().to_vec(),
-                    );
-                }
+                // For status callbacks that come without our job id: in the same transaction
+                // as the final state.
+                let wamid = match &outcome {
+                    Outcome::Sent { wamid, .. } => vec![KvOp::Put {
+                        table: Table::Wamids,
+                        key: wamid.as_bytes().to_vec(),
+                        value: job.id.as_bytes().to_vec(),
+                    }],
+                    _ => Vec::new(),
+                };
                 if !is_duplicate {
                     self.pipeline
-                        .finalize(&job.id, event.attempts, bytes.clone())
+                        .finalize(&job.id, event.attempts, bytes.clone(), wamid)
                         .await?;
                 }
                 self.publish_outcome(item, &routing_key, &bytes, !is_duplicate)
@@ -606,15 +608,28 @@ impl Worker {
                         Duration::from_millis(age_ms.max(0) as u64),
                     );
                 }
-                tracing::info!(
-                    id = %job.id,
-                    account = %job.account,
-                    to = %job.to.masked(),
-                    status = outcome.status(),
-                    reason = outcome.reason().unwrap_or(""),
-                    attempts = event.attempts,
-                    "Job finished."
-                );
+                // A sent job is the common case, thousands a second: its line is debug (the
+                // metrics count it), so the journal is not flooded (journald's default rate
+                // limit would drop most of them anyway) and no job pays a write to stderr.
+                // Every other outcome is worth reading: info.
+                macro_rules! finished {
+                    ($level:ident) => {
+                        tracing::$level!(
+                            id = %job.id,
+                            account = %job.account,
+                            to = %job.to.masked(),
+                            status = outcome.status(),
+                            reason = outcome.reason().unwrap_or(""),
+                            attempts = event.attempts,
+                            "Job finished."
+                        )
+                    };
+                }
+                if matches!(outcome, Outcome::Sent { .. }) {
+                    finished!(debug);
+                } else {
+                    finished!(info);
+                }
                 Ok(())
             }
             Disposition::Republish(bytes) => {
@@ -758,7 +773,9 @@ impl Worker {
         if let (Some(id), Some(bytes)) = (ledgered, &bytes)
             && !already_final
         {
-            self.pipeline.finalize(id, 0, bytes.clone()).await?;
+            self.pipeline
+                .finalize(id, 0, bytes.clone(), Vec::new())
+                .await?;
         }
         let dead = session.publisher.publish(
             DEAD,

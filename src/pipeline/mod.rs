@@ -587,6 +587,7 @@ impl Pipeline {
         id: &str,
         attempts: u32,
         event: Vec<u8>,
+        also: Vec<KvOp>,
     ) -> Result<(), LedgerError> {
         let mut tries = 0;
         loop {
@@ -597,7 +598,7 @@ impl Pipeline {
                 published: false,
                 event: event.clone(),
             };
-            match self.ledger.put(id, entry).await {
+            match self.ledger.put_with(id, entry, also.clone()).await {
                 Ok(()) => return Ok(()),
                 Err(e) if tries >= 3 => return Err(e),
                 Err(e) => {

@@ -716,22 +716,48 @@ fn write_loop(db: &Arc<RwLock<Database>>, mut rx: mpsc::UnboundedReceiver<Reques
     }
 }
 
+type KvTable<'t> = redb::Table<'t, &'static [u8], &'static [u8]>;
+
+/// The byte tables a batch touches, each opened once per transaction: opening and closing one
+/// per operation (which rewrites the table's root entry each time) was a good part of the
+/// writer's time in the load bench's profile, with several small rows per job.
+struct OpenTables<'t> {
+    w: &'t redb::WriteTransaction,
+    open: [Option<KvTable<'t>>; Table::ALL.len()],
+}
+
+impl<'t> OpenTables<'t> {
+    fn new(w: &'t redb::WriteTransaction) -> Self {
+        Self {
+            w,
+            open: Default::default(),
+        }
+    }
+
+    fn get(&mut self, table: Table) -> Result<&mut KvTable<'t>, LedgerError> {
+        let slot = &mut self.open[table as usize];
+        if slot.is_none() {
+            *slot = Some(self.w.open_table(table.def())?);
+        }
+        Ok(slot.as_mut().expect("opened above"))
+    }
+}
+
 fn apply_kv(
-    w: &redb::WriteTransaction,
+    tables: &mut OpenTables<'_>,
     jobs: &mut redb::Table<&str, &[u8]>,
     op: &KvOp,
 ) -> Result<u64, LedgerError> {
     Ok(match op {
         KvOp::Put { table, key, value } => {
-            w.open_table(table.def())?
+            tables
+                .get(*table)?
                 .insert(key.as_slice(), value.as_slice())?;
             1
         }
-        KvOp::Delete { table, key } => {
-            w.open_table(table.def())?.remove(key.as_slice())?.is_some() as u64
-        }
+        KvOp::Delete { table, key } => tables.get(*table)?.remove(key.as_slice())?.is_some() as u64,
         KvOp::DeletePrefix { table, prefix } => {
-            let mut t = w.open_table(table.def())?;
+            let t = tables.get(*table)?;
             let keys: Vec<Vec<u8>> = t
                 .range(prefix.as_slice()..)?
                 .map_while(|r| r.ok())
@@ -744,7 +770,7 @@ fn apply_kv(
             keys.len() as u64
         }
         KvOp::DeleteIf { table, key, value } => {
-            let mut t = w.open_table(table.def())?;
+            let t = tables.get(*table)?;
             let same = t
                 .get(key.as_slice())?
                 .is_some_and(|v| v.value() == value.as_slice());
@@ -775,6 +801,7 @@ fn apply(db: &RwLock<Database>, batch: &[Request]) -> Vec<Result<u64, LedgerErro
         let mut counts = Vec::with_capacity(batch.len());
         {
             let mut t = w.open_table(LEDGER)?;
+            let mut tables = OpenTables::new(&w);
             for req in batch {
                 let n = match &req.op {
                     Op::Put { id, entry } => {
@@ -793,12 +820,13 @@ fn apply(db: &RwLock<Database>, batch: &[Request]) -> Vec<Result<u64, LedgerErro
                         }
                     }
                     Op::KvPut { table, key, value } => {
-                        w.open_table(table.def())?
+                        tables
+                            .get(*table)?
                             .insert(key.as_slice(), value.as_slice())?;
                         1
                     }
                     Op::KvInsertIfAbsent { table, key, value } => {
-                        let mut kt = w.open_table(table.def())?;
+                        let kt = tables.get(*table)?;
                         if kt.get(key.as_slice())?.is_some() {
                             0
                         } else {
@@ -811,7 +839,7 @@ fn apply(db: &RwLock<Database>, batch: &[Request]) -> Vec<Result<u64, LedgerErro
                     Op::Many(ops) => {
                         let mut n = 0;
                         for op in ops {
-                            n += apply_kv(&w, &mut t, op)?;
+                            n += apply_kv(&mut tables, &mut t, op)?;
                         }
                         n
                     }
