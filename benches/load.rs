@@ -208,6 +208,8 @@ struct RunResult {
     peak_at_sandbox: Option<usize>,
     /// Published and not yet finished (queued at the broker + in flight), at most.
     peak_outstanding: usize,
+    /// sendwell: `basic.ack` frames sent, (multiple, single) (`sendwell_acks_total`).
+    acks: Option<(f64, f64)>,
     broker_cpu_us_per_job: Option<f64>,
     bench_cpu_us_per_job: Option<f64>,
     machine_busy_percent: Option<f64>,
@@ -302,6 +304,7 @@ fn result_from(kind: RunKind, s: &Settings, m: &Measured, latency_ms: Option<u64
         peak_in_flight: None,
         peak_at_sandbox: None,
         peak_outstanding: m.c.peak_outstanding,
+        acks: None,
         broker_cpu_us_per_job: per_job(m.usage.broker_s),
         bench_cpu_us_per_job: per_job(m.usage.bench_s),
         machine_busy_percent: m.usage.machine_busy.map(|b| b * 100.0),
@@ -723,6 +726,10 @@ async fn run_sendwell(
         Err(_) => String::new(),
     };
     r.per_account = per_account(s, &sandbox, &metrics);
+    r.acks = Some((
+        metric_value(&metrics, "sendwell_acks_total{kind=\"multiple\"}"),
+        metric_value(&metrics, "sendwell_acks_total{kind=\"single\"}"),
+    ));
 
     // SIGTERM: a graceful stop (the state store closes cleanly).
     let _ = std::process::Command::new("kill")
@@ -952,12 +959,14 @@ fn report(s: &Settings, machine: &str, results: &[RunResult]) {
     for r in &sendwell {
         println!();
         println!(
-            "sendwell @{} ms: ready after {} s; outcomes {:?}; repeated final outcomes {}; peak outstanding {}; exit {}",
+            "sendwell @{} ms: ready after {} s; outcomes {:?}; repeated final outcomes {}; peak outstanding {}; acks sent: {} multiple, {} single; exit {}",
             r.latency_ms.unwrap_or(0),
             opt(r.start_seconds, 1),
             r.outcomes,
             r.repeated_outcomes,
             r.peak_outstanding,
+            opt(r.acks.map(|a| a.0), 0),
+            opt(r.acks.map(|a| a.1), 0),
             r.exit.as_deref().unwrap_or("clean")
         );
         let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);

@@ -18,6 +18,7 @@ pub const API_LATENCY: &str = "sendwell_api_request_duration_seconds";
 pub const API_RETRIES: &str = "sendwell_api_retries_total";
 pub const BROKER_RECONNECTS: &str = "sendwell_broker_reconnects_total";
 pub const BROKER_CONNECTED: &str = "sendwell_broker_connected";
+pub const ACKS: &str = "sendwell_acks_total";
 pub const ACCOUNT_PAUSED: &str = "sendwell_account_paused";
 pub const ACCOUNT_PAUSES: &str = "sendwell_account_pauses_total";
 pub const WEBHOOK_REQUESTS: &str = "sendwell_webhook_requests_total";
@@ -65,6 +66,7 @@ pub const ALL: &[&str] = &[
     API_RETRIES,
     BROKER_RECONNECTS,
     BROKER_CONNECTED,
+    ACKS,
     ACCOUNT_PAUSED,
     ACCOUNT_PAUSES,
     WEBHOOK_REQUESTS,
@@ -218,6 +220,10 @@ pub fn describe() {
         "Broker connections re-established after a loss."
     );
     describe_gauge!(BROKER_CONNECTED, "1 while connected to the broker.");
+    describe_counter!(
+        ACKS,
+        "basic.ack frames sent for settled jobs: kind=multiple settles a run of them at once, kind=single one (a job settled behind one still running)."
+    );
     describe_gauge!(
         ACCOUNT_PAUSED,
         "1 while an account is paused because the Cloud API refuses it."
@@ -453,6 +459,10 @@ pub fn api_retry(account: &str, class: &'static str) {
 pub fn broker_connected(up: bool) {
     crate::health::connected(up);
     gauge!(BROKER_CONNECTED).set(if up { 1.0 } else { 0.0 });
+}
+
+pub fn acks_sent(multiple: bool) {
+    counter!(ACKS, "kind" => if multiple { "multiple" } else { "single" }).increment(1);
 }
 
 pub fn broker_reconnected() {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 use lapin::BasicProperties;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::options::BasicNackOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -36,6 +36,8 @@ pub const HEADER_REASON_CODE: &str = "x-sendwell-reason-code";
 /// One broker connection's publishing side; jobs received on it are settled through it.
 pub struct Session {
     pub publisher: Publisher,
+    /// Acks of settled jobs, sent in batches (`multiple`).
+    pub acks: Arc<super::acks::AckBatcher>,
     /// Cancelled when the connection is lost or closed: items of this session still waiting in
     /// a lane are skipped (the broker redelivers them on the next connection).
     pub token: CancellationToken,
@@ -132,8 +134,8 @@ enum SettleError {
     Publish(#[from] PublishError),
     #[error("ack: {0}")]
     Ack(#[from] lapin::Error),
-    #[error("ack: the channel is closed; the broker will redeliver the job")]
-    ChannelClosed,
+    #[error(transparent)]
+    Batch(#[from] super::acks::AckError),
     #[error(transparent)]
     Store(#[from] crate::store::LedgerError),
 }
@@ -311,7 +313,7 @@ impl Worker {
                 )
                 .await?;
         }
-        ack(&item.delivery).await
+        ack(&item.session, &item.delivery).await
     }
 
     /// Sends a consent message (question, STOP confirmation) on the account; true when the
@@ -515,7 +517,7 @@ impl Worker {
         let ledger = &self.pipeline.ledger;
         if ledger.kv_get(Table::WebhookSeen, &key)?.is_some() {
             crate::metrics::webhook_duplicate();
-            return ack(delivery).await;
+            return ack(session, delivery).await;
         }
         let publications = self.webhooks.apply(event).await?;
         let mut learned = Vec::new();
@@ -554,7 +556,7 @@ impl Worker {
         ledger
             .kv_put(Table::WebhookSeen, key, now.to_le_bytes().to_vec())
             .await?;
-        ack(delivery).await
+        ack(session, delivery).await
     }
 
     async fn settle(&self, item: &Item, disposition: Disposition) -> Result<(), SettleError> {
@@ -639,7 +641,7 @@ impl Worker {
                 Ok(())
             }
             Disposition::AckOnly => {
-                ack(&item.delivery).await?;
+                ack(&item.session, &item.delivery).await?;
                 Ok(())
             }
             Disposition::Abandon => {
@@ -649,6 +651,7 @@ impl Worker {
                     tokio::select! {
                         _ = self.shutdown.cancelled() => {}
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                            item.session.acks.forget(item.delivery.delivery_tag);
                             item.delivery.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await?;
                         }
                     }
@@ -681,7 +684,7 @@ impl Worker {
         if is_final {
             self.pipeline.ledger.mark_published(&item.job.id).await?;
         }
-        ack(&item.delivery).await?;
+        ack(&item.session, &item.delivery).await?;
         Ok(())
     }
 
@@ -721,7 +724,7 @@ impl Worker {
                 true,
             )
             .await?;
-        ack(delivery).await?;
+        ack(session, delivery).await?;
         Ok(())
     }
 
@@ -809,7 +812,7 @@ impl Worker {
         {
             self.pipeline.ledger.mark_published(id).await?;
         }
-        ack(delivery).await?;
+        ack(session, delivery).await?;
         crate::metrics::dead_lettered(reason);
         // Only configured account names become label values; anything else is "unknown".
         let account = refused
@@ -855,7 +858,7 @@ impl Worker {
             )
             .await?;
         crate::metrics::dead_lettered(reason);
-        ack(delivery).await
+        ack(session, delivery).await
     }
 }
 
@@ -880,12 +883,12 @@ fn header_str<'a>(p: &'a BasicProperties, name: &str) -> Option<&'a str> {
     }
 }
 
-/// Acks; a closed channel (lapin answers `Ok(false)`) is an error, not a success.
-async fn ack(delivery: &Delivery) -> Result<(), SettleError> {
-    match delivery.acker.ack(BasicAckOptions::default()).await? {
-        true => Ok(()),
-        false => Err(SettleError::ChannelClosed),
-    }
+/// Acks with the session's next batch (see `amqp::acks`).
+async fn ack(session: &Session, delivery: &Delivery) -> Result<(), SettleError> {
+    Ok(session
+        .acks
+        .ack(delivery.delivery_tag, &delivery.acker)
+        .await?)
 }
 
 /// Properties for a copy of a delivered message: the original's (its publish timestamp stays, so

@@ -4,6 +4,7 @@
 //! not ready. Unacked jobs of a lost connection are redelivered by the broker; the ledger keeps
 //! them from being sent twice.
 
+pub mod acks;
 pub mod consumer;
 pub mod publisher;
 pub mod topology;
@@ -137,21 +138,30 @@ async fn session(
                 "a job could not be settled on this connection".into(),
             )),
             d = consumer.next() => match d {
-                Some(Ok(delivery)) => worker.handle(delivery, &session),
+                Some(Ok(delivery)) => {
+                    session.acks.delivered(delivery.delivery_tag);
+                    worker.handle(delivery, &session)
+                }
                 Some(Err(e)) => break Err(SessionError::LostAfterConsuming(e.to_string())),
                 None => break Err(SessionError::LostAfterConsuming(
                     "the broker cancelled the consumer".into(),
                 )),
             },
             d = webhooks.next() => match d {
-                Some(Ok(delivery)) => worker.handle(delivery, &session),
+                Some(Ok(delivery)) => {
+                    session.acks.delivered(delivery.delivery_tag);
+                    worker.handle(delivery, &session)
+                }
                 Some(Err(e)) => break Err(SessionError::LostAfterConsuming(e.to_string())),
                 None => break Err(SessionError::LostAfterConsuming(
                     "the broker cancelled the webhook consumer".into(),
                 )),
             },
             d = consent.next() => match d {
-                Some(Ok(delivery)) => worker.handle_consent(delivery, &session, false),
+                Some(Ok(delivery)) => {
+                    session.acks.delivered(delivery.delivery_tag);
+                    worker.handle_consent(delivery, &session, false)
+                }
                 Some(Err(e)) => break Err(SessionError::LostAfterConsuming(e.to_string())),
                 None => break Err(SessionError::LostAfterConsuming(
                     "the broker cancelled the consent consumer".into(),
@@ -174,6 +184,10 @@ async fn session(
             .await;
         }
         drain(worker, grace).await;
+        // The last acks of the finished jobs, before the connection goes.
+        if let Err(e) = session.acks.flush(Duration::ZERO).await {
+            tracing::warn!(error = %e, "Could not ack the last settled jobs; the broker will redeliver them (they are recorded as done).");
+        }
     }
     token.cancel();
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, "sendwell closing".into())).await;
@@ -204,8 +218,10 @@ async fn setup(
         .await?;
     let session = Arc::new(Session {
         publisher: Publisher::new(publish_channel, token.clone()),
+        acks: Arc::new(acks::AckBatcher::default()),
         token,
     });
+    tokio::spawn(session.acks.clone().run(session.token.clone()));
 
     let consume_channel = conn.create_channel().await?;
     consume_channel
