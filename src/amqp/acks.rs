@@ -229,7 +229,7 @@ mod tests {
         assert_eq!(f.multiple, Some("a3"), "up to the first unsettled delivery");
         assert!(f.singles.is_empty(), "5 is not a straggler yet");
         // Never past 4: 5 goes alone once it has waited.
-        let f = p.take(at(t0, 30), STRAGGLER);
+        let f = p.take(t0 + STRAGGLER, STRAGGLER);
         assert_eq!(
             f,
             Flush {
@@ -238,8 +238,9 @@ mod tests {
             }
         );
         assert_eq!(p.ready(), 0);
-        assert!(p.settled(4, "a4", at(t0, 40)));
-        assert_eq!(p.take(at(t0, 41), STRAGGLER).multiple, Some("a4"));
+        let later = t0 + STRAGGLER + Duration::from_millis(10);
+        assert!(p.settled(4, "a4", later));
+        assert_eq!(p.take(later, STRAGGLER).multiple, Some("a4"));
         assert!(p.outstanding.is_empty());
     }
 
