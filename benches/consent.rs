@@ -288,6 +288,91 @@ fn phase_load(dir: &Path, rt: &tokio::runtime::Runtime) {
     wait_closed(dir);
 }
 
+/// The limits the combined phase fills: the example config's kind (quiet hours, pacing 6 s, a
+/// marketing cap of 1 a day and 2 a week, a daily tier), with a tier large enough never to bind.
+const LIMITS_CONFIG: &str = r#"
+[[purposes]]
+name = "newsletter"
+categories = ["marketing"]
+
+[[portfolios]]
+name = "acme"
+messaging_limit = 100000000
+
+[[caps]]
+category = "marketing"
+scope = "account"
+rules = [{ max = 1, per = "1d" }, { max = 2, per = "7d" }]
+
+[[accounts]]
+name = "acme-de"
+phone_number_id = "1"
+token_file = "token"
+messages_per_second = 1000
+portfolio = "acme"
+pacing = { interval = "6s", burst = 1 }
+quiet_hours = { start = "21:00", end = "09:00", spread = "30m" }
+"#;
+
+/// Child process: what a daemon holds at its largest, in one process: the consent cache loaded
+/// from the store, then `SENDWELL_BENCH_LIMIT_RECIPIENTS` (default 1,000,000) distinct
+/// recipients through the limits (quiet hours and caps checked, the tier and cap counted, a
+/// pacing pair each), all live at once. Reports the peak RSS (`VmHWM`) of the whole process.
+fn phase_with_limits(dir: &Path, rt: &tokio::runtime::Runtime) {
+    let config = config();
+    let ledger = Ledger::open(dir).unwrap();
+    let store = rt
+        .block_on(ConsentStore::load_with(ledger, accounts(), rules(&config)))
+        .unwrap();
+    println!("entries={}", store.cached_entries());
+    println!("consent_hwm_kib={}", status_kib("VmHWM:"));
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("token"), "t").unwrap();
+    let p = tmp.path().join("limits.toml");
+    std::fs::write(&p, LIMITS_CONFIG).unwrap();
+    let lc = Config::load(&p).unwrap();
+    let limits = sendwell::pipeline::limits::Limits::new(&lc).unwrap();
+    let a = &lc.accounts[0];
+    let pacing = sendwell::pipeline::limits::pacing::Pacing::new(
+        a.pacing_interval,
+        a.pacing_burst,
+        lc.retry.max_delay,
+        sendwell::pipeline::limits::MonoClock::new(),
+    );
+    let decoder = Decoder::new(&lc);
+    let n: usize = env_or("SENDWELL_BENCH_LIMIT_RECIPIENTS", 1_000_000);
+    // 11:00 in Berlin (winter), a microsecond apart: every job is inside the open window.
+    let start: Timestamp = "2026-11-30T10:00:00Z".parse().unwrap();
+    let mut job = job(
+        &decoder,
+        "4915100000000",
+        "acme-de",
+        "marketing",
+        "newsletter",
+    );
+    let mut go = 0usize;
+    for i in 0..n {
+        let digits = 4_915_100_000_000u64 + (i as u64 * 7919) % 100_000_000;
+        job.to = sendwell::pipeline::decode::parse_e164(&format!("+{digits}")).unwrap();
+        let now = start + Duration::from_micros(i as u64);
+        if limits.check(&job, now) != sendwell::pipeline::limits::Check::Go {
+            continue;
+        }
+        let mut r = sendwell::pipeline::limits::Reservation::default();
+        if limits.reserve_tier(&job, false, now, &mut r).is_err() || pacing.check(digits).is_err() {
+            continue;
+        }
+        black_box(limits.reserve_caps(&job, now, &mut r));
+        pacing.sent(digits);
+        go += 1;
+    }
+    println!("recipients={go}");
+    println!("hwm_kib={}", status_kib("VmHWM:"));
+    println!("rss_kib={}", rss_kib());
+    drop(store);
+    wait_closed(dir);
+}
+
 /// Child process: a bare scan of the summary table (redb's read cache, no index), then a load
 /// on that warm cache, whose RSS growth is then the index's alone.
 fn phase_scan(dir: &Path, rt: &tokio::runtime::Runtime) {
@@ -359,6 +444,7 @@ fn main() {
         match phase.as_str() {
             "load" => phase_load(&dir, &rt),
             "scan" => phase_scan(&dir, &rt),
+            "with_limits" => phase_with_limits(&dir, &rt),
             other => panic!("unknown phase {other}"),
         }
         return;
@@ -457,6 +543,19 @@ fn main() {
         per(index, entries),
         per(index, pop.numbers)
     );
+
+    // 2b. The peak of a daemon's memory: the whole consent cache and 1 M recipients in the
+    //     limits, in one process.
+    if bench_mode {
+        let both = child("with_limits", &dir);
+        println!(
+            "consent bench: peak RSS, {} consent entries + {} recipients in the limits, one process: {:.1} MiB (after the consent load alone: {:.1} MiB)",
+            both["entries"],
+            both["recipients"],
+            mib(both["hwm_kib"] * 1024),
+            mib(both["consent_hwm_kib"] * 1024)
+        );
+    }
 
     // 3. ns per check, with the whole population cached.
     let config = config();

@@ -497,9 +497,14 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     let broker_cfg = config.broker.clone();
     let grace = config.shutdown.grace_period;
     let stop = shutdown.clone();
+    // The spend estimate goes to the store once a second, and once more after the last job.
+    let spend_stop = CancellationToken::new();
+    let spend_saver = tokio::spawn(spend.clone().save_every_second(spend_stop.clone()));
     let join = tokio::spawn(async move {
         let result = crate::amqp::run(worker, broker_cfg, broker_flag, stop.clone(), grace).await;
         stop.cancel();
+        spend_stop.cancel();
+        let _ = spend_saver.await;
         // An erasure whose compaction was still waiting must not leave the number in the file.
         if let Err(e) = final_compaction.compact_if_due().await {
             tracing::warn!(error = %e, "Compacting the state store after an erasure failed.");

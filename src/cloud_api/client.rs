@@ -81,6 +81,13 @@ impl CloudApi {
             .timeout(cfg.request_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(4096)
+            // HTTP/1.1 with keep-alive, even where Meta offers HTTP/2 by ALPN: hyper's client
+            // keeps one HTTP/2 connection per host and queues requests once the server's
+            // SETTINGS_MAX_CONCURRENT_STREAMS are in use, never opening a second connection
+            // (hyperium/hyper#2197, #3623). At a typical 100 streams and 300 ms per answer that
+            // caps sending at ~333 msgs/s for all accounts together, a third of one number's
+            // limit. Keep-alive HTTP/1.1 connections grow with the jobs in flight.
+            .http1_only()
             .tcp_nodelay(true)
             .user_agent(concat!("sendwell/", env!("CARGO_PKG_VERSION")))
             .build()?;

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use jiff::Timestamp;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::job::{Category, Content, Job};
@@ -60,6 +61,8 @@ struct Ring {
     /// (minute, total) of the last [`Ring::total`]: every sent job asks for it, and summing
     /// 1,440 slots each time showed in the load bench's profile.
     cached: Option<(i64, i64)>,
+    /// Minutes changed since they were last written to the store ([`Spend::unsaved`]).
+    dirty: Vec<i64>,
 }
 
 impl Ring {
@@ -68,6 +71,7 @@ impl Ring {
             slots: Box::new([0; MINUTES]),
             minute_of: Box::new([i64::MIN; MINUTES]),
             cached: None,
+            dirty: Vec::new(),
         }
     }
 
@@ -118,6 +122,9 @@ impl Ring {
         minute + 1
     }
 }
+
+/// How often the spend of the last minutes is written to the store.
+pub const SAVE_INTERVAL: Duration = Duration::from_secs(1);
 
 struct Account {
     budget: Option<i64>,
@@ -234,14 +241,55 @@ impl Spend {
         let minute = minute_of(now);
         {
             let mut ring = lock(&a.ring);
-            let bucket = ring.add(minute, micros.0);
-            self.ledger.kv_put_nowait(
-                Table::StoreMeta,
-                format!("spend|{account}|{minute}").into_bytes(),
-                bucket.to_le_bytes().to_vec(),
-            );
+            ring.add(minute, micros.0);
+            if ring.dirty.last() != Some(&minute) {
+                ring.dirty.push(minute);
+            }
         }
         self.report(account, now);
+    }
+
+    /// The rows of the minutes changed since the last call, for the store. Written every
+    /// [`SAVE_INTERVAL`] and at shutdown rather than with every sent job: one row a second per
+    /// account instead of one store write per job (a crash loses at most that second of the
+    /// estimate).
+    pub fn unsaved(&self) -> Vec<KvOp> {
+        let mut ops = Vec::new();
+        for (name, a) in &self.accounts {
+            let mut ring = lock(&a.ring);
+            for minute in std::mem::take(&mut ring.dirty) {
+                let i = minute.rem_euclid(MINUTES as i64) as usize;
+                if ring.minute_of[i] != minute {
+                    continue;
+                }
+                ops.push(KvOp::Put {
+                    table: Table::StoreMeta,
+                    key: format!("spend|{name}|{minute}").into_bytes(),
+                    value: ring.slots[i].to_le_bytes().to_vec(),
+                });
+            }
+        }
+        ops
+    }
+
+    /// Writes [`Self::unsaved`] every [`SAVE_INTERVAL`] until `stop`, then once more.
+    pub async fn save_every_second(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(SAVE_INTERVAL);
+        loop {
+            let stopping = tokio::select! {
+                _ = stop.cancelled() => true,
+                _ = tick.tick() => false,
+            };
+            let ops = self.unsaved();
+            if !ops.is_empty()
+                && let Err(e) = self.ledger.kv_many(ops).await
+            {
+                tracing::warn!(error = %e, "Saving the spend estimate failed; will try again.");
+            }
+            if stopping {
+                return;
+            }
+        }
     }
 
     /// The account's estimated spend over the trailing 24 hours.
@@ -418,6 +466,28 @@ mod tests {
         let later = now + std::time::Duration::from_secs(86_400);
         assert!(spend.check(&m, later).is_ok());
         assert_eq!(spend.rolling("a", later), Some(Micros(0)));
+    }
+
+    #[tokio::test]
+    async fn the_spend_is_saved_in_one_row_per_minute_and_loaded_after_a_restart() {
+        let (_d, c) = config();
+        let ledger = Ledger::open_in_memory().unwrap();
+        let spend = Spend::new(&c, ledger.clone());
+        let now: Timestamp = "2026-11-29T12:00:00Z".parse().unwrap();
+        for _ in 0..3 {
+            spend.add("a", Micros(100_000), now);
+        }
+        spend.add("a", Micros(50_000), now + Duration::from_secs(60));
+        let ops = spend.unsaved();
+        assert_eq!(ops.len(), 2, "one row per changed minute, not per send");
+        assert!(spend.unsaved().is_empty(), "nothing new since");
+        ledger.kv_many(ops).await.unwrap();
+        let again = Spend::new(&c, ledger.clone());
+        again.load(&ledger, now + Duration::from_secs(60)).unwrap();
+        assert_eq!(
+            again.rolling("a", now + Duration::from_secs(60)),
+            Some(Micros(350_000))
+        );
     }
 
     #[test]
