@@ -618,3 +618,45 @@ async fn one_busy_recipient_does_not_stall_the_others() {
     }
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_acks_leave_nothing_unacked_while_running_or_after_a_stop() {
+    let env = TestEnv::new(&AppOptions::default()).await;
+    let app = env.start().await;
+    let ids: Vec<String> = (0..400).map(|i| format!("ack-{i}")).collect();
+    let jobs: Vec<_> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| template_job(id, &number(100 + i)))
+        .collect();
+    env.publish(&jobs).await;
+    env.final_outcomes(&ids, T).await;
+    // While running: every settled job's ack goes out within a flush or a straggler's wait.
+    let broker = &env.broker;
+    wait_for("every job acked while running", T, async || {
+        broker.drained("sendwell.jobs.0").then_some(())
+    })
+    .await;
+    let metrics = app.metrics().await;
+    assert!(
+        metric_value(&metrics, "sendwell_acks_total") >= 1.0,
+        "acks are counted"
+    );
+
+    // A second burst, stopped right after its outcomes: whether its last acks went with a
+    // flush tick or with the final flush before the connection closed, none is left behind
+    // (an unsent ack would put its job back in the queue when the connection closes).
+    let more: Vec<String> = (0..200).map(|i| format!("ack-late-{i}")).collect();
+    let jobs: Vec<_> = more
+        .iter()
+        .enumerate()
+        .map(|(i, id)| template_job(id, &number(600 + i)))
+        .collect();
+    env.publish(&jobs).await;
+    env.final_outcomes(&more, T).await;
+    app.stop().await;
+    assert!(
+        broker.drained("sendwell.jobs.0"),
+        "a settled job came back to the queue after the stop"
+    );
+}
