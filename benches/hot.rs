@@ -4,6 +4,7 @@
 //! Run: `cargo bench --bench hot`.
 
 use std::hint::black_box;
+use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use sendwell::cloud_api::classify::classify_response;
@@ -85,6 +86,42 @@ fn benches(c: &mut Criterion) {
     });
     c.bench_function("classify_error", |b| {
         b.iter(|| classify_response(400, black_box(Some(130429)), String::new(), None))
+    });
+
+    // The metrics of one sent job, with the Prometheus recorder installed as in the daemon:
+    // through sendwell's cached handles, and the same series through the `metrics` macros
+    // (which allocate the labels and look the series up on every call), side by side.
+    let _recorder = sendwell::app::metrics_handle();
+    let took = Duration::from_millis(120);
+    c.bench_function("metrics_of_a_sent_job_cached", |b| {
+        b.iter(|| {
+            let account = black_box("acme-de");
+            sendwell::metrics::limit_wait(account, "throughput", Duration::ZERO);
+            sendwell::metrics::api_request(account, "ok", None, took);
+            sendwell::metrics::estimated_cost(account, "marketing", "DE", "EUR", 113_100);
+            sendwell::metrics::spend(account, "EUR", 113_100);
+            sendwell::metrics::job_finished(account, "sent", None);
+            sendwell::metrics::job_age(account, "sent", took);
+        })
+    });
+    c.bench_function("metrics_of_a_sent_job_macros", |b| {
+        use metrics::{counter, gauge, histogram};
+        use sendwell::metrics as m;
+        b.iter(|| {
+            let account = black_box("acme-de");
+            histogram!(m::LIMIT_WAIT, "account" => account.to_string(), "limit" => "throughput")
+                .record(0.0);
+            counter!(m::API_REQUESTS, "account" => account.to_string(), "result" => "ok", "code" => String::new())
+                .increment(1);
+            histogram!(m::API_LATENCY, "account" => account.to_string()).record(0.12);
+            counter!(m::ESTIMATED_COST, "account" => account.to_string(), "category" => "marketing".to_string(), "country" => "DE".to_string(), "currency" => "EUR".to_string())
+                .increment(113_100);
+            gauge!(m::SPEND, "account" => account.to_string(), "currency" => "EUR".to_string())
+                .set(113_100.0);
+            counter!(m::JOBS_FINISHED, "account" => account.to_string(), "status" => "sent", "reason" => "")
+                .increment(1);
+            histogram!(m::JOB_AGE, "account" => account.to_string(), "status" => "sent").record(0.12);
+        })
     });
 }
 
