@@ -41,6 +41,7 @@
 //! - `SENDWELL_BENCH_BASELINE`: `1` (default) baselines at the first latency, `all` the HTTP
 //!   baseline at every latency, `0` none
 //! - `SENDWELL_BENCH_BASELINE_PREFETCH` (1000)
+//! - `SENDWELL_BENCH_DAEMON_WORKERS`: the daemon's tokio worker threads (default: one per core)
 //! - `SENDWELL_BENCH_STALL_S` (60): give up when no outcome arrives for this long
 //! - `SENDWELL_BENCH_RATE` (0): publish at most this many jobs/s; 0 publishes as fast as the
 //!   broker confirms, so the jobs queue up and the latencies are mostly time in the queue; a
@@ -654,6 +655,12 @@ async fn run_sendwell(
         if k.to_string_lossy().starts_with("SENDWELL_") || k == "RUST_LOG" {
             cmd.env_remove(k);
         }
+    }
+    // The daemon's tokio worker threads (tokio reads TOKIO_WORKER_THREADS), to compare
+    // runtime sizes without changing the load generator's.
+    cmd.env_remove("TOKIO_WORKER_THREADS");
+    if let Ok(n) = std::env::var("SENDWELL_BENCH_DAEMON_WORKERS") {
+        cmd.env("TOKIO_WORKER_THREADS", n);
     }
     let started = Instant::now();
     let mut child = cmd.spawn().expect("the sendwell binary starts");
