@@ -28,7 +28,8 @@
 //! its peak RSS (`VmHWM`); peak jobs in flight (sendwell: its `sendwell_jobs_in_flight` gauge,
 //! scraped every second, as a busy Prometheus would; baseline: its own count) and peak concurrent calls at the sandbox
 //! (arrivals within one latency); RabbitMQ's CPU per job (`beam.smp`), the bench process's, and
-//! how busy the whole machine was. Then sendwell's jobs/s and CPU per job as ratios to the
+//! how busy the whole machine was; the measured process's CPU per job by thread name (sendwell:
+//! tokio workers, the store's writer, lapin's I/O loop), from `/proc/<pid>/task/*/stat`. Then sendwell's jobs/s and CPU per job as ratios to the
 //! baselines, and the targets (reported, never asserted). A table on stdout, JSON in
 //! `$CARGO_TARGET_DIR/bench-load.json` (else `target/bench-load.json`; SENDWELL_BENCH_OUT).
 //!
@@ -214,6 +215,10 @@ struct RunResult {
     broker_cpu_us_per_job: Option<f64>,
     bench_cpu_us_per_job: Option<f64>,
     machine_busy_percent: Option<f64>,
+    /// The measured process's CPU µs per job by thread name (sendwell: `tokio-rt-worker` runs
+    /// the jobs, HTTP and AMQP handling; `sendwell-ledger` is the store's writer; `lapin-io-loop`
+    /// the AMQP socket).
+    cpu_us_per_job_by_thread: BTreeMap<String, f64>,
     /// Outcome events by routing key.
     outcomes: BTreeMap<String, usize>,
     /// sendwell: how long the daemon took to become ready (load the consent store, connect).
@@ -309,6 +314,13 @@ fn result_from(kind: RunKind, s: &Settings, m: &Measured, latency_ms: Option<u64
         broker_cpu_us_per_job: per_job(m.usage.broker_s),
         bench_cpu_us_per_job: per_job(m.usage.bench_s),
         machine_busy_percent: m.usage.machine_busy.map(|b| b * 100.0),
+        cpu_us_per_job_by_thread: m
+            .usage
+            .threads_s
+            .iter()
+            .filter(|(_, v)| **v > 0.0)
+            .map(|(k, v)| (k.clone(), v * 1e6 / n))
+            .collect(),
         outcomes: m.c.by_key.clone(),
         start_seconds: None,
         exit: None,
@@ -999,6 +1011,16 @@ fn report(s: &Settings, machine: &str, results: &[RunResult]) {
             .map(|a| f(a, "door_waits"))
             .sum::<f64>()
             + 0.0;
+        let mut threads: Vec<(&String, &f64)> = r.cpu_us_per_job_by_thread.iter().collect();
+        threads.sort_by(|a, b| b.1.total_cmp(a.1));
+        println!(
+            "  CPU µs/job by thread: {}",
+            threads
+                .iter()
+                .map(|(k, v)| format!("{k} {v:.1}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         println!(
             "  per account (limit 1000/s): rate at the API {:.0}–{:.0}/s, busiest second {busiest}, mean gate wait ≤ {gate_mean_ms:.1} ms, door waits {door:.0}",
             rates.iter().copied().fold(f64::MAX, f64::min),

@@ -1,6 +1,7 @@
 //! What the kernel knows about a process: CPU time (utime + stime, all threads) and peak RSS,
 //! from `/proc`, so the bench measures the daemon's own cost, not the load generator's.
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 /// Clock ticks per second (`sysconf(_SC_CLK_TCK)`), asked of `getconf` (no libc dependency);
@@ -24,6 +25,34 @@ pub fn cpu_ticks(pid: u32) -> Option<u64> {
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
     Some(utime + stime)
+}
+
+/// utime + stime per thread name (`/proc/<pid>/task/*/stat`), summed over threads of the same
+/// name: where a process spends its CPU (the daemon's tokio workers, ledger writer, AMQP I/O
+/// loop). A thread that ended between two readings drops out; the process total does not.
+pub fn thread_ticks(pid: u32) -> BTreeMap<String, u64> {
+    let mut by_name = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return by_name;
+    };
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].to_string();
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let (Some(u), Some(s)) = (
+            fields.get(11).and_then(|f| f.parse::<u64>().ok()),
+            fields.get(12).and_then(|f| f.parse::<u64>().ok()),
+        ) else {
+            continue;
+        };
+        *by_name.entry(name).or_insert(0) += u + s;
+    }
+    by_name
 }
 
 /// Peak resident set size (`VmHWM`), in KiB.
@@ -86,7 +115,7 @@ pub struct Probe {
 }
 
 /// CPU counters at one moment.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Snapshot {
     pub at: Instant,
     pub target: Option<u64>,
@@ -94,6 +123,8 @@ pub struct Snapshot {
     /// This process: the load generator, the outcome collector and the sandbox.
     pub bench: Option<u64>,
     pub machine: Option<(u64, u64)>,
+    /// The measured process's CPU by thread name ([`thread_ticks`]).
+    pub threads: BTreeMap<String, u64>,
 }
 
 impl Probe {
@@ -104,18 +135,21 @@ impl Probe {
             broker: self.broker.and_then(cpu_ticks),
             bench: cpu_ticks(std::process::id()),
             machine: machine_ticks(),
+            threads: thread_ticks(self.target),
         }
     }
 }
 
 /// CPU seconds spent between two snapshots.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Usage {
     pub target_s: Option<f64>,
     pub broker_s: Option<f64>,
     pub bench_s: Option<f64>,
     /// Share of all cores busy (any process), 0..=1.
     pub machine_busy: Option<f64>,
+    /// The measured process's CPU seconds by thread name, for threads alive at both readings.
+    pub threads_s: BTreeMap<String, f64>,
 }
 
 pub fn usage(a: &Snapshot, b: &Snapshot, ticks_per_s: u64) -> Usage {
@@ -131,5 +165,16 @@ pub fn usage(a: &Snapshot, b: &Snapshot, ticks_per_s: u64) -> Usage {
             }
             _ => None,
         },
+        threads_s: b
+            .threads
+            .iter()
+            .filter_map(|(name, &t1)| {
+                let t0 = *a.threads.get(name)?;
+                Some((
+                    name.clone(),
+                    t1.saturating_sub(t0) as f64 / ticks_per_s as f64,
+                ))
+            })
+            .collect(),
     }
 }
