@@ -11,8 +11,10 @@
 //!    queue behind an `x-consistent-hash` exchange like sendwell's. (a) *broker-only*, and
 //!    (b) *HTTP* with a reqwest POST of a Cloud API body to the sandbox at the first latency.
 //! 2. **sendwell**, once per latency: `sendwell run --config …` as a child process (the release
-//!    binary Cargo built for this bench), with the consent store seeded beforehand, 8 accounts at
-//!    1,000 msgs/s (the Cloud API's maximum: the limits do not bind, but every check runs),
+//!    binary Cargo built for this bench), with the consent store seeded beforehand, 16 accounts
+//!    at 1,000 msgs/s (the Cloud API's maximum; the issue asks for limits that do not bind, and
+//!    with 8 accounts the ~7,000 jobs/s this machine reaches already met the gates of the
+//!    busiest accounts at times; every check runs either way),
 //!    recipient pacing on, the example config's marketing caps, a price table.
 //!
 //! Every run gets a vhost of its own, a fresh sandbox (in this process: it stands in for Meta,
@@ -37,8 +39,8 @@
 //! - `SENDWELL_BENCH_JOBS` (100000)
 //! - `SENDWELL_BENCH_LATENCY_MS` (100): the sandbox's latency; a list such as `100,500` runs
 //!   sendwell at each, so latency independence is a same-run ratio
-//! - `SENDWELL_BENCH_PREFETCH` (1,000 × accounts = 8000): sendwell's `broker.prefetch`
-//! - `SENDWELL_BENCH_ACCOUNTS` (8)
+//! - `SENDWELL_BENCH_PREFETCH` (1,000 × accounts = 16,000): sendwell's `broker.prefetch`
+//! - `SENDWELL_BENCH_ACCOUNTS` (16)
 //! - `SENDWELL_BENCH_BASELINE`: `1` (default) baselines at the first latency, `all` the HTTP
 //!   baseline at every latency, `0` none
 //! - `SENDWELL_BENCH_BASELINE_PREFETCH` (1000)
@@ -127,7 +129,7 @@ struct Settings {
 
 impl Settings {
     fn from_env() -> Settings {
-        let accounts = env_or("SENDWELL_BENCH_ACCOUNTS", 8usize).clamp(1, 200);
+        let accounts = env_or("SENDWELL_BENCH_ACCOUNTS", 16usize).clamp(1, 200);
         let mut latencies_ms: Vec<u64> = std::env::var("SENDWELL_BENCH_LATENCY_MS")
             .unwrap_or_default()
             .split(',')
