@@ -537,7 +537,7 @@ pub fn dead_lettered(reason: &'static str) {
 
 pub fn in_flight(delta: f64) {
     crate::health::in_flight(delta as i64);
-    gauge!(JOBS_IN_FLIGHT).increment(delta);
+    cached_gauge(JOBS_IN_FLIGHT, &[]).increment(delta);
 }
 
 /// `result` is `ok`, or the failure class; `code` is Meta's error code or empty.
