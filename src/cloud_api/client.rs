@@ -93,7 +93,12 @@ impl CloudApi {
             .connect_timeout(cfg.connect_timeout)
             .timeout(cfg.request_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(4096)
+            // Every connection that served a call stays for the next one (reqwest's default):
+            // with HTTP/1.1 the calls in flight are the connections, and at 500 ms answers that
+            // is several thousand; a lower cap closed the ones above it after each answer and
+            // opened new ones (a TLS handshake each, with Meta) for the next calls. Idle ones
+            // go after 90 s, so the pool is bounded by the jobs in flight, i.e. the prefetch.
+            .pool_max_idle_per_host(usize::MAX)
             // HTTP/1.1 with keep-alive, even where Meta offers HTTP/2 by ALPN: hyper's client
             // keeps one HTTP/2 connection per host and queues requests once the server's
             // SETTINGS_MAX_CONCURRENT_STREAMS are in use, never opening a second connection
