@@ -107,7 +107,7 @@ impl Pipeline {
                 };
             }
             Err(e) => {
-                tracing::error!(error = %e, "State store unreadable; the job stays queued.");
+                tracing::error!(id = %job.id, account = %job.account, error = %e, "State store unreadable; the job stays queued.");
                 return Disposition::Abandon;
             }
         };
@@ -500,7 +500,7 @@ impl Pipeline {
         if !ops.is_empty()
             && let Err(e) = self.ledger.kv_many(ops).await
         {
-            tracing::warn!(error = %e, "Could not un-count a send that did not happen; it stays counted.");
+            tracing::warn!(id = %job.id, account = %job.account, error = %e, "Could not un-count a send that did not happen; it stays counted.");
         }
     }
 
@@ -515,7 +515,7 @@ impl Pipeline {
                     .per_user_limited(job.to.digits(), self.clock.now())
                     && let Err(e) = self.ledger.kv_many(vec![op]).await
                 {
-                    tracing::warn!(error = %e, "Could not store Meta's per-user marketing block.");
+                    tracing::warn!(id = %job.id, account = %job.account, error = %e, "Could not store Meta's per-user marketing block.");
                 }
             }
             _ => {}
@@ -574,7 +574,7 @@ impl Pipeline {
             )
             .await;
         if let Err(e) = &r {
-            tracing::error!(error = %e, "State store write failed; the job stays queued.");
+            tracing::error!(id = %job.id, account = %job.account, error = %e, "State store write failed; the job stays queued.");
         }
         r
     }
@@ -603,7 +603,7 @@ impl Pipeline {
                 Err(e) if tries >= 3 => return Err(e),
                 Err(e) => {
                     tries += 1;
-                    tracing::warn!(error = %e, "Recording an outcome failed; trying again.");
+                    tracing::warn!(id, error = %e, "Recording an outcome failed; trying again.");
                     tokio::time::sleep(Duration::from_millis(100 * 4u64.pow(tries))).await;
                 }
             }
