@@ -181,6 +181,15 @@ pub const ALL: &[&str] = &[
     SPEND_BUDGET,
     SPEND_GUARD,
     QUEUE_MESSAGES,
+    // From metrics-process (see PROCESS), under the names Prometheus's clients use.
+    "process_cpu_seconds_total",
+    "process_open_fds",
+    "process_max_fds",
+    "process_virtual_memory_bytes",
+    "process_virtual_memory_max_bytes",
+    "process_resident_memory_bytes",
+    "process_start_time_seconds",
+    "process_threads",
 ];
 
 /// Buckets from 1 ms to 10 s, for inline limit waits (longer waits become deferrals).
@@ -198,7 +207,20 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0,
 ];
 
+/// The process's own figures (`process_cpu_seconds_total`, `process_resident_memory_bytes`,
+/// open fds, threads, start time), as Prometheus's Go client exports them: with
+/// `sendwell_jobs_finished_total` they give the CPU per job in production, the figure the load
+/// bench measures. Read from `/proc/self` at each scrape ([`collect_process`]).
+static PROCESS: LazyLock<metrics_process::Collector> =
+    LazyLock::new(metrics_process::Collector::default);
+
+/// Refreshes the process figures; called by `/metrics` before it renders.
+pub fn collect_process() {
+    PROCESS.collect();
+}
+
 pub fn describe() {
+    PROCESS.describe();
     describe_counter!(
         ESTIMATED_COST,
         "Estimated cost of sent messages at send time, from the price table, in millionths of its currency, by account, category and recipient country (ISO 3166)."

@@ -744,6 +744,18 @@ async fn the_scraped_metrics_pass_promtool_check_metrics() {
             "{family} is not on /metrics:\n{text}"
         );
     }
+    // The process's own figures, read at the scrape: for the CPU per job in production.
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} is not on /metrics:\n{text}"))
+    };
+    let rss = value("process_resident_memory_bytes");
+    assert!(rss > 1e6 && rss < 1e11, "RSS {rss}");
+    assert!(value("process_threads") >= 2.0);
+    assert!(value("process_open_fds") > 0.0);
+    assert!(value("process_start_time_seconds") > 1.7e9);
+    value("process_cpu_seconds_total");
 
     // Everything on /metrics is in ALL (what the dashboard and the alerts may query).
     let typed: Vec<(&str, &str)> = text

@@ -162,6 +162,7 @@ async fn consent_export(
 async fn render_metrics(
     State(s): State<AdminState>,
 ) -> ([(axum::http::HeaderName, &'static str); 1], String) {
+    crate::metrics::collect_process();
     (
         [(
             axum::http::header::CONTENT_TYPE,
