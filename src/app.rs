@@ -422,6 +422,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         applier,
         (flow.clone(), EventDecoder::new(&config)),
         names,
+        crate::amqp::provenance::Identity::from_url(config.broker.url.expose()),
         shutdown.clone(),
     ));
 

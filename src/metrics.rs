@@ -93,6 +93,7 @@ pub const JOBS_RECEIVED: &str = "sendwell_jobs_received_total";
 pub const JOBS_FINISHED: &str = "sendwell_jobs_finished_total";
 pub const JOBS_DEFERRED: &str = "sendwell_jobs_deferred_total";
 pub const JOBS_DEAD_LETTERED: &str = "sendwell_jobs_dead_lettered_total";
+pub const JOBS_REROUTED: &str = "sendwell_jobs_rerouted_total";
 pub const JOBS_IN_FLIGHT: &str = "sendwell_jobs_in_flight";
 pub const API_REQUESTS: &str = "sendwell_api_requests_total";
 pub const API_LATENCY: &str = "sendwell_api_request_duration_seconds";
@@ -141,6 +142,7 @@ pub const ALL: &[&str] = &[
     JOBS_FINISHED,
     JOBS_DEFERRED,
     JOBS_DEAD_LETTERED,
+    JOBS_REROUTED,
     JOBS_IN_FLIGHT,
     API_REQUESTS,
     API_LATENCY,
@@ -303,6 +305,10 @@ pub fn describe() {
     describe_counter!(
         JOBS_DEAD_LETTERED,
         "Messages moved to sendwell.dead, by reason."
+    );
+    describe_counter!(
+        JOBS_REROUTED,
+        "Jobs published with a routing key other than their recipient's digits, sent on to sendwell.jobs with the right key (so they reach the shard that owns the recipient)."
     );
     describe_gauge!(JOBS_IN_FLIGHT, "Jobs being processed right now.");
     describe_counter!(
@@ -555,6 +561,10 @@ pub fn job_deferred(account: &str, reason: &'static str) {
 
 pub fn dead_lettered(reason: &'static str) {
     counter!(JOBS_DEAD_LETTERED, "reason" => reason).increment(1);
+}
+
+pub fn job_rerouted() {
+    counter!(JOBS_REROUTED).increment(1);
 }
 
 pub fn in_flight(delta: f64) {

@@ -501,6 +501,24 @@ tests:
       - eval_time: 80m
         alertname: SendwellTemplateQualityLowered
 
+  # Forged control messages: the first one (a new series) alerts at once; other dead-letter
+  # reasons do not; it clears an hour after the last.
+  - interval: 1m
+    input_series:
+      - series: 'sendwell_jobs_dead_lettered_total{instance="a",job="sendwell",reason="forged_control"}'
+        values: '_x10 1x80'
+      - series: 'sendwell_jobs_dead_lettered_total{instance="a",job="sendwell",reason="malformed"}'
+        values: '0+1x90'
+    alert_rule_test:
+      - eval_time: 5m
+        alertname: SendwellForgedControlMessages
+      - eval_time: 12m
+        alertname: SendwellForgedControlMessages
+        exp_alerts:
+          - exp_labels: {severity: critical, job: sendwell}
+      - eval_time: 80m
+        alertname: SendwellForgedControlMessages
+
   # Messaging tier: WABA 1 drops from unlimited to 1K, 2 is stable, 3 is upgraded.
   - interval: 1m
     input_series:

@@ -16,11 +16,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use super::provenance::Identity;
 use super::publisher::{PublishError, Publisher, json_properties};
 use super::topology::{CONSENT_EXCHANGE, DEAD, JOBS_EXCHANGE, Names, OUTCOMES_EXCHANGE};
 use crate::consent::flow::{ConsentFlow, Outgoing};
 use crate::consent::{Applied, ConsentEvent, EventDecoder};
-use crate::job::{Job, Outcome, OutcomeEvent};
+use crate::job::{Invalid, Job, Outcome, OutcomeEvent};
 use crate::pipeline::decode::{Decoder, Refused};
 use crate::pipeline::{Disposition, Pipeline};
 use crate::store::{KvOp, Table};
@@ -32,6 +33,10 @@ pub const HEADER_DUE: &str = "x-sendwell-due";
 pub const HEADER_ATTEMPTS: &str = "x-sendwell-attempts";
 pub const HEADER_REASON: &str = "x-sendwell-reason";
 pub const HEADER_REASON_CODE: &str = "x-sendwell-reason-code";
+/// The dead-letter reason of a message that claims to come from sendwell and does not.
+pub const FORGED: &str = "forged_control";
+/// Ids longer than this are not valid job ids (CONTRACT §2) and get no ledger row.
+const MAX_LEDGERED_ID: usize = 128;
 
 /// One broker connection's publishing side; jobs received on it are settled through it.
 pub struct Session {
@@ -73,8 +78,19 @@ struct ConsentItem {
     imported: bool,
 }
 
+/// A message refused as a job (malformed, invalid, forged) whose id is readable: settled in the
+/// lane of that id, after every copy of the id taken before it, so it can tell whether the id
+/// has another life (a job finished, running, or waiting in a delay queue) before it answers
+/// `invalid` for it.
+struct InvalidItem {
+    delivery: Delivery,
+    refused: Box<Refused>,
+    session: Arc<Session>,
+}
+
 enum Work {
     Job(Item),
+    Invalid(InvalidItem),
     Webhook(WebhookItem),
     Consent(ConsentItem),
 }
@@ -83,8 +99,18 @@ impl Work {
     fn session(&self) -> &Arc<Session> {
         match self {
             Work::Job(i) => &i.session,
+            Work::Invalid(i) => &i.session,
             Work::Webhook(w) => &w.session,
             Work::Consent(c) => &c.session,
+        }
+    }
+
+    /// The job id this work holds a place for in `Lanes::ids`.
+    fn id(&self) -> Option<&str> {
+        match self {
+            Work::Job(i) => Some(&i.job.id),
+            Work::Invalid(i) => i.refused.id.as_deref(),
+            _ => None,
         }
     }
 }
@@ -112,6 +138,24 @@ struct Lanes {
     ids: HashMap<Arc<str>, (Arc<str>, u32)>,
 }
 
+impl Lanes {
+    /// Counts one more copy of `id` in flight; returns the lane it runs in: the lane of the
+    /// copies already queued or running, else `lane()`.
+    fn hold_place(&mut self, id: &str, lane: impl FnOnce() -> Arc<str>) -> Arc<str> {
+        match self.ids.get_mut(id) {
+            Some((key, n)) => {
+                *n += 1;
+                key.clone()
+            }
+            None => {
+                let key = lane();
+                self.ids.insert(id.into(), (key.clone(), 1));
+                key
+            }
+        }
+    }
+}
+
 /// Shared by every session: the lanes outlive connections, so a job redelivered after a
 /// reconnect queues behind its still-running first copy instead of racing it.
 pub struct Worker {
@@ -124,6 +168,12 @@ pub struct Worker {
     /// Consent: the store every job is checked against, and the conversation around it.
     consent: Arc<ConsentFlow>,
     consent_decoder: EventDecoder,
+    /// sendwell's broker user: stamped on what it publishes to itself, and required of every
+    /// message that carries an `x-sendwell-*` header (see `amqp::provenance`).
+    identity: Identity,
+    /// At most one log line a minute about re-routed jobs (a publisher with a wrong key sends
+    /// all its jobs so); the counter counts each.
+    reroute_log: LogGate,
     pub tracker: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -147,6 +197,7 @@ impl Worker {
         webhooks: Applier,
         consent: (Arc<ConsentFlow>, EventDecoder),
         names: Names,
+        identity: Identity,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
@@ -156,6 +207,8 @@ impl Worker {
             consent: consent.0,
             consent_decoder: consent.1,
             names,
+            identity,
+            reroute_log: LogGate::per_minute(),
             lanes: Mutex::new(Lanes::default()),
             tracker: TaskTracker::new(),
             shutdown,
@@ -164,6 +217,12 @@ impl Worker {
 
     /// Takes one delivery from the consumer loop; never blocks on I/O.
     pub fn handle(self: &Arc<Self>, delivery: Delivery, session: &Arc<Session>) {
+        if let Some(claim) = self.identity.forged_claim(&delivery.properties) {
+            let detail = format!(
+                "header {claim} claims the message comes from sendwell, but the broker does not vouch for it (its user_id is not sendwell's broker user)"
+            );
+            return self.refuse_forged(delivery, session, detail);
+        }
         match header_str(&delivery.properties, HEADER_KIND) {
             Some(KIND_WEBHOOK) => return self.handle_webhook(delivery, session),
             Some(KIND_CONSENT_QUESTION) => return self.handle_consent(delivery, session, true),
@@ -187,13 +246,16 @@ impl Worker {
             return;
         }
         match self.decoder.decode(&delivery.data) {
-            Err(refused) => {
-                let this = self.clone();
-                let session = session.clone();
-                self.tracker.spawn(async move {
-                    let r = this.settle_invalid(&session, &delivery, refused).await;
-                    settle_failed(&session, r, "dead-letter an invalid job");
-                });
+            Err(refused) => self.refuse(delivery, session, refused),
+            Ok(job)
+                if delivery.routing_key.as_str() != job.to.digits()
+                    && header_i64(&delivery.properties, HEADER_ATTEMPTS).is_none() =>
+            {
+                // Not from our delay queues (those come back by queue name): published with a
+                // key that is not the recipient's digits. On another shard than the recipient's,
+                // its id would escape that shard's ledger; sent on with the right key, it
+                // reaches the recipient's shard, whose ledger dedupes it.
+                self.reroute(delivery, session, &job);
             }
             Ok(job) => self.schedule(Item {
                 // A copy back from our own delay queue is, like a broker redelivery, a copy of
@@ -230,6 +292,25 @@ impl Worker {
     /// Takes one consent event (from `sendwell.consent.<shard>`, or a question request routed
     /// here through `sendwell.jobs`). An invalid event is dead-lettered with its reason.
     pub fn handle_consent(self: &Arc<Self>, delivery: Delivery, session: &Arc<Session>, ask: bool) {
+        if !ask && let Some(claim) = self.identity.forged_claim(&delivery.properties) {
+            // Upstream may publish consent events, but not claim to be `sendwell consent
+            // import` (imported opt-ins are not asked the double opt-in question).
+            let detail = format!(
+                "header {claim} claims the consent event comes from sendwell, but the broker does not vouch for it (its user_id is not sendwell's broker user)"
+            );
+            crate::metrics::consent_event("invalid", "dead_lettered");
+            let this = self.clone();
+            let session = session.clone();
+            self.tracker.spawn(async move {
+                let r = this.dead_letter(&session, &delivery, FORGED, &detail).await;
+                settle_failed(&session, r, "dead-letter a forged consent event");
+                tracing::warn!(
+                    detail,
+                    "Forged consent event dead-lettered; nothing applied."
+                );
+            });
+            return;
+        }
         match self
             .consent_decoder
             .decode(&delivery.data, Timestamp::now())
@@ -308,7 +389,7 @@ impl Worker {
                     JOBS_EXCHANGE,
                     ev.to.digits(),
                     &ev.to_json(),
-                    json_properties().with_headers(headers),
+                    self.identity.stamp(json_properties().with_headers(headers)),
                     true,
                 )
                 .await?;
@@ -410,17 +491,7 @@ impl Worker {
     fn schedule(self: &Arc<Self>, item: Item) {
         let key = {
             let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
-            let key: Arc<str> = match lanes.ids.get_mut(&item.job.id) {
-                Some((lane, n)) => {
-                    *n += 1;
-                    lane.clone()
-                }
-                None => {
-                    let lane: Arc<str> = item.job.to.as_str().into();
-                    lanes.ids.insert(item.job.id.clone(), (lane.clone(), 1));
-                    lane
-                }
-            };
+            let key = lanes.hold_place(&item.job.id, || item.job.to.as_str().into());
             match lanes.waiting.get_mut(&key) {
                 Some(q) if q.len() >= MAX_LANE_WAITING => {
                     if let Some((_, n)) = lanes.ids.get_mut(&item.job.id) {
@@ -440,15 +511,104 @@ impl Worker {
         self.enqueue(key, Work::Job(item));
     }
 
+    /// A message that is not a valid job: answered `invalid` and dead-lettered. When its id is
+    /// readable that happens in the id's lane (see [`InvalidItem`]); otherwise at once.
+    fn refuse(self: &Arc<Self>, delivery: Delivery, session: &Arc<Session>, refused: Box<Refused>) {
+        let id = refused
+            .id
+            .as_deref()
+            .filter(|id| !id.is_empty() && id.len() <= MAX_LEDGERED_ID);
+        let Some(id) = id else {
+            let this = self.clone();
+            let session = session.clone();
+            self.tracker.spawn(async move {
+                let r = this.settle_invalid(&session, &delivery, &refused).await;
+                settle_failed(&session, r, "dead-letter an invalid job");
+            });
+            return;
+        };
+        let key = self
+            .lanes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .hold_place(id, || format!("id:{id}").into());
+        self.enqueue(
+            key,
+            Work::Invalid(InvalidItem {
+                delivery,
+                refused,
+                session: session.clone(),
+            }),
+        );
+    }
+
+    /// A message that claims to come from sendwell without the broker vouching for it: refused
+    /// like an invalid job (reason `forged_control`), whatever it would have changed.
+    fn refuse_forged(self: &Arc<Self>, delivery: Delivery, session: &Arc<Session>, detail: String) {
+        let invalid = Invalid::new(FORGED, detail);
+        let refused = match self.decoder.decode(&delivery.data) {
+            Ok(job) => Box::new(Refused {
+                id: Some(job.id.to_string()),
+                account: Some(job.account.to_string()),
+                to: Some(job.to.as_str().to_string()),
+                invalid,
+            }),
+            Err(mut r) => {
+                r.invalid = invalid;
+                r
+            }
+        };
+        self.refuse(delivery, session, refused);
+    }
+
+    /// Sends a job published with the wrong routing key on to `sendwell.jobs` with its
+    /// recipient's digits, then acks it here. The copy keeps the original's properties and
+    /// headers (it has no `x-sendwell-*` ones: forged claims are refused before this).
+    fn reroute(self: &Arc<Self>, delivery: Delivery, session: &Arc<Session>, job: &Job) {
+        crate::metrics::job_rerouted();
+        if self.reroute_log.due() {
+            tracing::warn!(
+                id = %job.id,
+                to = %job.to.masked(),
+                "A job was published with a routing key other than its recipient's digits; sent on with the right key (logged at most once a minute, counted in sendwell_jobs_rerouted_total)."
+            );
+        }
+        let key = job.to.digits().to_string();
+        let session = session.clone();
+        self.tracker.spawn(async move {
+            let headers = delivery.properties.headers().clone().unwrap_or_default();
+            let r = async {
+                session
+                    .publisher
+                    .publish(
+                        JOBS_EXCHANGE,
+                        &key,
+                        &delivery.data,
+                        carry_properties(&delivery, headers),
+                        true,
+                    )
+                    .await?;
+                ack(&session, &delivery).await
+            }
+            .await;
+            settle_failed(&session, r, "re-route a job");
+        });
+    }
+
     fn defer_busy(self: &Arc<Self>, item: Item) {
         crate::metrics::job_deferred(&item.job.account, "recipient_busy");
         let this = self.clone();
         self.tracker.spawn(async move {
             let attempts = header_i64(&item.delivery.properties, HEADER_ATTEMPTS).unwrap_or(0);
             let until = Timestamp::now() + std::time::Duration::from_secs(5);
-            let r = this
-                .delay(&item.session, &item.delivery, until, attempts as u32)
-                .await;
+            let r = async {
+                this.pipeline
+                    .note_waiting(&item.job, attempts as u32)
+                    .await?;
+                this.delay(&item.session, &item.delivery, until, attempts as u32)
+                    .await
+            }
+            .await;
             settle_failed(&item.session, r, "defer a job of a busy recipient");
         });
     }
@@ -472,6 +632,12 @@ impl Worker {
                         settle_failed(&item.session, r, "settle a job");
                         crate::metrics::in_flight(-1.0);
                     }
+                    Work::Invalid(i) => {
+                        let r = self
+                            .settle_invalid(&i.session, &i.delivery, &i.refused)
+                            .await;
+                        settle_failed(&i.session, r, "dead-letter an invalid job");
+                    }
                     Work::Webhook(w) => {
                         let r = self.settle_webhook(&w.session, &w.delivery, &w.event).await;
                         settle_failed(&w.session, r, "apply a webhook event");
@@ -484,12 +650,12 @@ impl Worker {
             }
             let next = {
                 let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
-                if let Work::Job(item) = &work
-                    && let Some((_, n)) = lanes.ids.get_mut(&item.job.id)
+                if let Some(id) = work.id()
+                    && let Some((_, n)) = lanes.ids.get_mut(id)
                 {
                     *n -= 1;
                     if *n == 0 {
-                        lanes.ids.remove(&item.job.id);
+                        lanes.ids.remove(id);
                     }
                 }
                 match lanes.waiting.get_mut(&key).and_then(|q| q.pop_front()) {
@@ -572,6 +738,7 @@ impl Worker {
             }) => {
                 crate::metrics::job_deferred(&job.account, reason);
                 tracing::debug!(id = %job.id, reason, %until, "Job deferred.");
+                self.pipeline.note_waiting(job, attempts).await?;
                 self.delay(&item.session, &item.delivery, until, attempts)
                     .await
             }
@@ -723,7 +890,8 @@ impl Worker {
                 "",
                 &queue,
                 &delivery.data,
-                carry_properties(delivery, headers),
+                // Back on the shard queue, its x-sendwell-* headers must be vouched for.
+                self.identity.stamp(carry_properties(delivery, headers)),
                 true,
             )
             .await?;
@@ -737,7 +905,7 @@ impl Worker {
         &self,
         session: &Session,
         delivery: &Delivery,
-        refused: Box<Refused>,
+        refused: &Refused,
     ) -> Result<(), SettleError> {
         let reason = refused.invalid.reason;
         let detail = &refused.invalid.detail;
@@ -745,19 +913,13 @@ impl Worker {
             .id
             .as_deref()
             .filter(|id| !id.is_empty() && id.len() <= 1024);
-        // A readable id that is known (finished, waiting in a delay queue, or being processed
-        // right now) keeps its own outcome: this broken copy is only dead-lettered.
-        let ledgered = id.filter(|i| i.len() <= 128);
+        // A readable id that has another life (finished, or waiting in a delay queue: both
+        // leave a ledger row) keeps its own outcome: this broken copy is only dead-lettered.
+        // Copies of the id that are queued or running are not a question: this one runs in
+        // their lane, after those taken before it (see `refuse`).
+        let ledgered = id.filter(|i| i.len() <= MAX_LEDGERED_ID);
         let already_final = match ledgered {
-            Some(i) => {
-                let in_lanes = self
-                    .lanes
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .ids
-                    .contains_key(i);
-                in_lanes || self.pipeline.ledger.get(i)?.is_some()
-            }
+            Some(i) => self.pipeline.ledger.get(i)?.is_some(),
             None => false,
         };
         let event = id.filter(|_| !already_final).map(|id| OutcomeEvent {
@@ -862,6 +1024,21 @@ impl Worker {
             .await?;
         crate::metrics::dead_lettered(reason);
         ack(session, delivery).await
+    }
+}
+
+/// Lets a log line through at most once a minute: a thin name for governor's direct limiter.
+struct LogGate(governor::DefaultDirectRateLimiter);
+
+impl LogGate {
+    fn per_minute() -> Self {
+        Self(governor::RateLimiter::direct(governor::Quota::per_minute(
+            std::num::NonZeroU32::MIN,
+        )))
+    }
+
+    fn due(&self) -> bool {
+        self.0.check().is_ok()
     }
 }
 

@@ -6,6 +6,7 @@
 
 pub mod acks;
 pub mod consumer;
+pub mod provenance;
 pub mod publisher;
 pub mod topology;
 

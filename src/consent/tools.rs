@@ -851,6 +851,9 @@ pub struct ConsentPublisher {
     confirmed: u64,
     failed: u64,
     origin: &'static str,
+    /// Our broker user, as `user_id`: the daemon honours the origin header only when the
+    /// broker vouches for it (see `amqp::provenance`).
+    user: String,
 }
 
 /// Confirms outstanding at once: enough to keep the broker busy.
@@ -877,6 +880,7 @@ impl ConsentPublisher {
             confirmed: 0,
             failed: 0,
             origin,
+            user: crate::amqp::provenance::broker_user(url),
         })
     }
 
@@ -890,7 +894,8 @@ impl ConsentPublisher {
             .with_content_type("application/json".into())
             .with_delivery_mode(2)
             .with_timestamp(Timestamp::now().as_second().max(0) as u64)
-            .with_headers(headers);
+            .with_headers(headers)
+            .with_user_id(self.user.as_str().into());
         let confirm = self
             .ch
             .basic_publish(

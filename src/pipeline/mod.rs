@@ -541,6 +541,16 @@ impl Pipeline {
         })
     }
 
+    /// A job about to wait in a delay queue leaves a ledger row (kept as it is if there is
+    /// one): its id then has a life outside the consumer's lanes, so a broken copy published
+    /// meanwhile is only dead-lettered instead of taking the id with an `invalid` outcome.
+    pub async fn note_waiting(&self, job: &Job, attempts: u32) -> Result<(), LedgerError> {
+        if self.ledger.get(&job.id)?.is_none() {
+            self.record(job, LedgerState::Pending, attempts).await?;
+        }
+        Ok(())
+    }
+
     async fn record(
         &self,
         job: &Job,

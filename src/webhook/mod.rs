@@ -69,7 +69,7 @@ impl BrokerSink {
     /// Publishes every event and waits for all confirms.
     pub async fn publish(&self, events: &[parse::Event]) -> Result<(), String> {
         let ch = self.channel().await.map_err(|e| e.to_string())?;
-        let result = try_join_all(events.iter().map(|ev| publish_one(&ch, ev))).await;
+        let result = try_join_all(events.iter().map(|ev| publish_one(&ch, &self.url, ev))).await;
         if result.is_err() {
             *self.conn.lock().await = None;
         }
@@ -77,7 +77,7 @@ impl BrokerSink {
     }
 }
 
-async fn publish_one(ch: &Channel, ev: &parse::Event) -> Result<(), String> {
+async fn publish_one(ch: &Channel, url: &Secret, ev: &parse::Event) -> Result<(), String> {
     let body = serde_json::to_vec(ev).map_err(|e| e.to_string())?;
     let (exchange, key) = match &ev.recipient {
         Some(digits) => (JOBS_EXCHANGE, digits.as_str()),
@@ -88,10 +88,12 @@ async fn publish_one(ch: &Channel, ev: &parse::Event) -> Result<(), String> {
         ShortString::from(HEADER_KIND),
         AMQPValue::LongString(LongString::from(KIND_WEBHOOK)),
     );
+    // The consumer acts on x-sendwell-kind only when the broker vouches for our user_id.
     let props = BasicProperties::default()
         .with_content_type("application/json".into())
         .with_delivery_mode(2)
-        .with_headers(headers);
+        .with_headers(headers)
+        .with_user_id(crate::amqp::provenance::broker_user(url.expose()).into());
     let confirm = ch
         .basic_publish(
             exchange.into(),

@@ -92,6 +92,8 @@ async fn mgmt(method: reqwest::Method, path: &str, body: Option<&str>) -> reqwes
 pub struct TestBroker {
     pub vhost: String,
     pub url: String,
+    /// Users made by `user_who_may_write`, deleted on drop.
+    users: Mutex<Vec<String>>,
 }
 
 impl TestBroker {
@@ -107,7 +109,35 @@ impl TestBroker {
         .await;
         assert!(r.status().is_success(), "set permissions: {}", r.status());
         let url = format!("amqp://guest:guest@127.0.0.1:5672/{vhost}");
-        Self { vhost, url }
+        Self {
+            vhost,
+            url,
+            users: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A broker user of its own with permissions in this vhost only for what `write` matches
+    /// (configure and read nothing), as the operations guide sets up an upstream publisher;
+    /// returns its AMQP URL. Deleted with the vhost's test (see `Drop`).
+    pub async fn user_who_may_write(&self, write: &str) -> String {
+        let name = format!("sendwell-test-user-{}", uuid::Uuid::new_v4().simple());
+        let r = mgmt(
+            reqwest::Method::PUT,
+            &format!("/api/users/{name}"),
+            Some(r#"{"password":"pw","tags":""}"#),
+        )
+        .await;
+        assert!(r.status().is_success(), "create user: {}", r.status());
+        let body = serde_json::json!({ "configure": "^$", "write": write, "read": "^$" });
+        let r = mgmt(
+            reqwest::Method::PUT,
+            &format!("/api/permissions/{}/{name}", self.vhost),
+            Some(&body.to_string()),
+        )
+        .await;
+        assert!(r.status().is_success(), "set permissions: {}", r.status());
+        self.users.lock().unwrap().push(name.clone());
+        format!("amqp://{name}:pw@127.0.0.1:5672/{}", self.vhost)
     }
 
     /// A queue as the management API describes it (None: not there yet).
@@ -172,6 +202,20 @@ impl TestBroker {
 
 impl Drop for TestBroker {
     fn drop(&mut self) {
+        for user in self.users.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = std::process::Command::new("curl")
+                .args([
+                    "-fsS",
+                    "-o",
+                    "/dev/null",
+                    "-u",
+                    "guest:guest",
+                    "-X",
+                    "DELETE",
+                ])
+                .arg(format!("{MGMT}/api/users/{user}"))
+                .status();
+        }
         let _ = std::process::Command::new("curl")
             .args([
                 "-fsS",
@@ -736,6 +780,42 @@ pub async fn publish_to(url: &str, exchange: &str, key: &str, bodies: &[serde_js
         .await
         .unwrap();
     }
+    let _ = conn.close(200, "".into()).await;
+}
+
+/// Publishes one message with the given properties, with a confirm; panics when the broker
+/// refuses it (a publish with a `user_id` that is not the connection's user closes the channel).
+pub async fn publish_with(
+    url: &str,
+    exchange: &str,
+    key: &str,
+    body: &[u8],
+    props: lapin::BasicProperties,
+) {
+    let conn = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    let confirm = ch
+        .basic_publish(
+            exchange.into(),
+            key.into(),
+            lapin::options::BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            body,
+            props,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(
+        matches!(confirm, lapin::Confirmation::Ack(None)),
+        "the broker took and routed the message: {confirm:?}"
+    );
     let _ = conn.close(200, "".into()).await;
 }
 

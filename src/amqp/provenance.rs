@@ -1,0 +1,105 @@
+//! Who may speak for sendwell on the broker. Messages sendwell sends to itself (consent
+//! questions and webhook events routed through `sendwell.jobs`, jobs back from a delay queue,
+//! consent imports) carry `x-sendwell-*` headers that change what the consumer does with them.
+//! A header is something any publisher can set; the `user_id` property is not: RabbitMQ refuses
+//! a publish whose `user_id` differs from the connection's user (its "validated user ID"), so a
+//! message whose `user_id` is sendwell's own broker user was published by sendwell (or by a
+//! user the operator tagged `impersonator`). Every internal message carries it; a message with
+//! an `x-sendwell-*` header and any other `user_id` is forged and is refused as an invalid job.
+//!
+//! Chosen over a separate internal exchange because it needs no new permission rules from the
+//! operator (a wrong `write` regex there would silently reopen the hole) and works for every
+//! path an internal message takes, including dead-lettering from the delay queues, which keeps
+//! the properties of the message.
+
+use std::str::FromStr;
+
+use lapin::BasicProperties;
+use lapin::types::ShortString;
+
+/// Prefix of the headers only sendwell may set on messages it consumes.
+pub const INTERNAL_HEADER_PREFIX: &str = "x-sendwell-";
+
+/// The broker user sendwell connects as: the AMQP URI's user name (percent-decoded), or
+/// `guest` when the URI names none, as lapin and RabbitMQ read it.
+pub fn broker_user(url: &str) -> String {
+    lapin::uri::AMQPUri::from_str(url)
+        .map(|u| u.authority.userinfo.username)
+        .unwrap_or_else(|_| "guest".into())
+}
+
+/// sendwell's own identity on the broker, stamped on everything it publishes to itself.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    user: ShortString,
+}
+
+impl Identity {
+    pub fn from_url(url: &str) -> Self {
+        Self {
+            user: ShortString::from(broker_user(url)),
+        }
+    }
+
+    pub fn user(&self) -> &str {
+        self.user.as_str()
+    }
+
+    /// `props` with sendwell's validated `user_id`.
+    pub fn stamp(&self, props: BasicProperties) -> BasicProperties {
+        props.with_user_id(self.user.clone())
+    }
+
+    /// Whether the broker vouches that sendwell published this message.
+    pub fn vouched(&self, props: &BasicProperties) -> bool {
+        props.user_id().as_ref().map(|u| u.as_str()) == Some(self.user.as_str())
+    }
+
+    /// A message that claims to be internal (an `x-sendwell-*` header) without the broker
+    /// vouching for it: the name of the first such header.
+    pub fn forged_claim<'a>(&self, props: &'a BasicProperties) -> Option<&'a str> {
+        let claim = props
+            .headers()
+            .as_ref()?
+            .inner()
+            .keys()
+            .map(|k| k.as_str())
+            .find(|k| k.starts_with(INTERNAL_HEADER_PREFIX))?;
+        (!self.vouched(props)).then_some(claim)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::{AMQPValue, FieldTable, LongString};
+
+    fn with_header(name: &str) -> BasicProperties {
+        let mut h = FieldTable::default();
+        h.insert(
+            ShortString::from(name),
+            AMQPValue::LongString(LongString::from("x")),
+        );
+        BasicProperties::default().with_headers(h)
+    }
+
+    #[test]
+    fn the_broker_user_is_read_from_the_uri_as_lapin_reads_it() {
+        assert_eq!(broker_user("amqp://sendwell:pw@host:5672/%2f"), "sendwell");
+        assert_eq!(broker_user("amqp://send%40well:pw@host/v"), "send@well");
+        assert_eq!(broker_user("amqp://127.0.0.1:5672/%2f"), "guest");
+    }
+
+    #[test]
+    fn an_internal_header_needs_our_validated_user_id() {
+        let us = Identity::from_url("amqp://sendwell:pw@h/v");
+        let forged = with_header("x-sendwell-kind");
+        assert_eq!(us.forged_claim(&forged), Some("x-sendwell-kind"));
+        let other = forged.clone().with_user_id("upstream".into());
+        assert_eq!(us.forged_claim(&other), Some("x-sendwell-kind"));
+        assert_eq!(us.forged_claim(&us.stamp(forged)), None);
+        // Headers of others are none of our business; nor is a plain job.
+        assert_eq!(us.forged_claim(&with_header("x-death")), None);
+        assert_eq!(us.forged_claim(&BasicProperties::default()), None);
+    }
+}
