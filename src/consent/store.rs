@@ -440,8 +440,9 @@ impl ConsentStore {
     /// is recomputed from them), an open question, customer-service windows, the ledger
     /// entries, delivery records, wamid index and billing marks of jobs to it, and its
     /// WhatsApp IDs; then asks for a compaction ([`Self::compact_if_due`]) so no freed page
-    /// keeps a copy. Keeps only a keyed hash of the number with the erasure time (for `erase_tombstone_retention`), so that an older event arriving late
-    /// does not bring consent back. Dating it makes a late or repeated erasure harmless.
+    /// keeps a copy. Keeps only a keyed hash of the number with the erasure time (for
+    /// `erase_tombstone_retention`), so that an older event arriving late does not bring
+    /// consent back. Dating it makes a late or repeated erasure harmless.
     pub async fn erase(&self, digits: &str, at: Timestamp) -> Result<EraseReport, LedgerError> {
         let until_ms = at.as_millisecond();
         let mut report = EraseReport::default();
