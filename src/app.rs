@@ -270,6 +270,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     crate::metrics::consent_cache_entries(consent.cached_entries());
     tracing::info!(
         entries = consent.cached_entries(),
+        wa_ids = consent.wa_id_entries(),
         took_ms = started.elapsed().as_millis() as u64,
         "Consent loaded."
     );
@@ -311,6 +312,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
                 app_secret: secret.clone(),
                 verify_token: token.clone(),
                 sink: crate::webhook::BrokerSink::new(config.broker.url.clone()),
+                // The same store the pipeline learns WhatsApp IDs into: a send's answer is known
+                // to the listener at once.
+                numbers: Some(consent.clone()),
             });
             Some((l, addr, listener))
         }

@@ -112,6 +112,9 @@ pub const DELIVERY_STATUSES: &str = "sendwell_delivery_statuses_total";
 pub const BILLED_COST: &str = "sendwell_billed_cost_microunits_total";
 pub const OPT_OUTS_LEARNED: &str = "sendwell_opt_outs_learned_total";
 pub const INBOUND_MESSAGES: &str = "sendwell_inbound_messages_total";
+pub const WA_IDS_LEARNED: &str = "sendwell_wa_ids_learned_total";
+pub const WA_ID_RESOLUTIONS: &str = "sendwell_wa_id_resolutions_total";
+pub const WA_ID_UNRESOLVED_OPT_OUTS: &str = "sendwell_wa_id_unresolved_opt_outs_total";
 pub const TEMPLATE_STATUS: &str = "sendwell_template_status_updates_total";
 pub const TEMPLATE_QUALITY: &str = "sendwell_template_quality_updates_total";
 pub const MESSAGING_LIMIT: &str = "sendwell_messaging_limit_recipients";
@@ -161,6 +164,9 @@ pub const ALL: &[&str] = &[
     BILLED_COST,
     OPT_OUTS_LEARNED,
     INBOUND_MESSAGES,
+    WA_IDS_LEARNED,
+    WA_ID_RESOLUTIONS,
+    WA_ID_UNRESOLVED_OPT_OUTS,
     TEMPLATE_STATUS,
     TEMPLATE_QUALITY,
     MESSAGING_LIMIT,
@@ -369,6 +375,18 @@ pub fn describe() {
     );
     describe_counter!(INBOUND_MESSAGES, "Customer messages received, by type.");
     describe_counter!(
+        WA_IDS_LEARNED,
+        "Send answers whose WhatsApp ID differs from the number sent (Brazil, Mexico), newly stored."
+    );
+    describe_counter!(
+        WA_ID_RESOLUTIONS,
+        "WhatsApp IDs of webhook events turned into numbers, by how (mapped, same, equivalent, unknown)."
+    );
+    describe_counter!(
+        WA_ID_UNRESOLVED_OPT_OUTS,
+        "Opt-outs from a WhatsApp ID no known number matches, applied to the ID's digits, by source."
+    );
+    describe_counter!(
         TEMPLATE_STATUS,
         "Template status updates, by template, language and event."
     );
@@ -444,6 +462,35 @@ pub fn opt_out_learned(account: &str, source: &'static str) {
         "An opt-out was learned from WhatsApp; it is applied and published to sendwell.consent."
     );
     counter!(OPT_OUTS_LEARNED, "account" => account.to_string(), "source" => source).increment(1);
+}
+
+pub fn wa_id_learned() {
+    counter!(WA_IDS_LEARNED).increment(1);
+}
+
+pub fn wa_id_resolved(how: &'static str) {
+    counter!(WA_ID_RESOLUTIONS, "how" => how).increment(1);
+}
+
+/// An opt-out whose WhatsApp ID matches no known number. Logged once a minute at most (the
+/// masked ID of the first of them), counted always.
+pub fn wa_id_unresolved_opt_out(source: &'static str, id: &str) {
+    use std::sync::atomic::{AtomicI64, Ordering};
+    static LAST_LOG_MS: AtomicI64 = AtomicI64::new(i64::MIN);
+    counter!(WA_ID_UNRESOLVED_OPT_OUTS, "source" => source).increment(1);
+    let now = jiff::Timestamp::now().as_millisecond();
+    let last = LAST_LOG_MS.load(Ordering::Relaxed);
+    if now.saturating_sub(last) >= 60_000
+        && LAST_LOG_MS
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(
+            wa_id = %crate::privacy::Masked(&format!("+{}", id.trim_start_matches('+'))),
+            source,
+            "An opt-out came from a WhatsApp ID that matches no number sendwell knows; the ID's own digits are opted out (logged once a minute; see sendwell_wa_id_unresolved_opt_outs_total)."
+        );
+    }
 }
 
 pub fn inbound_message(account: &str, kind: &str) {

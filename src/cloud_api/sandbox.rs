@@ -41,7 +41,19 @@
 //! 3. scripted [`Fault`]s, first match in the order added; recipients are compared by digits.
 //! 4. random faults: 5xx (code 2), then throttle (130429), then undeliverable (131026), each drawn
 //!    independently; the first that hits wins.
-//! 5. success: 200 with a fresh `wamid`.
+//! 5. success: 200 with a fresh `wamid`, and `contacts[].wa_id` the digits of `to`; with
+//!    `legacy_wa_ids`, the WhatsApp ID such accounts have (below).
+//!
+//! # Legacy WhatsApp IDs (`legacy_wa_ids`, `--legacy-wa-ids`)
+//!
+//! Meta answers some sends with a WhatsApp ID that is not the number sent, and names the customer
+//! by that ID in every callback. With `legacy_wa_ids` on, the sandbox does so for the two patterns
+//! seen in practice: a Brazilian mobile `+55 AA 9XXXXXXXX` (eight digits starting 6–9) has the ID
+//! `55AAXXXXXXXX` (no ninth digit), and a Mexican `+52` + 10 digits has `521` + 10 digits. The
+//! ID is in the answer's `contacts[].wa_id` and in the status callbacks' `recipient_id`; inbound
+//! messages come `from` whatever the caller gives (give the ID, as Meta would). Faults still match
+//! the number sent. Off by default: every other send, and every send with it off, has the
+//! number's digits as its ID.
 //!
 //! The outcome is decided and logged when the request arrives; the latency is slept afterwards.
 //! So a client that times out during the latency still leaves an accepted send in the log, exactly
@@ -153,6 +165,9 @@ pub struct SandboxConfig {
     pub template_categories: HashMap<String, String>,
     /// Share of accepted sends that are also `read` (after `delivered`).
     pub read_rate: f64,
+    /// Answer Brazilian mobiles and Mexican numbers with the legacy WhatsApp IDs Meta gives
+    /// such accounts (see the module documentation).
+    pub legacy_wa_ids: bool,
 }
 
 impl Default for SandboxConfig {
@@ -171,6 +186,7 @@ impl Default for SandboxConfig {
             status_delay: Duration::from_millis(50),
             template_categories: HashMap::new(),
             read_rate: 1.0,
+            legacy_wa_ids: false,
         }
     }
 }
@@ -195,6 +211,7 @@ impl std::fmt::Debug for SandboxConfig {
             .field("status_delay", &self.status_delay)
             .field("template_categories", &self.template_categories)
             .field("read_rate", &self.read_rate)
+            .field("legacy_wa_ids", &self.legacy_wa_ids)
             .finish()
     }
 }
@@ -337,6 +354,10 @@ pub struct SandboxArgs {
     /// Probability (0.0..=1.0) that an accepted send is also reported read.
     #[arg(long, default_value_t = 1.0, value_parser = parse_rate)]
     pub read_rate: f64,
+    /// Answer Brazilian mobiles (+55 AA 9XXXXXXXX) and Mexican numbers (+52) with the legacy
+    /// WhatsApp IDs Meta gives such accounts (55AAXXXXXXXX, 521…).
+    #[arg(long)]
+    pub legacy_wa_ids: bool,
 }
 
 /// By hand, so the app secret never reaches a log.
@@ -356,6 +377,7 @@ impl std::fmt::Debug for SandboxArgs {
                 &self.app_secret.as_ref().map(|_| "<redacted>"),
             )
             .field("read_rate", &self.read_rate)
+            .field("legacy_wa_ids", &self.legacy_wa_ids)
             .finish()
     }
 }
@@ -373,6 +395,7 @@ impl SandboxArgs {
             webhook_url: self.webhook_url.clone(),
             app_secret: self.app_secret.clone(),
             read_rate: self.read_rate,
+            legacy_wa_ids: self.legacy_wa_ids,
             ..SandboxConfig::default()
         }
     }
@@ -591,6 +614,8 @@ struct Shared {
     template_categories: HashMap<String, String>,
     /// Clamped like the other rates.
     read_rate: f64,
+    /// See [`SandboxConfig::legacy_wa_ids`].
+    legacy_wa_ids: bool,
     /// Scripted asynchronous failures in the order added.
     async_failures: Mutex<Vec<AsyncFailure>>,
     /// Every finished callback, bounded by [`CALLBACK_LOG_CAP`].
@@ -614,7 +639,7 @@ struct StatusRun {
     /// From the send's URL: `metadata.phone_number_id`.
     phone_number_id: String,
     wamid: String,
-    /// `recipient_id`: the digits of `to`.
+    /// `recipient_id`: the WhatsApp ID (the digits of `to`, or its legacy ID).
     wa_id: String,
     callback_data: Option<String>,
     /// The `pricing` object for `sent` and `delivered`.
@@ -675,6 +700,7 @@ impl Shared {
             status_delay: config.status_delay,
             template_categories: config.template_categories,
             read_rate: clamp_rate(config.read_rate),
+            legacy_wa_ids: config.legacy_wa_ids,
             async_failures: Mutex::new(Vec::new()),
             callbacks: Mutex::new(Vec::new()),
             http,
@@ -859,7 +885,8 @@ impl Shared {
         if let Some(error) = self.random_fault() {
             return Err(error);
         }
-        let wamid = self.new_wamid(&valid.wa_id);
+        let wa_id = self.wa_id_of(&valid.wa_id);
+        let wamid = self.new_wamid(&wa_id);
         let mut message = json!({ "id": wamid });
         if valid.is_template {
             // Meta documents message_status (pacing) for template sends only.
@@ -867,7 +894,7 @@ impl Shared {
         }
         let answer = json!({
             "messaging_product": "whatsapp",
-            "contacts": [{ "input": valid.to, "wa_id": valid.wa_id }],
+            "contacts": [{ "input": valid.to, "wa_id": wa_id }],
             "messages": [message],
         });
         let pricing = match valid.template_name {
@@ -892,7 +919,7 @@ impl Shared {
         Ok(Accepted {
             answer,
             wamid,
-            wa_id: valid.wa_id,
+            wa_id,
             pricing,
             failure,
         })
@@ -952,13 +979,21 @@ impl Shared {
         log.push(record);
     }
 
+    /// The WhatsApp ID a send to these digits is answered with.
+    fn wa_id_of(&self, to_digits: &str) -> String {
+        match self.legacy_wa_ids {
+            true => legacy_wa_id(to_digits).unwrap_or_else(|| to_digits.to_string()),
+            false => to_digits.to_string(),
+        }
+    }
+
     /// The newest wamid accepted for this recipient, which a button reply quotes.
     fn last_wamid_to(&self, wa_id: &str) -> Option<String> {
         self.log()
             .records
             .iter()
             .rev()
-            .find(|r| r.status == 200 && digits(&r.to) == wa_id)
+            .find(|r| r.status == 200 && self.wa_id_of(&digits(&r.to)) == wa_id)
             .and_then(|r| r.wamid.clone())
     }
 
@@ -1834,6 +1869,19 @@ fn digits(phone: &str) -> String {
     phone.chars().filter(char::is_ascii_digit).collect()
 }
 
+/// The legacy WhatsApp ID of a Brazilian mobile (no ninth digit) or a Mexican number (`521`),
+/// None for any other number.
+fn legacy_wa_id(d: &str) -> Option<String> {
+    let b = d.as_bytes();
+    match (b.len(), b.get(..2)) {
+        (13, Some(b"55")) if b[4] == b'9' && (b'6'..=b'9').contains(&b[5]) => {
+            Some(format!("{}{}", &d[..4], &d[5..]))
+        }
+        (12, Some(b"52")) if b[2] != b'1' => Some(format!("521{}", &d[2..])),
+        _ => None,
+    }
+}
+
 fn clamp_rate(rate: f64) -> f64 {
     if rate.is_nan() {
         0.0
@@ -2048,6 +2096,33 @@ mod tests {
             "a title longer than twenty".into();
         assert!(validate(&too_long).is_err());
     }
+    #[tokio::test]
+    async fn legacy_wa_ids_answer_brazilian_mobiles_and_mexican_numbers_as_meta_does() {
+        let sb = start(SandboxConfig {
+            legacy_wa_ids: true,
+            ..quick()
+        })
+        .await;
+        for (to, id) in [
+            ("+5511987654321", "551187654321"),
+            ("+525512345678", "5215512345678"),
+            // A Brazilian landline, and any other country, keep their digits.
+            ("+551133334444", "551133334444"),
+            ("+491701234567", "491701234567"),
+        ] {
+            let (status, body) = sb.send(&template(to, "j")).await;
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(body["contacts"][0]["wa_id"], id, "{to}");
+            assert_eq!(body["contacts"][0]["input"], to);
+        }
+        sb.stop().await;
+        // Off (the default): the number's digits.
+        let sb = start(quick()).await;
+        let (_, body) = sb.send(&template("+5511987654321", "j")).await;
+        assert_eq!(body["contacts"][0]["wa_id"], "5511987654321");
+        sb.stop().await;
+    }
+
     #[tokio::test]
     async fn template_is_accepted_with_metas_shape() {
         let sb = start(quick()).await;

@@ -199,6 +199,14 @@ impl ConsentIndex {
         }
     }
 
+    /// Whether any account holds anything for the number (a consent, an opt-out): it is a
+    /// number sendwell knows. A few lookups per account; for webhooks, not for jobs.
+    pub fn knows(&self, number: u64) -> bool {
+        self.accounts.values().any(|&a| {
+            (0..=self.purposes.len() as u8).any(|slot| self.map.contains_key(&key(a, slot, number)))
+        })
+    }
+
     /// What the cache knows for one job: no I/O, no allocation.
     pub fn find(
         &self,

@@ -5,6 +5,7 @@
 //! - [`index`]: the packed in-memory cache every job is checked against (no I/O).
 //! - [`store`]: history and summaries in redb, erasure, the proof for `consent show`.
 //! - [`keywords`]: STOP / START / YES / NO, matched ignoring case, accents and white space.
+//! - [`wa_id`]: which number a WhatsApp ID in a webhook means (Brazil, Mexico).
 
 pub mod event;
 pub mod flow;
@@ -13,6 +14,7 @@ pub mod keywords;
 pub mod model;
 pub mod store;
 pub mod tools;
+pub mod wa_id;
 
 pub use event::{ConsentEvent, EventDecoder, Kind};
 pub use model::Decision;

@@ -15,6 +15,7 @@ use jiff::Timestamp;
 use super::event::{ConsentEvent, Kind, RawConsentEvent};
 use super::index::{ConsentIndex, number_key};
 use super::model::{self, Decision, Fact, JobFacts, PurposeState};
+use super::wa_id::{self, Resolved, WaIds};
 use crate::config::{Config, Purpose};
 use crate::job::Job;
 use crate::store::{KvOp, Ledger, LedgerError, Table};
@@ -72,6 +73,8 @@ pub struct ConsentStore {
     /// An erasure left freed pages holding the number: compact soon (see [`Self::compactor`]).
     compaction_due: AtomicBool,
     compaction_wanted: tokio::sync::Notify,
+    /// WhatsApp ID → number, where they differ (see [`wa_id`]).
+    wa_ids: WaIds,
 }
 
 fn sep(parts: &[&[u8]]) -> Vec<u8> {
@@ -264,6 +267,8 @@ impl ConsentStore {
                 for_each_encoded(v, |e| index.load(account, n, &e));
             }
         })?;
+        let wa_ids = WaIds::default();
+        ledger.kv_for_each(Table::WaIds, |k, _| wa_ids.load_row(k))?;
         Ok(Arc::new(ConsentStore {
             ledger,
             index,
@@ -272,7 +277,41 @@ impl ConsentStore {
             erase_key,
             compaction_due: AtomicBool::new(false),
             compaction_wanted: tokio::sync::Notify::new(),
+            wa_ids,
         }))
+    }
+
+    /// Learns from a send's answer that `number` is the WhatsApp user `id` (both digits):
+    /// stored, then remembered. Nothing is written when they are the same digits (nearly
+    /// always) or the pair is already known, so a send pays nothing for it.
+    pub async fn learn_wa_id(&self, number: &str, id: &str) -> Result<bool, LedgerError> {
+        let digits = !id.is_empty() && id.len() <= 20 && id.bytes().all(|b| b.is_ascii_digit());
+        if !digits || number == id || self.wa_ids.has(number, id) {
+            return Ok(false);
+        }
+        self.ledger
+            .kv_put(Table::WaIds, wa_id::row_key(number, id), Vec::new())
+            .await?;
+        self.wa_ids.insert(number, id);
+        Ok(true)
+    }
+
+    /// Whether sendwell knows the number (digits): it has a consent record, or a send to it
+    /// was answered with another WhatsApp ID. No I/O.
+    pub fn knows_number(&self, digits: &str) -> bool {
+        number_key(digits).is_some_and(|n| self.index.knows(n)) || self.wa_ids.is_number(digits)
+    }
+
+    /// The number a WhatsApp ID (digits, `+` allowed) in a webhook stands for. No I/O.
+    pub fn resolve_wa_id(&self, id: &str) -> Resolved {
+        wa_id::resolve(&self.wa_ids, id.trim_start_matches('+'), |d| {
+            self.knows_number(d)
+        })
+    }
+
+    /// IDs learned (the map's size), for the log at start.
+    pub fn wa_id_entries(&self) -> usize {
+        self.wa_ids.len()
     }
 
     /// Entries in the in-memory cache.
@@ -398,11 +437,12 @@ impl ConsentStore {
 
     /// Removes every trace of the number dated at or before `at`: consent history (events
     /// dated later, such as a STOP sent after the erasure was requested, stay, and the summary
-    /// is recomputed from them), an open question, customer-service windows, and the ledger
-    /// entries, delivery records, wamid index and billing marks of jobs to it; then asks for a
-    /// compaction ([`Self::compact_if_due`]) so no freed page keeps a copy. Keeps only a keyed hash of the number with the
-    /// erasure time (for `erase_tombstone_retention`), so that an older event arriving late
-    /// does not bring consent back. Dating it makes a late or repeated erasure harmless.
+    /// is recomputed from them), an open question, customer-service windows, the ledger
+    /// entries, delivery records, wamid index and billing marks of jobs to it, and its
+    /// WhatsApp IDs; then asks for a compaction ([`Self::compact_if_due`]) so no freed page
+    /// keeps a copy. Keeps only a keyed hash of the number with the erasure time (for
+    /// `erase_tombstone_retention`), so that an older event arriving late does not bring
+    /// consent back. Dating it makes a late or repeated erasure harmless.
     pub async fn erase(&self, digits: &str, at: Timestamp) -> Result<EraseReport, LedgerError> {
         let until_ms = at.as_millisecond();
         let mut report = EraseReport::default();
@@ -519,10 +559,24 @@ impl ConsentStore {
         ops.push(KvOp::DeleteJobs { ids });
         // What the limits remember of the number (frequency caps, tier counts, Meta's
         // per-user block): all keyed `digits\0…`. The in-memory copies live until they expire.
-        for table in [Table::CapHistory, Table::TierUsage, Table::UserLimit] {
+        for table in [
+            Table::CapHistory,
+            Table::TierUsage,
+            Table::UserLimit,
+            Table::WaIds,
+        ] {
             ops.push(KvOp::DeletePrefix {
                 table,
                 prefix: prefix.clone(),
+            });
+        }
+        // The digits erased may be a WhatsApp ID (the form a webhook named) rather than the
+        // number: its row sits under the number's prefix.
+        let as_id = self.wa_ids.number_of(digits);
+        if let Some(n) = &as_id {
+            ops.push(KvOp::Delete {
+                table: Table::WaIds,
+                key: wa_id::row_key(n, digits),
             });
         }
         let tombstone = until_ms.max(self.erased_at(digits)?.unwrap_or(i64::MIN));
@@ -532,6 +586,10 @@ impl ConsentStore {
             value: tombstone.to_le_bytes().to_vec(),
         });
         self.ledger.kv_many(ops).await?;
+        self.wa_ids.forget(digits);
+        if as_id.is_some() {
+            self.wa_ids.forget_id(digits);
+        }
         if let Some(n) = number_key(digits) {
             for (account, summary) in &summaries {
                 self.index.set(account, n, summary);

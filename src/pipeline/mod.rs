@@ -263,6 +263,9 @@ impl Pipeline {
                     crate::metrics::api_request(&job.account, "ok", None, took);
                     self.limits.sent(job);
                     account.resume();
+                    if let Some(id) = &ok.wa_id {
+                        self.learn_wa_id(job, id).await;
+                    }
                     let now = self.clock.now();
                     let prices = self.spend.prices();
                     let estimated_cost =
@@ -491,6 +494,20 @@ impl Pipeline {
         self.meta
             .last_inbound_ms(&job.account, job.to.digits())
             .is_some_and(|l| now.as_millisecond() - l <= policy.service_window.as_millis() as i64)
+    }
+
+    /// Keeps which WhatsApp ID a send's answer named for the number (Brazil, Mexico: not always
+    /// its digits), so the webhooks that name the ID reach the number. A failed write only
+    /// costs the map entry: the send stands, and equivalence still finds consented numbers.
+    async fn learn_wa_id(&self, job: &Job, id: &str) {
+        let id = id.trim_start_matches('+');
+        match self.consent.learn_wa_id(job.to.digits(), id).await {
+            Ok(true) => crate::metrics::wa_id_learned(),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(id = %job.id, to = %job.to.masked(), error = %e, "The WhatsApp ID a send was answered with could not be stored.")
+            }
+        }
     }
 
     /// Un-counts a send that definitely did not happen. A failed write leaves the count in the

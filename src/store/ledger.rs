@@ -59,10 +59,13 @@ pub enum Table {
     /// digits\0 → no marketing to the number until (Meta's per-user marketing limit, 131049,
     /// which counts across all businesses).
     UserLimit,
+    /// number\0WhatsApp ID → (empty), for IDs that differ from their number (Brazil, Mexico);
+    /// loaded into memory at start (`consent::wa_id`).
+    WaIds,
 }
 
 impl Table {
-    pub const ALL: [Table; 14] = [
+    pub const ALL: [Table; 15] = [
         Table::WebhookSeen,
         Table::Wamids,
         Table::Delivery,
@@ -77,6 +80,7 @@ impl Table {
         Table::CapHistory,
         Table::TierUsage,
         Table::UserLimit,
+        Table::WaIds,
     ];
 
     fn def(self) -> TableDefinition<'static, &'static [u8], &'static [u8]> {
@@ -95,6 +99,7 @@ impl Table {
             Table::CapHistory => "cap_history_v1",
             Table::TierUsage => "tier_usage_v1",
             Table::UserLimit => "user_limit_v1",
+            Table::WaIds => "wa_ids_v1",
         })
     }
 }

@@ -14,6 +14,7 @@ use super::parse::{Event, EventKind};
 use crate::cloud_api::classify::class_of_code;
 use crate::config::Config;
 use crate::consent::flow::ConsentFlow;
+use crate::consent::wa_id::{How, Resolved};
 use crate::job::Cost;
 use crate::pipeline::meta_state::MetaState;
 use crate::pricing::billed;
@@ -262,6 +263,19 @@ impl Applier {
             return Ok(Vec::new());
         }
         crate::metrics::delivery_status(&job.account, &s.status);
+        // The status names the job's number by WhatsApp ID: one more place to learn the ID from
+        // (a send answered without `contacts`, or sent before the map existed).
+        if let Some(flow) = &self.consent
+            && flow
+                .store
+                .learn_wa_id(
+                    job.to.trim_start_matches('+'),
+                    s.recipient_id.trim_start_matches('+'),
+                )
+                .await?
+        {
+            crate::metrics::wa_id_learned();
+        }
 
         // Billing: Meta may repeat `pricing` on sent and delivered/read; count a message once.
         let mut billed_cost = None;
@@ -273,7 +287,9 @@ impl Applier {
                 .clone()
                 .or(job.category.clone())
                 .unwrap_or_default();
-            let digits = s.recipient_id.trim_start_matches('+');
+            // The job's number: `recipient_id` is a WhatsApp ID, which for Mexico carries an
+            // extra digit.
+            let digits = job.to.trim_start_matches('+');
             let prices = self.prices.get();
             if let Some(price) = prices.price(&category, digits) {
                 let first = self
@@ -311,13 +327,14 @@ impl Applier {
         let at = at_of(&s.timestamp);
         let mut out = Vec::new();
         // 131050: the customer stopped marketing from this business in WhatsApp. An opt-out
-        // counts whatever the job's delivery state is.
+        // counts whatever the job's delivery state is, and is the job's number's: the
+        // `recipient_id` is their WhatsApp ID, which for some countries (BR, MX) differs.
         if s.status == "failed"
             && let Some(e) = s.errors.iter().find(|e| e.code == 131050)
         {
             out.push(self.opt_out(
                 &job.account,
-                &s.recipient_id,
+                &job.to,
                 "whatsapp_131050",
                 at,
                 e.message.clone().or(e.title.clone()).unwrap_or_default(),
@@ -475,9 +492,10 @@ impl Applier {
             },
             _ => (None, None),
         };
+        let number = self.number_of(ev, &m.from);
         let inbound = InboundMessage {
             account: account.clone(),
-            from: format!("+{}", m.from.trim_start_matches('+')),
+            from: format!("+{}", number.digits),
             wamid: m.id,
             at,
             kind,
@@ -490,12 +508,38 @@ impl Applier {
                 .record_inbound(a, inbound.from.trim_start_matches('+'), at.as_millisecond())
                 .await?;
         }
-        self.inbound(&inbound).await
+        self.inbound(&inbound, number.how).await
+    }
+
+    /// The number a WhatsApp ID of this event stands for (see [`crate::consent::wa_id`]): this
+    /// instance's map of send answers, else the listener's answer (its process may have sent to
+    /// the number), else a known number equivalent to the ID, else the ID's digits.
+    fn number_of(&self, ev: &Event, id: &str) -> Resolved {
+        let id = id.trim_start_matches('+');
+        let mut r = match &self.consent {
+            Some(flow) => flow.store.resolve_wa_id(id),
+            None => Resolved {
+                digits: id.to_string(),
+                how: How::Unknown,
+            },
+        };
+        if r.how != How::Mapped
+            && let Some(routed) = ev.recipient.as_deref()
+            && routed != id
+        {
+            r = Resolved {
+                digits: routed.to_string(),
+                how: How::Mapped,
+            };
+        }
+        crate::metrics::wa_id_resolved(r.how.as_str());
+        r
     }
 
     /// The one place inbound messages are handed over: consent handling turns STOP, START and
     /// answers to a double opt-in question into consent events, published to every instance.
-    pub async fn inbound(&self, m: &InboundMessage) -> Result<Vec<Publication>, LedgerError> {
+    /// `how`: how the sender's WhatsApp ID became `m.from`.
+    async fn inbound(&self, m: &InboundMessage, how: How) -> Result<Vec<Publication>, LedgerError> {
         crate::metrics::inbound_message(m.account.as_deref().unwrap_or("unknown"), &m.kind);
         tracing::info!(from = %Masked(&m.from), kind = %m.kind, "Inbound message received.");
         let Some(flow) = &self.consent else {
@@ -511,6 +555,9 @@ impl Applier {
                         _ => "whatsapp_keyword",
                     };
                     crate::metrics::opt_out_learned(&ev.account, source);
+                    if how == How::Unknown {
+                        crate::metrics::wa_id_unresolved_opt_out(source, m.from.as_str());
+                    }
                 }
                 Publication {
                     exchange: crate::amqp::topology::CONSENT_EXCHANGE,
@@ -554,12 +601,16 @@ impl Applier {
             return Ok(Vec::new());
         }
         let at = at_of(&p.timestamp);
+        let number = self.number_of(ev, &p.wa_id);
+        if number.how == How::Unknown {
+            crate::metrics::wa_id_unresolved_opt_out("whatsapp_user_preferences", &number.digits);
+        }
         Ok(accounts
             .iter()
             .map(|a| {
                 self.opt_out(
                     a,
-                    &p.wa_id,
+                    &number.digits,
                     "whatsapp_user_preferences",
                     at,
                     p.detail.clone().unwrap_or_default(),

@@ -4,6 +4,11 @@
 //! a customer go through `sendwell.jobs` with the customer's number as routing key — to the
 //! shard, and the lane, that holds that customer's jobs; account-level events go to every shard
 //! through the `sendwell.webhooks` fanout. [`apply`] says what each event changes.
+//!
+//! Meta names the customer by WhatsApp ID, which is not always their number (Brazil, Mexico):
+//! the listener routes by the number the ID resolves to ([`crate::consent::wa_id`]), from this
+//! process's map of send answers and the numbers consent knows (every instance knows every
+//! consent), without I/O.
 
 pub mod apply;
 pub mod parse;
@@ -121,6 +126,8 @@ pub struct Listener {
     pub app_secret: Secret,
     pub verify_token: Secret,
     pub sink: BrokerSink,
+    /// Resolves the customers' WhatsApp IDs to numbers for routing; None: route by the ID.
+    pub numbers: Option<Arc<crate::consent::ConsentStore>>,
 }
 
 #[derive(serde::Deserialize)]
@@ -181,7 +188,7 @@ async fn receive(
         tracing::warn!(error = %e, "Webhook refused: signature not valid; nothing applied.");
         return (StatusCode::UNAUTHORIZED, "invalid signature\n");
     }
-    let events = match parse::split(&body) {
+    let mut events = match parse::split(&body) {
         Ok(ev) => ev,
         Err(reason) => {
             crate::metrics::webhook_request("malformed");
@@ -189,6 +196,14 @@ async fn receive(
             return (StatusCode::BAD_REQUEST, "malformed callback\n");
         }
     };
+    if let Some(numbers) = &l.numbers {
+        for ev in &mut events {
+            if let Some(id) = ev.recipient.as_mut() {
+                let number = numbers.resolve_wa_id(id);
+                *id = number.digits;
+            }
+        }
+    }
     match l.sink.publish(&events).await {
         Ok(()) => {
             crate::metrics::webhook_request("ok");

@@ -33,7 +33,8 @@ pub struct Event {
     /// `value.metadata.phone_number_id`, when the field has one: which sender account.
     #[serde(default)]
     pub phone_number_id: Option<String>,
-    /// The customer's number (digits) for recipient events; routes to the recipient's shard.
+    /// The customer (digits) for recipient events; routes to the recipient's shard. `split`
+    /// sets the WhatsApp ID Meta sent; the listener replaces it with the number it resolves to.
     #[serde(default)]
     pub recipient: Option<String>,
     /// `entry[].time`: part of the event's identity, so that a template paused, approved and
