@@ -388,3 +388,151 @@ async fn a_job_published_with_another_key_is_sent_once_on_its_recipients_shard()
     let _ = app2.wait().await;
     app.stop().await;
 }
+
+fn delivered_status(recipient_digits: &str, wamid: &str, job_id: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "object": "whatsapp_business_account",
+        "entry": [{ "id": "102290129340398", "changes": [{ "field": "messages", "value": {
+            "messaging_product": "whatsapp", "metadata": metadata(),
+            "statuses": [{ "id": wamid, "status": "delivered",
+                           "timestamp": jiff::Timestamp::now().as_second().to_string(),
+                           "recipient_id": recipient_digits, "biz_opaque_callback_data": job_id }]
+        }}]}]
+    }))
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_update_refused_by_the_broker_is_published_when_its_callback_comes_back() {
+    let env = env_with_webhook_and_prices(RELAXED_LIMITS.into(), 0..2).await;
+    // A queue of the test's own for delivery updates, which refuses every message (the
+    // publisher gets a basic.nack) while this policy is in force.
+    let refuse = serde_json::json!({
+        "pattern": "^test\\.delivery$", "apply-to": "queues",
+        "definition": { "max-length": 0, "overflow": "reject-publish" }
+    });
+    env.broker.set_policy("refuse-delivery", refuse).await;
+    let (deliveries, stop) =
+        classic_collector(&env.broker.url, "delivery.#", "test.delivery").await;
+    let app = env.start().await;
+    let to = number(1);
+    env.publish(&[template_job("e4-job", &to)]).await;
+    let sent = final_of(&env, "e4-job").await;
+    let wamid = sent["wamid"].as_str().unwrap().to_string();
+
+    let reconnects_before = metric_value(&app.metrics().await, "sendwell_broker_reconnects_total");
+    let body = delivered_status(to.trim_start_matches('+'), &wamid, "e4-job");
+    let status = reqwest::Client::new()
+        .post(format!("http://{}/webhook", app.webhook()))
+        .header("content-type", "application/json")
+        .header(
+            "x-hub-signature-256",
+            sendwell::webhook::signature::sign(APP_SECRET.as_bytes(), &body),
+        )
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
+    // The delivered event's publish was refused: the consumer reconnects, so the broker gives
+    // the callback back.
+    let admin = app.admin();
+    wait_for("the refused publish to end a session", T, async || {
+        let m = scrape(admin).await?;
+        (metric_value(&m, "sendwell_broker_reconnects_total") > reconnects_before).then_some(())
+    })
+    .await;
+    assert!(
+        deliveries.lock().unwrap().is_empty(),
+        "nothing got through the policy"
+    );
+    env.broker.delete_policy("refuse-delivery").await;
+    let seen = deliveries.clone();
+    wait_for("the delivered event", T, async || {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .any(|e| e["id"] == "e4-job" && e["status"] == "delivered")
+            .then_some(())
+    })
+    .await;
+    let delivered = deliveries.lock().unwrap().clone();
+    assert_eq!(delivered.len(), 1, "{delivered:?}");
+    stop.cancel();
+    app.stop().await;
+}
+
+/// Every message routed to a classic queue of the test's own (a classic queue refuses at once
+/// when a max-length policy says so; a quorum queue lets the first message over the limit in).
+async fn classic_collector(
+    url: &str,
+    key: &str,
+    queue: &str,
+) -> (
+    std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    tokio_util::sync::CancellationToken,
+) {
+    use futures_util::StreamExt;
+    let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.exchange_declare(
+        "sendwell.outcomes".into(),
+        lapin::ExchangeKind::Topic,
+        lapin::options::ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_declare(
+        queue.into(),
+        lapin::options::QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        queue.into(),
+        "sendwell.outcomes".into(),
+        key.into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            queue.into(),
+            "collector".into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (s, st) = (seen.clone(), stop.clone());
+    tokio::spawn(async move {
+        let _conn = conn;
+        loop {
+            tokio::select! {
+                _ = st.cancelled() => return,
+                d = consumer.next() => match d {
+                    Some(Ok(d)) => s.lock().unwrap().push(
+                        serde_json::from_slice(&d.data).unwrap_or(serde_json::Value::Null),
+                    ),
+                    _ => return,
+                },
+            }
+        }
+    });
+    (seen, stop)
+}

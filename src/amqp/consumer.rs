@@ -427,7 +427,14 @@ impl Worker {
                 )
                 .await
             {
-                Ok(_) => {
+                Ok(ok) => {
+                    // The answer names the number's WhatsApp ID, as for any send: the reply
+                    // (YES, STOP) may come from that ID.
+                    if let Some(id) = ok.wa_id.as_deref().map(|i| i.trim_start_matches('+'))
+                        && let Ok(true) = self.consent.store.learn_wa_id(ev.to.digits(), id).await
+                    {
+                        crate::metrics::wa_id_learned();
+                    }
                     crate::metrics::consent_message(&out.account, out.kind, "sent");
                     tracing::info!(to = %ev.to.masked(), kind = out.kind, "Consent message sent.");
                     return true;
@@ -721,10 +728,19 @@ impl Worker {
                 self.send_consent_message(&out, ev).await;
             }
         }
+        // What the confirmed publications made true (a delivery level reached), and that this
+        // event is applied: one transaction, after the confirms.
         let now = Timestamp::now().as_millisecond();
-        ledger
-            .kv_put(Table::WebhookSeen, key, now.to_le_bytes().to_vec())
-            .await?;
+        let mut ops: Vec<KvOp> = publications
+            .into_iter()
+            .flat_map(|p| p.after_confirm)
+            .collect();
+        ops.push(KvOp::Put {
+            table: Table::WebhookSeen,
+            key,
+            value: now.to_le_bytes().to_vec(),
+        });
+        ledger.kv_many(ops).await?;
         ack(session, delivery).await
     }
 

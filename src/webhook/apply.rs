@@ -19,7 +19,7 @@ use crate::job::Cost;
 use crate::pipeline::meta_state::MetaState;
 use crate::pricing::billed;
 use crate::privacy::Masked;
-use crate::store::{Ledger, LedgerError, LedgerState, Table};
+use crate::store::{KvOp, Ledger, LedgerError, LedgerState, Table};
 
 /// A message to publish as a consequence of an event.
 #[derive(Debug, PartialEq, Eq)]
@@ -27,6 +27,10 @@ pub struct Publication {
     pub exchange: &'static str,
     pub routing_key: String,
     pub body: Vec<u8>,
+    /// Store writes that record this publication's effect (a delivery level reached): made
+    /// only once the broker confirmed it, so a failed publish leaves the state that makes the
+    /// retried callback publish it again.
+    pub after_confirm: Vec<KvOp>,
 }
 
 /// A customer's message, parsed: what consent handling (STOP, YES/NO) works from.
@@ -386,6 +390,7 @@ impl Applier {
                 exchange: crate::amqp::topology::OUTCOMES_EXCHANGE,
                 routing_key: format!("delivery.{status}"),
                 body: serde_json::to_vec(&e).unwrap_or_default(),
+                after_confirm: Vec::new(),
             });
         };
         match level {
@@ -405,9 +410,14 @@ impl Applier {
                 event("undelivered", Some(reason), detail, code, None);
             }
         }
-        self.ledger
-            .kv_put(Table::Delivery, job.id.as_bytes().to_vec(), vec![level])
-            .await?;
+        // The level counts as reached only once its event is confirmed (see `Publication`).
+        if let Some(last) = out.last_mut() {
+            last.after_confirm.push(KvOp::Put {
+                table: Table::Delivery,
+                key: job.id.as_bytes().to_vec(),
+                value: vec![level],
+            });
+        }
         Ok(out)
     }
 
@@ -433,6 +443,7 @@ impl Applier {
             exchange: crate::amqp::topology::CONSENT_EXCHANGE,
             routing_key: String::new(),
             body: serde_json::to_vec(&e).unwrap_or_default(),
+            after_confirm: Vec::new(),
         }
     }
 
@@ -563,6 +574,7 @@ impl Applier {
                     exchange: crate::amqp::topology::CONSENT_EXCHANGE,
                     routing_key: String::new(),
                     body: ev.to_json(),
+                    after_confirm: Vec::new(),
                 }
             })
             .collect())

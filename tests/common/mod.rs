@@ -140,6 +140,27 @@ impl TestBroker {
         format!("amqp://{name}:pw@127.0.0.1:5672/{}", self.vhost)
     }
 
+    /// Sets a policy in this vhost (`definition`: the management API's policy JSON).
+    pub async fn set_policy(&self, name: &str, definition: serde_json::Value) {
+        let r = mgmt(
+            reqwest::Method::PUT,
+            &format!("/api/policies/{}/{name}", self.vhost),
+            Some(&definition.to_string()),
+        )
+        .await;
+        assert!(r.status().is_success(), "set policy: {}", r.status());
+    }
+
+    pub async fn delete_policy(&self, name: &str) {
+        let r = mgmt(
+            reqwest::Method::DELETE,
+            &format!("/api/policies/{}/{name}", self.vhost),
+            None,
+        )
+        .await;
+        assert!(r.status().is_success(), "delete policy: {}", r.status());
+    }
+
     /// A queue as the management API describes it (None: not there yet).
     pub async fn queue_info(&self, queue: &str) -> Option<serde_json::Value> {
         let r = mgmt(
