@@ -623,22 +623,66 @@ pub fn consent_question_answered(account: &str, answer: &'static str) {
     counter!(CONSENT_ANSWERS, "account" => account.to_string(), "answer" => answer).increment(1);
 }
 
+/// How often the opt-out template warning is repeated per account and template: every job of a
+/// campaign would otherwise write the same line, thousands a second.
+pub const TEMPLATE_WITHOUT_OPT_OUT_LOG_EVERY: Duration = Duration::from_secs(3600);
+
+static TEMPLATE_WITHOUT_OPT_OUT_LOG: LazyLock<crate::log_every::LogEvery> = LazyLock::new(|| {
+    crate::log_every::LogEvery::new(
+        TEMPLATE_WITHOUT_OPT_OUT_LOG_EVERY,
+        std::sync::Arc::new(crate::clock::SystemClock),
+    )
+});
+
 pub fn template_without_opt_out(account: &str, template: &str, refused: bool) {
     let action = if refused { "refused" } else { "warned" };
-    tracing::warn!(
-        account,
-        template,
-        action,
-        "A marketing job uses a template not listed in opt_out_templates: its recipients may have no way to opt out."
-    );
     counter!(TEMPLATES_WITHOUT_OPT_OUT, "account" => account.to_string(), "action" => action)
         .increment(1);
+    if let Some(unlogged) = TEMPLATE_WITHOUT_OPT_OUT_LOG.check((account, template, refused)) {
+        tracing::warn!(
+            account,
+            template,
+            action,
+            jobs_since_last_line = unlogged,
+            "A marketing job uses a template not listed in opt_out_templates: its recipients may have no way to opt out (logged once an hour per account and template; sendwell_templates_without_opt_out_total counts every job)."
+        );
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+
+    /// Counts the warnings written while it is the thread's subscriber.
+    struct Warnings(std::sync::Arc<AtomicUsize>);
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Warnings {
+        fn on_event(
+            &self,
+            event: &tracing::Event<'_>,
+            _: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            if *event.metadata().level() == tracing::Level::WARN {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    #[test]
+    fn a_campaign_on_a_template_without_opt_out_writes_one_warning_not_one_per_job() {
+        use tracing_subscriber::layer::SubscriberExt;
+        let warnings = std::sync::Arc::new(AtomicUsize::new(0));
+        let subscriber = tracing_subscriber::registry().with(Warnings(warnings.clone()));
+        tracing::subscriber::with_default(subscriber, || {
+            for _ in 0..1000 {
+                template_without_opt_out("acme-de", "test_only_no_opt_out_a", false);
+            }
+            template_without_opt_out("acme-de", "test_only_no_opt_out_b", false);
+        });
+        // One line per template; the counter (not installed here) takes every job.
+        assert_eq!(warnings.load(Ordering::Relaxed), 2);
+    }
 
     #[test]
     fn the_handle_cache_registers_each_series_once() {
