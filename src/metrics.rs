@@ -121,6 +121,7 @@ pub const CONSENT_CACHE_ENTRIES: &str = "sendwell_consent_cache_entries";
 pub const CONSENT_ANSWERS: &str = "sendwell_consent_answers_total";
 pub const CONSENT_MESSAGES: &str = "sendwell_consent_messages_total";
 pub const TEMPLATES_WITHOUT_OPT_OUT: &str = "sendwell_templates_without_opt_out_total";
+pub const ADMIN_REFUSED: &str = "sendwell_admin_requests_refused_total";
 pub const LIMIT_WAIT: &str = "sendwell_limit_wait_seconds";
 pub const ACCOUNT_RATE: &str = "sendwell_account_rate_messages_per_second";
 pub const TIER_USAGE: &str = "sendwell_tier_usage_recipients";
@@ -169,6 +170,7 @@ pub const ALL: &[&str] = &[
     CONSENT_ANSWERS,
     CONSENT_MESSAGES,
     TEMPLATES_WITHOUT_OPT_OUT,
+    ADMIN_REFUSED,
     LIMIT_WAIT,
     ACCOUNT_RATE,
     TIER_USAGE,
@@ -291,6 +293,10 @@ pub fn describe() {
         TEMPLATES_WITHOUT_OPT_OUT,
         "Marketing template jobs whose template is not listed as carrying the opt-out, by account and action (warned, refused)."
     );
+    describe_counter!(
+        ADMIN_REFUSED,
+        "Requests to the consent endpoints refused, by reason (peer, host, proxied, token)."
+    );
     describe_counter!(JOBS_RECEIVED, "Send jobs taken from the shard queue.");
     describe_counter!(
         JOBS_FINISHED,
@@ -376,6 +382,30 @@ pub fn describe() {
         "Messages per second Meta allows the account's number (after upgrades)."
     );
     describe_counter!(ACCOUNT_UPDATES, "account_update webhooks, by event.");
+}
+
+/// How often a refusal on the admin listener is logged per reason (a misconfigured proxy or a
+/// scanner can send many).
+const ADMIN_REFUSED_LOG_EVERY: Duration = Duration::from_secs(60);
+
+static ADMIN_REFUSED_LOG: LazyLock<crate::log_every::LogEvery> = LazyLock::new(|| {
+    crate::log_every::LogEvery::new(
+        ADMIN_REFUSED_LOG_EVERY,
+        std::sync::Arc::new(crate::clock::SystemClock),
+    )
+});
+
+/// A consent request refused by the admin listener's guard; `why` never holds a secret.
+pub fn admin_refused(reason: &'static str, path: &str, why: &str) {
+    counter!(ADMIN_REFUSED, "reason" => reason).increment(1);
+    if let Some(unlogged) = ADMIN_REFUSED_LOG.check(reason) {
+        tracing::warn!(
+            reason,
+            path,
+            refused_since_last_line = unlogged,
+            "Consent request on the admin listener refused: {why}"
+        );
+    }
 }
 
 pub fn webhook_request(result: &'static str) {
