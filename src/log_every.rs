@@ -106,9 +106,7 @@ mod tests {
     fn endless_new_keys_neither_grow_memory_nor_the_log_past_the_bound() {
         let clock = ManualClock::new(Timestamp::from_second(1_800_000_000).unwrap());
         let log = LogEvery::new(Duration::from_secs(3600), Arc::new(clock.clone()));
-        let logged = (0..3 * MAX_KEYS)
-            .filter(|i| log.check(i).is_some())
-            .count();
+        let logged = (0..3 * MAX_KEYS).filter(|i| log.check(i).is_some()).count();
         assert_eq!(logged, MAX_KEYS);
         assert_eq!(log.seen.lock().unwrap().len(), MAX_KEYS);
         // Once the interval has passed, the old keys make room.

@@ -561,7 +561,10 @@ async fn consent_reads_need_the_admin_token_and_no_proxy_while_the_cli_still_wor
     // Any local process without the token: 401, for the one number and for everyone's.
     assert_eq!(get(admin, &path, None).await, 401);
     assert_eq!(get(admin, "/consent/export", None).await, 401);
-    assert_eq!(get(admin, &path, Some("not-the-token-0123456789")).await, 401);
+    assert_eq!(
+        get(admin, &path, Some("not-the-token-0123456789")).await,
+        401
+    );
     // With it: 200.
     assert_eq!(get(admin, &path, Some(&token)).await, 200);
     assert_eq!(get(admin, "/consent/export", Some(&token)).await, 200);
@@ -580,14 +583,21 @@ async fn consent_reads_need_the_admin_token_and_no_proxy_while_the_cli_still_wor
         .await
         .unwrap();
     assert_eq!(r.status(), 403);
-    let refused = metric_value(&app.metrics().await, "sendwell_admin_requests_refused_total");
+    let refused = metric_value(
+        &app.metrics().await,
+        "sendwell_admin_requests_refused_total",
+    );
     assert!(refused >= 7.0, "{refused}");
 
     // The CLI finds the generated token by itself.
     let cfg = env.config_path.clone();
     let admin_env = [("SENDWELL_ADMIN__LISTEN", admin.to_string())];
     let with = |extra: &[(&'static str, String)]| -> Vec<(&'static str, String)> {
-        admin_env.iter().cloned().chain(extra.iter().cloned()).collect()
+        admin_env
+            .iter()
+            .cloned()
+            .chain(extra.iter().cloned())
+            .collect()
     };
     let run = async |args: &[&str], env: Vec<(&'static str, String)>| {
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -595,7 +605,11 @@ async fn consent_reads_need_the_admin_token_and_no_proxy_while_the_cli_still_wor
     };
     let o = run(&["show", &seeded], with(&[])).await;
     assert_eq!(o.status.code(), Some(0), "{}", explain(&o));
-    assert!(stdout(&o).contains("source:   test_seed"), "{}", explain(&o));
+    assert!(
+        stdout(&o).contains("source:   test_seed"),
+        "{}",
+        explain(&o)
+    );
     let o = run(&["export"], with(&[])).await;
     assert_eq!(o.status.code(), Some(0), "{}", explain(&o));
     assert!(stdout(&o).contains(&seeded), "{}", explain(&o));
@@ -603,10 +617,7 @@ async fn consent_reads_need_the_admin_token_and_no_proxy_while_the_cli_still_wor
     // A CLI holding another token: a config error naming the key, without either secret.
     let wrong = env.dir.path().join("wrong-admin-token");
     std::fs::write(&wrong, "some-other-admin-token-42\n").unwrap();
-    let wrong_env = with(&[(
-        "SENDWELL_ADMIN__TOKEN_FILE",
-        wrong.display().to_string(),
-    )]);
+    let wrong_env = with(&[("SENDWELL_ADMIN__TOKEN_FILE", wrong.display().to_string())]);
     let o = run(&["show", &seeded], wrong_env).await;
     assert_eq!(o.status.code(), Some(64), "{}", explain(&o));
     let err = String::from_utf8_lossy(&o.stderr);
@@ -624,9 +635,8 @@ async fn consent_reads_need_the_admin_token_and_no_proxy_while_the_cli_still_wor
     std::fs::remove_file(env.config().state.dir.join("admin-token")).unwrap();
     let app = env
         .start_with(|c| {
-            c.admin.token = sendwell::config::AdminToken::File(
-                sendwell::config::read_secret(&shared).unwrap(),
-            )
+            c.admin.token =
+                sendwell::config::AdminToken::File(sendwell::config::read_secret(&shared).unwrap())
         })
         .await;
     let admin = app.admin();

@@ -1004,7 +1004,10 @@ impl Daemon {
     }
 
     async fn get(&self, path: &str) -> Result<reqwest::Response, ToolError> {
-        let token = self.token.as_ref().map_err(|e| ToolError::AdminToken(e.clone()))?;
+        let token = self
+            .token
+            .as_ref()
+            .map_err(|e| ToolError::AdminToken(e.clone()))?;
         let url = format!("{}{path}", self.base);
         let r = self
             .http

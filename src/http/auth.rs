@@ -223,14 +223,15 @@ mod tests {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
         let a = write_generated(&p).unwrap();
         assert_eq!(a.expose().len(), 64);
-        assert_eq!(
-            crate::config::read_secret(&p).unwrap().expose(),
-            a.expose()
-        );
+        assert_eq!(crate::config::read_secret(&p).unwrap().expose(), a.expose());
         let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         let b = write_generated(&p).unwrap();
         assert_ne!(a.expose(), b.expose());
-        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1, "no temp file left");
+        assert_eq!(
+            std::fs::read_dir(d.path()).unwrap().count(),
+            1,
+            "no temp file left"
+        );
     }
 }

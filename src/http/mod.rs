@@ -287,7 +287,11 @@ mod tests {
         while !seen.windows(13).any(|w| w == b"\"evidence\":\"x") {
             let mut buf = [0u8; 4096];
             let n = client.read(&mut buf).await.unwrap();
-            assert!(n > 0, "the export ended early: {}", String::from_utf8_lossy(&seen));
+            assert!(
+                n > 0,
+                "the export ended early: {}",
+                String::from_utf8_lossy(&seen)
+            );
             seen.extend_from_slice(&buf[..n]);
         }
         let erased = tokio::time::timeout(
@@ -374,7 +378,12 @@ mod tests {
                     "{host}"
                 );
             }
-            for host in ["localhost", "localhost:9187", "127.0.0.1:9187", "[::1]:9187"] {
+            for host in [
+                "localhost",
+                "localhost:9187",
+                "127.0.0.1:9187",
+                "[::1]:9187",
+            ] {
                 assert_eq!(
                     status_with(local, path, &[("authorization", auth), ("host", host)]).await,
                     200,
@@ -389,7 +398,10 @@ mod tests {
                     "{h}"
                 );
             }
-            assert_eq!(status_with(local, path, &[("authorization", auth)]).await, 200);
+            assert_eq!(
+                status_with(local, path, &[("authorization", auth)]).await,
+                200
+            );
         }
         // The rest of the admin listener is as before: no token, any host, any proxy.
         for path in ["/metrics", "/healthz", "/readyz"] {
