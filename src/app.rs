@@ -324,7 +324,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
             let listener = Arc::new(crate::webhook::Listener {
                 app_secret: secret.clone(),
                 verify_token: token.clone(),
-                sink: crate::webhook::BrokerSink::new(config.broker.url.clone()),
+                sink: crate::webhook::BrokerSink::new(
+                    config.broker.url.clone(),
+                    crate::webhook::SinkLimits::from_config(&config),
+                ),
             });
             Some((l, addr, listener))
         }

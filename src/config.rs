@@ -1294,7 +1294,10 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
         );
     }
     for (key, d) in [
-        ("webhook.broker_connect_timeout", f.webhook.broker_connect_timeout),
+        (
+            "webhook.broker_connect_timeout",
+            f.webhook.broker_connect_timeout,
+        ),
         ("webhook.request_timeout", f.webhook.request_timeout),
     ] {
         if d < Duration::from_millis(100) || d > Duration::from_secs(60) {
@@ -1829,6 +1832,23 @@ mod tests {
         let p = write(d.path(), &GOOD.replace("\"token\"", "\"nope\""));
         let e = Config::load_with_env(&p, no_env()).unwrap_err();
         assert_eq!(e.problems[0].key, "accounts[0].token_file", "{e}");
+    }
+
+    #[test]
+    fn webhook_timeouts_have_defaults_and_bounds() {
+        let d = tempfile::tempdir().unwrap();
+        let c = Config::load_with_env(&write(d.path(), GOOD), no_env()).unwrap();
+        assert_eq!(c.webhook.broker_connect_timeout, Duration::from_secs(3));
+        assert_eq!(c.webhook.request_timeout, Duration::from_secs(5));
+        let toml =
+            format!("[webhook]\nbroker_connect_timeout = \"0s\"\nrequest_timeout = \"2m\"\n{GOOD}");
+        let e = Config::load_with_env(&write(d.path(), &toml), no_env()).unwrap_err();
+        let keys: Vec<&str> = e.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["webhook.broker_connect_timeout", "webhook.request_timeout"],
+            "{e}"
+        );
     }
 
     #[test]
