@@ -45,13 +45,18 @@ pub enum AppError {
     Internal(String),
     #[error("{0}")]
     Config(#[from] crate::config::ConfigError),
+    #[error("cannot write the admin token {path}: {source}")]
+    AdminToken {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl AppError {
     /// sysexits: 73 can't create (state), 69 unavailable (ports, broker set-up), 70 software.
     pub fn exit_code(&self) -> i32 {
         match self {
-            AppError::State(_) => 73,
+            AppError::State(_) | AppError::AdminToken { .. } => 73,
             AppError::Bind { .. } | AppError::Broker(_) => 69,
             AppError::Http(_) | AppError::Internal(_) => 70,
             AppError::Config(_) => 64,
@@ -280,6 +285,15 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     spend.load(&ledger, jiff::Timestamp::now())?;
     readiness.state.store(true, Ordering::SeqCst);
 
+    // Before the listener answers: the consent endpoints need it, and the tools read it.
+    let admin_token = match &config.admin.token {
+        crate::config::AdminToken::File(t) => t.clone(),
+        crate::config::AdminToken::Generated(path) => crate::http::auth::write_generated(path)
+            .map_err(|source| AppError::AdminToken {
+                path: path.clone(),
+                source,
+            })?,
+    };
     let admin = tokio::net::TcpListener::bind(config.admin.listen)
         .await
         .map_err(|source| AppError::Bind {
@@ -311,7 +325,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
             let listener = Arc::new(crate::webhook::Listener {
                 app_secret: secret.clone(),
                 verify_token: token.clone(),
-                sink: crate::webhook::BrokerSink::new(config.broker.url.clone()),
+                sink: crate::webhook::BrokerSink::new(
+                    config.broker.url.clone(),
+                    crate::webhook::SinkLimits::from_config(&config),
+                ),
                 // The same store the pipeline learns WhatsApp IDs into: a send's answer is known
                 // to the listener at once.
                 numbers: Some(consent.clone()),
@@ -435,6 +452,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         readiness.clone(),
         consent.clone(),
         config.state.dir.clone(),
+        admin_token,
     );
     let admin_shutdown = CancellationToken::new();
     let admin_stop = admin_shutdown.clone();

@@ -391,12 +391,14 @@ impl Default for ShutdownFile {
 #[serde(deny_unknown_fields, default)]
 struct AdminFile {
     listen: SocketAddr,
+    token_file: Option<PathBuf>,
 }
 
 impl Default for AdminFile {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 9187)),
+            token_file: None,
         }
     }
 }
@@ -439,6 +441,10 @@ struct WebhookFile {
     template_pause_max_wait: Duration,
     #[serde(with = "humantime_serde")]
     service_window: Duration,
+    #[serde(with = "humantime_serde")]
+    broker_connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    request_timeout: Duration,
 }
 
 impl Default for WebhookFile {
@@ -452,6 +458,8 @@ impl Default for WebhookFile {
             max_body_bytes: 3 * 1024 * 1024,
             template_pause_max_wait: Duration::from_secs(6 * 3600),
             service_window: Duration::from_secs(24 * 3600),
+            broker_connect_timeout: Duration::from_secs(3),
+            request_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -576,6 +584,10 @@ pub struct WebhookConfig {
     /// WhatsApp's customer-service window: free-form messages only this long after the
     /// customer last wrote.
     pub service_window: Duration,
+    /// The most one attempt to connect to the broker may take (an abandoned one is closed).
+    pub broker_connect_timeout: Duration,
+    /// The most a callback waits to be stored in the broker before it is answered 503.
+    pub request_timeout: Duration,
 }
 
 /// Jobs in flight per configured account when `broker.prefetch` is not set. Throughput comes
@@ -659,6 +671,26 @@ pub struct ShutdownConfig {
 #[derive(Clone, Debug)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// The bearer token the consent endpoints ask for.
+    pub token: AdminToken,
+}
+
+/// The generated admin token's file in `state.dir`.
+pub const GENERATED_ADMIN_TOKEN: &str = "admin-token";
+
+/// A configured admin token shorter than this is refused: it guards every number's consent
+/// evidence.
+pub const MIN_ADMIN_TOKEN_LEN: usize = 16;
+
+/// Where the consent endpoints' bearer token comes from.
+#[derive(Clone, Debug)]
+pub enum AdminToken {
+    /// `admin.token_file`, read at start by the daemon and by the tools alike.
+    File(Secret),
+    /// `admin.token_file` unset: the daemon writes a new random token to this file in
+    /// `state.dir` (mode 0600) at each start, and the tools, run as the same user (or root),
+    /// read it there.
+    Generated(PathBuf),
 }
 
 #[derive(Clone, Debug)]
@@ -1217,6 +1249,25 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
         }
     }
 
+    // Admin listener.
+    let admin_token = match &f.admin.token_file {
+        None => Some(AdminToken::Generated(state_dir.join(GENERATED_ADMIN_TOKEN))),
+        Some(p) => match read_secret(&resolve_secret_path(p, base)) {
+            Ok(t) if t.expose().chars().count() < MIN_ADMIN_TOKEN_LEN => {
+                problem(
+                    "admin.token_file",
+                    format!("the token must be at least {MIN_ADMIN_TOKEN_LEN} characters"),
+                );
+                None
+            }
+            Ok(t) => Some(AdminToken::File(t)),
+            Err(e) => {
+                problem("admin.token_file", e);
+                None
+            }
+        },
+    };
+
     // Webhook listener.
     let mut webhook_secret = |key: &str, p: &Option<PathBuf>| -> Option<Secret> {
         match p {
@@ -1241,6 +1292,17 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
             "webhook.max_body_bytes",
             "must be between 1024 and 67108864".into(),
         );
+    }
+    for (key, d) in [
+        (
+            "webhook.broker_connect_timeout",
+            f.webhook.broker_connect_timeout,
+        ),
+        ("webhook.request_timeout", f.webhook.request_timeout),
+    ] {
+        if d < Duration::from_millis(100) || d > Duration::from_secs(60) {
+            problem(key, "must be between 100ms and 60s".into());
+        }
     }
     if f.webhook.enabled && f.webhook.listen == f.admin.listen && f.admin.listen.port() != 0 {
         problem("webhook.listen", "must differ from admin.listen".into());
@@ -1303,7 +1365,8 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
     {
         problem("limits.country_zones", e);
     }
-    let Some(prices) = prices.filter(|_| problems.is_empty()) else {
+    let (Some(prices), Some(admin_token)) = (prices.filter(|_| problems.is_empty()), admin_token)
+    else {
         return Err(ConfigError { problems });
     };
     Ok(Config {
@@ -1345,6 +1408,7 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
         },
         admin: AdminConfig {
             listen: f.admin.listen,
+            token: admin_token,
         },
         log: LogConfig {
             format: f.log.format,
@@ -1366,6 +1430,8 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
             max_body_bytes: f.webhook.max_body_bytes,
             template_pause_max_wait: f.webhook.template_pause_max_wait,
             service_window: f.webhook.service_window,
+            broker_connect_timeout: f.webhook.broker_connect_timeout,
+            request_timeout: f.webhook.request_timeout,
         },
         prices: Arc::new(prices),
         limits: LimitsConfig {
@@ -1766,6 +1832,52 @@ mod tests {
         let p = write(d.path(), &GOOD.replace("\"token\"", "\"nope\""));
         let e = Config::load_with_env(&p, no_env()).unwrap_err();
         assert_eq!(e.problems[0].key, "accounts[0].token_file", "{e}");
+    }
+
+    #[test]
+    fn webhook_timeouts_have_defaults_and_bounds() {
+        let d = tempfile::tempdir().unwrap();
+        let c = Config::load_with_env(&write(d.path(), GOOD), no_env()).unwrap();
+        assert_eq!(c.webhook.broker_connect_timeout, Duration::from_secs(3));
+        assert_eq!(c.webhook.request_timeout, Duration::from_secs(5));
+        let toml =
+            format!("[webhook]\nbroker_connect_timeout = \"0s\"\nrequest_timeout = \"2m\"\n{GOOD}");
+        let e = Config::load_with_env(&write(d.path(), &toml), no_env()).unwrap_err();
+        let keys: Vec<&str> = e.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["webhook.broker_connect_timeout", "webhook.request_timeout"],
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_admin_token_is_generated_in_the_state_dir_unless_a_file_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        let toml = format!("[state]\ndir = \"/srv/sw\"\n{GOOD}");
+        let c = Config::load_with_env(&write(d.path(), &toml), no_env()).unwrap();
+        assert!(
+            matches!(&c.admin.token, AdminToken::Generated(p) if p == Path::new("/srv/sw/admin-token")),
+            "{:?}",
+            c.admin.token
+        );
+
+        let secret = "0123456789abcdef-admin";
+        std::fs::write(d.path().join("admin-token"), format!("{secret}\n")).unwrap();
+        let toml = format!("[admin]\ntoken_file = \"admin-token\"\n{GOOD}");
+        let c = Config::load_with_env(&write(d.path(), &toml), no_env()).unwrap();
+        assert!(matches!(&c.admin.token, AdminToken::File(t) if t.expose() == secret));
+        assert!(!c.redacted_summary().contains(secret));
+
+        // Missing, or too short to guard personal data: named by its key, without the secret.
+        let toml = format!("[admin]\ntoken_file = \"nope\"\n{GOOD}");
+        let e = Config::load_with_env(&write(d.path(), &toml), no_env()).unwrap_err();
+        assert_eq!(e.problems[0].key, "admin.token_file", "{e}");
+        std::fs::write(d.path().join("admin-token"), "short-secret\n").unwrap();
+        let toml = format!("[admin]\ntoken_file = \"admin-token\"\n{GOOD}");
+        let e = Config::load_with_env(&write(d.path(), &toml), no_env()).unwrap_err();
+        assert_eq!(e.problems[0].key, "admin.token_file", "{e}");
+        assert!(!e.to_string().contains("short-secret"), "{e}");
     }
 
     #[test]

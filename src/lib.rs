@@ -28,7 +28,8 @@
 //! - [`store`]: the embedded redb store (the idempotency ledger, consent, webhook state).
 //! - [`http`]: the admin listener (`/metrics`, `/healthz`, `/readyz`).
 //! - [`metrics`]: every metric name and its description, in one place; [`health`]: whether the
-//!   pipeline makes progress, fed by the same calls.
+//!   pipeline makes progress, fed by the same calls; [`log_every`]: log lines for what can
+//!   happen on every job, once per key per interval.
 //! - [`notify`]: systemd's notify protocol: READY, STATUS, STOPPING and the watchdog.
 //! - [`app`]: wiring: tasks, readiness, shutdown order.
 //! - [`publish`]: the `sendwell publish` tool for upstream developers.
@@ -42,6 +43,7 @@ pub mod consent;
 pub mod health;
 pub mod http;
 pub mod job;
+pub mod log_every;
 pub mod metrics;
 pub mod notify;
 pub mod ops;

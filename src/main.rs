@@ -60,9 +60,11 @@ enum Command {
         long_about = "GDPR tools over the consent store, whether the daemon runs or not.\n\n\
 When no daemon holds the state store (config state.dir), the tools open it directly. When one \
 does, show and export read through its admin listener (admin.listen; the consent endpoints \
-answer loopback clients only), and import and erase publish consent events to sendwell.consent, \
+answer loopback clients with the admin token: admin.token_file, or when unset the token the \
+daemon writes to state.dir/admin-token at each start, readable by its user and root), and \
+import and erase publish consent events to sendwell.consent, \
 which every daemon instance consumes and applies.\n\n\
-Exit codes: 0 done, 64 bad usage or config, 65 rejected rows (the valid ones are applied), \
+Exit codes: 0 done, 64 bad usage or config (the admin token too), 65 rejected rows (the valid ones are applied), \
 66 input not readable, 69 broker or daemon unreachable, 73 state store problem, 74 output not \
 writable, 75 erasure published but not applied by the daemon within 30 s."
     )]

@@ -125,6 +125,7 @@ pub const CONSENT_CACHE_ENTRIES: &str = "sendwell_consent_cache_entries";
 pub const CONSENT_ANSWERS: &str = "sendwell_consent_answers_total";
 pub const CONSENT_MESSAGES: &str = "sendwell_consent_messages_total";
 pub const TEMPLATES_WITHOUT_OPT_OUT: &str = "sendwell_templates_without_opt_out_total";
+pub const ADMIN_REFUSED: &str = "sendwell_admin_requests_refused_total";
 pub const LIMIT_WAIT: &str = "sendwell_limit_wait_seconds";
 pub const ACCOUNT_RATE: &str = "sendwell_account_rate_messages_per_second";
 pub const TIER_USAGE: &str = "sendwell_tier_usage_recipients";
@@ -177,6 +178,7 @@ pub const ALL: &[&str] = &[
     CONSENT_ANSWERS,
     CONSENT_MESSAGES,
     TEMPLATES_WITHOUT_OPT_OUT,
+    ADMIN_REFUSED,
     LIMIT_WAIT,
     ACCOUNT_RATE,
     TIER_USAGE,
@@ -299,6 +301,10 @@ pub fn describe() {
         TEMPLATES_WITHOUT_OPT_OUT,
         "Marketing template jobs whose template is not listed as carrying the opt-out, by account and action (warned, refused)."
     );
+    describe_counter!(
+        ADMIN_REFUSED,
+        "Requests to the consent endpoints refused, by reason (peer, host, proxied, token)."
+    );
     describe_counter!(JOBS_RECEIVED, "Send jobs taken from the shard queue.");
     describe_counter!(
         JOBS_FINISHED,
@@ -402,6 +408,30 @@ pub fn describe() {
     describe_counter!(ACCOUNT_UPDATES, "account_update webhooks, by event.");
 }
 
+/// How often a refusal on the admin listener is logged per reason (a misconfigured proxy or a
+/// scanner can send many).
+const ADMIN_REFUSED_LOG_EVERY: Duration = Duration::from_secs(60);
+
+static ADMIN_REFUSED_LOG: LazyLock<crate::log_every::LogEvery> = LazyLock::new(|| {
+    crate::log_every::LogEvery::new(
+        ADMIN_REFUSED_LOG_EVERY,
+        std::sync::Arc::new(crate::clock::SystemClock),
+    )
+});
+
+/// A consent request refused by the admin listener's guard; `why` never holds a secret.
+pub fn admin_refused(reason: &'static str, path: &str, why: &str) {
+    counter!(ADMIN_REFUSED, "reason" => reason).increment(1);
+    if let Some(unlogged) = ADMIN_REFUSED_LOG.check(reason) {
+        tracing::warn!(
+            reason,
+            path,
+            refused_since_last_line = unlogged,
+            "Consent request on the admin listener refused: {why}"
+        );
+    }
+}
+
 pub fn webhook_request(result: &'static str) {
     counter!(WEBHOOK_REQUESTS, "result" => result).increment(1);
 }
@@ -474,24 +504,31 @@ pub fn wa_id_resolved(how: &'static str) {
 
 /// An opt-out whose WhatsApp ID matches no known number. Logged once a minute at most (the
 /// masked ID of the first of them), counted always.
+static WA_ID_UNRESOLVED_LOG: LazyLock<crate::log_every::LogEvery> = LazyLock::new(|| {
+    crate::log_every::LogEvery::new(
+        Duration::from_secs(60),
+        std::sync::Arc::new(crate::clock::SystemClock),
+    )
+});
+
 pub fn wa_id_unresolved_opt_out(source: &'static str, id: &str) {
-    use std::sync::atomic::{AtomicI64, Ordering};
-    static LAST_LOG_MS: AtomicI64 = AtomicI64::new(i64::MIN);
     counter!(WA_ID_UNRESOLVED_OPT_OUTS, "source" => source).increment(1);
-    let now = jiff::Timestamp::now().as_millisecond();
-    let last = LAST_LOG_MS.load(Ordering::Relaxed);
-    if now.saturating_sub(last) >= 60_000
-        && LAST_LOG_MS
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-    {
+    if let Some(unlogged) = WA_ID_UNRESOLVED_LOG.check(source) {
         tracing::warn!(
             wa_id = %crate::privacy::Masked(&format!("+{}", id.trim_start_matches('+'))),
             source,
-            "An opt-out came from a WhatsApp ID that matches no number sendwell knows; the ID's own digits are opted out (logged once a minute; see sendwell_wa_id_unresolved_opt_outs_total)."
+            unlogged,
+            "An opt-out came from a WhatsApp ID that matches no number sendwell knows; the ID's own digits are opted out (logged at most once a minute per source; see sendwell_wa_id_unresolved_opt_outs_total)."
         );
     }
 }
+
+static JOBS_REROUTED_LOG: LazyLock<crate::log_every::LogEvery> = LazyLock::new(|| {
+    crate::log_every::LogEvery::new(
+        Duration::from_secs(60),
+        std::sync::Arc::new(crate::clock::SystemClock),
+    )
+});
 
 pub fn inbound_message(account: &str, kind: &str) {
     let kind = match kind {
@@ -610,8 +647,11 @@ pub fn dead_lettered(reason: &'static str) {
     counter!(JOBS_DEAD_LETTERED, "reason" => reason).increment(1);
 }
 
-pub fn job_rerouted() {
+/// A job published with a routing key other than its recipient's digits; true when its log
+/// line is due (at most one a minute: a publisher with a wrong key sends all its jobs so).
+pub fn job_rerouted() -> Option<u64> {
     counter!(JOBS_REROUTED).increment(1);
+    JOBS_REROUTED_LOG.check(())
 }
 
 pub fn in_flight(delta: f64) {
@@ -680,22 +720,66 @@ pub fn consent_question_answered(account: &str, answer: &'static str) {
     counter!(CONSENT_ANSWERS, "account" => account.to_string(), "answer" => answer).increment(1);
 }
 
+/// How often the opt-out template warning is repeated per account and template: every job of a
+/// campaign would otherwise write the same line, thousands a second.
+pub const TEMPLATE_WITHOUT_OPT_OUT_LOG_EVERY: Duration = Duration::from_secs(3600);
+
+static TEMPLATE_WITHOUT_OPT_OUT_LOG: LazyLock<crate::log_every::LogEvery> = LazyLock::new(|| {
+    crate::log_every::LogEvery::new(
+        TEMPLATE_WITHOUT_OPT_OUT_LOG_EVERY,
+        std::sync::Arc::new(crate::clock::SystemClock),
+    )
+});
+
 pub fn template_without_opt_out(account: &str, template: &str, refused: bool) {
     let action = if refused { "refused" } else { "warned" };
-    tracing::warn!(
-        account,
-        template,
-        action,
-        "A marketing job uses a template not listed in opt_out_templates: its recipients may have no way to opt out."
-    );
     counter!(TEMPLATES_WITHOUT_OPT_OUT, "account" => account.to_string(), "action" => action)
         .increment(1);
+    if let Some(unlogged) = TEMPLATE_WITHOUT_OPT_OUT_LOG.check((account, template, refused)) {
+        tracing::warn!(
+            account,
+            template,
+            action,
+            jobs_since_last_line = unlogged,
+            "A marketing job uses a template not listed in opt_out_templates: its recipients may have no way to opt out (logged once an hour per account and template; sendwell_templates_without_opt_out_total counts every job)."
+        );
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+
+    /// Counts the warnings written while it is the thread's subscriber.
+    struct Warnings(std::sync::Arc<AtomicUsize>);
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Warnings {
+        fn on_event(
+            &self,
+            event: &tracing::Event<'_>,
+            _: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            if *event.metadata().level() == tracing::Level::WARN {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    #[test]
+    fn a_campaign_on_a_template_without_opt_out_writes_one_warning_not_one_per_job() {
+        use tracing_subscriber::layer::SubscriberExt;
+        let warnings = std::sync::Arc::new(AtomicUsize::new(0));
+        let subscriber = tracing_subscriber::registry().with(Warnings(warnings.clone()));
+        tracing::subscriber::with_default(subscriber, || {
+            for _ in 0..1000 {
+                template_without_opt_out("acme-de", "test_only_no_opt_out_a", false);
+            }
+            template_without_opt_out("acme-de", "test_only_no_opt_out_b", false);
+        });
+        // One line per template; the counter (not installed here) takes every job.
+        assert_eq!(warnings.load(Ordering::Relaxed), 2);
+    }
 
     #[test]
     fn the_handle_cache_registers_each_series_once() {

@@ -346,8 +346,20 @@ fn jsonl_event(kind: &str, to: &str, source: &str, evidence: &str) -> String {
     .to_string()
 }
 
-async fn admin_report(admin: std::net::SocketAddr, digits: &str) -> serde_json::Value {
-    let r = reqwest::get(format!("http://{admin}/consent/{digits}"))
+/// The admin token a running daemon wrote to its state directory (no `admin.token_file`).
+fn generated_token(env: &TestEnv) -> String {
+    let path = env.config().state.dir.join("admin-token");
+    sendwell::config::read_secret(&path)
+        .expect("the daemon wrote its admin token")
+        .expose()
+        .to_string()
+}
+
+async fn admin_report(admin: std::net::SocketAddr, token: &str, digits: &str) -> serde_json::Value {
+    let r = reqwest::Client::new()
+        .get(format!("http://{admin}/consent/{digits}"))
+        .bearer_auth(token)
+        .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
@@ -383,6 +395,7 @@ async fn with_the_daemon_running_the_tools_go_through_it() {
     let seeded = number(0);
     let app = env.start().await;
     let admin = app.admin();
+    let token = generated_token(&env);
     let admin_env = [("SENDWELL_ADMIN__LISTEN", admin.to_string())];
     let admin_env: Vec<(&str, &str)> = admin_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let cfg = env.config_path.clone();
@@ -429,7 +442,7 @@ async fn with_the_daemon_running_the_tools_go_through_it() {
         "the daemon to apply the imported event",
         Duration::from_secs(20),
         async || {
-            let r = admin_report(admin, digits).await;
+            let r = admin_report(admin, &token, digits).await;
             (r["events"].as_array()?.len() == 1).then_some(())
         },
     )
@@ -463,12 +476,12 @@ async fn with_the_daemon_running_the_tools_go_through_it() {
         "{}",
         explain(&o)
     );
-    let r = admin_report(admin, digits).await;
+    let r = admin_report(admin, &token, digits).await;
     assert_eq!(r["events"].as_array().unwrap().len(), 0, "{r}");
     assert!(r["erased_at"].is_string(), "{r}");
     // The seeded number is untouched.
     assert_eq!(
-        admin_report(admin, &seeded[1..]).await["events"]
+        admin_report(admin, &token, &seeded[1..]).await["events"]
             .as_array()
             .unwrap()
             .len(),
@@ -484,4 +497,172 @@ async fn with_the_daemon_running_the_tools_go_through_it() {
             String::from_utf8_lossy(k)
         );
     }
+}
+
+/// A forwarding proxy on port 0 in front of `upstream`, as a sidecar or reverse proxy that
+/// exposes the admin port would be: it passes the path, query and `Authorization` on and adds
+/// `X-Forwarded-For` with its client's address.
+async fn forwarding_proxy(upstream: std::net::SocketAddr) -> std::net::SocketAddr {
+    use axum::extract::{ConnectInfo, Request};
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let app = axum::Router::new().fallback(
+        async move |ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>, req: Request| {
+            let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            let mut fwd = client
+                .get(format!("http://{upstream}{path}"))
+                .header("x-forwarded-for", peer.ip().to_string());
+            if let Some(a) = req.headers().get("authorization") {
+                fwd = fwd.header("authorization", a.clone());
+            }
+            let r = fwd.send().await.unwrap();
+            let status = axum::http::StatusCode::from_u16(r.status().as_u16()).unwrap();
+            (status, r.bytes().await.unwrap())
+        },
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(
+            l,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .await
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consent_reads_need_the_admin_token_and_no_proxy_while_the_cli_still_works() {
+    let env = TestEnv::new(&AppOptions {
+        consented: 0..1,
+        ..Default::default()
+    })
+    .await;
+    let seeded = number(0);
+    let path = format!("/consent/{}", &seeded[1..]);
+    let app = env.start().await;
+    let admin = app.admin();
+    let token = generated_token(&env);
+    let mode = {
+        use std::os::unix::fs::PermissionsExt;
+        let p = env.config().state.dir.join("admin-token");
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    };
+    assert_eq!(mode, 0o600, "the generated token is the daemon user's only");
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let get = async |base: std::net::SocketAddr, path: &str, token: Option<&str>| {
+        let mut r = http.get(format!("http://{base}{path}"));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        r.send().await.unwrap().status().as_u16()
+    };
+
+    // Any local process without the token: 401, for the one number and for everyone's.
+    assert_eq!(get(admin, &path, None).await, 401);
+    assert_eq!(get(admin, "/consent/export", None).await, 401);
+    assert_eq!(
+        get(admin, &path, Some("not-the-token-0123456789")).await,
+        401
+    );
+    // With it: 200.
+    assert_eq!(get(admin, &path, Some(&token)).await, 200);
+    assert_eq!(get(admin, "/consent/export", Some(&token)).await, 200);
+    // Through a real forwarding hop, even with the right token: 401; /metrics still passes.
+    let proxy = forwarding_proxy(admin).await;
+    assert_eq!(get(proxy, &path, Some(&token)).await, 401);
+    assert_eq!(get(proxy, "/consent/export", Some(&token)).await, 401);
+    assert_eq!(get(proxy, &path, None).await, 401);
+    assert_eq!(get(proxy, "/metrics", None).await, 200);
+    // A page whose name rebinds to 127.0.0.1 sends its own name as Host: refused.
+    let r = http
+        .get(format!("http://{admin}{path}"))
+        .header("host", format!("rebind.example:{}", admin.port()))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let refused = metric_value(
+        &app.metrics().await,
+        "sendwell_admin_requests_refused_total",
+    );
+    assert!(refused >= 7.0, "{refused}");
+
+    // The CLI finds the generated token by itself.
+    let cfg = env.config_path.clone();
+    let admin_env = [("SENDWELL_ADMIN__LISTEN", admin.to_string())];
+    let with = |extra: &[(&'static str, String)]| -> Vec<(&'static str, String)> {
+        admin_env
+            .iter()
+            .cloned()
+            .chain(extra.iter().cloned())
+            .collect()
+    };
+    let run = async |args: &[&str], env: Vec<(&'static str, String)>| {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        consent_async(&cfg, args, &env).await
+    };
+    let o = run(&["show", &seeded], with(&[])).await;
+    assert_eq!(o.status.code(), Some(0), "{}", explain(&o));
+    assert!(
+        stdout(&o).contains("source:   test_seed"),
+        "{}",
+        explain(&o)
+    );
+    let o = run(&["export"], with(&[])).await;
+    assert_eq!(o.status.code(), Some(0), "{}", explain(&o));
+    assert!(stdout(&o).contains(&seeded), "{}", explain(&o));
+
+    // A CLI holding another token: a config error naming the key, without either secret.
+    let wrong = env.dir.path().join("wrong-admin-token");
+    std::fs::write(&wrong, "some-other-admin-token-42\n").unwrap();
+    let wrong_env = with(&[("SENDWELL_ADMIN__TOKEN_FILE", wrong.display().to_string())]);
+    let o = run(&["show", &seeded], wrong_env).await;
+    assert_eq!(o.status.code(), Some(64), "{}", explain(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("admin.token_file"), "{}", explain(&o));
+    assert!(
+        !err.contains("some-other-admin-token-42") && !err.contains(&token),
+        "{}",
+        explain(&o)
+    );
+    app.stop().await;
+
+    // With admin.token_file set, daemon and CLI share that file and nothing is generated.
+    let shared = env.dir.path().join("admin-token-shared");
+    std::fs::write(&shared, "shared-admin-token-0123456789\n").unwrap();
+    std::fs::remove_file(env.config().state.dir.join("admin-token")).unwrap();
+    let app = env
+        .start_with(|c| {
+            c.admin.token =
+                sendwell::config::AdminToken::File(sendwell::config::read_secret(&shared).unwrap())
+        })
+        .await;
+    let admin = app.admin();
+    assert!(!env.config().state.dir.join("admin-token").exists());
+    assert_eq!(get(admin, &path, Some(&token)).await, 401);
+    assert_eq!(
+        get(admin, &path, Some("shared-admin-token-0123456789")).await,
+        200
+    );
+    let env_vars = vec![
+        ("SENDWELL_ADMIN__LISTEN", admin.to_string()),
+        ("SENDWELL_ADMIN__TOKEN_FILE", shared.display().to_string()),
+    ];
+    let o = run(&["show", &seeded], env_vars).await;
+    assert_eq!(o.status.code(), Some(0), "{}", explain(&o));
+    // Without the file, the CLI cannot know the token: a config error naming the key.
+    let o = run(
+        &["show", &seeded],
+        vec![("SENDWELL_ADMIN__LISTEN", admin.to_string())],
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(64), "{}", explain(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("admin.token_file"),
+        "{}",
+        explain(&o)
+    );
+    app.stop().await;
 }

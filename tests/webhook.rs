@@ -3,11 +3,15 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::*;
 use lapin::ExchangeKind;
+use sendwell::config::Secret;
 use sendwell::webhook::signature::sign;
+use sendwell::webhook::{BrokerSink, Listener, SinkLimits};
 
 const T: Duration = Duration::from_secs(30);
 const JOB1_TO: &str = "+491701234567";
@@ -498,4 +502,192 @@ async fn a_marketing_stop_in_user_preferences_goes_to_consent_as_an_opt_out() {
     assert_eq!(ev["source"], "whatsapp_user_preferences");
     assert_eq!(ev["to"], JOB1_TO);
     app.stop().await;
+}
+
+/// A "broker" that accepts TCP and never answers, as a hung RabbitMQ (or a proxy in front of a
+/// dead one) does: counts the connections it took and how many are still open.
+struct HungBroker {
+    addr: std::net::SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    open: Arc<AtomicUsize>,
+}
+
+impl HungBroker {
+    async fn start() -> Self {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (accepted, open) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (a, o) = (accepted.clone(), open.clone());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                a.fetch_add(1, Ordering::SeqCst);
+                o.fetch_add(1, Ordering::SeqCst);
+                let o = o.clone();
+                tokio::spawn(async move {
+                    use tokio::io::AsyncReadExt;
+                    // Reads what the client sends (the AMQP header) and never writes; the
+                    // connection counts as open until the client closes it.
+                    let mut buf = [0u8; 1024];
+                    while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+                    o.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        Self {
+            addr,
+            accepted,
+            open,
+        }
+    }
+}
+
+/// The webhook listener alone, storing into the broker at `broker_url`.
+async fn webhook_listener(broker_url: String, limits: SinkLimits) -> std::net::SocketAddr {
+    let listener = Arc::new(Listener {
+        app_secret: Secret::new(APP_SECRET.into()),
+        verify_token: Secret::new(VERIFY_TOKEN.into()),
+        sink: BrokerSink::new(Secret::new(broker_url), limits),
+        numbers: None,
+    });
+    let router = sendwell::webhook::router(listener, 3 * 1024 * 1024);
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, router).await });
+    addr
+}
+
+/// `n` signed callbacks at once, each on its own connection; their statuses.
+async fn burst(webhook: std::net::SocketAddr, n: usize) -> Vec<u16> {
+    let body = fresh("status_delivered.json");
+    let signature = sign(APP_SECRET.as_bytes(), &body);
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let calls = (0..n).map(|_| {
+        client
+            .post(format!("http://{webhook}/webhook"))
+            .header("content-type", "application/json")
+            .header("x-hub-signature-256", &signature)
+            .body(body.clone())
+            .send()
+    });
+    futures_util::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(|r| r.map_or(0, |r| r.status().as_u16()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_broker_hung_or_down_callbacks_get_a_fast_503_and_nothing_is_left_waiting() {
+    let limits = SinkLimits {
+        connect_timeout: Duration::from_secs(1),
+        request_timeout: Duration::from_secs(2),
+        retry_max_delay: Duration::from_secs(30),
+    };
+    // Generous: the bound is what matters (before, they waited on the connect for ever).
+    let within = Duration::from_secs(15);
+
+    let hung = HungBroker::start().await;
+    let webhook = webhook_listener(format!("amqp://guest:guest@{}/%2f", hung.addr), limits).await;
+    for wave in 0..2 {
+        let statuses = tokio::time::timeout(within, burst(webhook, 200))
+            .await
+            .unwrap_or_else(|_| panic!("wave {wave}: callbacks still unanswered after {within:?}"));
+        assert!(
+            statuses.iter().all(|s| *s == 503),
+            "wave {wave}: {statuses:?}"
+        );
+    }
+    // One connect attempt serves a whole burst (then a backoff), not one per callback ...
+    let accepted = hung.accepted.load(Ordering::SeqCst);
+    assert!((1..=3).contains(&accepted), "{accepted} connect attempts");
+    // ... and an abandoned attempt leaves no connection (nor lapin thread) behind.
+    wait_for(
+        "every abandoned connect attempt to be closed",
+        Duration::from_secs(10),
+        async || (hung.open.load(Ordering::SeqCst) == 0).then_some(()),
+    )
+    .await;
+
+    // Nothing listening at all: the same.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let webhook =
+        webhook_listener(format!("amqp://guest:guest@127.0.0.1:{port}/%2f"), limits).await;
+    let statuses = tokio::time::timeout(within, burst(webhook, 200))
+        .await
+        .expect("callbacks answered");
+    assert!(statuses.iter().all(|s| *s == 503), "{statuses:?}");
+}
+
+/// A TCP hop in front of the local RabbitMQ that first behaves like a hung broker (takes
+/// connections, never answers) and forwards once `up` is set: a broker that comes back.
+async fn broker_that_comes_back() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicBool>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let is_up = up.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let up = is_up.load(Ordering::SeqCst);
+            tokio::spawn(async move {
+                if up {
+                    let mut b = tokio::net::TcpStream::connect("127.0.0.1:5672")
+                        .await
+                        .unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut s, &mut b).await;
+                } else {
+                    use tokio::io::AsyncReadExt;
+                    let mut buf = [0u8; 1024];
+                    while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+                }
+            });
+        }
+    });
+    (addr, up)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callbacks_refused_while_the_broker_hung_are_taken_again_once_it_is_back() {
+    let broker = TestBroker::new().await;
+    {
+        let conn = lapin::Connection::connect(&broker.url, Default::default())
+            .await
+            .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        sendwell::amqp::topology::declare(&ch, &sendwell::amqp::topology::Names::new(0))
+            .await
+            .unwrap();
+        let _ = conn.close(200, "declared".into()).await;
+    }
+    let (hop, up) = broker_that_comes_back().await;
+    let url = broker.url.replace("127.0.0.1:5672", &hop.to_string());
+    let limits = SinkLimits {
+        connect_timeout: Duration::from_millis(500),
+        request_timeout: Duration::from_secs(1),
+        retry_max_delay: Duration::from_secs(2),
+    };
+    let webhook = webhook_listener(url, limits).await;
+    let statuses = burst(webhook, 20).await;
+    assert!(statuses.iter().all(|s| *s == 503), "{statuses:?}");
+
+    up.store(true, Ordering::SeqCst);
+    // Within a few backoffs (at most 2 s each), the same listener stores callbacks again.
+    wait_for(
+        "a callback to be taken after the broker came back",
+        Duration::from_secs(30),
+        async || (burst(webhook, 1).await == [200]).then_some(()),
+    )
+    .await;
+    let statuses = burst(webhook, 20).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    wait_for(
+        "the events to be in the shard queue",
+        Duration::from_secs(20),
+        async || {
+            let q = broker.queue_info("sendwell.jobs.0").await?;
+            (q["messages"].as_u64()? >= 21).then_some(())
+        },
+    )
+    .await;
 }

@@ -171,9 +171,6 @@ pub struct Worker {
     /// sendwell's broker user: stamped on what it publishes to itself, and required of every
     /// message that carries an `x-sendwell-*` header (see `amqp::provenance`).
     identity: Identity,
-    /// At most one log line a minute about re-routed jobs (a publisher with a wrong key sends
-    /// all its jobs so); the counter counts each.
-    reroute_log: LogGate,
     pub tracker: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -208,7 +205,6 @@ impl Worker {
             consent_decoder: consent.1,
             names,
             identity,
-            reroute_log: LogGate::per_minute(),
             lanes: Mutex::new(Lanes::default()),
             tracker: TaskTracker::new(),
             shutdown,
@@ -217,7 +213,10 @@ impl Worker {
 
     /// Takes one delivery from the consumer loop; never blocks on I/O.
     pub fn handle(self: &Arc<Self>, delivery: Delivery, session: &Arc<Session>) {
-        if let Some(claim) = self.identity.forged_claim(&delivery.properties) {
+        if let Some(claim) = self
+            .identity
+            .forged_claim(&delivery.properties, delivery.exchange.as_str())
+        {
             let detail = format!(
                 "header {claim} claims the message comes from sendwell, but the broker does not vouch for it (its user_id is not sendwell's broker user)"
             );
@@ -292,7 +291,11 @@ impl Worker {
     /// Takes one consent event (from `sendwell.consent.<shard>`, or a question request routed
     /// here through `sendwell.jobs`). An invalid event is dead-lettered with its reason.
     pub fn handle_consent(self: &Arc<Self>, delivery: Delivery, session: &Arc<Session>, ask: bool) {
-        if !ask && let Some(claim) = self.identity.forged_claim(&delivery.properties) {
+        if !ask
+            && let Some(claim) = self
+                .identity
+                .forged_claim(&delivery.properties, delivery.exchange.as_str())
+        {
             // Upstream may publish consent events, but not claim to be `sendwell consent
             // import` (imported opt-ins are not asked the double opt-in question).
             let detail = format!(
@@ -572,11 +575,11 @@ impl Worker {
     /// recipient's digits, then acks it here. The copy keeps the original's properties and
     /// headers (it has no `x-sendwell-*` ones: forged claims are refused before this).
     fn reroute(self: &Arc<Self>, delivery: Delivery, session: &Arc<Session>, job: &Job) {
-        crate::metrics::job_rerouted();
-        if self.reroute_log.due() {
+        if let Some(unlogged) = crate::metrics::job_rerouted() {
             tracing::warn!(
                 id = %job.id,
                 to = %job.to.masked(),
+                unlogged,
                 "A job was published with a routing key other than its recipient's digits; sent on with the right key (logged at most once a minute, counted in sendwell_jobs_rerouted_total)."
             );
         }
@@ -1040,21 +1043,6 @@ impl Worker {
             .await?;
         crate::metrics::dead_lettered(reason);
         ack(session, delivery).await
-    }
-}
-
-/// Lets a log line through at most once a minute: a thin name for governor's direct limiter.
-struct LogGate(governor::DefaultDirectRateLimiter);
-
-impl LogGate {
-    fn per_minute() -> Self {
-        Self(governor::RateLimiter::direct(governor::Quota::per_minute(
-            std::num::NonZeroU32::MIN,
-        )))
-    }
-
-    fn due(&self) -> bool {
-        self.0.check().is_ok()
     }
 }
 

@@ -20,6 +20,9 @@ use lapin::types::ShortString;
 /// Prefix of the headers only sendwell may set on messages it consumes.
 pub const INTERNAL_HEADER_PREFIX: &str = "x-sendwell-";
 
+/// The headers of a job back from a delay queue (see [`Identity::forged_claim`]).
+const LEGACY_DELAY_HEADERS: &[&str] = &["x-sendwell-due", "x-sendwell-attempts"];
+
 /// The broker user sendwell connects as: the AMQP URI's user name (percent-decoded), or
 /// `guest` when the URI names none, as lapin and RabbitMQ read it.
 pub fn broker_user(url: &str) -> String {
@@ -56,16 +59,26 @@ impl Identity {
     }
 
     /// A message that claims to be internal (an `x-sendwell-*` header) without the broker
-    /// vouching for it: the name of the first such header.
-    pub fn forged_claim<'a>(&self, props: &'a BasicProperties) -> Option<&'a str> {
-        let claim = props
+    /// vouching for it: the name of the first such header. `exchange`: the one the message was
+    /// delivered through.
+    ///
+    /// One allowance, for upgrades: copies that a sendwell older than this check put in its
+    /// delay queues carry no `user_id`, and come back dead-lettered through the default exchange
+    /// (`""`), which no upstream user may write to (docs/operations.md gives them their own
+    /// exchange only). Their delay headers are accepted on that path, so a job deferred before
+    /// the upgrade is not refused after it; any other claim still needs the `user_id`.
+    pub fn forged_claim<'a>(&self, props: &'a BasicProperties, exchange: &str) -> Option<&'a str> {
+        if self.vouched(props) {
+            return None;
+        }
+        props
             .headers()
             .as_ref()?
             .inner()
             .keys()
             .map(|k| k.as_str())
-            .find(|k| k.starts_with(INTERNAL_HEADER_PREFIX))?;
-        (!self.vouched(props)).then_some(claim)
+            .filter(|k| k.starts_with(INTERNAL_HEADER_PREFIX))
+            .find(|k| !(exchange.is_empty() && LEGACY_DELAY_HEADERS.contains(k)))
     }
 }
 
@@ -94,12 +107,26 @@ mod tests {
     fn an_internal_header_needs_our_validated_user_id() {
         let us = Identity::from_url("amqp://sendwell:pw@h/v");
         let forged = with_header("x-sendwell-kind");
-        assert_eq!(us.forged_claim(&forged), Some("x-sendwell-kind"));
+        assert_eq!(us.forged_claim(&forged, JOBS), Some("x-sendwell-kind"));
         let other = forged.clone().with_user_id("upstream".into());
-        assert_eq!(us.forged_claim(&other), Some("x-sendwell-kind"));
-        assert_eq!(us.forged_claim(&us.stamp(forged)), None);
+        assert_eq!(us.forged_claim(&other, JOBS), Some("x-sendwell-kind"));
+        assert_eq!(us.forged_claim(&us.stamp(forged), JOBS), None);
         // Headers of others are none of our business; nor is a plain job.
-        assert_eq!(us.forged_claim(&with_header("x-death")), None);
-        assert_eq!(us.forged_claim(&BasicProperties::default()), None);
+        assert_eq!(us.forged_claim(&with_header("x-death"), JOBS), None);
+        assert_eq!(us.forged_claim(&BasicProperties::default(), JOBS), None);
+    }
+
+    const JOBS: &str = "sendwell.jobs";
+
+    #[test]
+    fn delay_headers_without_user_id_pass_only_through_the_default_exchange() {
+        let us = Identity::from_url("amqp://sendwell:pw@h/v");
+        let legacy = with_header("x-sendwell-attempts");
+        assert_eq!(us.forged_claim(&legacy, ""), None);
+        assert_eq!(us.forged_claim(&legacy, JOBS), Some("x-sendwell-attempts"));
+        assert_eq!(
+            us.forged_claim(&with_header("x-sendwell-kind"), ""),
+            Some("x-sendwell-kind")
+        );
     }
 }

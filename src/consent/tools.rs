@@ -2,7 +2,7 @@
 //!
 //! The store is one process's at a time (redb locks the file). When no daemon holds it, the
 //! tools open it directly. When a daemon does, they go through the daemon instead: reads over
-//! its admin listener (loopback only), changes as consent events on `sendwell.consent`, which
+//! its admin listener (loopback, with the admin token), changes as consent events on `sendwell.consent`, which
 //! every instance consumes, so a change made while the daemon runs reaches every shard.
 //!
 //! The functions taking a [`ConsentStore`] are shared with the admin endpoints; the ones taking
@@ -28,7 +28,7 @@ use super::event::{ConsentEvent, EventDecoder, Kind, MAX_EVENT_BYTES, RawConsent
 use super::model::{ALL, CONFIRMED, OPTED_IN, OPTED_OUT, PurposeState};
 use super::store::{Applied, ConsentStore, EraseReport};
 use crate::amqp::topology::CONSENT_EXCHANGE;
-use crate::config::Config;
+use crate::config::{AdminToken, Config, Secret};
 use crate::job::{Invalid, Recipient};
 use crate::pipeline::decode::parse_e164;
 use crate::privacy::Masked;
@@ -105,6 +105,9 @@ pub enum ToolError {
     Output { what: String, source: io::Error },
     #[error("the running daemon: {0}")]
     Daemon(String),
+    /// The admin token cannot be read, or the daemon refuses it: a config matter.
+    #[error("config key `admin.token_file`: {0}")]
+    AdminToken(String),
     #[error("broker: {0}")]
     Broker(String),
     /// Published, but the daemon did not show the change in time.
@@ -115,7 +118,7 @@ pub enum ToolError {
 impl ToolError {
     pub fn exit_code(&self) -> i32 {
         match self {
-            ToolError::Usage(_) => EX_USAGE,
+            ToolError::Usage(_) | ToolError::AdminToken(_) => EX_USAGE,
             ToolError::Input(_) => EX_DATAERR,
             ToolError::NoInput { .. } => EX_NOINPUT,
             ToolError::Store(_) => EX_CANTCREAT,
@@ -960,10 +963,27 @@ fn broker_err(e: lapin::Error) -> ToolError {
 pub struct Daemon {
     base: String,
     http: reqwest::Client,
+    /// The admin token, or why it cannot be read: only the reads need it, so an import or
+    /// erasure that goes through the broker is not held up by it.
+    token: Result<Secret, String>,
+}
+
+/// The admin token the running daemon asks for: `admin.token_file`, or the one it wrote to
+/// `state.dir` at start.
+pub fn admin_token(config: &Config) -> Result<Secret, String> {
+    match &config.admin.token {
+        AdminToken::File(t) => Ok(t.clone()),
+        AdminToken::Generated(path) => crate::config::read_secret(path).map_err(|e| {
+            format!(
+                "unset, so the token is the one the daemon writes to {} at each start, but {e}; run this as the daemon's user (or root), or set admin.token_file for both",
+                path.display()
+            )
+        }),
+    }
 }
 
 impl Daemon {
-    pub fn new(listen: SocketAddr) -> Result<Daemon, ToolError> {
+    pub fn new(listen: SocketAddr, token: Result<Secret, String>) -> Result<Daemon, ToolError> {
         if listen.port() == 0 {
             return Err(ToolError::Daemon(
                 "the state store is locked, so a daemon is running, but admin.listen has port 0 and its port is unknown: set SENDWELL_ADMIN__LISTEN to the daemon's admin address".into(),
@@ -984,12 +1004,23 @@ impl Daemon {
         Ok(Daemon {
             base: format!("http://{}", SocketAddr::new(ip, listen.port())),
             http,
+            token,
         })
     }
 
     async fn get(&self, path: &str) -> Result<reqwest::Response, ToolError> {
+        let token = self
+            .token
+            .as_ref()
+            .map_err(|e| ToolError::AdminToken(e.clone()))?;
         let url = format!("{}{path}", self.base);
-        let r = self.http.get(&url).send().await.map_err(|e| {
+        let r = self
+            .http
+            .get(&url)
+            .bearer_auth(token.expose())
+            .send()
+            .await
+            .map_err(|e| {
             ToolError::Daemon(format!(
                 "the state store is locked, so a daemon is running, but its admin listener at {} does not answer: {e}",
                 self.base
@@ -997,6 +1028,10 @@ impl Daemon {
         })?;
         match r.status() {
             s if s.is_success() => Ok(r),
+            reqwest::StatusCode::UNAUTHORIZED => Err(ToolError::AdminToken(format!(
+                "{} refused the admin token: the daemon and this command must read the same token (when admin.token_file is unset, the daemon writes a new one at each start; a daemon restarted meanwhile has a new one)",
+                self.base
+            ))),
             reqwest::StatusCode::FORBIDDEN => Err(ToolError::Daemon(format!(
                 "{} refused: consent endpoints answer loopback clients only (admin.listen must be a loopback or wildcard address)",
                 self.base
@@ -1066,7 +1101,10 @@ pub enum Target {
 pub async fn target(config: &Config) -> Result<Target, ToolError> {
     match Ledger::open(&config.state.dir) {
         Ok(ledger) => Ok(Target::Store(ConsentStore::load(ledger, config).await?)),
-        Err(LedgerError::InUse) => Ok(Target::Daemon(Daemon::new(config.admin.listen)?)),
+        Err(LedgerError::InUse) => Ok(Target::Daemon(Daemon::new(
+            config.admin.listen,
+            admin_token(config),
+        )?)),
         Err(e) => Err(e.into()),
     }
 }

@@ -1,25 +1,30 @@
 //! The admin listener (loopback by default): `/metrics` for Prometheus, `/healthz` for liveness,
 //! `/readyz` for readiness (broker connected, state loaded), and the consent endpoints
 //! `sendwell consent show | export` use while the daemon holds the store: `/consent/{number}`
-//! and `/consent/export`. Those reveal personal data and answer loopback clients only, even
-//! when an operator opens the admin port to a scrape network for `/metrics`.
+//! and `/consent/export`. Those reveal personal data: they answer loopback clients that name a
+//! loopback host, come through no proxy and bring the admin token ([`auth`]), even when an
+//! operator opens the admin port to a scrape network or a proxy for `/metrics`.
 
-use std::net::SocketAddr;
+pub mod auth;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 
+use crate::config::Secret;
 use crate::consent::ConsentStore;
 use crate::consent::tools::{self, ChunkSender, Format};
+
+pub use auth::is_loopback_peer;
 
 /// What readiness is made of; each part flips as the daemon's state changes.
 #[derive(Default)]
@@ -49,8 +54,8 @@ pub fn router(metrics: PrometheusHandle, readiness: Arc<Readiness>) -> Router {
         .with_state(AdminState { metrics, readiness })
 }
 
-/// The admin router with the consent endpoints. Serve it with
-/// `into_make_service_with_connect_info::<SocketAddr>()`: without the peer's address the
+/// The admin router with the consent endpoints, which ask for `token` ([`auth`]). Serve it
+/// with `into_make_service_with_connect_info::<SocketAddr>()`: without the peer's address the
 /// consent endpoints refuse every request. `spool_dir` (the state directory) holds an
 /// export's spool file while it streams.
 pub fn router_with_consent(
@@ -58,43 +63,17 @@ pub fn router_with_consent(
     readiness: Arc<Readiness>,
     consent: Arc<ConsentStore>,
     spool_dir: PathBuf,
+    token: Secret,
 ) -> Router {
     let consent = Router::new()
         .route("/consent/export", get(consent_export))
         .route("/consent/{number}", get(consent_show))
-        .route_layer(middleware::from_fn(loopback_only))
+        .route_layer(middleware::from_fn_with_state(token, auth::consent_guard))
         .with_state(ConsentState {
             store: consent,
             spool_dir: Arc::new(spool_dir),
         });
     router(metrics, readiness).merge(consent)
-}
-
-/// Whether a peer may read personal data: a loopback address (IPv4-mapped included).
-pub fn is_loopback_peer(peer: SocketAddr) -> bool {
-    peer.ip().to_canonical().is_loopback()
-}
-
-async fn loopback_only(req: Request, next: Next) -> Response {
-    use axum::extract::FromRequestParts;
-    let (mut parts, body) = req.into_parts();
-    // Served without connect info, the peer is unknown: refused like a remote one.
-    let peer = ConnectInfo::<SocketAddr>::from_request_parts(&mut parts, &())
-        .await
-        .ok()
-        .map(|c| c.0);
-    let req = Request::from_parts(parts, body);
-    match peer {
-        Some(p) if is_loopback_peer(p) => next.run(req).await,
-        _ => {
-            tracing::warn!(peer = ?peer, path = %req.uri().path(), "Consent request from a non-loopback peer refused.");
-            (
-                StatusCode::FORBIDDEN,
-                "consent endpoints answer loopback clients only: they reveal personal data\n",
-            )
-                .into_response()
-        }
-    }
 }
 
 #[derive(Clone)]
@@ -191,12 +170,19 @@ async fn ready(State(s): State<AdminState>) -> (StatusCode, &'static str) {
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
+    use std::net::SocketAddr;
 
     use axum::extract::connect_info::MockConnectInfo;
     use metrics_exporter_prometheus::PrometheusBuilder;
 
     use super::*;
     use crate::store::Ledger;
+
+    const TOKEN: &str = "test-admin-token-0123456789";
+
+    fn token() -> Secret {
+        Secret::new(TOKEN.into())
+    }
 
     /// Serves the admin router as if every request came from `peer`.
     async fn serve_as(peer: SocketAddr) -> SocketAddr {
@@ -212,6 +198,7 @@ mod tests {
             Arc::new(Readiness::default()),
             store,
             std::env::temp_dir(),
+            token(),
         )
         .layer(MockConnectInfo(peer));
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -220,17 +207,28 @@ mod tests {
         addr
     }
 
-    async fn status(addr: SocketAddr, path: &str) -> u16 {
-        reqwest::Client::builder()
+    /// The status of a GET with these extra headers (a `host` among them replaces the one the
+    /// client would send).
+    async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> reqwest::Response {
+        let mut req = reqwest::Client::builder()
             .no_proxy()
             .build()
             .unwrap()
-            .get(format!("http://{addr}{path}"))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16()
+            .get(format!("http://{addr}{path}"));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.send().await.unwrap()
+    }
+
+    async fn status_with(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> u16 {
+        get(addr, path, headers).await.status().as_u16()
+    }
+
+    /// With the admin token, as `sendwell consent` asks.
+    async fn status(addr: SocketAddr, path: &str) -> u16 {
+        let auth = format!("Bearer {TOKEN}");
+        status_with(addr, path, &[("authorization", &auth)]).await
     }
 
     /// An export whose client stops reading must not hold the store: an erasure compacts the
@@ -263,6 +261,7 @@ mod tests {
             Arc::new(Readiness::default()),
             store.clone(),
             dir.path().to_path_buf(),
+            token(),
         );
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
@@ -275,7 +274,12 @@ mod tests {
         });
         let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
         client
-            .write_all(b"GET /consent/export HTTP/1.1\r\nhost: x\r\n\r\n")
+            .write_all(
+                format!(
+                    "GET /consent/export HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {TOKEN}\r\n\r\n"
+                )
+                .as_bytes(),
+            )
             .await
             .unwrap();
         // The export has begun once its first bytes arrive; then the client stops reading.
@@ -283,7 +287,11 @@ mod tests {
         while !seen.windows(13).any(|w| w == b"\"evidence\":\"x") {
             let mut buf = [0u8; 4096];
             let n = client.read(&mut buf).await.unwrap();
-            assert!(n > 0, "the export ended early");
+            assert!(
+                n > 0,
+                "the export ended early: {}",
+                String::from_utf8_lossy(&seen)
+            );
             seen.extend_from_slice(&buf[..n]);
         }
         let erased = tokio::time::timeout(
@@ -312,6 +320,7 @@ mod tests {
             Arc::new(Readiness::default()),
             store,
             std::env::temp_dir(),
+            token(),
         );
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
@@ -335,5 +344,74 @@ mod tests {
         let local = serve_as("127.0.0.1:40000".parse().unwrap()).await;
         assert_eq!(status(local, "/consent/12").await, 400);
         assert_eq!(status(local, "/consent/export?format=xml").await, 400);
+    }
+
+    #[tokio::test]
+    async fn consent_endpoints_need_the_token_a_loopback_host_and_no_proxy() {
+        let local = serve_as("127.0.0.1:40000".parse().unwrap()).await;
+        let auth = format!("Bearer {TOKEN}");
+        let auth = auth.as_str();
+        for path in ["/consent/491701234567", "/consent/export"] {
+            // No token, a wrong one, another scheme: 401, saying what is needed.
+            let r = get(local, path, &[]).await;
+            assert_eq!(r.status(), 401, "{path}");
+            assert_eq!(r.headers()["www-authenticate"], "Bearer");
+            assert!(r.text().await.unwrap().contains("admin.token_file"));
+            for wrong in [
+                "Bearer test-admin-token-012345678",
+                "Bearer test-admin-token-01234567890",
+                "Bearer ",
+                "Basic dGVzdA==",
+                TOKEN,
+            ] {
+                assert_eq!(
+                    status_with(local, path, &[("authorization", wrong)]).await,
+                    401,
+                    "{wrong}"
+                );
+            }
+            // A page that rebinds its own name to 127.0.0.1 sends its own name as Host.
+            for host in ["rebind.example", "rebind.example:9187", "10.0.0.1:9187"] {
+                assert_eq!(
+                    status_with(local, path, &[("authorization", auth), ("host", host)]).await,
+                    403,
+                    "{host}"
+                );
+            }
+            for host in [
+                "localhost",
+                "localhost:9187",
+                "127.0.0.1:9187",
+                "[::1]:9187",
+            ] {
+                assert_eq!(
+                    status_with(local, path, &[("authorization", auth), ("host", host)]).await,
+                    200,
+                    "{host}"
+                );
+            }
+            // Through a proxy, even with the token.
+            for h in auth::FORWARDING_HEADERS {
+                assert_eq!(
+                    status_with(local, path, &[("authorization", auth), (h, "127.0.0.1")]).await,
+                    401,
+                    "{h}"
+                );
+            }
+            assert_eq!(
+                status_with(local, path, &[("authorization", auth)]).await,
+                200
+            );
+        }
+        // The rest of the admin listener is as before: no token, any host, any proxy.
+        for path in ["/metrics", "/healthz", "/readyz"] {
+            let s = status_with(
+                local,
+                path,
+                &[("host", "scrape.example"), ("x-forwarded-for", "10.0.0.9")],
+            )
+            .await;
+            assert!(s == 200 || s == 503, "{path}: {s}");
+        }
     }
 }

@@ -15,6 +15,7 @@ pub mod parse;
 pub mod signature;
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -25,7 +26,8 @@ use futures_util::future::try_join_all;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
-use tokio::sync::Mutex;
+use rand::Rng;
+use tokio::sync::watch;
 
 use crate::amqp::topology::{JOBS_EXCHANGE, WEBHOOKS_EXCHANGE};
 use crate::config::Secret;
@@ -37,52 +39,297 @@ pub const KIND_WEBHOOK: &str = "webhook";
 /// so exactly one instance asks).
 pub const KIND_CONSENT_QUESTION: &str = "consent_question";
 
-/// Publishes events with confirms over a connection of its own, reconnecting on demand.
-pub struct BrokerSink {
-    url: Secret,
-    /// The connection and its confirm-mode channel; None until first use or after a failure.
-    conn: Mutex<Option<(Connection, Channel)>>,
+/// Bounds on making a callback durable; from `[webhook]`.
+#[derive(Clone, Copy, Debug)]
+pub struct SinkLimits {
+    /// One connect attempt (TCP, AMQP handshake, channel, confirm mode) at most this long.
+    pub connect_timeout: Duration,
+    /// A callback waits at most this long for its events to be confirmed, connect included.
+    pub request_timeout: Duration,
+    /// Ceiling of the pause after failed attempts (doubling from 200 ms, like the consumer's).
+    pub retry_max_delay: Duration,
 }
 
-impl BrokerSink {
-    pub fn new(url: Secret) -> Self {
+impl SinkLimits {
+    pub fn from_config(c: &crate::config::Config) -> Self {
         Self {
-            url,
-            conn: Mutex::new(None),
+            connect_timeout: c.webhook.broker_connect_timeout,
+            request_timeout: c.webhook.request_timeout,
+            retry_max_delay: c.broker.reconnect_max_delay,
+        }
+    }
+}
+
+/// Why a callback could not be made durable; each is answered 503, and Meta retries.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("no broker connection: {0}")]
+    Unavailable(String),
+    #[error("the broker did not confirm within {0:?}")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Publish(String),
+}
+
+/// Publishes events with confirms over a connection of its own, reconnecting on demand.
+///
+/// With the broker down or hung, callbacks must not pile up: one connect attempt runs at a
+/// time, in a task of its own (a callback that gives up does not cancel it), bounded by
+/// `connect_timeout`; callbacks that arrive meanwhile wait for it, bounded by
+/// `request_timeout`. After a failed attempt there is none until a backoff has passed, and
+/// callbacks are refused at once. Cheap to clone: clones share the connection.
+#[derive(Clone)]
+pub struct BrokerSink {
+    inner: Arc<SinkInner>,
+}
+
+struct SinkInner {
+    url: Secret,
+    /// Our broker user, stamped as `user_id` on every event: the consumer honours
+    /// `x-sendwell-kind` only when the broker vouches for it (see `amqp::provenance`).
+    user: String,
+    limits: SinkLimits,
+    /// Held only to look or swap, never across an await.
+    link: std::sync::Mutex<Link>,
+    /// Counts finished connect attempts; callbacks waiting for one watch it.
+    attempts: watch::Sender<u64>,
+    /// The 503 log line, at most once per interval.
+    refusals: crate::log_every::LogEvery,
+}
+
+#[derive(Default)]
+struct Link {
+    up: Option<Up>,
+    connecting: bool,
+    failures: u32,
+    /// After a failed attempt: no new one before this, and callbacks are refused at once.
+    retry_at: Option<Instant>,
+    last_error: Option<String>,
+    /// Tells connections apart, so a failure on an old one does not drop its successor.
+    generation: u64,
+}
+
+/// A connection in confirm mode.
+struct Up {
+    conn: Connection,
+    ch: Channel,
+    generation: u64,
+    /// A second handle on its socket: shutting it ends lapin's I/O thread at once, where
+    /// dropping the connection would leave it to the heartbeat.
+    socket: Option<std::net::TcpStream>,
+}
+
+impl Up {
+    fn healthy(&self) -> bool {
+        self.conn.status().connected() && self.ch.status().connected()
+    }
+
+    fn shut(self) {
+        if let Some(s) = self.socket {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// How often the 503 line is written while the broker stays unreachable.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+impl BrokerSink {
+    pub fn new(url: Secret, limits: SinkLimits) -> Self {
+        Self {
+            inner: Arc::new(SinkInner {
+                user: crate::amqp::provenance::broker_user(url.expose()),
+                url,
+                limits,
+                link: std::sync::Mutex::new(Link::default()),
+                attempts: watch::Sender::new(0),
+                refusals: crate::log_every::LogEvery::new(
+                    REFUSAL_LOG_EVERY,
+                    Arc::new(crate::clock::SystemClock),
+                ),
+            }),
         }
     }
 
-    async fn channel(&self) -> Result<Channel, lapin::Error> {
-        let mut guard = self.conn.lock().await;
-        if let Some((c, ch)) = guard.as_ref()
-            && c.status().connected()
-            && ch.status().connected()
-        {
-            return Ok(ch.clone());
+    fn link(&self) -> std::sync::MutexGuard<'_, Link> {
+        self.inner
+            .link
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The confirm-mode channel: the live one, or the outcome of the connect attempt under way
+    /// (starting one when none runs and no backoff holds).
+    async fn channel(&self) -> Result<(Channel, u64), SinkError> {
+        loop {
+            // Subscribed before looking, so the end of an attempt is never missed.
+            let mut attempts = self.inner.attempts.subscribe();
+            {
+                let mut link = self.link();
+                if let Some(up) = &link.up {
+                    if up.healthy() {
+                        return Ok((up.ch.clone(), up.generation));
+                    }
+                    if let Some(up) = link.up.take() {
+                        up.shut();
+                    }
+                }
+                if !link.connecting {
+                    if let Some(at) = link.retry_at
+                        && Instant::now() < at
+                    {
+                        let why = link.last_error.clone().unwrap_or_default();
+                        return Err(SinkError::Unavailable(why));
+                    }
+                    link.connecting = true;
+                    tokio::spawn(self.clone().connect());
+                }
+            }
+            if attempts.changed().await.is_err() {
+                return Err(SinkError::Unavailable("the sink is gone".into()));
+            }
         }
-        let conn = Connection::connect(
-            self.url.expose(),
+    }
+
+    /// One connect attempt; records its outcome and wakes the callbacks waiting for it.
+    async fn connect(self) {
+        let result = open(self.inner.url.expose(), self.inner.limits.connect_timeout).await;
+        {
+            let mut link = self.link();
+            link.connecting = false;
+            match result {
+                Ok((conn, ch, socket)) => {
+                    link.generation += 1;
+                    link.up = Some(Up {
+                        conn,
+                        ch,
+                        generation: link.generation,
+                        socket,
+                    });
+                    link.failures = 0;
+                    link.retry_at = None;
+                    link.last_error = None;
+                    tracing::info!("Webhook listener connected to the broker.");
+                }
+                Err(e) => {
+                    link.failures = link.failures.saturating_add(1);
+                    let cap = Duration::from_millis(200)
+                        .saturating_mul(1 << link.failures.min(10))
+                        .min(self.inner.limits.retry_max_delay);
+                    let wait = Duration::from_millis(
+                        rand::rng()
+                            .random_range(cap.as_millis() as u64 / 2..=cap.as_millis() as u64),
+                    );
+                    link.retry_at = Some(Instant::now() + wait);
+                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "The webhook listener cannot reach the broker; callbacks are answered 503 (Meta retries them) until it can.");
+                    link.last_error = Some(e);
+                }
+            }
+        }
+        self.inner.attempts.send_modify(|n| *n += 1);
+    }
+
+    /// Drops connection `generation` after a failure on it (unless it was replaced already).
+    fn discard(&self, generation: u64) {
+        let mut link = self.link();
+        if link.up.as_ref().is_some_and(|u| u.generation == generation)
+            && let Some(up) = link.up.take()
+        {
+            up.shut();
+        }
+    }
+
+    /// Publishes every event and waits for all confirms, within `request_timeout`.
+    pub async fn publish(&self, events: &[parse::Event]) -> Result<(), SinkError> {
+        let limit = self.inner.limits.request_timeout;
+        let mut used = None;
+        let result = tokio::time::timeout(limit, async {
+            let (ch, generation) = self.channel().await?;
+            used = Some(generation);
+            try_join_all(
+                events
+                    .iter()
+                    .map(|ev| publish_one(&ch, &self.inner.user, ev)),
+            )
+            .await
+            .map(|_| ())
+            .map_err(SinkError::Publish)
+        })
+        .await
+        .unwrap_or(Err(SinkError::Timeout(limit)));
+        if result.is_err()
+            && let Some(generation) = used
+        {
+            self.discard(generation);
+        }
+        result
+    }
+}
+
+/// Opens a connection in confirm mode within `limit`. An attempt that runs out of time has its
+/// socket shut, so a broker that accepts TCP and never answers leaves nothing behind: lapin
+/// has no connect timeout, and dropping its connect future would leave its I/O thread waiting
+/// on the socket for good.
+async fn open(
+    url: &str,
+    limit: Duration,
+) -> Result<(Connection, Channel, Option<std::net::TcpStream>), String> {
+    use std::os::fd::AsFd;
+
+    use lapin::tcp::{AMQPUriTcpExt, AsyncTcpStream, TLSConfig};
+    let uri: lapin::uri::AMQPUri = url.parse().map_err(|e| format!("broker URL: {e}"))?;
+    let runtime = lapin::runtime::default_runtime().map_err(|e| e.to_string())?;
+    let socket: Arc<std::sync::Mutex<Option<std::net::TcpStream>>> = Arc::default();
+    let held = socket.clone();
+    let attempt = async move {
+        let conn = Connection::connector(
+            uri,
+            runtime,
+            async move |uri, runtime| {
+                let stream =
+                    AMQPUriTcpExt::connect_with_config_async(&uri, TLSConfig::default(), &runtime)
+                        .await?;
+                // A duplicate of the descriptor (plain TCP; a TLS stream keeps its own).
+                if let AsyncTcpStream::Plain(s) = &stream
+                    && let Ok(fd) = s.get_ref().as_fd().try_clone_to_owned()
+                {
+                    *held
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                        Some(std::net::TcpStream::from(fd));
+                }
+                Ok(stream)
+            },
             ConnectionProperties::default().with_connection_name("sendwell webhooks".into()),
         )
         .await?;
         let ch = conn.create_channel().await?;
         ch.confirm_select(ConfirmSelectOptions::default()).await?;
-        *guard = Some((conn, ch.clone()));
-        Ok(ch)
-    }
-
-    /// Publishes every event and waits for all confirms.
-    pub async fn publish(&self, events: &[parse::Event]) -> Result<(), String> {
-        let ch = self.channel().await.map_err(|e| e.to_string())?;
-        let result = try_join_all(events.iter().map(|ev| publish_one(&ch, &self.url, ev))).await;
-        if result.is_err() {
-            *self.conn.lock().await = None;
+        Ok::<_, lapin::Error>((conn, ch))
+    };
+    let result = tokio::time::timeout(limit, attempt).await;
+    let socket = socket
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    match result {
+        Ok(Ok((conn, ch))) => Ok((conn, ch, socket)),
+        Ok(Err(e)) => {
+            if let Some(s) = socket {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+            Err(e.to_string())
         }
-        result.map(|_| ())
+        Err(_) => {
+            if let Some(s) = socket {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+            Err(format!("no answer within {limit:?} (connect timeout)"))
+        }
     }
 }
 
-async fn publish_one(ch: &Channel, url: &Secret, ev: &parse::Event) -> Result<(), String> {
+async fn publish_one(ch: &Channel, user: &str, ev: &parse::Event) -> Result<(), String> {
     let body = serde_json::to_vec(ev).map_err(|e| e.to_string())?;
     let (exchange, key) = match &ev.recipient {
         Some(digits) => (JOBS_EXCHANGE, digits.as_str()),
@@ -98,7 +345,7 @@ async fn publish_one(ch: &Channel, url: &Secret, ev: &parse::Event) -> Result<()
         .with_content_type("application/json".into())
         .with_delivery_mode(2)
         .with_headers(headers)
-        .with_user_id(crate::amqp::provenance::broker_user(url.expose()).into());
+        .with_user_id(user.into());
     let confirm = ch
         .basic_publish(
             exchange.into(),
@@ -212,7 +459,9 @@ async fn receive(
         Err(e) => {
             // Meta retries non-200 answers for days: nothing is lost by refusing now.
             crate::metrics::webhook_request("unavailable");
-            tracing::error!(error = %e, "Webhook events could not be stored in the broker; answering 503 so Meta retries.");
+            if let Some(unlogged) = l.sink.inner.refusals.check(()) {
+                tracing::error!(error = %e, refused_since_last_line = unlogged, "Webhook events could not be stored in the broker; answering 503 so Meta retries.");
+            }
             (StatusCode::SERVICE_UNAVAILABLE, "try again later\n")
         }
     }
