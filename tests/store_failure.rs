@@ -198,6 +198,52 @@ async fn a_full_disk_mid_run_sends_nothing_twice_loses_nothing_and_the_daemon_re
     drop(disk);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_that_stays_full_past_the_grace_makes_the_daemon_exit_74() {
+    let Some(disk) = Tmpfs::mount("16m") else {
+        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let env = TestEnv::new(&AppOptions {
+        consented: 0..0,
+        ..AppOptions::default()
+    })
+    .await;
+    let state = disk.dir.join("state");
+    let state_dir = state.clone();
+    let mut app = env
+        .start_with(|c| {
+            c.state.dir = state_dir;
+            c.state.unwritable_grace = Duration::from_secs(10);
+        })
+        .await;
+    fill(&disk.dir.join("filler"));
+    // Anything the daemon must record now meets the full disk (here the jobs' outcomes:
+    // `suppressed`, as this new store holds no consent).
+    let jobs: Vec<serde_json::Value> = (0..20)
+        .map(|i| {
+            let mut j = template_job(&format!("full-{i}"), &number(i));
+            j["category"] = "utility".into();
+            j
+        })
+        .collect();
+    env.publish(&jobs).await;
+    let admin = app.admin();
+    wait_for(
+        "/readyz to answer 503",
+        Duration::from_secs(30),
+        async || (readyz(admin).await == 503).then_some(()),
+    )
+    .await;
+    let running = app.app.take().unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(90), running.wait())
+        .await
+        .expect("the daemon stops by itself after the grace");
+    let e = r.expect_err("a daemon that gives up on its store does not exit 0");
+    assert_eq!(e.exit_code(), 74, "{e}");
+    drop(disk);
+}
+
 /// A dead letter in `sendwell.dead` as the broker's delivery limit leaves it.
 async fn put_delivery_limit_dead_letter(url: &str, job: &serde_json::Value) {
     let to = job["to"]
