@@ -273,6 +273,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     let unwritable_grace = config.state.unwritable_grace;
     ledger.health().set_hold(unwritable_grace);
     crate::health::set_store_grace(unwritable_grace);
+    crate::metrics::store_writable(true);
     let readiness = Arc::new(Readiness {
         store_unwritable: ledger.health().unwritable_flag(),
         ..Readiness::default()

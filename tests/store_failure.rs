@@ -19,6 +19,10 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use sendwell::store::{Ledger, LedgerEntry, LedgerState};
 
+/// The tests that break a store run one at a time: the store's health and its metric are the
+/// process's (one daemon per process in production), and these tests assert on both.
+static ONE_BROKEN_STORE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A small tmpfs mounted on a directory of its own under /tmp, unmounted when dropped.
 struct Tmpfs {
     dir: PathBuf,
@@ -87,6 +91,7 @@ async fn readyz(admin: std::net::SocketAddr) -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_full_disk_mid_run_sends_nothing_twice_loses_nothing_and_the_daemon_recovers_by_itself() {
     const N: usize = 300;
+    let _serial = ONE_BROKEN_STORE_AT_A_TIME.lock().await;
     let Some(disk) = Tmpfs::mount("48m") else {
         eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
         return;
@@ -200,6 +205,7 @@ async fn a_full_disk_mid_run_sends_nothing_twice_loses_nothing_and_the_daemon_re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disk_that_stays_full_past_the_grace_makes_the_daemon_exit_74() {
+    let _serial = ONE_BROKEN_STORE_AT_A_TIME.lock().await;
     let Some(disk) = Tmpfs::mount("16m") else {
         eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
         return;
