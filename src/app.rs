@@ -50,6 +50,10 @@ pub enum AppError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "the state store could not be written for {0} (state.unwritable_grace); exiting so the supervisor restarts the daemon"
+    )]
+    StoreUnwritable(String),
 }
 
 impl AppError {
@@ -60,6 +64,8 @@ impl AppError {
             AppError::Bind { .. } | AppError::Broker(_) => 69,
             AppError::Http(_) | AppError::Internal(_) => 70,
             AppError::Config(_) => 64,
+            // EX_IOERR.
+            AppError::StoreUnwritable(_) => 74,
         }
     }
 }
@@ -266,9 +272,17 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     let running_config = config.clone();
     crate::privacy::set_masking(config.log.mask_numbers);
     let metrics = metrics_handle();
-    let readiness = Arc::new(Readiness::default());
-
     let ledger = Ledger::open(&config.state.dir)?;
+    // A store that cannot be written (full disk) holds its writes and the pipeline waits, for
+    // this long; then the daemon gives up (see the watch below).
+    let unwritable_grace = config.state.unwritable_grace;
+    ledger.health().set_hold(unwritable_grace);
+    crate::health::set_store_grace(unwritable_grace);
+    crate::metrics::store_writable(true);
+    let readiness = Arc::new(Readiness {
+        store_unwritable: ledger.health().unwritable_flag(),
+        ..Readiness::default()
+    });
     let meta = MetaState::load(ledger.clone())?;
     let started = std::time::Instant::now();
     let consent = ConsentStore::load(ledger.clone(), &config).await?;
@@ -516,6 +530,32 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         }
     });
 
+    // Past the grace a store that still cannot be written needs an operator (or a restart): stop,
+    // and exit non-zero so the supervisor restarts the daemon.
+    let gave_up: Arc<OnceLock<Duration>> = Arc::default();
+    let (store_health, store_stop, store_gave_up) =
+        (ledger.health().clone(), shutdown.clone(), gave_up.clone());
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = store_stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if let Some(down) = store_health.unwritable_for()
+                && down >= unwritable_grace
+            {
+                tracing::error!(
+                    grace = %humantime::format_duration(unwritable_grace),
+                    "The state store could not be written for the whole of state.unwritable_grace: stopping; jobs not yet recorded stay unacked and come back after the restart."
+                );
+                let _ = store_gave_up.set(down);
+                store_stop.cancel();
+                return;
+            }
+        }
+    });
+
     let broker_flag = readiness.broker.clone();
     let broker_cfg = config.broker.clone();
     let grace = config.shutdown.grace_period;
@@ -536,6 +576,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         let _ = admin_task.await;
         if let Some(t) = webhook_task {
             let _ = t.await;
+        }
+        if let Some(down) = gave_up.get() {
+            return Err(AppError::StoreUnwritable(
+                humantime::format_duration(Duration::from_secs(down.as_secs())).to_string(),
+            ));
         }
         result.map_err(AppError::from)
     });

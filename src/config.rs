@@ -292,6 +292,8 @@ struct StateFile {
     dir: PathBuf,
     #[serde(with = "humantime_serde")]
     ledger_retention: Duration,
+    #[serde(with = "humantime_serde")]
+    unwritable_grace: Duration,
 }
 
 impl Default for StateFile {
@@ -299,6 +301,7 @@ impl Default for StateFile {
         Self {
             dir: PathBuf::from("/var/lib/sendwell"),
             ledger_retention: Duration::from_secs(7 * 24 * 3600),
+            unwritable_grace: Duration::from_secs(300),
         }
     }
 }
@@ -625,6 +628,9 @@ impl fmt::Debug for BrokerConfig {
 pub struct StateConfig {
     pub dir: PathBuf,
     pub ledger_retention: Duration,
+    /// How long the daemon waits for a state store that cannot be written (full disk), holding
+    /// its jobs, before it gives up: the watchdog is no longer fed and it exits (74).
+    pub unwritable_grace: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -1024,6 +1030,14 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
     if f.state.ledger_retention > Duration::from_secs(400 * 86400) {
         problem("state.ledger_retention", "must be at most 400d".into());
     }
+    // Shorter than a reopen or two would give up on a disk being freed; much longer than a
+    // day only hides a host that needs an operator.
+    if f.state.unwritable_grace < Duration::from_secs(10) {
+        problem("state.unwritable_grace", "must be at least 10s".into());
+    }
+    if f.state.unwritable_grace > Duration::from_secs(86400) {
+        problem("state.unwritable_grace", "must be at most 24h".into());
+    }
 
     // Purposes and accounts.
     let mut seen = HashSet::new();
@@ -1383,6 +1397,7 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
         state: StateConfig {
             dir: state_dir,
             ledger_retention: f.state.ledger_retention,
+            unwritable_grace: f.state.unwritable_grace,
         },
         cloud_api: CloudApiConfig {
             base_url: f.cloud_api.base_url.trim_end_matches('/').to_string(),
@@ -1823,6 +1838,27 @@ mod tests {
             "limits.country_zones.US",
         ] {
             assert!(keys.contains(&k), "{k} missing from {e}");
+        }
+    }
+
+    #[test]
+    fn the_unwritable_grace_has_a_default_a_unit_and_bounds() {
+        let d = tempfile::tempdir().unwrap();
+        let c = Config::load_with_env(&write(d.path(), GOOD), no_env()).unwrap();
+        assert_eq!(c.state.unwritable_grace, Duration::from_secs(300));
+        let p = write(
+            d.path(),
+            &format!("[state]\nunwritable_grace = \"90s\"\n{GOOD}"),
+        );
+        let c = Config::load_with_env(&p, no_env()).unwrap();
+        assert_eq!(c.state.unwritable_grace, Duration::from_secs(90));
+        for bad in ["\"5s\"", "\"2d\"", "\"300\""] {
+            let p = write(
+                d.path(),
+                &format!("[state]\nunwritable_grace = {bad}\n{GOOD}"),
+            );
+            let e = Config::load_with_env(&p, no_env()).unwrap_err();
+            assert_eq!(e.problems[0].key, "state.unwritable_grace", "{bad}: {e}");
         }
     }
 

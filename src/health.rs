@@ -12,6 +12,10 @@ static FINISHED: AtomicU64 = AtomicU64::new(0);
 static CONNECTED: AtomicBool = AtomicBool::new(false);
 /// Ready messages in this shard's queue at the last poll.
 static QUEUE_READY: AtomicI64 = AtomicI64::new(0);
+/// Unix ms since when the state store refuses writes; 0 while it takes them.
+static STORE_UNWRITABLE_SINCE_MS: AtomicI64 = AtomicI64::new(0);
+/// `state.unwritable_grace`, in ms.
+static STORE_GRACE_MS: AtomicI64 = AtomicI64::new(300_000);
 
 fn now_ms() -> i64 {
     jiff::Timestamp::now().as_millisecond()
@@ -41,6 +45,23 @@ pub(crate) fn queue_ready(n: u32) {
     QUEUE_READY.store(n as i64, Ordering::Relaxed);
 }
 
+pub(crate) fn store_unwritable_since(since_ms: Option<i64>) {
+    STORE_UNWRITABLE_SINCE_MS.store(since_ms.unwrap_or(0), Ordering::Relaxed);
+    if since_ms.is_none() {
+        progressed();
+    }
+}
+
+/// How long a store that cannot be written is waited for (`state.unwritable_grace`).
+pub fn set_store_grace(grace: Duration) {
+    STORE_GRACE_MS.store(grace.as_millis() as i64, Ordering::Relaxed);
+}
+
+/// Whether the state store refuses writes now.
+pub fn store_unwritable() -> bool {
+    STORE_UNWRITABLE_SINCE_MS.load(Ordering::Relaxed) != 0
+}
+
 /// Jobs finished since start.
 pub fn finished_total() -> u64 {
     FINISHED.load(Ordering::Relaxed)
@@ -54,8 +75,14 @@ pub fn in_flight_now() -> i64 {
 /// Healthy: nothing to do (nothing in flight, nothing waiting), or something happened within
 /// `window`. Wedged: jobs in flight, or waiting in the queue, and nothing taken or settled for
 /// a whole window. While the broker is down the reconnect loop is in charge: a restart would
-/// not help, so that counts as healthy.
+/// not help, so that counts as healthy. While the state store cannot be written the ledger
+/// reopens it and jobs wait on purpose: healthy within `state.unwritable_grace` (a restart
+/// would not free the disk, and would forget the results of sends not yet recorded), not after.
 pub fn making_progress(window: Duration) -> bool {
+    let store_down = STORE_UNWRITABLE_SINCE_MS.load(Ordering::Relaxed);
+    if store_down != 0 {
+        return now_ms() - store_down < STORE_GRACE_MS.load(Ordering::Relaxed);
+    }
     if !CONNECTED.load(Ordering::Relaxed) {
         return true;
     }

@@ -138,6 +138,9 @@ pub const SPEND: &str = "sendwell_spend_rolling_day_microunits";
 pub const SPEND_BUDGET: &str = "sendwell_spend_budget_microunits";
 pub const SPEND_GUARD: &str = "sendwell_spend_guard_active";
 pub const QUEUE_MESSAGES: &str = "sendwell_queue_messages";
+pub const STORE_WRITABLE: &str = "sendwell_store_writable";
+pub const STORE_WRITE_FAILURES: &str = "sendwell_store_write_failures_total";
+pub const STORE_REOPENS: &str = "sendwell_store_reopens_total";
 
 /// Every metric the daemon exports (histograms add `_bucket`, `_sum`, `_count`): what the
 /// dashboard and the alert rules may query.
@@ -191,6 +194,9 @@ pub const ALL: &[&str] = &[
     SPEND_BUDGET,
     SPEND_GUARD,
     QUEUE_MESSAGES,
+    STORE_WRITABLE,
+    STORE_WRITE_FAILURES,
+    STORE_REOPENS,
     // From metrics-process (see PROCESS), under the names Prometheus's clients use.
     "process_cpu_seconds_total",
     "process_open_fds",
@@ -255,6 +261,18 @@ pub fn describe() {
     describe_gauge!(
         SPEND_GUARD,
         "1 while the account's daily budget is spent and its guarded categories (marketing by default) are held back."
+    );
+    describe_gauge!(
+        STORE_WRITABLE,
+        "1 while the state store takes writes; 0 while it cannot (full disk, I/O error): no new jobs are taken and sent jobs wait to be recorded."
+    );
+    describe_counter!(
+        STORE_WRITE_FAILURES,
+        "Store write batches that failed with an I/O error (each is retried on a reopened store)."
+    );
+    describe_counter!(
+        STORE_REOPENS,
+        "Reopenings of the state store after an I/O error, by result (ok, failed)."
     );
     describe_gauge!(
         QUEUE_MESSAGES,
@@ -614,6 +632,19 @@ pub fn queue_messages(queue: &'static str, ready: u32) {
         crate::health::queue_ready(ready);
     }
     gauge!(QUEUE_MESSAGES, "queue" => queue).set(ready as f64);
+}
+
+/// The store takes writes again (true) or cannot be written (false).
+pub fn store_writable(ok: bool) {
+    gauge!(STORE_WRITABLE).set(if ok { 1.0 } else { 0.0 });
+}
+
+pub fn store_write_failed() {
+    counter!(STORE_WRITE_FAILURES).increment(1);
+}
+
+pub fn store_reopened(ok: bool) {
+    counter!(STORE_REOPENS, "result" => if ok { "ok" } else { "failed" }).increment(1);
 }
 
 pub fn account_update(event: &str) {

@@ -3,7 +3,8 @@
 //! `READY=1` once the config is valid, the state loaded and the topology declared; `STATUS=`
 //! with a one-line summary; `STOPPING=1` at shutdown; `WATCHDOG=1` every half `WatchdogSec`,
 //! but only while [`crate::health::making_progress`] says the pipeline moves or is idle — a
-//! wedged daemon stops pinging and systemd restarts it.
+//! wedged daemon stops pinging and systemd restarts it. A state store that cannot be written
+//! (full disk) counts as wedged only after `state.unwritable_grace`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,13 +55,18 @@ pub async fn run(readiness: Arc<Readiness>, paused: impl Fn() -> usize, stop: Ca
         let rate = (n - last.1) as f64 / t.duration_since(last.0).as_secs_f64().max(0.001);
         last = (t, n);
         let status = format!(
-            "{rate:.1} jobs/s, {} in flight, {} paused accounts, broker {}",
+            "{rate:.1} jobs/s, {} in flight, {} paused accounts, broker {}{}",
             crate::health::in_flight_now(),
             paused(),
-            if readiness.is_ready() {
+            if readiness.broker.load(std::sync::atomic::Ordering::SeqCst) {
                 "connected"
             } else {
                 "reconnecting"
+            },
+            if crate::health::store_unwritable() {
+                ", state store cannot be written"
+            } else {
+                ""
             }
         );
         match watchdog {

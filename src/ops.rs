@@ -26,7 +26,10 @@
 //! `replay` republishes each matching job to `sendwell.jobs` with the recipient's digits as the
 //! routing key (as upstream publishes, so the consistent-hash exchange picks the shard), with
 //! publisher confirms, and acks the dead copy only once the broker confirmed the new one. A
-//! crash in between leaves both: the daemon's ledger sends a job id at most once.
+//! crash in between leaves both: the daemon's ledger sends a job id at most once. A replayed
+//! job is a new publication of its id: if its send was in doubt when its message died (ledger
+//! `Sending`), the pipeline answers it `failed`/`ambiguous` and never sends it again (see
+//! `Pipeline::process`); this tool cannot read the ledger, which the running daemon holds.
 //!
 //! Only jobs that never got a final outcome are worth replaying: those the broker dead-lettered
 //! (delivery limit: a job that kept failing to settle, e.g. while the state store was full).

@@ -122,8 +122,22 @@ pub const MAX_LANE_WAITING: usize = 64;
 /// A job that could not be settled is still unacked on a channel that may be healthy: without
 /// help it would hold its prefetch slot until some unrelated reconnect. Ending the session makes
 /// the broker redeliver it (and everything else unacked) on a fresh connection.
+///
+/// While the state store cannot be written (a full disk), a store error waits for it to come
+/// back before ending the session: ending it at once would make the broker redeliver every
+/// unacked job again and again, each time counting toward its delivery limit.
 fn settle_failed(session: &Session, result: Result<(), SettleError>, what: &str) {
     if let Err(e) = result {
+        if matches!(&e, SettleError::Store(s) if s.is_io()) && crate::health::store_unwritable() {
+            let token = session.token.clone();
+            tokio::spawn(async move {
+                while crate::health::store_unwritable() && !token.is_cancelled() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                token.cancel();
+            });
+            return;
+        }
         tracing::warn!(error = %e, "Could not {what}; reconnecting so the broker redelivers it.");
         session.token.cancel();
     }
@@ -835,11 +849,17 @@ impl Worker {
             }
             Disposition::Abandon => {
                 if !self.shutdown.is_cancelled() {
-                    // The store failed: give it a moment, then let the broker redeliver (its
-                    // delivery limit dead-letters a job that can never be recorded).
+                    // The store failed: give it a moment, and if it cannot be written (a full
+                    // disk), wait until it can; then let the broker redeliver. Nacking sooner
+                    // would only cycle the job toward the broker's delivery limit.
+                    let ledger = &self.pipeline.ledger;
+                    let store_back = async {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        ledger.wait_writable().await;
+                    };
                     tokio::select! {
                         _ = self.shutdown.cancelled() => {}
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                        _ = store_back => {
                             item.session.acks.forget(item.delivery.delivery_tag);
                             item.delivery.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await?;
                         }

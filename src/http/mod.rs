@@ -31,11 +31,15 @@ pub use auth::is_loopback_peer;
 pub struct Readiness {
     pub broker: Arc<AtomicBool>,
     pub state: AtomicBool,
+    /// Set while the state store cannot be written (the ledger's [`crate::store::StoreHealth`]).
+    pub store_unwritable: Arc<AtomicBool>,
 }
 
 impl Readiness {
     pub fn is_ready(&self) -> bool {
-        self.broker.load(Ordering::SeqCst) && self.state.load(Ordering::SeqCst)
+        self.broker.load(Ordering::SeqCst)
+            && self.state.load(Ordering::SeqCst)
+            && !self.store_unwritable.load(Ordering::SeqCst)
     }
 }
 
@@ -154,6 +158,12 @@ async fn render_metrics(
 async fn ready(State(s): State<AdminState>) -> (StatusCode, &'static str) {
     let broker = s.readiness.broker.load(Ordering::SeqCst);
     let state = s.readiness.state.load(Ordering::SeqCst);
+    if s.readiness.store_unwritable.load(Ordering::SeqCst) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: state store cannot be written (full disk?)\n",
+        );
+    }
     match (broker, state) {
         (true, true) => (StatusCode::OK, "ready\n"),
         (false, _) => (

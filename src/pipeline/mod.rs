@@ -81,10 +81,32 @@ impl Pipeline {
         same_message: bool,
         shutdown: &CancellationToken,
     ) -> Disposition {
+        // A store that cannot be written (full disk) could record neither the send nor its
+        // result: take no new job until it can. Waiting, not failing: the job holds its
+        // prefetch slot instead of cycling through the broker toward its delivery limit.
+        if !self.ledger.writable() {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Disposition::Abandon,
+                _ = self.ledger.wait_writable() => {}
+            }
+        }
         // Dedupe: a job id is sent at most once.
         let mut attempts = match dedupe::check(&self.ledger, &job.id) {
             Ok(Seen::New) => 0,
             Ok(Seen::Resume { attempts }) => attempts,
+            Ok(Seen::InDoubt { attempts }) if !same_message => {
+                // `resend_ambiguous` covers the broker redelivering the very message that was
+                // being sent (a crash mid-call). A new publication of the id is something else:
+                // its first message is gone (dead-lettered at the broker's delivery limit and
+                // replayed from `sendwell.dead`, or published again upstream), and may well
+                // have been sent: it is never sent a second time.
+                return Disposition::Finish(Outcome::Failed {
+                    reason: "ambiguous",
+                    detail: "an earlier message with this id was being sent when it was lost (daemon stopped, or dead-lettered by the broker): it may have reached the customer, and a new publication of an id in doubt is not sent again".into(),
+                    code: None,
+                    attempts,
+                });
+            }
             Ok(Seen::InDoubt { attempts }) => {
                 if !self.retry.resend_ambiguous(job.category) {
                     return Disposition::Finish(Outcome::Failed {
@@ -608,7 +630,10 @@ impl Pipeline {
 
     /// Records a final outcome before its event is published (see the ledger's docs for why).
     /// Tried a few times: the outcome is known only in memory now, and losing it to a passing
-    /// store hiccup would leave the job "in doubt" on its redelivery.
+    /// store hiccup would leave the job "in doubt" on its redelivery. A full disk or an I/O
+    /// error does not reach here: the ledger's writer holds the write and retries it on the
+    /// reopened store for `state.unwritable_grace`, so a send that succeeded waits, unacked and
+    /// unpublished, until its outcome is recorded.
     pub async fn finalize(
         &self,
         id: &str,

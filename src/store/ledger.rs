@@ -18,6 +18,8 @@ use std::time::Duration;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
+use super::health::StoreHealth;
+
 const LEDGER: TableDefinition<&str, &[u8]> = TableDefinition::new("ledger_v1");
 /// Rows per read transaction in long scans.
 const SCAN_PAGE: usize = 4096;
@@ -322,6 +324,10 @@ impl Marks {
 pub enum LedgerError {
     #[error("state store: {0}")]
     Store(String),
+    /// The file could not be read or written (full disk, I/O error), or is being reopened after
+    /// such an error: the writer reopens the store and retries (see [`super::health`]).
+    #[error("state store I/O: {0}")]
+    Io(String),
     #[error("state store writer has stopped")]
     WriterGone,
     /// Another process (the running daemon) has the store open.
@@ -331,7 +337,21 @@ pub enum LedgerError {
 
 impl<E: Into<redb::Error>> From<E> for LedgerError {
     fn from(e: E) -> Self {
-        LedgerError::Store(e.into().to_string())
+        match e.into() {
+            // After an I/O error redb answers everything with PreviousIo until it is reopened.
+            e @ (redb::Error::Io(_) | redb::Error::PreviousIo | redb::Error::DatabaseClosed) => {
+                LedgerError::Io(e.to_string())
+            }
+            e => LedgerError::Store(e.to_string()),
+        }
+    }
+}
+
+impl LedgerError {
+    /// The store's file failed (or is being reopened): nothing about the data is wrong, and the
+    /// same write succeeds once the disk has room again.
+    pub fn is_io(&self) -> bool {
+        matches!(self, LedgerError::Io(_))
     }
 }
 
@@ -404,14 +424,24 @@ struct Request {
     done: Option<oneshot::Sender<Result<u64, LedgerError>>>,
 }
 
+/// Opens the store's file (again): after an I/O error redb must be closed and reopened.
+type Opener = Box<dyn Fn() -> Result<Database, redb::DatabaseError> + Send + Sync>;
+
+/// The open database; None between closing a failed one and opening it again (only the
+/// writer's reopen and compaction take the lock alone).
+type Db = RwLock<Option<Database>>;
+
 /// Handle to the ledger; cheap to clone.
 #[derive(Clone)]
 pub struct Ledger {
-    /// Readers and the writer share it; only compaction (after an erasure) takes it alone.
-    db: Arc<RwLock<Database>>,
+    /// Readers and the writer share it; only compaction (after an erasure) and reopening after
+    /// an I/O error take it alone.
+    db: Arc<Db>,
     tx: mpsc::UnboundedSender<Request>,
     /// Which final entries' events are confirmed: in memory, stored once per commit.
     marks: Arc<Mutex<Marks>>,
+    /// Whether writes succeed now.
+    health: Arc<StoreHealth>,
 }
 
 impl Ledger {
@@ -423,9 +453,11 @@ impl Ledger {
         // A handle just dropped in this process closes on its writer thread a moment later;
         // anything holding the file longer than that is another process.
         let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        let path = dir.join("state.redb");
+        let opener: Opener = Box::new(move || Database::create(&path));
         loop {
-            match Database::create(dir.join("state.redb")) {
-                Ok(db) => return Self::start(db),
+            match opener() {
+                Ok(db) => return Self::start(db, Some(opener)),
                 Err(redb::DatabaseError::DatabaseAlreadyOpen)
                     if std::time::Instant::now() < deadline =>
                 {
@@ -440,7 +472,7 @@ impl Ledger {
     /// A store that lives in memory only: for tests and benchmarks.
     pub fn open_in_memory() -> Result<Ledger, LedgerError> {
         let db = Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())?;
-        Self::start(db)
+        Self::start(db, None)
     }
 
     /// The path of the store file in a state directory.
@@ -448,10 +480,26 @@ impl Ledger {
         dir.join("state.redb")
     }
 
-    fn start(db: Database) -> Result<Ledger, LedgerError> {
-        let db = Arc::new(RwLock::new(db));
+    /// Whether writes succeed now, and waiting for them to.
+    pub fn health(&self) -> &Arc<StoreHealth> {
+        &self.health
+    }
+
+    /// Whether the store takes writes now.
+    pub fn writable(&self) -> bool {
+        self.health.writable()
+    }
+
+    /// Resolves once the store takes writes (at once when it does now).
+    pub async fn wait_writable(&self) {
+        self.health.wait_writable().await
+    }
+
+    /// `opener` opens the same file again after an I/O error (None: an in-memory store).
+    fn start(db: Database, opener: Option<Opener>) -> Result<Ledger, LedgerError> {
+        let db = Arc::new(RwLock::new(Some(db)));
         {
-            let w = read(&db).begin_write()?;
+            let w = read(&db)?.begin_write()?;
             w.open_table(LEDGER)?;
             for t in Table::ALL {
                 w.open_table(t.def())?;
@@ -459,7 +507,7 @@ impl Ledger {
             w.commit()?;
         }
         let marks = {
-            let g = read(&db);
+            let g = read(&db)?;
             let r = g.begin_read()?;
             let t = r.open_table(Table::StoreMeta.def())?;
             let row = t.get(MARKS_KEY)?;
@@ -467,21 +515,31 @@ impl Ledger {
         };
         let marks = Arc::new(Mutex::new(marks));
         let (tx, rx) = mpsc::unbounded_channel();
-        let writer_db = db.clone();
-        let writer_marks = marks.clone();
+        let health = Arc::new(StoreHealth::default());
+        let writer = Writer {
+            db: db.clone(),
+            marks: marks.clone(),
+            health: health.clone(),
+            opener,
+        };
         *OPEN_WRITERS.0.lock().unwrap_or_else(|e| e.into_inner()) += 1;
         std::thread::Builder::new()
             .name("sendwell-ledger".into())
-            .spawn(move || writer(writer_db, writer_marks, rx))
+            .spawn(move || writer.run(rx))
             .map_err(|e| {
                 *OPEN_WRITERS.0.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
                 LedgerError::Store(format!("cannot start writer thread: {e}"))
             })?;
-        Ok(Ledger { db, tx, marks })
+        Ok(Ledger {
+            db,
+            tx,
+            marks,
+            health,
+        })
     }
 
     pub fn get(&self, id: &str) -> Result<Option<LedgerEntry>, LedgerError> {
-        let g = read(&self.db);
+        let g = read(&self.db)?;
         let r = g.begin_read()?;
         let t = r.open_table(LEDGER)?;
         let Some((mut entry, seq)) = t.get(id)?.and_then(|v| LedgerEntry::decode(v.value())) else {
@@ -635,7 +693,7 @@ impl Ledger {
     fn for_each_job(&self, mut f: impl FnMut(&str, &[u8])) -> Result<(), LedgerError> {
         let mut after: Option<String> = None;
         loop {
-            let g = read(&self.db);
+            let g = read(&self.db)?;
             let r = g.begin_read()?;
             let t = r.open_table(LEDGER)?;
             let rows = match &after {
@@ -659,7 +717,7 @@ impl Ledger {
     }
 
     pub fn kv_get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, LedgerError> {
-        let g = read(&self.db);
+        let g = read(&self.db)?;
         let r = g.begin_read()?;
         let t = r.open_table(table.def())?;
         Ok(t.get(key)?.map(|v| v.value().to_vec()))
@@ -667,7 +725,7 @@ impl Ledger {
 
     /// Every row of a table, for loading an in-memory cache at start.
     pub fn kv_scan(&self, table: Table) -> Result<Vec<KvRow>, LedgerError> {
-        let g = read(&self.db);
+        let g = read(&self.db)?;
         let r = g.begin_read()?;
         let t = r.open_table(table.def())?;
         let mut rows = Vec::new();
@@ -714,14 +772,14 @@ impl Ledger {
     /// How many rows a table has.
     pub fn kv_len(&self, table: Table) -> Result<u64, LedgerError> {
         use redb::ReadableTableMetadata;
-        let g = read(&self.db);
+        let g = read(&self.db)?;
         let r = g.begin_read()?;
         Ok(r.open_table(table.def())?.len()?)
     }
 
     /// Rows whose key starts with `prefix`, in key order.
     pub fn kv_scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Vec<KvRow>, LedgerError> {
-        let g = read(&self.db);
+        let g = read(&self.db)?;
         let r = g.begin_read()?;
         let t = r.open_table(table.def())?;
         let mut rows = Vec::new();
@@ -746,7 +804,7 @@ impl Ledger {
         loop {
             // One page per read transaction: a long scan (an export to a slow client, a load)
             // never holds the store so long that compaction, and every job behind it, waits.
-            let g = read(&self.db);
+            let g = read(&self.db)?;
             let r = g.begin_read()?;
             let t = r.open_table(table.def())?;
             let rows = match &after {
@@ -841,8 +899,25 @@ impl Ledger {
     }
 }
 
-fn read(db: &RwLock<Database>) -> RwLockReadGuard<'_, Database> {
-    db.read().unwrap_or_else(|e| e.into_inner())
+/// The open database, for as long as the guard lives.
+struct DbRead<'a>(RwLockReadGuard<'a, Option<Database>>);
+
+impl std::ops::Deref for DbRead<'_> {
+    type Target = Database;
+    fn deref(&self) -> &Database {
+        self.0.as_ref().expect("checked by read()")
+    }
+}
+
+/// The open database; an I/O error while the writer is reopening it.
+fn read(db: &Db) -> Result<DbRead<'_>, LedgerError> {
+    let g = db.read().unwrap_or_else(|e| e.into_inner());
+    if g.is_none() {
+        return Err(LedgerError::Io(
+            "the store is being reopened after an I/O error".into(),
+        ));
+    }
+    Ok(DbRead(g))
 }
 
 fn lock(marks: &Mutex<Marks>) -> MutexGuard<'_, Marks> {
@@ -851,8 +926,13 @@ fn lock(marks: &Mutex<Marks>) -> MutexGuard<'_, Marks> {
 
 /// Rewrites the file so that freed pages (which still hold erased bytes: redb is
 /// copy-on-write) are overwritten by live pages or cut off the end.
-fn compact(db: &RwLock<Database>) -> Result<u64, LedgerError> {
+fn compact(db: &Db) -> Result<u64, LedgerError> {
     let mut g = db.write().unwrap_or_else(|e| e.into_inner());
+    let Some(g) = g.as_mut() else {
+        return Err(LedgerError::Io(
+            "the store is being reopened after an I/O error".into(),
+        ));
+    };
     let mut rounds = 0;
     while rounds < 1000
         && g.compact()
@@ -879,54 +959,119 @@ pub fn wait_closed(within: Duration) -> bool {
     *guard == 0
 }
 
-/// Runs on the writer thread; `start` counted it in [`OPEN_WRITERS`] before spawning it.
-fn writer(
-    db: Arc<RwLock<Database>>,
+/// The writer thread's state.
+struct Writer {
+    db: Arc<Db>,
     marks: Arc<Mutex<Marks>>,
-    rx: mpsc::UnboundedReceiver<Request>,
-) {
-    write_loop(&db, &marks, rx);
-    // Confirmations since the last commit: stored now, so a clean stop leaves no gap.
-    if lock(&marks).dirty {
-        let _ = apply(&db, &marks, &[]);
-    }
-    // The last handle is gone: dropping the database here closes the file cleanly.
-    drop(db);
-    let (lock, cvar) = &OPEN_WRITERS;
-    *lock.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
-    cvar.notify_all();
+    health: Arc<StoreHealth>,
+    opener: Option<Opener>,
 }
 
-fn write_loop(
-    db: &Arc<RwLock<Database>>,
-    marks: &Mutex<Marks>,
-    mut rx: mpsc::UnboundedReceiver<Request>,
-) {
-    let mut batch: Vec<Request> = Vec::with_capacity(1024);
-    while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while batch.len() < 4096 {
-            match rx.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
-            }
+/// Waits between attempts while the store cannot be written: doubling from the first to the
+/// last, so a full disk freed is noticed within about two seconds.
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+impl Writer {
+    /// Runs on the writer thread; `start` counted it in [`OPEN_WRITERS`] before spawning it.
+    fn run(self, rx: mpsc::UnboundedReceiver<Request>) {
+        self.write_loop(rx);
+        // Confirmations since the last commit: stored now, so a clean stop leaves no gap.
+        if lock(&self.marks).dirty {
+            let _ = apply(&self.db, &self.marks, &[]);
         }
-        let mut result = apply(db, marks, &batch);
-        if batch.iter().any(|r| matches!(r.op, Op::Compact)) {
-            let c = compact(db);
-            for (req, res) in batch.iter().zip(result.iter_mut()) {
-                if matches!(req.op, Op::Compact) && res.is_ok() {
-                    *res = c
-                        .as_ref()
-                        .map(|n| *n)
-                        .map_err(|e| LedgerError::Store(e.to_string()));
+        // The last handle is gone: dropping the database here closes the file cleanly.
+        drop(self);
+        let (lock, cvar) = &OPEN_WRITERS;
+        *lock.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+        cvar.notify_all();
+    }
+
+    fn write_loop(&self, mut rx: mpsc::UnboundedReceiver<Request>) {
+        let mut batch: Vec<Request> = Vec::with_capacity(1024);
+        while let Some(first) = rx.blocking_recv() {
+            batch.push(first);
+            while batch.len() < 4096 {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+            let mut result = self.apply_holding(&batch, &rx);
+            if batch.iter().any(|r| matches!(r.op, Op::Compact)) {
+                let c = compact(&self.db);
+                for (req, res) in batch.iter().zip(result.iter_mut()) {
+                    if matches!(req.op, Op::Compact) && res.is_ok() {
+                        *res = c.as_ref().map(|n| *n).map_err(|e| match e {
+                            LedgerError::Io(m) => LedgerError::Io(m.clone()),
+                            e => LedgerError::Store(e.to_string()),
+                        });
+                    }
+                }
+            }
+            for (req, res) in batch.drain(..).zip(result) {
+                if let Some(done) = req.done {
+                    let _ = done.send(res);
                 }
             }
         }
-        for (req, res) in batch.drain(..).zip(result) {
-            if let Some(done) = req.done {
-                let _ = done.send(res);
+    }
+
+    /// Applies the batch. When the file fails (full disk, I/O error), the batch is held: the
+    /// store is reopened (redb refuses everything after an I/O error until then) and the batch
+    /// tried again, until it commits, the hold runs out, or every handle is gone (shutdown).
+    /// Its callers simply wait: a job whose send succeeded keeps its result in memory and is
+    /// recorded as soon as the disk has room, never left "in doubt".
+    fn apply_holding(
+        &self,
+        batch: &[Request],
+        rx: &mpsc::UnboundedReceiver<Request>,
+    ) -> Vec<Result<u64, LedgerError>> {
+        let mut wait = RETRY_FIRST;
+        loop {
+            // The last reopen failed (the disk was still full): try again first.
+            if self.db.read().unwrap_or_else(|e| e.into_inner()).is_none() {
+                self.reopen();
             }
+            let result = apply(&self.db, &self.marks, batch);
+            let error = match &result {
+                Err(e) if e.is_io() => e.to_string(),
+                Ok(_) => {
+                    self.health.succeeded();
+                    return per_request(batch, result);
+                }
+                Err(_) => return per_request(batch, result),
+            };
+            self.health.failed(&error);
+            let hold = self.health.holding() && !rx.is_closed();
+            if hold {
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(RETRY_MAX);
+            }
+            // Also when the hold is over: the next batch then meets a fresh store (or, if this
+            // fails, tries again first).
+            self.reopen();
+            if !hold {
+                return per_request(batch, result);
+            }
+        }
+    }
+
+    /// Closes the failed database and opens the file again. The old one must be gone first:
+    /// redb locks the file while a handle is open.
+    fn reopen(&self) {
+        let Some(opener) = &self.opener else {
+            return;
+        };
+        let mut g = self.db.write().unwrap_or_else(|e| e.into_inner());
+        drop(g.take());
+        match opener() {
+            Ok(db) => {
+                *g = Some(db);
+                crate::metrics::store_reopened(true);
+            }
+            // Not logged: the outage was, once; the next attempt follows shortly.
+            Err(_) => crate::metrics::store_reopened(false),
         }
     }
 }
@@ -1029,12 +1174,8 @@ impl Seqs<'_> {
 }
 
 /// Applies a batch in one transaction, with the [`Marks`] row when it changed; returns one
-/// result per request.
-fn apply(
-    db: &RwLock<Database>,
-    marks: &Mutex<Marks>,
-    batch: &[Request],
-) -> Vec<Result<u64, LedgerError>> {
+/// count per request.
+fn apply(db: &Db, marks: &Mutex<Marks>, batch: &[Request]) -> Result<Vec<u64>, LedgerError> {
     let mut seqs = Seqs {
         marks,
         assigned: Vec::new(),
@@ -1042,7 +1183,7 @@ fn apply(
     // Whether this batch took the marks' dirty flag (and must give it back if it fails).
     let mut saved = false;
     let mut run = || -> Result<Vec<u64>, LedgerError> {
-        let g = read(db);
+        let g = read(db)?;
         let w = g.begin_write()?;
         let mut counts = Vec::with_capacity(batch.len());
         {
@@ -1117,13 +1258,31 @@ fn apply(
         m.forget(&seqs.assigned);
         m.dirty |= saved;
     }
+    result
+}
+
+/// One result per request of a batch: its count, or the batch's error.
+fn per_request(
+    batch: &[Request],
+    result: Result<Vec<u64>, LedgerError>,
+) -> Vec<Result<u64, LedgerError>> {
     match result {
         Ok(counts) => counts.into_iter().map(Ok).collect(),
         Err(e) => {
-            let msg = e.to_string();
+            let io = e.is_io();
+            let msg = match e {
+                LedgerError::Io(m) | LedgerError::Store(m) => m,
+                e => e.to_string(),
+            };
             batch
                 .iter()
-                .map(|_| Err(LedgerError::Store(msg.clone())))
+                .map(|_| {
+                    Err(if io {
+                        LedgerError::Io(msg.clone())
+                    } else {
+                        LedgerError::Store(msg.clone())
+                    })
+                })
                 .collect()
         }
     }
@@ -1226,7 +1385,7 @@ mod tests {
         assert!(published(&l, "a"));
         // The row itself was not rewritten: the confirmation is the marks' business.
         let raw = {
-            let g = read(&l.db);
+            let g = read(&l.db).unwrap();
             let r = g.begin_read().unwrap();
             let t = r.open_table(LEDGER).unwrap();
             t.get("a").unwrap().unwrap().value().to_vec()
@@ -1315,6 +1474,119 @@ mod tests {
         for i in 0..500 {
             assert!(l.get(&format!("id-{i}")).unwrap().is_some());
         }
+    }
+
+    /// An in-memory file that refuses writes while `full` is set, as a full disk does (redb
+    /// then refuses everything with PreviousIo until the database is closed and reopened).
+    #[derive(Debug)]
+    struct FullDisk {
+        data: Arc<redb::backends::InMemoryBackend>,
+        full: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl FullDisk {
+        fn check(&self) -> Result<(), std::io::Error> {
+            if self.full.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(std::io::Error::from_raw_os_error(28)); // ENOSPC
+            }
+            Ok(())
+        }
+    }
+
+    impl redb::StorageBackend for FullDisk {
+        fn len(&self) -> Result<u64, std::io::Error> {
+            self.data.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+            self.data.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+            self.check()?;
+            self.data.set_len(len)
+        }
+        fn sync_data(&self) -> Result<(), std::io::Error> {
+            self.check()?;
+            self.data.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+            self.check()?;
+            self.data.write(offset, data)
+        }
+    }
+
+    /// A ledger on a [`FullDisk`], and its switch.
+    fn on_full_disk() -> (Ledger, Arc<std::sync::atomic::AtomicBool>) {
+        let data = Arc::new(redb::backends::InMemoryBackend::new());
+        let full = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let f = full.clone();
+        let opener: Opener = Box::new(move || {
+            Database::builder().create_with_backend(FullDisk {
+                data: data.clone(),
+                full: f.clone(),
+            })
+        });
+        let db = opener().unwrap();
+        (Ledger::start(db, Some(opener)).unwrap(), full)
+    }
+
+    async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_refused_by_a_full_disk_waits_and_commits_on_the_reopened_store() {
+        let (l, full) = on_full_disk();
+        l.put("before", entry(LedgerState::Final, 1)).await.unwrap();
+        full.store(true, std::sync::atomic::Ordering::SeqCst);
+        let held = {
+            let l = l.clone();
+            tokio::spawn(async move { l.put("sent", entry(LedgerState::Final, 2)).await })
+        };
+        until("the store to report itself unwritable", || !l.writable()).await;
+        assert!(l.health().unwritable_for().is_some());
+        let waiter = {
+            let l = l.clone();
+            tokio::spawn(async move { l.wait_writable().await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!held.is_finished(), "the write is held, not failed");
+        assert!(!waiter.is_finished());
+        // The disk has room again: the held write commits on a reopened store (redb refuses
+        // everything with PreviousIo until it is reopened).
+        full.store(false, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::timeout(Duration::from_secs(10), held)
+            .await
+            .expect("the held write commits once the disk has room")
+            .unwrap()
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(l.writable());
+        assert_eq!(l.get("sent").unwrap().unwrap().state, LedgerState::Final);
+        assert_eq!(l.get("before").unwrap().unwrap().state, LedgerState::Final);
+        l.put("after", entry(LedgerState::Pending, 3))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn past_the_hold_a_write_fails_with_an_io_error_and_the_next_one_reopens() {
+        let (l, full) = on_full_disk();
+        l.health().set_hold(Duration::ZERO);
+        full.store(true, std::sync::atomic::Ordering::SeqCst);
+        let e = l.put("a", entry(LedgerState::Final, 1)).await.unwrap_err();
+        assert!(e.is_io(), "{e}");
+        assert!(!l.writable());
+        full.store(false, std::sync::atomic::Ordering::SeqCst);
+        l.put("b", entry(LedgerState::Final, 2)).await.unwrap();
+        assert!(l.writable());
+        assert_eq!(l.get("b").unwrap().unwrap().state, LedgerState::Final);
     }
 
     #[tokio::test]

@@ -1,6 +1,8 @@
 //! The embedded durable store (redb, one file in the state directory): the idempotency ledger,
 //! consent history and summaries, and what webhooks taught us, each in its own table.
 
+pub mod health;
 pub mod ledger;
 
+pub use health::StoreHealth;
 pub use ledger::{KvOp, KvRow, Ledger, LedgerEntry, LedgerError, LedgerState, Table, wait_closed};
