@@ -302,11 +302,12 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     // Before the listener answers: the consent endpoints need it, and the tools read it.
     let admin_token = match &config.admin.token {
         crate::config::AdminToken::File(t) => t.clone(),
-        crate::config::AdminToken::Generated(path) => crate::http::auth::write_generated(path)
-            .map_err(|source| AppError::AdminToken {
-                path: path.clone(),
-                source,
-            })?,
+        // In the state directory the store just opened (and created): where the tools look.
+        crate::config::AdminToken::Generated(_) => {
+            let path = config.state.dir.join(crate::config::GENERATED_ADMIN_TOKEN);
+            crate::http::auth::write_generated(&path)
+                .map_err(|source| AppError::AdminToken { path, source })?
+        }
     };
     let admin = tokio::net::TcpListener::bind(config.admin.listen)
         .await

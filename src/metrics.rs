@@ -94,6 +94,7 @@ pub const JOBS_FINISHED: &str = "sendwell_jobs_finished_total";
 pub const JOBS_DEFERRED: &str = "sendwell_jobs_deferred_total";
 pub const JOBS_DEAD_LETTERED: &str = "sendwell_jobs_dead_lettered_total";
 pub const JOBS_REROUTED: &str = "sendwell_jobs_rerouted_total";
+pub const JOBS_SENT_UNRECORDED: &str = "sendwell_jobs_sent_unrecorded_total";
 pub const JOBS_IN_FLIGHT: &str = "sendwell_jobs_in_flight";
 pub const API_REQUESTS: &str = "sendwell_api_requests_total";
 pub const API_LATENCY: &str = "sendwell_api_request_duration_seconds";
@@ -150,6 +151,7 @@ pub const ALL: &[&str] = &[
     JOBS_DEFERRED,
     JOBS_DEAD_LETTERED,
     JOBS_REROUTED,
+    JOBS_SENT_UNRECORDED,
     JOBS_IN_FLIGHT,
     API_REQUESTS,
     API_LATENCY,
@@ -335,6 +337,10 @@ pub fn describe() {
     describe_counter!(
         JOBS_DEAD_LETTERED,
         "Messages moved to sendwell.dead, by reason."
+    );
+    describe_counter!(
+        JOBS_SENT_UNRECORDED,
+        "Sent jobs whose outcome was published and acked without its ledger record, because the state store stayed unwritable past state.unwritable_grace (so they are not sent again after the restart)."
     );
     describe_counter!(
         JOBS_REROUTED,
@@ -539,6 +545,22 @@ pub fn wa_id_unresolved_opt_out(source: &'static str, id: &str) {
             "An opt-out came from a WhatsApp ID that matches no number sendwell knows; the ID's own digits are opted out (logged at most once a minute per source; see sendwell_wa_id_unresolved_opt_outs_total)."
         );
     }
+}
+
+pub fn sent_unrecorded() {
+    counter!(JOBS_SENT_UNRECORDED).increment(1);
+}
+
+static SENT_UNRECORDED_LOG: LazyLock<crate::log_every::LogEvery> = LazyLock::new(|| {
+    crate::log_every::LogEvery::new(
+        Duration::from_secs(10),
+        std::sync::Arc::new(crate::clock::SystemClock),
+    )
+});
+
+/// Whether the "sent but unrecorded" line is due (at most one every 10 s).
+pub fn sent_unrecorded_log() -> Option<u64> {
+    SENT_UNRECORDED_LOG.check(())
 }
 
 static JOBS_REROUTED_LOG: LazyLock<crate::log_every::LogEvery> = LazyLock::new(|| {

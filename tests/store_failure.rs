@@ -354,3 +354,80 @@ async fn a_dead_letter_whose_send_was_in_doubt_is_not_replayed_into_a_second_sen
     assert_eq!(env.sandbox.accepted_count_for("fresh-1"), 1);
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sends_still_unrecorded_when_the_grace_runs_out_are_not_sent_again_after_the_restart() {
+    const N: usize = 60;
+    let _serial = ONE_BROKEN_STORE_AT_A_TIME.lock().await;
+    let Some(disk) = Tmpfs::mount("48m") else {
+        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let mut opts = AppOptions::default();
+    opts.sandbox.latency = Duration::from_secs(2);
+    opts.consented = 0..N;
+    // Utility: resent when in doubt, so a redelivered copy of a sent job would go out again.
+    opts.extra_toml = "[retry.resend_ambiguous]\nutility = true\n".into();
+    let env = TestEnv::new(&opts).await;
+    let state = disk.dir.join("state");
+    std::fs::create_dir(&state).unwrap();
+    let seeded = Ledger::file_in(&env.config().state.dir);
+    let _closed = wait_for(
+        "the seeded store to be closed",
+        Duration::from_secs(20),
+        async || redb::ReadOnlyDatabase::open(&seeded).ok(),
+    )
+    .await;
+    std::fs::copy(&seeded, Ledger::file_in(&state)).unwrap();
+    drop(_closed);
+    let adjust = |c: &mut sendwell::config::Config| {
+        c.state.dir = state.clone();
+        c.state.unwritable_grace = Duration::from_secs(10);
+    };
+    let mut app = env.start_with(adjust).await;
+
+    let ids: Vec<String> = (0..N).map(|i| format!("grace-{i}")).collect();
+    let jobs: Vec<serde_json::Value> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let mut j = template_job(id, &number(i));
+            j["category"] = "utility".into();
+            j
+        })
+        .collect();
+    env.publish(&jobs).await;
+    let sandbox = env.sandbox.clone();
+    wait_for("sends in flight", Duration::from_secs(60), async || {
+        (!sandbox.requests().is_empty()).then_some(())
+    })
+    .await;
+    let filler = disk.dir.join("filler");
+    let f = filler.clone();
+    tokio::task::spawn_blocking(move || fill(&f)).await.unwrap();
+
+    // The disk stays full past the grace: the daemon gives up and stops (exit 74).
+    let running = app.app.take().unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(90), running.wait())
+        .await
+        .expect("the daemon stops by itself after the grace");
+    assert_eq!(r.expect_err("not exit 0").exit_code(), 74);
+    let sent_before = env.sandbox.accepted().len();
+
+    // Room again; the supervisor starts it again on the same state.
+    std::fs::remove_file(&filler).unwrap();
+    let app = env.start_with(adjust).await;
+    let finals = env.final_outcomes(&ids, Duration::from_secs(180)).await;
+    for id in &ids {
+        assert_eq!(
+            env.sandbox.accepted_count_for(id),
+            1,
+            "{id} reached the Cloud API once ({sent_before} sent before the stop)"
+        );
+        let f = &finals[id];
+        assert_eq!(f.len(), 1, "{id}: one final outcome: {f:?}");
+        assert_eq!(f[0]["status"], "sent", "{id}: {f:?}");
+    }
+    app.stop().await;
+    drop(disk);
+}

@@ -795,12 +795,30 @@ impl Worker {
                     }],
                     _ => Vec::new(),
                 };
-                if !is_duplicate {
-                    self.pipeline
+                let mut recorded = !is_duplicate;
+                if !is_duplicate
+                    && let Err(e) = self
+                        .pipeline
                         .finalize(&job.id, event.attempts, bytes.clone(), wamid)
-                        .await?;
+                        .await
+                {
+                    // The writer holds a failed write for state.unwritable_grace; this error
+                    // means it gave up (the daemon is stopping to be restarted). Any other
+                    // outcome can be decided again after the restart. A message that went out
+                    // cannot: left unacked, its redelivery would find the ledger's `Sending`
+                    // and, for the categories that resend when in doubt, send it again. So its
+                    // outcome is published and the job acked without the record (a later new
+                    // publication of the id is answered `failed`/`ambiguous`, never sent).
+                    if !matches!(outcome, Outcome::Sent { .. }) {
+                        return Err(e.into());
+                    }
+                    crate::metrics::sent_unrecorded();
+                    if let Some(unlogged) = crate::metrics::sent_unrecorded_log() {
+                        tracing::error!(id = %job.id, account = %job.account, error = %e, unlogged, "A sent job's outcome could not be recorded in the state store; published and acked without the record, so it is not sent again.");
+                    }
+                    recorded = false;
                 }
-                self.publish_outcome(item, &routing_key, &bytes, !is_duplicate)
+                self.publish_outcome(item, &routing_key, &bytes, recorded)
                     .await?;
                 crate::metrics::job_finished(&job.account, outcome.status(), outcome.reason());
                 // Publish to final outcome, from the AMQP timestamp (whole seconds; kept on
