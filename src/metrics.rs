@@ -447,6 +447,8 @@ static ADMIN_REFUSED_LOG: LazyLock<crate::log_every::LogEvery> = LazyLock::new(|
 pub fn admin_refused(reason: &'static str, path: &str, why: &str) {
     counter!(ADMIN_REFUSED, "reason" => reason).increment(1);
     if let Some(unlogged) = ADMIN_REFUSED_LOG.check(reason) {
+        // The path names a number (`/consent/{number}`): masked like every number we log.
+        let path = crate::ops::mask_numbers_in(path);
         tracing::warn!(
             reason,
             path,
@@ -561,6 +563,19 @@ static SENT_UNRECORDED_LOG: LazyLock<crate::log_every::LogEvery> = LazyLock::new
 /// Whether the "sent but unrecorded" line is due (at most one every 10 s).
 pub fn sent_unrecorded_log() -> Option<u64> {
     SENT_UNRECORDED_LOG.check(())
+}
+
+static REFUSALS_LOG: LazyLock<crate::log_every::LogEvery> = LazyLock::new(|| {
+    crate::log_every::LogEvery::new(
+        Duration::from_secs(60),
+        std::sync::Arc::new(crate::clock::SystemClock),
+    )
+});
+
+/// Whether the log line for a refused message (`what`: job or consent, with its reason) is
+/// due: one a minute per kind and reason; `Some(n)`: n went unlogged since the last.
+pub fn refusal_log_due(what: &'static str, reason: &'static str) -> Option<u64> {
+    REFUSALS_LOG.check((what, reason))
 }
 
 static JOBS_REROUTED_LOG: LazyLock<crate::log_every::LogEvery> = LazyLock::new(|| {

@@ -363,6 +363,14 @@ async fn a_job_published_with_another_key_is_sent_once_on_its_recipients_shard()
             &serde_json::to_vec(&job).unwrap(),
         )
         .await;
+        // A broken copy of the id, its recipient readable, on the wrong key too: it must not
+        // answer `invalid` for the id on a shard whose ledger does not know it.
+        let broken = serde_json::json!({ "id": id, "to": number(i), "oops": 1 });
+        env.publish_raw(
+            wrong.trim_start_matches('+'),
+            &serde_json::to_vec(&broken).unwrap(),
+        )
+        .await;
     }
     let by_id = env.final_outcomes(&ids, T).await;
     let outcomes = env.outcomes.clone();
@@ -382,8 +390,23 @@ async fn a_job_published_with_another_key_is_sent_once_on_its_recipients_shard()
         assert_eq!(by_id[id][0]["status"], "sent", "{id}");
         assert_eq!(env.sandbox.accepted_count_for(id), 1, "{id} sent twice");
     }
+    let dead = env.dead.clone();
+    wait_for("the broken copies dead-lettered", T, async || {
+        (dead
+            .json()
+            .iter()
+            .filter(|b| b.get("oops").is_some())
+            .count()
+            >= ids_ref.len())
+        .then_some(())
+    })
+    .await;
+    let finals = finals_by_id(&env.outcomes.json());
+    for id in &ids {
+        assert_eq!(finals[id].len(), 1, "{id}: {:?}", finals[id]);
+    }
     let rerouted = metric_value(&app.metrics().await, "sendwell_jobs_rerouted_total");
-    assert!(rerouted >= 20.0, "{rerouted}");
+    assert!(rerouted >= 40.0, "{rerouted}");
     shutdown2.cancel();
     let _ = app2.wait().await;
     app.stop().await;

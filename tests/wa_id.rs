@@ -462,3 +462,131 @@ async fn events_are_applied_on_the_shard_that_owns_the_number() {
     let _ = app2.wait().await;
     app.stop().await;
 }
+
+async fn stop_from(env: &TestEnv, id: &str) {
+    assert_eq!(
+        env.sandbox
+            .send_inbound(id, InboundBody::Text("STOP".into()))
+            .await,
+        Some(200)
+    );
+}
+
+fn consent_event(kind: &str, to: &str, at: jiff::Timestamp) -> serde_json::Value {
+    serde_json::json!({
+        "type": kind, "account": "acme-de", "to": to, "purposes": ["newsletter"],
+        "source": "website", "at": at.to_string(),
+    })
+}
+
+/// A STOP from an ID that matches no number yet, then an opt-in for the number that arrives
+/// later but is dated earlier: consent is decided by the events' times, whatever their order,
+/// so the STOP wins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_from_an_unknown_id_wins_over_an_earlier_opt_in_that_arrives_later() {
+    let env = env().await;
+    let app = env.start().await;
+    let ledger = app.app.as_ref().unwrap().ledger.clone();
+    env.sandbox.set_webhook(
+        Some(format!("http://{}/webhook", app.webhook())),
+        Some(APP_SECRET.into()),
+    );
+    let (number, id) = brazil(40);
+    stop_from(&env, &id).await;
+    wait_opt_out_applied(std::slice::from_ref(&ledger), &number, &id).await;
+    let two_hours_ago = jiff::Timestamp::now() - Duration::from_secs(7200);
+    env.publish_consent(&[
+        consent_event("opt_in", &number, two_hours_ago),
+        consent_event("confirm", &number, two_hours_ago + Duration::from_secs(60)),
+    ])
+    .await;
+    wait_for("the opt-in applied", T, async || {
+        consent_flags(&ledger, &number, "newsletter")
+    })
+    .await;
+    assert_next_marketing_suppressed(&env, "after", &number).await;
+    app.stop().await;
+}
+
+/// One customer known under both forms of a Brazilian mobile (with and without the ninth
+/// digit): a STOP from their ID opts out both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_from_the_id_opts_out_every_form_of_the_number() {
+    let mut opts = options();
+    opts.extra_toml = format!(
+        "[accounts.consent]\nopt_out_reply = \"Erledigt.\"\n{}",
+        opts.extra_toml
+    );
+    let env = TestEnv::with_dir_files(
+        &opts,
+        &[("app-secret", APP_SECRET), ("verify-token", VERIFY_TOKEN)],
+    )
+    .await;
+    let (number, id) = brazil(41);
+    let short = format!("+{id}");
+    env.seed_consent(&[number.clone(), short.clone()]).await;
+    let app = env.start().await;
+    let ledger = app.app.as_ref().unwrap().ledger.clone();
+    env.sandbox.set_webhook(
+        Some(format!("http://{}/webhook", app.webhook())),
+        Some(APP_SECRET.into()),
+    );
+    first_send(&env, "first", &number).await;
+    stop_from(&env, &id).await;
+    wait_for("the opt-out under both forms", T, async || {
+        (has_opt_out(&ledger, digits(&number)) && has_opt_out(&ledger, &id)).then_some(())
+    })
+    .await;
+    assert_next_marketing_suppressed(&env, "after-long", &number).await;
+    assert_next_marketing_suppressed(&env, "after-short", &short).await;
+    // One confirmation reply to the customer, not one per form.
+    let sandbox = env.sandbox.clone();
+    let replies = || {
+        sandbox
+            .accepted()
+            .into_iter()
+            .filter(|r| r.kind == "text")
+            .count()
+    };
+    wait_for("the opt-out reply", T, async || {
+        (replies() >= 1).then_some(())
+    })
+    .await;
+    assert_eq!(replies(), 1, "one reply, not one per form of the number");
+    app.stop().await;
+}
+
+/// Erasing the number erases what was kept under its ID too (a STOP from an ID that matched
+/// nothing when it came).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasing_the_number_erases_what_its_id_left() {
+    let env = env().await;
+    let app = env.start().await;
+    let ledger = app.app.as_ref().unwrap().ledger.clone();
+    env.sandbox.set_webhook(
+        Some(format!("http://{}/webhook", app.webhook())),
+        Some(APP_SECRET.into()),
+    );
+    let (number, id) = brazil(42);
+    stop_from(&env, &id).await;
+    wait_opt_out_applied(std::slice::from_ref(&ledger), &number, &id).await;
+    env.publish_consent(&[serde_json::json!({
+        "type": "erase", "account": "acme-de", "to": number, "purposes": [],
+        "source": "gdpr_request", "at": jiff::Timestamp::now().to_string(),
+    })])
+    .await;
+    wait_for("the erasure", T, async || {
+        (!has_opt_out(&ledger, &id) && !has_opt_out(&ledger, digits(&number))).then_some(())
+    })
+    .await;
+    let dump = ledger.dump_all().unwrap();
+    for form in [digits(&number), id.as_str()] {
+        assert!(
+            !dump.iter().any(|(k, v)| [k, v]
+                .iter()
+                .any(|x| x.windows(form.len()).any(|w| w == form.as_bytes()))),
+            "{form} is nowhere in the store"
+        );
+    }
+    app.stop().await;
+}

@@ -321,10 +321,13 @@ impl Worker {
             self.tracker.spawn(async move {
                 let r = this.dead_letter(&session, &delivery, FORGED, &detail).await;
                 settle_failed(&session, r, "dead-letter a forged consent event");
-                tracing::warn!(
-                    detail,
-                    "Forged consent event dead-lettered; nothing applied."
-                );
+                if let Some(unlogged) = crate::metrics::refusal_log_due("consent", FORGED) {
+                    tracing::warn!(
+                        detail,
+                        unlogged,
+                        "Forged consent event dead-lettered; nothing applied (one line per reason a minute at most; sendwell_jobs_dead_lettered_total counts each)."
+                    );
+                }
             });
             return;
         }
@@ -348,11 +351,16 @@ impl Worker {
                     } else {
                         invalid.detail.as_str()
                     };
-                    tracing::warn!(
-                        reason = invalid.reason,
-                        detail,
-                        "Invalid consent event dead-lettered."
-                    );
+                    if let Some(unlogged) =
+                        crate::metrics::refusal_log_due("consent", invalid.reason)
+                    {
+                        tracing::warn!(
+                            reason = invalid.reason,
+                            detail,
+                            unlogged,
+                            "Invalid consent event dead-lettered (one line per reason a minute at most)."
+                        );
+                    }
                 });
             }
             Ok(event) => {
@@ -551,11 +559,27 @@ impl Worker {
             });
             return;
         };
+        // Its recipient, when readable: the lane of the id's other copies, and the shard that
+        // owns the id (a copy published with another number's key goes on to that shard, as a
+        // valid job would, so that only there is it answered `invalid`, or not at all).
+        let to = refused
+            .to
+            .as_deref()
+            .and_then(|t| crate::pipeline::decode::parse_e164(t).ok());
+        if let Some(to) = &to
+            && delivery.routing_key.as_str() != to.digits()
+            && header_i64(&delivery.properties, HEADER_ATTEMPTS).is_none()
+        {
+            return self.reroute_to(delivery, session, id, to);
+        }
         let key = self
             .lanes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .hold_place(id, || format!("id:{id}").into());
+            .hold_place(id, || match &to {
+                Some(to) => to.as_str().into(),
+                None => format!("id:{id}").into(),
+            });
         self.enqueue(
             key,
             Work::Invalid(InvalidItem {
@@ -589,15 +613,25 @@ impl Worker {
     /// recipient's digits, then acks it here. The copy keeps the original's properties and
     /// headers (it has no `x-sendwell-*` ones: forged claims are refused before this).
     fn reroute(self: &Arc<Self>, delivery: Delivery, session: &Arc<Session>, job: &Job) {
+        self.reroute_to(delivery, session, &job.id, &job.to);
+    }
+
+    fn reroute_to(
+        self: &Arc<Self>,
+        delivery: Delivery,
+        session: &Arc<Session>,
+        id: &str,
+        to: &crate::job::Recipient,
+    ) {
         if let Some(unlogged) = crate::metrics::job_rerouted() {
             tracing::warn!(
-                id = %job.id,
-                to = %job.to.masked(),
+                id,
+                to = %to.masked(),
                 unlogged,
                 "A job was published with a routing key other than its recipient's digits; sent on with the right key (logged at most once a minute, counted in sendwell_jobs_rerouted_total)."
             );
         }
-        let key = job.to.digits().to_string();
+        let key = to.digits().to_string();
         let session = session.clone();
         self.tracker.spawn(async move {
             let headers = delivery.properties.headers().clone().unwrap_or_default();
@@ -723,7 +757,8 @@ impl Worker {
                 let applied = self.consent.store.apply(&ev).await?;
                 crate::metrics::consent_event(ev.kind.as_str(), applied.as_str());
                 self.consent.answered(&ev).await?;
-                if applied == Applied::New {
+                // One reply per opt-out: not again for its copies under other forms.
+                if applied == Applied::New && !p.derived {
                     learned.push(ev);
                 }
             }
@@ -1050,12 +1085,17 @@ impl Worker {
         } else {
             detail.as_str()
         };
-        tracing::warn!(
-            id = id.unwrap_or("(unreadable)"),
-            reason,
-            detail = logged,
-            "Invalid job dead-lettered."
-        );
+        // A publisher with a bug (or an attacker) can send thousands: one line per reason a
+        // minute, the counters count each.
+        if let Some(unlogged) = crate::metrics::refusal_log_due("job", reason) {
+            tracing::warn!(
+                id = id.unwrap_or("(unreadable)"),
+                reason,
+                detail = logged,
+                unlogged,
+                "Invalid job dead-lettered (one line per reason a minute at most; sendwell_jobs_dead_lettered_total counts each)."
+            );
+        }
         Ok(())
     }
 }

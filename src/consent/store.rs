@@ -310,6 +310,12 @@ impl ConsentStore {
     }
 
     /// IDs learned (the map's size), for the log at start.
+    /// The forms of a number that rows about its owner may be kept under (see
+    /// [`WaIds::forms_of`]).
+    pub fn forms_of(&self, digits: &str) -> Vec<String> {
+        self.wa_ids.forms_of(digits)
+    }
+
     pub fn wa_id_entries(&self) -> usize {
         self.wa_ids.len()
     }
@@ -380,7 +386,12 @@ impl ConsentStore {
     pub async fn apply(&self, ev: &ConsentEvent) -> Result<Applied, LedgerError> {
         let digits = ev.to.digits();
         if ev.kind == Kind::Erase {
-            self.erase(digits, ev.at).await?;
+            // Rows about the same person may be kept under another form of the number (an
+            // opt-out learned from a WhatsApp ID: Brazil's ninth digit, Mexico's 1, a mapped
+            // ID): erasing the number erases them all.
+            for form in self.wa_ids.forms_of(digits) {
+                self.erase(&form, ev.at).await?;
+            }
             return Ok(Applied::Erased);
         }
         if self

@@ -154,6 +154,31 @@ impl WaIds {
         }
     }
 
+    /// Every form under which rows about this number's owner may be kept: the number, its
+    /// equivalent forms, the WhatsApp IDs learned for any of them and their equivalents (digits,
+    /// no `+`, the number first, no repeats).
+    pub fn forms_of(&self, number: &str) -> Vec<String> {
+        let mut forms = vec![number.to_string()];
+        let mut i = 0;
+        while i < forms.len() && forms.len() < 16 {
+            let f = forms[i].clone();
+            let mut next = equivalents(&f);
+            if let Some(ids) = self.read().by_number.get(&f) {
+                next.extend(ids.iter().cloned());
+            }
+            if let Some(n) = self.number_of(&f) {
+                next.push(n);
+            }
+            for n in next {
+                if !forms.contains(&n) {
+                    forms.push(n);
+                }
+            }
+            i += 1;
+        }
+        forms
+    }
+
     pub fn number_of(&self, id: &str) -> Option<String> {
         self.read().by_id.get(id).cloned()
     }
@@ -217,6 +242,26 @@ mod tests {
         // Not Brazil, or not a Brazilian length.
         assert!(equivalents("491701234567").is_empty());
         assert!(equivalents("55119876543210").is_empty());
+    }
+
+    #[test]
+    fn a_numbers_forms_are_itself_its_equivalents_and_its_learned_ids() {
+        let ids = WaIds::default();
+        assert_eq!(
+            ids.forms_of("5511987654321"),
+            vec!["5511987654321", "551187654321"]
+        );
+        assert_eq!(ids.forms_of("491701234567"), vec!["491701234567"]);
+        // An ID the map learned that no rule predicts is one of the forms too, both ways.
+        ids.insert("491701234567", "4917099999");
+        assert_eq!(
+            ids.forms_of("491701234567"),
+            vec!["491701234567", "4917099999"]
+        );
+        assert_eq!(
+            ids.forms_of("4917099999"),
+            vec!["4917099999", "491701234567"]
+        );
     }
 
     #[test]

@@ -31,6 +31,10 @@ pub struct Publication {
     /// only once the broker confirmed it, so a failed publish leaves the state that makes the
     /// retried callback publish it again.
     pub after_confirm: Vec<KvOp>,
+    /// An opt-out repeated under another form of the customer's number (see
+    /// [`Applier::forms`]): applied and published like the first, but never answered with a
+    /// reply of its own.
+    pub derived: bool,
 }
 
 /// A customer's message, parsed: what consent handling (STOP, YES/NO) works from.
@@ -336,7 +340,7 @@ impl Applier {
         if s.status == "failed"
             && let Some(e) = s.errors.iter().find(|e| e.code == 131050)
         {
-            out.push(self.opt_out(
+            out.extend(self.opt_out(
                 &job.account,
                 &job.to,
                 "whatsapp_131050",
@@ -391,6 +395,7 @@ impl Applier {
                 routing_key: format!("delivery.{status}"),
                 body: serde_json::to_vec(&e).unwrap_or_default(),
                 after_confirm: Vec::new(),
+                derived: false,
             });
         };
         match level {
@@ -421,6 +426,25 @@ impl Applier {
         Ok(out)
     }
 
+    /// The forms of a customer's number that an opt-out learned from WhatsApp must cover (the
+    /// number first): the same person's number may be written with or without Brazil's ninth
+    /// digit or Mexico's 1, and their WhatsApp ID may be either. An opt-out kept under one form
+    /// only would let a job to another form through, or an opt-in to another form that arrives
+    /// later but is dated earlier win; under every form, the consent rule sees it whichever
+    /// form a job or an opt-in names.
+    fn forms(&self, digits: &str) -> Vec<String> {
+        let digits = digits.trim_start_matches('+');
+        match &self.consent {
+            Some(flow) => flow.store.forms_of(digits),
+            None => {
+                let mut f = vec![digits.to_string()];
+                f.extend(crate::consent::wa_id::equivalents(digits));
+                f
+            }
+        }
+    }
+
+    /// An opt-out of every purpose of `account`, under every form of the number.
     fn opt_out(
         &self,
         account: &str,
@@ -428,23 +452,30 @@ impl Applier {
         source: &'static str,
         at: Timestamp,
         evidence: String,
-    ) -> Publication {
+    ) -> Vec<Publication> {
         crate::metrics::opt_out_learned(account, source);
-        let e = ConsentEvent {
-            kind: "opt_out",
-            account,
-            to: format!("+{}", digits.trim_start_matches('+')),
-            purposes: [],
-            source,
-            at,
-            evidence,
-        };
-        Publication {
-            exchange: crate::amqp::topology::CONSENT_EXCHANGE,
-            routing_key: String::new(),
-            body: serde_json::to_vec(&e).unwrap_or_default(),
-            after_confirm: Vec::new(),
-        }
+        self.forms(digits)
+            .into_iter()
+            .enumerate()
+            .map(|(i, form)| {
+                let e = ConsentEvent {
+                    kind: "opt_out",
+                    account,
+                    to: format!("+{form}"),
+                    purposes: [],
+                    source,
+                    at,
+                    evidence: evidence.clone(),
+                };
+                Publication {
+                    exchange: crate::amqp::topology::CONSENT_EXCHANGE,
+                    routing_key: String::new(),
+                    body: serde_json::to_vec(&e).unwrap_or_default(),
+                    after_confirm: Vec::new(),
+                    derived: i > 0,
+                }
+            })
+            .collect()
     }
 
     async fn message(&self, ev: &Event) -> Result<Vec<Publication>, LedgerError> {
@@ -557,27 +588,36 @@ impl Applier {
             return Ok(Vec::new());
         };
         let events = flow.on_inbound(m).await?;
-        Ok(events
-            .iter()
-            .map(|ev| {
-                if ev.kind == crate::consent::Kind::OptOut {
-                    let source = match ev.source.as_deref() {
-                        Some(crate::consent::flow::SOURCE_BUTTON) => "whatsapp_opt_out_button",
-                        _ => "whatsapp_keyword",
-                    };
-                    crate::metrics::opt_out_learned(&ev.account, source);
-                    if how == How::Unknown {
-                        crate::metrics::wa_id_unresolved_opt_out(source, m.from.as_str());
-                    }
+        let publication = |body: Vec<u8>, derived: bool| Publication {
+            exchange: crate::amqp::topology::CONSENT_EXCHANGE,
+            routing_key: String::new(),
+            body,
+            after_confirm: Vec::new(),
+            derived,
+        };
+        let mut out = Vec::new();
+        for ev in &events {
+            out.push(publication(ev.to_json(), false));
+            if ev.kind != crate::consent::Kind::OptOut {
+                continue;
+            }
+            let source = match ev.source.as_deref() {
+                Some(crate::consent::flow::SOURCE_BUTTON) => "whatsapp_opt_out_button",
+                _ => "whatsapp_keyword",
+            };
+            crate::metrics::opt_out_learned(&ev.account, source);
+            if how == How::Unknown {
+                crate::metrics::wa_id_unresolved_opt_out(source, m.from.as_str());
+            }
+            // The same opt-out under the number's other forms (see `forms`).
+            for form in self.forms(ev.to.digits()).into_iter().skip(1) {
+                if let Ok(to) = crate::pipeline::decode::parse_e164(&format!("+{form}")) {
+                    let copy = crate::consent::ConsentEvent { to, ..ev.clone() };
+                    out.push(publication(copy.to_json(), true));
                 }
-                Publication {
-                    exchange: crate::amqp::topology::CONSENT_EXCHANGE,
-                    routing_key: String::new(),
-                    body: ev.to_json(),
-                    after_confirm: Vec::new(),
-                }
-            })
-            .collect())
+            }
+        }
+        Ok(out)
     }
 
     fn preference(&self, ev: &Event) -> Result<Vec<Publication>, LedgerError> {
@@ -619,7 +659,7 @@ impl Applier {
         }
         Ok(accounts
             .iter()
-            .map(|a| {
+            .flat_map(|a| {
                 self.opt_out(
                     a,
                     &number.digits,
