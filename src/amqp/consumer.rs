@@ -787,7 +787,7 @@ impl Worker {
                 let is_duplicate = outcome == Outcome::Duplicate;
                 // For status callbacks that come without our job id: in the same transaction
                 // as the final state.
-                let wamid = match &outcome {
+                let mut wamid = match &outcome {
                     Outcome::Sent { wamid, .. } => vec![KvOp::Put {
                         table: Table::Wamids,
                         key: wamid.as_bytes().to_vec(),
@@ -795,6 +795,12 @@ impl Worker {
                     }],
                     _ => Vec::new(),
                 };
+                // And the number's index row, by which an erasure finds the job.
+                wamid.extend(crate::store::index_job(
+                    job.to.as_str(),
+                    &job.id,
+                    event.wamid.as_deref(),
+                ));
                 if !is_duplicate {
                     self.pipeline
                         .finalize(&job.id, event.attempts, bytes.clone(), wamid)
@@ -980,8 +986,13 @@ impl Worker {
         if let (Some(id), Some(bytes)) = (ledgered, &bytes)
             && !already_final
         {
+            // Indexed by its number when it names one, so an erasure removes it too.
+            let index = refused
+                .to
+                .as_deref()
+                .and_then(|to| crate::store::index_job(to, id, None));
             self.pipeline
-                .finalize(id, 0, bytes.clone(), Vec::new())
+                .finalize(id, 0, bytes.clone(), index.into_iter().collect())
                 .await?;
         }
         let dead = session.publisher.publish(
