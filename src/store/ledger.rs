@@ -1045,9 +1045,19 @@ fn read(db: &Db) -> Result<DbRead<'_>, LedgerError> {
     Ok(DbRead(g))
 }
 
+/// For `benches/erase.rs` only, to measure before and after in one run: a read waits for the
+/// lock in place, blocking its worker, as reads did before. Looked at only when a read has to
+/// wait, never on the uncontended path.
+#[doc(hidden)]
+pub static READS_BLOCK_WORKERS: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 /// Waits for the read lock (see [`read`]).
 fn wait_read(db: &Db) -> RwLockReadGuard<'_, Option<Database>> {
     let wait = || db.read().unwrap_or_else(|e| e.into_inner());
+    if READS_BLOCK_WORKERS.load(Ordering::Relaxed) {
+        return wait();
+    }
     match tokio::runtime::Handle::try_current() {
         // On a worker (or in the runtime's block_on): the runtime goes on elsewhere meanwhile.
         // From spawn_blocking it simply runs the closure.
