@@ -12,7 +12,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Bound;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, TryLockError};
 use std::time::Duration;
 
@@ -477,6 +477,7 @@ pub struct Ledger {
     health: Arc<StoreHealth>,
     /// Rows visited by whole-table scans, so tests and benchmarks can tell a lookup from a scan.
     scanned: Arc<AtomicU64>,
+    compacting: Arc<Compacting>,
 }
 
 impl Ledger {
@@ -530,6 +531,22 @@ impl Ledger {
         self.health.wait_writable().await
     }
 
+    /// Whether a compaction holds the store (or waits for it) now.
+    pub fn compacting(&self) -> bool {
+        self.compacting.on.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once no compaction holds the store: at once (one atomic load) when none does.
+    /// For paths that read the store for every job: they wait here parked, while a read that
+    /// meets a compaction unannounced waits on a thread of its own (see [`read`]).
+    pub async fn compacted(&self) {
+        if !self.compacting() {
+            return;
+        }
+        let mut rx = self.compacting.changed.subscribe();
+        let _ = rx.wait_for(|on| !on).await;
+    }
+
     /// `opener` opens the same file again after an I/O error (None: an in-memory store).
     fn start(db: Database, opener: Option<Opener>) -> Result<Ledger, LedgerError> {
         let db = Arc::new(RwLock::new(Some(db)));
@@ -551,11 +568,13 @@ impl Ledger {
         let marks = Arc::new(Mutex::new(marks));
         let (tx, rx) = mpsc::unbounded_channel();
         let health = Arc::new(StoreHealth::default());
+        let compacting = Arc::new(Compacting::default());
         let writer = Writer {
             db: db.clone(),
             marks: marks.clone(),
             health: health.clone(),
             opener,
+            compacting: compacting.clone(),
         };
         *OPEN_WRITERS.0.lock().unwrap_or_else(|e| e.into_inner()) += 1;
         std::thread::Builder::new()
@@ -571,6 +590,7 @@ impl Ledger {
             marks,
             health,
             scanned: Arc::default(),
+            compacting,
         })
     }
 
@@ -1049,8 +1069,7 @@ fn read(db: &Db) -> Result<DbRead<'_>, LedgerError> {
 /// lock in place, blocking its worker, as reads did before. Looked at only when a read has to
 /// wait, never on the uncontended path.
 #[doc(hidden)]
-pub static READS_BLOCK_WORKERS: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
+pub static READS_BLOCK_WORKERS: AtomicBool = AtomicBool::new(false);
 
 /// Waits for the read lock (see [`read`]).
 fn wait_read(db: &Db) -> RwLockReadGuard<'_, Option<Database>> {
@@ -1115,6 +1134,39 @@ struct Writer {
     marks: Arc<Mutex<Marks>>,
     health: Arc<StoreHealth>,
     opener: Option<Opener>,
+    compacting: Arc<Compacting>,
+}
+
+/// Whether a compaction holds the store alone, so that the job path can wait for it parked
+/// ([`Ledger::compacted`]) rather than in `block_in_place`, which takes a thread per waiting
+/// task: with thousands of jobs in flight that would exhaust tokio's blocking pool (512
+/// threads), and past it the runtime stalls again.
+#[derive(Debug)]
+struct Compacting {
+    on: AtomicBool,
+    changed: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Compacting {
+    fn default() -> Self {
+        Compacting {
+            on: AtomicBool::new(false),
+            changed: tokio::sync::watch::Sender::new(false),
+        }
+    }
+}
+
+impl Compacting {
+    /// Runs `f` with the flag up: set before the lock is asked for, so that new jobs already
+    /// wait parked while the compaction waits for the readers in progress.
+    fn during<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.on.store(true, Ordering::SeqCst);
+        self.changed.send_replace(true);
+        let r = f();
+        self.on.store(false, Ordering::SeqCst);
+        self.changed.send_replace(false);
+        r
+    }
 }
 
 /// Waits between attempts while the store cannot be written: doubling from the first to the
@@ -1149,7 +1201,7 @@ impl Writer {
             }
             let mut result = self.apply_holding(&batch, &rx);
             if batch.iter().any(|r| matches!(r.op, Op::Compact)) {
-                let c = compact(&self.db);
+                let c = self.compacting.during(|| compact(&self.db));
                 for (req, res) in batch.iter().zip(result.iter_mut()) {
                     if matches!(req.op, Op::Compact) && res.is_ok() {
                         *res = c.as_ref().map(|n| *n).map_err(|e| match e {
@@ -1808,6 +1860,56 @@ mod tests {
             .unwrap();
         assert_eq!(got.unwrap().state, LedgerState::Final);
         ticker.abort();
+    }
+
+    fn threads() -> usize {
+        std::fs::read_dir("/proc/self/task").unwrap().count()
+    }
+
+    /// Each read that meets the lock takes a thread while it waits (`block_in_place`); past
+    /// tokio's 512 the runtime would stall again. Jobs wait for a compaction parked instead.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_thousand_jobs_wait_for_a_compaction_parked_not_a_thread_each() {
+        let l = Ledger::open_in_memory().unwrap();
+        l.put("a", entry(LedgerState::Final, 1)).await.unwrap();
+        let before = threads();
+        let (held, is_held) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (db, compacting) = (l.db.clone(), l.compacting.clone());
+        let holder = std::thread::spawn(move || {
+            compacting.during(|| {
+                let _g = db.write().unwrap_or_else(|e| e.into_inner());
+                held.send(()).unwrap();
+                let _ = released.recv_timeout(Duration::from_secs(30));
+            })
+        });
+        is_held.recv().unwrap();
+        let done = Arc::new(AtomicU64::new(0));
+        for _ in 0..1000 {
+            let (l, done) = (l.clone(), done.clone());
+            tokio::spawn(async move {
+                l.compacted().await;
+                l.get("a").unwrap().unwrap();
+                done.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+        let tick = tokio::spawn(tokio::time::sleep(Duration::from_millis(20)));
+        tokio::time::timeout(Duration::from_secs(5), tick)
+            .await
+            .expect("the runtime runs a timer while a thousand jobs wait")
+            .unwrap();
+        assert!(
+            threads() < before + 50,
+            "{} threads for waiting jobs",
+            threads() - before
+        );
+        assert_eq!(done.load(Ordering::SeqCst), 0);
+        release.send(()).unwrap();
+        holder.join().unwrap();
+        until("every job to read once the compaction is over", || {
+            done.load(Ordering::SeqCst) == 1000
+        })
+        .await;
     }
 
     /// A current_thread runtime (a tool's) cannot hand its tasks elsewhere: its read waits,
