@@ -23,7 +23,8 @@
 //! blocking their tokio worker (`READS_BLOCK_WORKERS`); **new** is the shipped code (the number's
 //! index rows; reads that must wait hand their worker's tasks on). Compaction is the same.
 //!
-//! Reported per mode: jobs/s and `/healthz` p50/p99/max before and during the window, the
+//! First, the writer thread's CPU per job for a final record with and without its index row
+//! (`SENDWELL_BENCH_COST_JOBS`, 100,000 each way, alternated twice). Reported per mode: jobs/s and `/healthz` p50/p99/max before and during the window, the
 //! longest gap between two finished jobs, the window's length, and whether a compaction was
 //! still due when the last erasure returned (done then, inside the window).
 //!
@@ -295,6 +296,10 @@ fn run_mode(dir: &Path, mode: &str, first_number: u64, run: &Run) -> (Phase, Pha
             while !stop.is_cancelled() {
                 let n = next.fetch_add(1, Ordering::Relaxed);
                 let id = format!("load-{mode}-{n:010}");
+                // As the pipeline does before dedupe (since the fix).
+                if mode != "old" && ledger.compacting() {
+                    ledger.compacted().await;
+                }
                 assert!(ledger.get(&id).unwrap().is_none());
                 let to = number(1_000_000_000 - 1 - n % 100_000);
                 let mut ops = finished(&id, &to, Timestamp::now().as_millisecond());
@@ -351,6 +356,69 @@ fn run_mode(dir: &Path, mode: &str, first_number: u64, run: &Run) -> (Phase, Pha
     (before, during, compactions)
 }
 
+/// CPU seconds of this process's threads named `name` so far.
+fn thread_cpu(name: &str) -> f64 {
+    let mut ticks = 0u64;
+    for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        // Fields after the parenthesised name: state is the 3rd field, utime the 14th.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        ticks += f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+            + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    }
+    ticks as f64 / 100.0
+}
+
+/// The writer thread's CPU per job for a job's final record, with and without its number's
+/// index row (the writer's cost is per row): µs per job, each way.
+fn writer_cost(dir: &Path, jobs: u64) -> (f64, f64) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let ledger = Ledger::open(dir).unwrap();
+    let mut out = [0.0; 2];
+    // Alternated twice, so that neither way gets the smaller file.
+    for (round, indexed) in [false, true, false, true].into_iter().enumerate() {
+        let before = thread_cpu("sendwell-ledger");
+        rt.block_on(async {
+            let next = Arc::new(AtomicU64::new(0));
+            let tasks: Vec<_> = (0..64)
+                .map(|_| {
+                    let (ledger, next) = (ledger.clone(), next.clone());
+                    tokio::spawn(async move {
+                        loop {
+                            let n = next.fetch_add(1, Ordering::Relaxed);
+                            if n >= jobs {
+                                return;
+                            }
+                            let id = format!("cost-{round}-{n:010}");
+                            let mut ops = finished(&id, &number(999_000_000 + n % 1000), 0);
+                            if !indexed {
+                                ops.pop();
+                            }
+                            ledger.kv_many(ops).await.unwrap();
+                        }
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.unwrap();
+            }
+        });
+        out[indexed as usize] += (thread_cpu("sendwell-ledger") - before) / jobs as f64 * 1e6 / 2.0;
+    }
+    drop(ledger);
+    sendwell::store::wait_closed(Duration::from_secs(60));
+    (out[0], out[1])
+}
+
 fn main() {
     let bench_mode = std::env::args().any(|a| a == "--bench");
     let (mb, erasures) = if bench_mode {
@@ -387,6 +455,14 @@ fn main() {
         build(&dir, mb, &rt)
     };
     let run = Run { jobs, ..run };
+    let cost_jobs = env_or(
+        "SENDWELL_BENCH_COST_JOBS",
+        if bench_mode { 100_000 } else { 1000 },
+    );
+    let (without, with) = writer_cost(&dir, cost_jobs);
+    println!(
+        "writer CPU per finished job ({cost_jobs} each way): {without:.1} µs without the index row, {with:.1} µs with it"
+    );
     let modes = std::env::var("SENDWELL_BENCH_MODES").unwrap_or_else(|_| "old,new".into());
     println!(
         "{erasures} erasures on a {} MB store ({jobs} jobs), {} load tasks, 2 tokio workers",
