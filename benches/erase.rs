@@ -481,6 +481,23 @@ fn main() {
         "secs",
         "compacted"
     );
+    if std::env::var("SENDWELL_BENCH_COMPACT_ONLY").is_ok() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let ledger = Ledger::open(&dir).unwrap();
+        for i in 0..3 {
+            let t = Instant::now();
+            let rounds = rt.block_on(ledger.compact()).unwrap();
+            println!(
+                "compaction {i}: {:.0} ms, {rounds} rounds, file {} MB",
+                t.elapsed().as_secs_f64() * 1000.0,
+                file_mb(&dir)
+            );
+        }
+        return;
+    }
     for (i, mode) in modes.split(',').enumerate() {
         let (before, during, compactions) = run_mode(&dir, mode, i as u64, &run);
         for (name, p, c) in [

@@ -73,6 +73,8 @@ pub struct ConsentStore {
     /// An erasure left freed pages holding the number: compact soon (see [`Self::compactor`]).
     compaction_due: AtomicBool,
     compaction_wanted: tokio::sync::Notify,
+    /// How long the last compaction held the store (ms), for the compactor's pace.
+    last_compaction_ms: std::sync::atomic::AtomicU64,
     /// WhatsApp ID → number, where they differ (see [`wa_id`]).
     wa_ids: WaIds,
 }
@@ -215,6 +217,16 @@ fn fact_of(bytes: &[u8]) -> Option<Fact> {
     })
 }
 
+/// The most of the daemon's time compactions may take: on a store so large that one takes
+/// seconds, the compactor rests long enough after it that jobs run at least 95 % of the time.
+pub const COMPACTION_SHARE: f64 = 0.05;
+
+/// How long the compactor waits after a compaction that took `took` before the next one.
+pub fn rest_after_compaction(took: std::time::Duration) -> std::time::Duration {
+    let share = took.div_f64(COMPACTION_SHARE).saturating_sub(took);
+    share.max(std::time::Duration::from_secs(30))
+}
+
 impl ConsentStore {
     /// Loads every summary into memory. Returns the store and how many entries were loaded.
     pub async fn load(ledger: Ledger, config: &Config) -> Result<Arc<ConsentStore>, LedgerError> {
@@ -286,6 +298,7 @@ impl ConsentStore {
             erase_key,
             compaction_due: AtomicBool::new(false),
             compaction_wanted: tokio::sync::Notify::new(),
+            last_compaction_ms: Default::default(),
             wa_ids,
         }))
     }
@@ -619,15 +632,15 @@ impl ConsentStore {
             self.compaction_due.store(true, Ordering::SeqCst);
             return Err(e);
         }
-        tracing::info!(
-            took_ms = started.elapsed().as_millis() as u64,
-            "State store compacted after an erasure."
-        );
+        let took_ms = started.elapsed().as_millis() as u64;
+        self.last_compaction_ms.store(took_ms, Ordering::Relaxed);
+        tracing::info!(took_ms, "State store compacted after an erasure.");
         Ok(true)
     }
 
-    /// Compacts after erasures: a second after a burst, then at most every 30 s. Compaction
-    /// stops every store access while it runs, and erasures come in bursts.
+    /// Compacts after erasures: a second after a burst, then at most every 30 s, and never more
+    /// than [`COMPACTION_SHARE`] of the time. Compaction has the store to itself while it runs
+    /// (jobs wait for it), its length grows with the file, and erasures come in bursts.
     pub async fn compactor(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
         loop {
             tokio::select! {
@@ -643,9 +656,11 @@ impl ConsentStore {
             }
             // A steady trickle of erasures compacts at most twice a minute; what is due by
             // then is done at the next round (or at shutdown).
+            let took =
+                std::time::Duration::from_millis(self.last_compaction_ms.load(Ordering::Relaxed));
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
+                _ = tokio::time::sleep(rest_after_compaction(took)) => {}
             }
         }
     }
@@ -731,6 +746,28 @@ mod tests {
             ops.extend(index_job(to, id, Some(&wamid)));
         }
         ops
+    }
+
+    #[test]
+    fn compactions_take_at_most_a_twentieth_of_the_time_and_come_at_most_twice_a_minute() {
+        use std::time::Duration;
+        assert_eq!(
+            rest_after_compaction(Duration::ZERO),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            rest_after_compaction(Duration::from_millis(700)),
+            Duration::from_secs(30)
+        );
+        for took in [
+            Duration::from_secs(2),
+            Duration::from_secs(9),
+            Duration::from_secs(60),
+        ] {
+            let rest = rest_after_compaction(took);
+            let share = took.as_secs_f64() / (took + rest).as_secs_f64();
+            assert!(share <= COMPACTION_SHARE + 1e-9, "{took:?}: {share}");
+        }
     }
 
     #[tokio::test]
