@@ -383,9 +383,10 @@ fn run_mode(dir: &Path, mode: &str, first_number: u64, run: &Run) -> (Phase, Pha
     (before, during, compactions, done)
 }
 
-/// CPU seconds of this process's threads named `name` so far.
-fn thread_cpu(name: &str) -> f64 {
-    let mut ticks = 0u64;
+/// CPU seconds so far of this process's threads named `name`, by thread id (a writer of a
+/// store closed just before may still be exiting: only threads in both snapshots count).
+fn thread_cpu(name: &str) -> HashMap<String, f64> {
+    let mut out = HashMap::new();
     for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
         let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
         if comm.trim() != name {
@@ -395,10 +396,21 @@ fn thread_cpu(name: &str) -> f64 {
         // Fields after the parenthesised name: state is the 3rd field, utime the 14th.
         let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
         let f: Vec<&str> = rest.split_whitespace().collect();
-        ticks += f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        let ticks = f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
             + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        out.insert(
+            t.file_name().to_string_lossy().into_owned(),
+            ticks as f64 / 100.0,
+        );
     }
-    ticks as f64 / 100.0
+    out
+}
+
+fn cpu_since(name: &str, before: &HashMap<String, f64>) -> f64 {
+    thread_cpu(name)
+        .iter()
+        .filter_map(|(tid, now)| Some(now - before.get(tid)?))
+        .sum()
 }
 
 /// The writer thread's CPU per job for a job's final record, with and without its number's
@@ -439,7 +451,7 @@ fn writer_cost(dir: &Path, jobs: u64) -> (f64, f64) {
                 t.await.unwrap();
             }
         });
-        out[indexed as usize] += (thread_cpu("sendwell-ledger") - before) / jobs as f64 * 1e6 / 2.0;
+        out[indexed as usize] += cpu_since("sendwell-ledger", &before) / jobs as f64 * 1e6 / 2.0;
     }
     drop(ledger);
     sendwell::store::wait_closed(Duration::from_secs(60));
@@ -529,7 +541,7 @@ fn main() {
         }
         return;
     }
-    for (i, mode) in modes.split(',').enumerate() {
+    for (i, mode) in modes.split(',').filter(|m| !m.is_empty()).enumerate() {
         let (before, during, compactions, done) = run_mode(&dir, mode, i as u64, &run);
         for (name, p, c) in [
             ("before", before, String::new()),
