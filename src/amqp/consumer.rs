@@ -708,6 +708,9 @@ impl Worker {
         use sha2::Digest;
         let key = sha2::Sha256::digest(&delivery.data).to_vec();
         let ledger = &self.pipeline.ledger;
+        // Status callbacks keep coming during a compaction: each waits for it here, parked,
+        // not on a thread of its own in the reads below (see `Ledger::compacted`).
+        ledger.compacted().await;
         if ledger.kv_get(Table::WebhookSeen, &key)?.is_some() {
             crate::metrics::webhook_duplicate();
             return ack(session, delivery).await;
