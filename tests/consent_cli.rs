@@ -260,7 +260,8 @@ fn an_offline_erasure_leaves_no_trace_of_the_number_in_the_file() {
         let l = open_store(&t.state());
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async {
-            l.put(
+            // With its number's index row, as the daemon records a finished job.
+            l.put_with(
                 "job-1",
                 LedgerEntry {
                     state: LedgerState::Final,
@@ -269,6 +270,9 @@ fn an_offline_erasure_leaves_no_trace_of_the_number_in_the_file() {
                     published: true,
                     event: format!(r#"{{"id":"job-1","to":"+{A}","status":"sent"}}"#).into_bytes(),
                 },
+                sendwell::store::index_job(&format!("+{A}"), "job-1", Some("wamid.X1"))
+                    .into_iter()
+                    .collect(),
             )
             .await
             .unwrap();

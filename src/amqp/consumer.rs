@@ -742,6 +742,9 @@ impl Worker {
         use sha2::Digest;
         let key = sha2::Sha256::digest(&delivery.data).to_vec();
         let ledger = &self.pipeline.ledger;
+        // Status callbacks keep coming during a compaction: each waits for it here, parked,
+        // not on a thread of its own in the reads below (see `Ledger::compacted`).
+        ledger.compacted().await;
         if ledger.kv_get(Table::WebhookSeen, &key)?.is_some() {
             crate::metrics::webhook_duplicate();
             return ack(session, delivery).await;
@@ -822,7 +825,7 @@ impl Worker {
                 let is_duplicate = outcome == Outcome::Duplicate;
                 // For status callbacks that come without our job id: in the same transaction
                 // as the final state.
-                let wamid = match &outcome {
+                let mut wamid = match &outcome {
                     Outcome::Sent { wamid, .. } => vec![KvOp::Put {
                         table: Table::Wamids,
                         key: wamid.as_bytes().to_vec(),
@@ -830,6 +833,12 @@ impl Worker {
                     }],
                     _ => Vec::new(),
                 };
+                // And the number's index row, by which an erasure finds the job.
+                wamid.extend(crate::store::index_job(
+                    job.to.as_str(),
+                    &job.id,
+                    event.wamid.as_deref(),
+                ));
                 let mut recorded = !is_duplicate;
                 if !is_duplicate
                     && let Err(e) = self
@@ -1033,8 +1042,13 @@ impl Worker {
         if let (Some(id), Some(bytes)) = (ledgered, &bytes)
             && !already_final
         {
+            // Indexed by its number when it names one, so an erasure removes it too.
+            let index = refused
+                .to
+                .as_deref()
+                .and_then(|to| crate::store::index_job(to, id, None));
             self.pipeline
-                .finalize(id, 0, bytes.clone(), Vec::new())
+                .finalize(id, 0, bytes.clone(), index.into_iter().collect())
                 .await?;
         }
         let dead = session.publisher.publish(

@@ -18,7 +18,7 @@ use super::model::{self, Decision, Fact, JobFacts, PurposeState};
 use super::wa_id::{self, Resolved, WaIds};
 use crate::config::{Config, Purpose};
 use crate::job::Job;
-use crate::store::{KvOp, Ledger, LedgerError, Table};
+use crate::store::{KvOp, Ledger, LedgerError, Table, number_job_key};
 
 /// What applying an event did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,6 +73,8 @@ pub struct ConsentStore {
     /// An erasure left freed pages holding the number: compact soon (see [`Self::compactor`]).
     compaction_due: AtomicBool,
     compaction_wanted: tokio::sync::Notify,
+    /// How long the last compaction held the store (ms), for the compactor's pace.
+    last_compaction_ms: std::sync::atomic::AtomicU64,
     /// WhatsApp ID → number, where they differ (see [`wa_id`]).
     wa_ids: WaIds,
 }
@@ -215,6 +217,16 @@ fn fact_of(bytes: &[u8]) -> Option<Fact> {
     })
 }
 
+/// The most of the daemon's time compactions may take: on a store so large that one takes
+/// seconds, the compactor rests long enough after it that jobs run at least 95 % of the time.
+pub const COMPACTION_SHARE: f64 = 0.05;
+
+/// How long the compactor waits after a compaction that took `took` before the next one.
+pub fn rest_after_compaction(took: std::time::Duration) -> std::time::Duration {
+    let share = took.div_f64(COMPACTION_SHARE).saturating_sub(took);
+    share.max(std::time::Duration::from_secs(30))
+}
+
 impl ConsentStore {
     /// Loads every summary into memory. Returns the store and how many entries were loaded.
     pub async fn load(ledger: Ledger, config: &Config) -> Result<Arc<ConsentStore>, LedgerError> {
@@ -269,6 +281,15 @@ impl ConsentStore {
         })?;
         let wa_ids = WaIds::default();
         ledger.kv_for_each(Table::WaIds, |k, _| wa_ids.load_row(k))?;
+        // Once, for a store from before the index: erasure finds a number's jobs through it.
+        let started = std::time::Instant::now();
+        if let Some(rows) = ledger.index_jobs_by_number().await? {
+            tracing::info!(
+                rows,
+                took_ms = started.elapsed().as_millis() as u64,
+                "Indexed the ledger's finished jobs by number (once, for erasure)."
+            );
+        }
         Ok(Arc::new(ConsentStore {
             ledger,
             index,
@@ -277,6 +298,7 @@ impl ConsentStore {
             erase_key,
             compaction_due: AtomicBool::new(false),
             compaction_wanted: tokio::sync::Notify::new(),
+            last_compaction_ms: Default::default(),
             wa_ids,
         }))
     }
@@ -530,43 +552,39 @@ impl ConsentStore {
                 });
             }
         }
-        // Jobs to the number: their ledger entries, delivery state, wamid index and billing marks.
-        let ledger = self.ledger.clone();
-        let needle = format!("\"to\":\"+{digits}\"");
-        let (ids, wamids) = tokio::task::spawn_blocking(move || {
-            let ids = ledger.job_ids_mentioning(needle.as_bytes(), until_ms)?;
-            let wanted: std::collections::HashSet<&[u8]> =
-                ids.iter().map(|i| i.as_bytes()).collect();
-            let mut wamids = Vec::new();
-            ledger.kv_for_each(Table::Wamids, |k, v| {
-                if wanted.contains(v) {
-                    wamids.push(k.to_vec());
-                }
-            })?;
-            Ok::<_, LedgerError>((ids, wamids))
-        })
-        .await
-        .map_err(|e| LedgerError::Store(format!("erase scan: {e}")))??;
-        report.jobs = ids.len() as u64;
-        for id in &ids {
+        // Jobs to the number: their ledger entries, delivery state, wamid index and billing
+        // marks, found through the number's index rows (a range of one table, however large
+        // the ledger). A job finished after `at` stays, with its row.
+        let mut ids = Vec::new();
+        for (id, wamid) in self.ledger.jobs_to(digits)? {
+            let entry = self.ledger.get(&id)?;
+            if entry.is_some_and(|e| e.updated_ms > until_ms) {
+                continue;
+            }
+            ops.push(KvOp::Delete {
+                table: Table::JobsByNumber,
+                key: number_job_key(digits, &id),
+            });
             ops.push(KvOp::Delete {
                 table: Table::Delivery,
                 key: id.as_bytes().to_vec(),
             });
+            if !wamid.is_empty() {
+                let mut billed = b"billed|".to_vec();
+                billed.extend_from_slice(&wamid);
+                ops.push(KvOp::Delete {
+                    table: Table::WebhookSeen,
+                    key: billed,
+                });
+                ops.push(KvOp::Delete {
+                    table: Table::Wamids,
+                    key: wamid,
+                });
+                report.other_rows += 1;
+            }
+            ids.push(id);
         }
-        for w in wamids {
-            let mut billed = b"billed|".to_vec();
-            billed.extend_from_slice(&w);
-            ops.push(KvOp::Delete {
-                table: Table::WebhookSeen,
-                key: billed,
-            });
-            ops.push(KvOp::Delete {
-                table: Table::Wamids,
-                key: w,
-            });
-            report.other_rows += 1;
-        }
+        report.jobs = ids.len() as u64;
         ops.push(KvOp::DeleteJobs { ids });
         // What the limits remember of the number (frequency caps, tier counts, Meta's
         // per-user block): all keyed `digits\0…`. The in-memory copies live until they expire.
@@ -625,15 +643,15 @@ impl ConsentStore {
             self.compaction_due.store(true, Ordering::SeqCst);
             return Err(e);
         }
-        tracing::info!(
-            took_ms = started.elapsed().as_millis() as u64,
-            "State store compacted after an erasure."
-        );
+        let took_ms = started.elapsed().as_millis() as u64;
+        self.last_compaction_ms.store(took_ms, Ordering::Relaxed);
+        tracing::info!(took_ms, "State store compacted after an erasure.");
         Ok(true)
     }
 
-    /// Compacts after erasures: a second after a burst, then at most every 30 s. Compaction
-    /// stops every store access while it runs, and erasures come in bursts.
+    /// Compacts after erasures: a second after a burst, then at most every 30 s, and never more
+    /// than [`COMPACTION_SHARE`] of the time. Compaction has the store to itself while it runs
+    /// (jobs wait for it), its length grows with the file, and erasures come in bursts.
     pub async fn compactor(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
         loop {
             tokio::select! {
@@ -649,9 +667,11 @@ impl ConsentStore {
             }
             // A steady trickle of erasures compacts at most twice a minute; what is due by
             // then is done at the next round (or at shutdown).
+            let took =
+                std::time::Duration::from_millis(self.last_compaction_ms.load(Ordering::Relaxed));
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
+                _ = tokio::time::sleep(rest_after_compaction(took)) => {}
             }
         }
     }
@@ -699,5 +719,116 @@ impl ConsentStore {
             return Ok(0);
         }
         self.ledger.kv_many(ops).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{LedgerEntry, LedgerState, index_job};
+
+    const NUMBER: &str = "4917600000001";
+
+    /// A job's final record as the consumer writes it: with its wamid row and, since the
+    /// index exists, the number's index row.
+    fn finished(id: &str, to: &str, at_ms: i64, indexed: bool) -> Vec<KvOp> {
+        let wamid = format!("wamid.{id}");
+        let mut ops = vec![
+            KvOp::PutJob {
+                id: id.into(),
+                entry: LedgerEntry {
+                    state: LedgerState::Final,
+                    attempts: 1,
+                    updated_ms: at_ms,
+                    published: true,
+                    event: format!(
+                        r#"{{"id":"{id}","to":"{to}","status":"sent","wamid":"{wamid}"}}"#
+                    )
+                    .into_bytes(),
+                },
+            },
+            KvOp::Put {
+                table: Table::Wamids,
+                key: wamid.clone().into_bytes(),
+                value: id.as_bytes().to_vec(),
+            },
+        ];
+        if indexed {
+            ops.extend(index_job(to, id, Some(&wamid)));
+        }
+        ops
+    }
+
+    #[test]
+    fn compactions_take_at_most_a_twentieth_of_the_time_and_come_at_most_twice_a_minute() {
+        use std::time::Duration;
+        assert_eq!(
+            rest_after_compaction(Duration::ZERO),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            rest_after_compaction(Duration::from_millis(700)),
+            Duration::from_secs(30)
+        );
+        for took in [
+            Duration::from_secs(2),
+            Duration::from_secs(9),
+            Duration::from_secs(60),
+        ] {
+            let rest = rest_after_compaction(took);
+            let share = took.as_secs_f64() / (took + rest).as_secs_f64();
+            assert!(share <= COMPACTION_SHARE + 1e-9, "{took:?}: {share}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_erasure_finds_the_numbers_jobs_through_the_index_and_scans_nothing() {
+        let l = Ledger::open_in_memory().unwrap();
+        // Written before the index existed: the first load indexes them.
+        let mut ops = finished("before-index", &format!("+{NUMBER}"), 1_000, false);
+        for i in 0..3000 {
+            ops.extend(finished(
+                &format!("other-{i}"),
+                &format!("+49151{i:08}"),
+                1_000,
+                false,
+            ));
+        }
+        l.kv_many(ops).await.unwrap();
+        let store = ConsentStore::load_with(l.clone(), vec!["acme".into()], HashMap::new())
+            .await
+            .unwrap();
+        assert_eq!(l.jobs_to("4915100000007").unwrap().len(), 1);
+        l.kv_many(finished("after-index", &format!("+{NUMBER}"), 2_000, true))
+            .await
+            .unwrap();
+        // Finished after the erasure was requested: it stays.
+        l.kv_many(finished("later", &format!("+{NUMBER}"), 9_000, true))
+            .await
+            .unwrap();
+
+        let scanned = l.scanned_rows();
+        let report = store
+            .erase(NUMBER, Timestamp::from_millisecond(5_000).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(l.scanned_rows(), scanned, "no table was scanned");
+        assert_eq!(report.jobs, 2);
+        for id in ["before-index", "after-index"] {
+            assert_eq!(l.get(id).unwrap(), None, "{id}");
+            let wamid = format!("wamid.{id}");
+            assert_eq!(l.kv_get(Table::Wamids, wamid.as_bytes()).unwrap(), None);
+        }
+        assert!(l.get("later").unwrap().is_some());
+        assert_eq!(
+            l.jobs_to(NUMBER).unwrap(),
+            vec![("later".to_string(), b"wamid.later".to_vec())]
+        );
+        // Other numbers' jobs are untouched.
+        assert!(l.get("other-7").unwrap().is_some());
+        assert!(l.kv_get(Table::Wamids, b"wamid.other-7").unwrap().is_some());
+        assert_eq!(l.jobs_to("4915100000007").unwrap().len(), 1);
+        // The index is built once: a second load finds it done.
+        assert_eq!(l.index_jobs_by_number().await.unwrap(), None);
     }
 }

@@ -90,6 +90,14 @@ impl Pipeline {
                 _ = self.ledger.wait_writable() => {}
             }
         }
+        // A compaction (after an erasure) has the store alone for a moment: wait for it here,
+        // parked, not on a thread of our own in the read below (see `Ledger::compacted`).
+        if self.ledger.compacting() {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Disposition::Abandon,
+                _ = self.ledger.compacted() => {}
+            }
+        }
         // Dedupe: a job id is sent at most once.
         let mut attempts = match dedupe::check(&self.ledger, &job.id) {
             Ok(Seen::New) => 0,

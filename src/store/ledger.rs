@@ -12,7 +12,8 @@
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Bound;
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, TryLockError};
 use std::time::Duration;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -64,10 +65,13 @@ pub enum Table {
     /// number\0WhatsApp ID → (empty), for IDs that differ from their number (Brazil, Mexico);
     /// loaded into memory at start (`consent::wa_id`).
     WaIds,
+    /// digits\0job id → the job's wamid (empty when none): the jobs to a number, written with
+    /// the job's final record, so an erasure finds them without scanning the ledger.
+    JobsByNumber,
 }
 
 impl Table {
-    pub const ALL: [Table; 15] = [
+    pub const ALL: [Table; 16] = [
         Table::WebhookSeen,
         Table::Wamids,
         Table::Delivery,
@@ -83,6 +87,7 @@ impl Table {
         Table::TierUsage,
         Table::UserLimit,
         Table::WaIds,
+        Table::JobsByNumber,
     ];
 
     fn def(self) -> TableDefinition<'static, &'static [u8], &'static [u8]> {
@@ -102,6 +107,7 @@ impl Table {
             Table::TierUsage => "tier_usage_v1",
             Table::UserLimit => "user_limit_v1",
             Table::WaIds => "wa_ids_v1",
+            Table::JobsByNumber => "jobs_by_number_v1",
         })
     }
 }
@@ -181,6 +187,33 @@ impl LedgerEntry {
             seq,
         ))
     }
+}
+
+/// In [`Table::StoreMeta`] once [`Table::JobsByNumber`] covers every final record.
+const JOBS_INDEXED_KEY: &[u8] = b"jobs_by_number_indexed_v1";
+
+/// A job's key in [`Table::JobsByNumber`]: `digits \0 job id`.
+pub fn number_job_key(digits: &str, id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(digits.len() + 1 + id.len());
+    k.extend_from_slice(digits.as_bytes());
+    k.push(0);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// The [`Table::JobsByNumber`] row of a job to `to` (E.164, the `+` optional), to commit with
+/// its final record; None when `to` is no number (an invalid job's may be anything), which
+/// leaves nothing of it to find.
+pub fn index_job(to: &str, id: &str, wamid: Option<&str>) -> Option<KvOp> {
+    let digits = to.strip_prefix('+').unwrap_or(to);
+    if digits.is_empty() || digits.len() > 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(KvOp::Put {
+        table: Table::JobsByNumber,
+        key: number_job_key(digits, id),
+        value: wamid.unwrap_or_default().as_bytes().to_vec(),
+    })
 }
 
 /// Set in an entry's state byte when a seq (8 bytes) follows the fixed header.
@@ -442,6 +475,9 @@ pub struct Ledger {
     marks: Arc<Mutex<Marks>>,
     /// Whether writes succeed now.
     health: Arc<StoreHealth>,
+    /// Rows visited by whole-table scans, so tests and benchmarks can tell a lookup from a scan.
+    scanned: Arc<AtomicU64>,
+    compacting: Arc<Compacting>,
 }
 
 impl Ledger {
@@ -495,6 +531,22 @@ impl Ledger {
         self.health.wait_writable().await
     }
 
+    /// Whether a compaction holds the store (or waits for it) now.
+    pub fn compacting(&self) -> bool {
+        self.compacting.on.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once no compaction holds the store: at once (one atomic load) when none does.
+    /// For paths that read the store for every job: they wait here parked, while a read that
+    /// meets a compaction unannounced waits on a thread of its own (see [`read`]).
+    pub async fn compacted(&self) {
+        if !self.compacting() {
+            return;
+        }
+        let mut rx = self.compacting.changed.subscribe();
+        let _ = rx.wait_for(|on| !on).await;
+    }
+
     /// `opener` opens the same file again after an I/O error (None: an in-memory store).
     fn start(db: Database, opener: Option<Opener>) -> Result<Ledger, LedgerError> {
         let db = Arc::new(RwLock::new(Some(db)));
@@ -516,11 +568,13 @@ impl Ledger {
         let marks = Arc::new(Mutex::new(marks));
         let (tx, rx) = mpsc::unbounded_channel();
         let health = Arc::new(StoreHealth::default());
+        let compacting = Arc::new(Compacting::default());
         let writer = Writer {
             db: db.clone(),
             marks: marks.clone(),
             health: health.clone(),
             opener,
+            compacting: compacting.clone(),
         };
         *OPEN_WRITERS.0.lock().unwrap_or_else(|e| e.into_inner()) += 1;
         std::thread::Builder::new()
@@ -535,6 +589,8 @@ impl Ledger {
             tx,
             marks,
             health,
+            scanned: Arc::default(),
+            compacting,
         })
     }
 
@@ -659,6 +715,15 @@ impl Ledger {
                     });
                 }
             })?;
+            this.kv_for_each(Table::JobsByNumber, |k, _| {
+                let id = k.splitn(2, |b| *b == 0).nth(1).unwrap_or_default();
+                if std::str::from_utf8(id).is_ok_and(|id| gone.contains(id)) {
+                    ops.push(KvOp::Delete {
+                        table: Table::JobsByNumber,
+                        key: k.to_vec(),
+                    });
+                }
+            })?;
             this.kv_for_each(Table::WebhookSeen, |k, v| {
                 if let Ok(b) = <[u8; 8]>::try_from(v)
                     && i64::from_le_bytes(b) < older_than_ms
@@ -703,6 +768,7 @@ impl Ledger {
             let mut last = None;
             for (n, row) in rows.enumerate() {
                 let (k, v) = row?;
+                self.scanned.fetch_add(1, Ordering::Relaxed);
                 f(k.value(), v.value());
                 if n + 1 == SCAN_PAGE {
                     last = Some(k.value().to_string());
@@ -731,6 +797,7 @@ impl Ledger {
         let mut rows = Vec::new();
         for row in t.iter()? {
             let (k, v) = row?;
+            self.scanned.fetch_add(1, Ordering::Relaxed);
             rows.push((k.value().to_vec(), v.value().to_vec()));
         }
         Ok(rows)
@@ -814,6 +881,7 @@ impl Ledger {
             let mut last = None;
             for (n, row) in rows.enumerate() {
                 let (k, v) = row?;
+                self.scanned.fetch_add(1, Ordering::Relaxed);
                 f(k.value(), v.value());
                 if n + 1 == SCAN_PAGE {
                     last = Some(k.value().to_vec());
@@ -853,6 +921,71 @@ impl Ledger {
             }
         })?;
         Ok(ids)
+    }
+
+    /// The jobs to a number (digits) that [`Table::JobsByNumber`] knows: (job id, wamid; empty
+    /// when none). A prefix range of one table: no scan of the ledger.
+    pub fn jobs_to(&self, digits: &str) -> Result<Vec<(String, Vec<u8>)>, LedgerError> {
+        let prefix = number_job_key(digits, "");
+        Ok(self
+            .kv_scan_prefix(Table::JobsByNumber, &prefix)?
+            .into_iter()
+            .filter_map(|(k, wamid)| {
+                let id = String::from_utf8(k[prefix.len()..].to_vec()).ok()?;
+                Some((id, wamid))
+            })
+            .collect())
+    }
+
+    /// Rows visited by whole-table scans since the store was opened.
+    pub fn scanned_rows(&self) -> u64 {
+        self.scanned.load(Ordering::Relaxed)
+    }
+
+    /// Fills [`Table::JobsByNumber`] from the ledger once, for stores written before it existed
+    /// (their final records carry the number in the stored event, as the old erasure's scan
+    /// read it). Recorded in the store's meta, so later opens skip it; a crash before that
+    /// only means doing it again (each row is a plain put). Run before jobs are taken: every
+    /// job finalized after it writes its own row. Returns the rows written, None when done
+    /// before.
+    pub async fn index_jobs_by_number(&self) -> Result<Option<u64>, LedgerError> {
+        if self.kv_get(Table::StoreMeta, JOBS_INDEXED_KEY)?.is_some() {
+            return Ok(None);
+        }
+        #[derive(serde::Deserialize)]
+        struct Stored {
+            to: Option<String>,
+            wamid: Option<String>,
+        }
+        let this = self.clone();
+        let ops = tokio::task::spawn_blocking(move || {
+            let mut ops = Vec::new();
+            this.for_each_job(|id, v| {
+                let Some((e, _)) = LedgerEntry::decode(v) else {
+                    return;
+                };
+                if e.state != LedgerState::Final {
+                    return;
+                }
+                let Ok(ev) = serde_json::from_slice::<Stored>(&e.event) else {
+                    return;
+                };
+                if let Some(op) = ev.to.and_then(|to| index_job(&to, id, ev.wamid.as_deref())) {
+                    ops.push(op);
+                }
+            })?;
+            Ok::<_, LedgerError>(ops)
+        })
+        .await
+        .map_err(|e| LedgerError::Store(format!("index scan: {e}")))??;
+        let n = ops.len() as u64;
+        // Small batches, as purge writes: other writes are never held behind one huge commit.
+        for chunk in ops.chunks(2000) {
+            self.kv_many(chunk.to_vec()).await?;
+        }
+        self.kv_put(Table::StoreMeta, JOBS_INDEXED_KEY.to_vec(), vec![1])
+            .await?;
+        Ok(Some(n))
     }
 
     /// Every key and value of every table, for tests that prove a number is gone.
@@ -910,14 +1043,50 @@ impl std::ops::Deref for DbRead<'_> {
 }
 
 /// The open database; an I/O error while the writer is reopening it.
+///
+/// Reads run on tokio's worker threads (dedupe's lookup on every job, webhooks, acks), so they
+/// must not block one: a compaction or a reopen holds the lock alone for as long as it takes,
+/// and std's RwLock lets no new reader in while a writer waits (it prefers writers, so a stream
+/// of readers cannot starve the compaction). The uncontended case, nearly every read, is one
+/// atomic operation as before; only when the lock is taken or wanted does the reader wait, and
+/// on a multi-thread runtime it waits in `block_in_place`, which hands the worker's other tasks
+/// (timers, `/healthz`, the watchdog, jobs that need no store) to another thread first.
 fn read(db: &Db) -> Result<DbRead<'_>, LedgerError> {
-    let g = db.read().unwrap_or_else(|e| e.into_inner());
+    let g = match db.try_read() {
+        Ok(g) => g,
+        Err(TryLockError::Poisoned(e)) => e.into_inner(),
+        Err(TryLockError::WouldBlock) => wait_read(db),
+    };
     if g.is_none() {
         return Err(LedgerError::Io(
             "the store is being reopened after an I/O error".into(),
         ));
     }
     Ok(DbRead(g))
+}
+
+/// For `benches/erase.rs` only, to measure before and after in one run: a read waits for the
+/// lock in place, blocking its worker, as reads did before. Looked at only when a read has to
+/// wait, never on the uncontended path.
+#[doc(hidden)]
+pub static READS_BLOCK_WORKERS: AtomicBool = AtomicBool::new(false);
+
+/// Waits for the read lock (see [`read`]).
+fn wait_read(db: &Db) -> RwLockReadGuard<'_, Option<Database>> {
+    let wait = || db.read().unwrap_or_else(|e| e.into_inner());
+    if READS_BLOCK_WORKERS.load(Ordering::Relaxed) {
+        return wait();
+    }
+    match tokio::runtime::Handle::try_current() {
+        // On a worker (or in the runtime's block_on): the runtime goes on elsewhere meanwhile.
+        // From spawn_blocking it simply runs the closure.
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(wait)
+        }
+        // A current_thread runtime (block_in_place would panic) has no other thread to hand its
+        // tasks to: it waits, as does a plain thread (the writer, a blocking scan).
+        _ => wait(),
+    }
 }
 
 fn lock(marks: &Mutex<Marks>) -> MutexGuard<'_, Marks> {
@@ -965,6 +1134,39 @@ struct Writer {
     marks: Arc<Mutex<Marks>>,
     health: Arc<StoreHealth>,
     opener: Option<Opener>,
+    compacting: Arc<Compacting>,
+}
+
+/// Whether a compaction holds the store alone, so that the job path can wait for it parked
+/// ([`Ledger::compacted`]) rather than in `block_in_place`, which takes a thread per waiting
+/// task: with thousands of jobs in flight that would exhaust tokio's blocking pool (512
+/// threads), and past it the runtime stalls again.
+#[derive(Debug)]
+struct Compacting {
+    on: AtomicBool,
+    changed: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Compacting {
+    fn default() -> Self {
+        Compacting {
+            on: AtomicBool::new(false),
+            changed: tokio::sync::watch::Sender::new(false),
+        }
+    }
+}
+
+impl Compacting {
+    /// Runs `f` with the flag up: set before the lock is asked for, so that new jobs already
+    /// wait parked while the compaction waits for the readers in progress.
+    fn during<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.on.store(true, Ordering::SeqCst);
+        self.changed.send_replace(true);
+        let r = f();
+        self.on.store(false, Ordering::SeqCst);
+        self.changed.send_replace(false);
+        r
+    }
 }
 
 /// Waits between attempts while the store cannot be written: doubling from the first to the
@@ -999,7 +1201,7 @@ impl Writer {
             }
             let mut result = self.apply_holding(&batch, &rx);
             if batch.iter().any(|r| matches!(r.op, Op::Compact)) {
-                let c = compact(&self.db);
+                let c = self.compacting.during(|| compact(&self.db));
                 for (req, res) in batch.iter().zip(result.iter_mut()) {
                     if matches!(req.op, Op::Compact) && res.is_ok() {
                         *res = c.as_ref().map(|n| *n).map_err(|e| match e {
@@ -1339,6 +1541,8 @@ mod tests {
             l.kv_put(Table::WebhookSeen, format!("billed|{wamid}").into(), vec![])
                 .await
                 .unwrap();
+            let index = index_job("+4915100000001", id, Some(wamid)).unwrap();
+            l.kv_many(vec![index]).await.unwrap();
         }
         assert_eq!(l.purge(500).await.unwrap(), 1);
         assert_eq!(l.get("old").unwrap(), None);
@@ -1350,6 +1554,11 @@ mod tests {
             None
         );
         assert!(l.kv_get(Table::Wamids, b"wamid.NEW").unwrap().is_some());
+        // The number's index keeps only the job that is still there.
+        assert_eq!(
+            l.jobs_to("4915100000001").unwrap(),
+            vec![("new".to_string(), b"wamid.NEW".to_vec())]
+        );
         assert!(l.kv_get(Table::Delivery, b"new").unwrap().is_some());
         assert!(
             l.kv_get(Table::WebhookSeen, b"billed|wamid.NEW")
@@ -1587,6 +1796,134 @@ mod tests {
         l.put("b", entry(LedgerState::Final, 2)).await.unwrap();
         assert!(l.writable());
         assert_eq!(l.get("b").unwrap().unwrap().state, LedgerState::Final);
+    }
+
+    /// Holds the store's lock alone, as a compaction does, until the returned sender is used
+    /// or dropped.
+    fn hold_exclusively(l: &Ledger) -> std::sync::mpsc::Sender<()> {
+        let (held, is_held) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let db = l.db.clone();
+        std::thread::spawn(move || {
+            let _g = db.write().unwrap_or_else(|e| e.into_inner());
+            held.send(()).unwrap();
+            let _ = released.recv_timeout(Duration::from_secs(30));
+        });
+        is_held.recv().unwrap();
+        release
+    }
+
+    /// One worker thread: a read that blocked it would stop every other task.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_read_waiting_for_a_compaction_leaves_the_runtime_running() {
+        let l = Ledger::open_in_memory().unwrap();
+        l.put("a", entry(LedgerState::Final, 1)).await.unwrap();
+        let release = hold_exclusively(&l);
+        let reading = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (l, reading) = (l.clone(), reading.clone());
+            tokio::spawn(async move {
+                reading.store(true, Ordering::SeqCst);
+                l.get("a")
+            })
+        };
+        // Waited for on this thread (the test's, not a worker): the runtime's timers may be
+        // stopped along with its worker, which is what this test looks for.
+        let until = |what: &str, cond: &dyn Fn() -> bool| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while !cond() {
+                assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        until("the read to start", &|| reading.load(Ordering::SeqCst));
+        let ticks = Arc::new(AtomicU64::new(0));
+        let ticker = {
+            let ticks = ticks.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    ticks.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        };
+        // A timer task keeps ticking (it needs the worker) while the read waits for the lock.
+        until("a timer task to tick while a read waits", &|| {
+            ticks.load(Ordering::SeqCst) >= 5
+        });
+        assert!(!reader.is_finished(), "the lock is still held");
+        release.send(()).unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), reader)
+            .await
+            .expect("the read goes on once the lock is free")
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.unwrap().state, LedgerState::Final);
+        ticker.abort();
+    }
+
+    fn threads() -> usize {
+        std::fs::read_dir("/proc/self/task").unwrap().count()
+    }
+
+    /// Each read that meets the lock takes a thread while it waits (`block_in_place`); past
+    /// tokio's 512 the runtime would stall again. Jobs wait for a compaction parked instead.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_thousand_jobs_wait_for_a_compaction_parked_not_a_thread_each() {
+        let l = Ledger::open_in_memory().unwrap();
+        l.put("a", entry(LedgerState::Final, 1)).await.unwrap();
+        let before = threads();
+        let (held, is_held) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (db, compacting) = (l.db.clone(), l.compacting.clone());
+        let holder = std::thread::spawn(move || {
+            compacting.during(|| {
+                let _g = db.write().unwrap_or_else(|e| e.into_inner());
+                held.send(()).unwrap();
+                let _ = released.recv_timeout(Duration::from_secs(30));
+            })
+        });
+        is_held.recv().unwrap();
+        let done = Arc::new(AtomicU64::new(0));
+        for _ in 0..1000 {
+            let (l, done) = (l.clone(), done.clone());
+            tokio::spawn(async move {
+                l.compacted().await;
+                l.get("a").unwrap().unwrap();
+                done.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+        let tick = tokio::spawn(tokio::time::sleep(Duration::from_millis(20)));
+        tokio::time::timeout(Duration::from_secs(5), tick)
+            .await
+            .expect("the runtime runs a timer while a thousand jobs wait")
+            .unwrap();
+        assert!(
+            threads() < before + 50,
+            "{} threads for waiting jobs",
+            threads() - before
+        );
+        assert_eq!(done.load(Ordering::SeqCst), 0);
+        release.send(()).unwrap();
+        holder.join().unwrap();
+        until("every job to read once the compaction is over", || {
+            done.load(Ordering::SeqCst) == 1000
+        })
+        .await;
+    }
+
+    /// A current_thread runtime (a tool's) cannot hand its tasks elsewhere: its read waits,
+    /// and does not panic as `block_in_place` would there.
+    #[tokio::test]
+    async fn on_a_current_thread_runtime_a_read_simply_waits() {
+        let l = Ledger::open_in_memory().unwrap();
+        l.put("a", entry(LedgerState::Final, 1)).await.unwrap();
+        let release = hold_exclusively(&l);
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            drop(release);
+        });
+        assert!(l.get("a").unwrap().is_some());
     }
 
     #[tokio::test]

@@ -5,4 +5,7 @@ pub mod health;
 pub mod ledger;
 
 pub use health::StoreHealth;
-pub use ledger::{KvOp, KvRow, Ledger, LedgerEntry, LedgerError, LedgerState, Table, wait_closed};
+pub use ledger::{
+    KvOp, KvRow, Ledger, LedgerEntry, LedgerError, LedgerState, Table, index_job, number_job_key,
+    wait_closed,
+};
