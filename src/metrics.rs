@@ -684,6 +684,11 @@ pub fn store_reopened(ok: bool) {
     counter!(STORE_REOPENS, "result" => if ok { "ok" } else { "failed" }).increment(1);
 }
 
+/// A reopen not tried: the state directory's file system has no room yet.
+pub fn store_reopen_waiting_for_room() {
+    counter!(STORE_REOPENS, "result" => "no_room").increment(1);
+}
+
 pub fn account_update(event: &str) {
     counter!(ACCOUNT_UPDATES, "event" => event.to_string()).increment(1);
 }

@@ -139,6 +139,13 @@ async fn a_full_disk_mid_run_sends_nothing_twice_loses_nothing_and_the_daemon_re
         (!sandbox.requests().is_empty()).then_some(())
     })
     .await;
+    let reopens = |m: &str| {
+        m.lines()
+            .filter(|l| l.starts_with("sendwell_store_reopens_total{result=\"ok\"}"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let reopened_before = reopens(&app.metrics().await);
     let filler = disk.dir.join("filler");
     let f = filler.clone();
     let filled = tokio::task::spawn_blocking(move || fill(&f)).await.unwrap();
@@ -198,6 +205,13 @@ async fn a_full_disk_mid_run_sends_nothing_twice_loses_nothing_and_the_daemon_re
     assert_eq!(readyz(admin).await, 200);
     let metrics = app.metrics().await;
     assert_eq!(metric_value(&metrics, "sendwell_store_writable"), 1.0);
+    // The file was reopened (and so repaired) once the disk had room, not at every retry
+    // while it was full.
+    let reopened = reopens(&metrics) - reopened_before;
+    assert!(
+        (1.0..=2.0).contains(&reopened),
+        "reopened {reopened} times for one outage"
+    );
     app.stop().await;
     drop(disk);
 }

@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Bound;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, TryLockError};
 use std::time::Duration;
@@ -493,7 +493,7 @@ impl Ledger {
         let opener: Opener = Box::new(move || Database::create(&path));
         loop {
             match opener() {
-                Ok(db) => return Self::start(db, Some(opener)),
+                Ok(db) => return Self::start(db, Some(opener), Some(dir.to_path_buf())),
                 Err(redb::DatabaseError::DatabaseAlreadyOpen)
                     if std::time::Instant::now() < deadline =>
                 {
@@ -508,7 +508,7 @@ impl Ledger {
     /// A store that lives in memory only: for tests and benchmarks.
     pub fn open_in_memory() -> Result<Ledger, LedgerError> {
         let db = Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())?;
-        Self::start(db, None)
+        Self::start(db, None, None)
     }
 
     /// The path of the store file in a state directory.
@@ -548,7 +548,12 @@ impl Ledger {
     }
 
     /// `opener` opens the same file again after an I/O error (None: an in-memory store).
-    fn start(db: Database, opener: Option<Opener>) -> Result<Ledger, LedgerError> {
+    /// `room`: the directory whose file system must have room before a reopen (None: no check).
+    fn start(
+        db: Database,
+        opener: Option<Opener>,
+        room: Option<PathBuf>,
+    ) -> Result<Ledger, LedgerError> {
         let db = Arc::new(RwLock::new(Some(db)));
         {
             let w = read(&db)?.begin_write()?;
@@ -574,6 +579,7 @@ impl Ledger {
             marks: marks.clone(),
             health: health.clone(),
             opener,
+            room,
             compacting: compacting.clone(),
         };
         *OPEN_WRITERS.0.lock().unwrap_or_else(|e| e.into_inner()) += 1;
@@ -1134,6 +1140,8 @@ struct Writer {
     marks: Arc<Mutex<Marks>>,
     health: Arc<StoreHealth>,
     opener: Option<Opener>,
+    /// The state directory: a reopen waits until its file system has room (see `reopen`).
+    room: Option<PathBuf>,
     compacting: Arc<Compacting>,
 }
 
@@ -1265,6 +1273,15 @@ impl Writer {
         let Some(opener) = &self.opener else {
             return;
         };
+        // Opening a file that a failed commit left behind repairs it (0.8 s for a 1.1 GB file,
+        // measured), with the store held alone: on a disk that is still full each retry would
+        // repeat that for nothing. The failed handle keeps refusing meanwhile, as it would.
+        if let Some(dir) = &self.room
+            && !has_room(dir)
+        {
+            crate::metrics::store_reopen_waiting_for_room();
+            return;
+        }
         let mut g = self.db.write().unwrap_or_else(|e| e.into_inner());
         drop(g.take());
         match opener() {
@@ -1275,6 +1292,17 @@ impl Writer {
             // Not logged: the outage was, once; the next attempt follows shortly.
             Err(_) => crate::metrics::store_reopened(false),
         }
+    }
+}
+
+/// Free space below which a reopen is not tried: what a repair and the held batch need at least.
+const REOPEN_MIN_FREE: u64 = 4 << 20;
+
+/// Whether the file system of `dir` has room for a reopen (unknown: yes, try).
+fn has_room(dir: &Path) -> bool {
+    match rustix::fs::statvfs(dir) {
+        Ok(s) => s.f_bavail.saturating_mul(s.f_frsize) >= REOPEN_MIN_FREE,
+        Err(_) => true,
     }
 }
 
@@ -1735,7 +1763,7 @@ mod tests {
             })
         });
         let db = opener().unwrap();
-        (Ledger::start(db, Some(opener)).unwrap(), full)
+        (Ledger::start(db, Some(opener), None).unwrap(), full)
     }
 
     async fn until(what: &str, mut cond: impl FnMut() -> bool) {
