@@ -369,35 +369,17 @@ async fn stop_in_three_languages_opts_out_on_every_instance() {
     let numbers: Vec<String> = (30..34).map(fresh_number).collect();
     env.seed_consent(&numbers).await;
     // A second instance on shard 1, sharing the broker, with its own state.
-    let dir2 = tempfile::tempdir().unwrap();
-    let path2 = write_config(
-        dir2.path(),
-        &env.broker.url,
-        &env.sandbox_addr,
-        GOOD_TOKEN,
-        50,
-        RELAXED_LIMITS,
-        &format!("{OPT_IN_TOML}\n{}", webhook_toml(1 << 20)),
-    );
-    std::fs::write(dir2.path().join("app-secret"), APP_SECRET).unwrap();
-    std::fs::write(dir2.path().join("verify-token"), VERIFY_TOKEN).unwrap();
-    let mut config2 = sendwell::config::Config::load(&path2).unwrap();
-    config2.broker.shard = 1;
-    seed_consent_at(&config2, &numbers).await;
-
     let app = env.start().await;
-    let shutdown2 = tokio_util::sync::CancellationToken::new();
-    let app2 = sendwell::app::start(config2, shutdown2.clone())
-        .await
-        .unwrap();
-    let ready2 = app2.readiness.clone();
-    wait_for("the second instance", T, async || {
-        ready2.is_ready().then_some(())
-    })
-    .await;
+    let (app2, _dir2) = env
+        .start_instance(
+            1,
+            &format!("{OPT_IN_TOML}\n{}", webhook_toml(1 << 20)),
+            &numbers,
+        )
+        .await;
     let ledgers = [
         app.app.as_ref().unwrap().ledger.clone(),
-        app2.ledger.clone(),
+        app2.app.as_ref().unwrap().ledger.clone(),
     ];
 
     for (n, word) in numbers.iter().zip(["STOP", "  lopeta ", "Arrêt!"]) {
@@ -471,8 +453,7 @@ async fn stop_in_three_languages_opts_out_on_every_instance() {
         .filter(|r| r.to == numbers[0] && r.kind == "interactive")
         .count();
     assert_eq!(questions, 1);
-    shutdown2.cancel();
-    let _ = app2.wait().await;
+    app2.stop().await;
     app.stop().await;
 }
 

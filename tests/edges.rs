@@ -326,30 +326,9 @@ async fn a_job_published_with_another_key_is_sent_once_on_its_recipients_shard()
     })
     .await;
     // A second instance on shard 1, sharing the broker, with its own state.
-    let dir2 = tempfile::tempdir().unwrap();
-    let path2 = write_config(
-        dir2.path(),
-        &env.broker.url,
-        &env.sandbox_addr,
-        GOOD_TOKEN,
-        50,
-        RELAXED_LIMITS,
-        "",
-    );
-    let mut config2 = sendwell::config::Config::load(&path2).unwrap();
-    config2.broker.shard = 1;
     let numbers: Vec<String> = (0..60).map(number).collect();
-    seed_consent_at(&config2, &numbers).await;
     let app = env.start().await;
-    let shutdown2 = tokio_util::sync::CancellationToken::new();
-    let app2 = sendwell::app::start(config2, shutdown2.clone())
-        .await
-        .unwrap();
-    let ready2 = app2.readiness.clone();
-    wait_for("the second instance", T, async || {
-        ready2.is_ready().then_some(())
-    })
-    .await;
+    let (app2, _dir2) = env.start_instance(1, "", &numbers).await;
 
     // Each job twice: with its recipient's digits, and with another number's, which the
     // hash ring puts on the other shard about half the time.
@@ -407,8 +386,7 @@ async fn a_job_published_with_another_key_is_sent_once_on_its_recipients_shard()
     }
     let rerouted = metric_value(&app.metrics().await, "sendwell_jobs_rerouted_total");
     assert!(rerouted >= 40.0, "{rerouted}");
-    shutdown2.cancel();
-    let _ = app2.wait().await;
+    app2.stop().await;
     app.stop().await;
 }
 

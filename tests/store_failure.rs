@@ -62,6 +62,24 @@ impl Drop for Tmpfs {
     }
 }
 
+/// The consent seeded into the env's usual state directory, moved to `disk`; returns the new
+/// state directory.
+async fn seeded_state_on(env: &TestEnv, disk: &Tmpfs) -> PathBuf {
+    let state = disk.dir.join("state");
+    std::fs::create_dir(&state).unwrap();
+    let seeded = Ledger::file_in(&env.config().state.dir);
+    // Copied once the seeding's writer has closed it: a read-only handle keeps writers out.
+    let closed = wait_for(
+        "the seeded store to be closed",
+        Duration::from_secs(20),
+        async || redb::ReadOnlyDatabase::open(&seeded).ok(),
+    )
+    .await;
+    std::fs::copy(&seeded, Ledger::file_in(&state)).unwrap();
+    drop(closed);
+    state
+}
+
 /// Writes zeros into `path` until the file system is full; returns the bytes written.
 fn fill(path: &Path) -> u64 {
     let mut f = std::fs::File::create(path).unwrap();
@@ -101,18 +119,7 @@ async fn a_full_disk_mid_run_sends_nothing_twice_loses_nothing_and_the_daemon_re
     opts.consented = 0..N;
     let env = TestEnv::new(&opts).await;
     // The consent seeded into the usual state directory moves to the small disk.
-    let state = disk.dir.join("state");
-    std::fs::create_dir(&state).unwrap();
-    let seeded = Ledger::file_in(&env.config().state.dir);
-    // Copied once the seeding's writer has closed it: a read-only handle keeps writers out.
-    let _closed = wait_for(
-        "the seeded store to be closed",
-        Duration::from_secs(20),
-        async || redb::ReadOnlyDatabase::open(&seeded).ok(),
-    )
-    .await;
-    std::fs::copy(&seeded, Ledger::file_in(&state)).unwrap();
-    drop(_closed);
+    let state = seeded_state_on(&env, &disk).await;
     let state_dir = state.clone();
     let app = env.start_with(|c| c.state.dir = state_dir).await;
     let admin = app.admin();
@@ -163,8 +170,19 @@ async fn a_full_disk_mid_run_sends_nothing_twice_loses_nothing_and_the_daemon_re
         0.0,
         "{metrics}"
     );
-    // A few seconds full: the sends in flight come back meanwhile and must wait.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Full for a while: the writer retries the held writes (the sends that came back meanwhile
+    // wait with them) several times before the disk gets room again.
+    let failures = |m: &str| metric_value(m, "sendwell_store_write_failures_total");
+    let failed_at_503 = failures(&metrics);
+    wait_for(
+        "held writes retried on the full disk",
+        Duration::from_secs(30),
+        async || {
+            let m = scrape(admin).await?;
+            (failures(&m) >= failed_at_503 + 3.0).then_some(())
+        },
+    )
+    .await;
     let sent_while_full = env.sandbox.accepted().len();
 
     std::fs::remove_file(&filler).unwrap();
@@ -383,17 +401,7 @@ async fn sends_still_unrecorded_when_the_grace_runs_out_are_not_sent_again_after
     // Utility: resent when in doubt, so a redelivered copy of a sent job would go out again.
     opts.extra_toml = "[retry.resend_ambiguous]\nutility = true\n".into();
     let env = TestEnv::new(&opts).await;
-    let state = disk.dir.join("state");
-    std::fs::create_dir(&state).unwrap();
-    let seeded = Ledger::file_in(&env.config().state.dir);
-    let _closed = wait_for(
-        "the seeded store to be closed",
-        Duration::from_secs(20),
-        async || redb::ReadOnlyDatabase::open(&seeded).ok(),
-    )
-    .await;
-    std::fs::copy(&seeded, Ledger::file_in(&state)).unwrap();
-    drop(_closed);
+    let state = seeded_state_on(&env, &disk).await;
     let adjust = |c: &mut sendwell::config::Config| {
         c.state.dir = state.clone();
         c.state.unwritable_grace = Duration::from_secs(10);

@@ -336,35 +336,13 @@ async fn events_are_applied_on_the_shard_that_owns_the_number() {
     let cases: Vec<(String, String)> = (30..70).map(brazil).collect();
     let numbers: Vec<String> = cases.iter().map(|c| c.0.clone()).collect();
     env.seed_consent(&numbers).await;
-    let dir2 = tempfile::tempdir().unwrap();
-    let path2 = write_config(
-        dir2.path(),
-        &env.broker.url,
-        &env.sandbox_addr,
-        GOOD_TOKEN,
-        50,
-        RELAXED_LIMITS,
-        &webhook_toml(1 << 20),
-    );
-    std::fs::write(dir2.path().join("app-secret"), APP_SECRET).unwrap();
-    std::fs::write(dir2.path().join("verify-token"), VERIFY_TOKEN).unwrap();
-    let mut config2 = sendwell::config::Config::load(&path2).unwrap();
-    config2.broker.shard = 1;
-    seed_consent_at(&config2, &numbers).await;
-
     let app = env.start().await;
-    let shutdown2 = tokio_util::sync::CancellationToken::new();
-    let app2 = sendwell::app::start(config2, shutdown2.clone())
-        .await
-        .unwrap();
-    let ready2 = app2.readiness.clone();
-    wait_for("the second instance", T, async || {
-        ready2.is_ready().then_some(())
-    })
-    .await;
+    let (app2, _dir2) = env
+        .start_instance(1, &webhook_toml(1 << 20), &numbers)
+        .await;
     let (l0, l1) = (
         app.app.as_ref().unwrap().ledger.clone(),
-        app2.ledger.clone(),
+        app2.app.as_ref().unwrap().ledger.clone(),
     );
     // Meta calls shard 0's listener only.
     env.sandbox.set_webhook(
@@ -458,8 +436,7 @@ async fn events_are_applied_on_the_shard_that_owns_the_number() {
     );
     assert_next_marketing_suppressed(&env, "two-shard-131050-after", number).await;
 
-    shutdown2.cancel();
-    let _ = app2.wait().await;
+    app2.stop().await;
     app.stop().await;
 }
 

@@ -619,6 +619,50 @@ impl TestEnv {
         }
     }
 
+    /// A second instance on `shard`, sharing this env's broker and sandbox, with a state
+    /// directory of its own (its consent seeded for `consented`) and `extra` config; started
+    /// and ready. Keep the directory as long as the instance runs.
+    pub async fn start_instance(
+        &self,
+        shard: u16,
+        extra: &str,
+        consented: &[String],
+    ) -> (TestApp, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_config(
+            dir.path(),
+            &self.broker.url,
+            &self.sandbox_addr,
+            GOOD_TOKEN,
+            50,
+            RELAXED_LIMITS,
+            extra,
+        );
+        std::fs::write(dir.path().join("app-secret"), APP_SECRET).unwrap();
+        std::fs::write(dir.path().join("verify-token"), VERIFY_TOKEN).unwrap();
+        let mut config = Config::load(&path).unwrap();
+        config.broker.shard = shard;
+        seed_consent_at(&config, consented).await;
+        let shutdown = CancellationToken::new();
+        let app = sendwell::app::start(config, shutdown.clone())
+            .await
+            .expect("the second instance starts");
+        let readiness = app.readiness.clone();
+        wait_for(
+            "the second instance to be ready",
+            Duration::from_secs(30),
+            async || readiness.is_ready().then_some(()),
+        )
+        .await;
+        (
+            TestApp {
+                app: Some(app),
+                shutdown,
+            },
+            dir,
+        )
+    }
+
     pub async fn publish(&self, jobs: &[serde_json::Value]) {
         sendwell::publish::publish_jobs(&self.broker.url, jobs)
             .await
