@@ -572,9 +572,10 @@ static REFUSALS_LOG: LazyLock<crate::log_every::LogEvery> = LazyLock::new(|| {
     )
 });
 
-/// Whether the log line for a refused message (`what`: job or consent, with its reason) is
-/// due: one a minute per kind and reason; `Some(n)`: n went unlogged since the last.
-pub fn refusal_log_due(what: &'static str, reason: &'static str) -> Option<u64> {
+/// Whether a log line that could otherwise repeat per message (a refused job or consent event,
+/// a store write that failed for one job) is due: one a minute per `what` and `reason`;
+/// `Some(n)`: n went unlogged since the last.
+pub fn log_due(what: &'static str, reason: &'static str) -> Option<u64> {
     REFUSALS_LOG.check((what, reason))
 }
 

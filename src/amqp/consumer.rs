@@ -321,7 +321,7 @@ impl Worker {
             self.tracker.spawn(async move {
                 let r = this.dead_letter(&session, &delivery, FORGED, &detail).await;
                 settle_failed(&session, r, "dead-letter a forged consent event");
-                if let Some(unlogged) = crate::metrics::refusal_log_due("consent", FORGED) {
+                if let Some(unlogged) = crate::metrics::log_due("consent", FORGED) {
                     tracing::warn!(
                         detail,
                         unlogged,
@@ -352,7 +352,7 @@ impl Worker {
                         invalid.detail.as_str()
                     };
                     if let Some(unlogged) =
-                        crate::metrics::refusal_log_due("consent", invalid.reason)
+                        crate::metrics::log_due("consent", invalid.reason)
                     {
                         tracing::warn!(
                             reason = invalid.reason,
@@ -1101,7 +1101,7 @@ impl Worker {
         };
         // A publisher with a bug (or an attacker) can send thousands: one line per reason a
         // minute, the counters count each.
-        if let Some(unlogged) = crate::metrics::refusal_log_due("job", reason) {
+        if let Some(unlogged) = crate::metrics::log_due("job", reason) {
             tracing::warn!(
                 id = id.unwrap_or("(unreadable)"),
                 reason,

@@ -535,7 +535,9 @@ impl Pipeline {
             Ok(true) => crate::metrics::wa_id_learned(),
             Ok(false) => {}
             Err(e) => {
-                tracing::warn!(id = %job.id, to = %job.to.masked(), error = %e, "The WhatsApp ID a send was answered with could not be stored.")
+                if let Some(unlogged) = crate::metrics::log_due("wa_id", "not_stored") {
+                    tracing::warn!(id = %job.id, to = %job.to.masked(), error = %e, unlogged, "The WhatsApp ID a send was answered with could not be stored (logged once a minute at most).")
+                }
             }
         }
     }
