@@ -20,9 +20,12 @@
 //!   (60), so that jobs/s covers the same length of time in both modes.
 //!
 //! Modes: **old** erases as before the fix (the whole ledger and wamid table scanned per
-//! erasure, for jobs whose event names the number) and reads wait for the store's lock in place,
-//! blocking their tokio worker (`READS_BLOCK_WORKERS`); **new** is the shipped code (the number's
-//! index rows; reads that must wait hand their worker's tasks on). Compaction is the same.
+//! erasure, for jobs whose event names the number), reads wait for the store's lock in place,
+//! blocking their tokio worker (`READS_BLOCK_WORKERS`), and the compaction runs in place
+//! (`COMPACT_IN_PLACE`: redb's `compact`, the store held throughout); **inplace** is the fix's
+//! first half (the number's index rows; reads that must wait hand their worker's tasks on) with
+//! the compaction still in place; **new** is the shipped code, which compacts by copy beside
+//! the running store and holds it only to swap the copy in.
 //!
 //! First, the writer thread's CPU per job for a final record with and without its index row
 //! (`SENDWELL_BENCH_COST_JOBS`, 100,000 each way, alternated twice). Reported per mode: jobs/s and `/healthz` p50/p99/max before and during the window, the
@@ -32,7 +35,7 @@
 //! Run: `cargo bench --bench erase`. Env: SENDWELL_BENCH_LEDGER_MB (2048), SENDWELL_BENCH_DIR
 //! (keep the store there and reuse it when big enough; default a temporary directory),
 //! SENDWELL_BENCH_ERASURES (100), SENDWELL_BENCH_TASKS (64), SENDWELL_BENCH_WARMUP_S (5),
-//! SENDWELL_BENCH_MODES (`old,new`). Without `--bench` (`cargo test --all-targets`) it runs
+//! SENDWELL_BENCH_MODES (`old,inplace,new`). Without `--bench` (`cargo test --all-targets`) it runs
 //! once on a 4 MB store with 5 erasures.
 
 use std::collections::HashMap;
@@ -44,7 +47,7 @@ use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use sendwell::consent::ConsentStore;
-use sendwell::store::ledger::READS_BLOCK_WORKERS;
+use sendwell::store::ledger::{COMPACT_IN_PLACE, READS_BLOCK_WORKERS};
 use sendwell::store::{KvOp, Ledger, LedgerEntry, LedgerState, Table, index_job};
 
 const ACCOUNT: &str = "acme-de";
@@ -281,6 +284,7 @@ struct Run {
 
 fn run_mode(dir: &Path, mode: &str, first_number: u64, run: &Run) -> (Phase, Phase, u64, Duration) {
     READS_BLOCK_WORKERS.store(mode == "old", Ordering::SeqCst);
+    COMPACT_IN_PLACE.store(mode != "new", Ordering::SeqCst);
     // Two workers, as on the 2-core machines the daemon is benchmarked on.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -506,14 +510,14 @@ fn main() {
     println!(
         "writer CPU per finished job ({cost_jobs} each way): {without:.1} µs without the index row, {with:.1} µs with it"
     );
-    let modes = std::env::var("SENDWELL_BENCH_MODES").unwrap_or_else(|_| "old,new".into());
+    let modes = std::env::var("SENDWELL_BENCH_MODES").unwrap_or_else(|_| "old,inplace,new".into());
     println!(
         "{erasures} erasures on a {} MB store ({jobs} jobs), {} load tasks, 2 tokio workers",
         file_mb(&dir),
         run.tasks
     );
     println!(
-        "{:<5} {:<7} {:>8} {:>10} {:>10} {:>10} {:>11} {:>8} {:>11}",
+        "{:<7} {:<7} {:>8} {:>10} {:>10} {:>10} {:>11} {:>8} {:>11}",
         "mode",
         "phase",
         "jobs/s",
@@ -542,18 +546,26 @@ fn main() {
         return;
     }
     for (i, mode) in modes.split(',').filter(|m| !m.is_empty()).enumerate() {
+        // The peak resident size per mode (a copy keeps the keys written meanwhile in memory).
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
         let (before, during, compactions, done) = run_mode(&dir, mode, i as u64, &run);
+        let peak = std::fs::read_to_string("/proc/self/status")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:").map(|v| v.trim().to_string()))
+            .unwrap_or_default();
+        println!("{mode:<7} peak resident size: {peak}");
         for (name, p, c) in [
             ("before", before, String::new()),
             ("during", during, compactions.to_string()),
         ] {
             println!(
-                "{mode:<5} {name:<7} {:>8.0} {:>10.1} {:>10.1} {:>10.1} {:>11.0} {:>8.1} {:>11}",
+                "{mode:<7} {name:<7} {:>8.0} {:>10.1} {:>10.1} {:>10.1} {:>11.0} {:>8.1} {:>11}",
                 p.jobs_per_s, p.healthz.0, p.healthz.1, p.healthz.2, p.longest_gap_ms, p.secs, c
             );
         }
         println!(
-            "{mode:<5} the {erasures} erasures and their compaction took {:.1} s",
+            "{mode:<7} the {erasures} erasures and their compaction took {:.1} s",
             done.as_secs_f64()
         );
     }

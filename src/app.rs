@@ -253,6 +253,12 @@ pub fn metrics_handle() -> PrometheusHandle {
                         crate::metrics::AGE_BUCKETS,
                     )
                 })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(crate::metrics::STORE_COMPACTION_HELD.to_string()),
+                        crate::metrics::HELD_BUCKETS,
+                    )
+                })
                 .unwrap_or_else(|_| PrometheusBuilder::new());
             let handle = match builder.install_recorder() {
                 Ok(h) => h,

@@ -142,6 +142,11 @@ pub const QUEUE_MESSAGES: &str = "sendwell_queue_messages";
 pub const STORE_WRITABLE: &str = "sendwell_store_writable";
 pub const STORE_WRITE_FAILURES: &str = "sendwell_store_write_failures_total";
 pub const STORE_REOPENS: &str = "sendwell_store_reopens_total";
+pub const STORE_COMPACTIONS: &str = "sendwell_store_compactions_total";
+pub const STORE_COMPACTION_HELD: &str = "sendwell_store_compaction_held_seconds";
+/// Buckets of [`STORE_COMPACTION_HELD`]: a swap by copy takes milliseconds, a compaction in
+/// place of a large file minutes.
+pub const HELD_BUCKETS: &[f64] = &[0.001, 0.01, 0.1, 1.0, 10.0, 60.0, 300.0];
 
 /// Every metric the daemon exports (histograms add `_bucket`, `_sum`, `_count`): what the
 /// dashboard and the alert rules may query.
@@ -199,6 +204,8 @@ pub const ALL: &[&str] = &[
     STORE_WRITABLE,
     STORE_WRITE_FAILURES,
     STORE_REOPENS,
+    STORE_COMPACTIONS,
+    STORE_COMPACTION_HELD,
     // From metrics-process (see PROCESS), under the names Prometheus's clients use.
     "process_cpu_seconds_total",
     "process_open_fds",
@@ -275,6 +282,15 @@ pub fn describe() {
     describe_counter!(
         STORE_REOPENS,
         "Reopenings of the state store after an I/O error, by result (ok, failed)."
+    );
+    describe_counter!(
+        STORE_COMPACTIONS,
+        "Compactions of the state store after erasures, by kind (copy: beside the running store; in_place, in_place_no_room: the store held alone) and result (ok, failed)."
+    );
+    describe_histogram!(
+        STORE_COMPACTION_HELD,
+        Unit::Seconds,
+        "How long each compaction held the state store alone (jobs and webhook events waited meanwhile), by kind."
     );
     describe_gauge!(
         QUEUE_MESSAGES,
@@ -683,6 +699,14 @@ pub fn store_write_failed() {
 
 pub fn store_reopened(ok: bool) {
     counter!(STORE_REOPENS, "result" => if ok { "ok" } else { "failed" }).increment(1);
+}
+
+/// A compaction of the state store: `kind` (copy, in_place, in_place_no_room) and how long it
+/// held the store alone.
+pub fn store_compacted(kind: &'static str, ok: bool, held: Duration) {
+    let result = if ok { "ok" } else { "failed" };
+    counter!(STORE_COMPACTIONS, "kind" => kind, "result" => result).increment(1);
+    histogram!(STORE_COMPACTION_HELD, "kind" => kind).record(held.as_secs_f64());
 }
 
 /// A reopen not tried: the state directory's file system has no room yet.

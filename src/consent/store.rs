@@ -75,6 +75,8 @@ pub struct ConsentStore {
     compaction_wanted: tokio::sync::Notify,
     /// How long the last compaction held the store (ms), for the compactor's pace.
     last_compaction_ms: std::sync::atomic::AtomicU64,
+    /// How long of it the store was held alone (ms).
+    last_held_ms: std::sync::atomic::AtomicU64,
     /// WhatsApp ID → number, where they differ (see [`wa_id`]).
     wa_ids: WaIds,
 }
@@ -217,14 +219,21 @@ fn fact_of(bytes: &[u8]) -> Option<Fact> {
     })
 }
 
-/// The most of the daemon's time compactions may take: on a store so large that one takes
-/// seconds, the compactor rests long enough after it that jobs run at least 95 % of the time.
+/// The most of the daemon's time compactions may hold the store: on a store so large that one
+/// held it for seconds (in place, see [`Ledger::compact`]), the compactor rests long enough
+/// after it that jobs run at least 95 % of the time.
 pub const COMPACTION_SHARE: f64 = 0.05;
 
-/// How long the compactor waits after a compaction that took `took` before the next one.
-pub fn rest_after_compaction(took: std::time::Duration) -> std::time::Duration {
-    let share = took.div_f64(COMPACTION_SHARE).saturating_sub(took);
-    share.max(std::time::Duration::from_secs(30))
+/// How long the compactor waits after a compaction that took `took`, of which it held the store
+/// alone for `held`, before the next one: at least 30 s; long enough that holds take at most
+/// [`COMPACTION_SHARE`] of the time; and at least as long as the compaction took, so that a
+/// steady trickle of erasures keeps a copy running at most half the time.
+pub fn rest_after_compaction(
+    took: std::time::Duration,
+    held: std::time::Duration,
+) -> std::time::Duration {
+    let share = held.div_f64(COMPACTION_SHARE).saturating_sub(held);
+    share.max(took).max(std::time::Duration::from_secs(30))
 }
 
 impl ConsentStore {
@@ -299,6 +308,7 @@ impl ConsentStore {
             compaction_due: AtomicBool::new(false),
             compaction_wanted: tokio::sync::Notify::new(),
             last_compaction_ms: Default::default(),
+            last_held_ms: Default::default(),
             wa_ids,
         }))
     }
@@ -639,13 +649,17 @@ impl ConsentStore {
             return Ok(false);
         }
         let started = std::time::Instant::now();
-        if let Err(e) = self.ledger.compact().await {
-            self.compaction_due.store(true, Ordering::SeqCst);
-            return Err(e);
-        }
+        let held_ms = match self.ledger.compact().await {
+            Ok(held_ms) => held_ms,
+            Err(e) => {
+                self.compaction_due.store(true, Ordering::SeqCst);
+                return Err(e);
+            }
+        };
         let took_ms = started.elapsed().as_millis() as u64;
         self.last_compaction_ms.store(took_ms, Ordering::Relaxed);
-        tracing::info!(took_ms, "State store compacted after an erasure.");
+        self.last_held_ms.store(held_ms, Ordering::Relaxed);
+        tracing::info!(took_ms, held_ms, "State store compacted after an erasure.");
         Ok(true)
     }
 
@@ -667,11 +681,13 @@ impl ConsentStore {
             }
             // A steady trickle of erasures compacts at most twice a minute; what is due by
             // then is done at the next round (or at shutdown).
-            let took =
-                std::time::Duration::from_millis(self.last_compaction_ms.load(Ordering::Relaxed));
+            let ms = |v: &std::sync::atomic::AtomicU64| {
+                std::time::Duration::from_millis(v.load(Ordering::Relaxed))
+            };
+            let rest = rest_after_compaction(ms(&self.last_compaction_ms), ms(&self.last_held_ms));
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(rest_after_compaction(took)) => {}
+                _ = tokio::time::sleep(rest) => {}
             }
         }
     }
@@ -760,25 +776,28 @@ mod tests {
     }
 
     #[test]
-    fn compactions_take_at_most_a_twentieth_of_the_time_and_come_at_most_twice_a_minute() {
+    fn compactions_hold_the_store_at_most_a_twentieth_of_the_time_and_come_at_most_twice_a_minute()
+    {
         use std::time::Duration;
+        let zero = Duration::ZERO;
+        assert_eq!(rest_after_compaction(zero, zero), Duration::from_secs(30));
         assert_eq!(
-            rest_after_compaction(Duration::ZERO),
+            rest_after_compaction(Duration::from_millis(700), Duration::from_millis(700)),
             Duration::from_secs(30)
         );
-        assert_eq!(
-            rest_after_compaction(Duration::from_millis(700)),
-            Duration::from_secs(30)
-        );
+        // In place: the store is held for all of it.
         for took in [
             Duration::from_secs(2),
             Duration::from_secs(9),
             Duration::from_secs(60),
         ] {
-            let rest = rest_after_compaction(took);
+            let rest = rest_after_compaction(took, took);
             let share = took.as_secs_f64() / (took + rest).as_secs_f64();
             assert!(share <= COMPACTION_SHARE + 1e-9, "{took:?}: {share}");
         }
+        // By copy: held for milliseconds, copying at most half the time.
+        let rest = rest_after_compaction(Duration::from_secs(140), Duration::from_millis(20));
+        assert_eq!(rest, Duration::from_secs(140));
     }
 
     #[tokio::test]

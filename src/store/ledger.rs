@@ -19,9 +19,10 @@ use std::time::Duration;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
+use super::compaction::{self, Key, Tracking, Which};
 use super::health::StoreHealth;
 
-const LEDGER: TableDefinition<&str, &[u8]> = TableDefinition::new("ledger_v1");
+pub(super) const LEDGER: TableDefinition<&str, &[u8]> = TableDefinition::new("ledger_v1");
 /// Rows per read transaction in long scans.
 const SCAN_PAGE: usize = 4096;
 
@@ -29,7 +30,7 @@ const SCAN_PAGE: usize = 4096;
 pub type KvRow = (Vec<u8>, Vec<u8>);
 
 /// The store's other tables: plain byte maps, each owned by one module that knows its encoding.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Table {
     /// Webhook events already applied (key: SHA-256 of the event), so a repeat is applied once.
     WebhookSeen,
@@ -90,7 +91,7 @@ impl Table {
         Table::JobsByNumber,
     ];
 
-    fn def(self) -> TableDefinition<'static, &'static [u8], &'static [u8]> {
+    pub(super) fn def(self) -> TableDefinition<'static, &'static [u8], &'static [u8]> {
         TableDefinition::new(match self {
             Table::WebhookSeen => "webhook_seen_v1",
             Table::Wamids => "wamids_v1",
@@ -414,6 +415,9 @@ enum Op {
     Many(Vec<KvOp>),
     /// Compact the file after the batch commits.
     Compact,
+    /// The copier thread of copy number .0 has finished (or given up): the writer swaps the
+    /// copy in. The number tells an abandoned copy's late word from the current one's.
+    CopyDone(u64),
 }
 
 /// One change of an atomic [`Ledger::kv_many`] write.
@@ -462,7 +466,7 @@ type Opener = Box<dyn Fn() -> Result<Database, redb::DatabaseError> + Send + Syn
 
 /// The open database; None between closing a failed one and opening it again (only the
 /// writer's reopen and compaction take the lock alone).
-type Db = RwLock<Option<Database>>;
+pub(super) type Db = RwLock<Option<Database>>;
 
 /// Handle to the ledger; cheap to clone.
 #[derive(Clone)]
@@ -484,16 +488,31 @@ impl Ledger {
     /// Opens (or creates) `state.redb` in `dir` and starts the writer thread, which ends when the
     /// last handle is dropped.
     pub fn open(dir: &Path) -> Result<Ledger, LedgerError> {
+        Self::open_with(dir, None)
+    }
+
+    /// [`Ledger::open`], with a hook run after each chunk of a compaction's copy.
+    fn open_with(
+        dir: &Path,
+        chunk_hook: Option<compaction::ChunkHook>,
+    ) -> Result<Ledger, LedgerError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| LedgerError::Store(format!("cannot create {}: {e}", dir.display())))?;
         // A handle just dropped in this process closes on its writer thread a moment later;
         // anything holding the file longer than that is another process.
         let deadline = std::time::Instant::now() + Duration::from_secs(1);
         let path = dir.join("state.redb");
+        let file = path.clone();
         let opener: Opener = Box::new(move || Database::create(&path));
         loop {
             match opener() {
-                Ok(db) => return Self::start(db, Some(opener), Some(dir.to_path_buf())),
+                Ok(db) => {
+                    // A compaction by copy that a crash or a stop interrupted: the store is ours
+                    // now (redb's lock), so its copy is stale. It may hold a number erased
+                    // since; removed, it holds nothing.
+                    let _ = std::fs::remove_file(compaction::copy_path(&file));
+                    return Self::start(db, Some(opener), Some(file), chunk_hook);
+                }
                 Err(redb::DatabaseError::DatabaseAlreadyOpen)
                     if std::time::Instant::now() < deadline =>
                 {
@@ -508,7 +527,7 @@ impl Ledger {
     /// A store that lives in memory only: for tests and benchmarks.
     pub fn open_in_memory() -> Result<Ledger, LedgerError> {
         let db = Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())?;
-        Self::start(db, None, None)
+        Self::start(db, None, None, None)
     }
 
     /// The path of the store file in a state directory.
@@ -548,11 +567,13 @@ impl Ledger {
     }
 
     /// `opener` opens the same file again after an I/O error (None: an in-memory store).
-    /// `room`: the directory whose file system must have room before a reopen (None: no check).
+    /// `file`: the store's file (None: in memory); a reopen waits until its file system has
+    /// room, and a compaction copies it. `chunk_hook`: run after each chunk of such a copy.
     fn start(
         db: Database,
         opener: Option<Opener>,
-        room: Option<PathBuf>,
+        file: Option<PathBuf>,
+        chunk_hook: Option<compaction::ChunkHook>,
     ) -> Result<Ledger, LedgerError> {
         let db = Arc::new(RwLock::new(Some(db)));
         {
@@ -579,8 +600,18 @@ impl Ledger {
             marks: marks.clone(),
             health: health.clone(),
             opener,
-            room,
+            room: file
+                .as_deref()
+                .and_then(Path::parent)
+                .map(Path::to_path_buf),
             compacting: compacting.clone(),
+            file,
+            tracking: Arc::default(),
+            copying: Mutex::new(None),
+            next_round: Mutex::new(Vec::new()),
+            wake: tx.downgrade(),
+            chunk_hook,
+            copies: AtomicU64::new(0),
         };
         *OPEN_WRITERS.0.lock().unwrap_or_else(|e| e.into_inner()) += 1;
         std::thread::Builder::new()
@@ -906,8 +937,10 @@ impl Ledger {
         self.write(Op::Many(ops)).await
     }
 
-    /// Compacts the file (see [`compact`]): every store write waits meanwhile, so it is for
-    /// rare events (erasures), not routine use.
+    /// Compacts the file, so that no freed page keeps erased bytes: by copy beside the running
+    /// store (see [`compaction`]), which holds it alone only to swap the copy in; in place
+    /// (redb's `compact`, the store held throughout) for an in-memory store or when there is no
+    /// room for the copy. Returns once done, with how long the store was held alone (ms).
     pub async fn compact(&self) -> Result<u64, LedgerError> {
         self.write(Op::Compact).await
     }
@@ -1039,7 +1072,7 @@ impl Ledger {
 }
 
 /// The open database, for as long as the guard lives.
-struct DbRead<'a>(RwLockReadGuard<'a, Option<Database>>);
+pub(super) struct DbRead<'a>(RwLockReadGuard<'a, Option<Database>>);
 
 impl std::ops::Deref for DbRead<'_> {
     type Target = Database;
@@ -1057,7 +1090,7 @@ impl std::ops::Deref for DbRead<'_> {
 /// atomic operation as before; only when the lock is taken or wanted does the reader wait, and
 /// on a multi-thread runtime it waits in `block_in_place`, which hands the worker's other tasks
 /// (timers, `/healthz`, the watchdog, jobs that need no store) to another thread first.
-fn read(db: &Db) -> Result<DbRead<'_>, LedgerError> {
+pub(super) fn read(db: &Db) -> Result<DbRead<'_>, LedgerError> {
     let g = match db.try_read() {
         Ok(g) => g,
         Err(TryLockError::Poisoned(e)) => e.into_inner(),
@@ -1143,7 +1176,41 @@ struct Writer {
     /// The state directory: a reopen waits until its file system has room (see `reopen`).
     room: Option<PathBuf>,
     compacting: Arc<Compacting>,
+    /// The store's file (None: in memory), which a compaction by copy replaces.
+    file: Option<PathBuf>,
+    /// The keys written while a copy runs (see [`compaction`]).
+    tracking: Arc<Tracking>,
+    /// The copy under way, if any.
+    copying: Mutex<Option<Copying>>,
+    /// Compactions asked for while a copy was under way: their erasures may be newer than its
+    /// snapshot, so they get the next one.
+    next_round: Mutex<Vec<Reply>>,
+    /// For the copier to wake the writer when it is done; weak, so that the writer still ends
+    /// when the last handle is dropped.
+    wake: mpsc::WeakUnboundedSender<Request>,
+    /// Run after each chunk of a copy (tests).
+    chunk_hook: Option<compaction::ChunkHook>,
+    /// Copies started so far: each copy's number.
+    copies: AtomicU64,
 }
+
+/// Where a write's result goes (None: nobody waits for it).
+type Reply = Option<oneshot::Sender<Result<u64, LedgerError>>>;
+
+/// A compaction by copy under way.
+struct Copying {
+    number: u64,
+    thread: std::thread::JoinHandle<Result<compaction::Copied, LedgerError>>,
+    abort: compaction::Abort,
+    /// The compactions it answers.
+    replies: Vec<Reply>,
+}
+
+/// For `benches/erase.rs` only, to measure before and after in one run: compactions run in
+/// place (redb's `compact`, the store held alone throughout), as they did before compaction by
+/// copy.
+#[doc(hidden)]
+pub static COMPACT_IN_PLACE: AtomicBool = AtomicBool::new(false);
 
 /// Whether a compaction holds the store alone, so that the job path can wait for it parked
 /// ([`Ledger::compacted`]) rather than in `block_in_place`, which takes a thread per waiting
@@ -1186,9 +1253,18 @@ impl Writer {
     /// Runs on the writer thread; `start` counted it in [`OPEN_WRITERS`] before spawning it.
     fn run(self, rx: mpsc::UnboundedReceiver<Request>) {
         self.write_loop(rx);
+        // Every handle is gone: a copy under way is abandoned (the next open removes its file).
+        let copying = self
+            .copying
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(c) = copying {
+            self.abandon(c, "the store is closing");
+        }
         // Confirmations since the last commit: stored now, so a clean stop leaves no gap.
         if lock(&self.marks).dirty {
-            let _ = apply(&self.db, &self.marks, &[]);
+            let _ = apply(&self.db, &self.marks, &[], None);
         }
         // The last handle is gone: dropping the database here closes the file cleanly.
         drop(self);
@@ -1207,24 +1283,196 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let mut result = self.apply_holding(&batch, &rx);
-            if batch.iter().any(|r| matches!(r.op, Op::Compact)) {
-                let c = self.compacting.during(|| compact(&self.db));
-                for (req, res) in batch.iter().zip(result.iter_mut()) {
-                    if matches!(req.op, Op::Compact) && res.is_ok() {
-                        *res = c.as_ref().map(|n| *n).map_err(|e| match e {
-                            LedgerError::Io(m) => LedgerError::Io(m.clone()),
-                            e => LedgerError::Store(e.to_string()),
-                        });
+            // Compactions run after the writes they came with have committed.
+            let mut compactions = Vec::new();
+            let mut copy_done = None;
+            batch.retain_mut(|r| match r.op {
+                Op::Compact => {
+                    compactions.push(r.done.take());
+                    false
+                }
+                Op::CopyDone(n) => {
+                    copy_done = Some(n);
+                    false
+                }
+                _ => true,
+            });
+            if !batch.is_empty() {
+                let result = self.apply_holding(&batch, &rx);
+                for (req, res) in batch.drain(..).zip(result) {
+                    if let Some(done) = req.done {
+                        let _ = done.send(res);
                     }
                 }
             }
-            for (req, res) in batch.drain(..).zip(result) {
-                if let Some(done) = req.done {
-                    let _ = done.send(res);
-                }
+            if let Some(n) = copy_done {
+                self.finish_copy(n);
+            }
+            if !compactions.is_empty() {
+                self.compact(compactions);
             }
         }
+    }
+
+    /// Starts a compaction by copy for `replies` (see [`compaction`]), or joins the next one if
+    /// a copy is under way; compacts in place where a copy cannot be made.
+    fn compact(&self, mut replies: Vec<Reply>) {
+        let mut copying = self.copying.lock().unwrap_or_else(|e| e.into_inner());
+        if copying.is_some() {
+            lock_vec(&self.next_round).append(&mut replies);
+            return;
+        }
+        let file = match &self.file {
+            Some(f) if !COMPACT_IN_PLACE.load(Ordering::Relaxed) => f,
+            _ => return self.compact_in_place(replies, "in_place"),
+        };
+        if !compaction::room_for_copy(file) {
+            if crate::metrics::log_due("compaction", "no_room").is_some() {
+                tracing::warn!(
+                    file = %file.display(),
+                    "No room beside the state store for a compacting copy of it: compacting in place, which holds every job until it is done."
+                );
+            }
+            return self.compact_in_place(replies, "in_place_no_room");
+        }
+        // Nothing is being written now (this is the writer, between batches): the snapshot and
+        // the start of tracking see exactly the same commits.
+        let snapshot = match read(&self.db).and_then(|g| Ok(g.begin_read()?)) {
+            Ok(s) => s,
+            Err(e) => return answer(replies, Err(e)),
+        };
+        self.tracking.start();
+        let abort = compaction::Abort::default();
+        let (db, tracking, path, wake) = (
+            self.db.clone(),
+            self.tracking.clone(),
+            compaction::copy_path(file),
+            self.wake.clone(),
+        );
+        let (stop, hook) = (abort.clone(), self.chunk_hook.clone());
+        let number = self.copies.fetch_add(1, Ordering::Relaxed) + 1;
+        let spawned = std::thread::Builder::new()
+            .name("sendwell-compact".into())
+            .spawn(move || {
+                let r = compaction::copy(&db, snapshot, &path, &tracking, &stop, hook.as_ref());
+                if let Some(tx) = wake.upgrade() {
+                    let _ = tx.send(Request {
+                        op: Op::CopyDone(number),
+                        done: None,
+                    });
+                }
+                r
+            });
+        match spawned {
+            Ok(thread) => {
+                *copying = Some(Copying {
+                    number,
+                    thread,
+                    abort,
+                    replies,
+                })
+            }
+            Err(e) => {
+                self.tracking.stop();
+                answer(
+                    replies,
+                    Err(LedgerError::Store(format!("cannot start compaction: {e}"))),
+                );
+            }
+        }
+    }
+
+    /// redb's own compaction: the store held alone throughout.
+    fn compact_in_place(&self, replies: Vec<Reply>, kind: &'static str) {
+        let started = std::time::Instant::now();
+        let result = self.compacting.during(|| compact(&self.db));
+        let held = started.elapsed();
+        crate::metrics::store_compacted(kind, result.is_ok(), held);
+        answer(replies, result.map(|_| held.as_millis() as u64));
+    }
+
+    /// Step 4 of a compaction by copy: the last keys, then the copy swapped in for the file.
+    fn finish_copy(&self, number: u64) {
+        let c = {
+            let mut copying = self.copying.lock().unwrap_or_else(|e| e.into_inner());
+            match copying.take() {
+                Some(c) if c.number == number => c,
+                // Abandoned since (its replies are answered), or none: nothing to finish.
+                other => {
+                    *copying = other;
+                    return;
+                }
+            }
+        };
+        let result = c
+            .thread
+            .join()
+            .unwrap_or_else(|_| Err(LedgerError::Store("compaction thread panicked".into())));
+        let file = self.file.as_deref().expect("a copy is only made of a file");
+        let path = compaction::copy_path(file);
+        let held_since = std::time::Instant::now();
+        let swapped = result.and_then(|copied| {
+            // The store is ours alone from here: nothing is written until this returns, and
+            // readers wait (parked) only for the swap itself.
+            let last = read(&self.db)
+                .and_then(|g| Ok(g.begin_read()?))
+                .and_then(|now| compaction::finish(&now, &copied.dest, &self.tracking))?;
+            self.compacting.during(|| -> Result<(), LedgerError> {
+                let mut g = self.db.write().unwrap_or_else(|e| e.into_inner());
+                if g.is_none() {
+                    return Err(LedgerError::Io(
+                        "the store is being reopened after an I/O error".into(),
+                    ));
+                }
+                compaction::rename_over(&path, file)?;
+                let old = g.replace(copied.dest);
+                drop(g);
+                // Closed after readers are let in again: they already read the copy.
+                drop(old);
+                Ok(())
+            })?;
+            tracing::info!(
+                rows = copied.rows,
+                caught_up = copied.caught_up + last,
+                took_ms = copied.took.as_millis() as u64,
+                held_ms = held_since.elapsed().as_millis() as u64,
+                "State store compacted by copy."
+            );
+            Ok(())
+        });
+        self.tracking.stop();
+        let held = held_since.elapsed();
+        match swapped {
+            Ok(()) => {
+                crate::metrics::store_compacted("copy", true, held);
+                answer(c.replies, Ok(held.as_millis() as u64));
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                crate::metrics::store_compacted("copy", false, held);
+                answer(c.replies, Err(e));
+            }
+        }
+        let next = std::mem::take(&mut *lock_vec(&self.next_round));
+        if !next.is_empty() {
+            self.compact(next);
+        }
+    }
+
+    /// Stops a copy under way and removes its file; its compactions fail (they are retried).
+    fn abandon(&self, c: Copying, why: &str) {
+        c.abort.store(true, Ordering::Relaxed);
+        let _ = c.thread.join();
+        self.tracking.stop();
+        if let Some(file) = &self.file {
+            let _ = std::fs::remove_file(compaction::copy_path(file));
+        }
+        let mut replies = c.replies;
+        replies.append(&mut lock_vec(&self.next_round));
+        answer(
+            replies,
+            Err(LedgerError::Store(format!("compaction abandoned: {why}"))),
+        );
     }
 
     /// Applies the batch. When the file fails (full disk, I/O error), the batch is held: the
@@ -1243,11 +1491,15 @@ impl Writer {
             if self.db.read().unwrap_or_else(|e| e.into_inner()).is_none() {
                 self.reopen();
             }
-            let result = apply(&self.db, &self.marks, batch);
+            let mut keys = self.tracking.active().then(Vec::new);
+            let result = apply(&self.db, &self.marks, batch, keys.as_mut());
             let error = match &result {
                 Err(e) if e.is_io() => e.to_string(),
                 Ok(_) => {
                     self.health.succeeded();
+                    if let Some(keys) = keys {
+                        self.tracking.add(keys);
+                    }
                     return per_request(batch, result);
                 }
                 Err(_) => return per_request(batch, result),
@@ -1281,6 +1533,15 @@ impl Writer {
         {
             crate::metrics::store_reopen_waiting_for_room();
             return;
+        }
+        // A copy under way reads the failed file: it goes first (and is made again later).
+        let copying = self
+            .copying
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(c) = copying {
+            self.abandon(c, "the store failed and is being reopened");
         }
         let mut g = self.db.write().unwrap_or_else(|e| e.into_inner());
         drop(g.take());
@@ -1338,7 +1599,11 @@ fn apply_kv(
     jobs: &mut redb::Table<&str, &[u8]>,
     seqs: &mut Seqs<'_>,
     op: &KvOp,
+    mut record: Option<&mut Vec<Key>>,
 ) -> Result<u64, LedgerError> {
+    if let Some(r) = record.as_deref_mut() {
+        kv_touched(op, r);
+    }
     Ok(match op {
         KvOp::Put { table, key, value } => {
             tables
@@ -1357,6 +1622,12 @@ fn apply_kv(
                 .collect();
             for k in &keys {
                 t.remove(k.as_slice())?;
+            }
+            if let Some(r) = record {
+                r.extend(
+                    keys.iter()
+                        .map(|k| (Which::Kv(*table), k.as_slice().into())),
+                );
             }
             keys.len() as u64
         }
@@ -1385,6 +1656,37 @@ fn apply_kv(
     })
 }
 
+/// The keys `op` may write or delete, for a running copy (see [`compaction`]). A key listed
+/// that the op then leaves alone costs the catch-up one lookup; one missing would be lost.
+fn touched(op: &Op, keys: &mut Vec<Key>) {
+    match op {
+        Op::Put { id, .. } | Op::MarkPublished { id } | Op::Remove { id } => {
+            keys.push((Which::Jobs, id.as_bytes().into()))
+        }
+        Op::KvPut { table, key, .. } | Op::KvInsertIfAbsent { table, key, .. } => {
+            keys.push((Which::Kv(*table), key.as_slice().into()))
+        }
+        // Each KvOp of a Many is recorded as it is applied (a prefix's keys are known then).
+        Op::Many(_) | Op::Compact | Op::CopyDone(_) => {}
+    }
+}
+
+fn kv_touched(op: &KvOp, keys: &mut Vec<Key>) {
+    match op {
+        KvOp::Put { table, key, .. }
+        | KvOp::Delete { table, key }
+        | KvOp::DeleteIf { table, key, .. } => {
+            keys.push((Which::Kv(*table), key.as_slice().into()))
+        }
+        KvOp::PutJob { id, .. } => keys.push((Which::Jobs, id.as_bytes().into())),
+        KvOp::DeleteJobs { ids } => {
+            keys.extend(ids.iter().map(|id| (Which::Jobs, id.as_bytes().into())))
+        }
+        // The keys deleted are pushed by apply_kv, which finds them.
+        KvOp::DeletePrefix { .. } => {}
+    }
+}
+
 /// The seqs a batch hands out to unpublished final entries, to take back if it fails.
 struct Seqs<'m> {
     marks: &'m Mutex<Marks>,
@@ -1405,7 +1707,14 @@ impl Seqs<'_> {
 
 /// Applies a batch in one transaction, with the [`Marks`] row when it changed; returns one
 /// count per request.
-fn apply(db: &Db, marks: &Mutex<Marks>, batch: &[Request]) -> Result<Vec<u64>, LedgerError> {
+///
+/// `keys`: when a copy is running, every key the batch writes or deletes is added to it.
+fn apply(
+    db: &Db,
+    marks: &Mutex<Marks>,
+    batch: &[Request],
+    mut keys: Option<&mut Vec<Key>>,
+) -> Result<Vec<u64>, LedgerError> {
     let mut seqs = Seqs {
         marks,
         assigned: Vec::new(),
@@ -1420,6 +1729,9 @@ fn apply(db: &Db, marks: &Mutex<Marks>, batch: &[Request]) -> Result<Vec<u64>, L
             let mut t = w.open_table(LEDGER)?;
             let mut tables = OpenTables::new(&w);
             for req in batch {
+                if let Some(keys) = keys.as_deref_mut() {
+                    touched(&req.op, keys);
+                }
                 let n = match &req.op {
                     Op::Put { id, entry } => {
                         let seq = seqs.for_entry(id, entry);
@@ -1453,11 +1765,11 @@ fn apply(db: &Db, marks: &Mutex<Marks>, batch: &[Request]) -> Result<Vec<u64>, L
                         }
                     }
                     Op::Remove { id } => t.remove(&**id)?.is_some() as u64,
-                    Op::Compact => 0,
+                    Op::Compact | Op::CopyDone(_) => 0,
                     Op::Many(ops) => {
                         let mut n = 0;
                         for op in ops {
-                            n += apply_kv(&mut tables, &mut t, &mut seqs, op)?;
+                            n += apply_kv(&mut tables, &mut t, &mut seqs, op, keys.as_deref_mut())?;
                         }
                         n
                     }
@@ -1474,6 +1786,9 @@ fn apply(db: &Db, marks: &Mutex<Marks>, batch: &[Request]) -> Result<Vec<u64>, L
             };
             if let Some(row) = row {
                 saved = true;
+                if let Some(keys) = keys.as_deref_mut() {
+                    keys.push((Which::Kv(Table::StoreMeta), MARKS_KEY.into()));
+                }
                 tables
                     .get(Table::StoreMeta)?
                     .insert(MARKS_KEY, row.as_slice())?;
@@ -1489,6 +1804,22 @@ fn apply(db: &Db, marks: &Mutex<Marks>, batch: &[Request]) -> Result<Vec<u64>, L
         m.dirty |= saved;
     }
     result
+}
+
+fn lock_vec<T>(m: &Mutex<Vec<T>>) -> MutexGuard<'_, Vec<T>> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Sends one result to every compaction waiting for it.
+fn answer(replies: Vec<Reply>, result: Result<u64, LedgerError>) {
+    for done in replies.into_iter().flatten() {
+        let r = match &result {
+            Ok(n) => Ok(*n),
+            Err(LedgerError::Io(m)) => Err(LedgerError::Io(m.clone())),
+            Err(e) => Err(LedgerError::Store(e.to_string())),
+        };
+        let _ = done.send(r);
+    }
 }
 
 /// One result per request of a batch: its count, or the batch's error.
@@ -1763,7 +2094,7 @@ mod tests {
             })
         });
         let db = opener().unwrap();
-        (Ledger::start(db, Some(opener), None).unwrap(), full)
+        (Ledger::start(db, Some(opener), None, None).unwrap(), full)
     }
 
     async fn until(what: &str, mut cond: impl FnMut() -> bool) {
@@ -1971,5 +2302,189 @@ mod tests {
             .unwrap();
         let want: Vec<Vec<u8>> = (0..n).map(|i| format!("{i:08}").into_bytes()).collect();
         assert_eq!(seen, want);
+    }
+
+    /// A hook that holds a compaction's copy after its first chunk until the returned sender
+    /// is used or dropped; the flag turns true once it holds.
+    fn copy_holder() -> (
+        compaction::ChunkHook,
+        Arc<AtomicBool>,
+        std::sync::mpsc::Sender<()>,
+    ) {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let rx = Mutex::new(Some(rx));
+        let held = Arc::new(AtomicBool::new(false));
+        let h = held.clone();
+        let hook: compaction::ChunkHook = Arc::new(move || {
+            let first = rx.lock().unwrap().take();
+            if let Some(rx) = first {
+                h.store(true, Ordering::SeqCst);
+                let _ = rx.recv();
+            }
+        });
+        (hook, held, tx)
+    }
+
+    fn jobs(prefix: &str, range: std::ops::Range<i64>, state: LedgerState) -> Vec<KvOp> {
+        range
+            .map(|i| KvOp::PutJob {
+                id: format!("{prefix}{i:06}"),
+                entry: entry(state, i),
+            })
+            .collect()
+    }
+
+    fn count_jobs(l: &Ledger) -> usize {
+        let mut n = 0;
+        l.for_each_job(|_, _| n += 1).unwrap();
+        n
+    }
+
+    /// Issue 15, item 6: a compaction (after an erasure) must not stop the data path. The copy
+    /// is held after its first chunk; meanwhile every kind of write commits and reads answer
+    /// (in place, each would wait for the whole compaction and time out here); and once the
+    /// copy is swapped in, it holds exactly what the store held, also after a reopen.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_compaction_by_copy_lets_jobs_write_and_read_meanwhile_and_keeps_what_they_wrote() {
+        let d = tempfile::tempdir().unwrap();
+        let (hook, held, release) = copy_holder();
+        let l = Ledger::open_with(d.path(), Some(hook)).unwrap();
+        for part in 0..5 {
+            l.kv_many(jobs(
+                "job-",
+                part * 10_000..(part + 1) * 10_000,
+                LedgerState::Final,
+            ))
+            .await
+            .unwrap();
+        }
+        let inbound = (0..100)
+            .map(|i| KvOp::Put {
+                table: Table::Inbound,
+                key: format!("n{i:03}\0acme").into_bytes(),
+                value: vec![1],
+            })
+            .collect();
+        l.kv_many(inbound).await.unwrap();
+
+        let compaction = tokio::spawn({
+            let l = l.clone();
+            async move { l.compact().await }
+        });
+        until("the copy to be under way", || held.load(Ordering::SeqCst)).await;
+        assert!(!l.compacting(), "a copy does not hold the store");
+        let meanwhile = async {
+            l.put("job-new", entry(LedgerState::Sending, 7))
+                .await
+                .unwrap();
+            l.put("job-000001", entry(LedgerState::Pending, 8))
+                .await
+                .unwrap();
+            l.remove("job-000002").await.unwrap();
+            l.kv_many(vec![
+                KvOp::DeletePrefix {
+                    table: Table::Inbound,
+                    prefix: b"n00".to_vec(),
+                },
+                KvOp::Put {
+                    table: Table::Templates,
+                    key: b"t".to_vec(),
+                    value: b"approved".to_vec(),
+                },
+            ])
+            .await
+            .unwrap();
+            // More keys than a final catch-up takes with the store held: a round runs first.
+            l.kv_many(jobs("late-", 0..5_000, LedgerState::Final))
+                .await
+                .unwrap();
+            assert_eq!(
+                l.get("job-new").unwrap().unwrap().state,
+                LedgerState::Sending
+            );
+        };
+        tokio::time::timeout(Duration::from_secs(30), meanwhile)
+            .await
+            .expect("writes and reads went on while the copy was under way");
+        assert!(!compaction.is_finished(), "the copy is still held");
+        drop(release);
+        compaction.await.unwrap().unwrap();
+
+        let check = |l: &Ledger| {
+            assert_eq!(
+                l.get("job-new").unwrap().unwrap().state,
+                LedgerState::Sending
+            );
+            assert_eq!(
+                l.get("job-000001").unwrap().unwrap().state,
+                LedgerState::Pending
+            );
+            assert_eq!(l.get("job-000002").unwrap(), None);
+            assert_eq!(l.get("job-049999").unwrap().unwrap().updated_ms, 49_999);
+            assert_eq!(l.get("late-004999").unwrap().unwrap().updated_ms, 4_999);
+            assert_eq!(count_jobs(l), 50_000 + 1 - 1 + 5_000);
+            assert_eq!(l.kv_len(Table::Inbound).unwrap(), 90);
+            assert_eq!(
+                l.kv_get(Table::Templates, b"t").unwrap().as_deref(),
+                Some(&b"approved"[..])
+            );
+        };
+        check(&l);
+        let file = Ledger::file_in(d.path());
+        assert!(
+            !compaction::copy_path(&file).exists(),
+            "the copy was renamed"
+        );
+        let l = reopen(d.path(), l).await;
+        check(&l);
+    }
+
+    #[tokio::test]
+    async fn after_a_compaction_by_copy_the_file_holds_no_byte_of_what_was_deleted() {
+        let d = tempfile::tempdir().unwrap();
+        let l = Ledger::open(d.path()).unwrap();
+        const NUMBER: &[u8] = b"4915712345678";
+        let mut ops = Vec::new();
+        for i in 0..2_000 {
+            let mut key = NUMBER.to_vec();
+            key.extend_from_slice(format!("\0acme\0{i:05}").as_bytes());
+            ops.push(KvOp::Put {
+                table: Table::ConsentHistory,
+                key,
+                value: vec![b'x'; 100],
+            });
+        }
+        l.kv_many(ops).await.unwrap();
+        l.kv_many(jobs("job-", 0..20_000, LedgerState::Final))
+            .await
+            .unwrap();
+        let mut prefix = NUMBER.to_vec();
+        prefix.push(0);
+        l.kv_many(vec![KvOp::DeletePrefix {
+            table: Table::ConsentHistory,
+            prefix,
+        }])
+        .await
+        .unwrap();
+        let file = Ledger::file_in(d.path());
+        let holds = |file: &Path| {
+            let bytes = std::fs::read(file).unwrap();
+            bytes.windows(NUMBER.len()).any(|w| w == NUMBER)
+        };
+        assert!(holds(&file), "freed pages keep the number until compacted");
+        l.compact().await.unwrap();
+        assert!(!holds(&file), "the number is still in the file");
+        assert_eq!(count_jobs(&l), 20_000);
+        assert_eq!(l.kv_len(Table::ConsentHistory).unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_copy_left_by_a_crash_is_removed_when_the_store_opens() {
+        let d = tempfile::tempdir().unwrap();
+        let copy = compaction::copy_path(&Ledger::file_in(d.path()));
+        std::fs::write(&copy, b"a stale copy holding 4915712345678").unwrap();
+        let l = Ledger::open(d.path()).unwrap();
+        assert!(!copy.exists());
+        l.put("a", entry(LedgerState::Final, 1)).await.unwrap();
     }
 }

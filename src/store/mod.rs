@@ -1,6 +1,7 @@
 //! The embedded durable store (redb, one file in the state directory): the idempotency ledger,
 //! consent history and summaries, and what webhooks taught us, each in its own table.
 
+mod compaction;
 pub mod health;
 pub mod ledger;
 
