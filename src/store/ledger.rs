@@ -2487,4 +2487,407 @@ mod tests {
         assert!(!copy.exists());
         l.put("a", entry(LedgerState::Final, 1)).await.unwrap();
     }
+
+    // ---------------------------------------------------------------------------------------
+    // Review of 8cfc1be (compaction by copy): tests that show defects. Each asserts what must
+    // hold; they fail on 8cfc1be.
+    // ---------------------------------------------------------------------------------------
+
+    /// A copier thread that panics (redb may panic on a damaged page; `ops.rs` guards its own
+    /// opens with `catch_unwind` for that reason) never sends `CopyDone`: its compaction must
+    /// still be answered, not left waiting (with every later one queued behind it in
+    /// `next_round`, and the tracked key set growing with every write) until the process ends.
+    #[tokio::test]
+    async fn review_a_copier_that_panics_fails_its_compaction_rather_than_leaving_it_waiting() {
+        let d = tempfile::tempdir().unwrap();
+        fn fail() {
+            panic!("the copier fails (a damaged page)");
+        }
+        let hook: compaction::ChunkHook = Arc::new(fail);
+        let l = Ledger::open_with(d.path(), Some(hook)).unwrap();
+        l.kv_many(jobs("job-", 0..100, LedgerState::Final))
+            .await
+            .unwrap();
+        let answered = tokio::time::timeout(Duration::from_secs(10), l.compact()).await;
+        assert!(
+            matches!(answered, Ok(Err(_))),
+            "the compaction must fail once its copier panicked; after 10 s: {answered:?}"
+        );
+    }
+
+    /// Whether this process is refused a directory it may not read (false: root with
+    /// CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH, which reads it anyway).
+    fn permissions_enforced() -> bool {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let mode = |m| std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(m));
+        mode(0o300).unwrap();
+        let enforced = std::fs::read_dir(d.path()).is_err();
+        mode(0o700).unwrap();
+        enforced
+    }
+
+    /// Runs the test `name` of this binary again without the capabilities that let root ignore
+    /// file permissions (capsh); None when capsh cannot be run.
+    fn without_dac_override(name: &str) -> Option<std::process::Output> {
+        assert!(
+            std::env::var_os("SENDWELL_REVIEW_NO_DAC").is_none(),
+            "capsh did not drop CAP_DAC_OVERRIDE"
+        );
+        std::process::Command::new("capsh")
+            .arg("--drop=cap_dac_override,cap_dac_read_search")
+            .args(["--", "-c", "exec \"$0\" \"$@\""])
+            .arg(std::env::current_exe().unwrap())
+            .args(["--exact", name, "--nocapture", "--test-threads=1"])
+            .env("SENDWELL_REVIEW_NO_DAC", "1")
+            .output()
+            .ok()
+    }
+
+    /// `rename_over` renames the copy over `state.redb` and then syncs the directory. When that
+    /// sync fails (an I/O error; here: a directory that can be written but not opened), the
+    /// rename has already happened, yet `finish_copy` keeps the old database (now an unlinked
+    /// inode) and closes the copy: every later commit goes to a file that no longer has a
+    /// name, and `state.redb` is left unlocked for any other process (backup, `consent erase`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn review_a_swap_that_fails_after_its_rename_loses_no_write_and_keeps_the_file_locked() {
+        const NAME: &str = "store::ledger::tests::review_a_swap_that_fails_after_its_rename_loses_no_write_and_keeps_the_file_locked";
+        use std::os::unix::fs::PermissionsExt;
+        if !permissions_enforced() {
+            let Some(out) = without_dac_override(NAME) else {
+                eprintln!("SKIPPED: root, and capsh cannot drop CAP_DAC_OVERRIDE");
+                return;
+            };
+            assert!(
+                out.status.success(),
+                "run without CAP_DAC_OVERRIDE:\n{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let (hook, held, release) = copy_holder();
+        let l = Ledger::open_with(d.path(), Some(hook)).unwrap();
+        l.kv_many(jobs("job-", 0..1_000, LedgerState::Final))
+            .await
+            .unwrap();
+        let compaction = tokio::spawn({
+            let l = l.clone();
+            async move { l.compact().await }
+        });
+        until("the copy to be under way", || held.load(Ordering::SeqCst)).await;
+        // From here the directory can be written (the rename goes through) but not opened, so
+        // the sync of the directory after the rename fails, as an I/O error there would.
+        let mode = |m| std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(m));
+        mode(0o300).unwrap();
+        drop(release);
+        let swapped = compaction.await.unwrap();
+        mode(0o700).unwrap();
+        eprintln!("the compaction answered: {swapped:?}");
+
+        l.put("after", entry(LedgerState::Final, 9)).await.unwrap();
+        assert_eq!(l.get("after").unwrap().unwrap().updated_ms, 9);
+        let file = Ledger::file_in(d.path());
+        let mut wrong = Vec::new();
+        if let Ok(other) = redb::ReadOnlyDatabase::open(&file) {
+            wrong.push(
+                "another process (state backup, consent erase) can open state.redb while the \
+                 store is open"
+                    .to_string(),
+            );
+            drop(other);
+        }
+        let l = reopen(d.path(), l).await;
+        if l.get("after").unwrap().is_none() {
+            wrong.push(
+                "a write committed (and answered Ok) after the failed swap is gone once the store \
+                 is opened again"
+                    .to_string(),
+            );
+        }
+        assert!(wrong.is_empty(), "{wrong:#?}");
+    }
+
+    /// The daemon's compactor runs an erasure's compaction (a copy, minutes on a large store)
+    /// when the daemon is stopped. `app.rs` then runs the final compaction ("an erasure whose
+    /// compaction was still waiting must not leave the number in the file"), the runtime drops
+    /// the compactor's task, and the last handle closes the store, which abandons the copy.
+    /// Nothing is left that knows a compaction is due: the erased number stays in the file's
+    /// freed pages after the restart, until some later erasure compacts.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn review_a_stop_during_an_erasures_copy_leaves_no_byte_of_the_number_in_the_file() {
+        use crate::consent::ConsentStore;
+        const NUMBER: &str = "4917600000001";
+        let d = tempfile::tempdir().unwrap();
+        let (hook, held, release) = copy_holder();
+        let mut release = Some(release);
+        let l = Ledger::open_with(d.path(), Some(hook)).unwrap();
+        let store = ConsentStore::load_with(l.clone(), vec!["acme".into()], HashMap::new())
+            .await
+            .unwrap();
+        let mut ops = jobs("other-", 0..2_000, LedgerState::Final);
+        for i in 0..500 {
+            let id = format!("to-number-{i:04}");
+            ops.push(KvOp::PutJob {
+                id: id.clone(),
+                entry: LedgerEntry {
+                    state: LedgerState::Final,
+                    attempts: 1,
+                    updated_ms: 1_000,
+                    published: true,
+                    event: format!(r#"{{"id":"{id}","to":"+{NUMBER}","status":"sent"}}"#)
+                        .into_bytes(),
+                },
+            });
+            ops.extend(index_job(&format!("+{NUMBER}"), &id, None));
+        }
+        l.kv_many(ops).await.unwrap();
+        let report = store
+            .erase(NUMBER, jiff::Timestamp::from_millisecond(5_000).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(report.jobs, 500);
+        let file = Ledger::file_in(d.path());
+        let holds = |file: &Path| {
+            let bytes = std::fs::read(file).unwrap();
+            bytes.windows(NUMBER.len()).any(|w| w == NUMBER.as_bytes())
+        };
+        assert!(holds(&file), "freed pages keep the number until compacted");
+
+        // The compactor's compaction of the erasure: its copy is under way...
+        let compactor = tokio::spawn({
+            let store = store.clone();
+            async move { store.compact_if_due().await }
+        });
+        until("the copy to be under way", || held.load(Ordering::SeqCst)).await;
+        // ...when the daemon stops: the final compaction of app.rs...
+        let mut pending = Box::pin(store.compact_if_due());
+        let first = tokio::time::timeout(Duration::from_secs(2), &mut pending).await;
+        let last = match first {
+            Ok(r) => {
+                drop(pending);
+                r
+            }
+            // It waits for the copy under way: let that go on.
+            Err(_) => {
+                drop(release.take());
+                pending.await
+            }
+        };
+        eprintln!("the final compaction answered: {last:?}");
+        // ...then the runtime's shutdown drops the compactor's task, and the last handle goes.
+        compactor.abort();
+        let _ = compactor.await;
+        drop(store);
+        drop(release.take());
+        let l = reopen(d.path(), l).await;
+        drop(l);
+        assert!(
+            !holds(&file),
+            "the erased number is still in state.redb after the stop, and nothing will compact \
+             it again (compaction_due was cleared by the abandoned compaction; it lives in memory)"
+        );
+    }
+
+    /// A tmpfs of its own (root only), unmounted when dropped.
+    struct Tmpfs(PathBuf);
+
+    impl Tmpfs {
+        fn mount(size: &str) -> Option<Tmpfs> {
+            let dir = std::env::temp_dir()
+                .join(format!("sendwell-review-{}", uuid::Uuid::new_v4().simple()));
+            std::fs::create_dir(&dir).unwrap();
+            let ok = std::process::Command::new("mount")
+                .args([
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    &format!("size={size},mode=0700"),
+                    "tmpfs",
+                ])
+                .arg(&dir)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                let _ = std::fs::remove_dir(&dir);
+                return None;
+            }
+            Some(Tmpfs(dir))
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+
+    fn free_bytes(dir: &Path) -> u64 {
+        let s = rustix::fs::statvfs(dir).unwrap();
+        s.f_bavail * s.f_frsize
+    }
+
+    /// `room_for_copy` allows 64 MB for what jobs write to the old file during the copy, but
+    /// the copy's snapshot (a redb read transaction, held for the whole copy) keeps redb from
+    /// reusing any page freed after it: every page a job rewrites is new file space. Rows
+    /// merely rewritten (Sending -> Final, the marks row) fill the disk during a long copy.
+    /// Then the store cannot recover by itself: `reopen` waits for 4 MB free on the file
+    /// system, which never comes (the space is inside state.redb), and the copy is not given
+    /// up first (its `CopyDone` waits behind the held batch): no job for the whole
+    /// `state.unwritable_grace`, then the daemon exits.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn review_a_copy_never_fills_the_disk_under_rewrites_and_the_store_never_stays_down() {
+        let Some(disk) = Tmpfs::mount("96m") else {
+            eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+            return;
+        };
+        let dir = disk.0.join("state");
+        let (hook, held, release) = copy_holder();
+        let l = Ledger::open_with(&dir, Some(hook)).unwrap();
+        // As the daemon does (state.unwritable_grace, 300 s by default).
+        l.health().set_hold(Duration::from_secs(120));
+        let rows = |range: std::ops::Range<i64>, ms: i64| -> Vec<KvOp> {
+            range
+                .map(|i| KvOp::PutJob {
+                    id: format!("job-{i:06}"),
+                    entry: LedgerEntry {
+                        state: LedgerState::Final,
+                        attempts: 1,
+                        updated_ms: ms,
+                        published: true,
+                        event: vec![b'e'; 600],
+                    },
+                })
+                .collect()
+        };
+        l.kv_many(rows(0..5_000, 0)).await.unwrap();
+        let file = Ledger::file_in(&dir);
+        assert!(
+            compaction::room_for_copy(&file),
+            "the copy's room check passes ({} bytes free, the store {} bytes)",
+            free_bytes(&dir),
+            std::fs::metadata(&file).unwrap().len()
+        );
+        let compaction = tokio::spawn({
+            let l = l.clone();
+            async move { l.compact().await }
+        });
+        until("the copy to be under way", || held.load(Ordering::SeqCst)).await;
+
+        let mut wrong = Vec::new();
+        // Jobs go on, rewriting 2,000 rows the store already has (about 1.3 MB of pages a
+        // commit), 150 times: without the snapshot the file would not grow.
+        for round in 1..=150 {
+            let r = tokio::time::timeout(Duration::from_secs(10), l.kv_many(rows(0..2_000, round)))
+                .await;
+            if !matches!(r, Ok(Ok(_))) {
+                wrong.push(format!(
+                    "rewrite {round} of rows the store already had did not commit within 10 s \
+                     (writable: {}): {} bytes free on the file system, state.redb is {} bytes",
+                    l.writable(),
+                    free_bytes(&dir),
+                    std::fs::metadata(&file).unwrap().len()
+                ));
+                break;
+            }
+        }
+        // The copy goes on to its end.
+        drop(release);
+        if !l.writable() {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while !l.writable() && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            if !l.writable() {
+                wrong.push(format!(
+                    "20 s after the copy was let go the store still takes no write (the hold is \
+                     120 s; the daemon's default grace 300 s, then it exits): {} bytes free, the \
+                     compaction answered: {}",
+                    free_bytes(&dir),
+                    compaction.is_finished()
+                ));
+            }
+        }
+        assert!(wrong.is_empty(), "{wrong:#?}");
+        compaction.await.unwrap().unwrap();
+    }
+
+    /// A compaction that fails leaves the erased number in the file (here its copy's file is
+    /// removed under it, so the swap's rename fails; in the daemon: an I/O error on the store,
+    /// which abandons the copy, ENOSPC on the copy, a failed rename). The compactor logs "will
+    /// try again" and sets `compaction_due`, but then waits for the next erasure's notify: with
+    /// none, the number stays in state.redb until the stop. (`abandon`'s doc says "its
+    /// compactions fail (they are retried)".)
+    #[tokio::test(start_paused = true)]
+    async fn review_a_failed_compaction_after_an_erasure_is_tried_again() {
+        use crate::consent::ConsentStore;
+        const NUMBER: &str = "4917600000002";
+        let d = tempfile::tempdir().unwrap();
+        let file = Ledger::file_in(d.path());
+        let copy = compaction::copy_path(&file);
+        let chunks = Arc::new(AtomicU64::new(0));
+        let hook: compaction::ChunkHook = Arc::new({
+            let (chunks, copy) = (chunks.clone(), copy.clone());
+            move || {
+                // Once: the first copy loses its file, so its swap fails.
+                if chunks.fetch_add(1, Ordering::SeqCst) == 0 {
+                    std::fs::remove_file(&copy).unwrap();
+                }
+            }
+        });
+        let l = Ledger::open_with(d.path(), Some(hook)).unwrap();
+        let store = ConsentStore::load_with(l.clone(), vec!["acme".into()], HashMap::new())
+            .await
+            .unwrap();
+        let mut ops = jobs("other-", 0..500, LedgerState::Final);
+        for i in 0..200 {
+            let id = format!("to-number-{i:04}");
+            ops.push(KvOp::PutJob {
+                id: id.clone(),
+                entry: LedgerEntry {
+                    state: LedgerState::Final,
+                    attempts: 1,
+                    updated_ms: 1_000,
+                    published: true,
+                    event: format!(r#"{{"id":"{id}","to":"+{NUMBER}","status":"sent"}}"#)
+                        .into_bytes(),
+                },
+            });
+            ops.extend(index_job(&format!("+{NUMBER}"), &id, None));
+        }
+        l.kv_many(ops).await.unwrap();
+        store
+            .erase(NUMBER, jiff::Timestamp::from_millisecond(5_000).unwrap())
+            .await
+            .unwrap();
+        let holds = |file: &Path| {
+            let bytes = std::fs::read(file).unwrap();
+            bytes.windows(NUMBER.len()).any(|w| w == NUMBER.as_bytes())
+        };
+        assert!(holds(&file), "freed pages keep the number until compacted");
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let compactor = tokio::spawn(store.clone().compactor(shutdown.clone()));
+        // Two hours of the daemon's time: tokio's clock is paused and runs on whenever nothing
+        // else can (the compactor rests at most 30 s after a short compaction).
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let mut waited = Duration::ZERO;
+        while holds(&file) {
+            assert!(
+                waited < Duration::from_secs(7200) && std::time::Instant::now() < deadline,
+                "the erased number is still in state.redb {} s (tokio time) after the erasure; \
+                 chunks copied in all: {} (one copy); the failed compaction was not tried again",
+                waited.as_secs(),
+                chunks.load(Ordering::SeqCst)
+            );
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            waited += Duration::from_secs(10);
+        }
+        shutdown.cancel();
+        compactor.await.unwrap();
+    }
 }
