@@ -71,7 +71,11 @@ pub struct ConsentStore {
     /// Keys the erasure hashes, so a tombstone does not hold the number.
     erase_key: [u8; 32],
     /// An erasure left freed pages holding the number: compact soon (see [`Self::compactor`]).
+    /// Also stored ([`COMPACTION_DUE_KEY`]), so that a stop or a crash before the compaction
+    /// is done leaves it due at the next start.
     compaction_due: AtomicBool,
+    /// Held for a whole compaction: the final one at shutdown waits for one under way.
+    compaction_running: tokio::sync::Mutex<()>,
     compaction_wanted: tokio::sync::Notify,
     /// How long the last compaction held the store (ms), for the compactor's pace.
     last_compaction_ms: std::sync::atomic::AtomicU64,
@@ -219,6 +223,9 @@ fn fact_of(bytes: &[u8]) -> Option<Fact> {
     })
 }
 
+/// In [`Table::StoreMeta`] from an erasure until a compaction started after it is done.
+const COMPACTION_DUE_KEY: &[u8] = b"compaction_due_v1";
+
 /// The most of the daemon's time compactions may hold the store: on a store so large that one
 /// held it for seconds (in place, see [`Ledger::compact`]), the compactor rests long enough
 /// after it that jobs run at least 95 % of the time.
@@ -299,13 +306,18 @@ impl ConsentStore {
                 "Indexed the ledger's finished jobs by number (once, for erasure)."
             );
         }
+        // An erasure whose compaction a stop or a crash cut short.
+        let due = ledger
+            .kv_get(Table::StoreMeta, COMPACTION_DUE_KEY)?
+            .is_some();
         Ok(Arc::new(ConsentStore {
             ledger,
             index,
             rules: rules.into_iter().collect(),
             accounts,
             erase_key,
-            compaction_due: AtomicBool::new(false),
+            compaction_due: AtomicBool::new(due),
+            compaction_running: tokio::sync::Mutex::new(()),
             compaction_wanted: tokio::sync::Notify::new(),
             last_compaction_ms: Default::default(),
             last_held_ms: Default::default(),
@@ -624,6 +636,15 @@ impl ConsentStore {
             key: self.tombstone_key(digits),
             value: tombstone.to_le_bytes().to_vec(),
         });
+        // With the erasure, atomically: a compaction is due until one started after it is done.
+        ops.push(KvOp::Put {
+            table: Table::StoreMeta,
+            key: COMPACTION_DUE_KEY.to_vec(),
+            value: jiff::Timestamp::now()
+                .as_nanosecond()
+                .to_le_bytes()
+                .to_vec(),
+        });
         self.ledger.kv_many(ops).await?;
         self.wa_ids.forget(digits);
         if as_id.is_some() {
@@ -645,9 +666,16 @@ impl ConsentStore {
     /// before they exit; the daemon's [`Self::compactor`] calls it after a burst of erasures
     /// and at shutdown.
     pub async fn compact_if_due(&self) -> Result<bool, LedgerError> {
+        // One at a time; the final one at shutdown waits for one under way, then does what
+        // became due meanwhile.
+        let _running = self.compaction_running.lock().await;
         if !self.compaction_due.swap(false, Ordering::SeqCst) {
             return Ok(false);
         }
+        // The stored mark as it is before the compaction starts: every erasure it stands for
+        // committed before the compaction's snapshot. A later erasure stores another value,
+        // which stays for the next compaction.
+        let mark = self.ledger.kv_get(Table::StoreMeta, COMPACTION_DUE_KEY);
         let started = std::time::Instant::now();
         let held_ms = match self.ledger.compact().await {
             Ok(held_ms) => held_ms,
@@ -656,6 +684,17 @@ impl ConsentStore {
                 return Err(e);
             }
         };
+        if let Ok(Some(value)) = mark {
+            // Failing here only means one compaction too many after the next start.
+            let _ = self
+                .ledger
+                .kv_many(vec![KvOp::DeleteIf {
+                    table: Table::StoreMeta,
+                    key: COMPACTION_DUE_KEY.to_vec(),
+                    value,
+                }])
+                .await;
+        }
         let took_ms = started.elapsed().as_millis() as u64;
         self.last_compaction_ms.store(took_ms, Ordering::Relaxed);
         self.last_held_ms.store(held_ms, Ordering::Relaxed);
@@ -668,9 +707,13 @@ impl ConsentStore {
     /// (jobs wait for it), its length grows with the file, and erasures come in bursts.
     pub async fn compactor(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
         loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = self.compaction_wanted.notified() => {}
+            // Due already (left by the last run, or a compaction that failed): no need to
+            // wait for another erasure.
+            if !self.compaction_due.load(Ordering::SeqCst) {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = self.compaction_wanted.notified() => {}
+                }
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -798,6 +841,71 @@ mod tests {
         // By copy: held for milliseconds, copying at most half the time.
         let rest = rest_after_compaction(Duration::from_secs(140), Duration::from_millis(20));
         assert_eq!(rest, Duration::from_secs(140));
+    }
+
+    /// A crash (or a stop cut short by systemd) after an erasure and before its compaction is
+    /// done: the next start knows the compaction is due, does it, and then forgets it.
+    #[tokio::test]
+    async fn a_compaction_cut_short_by_a_crash_is_done_after_the_restart() {
+        let d = tempfile::tempdir().unwrap();
+        let open = || async {
+            loop {
+                match Ledger::open(d.path()) {
+                    Ok(l) => break l,
+                    Err(_) => tokio::task::yield_now().await,
+                }
+            }
+        };
+        let l = open().await;
+        let mut ops = Vec::new();
+        for i in 0..500 {
+            ops.extend(finished(
+                &format!("job-{i}"),
+                &format!("+{NUMBER}"),
+                1_000,
+                true,
+            ));
+            ops.extend(finished(
+                &format!("other-{i}"),
+                "+4915100000001",
+                1_000,
+                true,
+            ));
+        }
+        l.kv_many(ops).await.unwrap();
+        let store = ConsentStore::load_with(l.clone(), vec!["acme".into()], HashMap::new())
+            .await
+            .unwrap();
+        store
+            .erase(NUMBER, Timestamp::from_millisecond(5_000).unwrap())
+            .await
+            .unwrap();
+        let file = Ledger::file_in(d.path());
+        let holds = || {
+            let bytes = std::fs::read(&file).unwrap();
+            bytes.windows(NUMBER.len()).any(|w| w == NUMBER.as_bytes())
+        };
+        assert!(holds(), "freed pages keep the number until compacted");
+        // The process ends here, without compacting.
+        drop(store);
+        drop(l);
+
+        let l = open().await;
+        let store = ConsentStore::load_with(l.clone(), vec!["acme".into()], HashMap::new())
+            .await
+            .unwrap();
+        assert!(store.compact_if_due().await.unwrap(), "a compaction is due");
+        assert!(!holds(), "the number is still in the file");
+        drop(store);
+        drop(l);
+        let l = open().await;
+        let store = ConsentStore::load_with(l.clone(), vec!["acme".into()], HashMap::new())
+            .await
+            .unwrap();
+        assert!(
+            !store.compact_if_due().await.unwrap(),
+            "done once, not again"
+        );
     }
 
     #[tokio::test]

@@ -120,11 +120,34 @@ pub(super) struct Copied {
     pub caught_up: u64,
 }
 
-/// Tells the copier to give up at its next chunk (shutdown, an I/O error on the store).
-pub(super) type Abort = Arc<AtomicBool>;
+/// Tells the copier to give up at its next chunk (shutdown, an I/O error on the store, a file
+/// system running out of room), and why.
+#[derive(Default)]
+pub(super) struct Abort {
+    pub stop: AtomicBool,
+    /// The file system ran low on room: the copy was given up so that the store keeps some.
+    pub no_room: AtomicBool,
+}
 
-/// A hook run after each chunk: tests hold the copy there to write meanwhile.
-pub(super) type ChunkHook = Arc<dyn Fn() + Send + Sync>;
+impl Abort {
+    /// Stops the copy because the file system runs out of room.
+    pub fn no_room(&self) {
+        self.no_room.store(true, Ordering::SeqCst);
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A hook run after each chunk, given the copy's stop flag: tests hold the copy there to write
+/// meanwhile, and let it go when it is told to stop, as the copier itself would.
+pub(super) type ChunkHook = Arc<dyn Fn(&AtomicBool) + Send + Sync>;
+
+/// Free space below which a copy gives up (and the writer tells it to): the store's own writes
+/// come first. A copy given up for room is followed by a compaction in place.
+pub(super) const COPY_RESERVE: u64 = 32 << 20;
+
+/// The copy's page cache: it only writes, so a small one does (redb keeps up to half of it as
+/// unwritten pages). The store is opened again with its usual cache once the copy is in place.
+const COPY_CACHE: usize = 32 << 20;
 
 /// Steps 2 and 3: copies `snapshot` into a new file at `path` and catches up with the keys
 /// `tracking` collects, reading them from `src` (the live store). Runs on its own thread.
@@ -133,12 +156,14 @@ pub(super) fn copy(
     snapshot: ReadTransaction,
     path: &Path,
     tracking: &Tracking,
-    abort: &AtomicBool,
+    abort: &Abort,
     hook: Option<&ChunkHook>,
 ) -> Result<Copied, LedgerError> {
     let started = Instant::now();
     let _ = std::fs::remove_file(path);
-    let dest = Database::create(path)?;
+    let dest = Database::builder()
+        .set_cache_size(COPY_CACHE)
+        .create(path)?;
     {
         let w = dest.begin_write()?;
         w.open_table(LEDGER)?;
@@ -147,7 +172,7 @@ pub(super) fn copy(
         }
         w.commit()?;
     }
-    let mut pace = Pace::new(tracking, abort, hook);
+    let mut pace = Pace::new(tracking, abort, hook, path.parent());
     let mut rows = 0u64;
     // Step 2: the snapshot, table by table, in key order (redb fills pages best that way).
     {
@@ -183,16 +208,20 @@ pub(super) fn copy(
         rows += write_chunk(&dest, &mut pace, chunk.len(), |w| fill(w, table, &chunk))?;
     }
     drop(snapshot);
-    // Step 3: rounds of keys touched since, until few are left.
+    // Step 3: rounds of keys touched since, until few are left; each in chunks, so that a
+    // stop is noticed within one.
     let mut caught_up = 0u64;
     for _ in 0..MAX_ROUNDS {
         if tracking.len() < FEW_KEYS {
             break;
         }
         pace.check()?;
-        let keys = tracking.take();
+        let keys: Vec<Key> = tracking.take().into_iter().collect();
         let now = super::ledger::read(src)?.begin_read()?;
-        caught_up += catch_up(&now, &dest, keys, Durability::None)?;
+        for chunk in keys.chunks(CHUNK_ROWS) {
+            caught_up += catch_up(&now, &dest, chunk.iter().cloned(), Durability::None)?;
+            pace.check()?;
+        }
     }
     Ok(Copied {
         dest,
@@ -213,29 +242,37 @@ pub(super) fn finish(
 }
 
 /// Swaps the copy in for the store file: renamed over it (atomic), then the directory synced
-/// so that the rename survives a crash.
+/// so that the rename survives a crash. Only a failed rename is an error: once the rename is
+/// done the copy *is* the store, whatever the sync says (the kernel writes the directory out
+/// later; a crash before that leaves the old file, which is whole), so the caller must swap.
 pub(super) fn rename_over(copy: &Path, file: &Path) -> Result<(), LedgerError> {
-    let io = |what: &str, e: std::io::Error| LedgerError::Io(format!("compaction {what}: {e}"));
-    std::fs::rename(copy, file).map_err(|e| io("rename", e))?;
-    if let Some(dir) = file.parent() {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io("directory sync", e))?;
+    std::fs::rename(copy, file).map_err(|e| LedgerError::Io(format!("compaction rename: {e}")))?;
+    if let Some(dir) = file.parent()
+        && let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all())
+        && crate::metrics::log_due("compaction", "directory_sync").is_some()
+    {
+        tracing::warn!(error = %e, dir = %dir.display(), "The state directory could not be synced after a compaction's rename; the compacted store is in use, and a crash before the kernel writes the directory out would bring back the store before it.");
     }
     Ok(())
 }
 
-/// Whether the file system holding `file` has room for a copy of it (unknown: no).
+/// Free space on the file system holding `dir` (None: unknown).
+pub(super) fn free_bytes(dir: &Path) -> Option<u64> {
+    rustix::fs::statvfs(dir)
+        .ok()
+        .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+}
+
+/// Whether the file system holding `file` has room for a copy of it (unknown: no): the copy
+/// holds the live rows only, never more than the file; plus room for what jobs write to the
+/// old file meanwhile (its snapshot keeps redb from reusing the pages they free), and
+/// [`COPY_RESERVE`], below which the copy gives up.
 pub(super) fn room_for_copy(file: &Path) -> bool {
     let (Ok(meta), Some(dir)) = (std::fs::metadata(file), file.parent()) else {
         return false;
     };
-    match rustix::fs::statvfs(dir) {
-        // The copy holds the live rows only, never more than the file; plus headroom for the
-        // jobs that keep writing to the old file meanwhile.
-        Ok(s) => s.f_bavail.saturating_mul(s.f_frsize) >= meta.len().saturating_add(64 << 20),
-        Err(_) => false,
-    }
+    let need = meta.len() + (meta.len() / 4).max(32 << 20) + COPY_RESERVE;
+    free_bytes(dir).is_some_and(|free| free >= need)
 }
 
 fn fill_jobs(w: &redb::WriteTransaction, rows: &[(String, Vec<u8>)]) -> Result<(), LedgerError> {
@@ -262,13 +299,10 @@ fn fill(
 fn catch_up(
     src: &ReadTransaction,
     dest: &Database,
-    keys: HashSet<Key>,
+    keys: impl IntoIterator<Item = Key>,
     durability: Durability,
 ) -> Result<u64, LedgerError> {
-    if keys.is_empty() && matches!(durability, Durability::None) {
-        return Ok(0);
-    }
-    let n = keys.len() as u64;
+    let mut n = 0;
     let mut w = dest.begin_write()?;
     w.set_durability(durability)
         .map_err(|e| LedgerError::Store(format!("compaction: {e}")))?;
@@ -277,6 +311,7 @@ fn catch_up(
         let mut dest_jobs = w.open_table(LEDGER)?;
         let mut by_table: Vec<Vec<Box<[u8]>>> = vec![Vec::new(); Table::ALL.len()];
         for (which, key) in keys {
+            n += 1;
             match which {
                 Which::Jobs => {
                     let Ok(id) = std::str::from_utf8(&key) else {
@@ -345,25 +380,39 @@ fn write_chunk(
 /// when told to.
 struct Pace<'a> {
     tracking: &'a Tracking,
-    abort: &'a AtomicBool,
+    abort: &'a Abort,
     hook: Option<&'a ChunkHook>,
+    /// The directory the copy is written to, whose free space it watches.
+    dir: Option<&'a Path>,
     chunks: usize,
     commits_seen: u64,
 }
 
 impl<'a> Pace<'a> {
-    fn new(tracking: &'a Tracking, abort: &'a AtomicBool, hook: Option<&'a ChunkHook>) -> Self {
+    fn new(
+        tracking: &'a Tracking,
+        abort: &'a Abort,
+        hook: Option<&'a ChunkHook>,
+        dir: Option<&'a Path>,
+    ) -> Self {
         Pace {
             tracking,
             abort,
             hook,
+            dir,
             chunks: 0,
             commits_seen: tracking.commits.load(Ordering::Relaxed),
         }
     }
 
+    /// Err when told to stop, or when the file system has less than [`COPY_RESERVE`] left.
     fn check(&self) -> Result<(), LedgerError> {
-        if self.abort.load(Ordering::Relaxed) {
+        if let Some(dir) = self.dir
+            && free_bytes(dir).is_some_and(|free| free < COPY_RESERVE)
+        {
+            self.abort.no_room();
+        }
+        if self.abort.stop.load(Ordering::Relaxed) {
             return Err(LedgerError::Store("compaction abandoned".into()));
         }
         Ok(())
@@ -371,7 +420,7 @@ impl<'a> Pace<'a> {
 
     fn rest(&mut self, worked: Duration) -> Result<(), LedgerError> {
         if let Some(hook) = self.hook {
-            hook();
+            hook(&self.abort.stop);
         }
         let commits = self.tracking.commits.load(Ordering::Relaxed);
         if commits != self.commits_seen {

@@ -1201,7 +1201,7 @@ type Reply = Option<oneshot::Sender<Result<u64, LedgerError>>>;
 struct Copying {
     number: u64,
     thread: std::thread::JoinHandle<Result<compaction::Copied, LedgerError>>,
-    abort: compaction::Abort,
+    abort: Arc<compaction::Abort>,
     /// The compactions it answers.
     replies: Vec<Reply>,
 }
@@ -1298,6 +1298,7 @@ impl Writer {
                 _ => true,
             });
             if !batch.is_empty() {
+                self.watch_room();
                 let result = self.apply_holding(&batch, &rx);
                 for (req, res) in batch.drain(..).zip(result) {
                     if let Some(done) = req.done {
@@ -1306,9 +1307,12 @@ impl Writer {
                 }
             }
             if let Some(n) = copy_done {
+                // Their erasures committed before this batch: the next copy, started as this
+                // one finishes, covers them.
+                lock_vec(&self.next_round).append(&mut compactions);
                 self.finish_copy(n);
-            }
-            if !compactions.is_empty() {
+                self.start_next_round();
+            } else if !compactions.is_empty() {
                 self.compact(compactions);
             }
         }
@@ -1327,13 +1331,7 @@ impl Writer {
             _ => return self.compact_in_place(replies, "in_place"),
         };
         if !compaction::room_for_copy(file) {
-            if crate::metrics::log_due("compaction", "no_room").is_some() {
-                tracing::warn!(
-                    file = %file.display(),
-                    "No room beside the state store for a compacting copy of it: compacting in place, which holds every job until it is done."
-                );
-            }
-            return self.compact_in_place(replies, "in_place_no_room");
+            return self.compact_in_place_no_room(replies);
         }
         // Nothing is being written now (this is the writer, between batches): the snapshot and
         // the start of tracking see exactly the same commits.
@@ -1342,7 +1340,7 @@ impl Writer {
             Err(e) => return answer(replies, Err(e)),
         };
         self.tracking.start();
-        let abort = compaction::Abort::default();
+        let abort = Arc::new(compaction::Abort::default());
         let (db, tracking, path, wake) = (
             self.db.clone(),
             self.tracking.clone(),
@@ -1354,7 +1352,17 @@ impl Writer {
         let spawned = std::thread::Builder::new()
             .name("sendwell-compact".into())
             .spawn(move || {
-                let r = compaction::copy(&db, snapshot, &path, &tracking, &stop, hook.as_ref());
+                // A panic (redb may panic on a damaged page) must still wake the writer, or
+                // this compaction and every later one would wait for good.
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    compaction::copy(&db, snapshot, &path, &tracking, &stop, hook.as_ref())
+                }))
+                .unwrap_or_else(|_| {
+                    Err(LedgerError::Store("the compaction's copy panicked".into()))
+                });
+                if r.is_err() {
+                    let _ = std::fs::remove_file(&path);
+                }
                 if let Some(tx) = wake.upgrade() {
                     let _ = tx.send(Request {
                         op: Op::CopyDone(number),
@@ -1391,6 +1399,30 @@ impl Writer {
         answer(replies, result.map(|_| held.as_millis() as u64));
     }
 
+    /// No room for a copy (before it, or it ran out): the erasure must still leave the file,
+    /// so in place, and the operator is told why jobs waited.
+    fn compact_in_place_no_room(&self, replies: Vec<Reply>) {
+        if crate::metrics::log_due("compaction", "no_room").is_some() {
+            tracing::warn!(
+                dir = %self.room.as_deref().unwrap_or(Path::new("")).display(),
+                "No room beside the state store for a compacting copy of it: compacting in place, which holds every job until it is done."
+            );
+        }
+        self.compact_in_place(replies, "in_place_no_room");
+    }
+
+    /// Before a batch while a copy is under way: when the file system runs low, the copy gives
+    /// up (its snapshot pins every page jobs free in the old file, and the copy itself grows),
+    /// so that the store keeps room for jobs.
+    fn watch_room(&self) {
+        let copying = self.copying.lock().unwrap_or_else(|e| e.into_inner());
+        if let (Some(c), Some(dir)) = (copying.as_ref(), &self.room)
+            && compaction::free_bytes(dir).is_some_and(|f| f < compaction::COPY_RESERVE)
+        {
+            c.abort.no_room();
+        }
+    }
+
     /// Step 4 of a compaction by copy: the last keys, then the copy swapped in for the file.
     fn finish_copy(&self, number: u64) {
         let c = {
@@ -1417,24 +1449,13 @@ impl Writer {
             let last = read(&self.db)
                 .and_then(|g| Ok(g.begin_read()?))
                 .and_then(|now| compaction::finish(&now, &copied.dest, &self.tracking))?;
-            self.compacting.during(|| -> Result<(), LedgerError> {
-                let mut g = self.db.write().unwrap_or_else(|e| e.into_inner());
-                if g.is_none() {
-                    return Err(LedgerError::Io(
-                        "the store is being reopened after an I/O error".into(),
-                    ));
-                }
-                compaction::rename_over(&path, file)?;
-                let old = g.replace(copied.dest);
-                drop(g);
-                // Closed after readers are let in again: they already read the copy.
-                drop(old);
-                Ok(())
-            })?;
+            let (rows, took) = (copied.rows, copied.took);
+            self.compacting
+                .during(|| self.swap_in(copied.dest, &path, file))?;
             tracing::info!(
-                rows = copied.rows,
+                rows,
                 caught_up = copied.caught_up + last,
-                took_ms = copied.took.as_millis() as u64,
+                took_ms = took.as_millis() as u64,
                 held_ms = held_since.elapsed().as_millis() as u64,
                 "State store compacted by copy."
             );
@@ -1447,26 +1468,77 @@ impl Writer {
                 crate::metrics::store_compacted("copy", true, held);
                 answer(c.replies, Ok(held.as_millis() as u64));
             }
+            Err(_) if c.abort.no_room.load(Ordering::SeqCst) => {
+                let _ = std::fs::remove_file(&path);
+                crate::metrics::store_compacted("copy", false, held);
+                self.compact_in_place_no_room(c.replies);
+            }
             Err(e) => {
                 let _ = std::fs::remove_file(&path);
                 crate::metrics::store_compacted("copy", false, held);
                 answer(c.replies, Err(e));
             }
         }
-        let next = std::mem::take(&mut *lock_vec(&self.next_round));
+        self.start_next_round();
+    }
+
+    /// Renames the copy over the store's file and opens it as the store, with the store held
+    /// alone (the caller's `during`).
+    fn swap_in(&self, dest: Database, copy: &Path, file: &Path) -> Result<(), LedgerError> {
+        let mut g = self.db.write().unwrap_or_else(|e| e.into_inner());
+        if g.is_none() {
+            return Err(LedgerError::Io(
+                "the store is being reopened after an I/O error".into(),
+            ));
+        }
+        compaction::rename_over(copy, file)?;
+        // From the rename on, the copy is the store: the old database (now a file without a
+        // name) must never take another write.
+        drop(g.take());
+        // The copy was made with a small cache; opened again, it gets the store's usual one.
+        // Closing it leaves the file unlocked for the moment until the open below takes it.
+        drop(dest);
+        match self.opener.as_ref().map(|open| open()) {
+            Some(Ok(db)) => *g = Some(db),
+            // Left closed: the next write's reopen tries again, as after an I/O error.
+            Some(Err(e)) => {
+                drop(g);
+                crate::metrics::store_reopened(false);
+                self.health
+                    .failed(&format!("opening the compacted store: {e}"));
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// Compactions asked for while the last copy was under way get a copy of their own.
+    fn start_next_round(&self) {
+        let idle = self
+            .copying
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none();
+        let next = if idle {
+            std::mem::take(&mut *lock_vec(&self.next_round))
+        } else {
+            Vec::new()
+        };
         if !next.is_empty() {
             self.compact(next);
         }
     }
 
-    /// Stops a copy under way and removes its file; its compactions fail (they are retried).
+    /// Stops a copy under way and removes its file; its compactions fail (the compactor tries
+    /// again later).
     fn abandon(&self, c: Copying, why: &str) {
-        c.abort.store(true, Ordering::Relaxed);
+        c.abort.stop.store(true, Ordering::SeqCst);
         let _ = c.thread.join();
         self.tracking.stop();
         if let Some(file) = &self.file {
             let _ = std::fs::remove_file(compaction::copy_path(file));
         }
+        crate::metrics::store_compacted("copy", false, Duration::ZERO);
         let mut replies = c.replies;
         replies.append(&mut lock_vec(&self.next_round));
         answer(
@@ -1525,6 +1597,16 @@ impl Writer {
         let Some(opener) = &self.opener else {
             return;
         };
+        // A copy under way reads the failed file, and on a full disk its file and the pages its
+        // snapshot pins may be what fills it: it goes first (and is made again later).
+        let copying = self
+            .copying
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(c) = copying {
+            self.abandon(c, "the store failed and is being reopened");
+        }
         // Opening a file that a failed commit left behind repairs it (0.8 s for a 1.1 GB file,
         // measured), with the store held alone: on a disk that is still full each retry would
         // repeat that for nothing. The failed handle keeps refusing meanwhile, as it would.
@@ -1533,15 +1615,6 @@ impl Writer {
         {
             crate::metrics::store_reopen_waiting_for_room();
             return;
-        }
-        // A copy under way reads the failed file: it goes first (and is made again later).
-        let copying = self
-            .copying
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(c) = copying {
-            self.abandon(c, "the store failed and is being reopened");
         }
         let mut g = self.db.write().unwrap_or_else(|e| e.into_inner());
         drop(g.take());
@@ -2305,7 +2378,8 @@ mod tests {
     }
 
     /// A hook that holds a compaction's copy after its first chunk until the returned sender
-    /// is used or dropped; the flag turns true once it holds.
+    /// is used or dropped, or the copy is told to stop (as a slow copier would notice it within
+    /// its chunk); the flag turns true once it holds.
     fn copy_holder() -> (
         compaction::ChunkHook,
         Arc<AtomicBool>,
@@ -2315,11 +2389,17 @@ mod tests {
         let rx = Mutex::new(Some(rx));
         let held = Arc::new(AtomicBool::new(false));
         let h = held.clone();
-        let hook: compaction::ChunkHook = Arc::new(move || {
+        let hook: compaction::ChunkHook = Arc::new(move |stop: &AtomicBool| {
             let first = rx.lock().unwrap().take();
             if let Some(rx) = first {
                 h.store(true, Ordering::SeqCst);
-                let _ = rx.recv();
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    rx.recv_timeout(Duration::from_millis(10))
+                {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                }
             }
         });
         (hook, held, tx)
@@ -2498,9 +2578,9 @@ mod tests {
     /// still be answered, not left waiting (with every later one queued behind it in
     /// `next_round`, and the tracked key set growing with every write) until the process ends.
     #[tokio::test]
-    async fn review_a_copier_that_panics_fails_its_compaction_rather_than_leaving_it_waiting() {
+    async fn a_copier_that_panics_fails_its_compaction_rather_than_leaving_it_waiting() {
         let d = tempfile::tempdir().unwrap();
-        fn fail() {
+        fn fail(_: &AtomicBool) {
             panic!("the copier fails (a damaged page)");
         }
         let hook: compaction::ChunkHook = Arc::new(fail);
@@ -2550,8 +2630,8 @@ mod tests {
     /// inode) and closes the copy: every later commit goes to a file that no longer has a
     /// name, and `state.redb` is left unlocked for any other process (backup, `consent erase`).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn review_a_swap_that_fails_after_its_rename_loses_no_write_and_keeps_the_file_locked() {
-        const NAME: &str = "store::ledger::tests::review_a_swap_that_fails_after_its_rename_loses_no_write_and_keeps_the_file_locked";
+    async fn a_swap_that_fails_after_its_rename_loses_no_write_and_keeps_the_file_locked() {
+        const NAME: &str = "store::ledger::tests::a_swap_that_fails_after_its_rename_loses_no_write_and_keeps_the_file_locked";
         use std::os::unix::fs::PermissionsExt;
         if !permissions_enforced() {
             let Some(out) = without_dac_override(NAME) else {
@@ -2616,7 +2696,7 @@ mod tests {
     /// Nothing is left that knows a compaction is due: the erased number stays in the file's
     /// freed pages after the restart, until some later erasure compacts.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn review_a_stop_during_an_erasures_copy_leaves_no_byte_of_the_number_in_the_file() {
+    async fn a_stop_during_an_erasures_copy_leaves_no_byte_of_the_number_in_the_file() {
         use crate::consent::ConsentStore;
         const NUMBER: &str = "4917600000001";
         let d = tempfile::tempdir().unwrap();
@@ -2741,7 +2821,7 @@ mod tests {
     /// up first (its `CopyDone` waits behind the held batch): no job for the whole
     /// `state.unwritable_grace`, then the daemon exits.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn review_a_copy_never_fills_the_disk_under_rewrites_and_the_store_never_stays_down() {
+    async fn a_copy_never_fills_the_disk_under_rewrites_and_the_store_never_stays_down() {
         let Some(disk) = Tmpfs::mount("96m") else {
             eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
             return;
@@ -2824,7 +2904,7 @@ mod tests {
     /// none, the number stays in state.redb until the stop. (`abandon`'s doc says "its
     /// compactions fail (they are retried)".)
     #[tokio::test(start_paused = true)]
-    async fn review_a_failed_compaction_after_an_erasure_is_tried_again() {
+    async fn a_failed_compaction_after_an_erasure_is_tried_again() {
         use crate::consent::ConsentStore;
         const NUMBER: &str = "4917600000002";
         let d = tempfile::tempdir().unwrap();
@@ -2833,7 +2913,7 @@ mod tests {
         let chunks = Arc::new(AtomicU64::new(0));
         let hook: compaction::ChunkHook = Arc::new({
             let (chunks, copy) = (chunks.clone(), copy.clone());
-            move || {
+            move |_: &AtomicBool| {
                 // Once: the first copy loses its file, so its swap fails.
                 if chunks.fetch_add(1, Ordering::SeqCst) == 0 {
                     std::fs::remove_file(&copy).unwrap();
