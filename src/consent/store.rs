@@ -223,8 +223,9 @@ fn fact_of(bytes: &[u8]) -> Option<Fact> {
     })
 }
 
-/// In [`Table::StoreMeta`] from an erasure until a compaction started after it is done.
-const COMPACTION_DUE_KEY: &[u8] = b"compaction_due_v1";
+/// Prefix of the rows in [`Table::StoreMeta`] that mark an erasure until a compaction started
+/// after it is done (one per number: the prefix, then the tombstone's keyed hash).
+const COMPACTION_DUE_KEY: &[u8] = b"compaction_due_v1\0";
 
 /// The most of the daemon's time compactions may hold the store: on a store so large that one
 /// held it for seconds (in place, see [`Ledger::compact`]), the compactor rests long enough
@@ -307,9 +308,9 @@ impl ConsentStore {
             );
         }
         // An erasure whose compaction a stop or a crash cut short.
-        let due = ledger
-            .kv_get(Table::StoreMeta, COMPACTION_DUE_KEY)?
-            .is_some();
+        let due = !ledger
+            .kv_scan_prefix(Table::StoreMeta, COMPACTION_DUE_KEY)?
+            .is_empty();
         Ok(Arc::new(ConsentStore {
             ledger,
             index,
@@ -637,13 +638,15 @@ impl ConsentStore {
             value: tombstone.to_le_bytes().to_vec(),
         });
         // With the erasure, atomically: a compaction is due until one started after it is done.
+        // One mark per number, keyed by the tombstone's keyed hash (not the number) and holding
+        // the tombstone's date: a compaction clears only the marks it covers, and a replayed
+        // erasure writes the same bytes again.
+        let mut mark = COMPACTION_DUE_KEY.to_vec();
+        mark.extend_from_slice(&self.tombstone_key(digits));
         ops.push(KvOp::Put {
             table: Table::StoreMeta,
-            key: COMPACTION_DUE_KEY.to_vec(),
-            value: jiff::Timestamp::now()
-                .as_nanosecond()
-                .to_le_bytes()
-                .to_vec(),
+            key: mark,
+            value: tombstone.to_le_bytes().to_vec(),
         });
         self.ledger.kv_many(ops).await?;
         self.wa_ids.forget(digits);
@@ -672,10 +675,12 @@ impl ConsentStore {
         if !self.compaction_due.swap(false, Ordering::SeqCst) {
             return Ok(false);
         }
-        // The stored mark as it is before the compaction starts: every erasure it stands for
-        // committed before the compaction's snapshot. A later erasure stores another value,
-        // which stays for the next compaction.
-        let mark = self.ledger.kv_get(Table::StoreMeta, COMPACTION_DUE_KEY);
+        // The stored marks as they are before the compaction starts: every erasure they stand
+        // for committed before the compaction's snapshot. A later erasure stores another mark
+        // (or another date), which stays for the next compaction.
+        let marks = self
+            .ledger
+            .kv_scan_prefix(Table::StoreMeta, COMPACTION_DUE_KEY);
         let started = std::time::Instant::now();
         let held_ms = match self.ledger.compact().await {
             Ok(held_ms) => held_ms,
@@ -684,16 +689,19 @@ impl ConsentStore {
                 return Err(e);
             }
         };
-        if let Ok(Some(value)) = mark {
-            // Failing here only means one compaction too many after the next start.
-            let _ = self
-                .ledger
-                .kv_many(vec![KvOp::DeleteIf {
+        if let Ok(marks) = marks {
+            let done = marks
+                .into_iter()
+                .map(|(key, value)| KvOp::DeleteIf {
                     table: Table::StoreMeta,
-                    key: COMPACTION_DUE_KEY.to_vec(),
+                    key,
                     value,
-                }])
-                .await;
+                })
+                .collect::<Vec<_>>();
+            // Failing here only means one compaction too many after the next start.
+            if !done.is_empty() {
+                let _ = self.ledger.kv_many(done).await;
+            }
         }
         let took_ms = started.elapsed().as_millis() as u64;
         self.last_compaction_ms.store(took_ms, Ordering::Relaxed);
