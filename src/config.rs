@@ -14,6 +14,8 @@ use figment::providers::{Env, Format, Toml};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
+pub mod limits;
+
 use crate::job::Category;
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/sendwell/sendwell.toml";
@@ -556,10 +558,10 @@ pub struct Config {
 /// What [`crate::pipeline::limits`] enforces beyond each account's own settings.
 #[derive(Clone, Debug)]
 pub struct LimitsConfig {
-    /// Portfolios (name, daily unique-recipient tier; `tier::UNLIMITED` for none). Accounts
+    /// Portfolios (name, daily unique-recipient tier; [`limits::UNLIMITED`] for none). Accounts
     /// refer to them by index.
     pub portfolios: Vec<(Arc<str>, u32)>,
-    pub caps: Vec<crate::pipeline::limits::caps::CapConfig>,
+    pub caps: Vec<limits::CapConfig>,
     /// After Meta's 131049 (per-user marketing limit): no marketing to that number for this long.
     pub per_user_limit_block: Duration,
     /// After a 130429, quiet time before the account's rate steps back up by a tenth.
@@ -1129,17 +1131,15 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
             problem(&key("name"), "must be non-empty and unique".into());
         }
         let limit = match &p.messaging_limit {
-            None => crate::pipeline::limits::tier::UNLIMITED,
-            Some(TierFile::Word(w)) if w.eq_ignore_ascii_case("unlimited") => {
-                crate::pipeline::limits::tier::UNLIMITED
-            }
+            None => limits::UNLIMITED,
+            Some(TierFile::Word(w)) if w.eq_ignore_ascii_case("unlimited") => limits::UNLIMITED,
             Some(TierFile::Count(n)) if (1..u32::MAX as u64).contains(n) => *n as u32,
             Some(_) => {
                 problem(
                     &key("messaging_limit"),
                     "must be a number of recipients (Meta's tiers: 250, 2000, 10000, 100000; a share of one when sharded) or \"unlimited\"".into(),
                 );
-                crate::pipeline::limits::tier::UNLIMITED
+                limits::UNLIMITED
             }
         };
         portfolio_index.insert(p.name.clone(), portfolios.len());
@@ -1165,9 +1165,9 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
         let consent = account_consent(&a.consent, &seen, &mut |k, r| {
             problem(&key(&format!("consent.{k}")), r)
         });
-        let burst = a.burst.unwrap_or_else(|| {
-            crate::pipeline::limits::throughput::default_burst(a.messages_per_second)
-        });
+        let burst = a
+            .burst
+            .unwrap_or_else(|| limits::default_burst(a.messages_per_second));
         if burst == 0 || burst > 10_000 {
             problem(&key("burst"), "must be between 1 and 10000".into());
         }
@@ -1188,10 +1188,7 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
             }
             None => {
                 portfolio_index.insert(portfolio_name.clone(), portfolios.len());
-                portfolios.push((
-                    portfolio_name.as_str().into(),
-                    crate::pipeline::limits::tier::UNLIMITED,
-                ));
+                portfolios.push((portfolio_name.as_str().into(), limits::UNLIMITED));
                 portfolios.len() - 1
             }
         };
@@ -1335,7 +1332,7 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
     let caps = caps(&f.caps, &mut problem);
     {
         let names: Vec<(&str, &str)> = accounts.iter().map(|a| (&*a.name, &*a.brand)).collect();
-        if let Err(e) = crate::pipeline::limits::caps::validate(&caps, &names) {
+        if let Err(e) = limits::validate_caps(&caps, &names) {
             problem("caps", e);
         }
     }
@@ -1506,11 +1503,8 @@ fn quiet_hours(
     })
 }
 
-fn caps(
-    files: &[CapFile],
-    problem: &mut dyn FnMut(&str, String),
-) -> Vec<crate::pipeline::limits::caps::CapConfig> {
-    use crate::pipeline::limits::caps::{CapConfig, CapRule, CapScope, MAX_PER_RULE, OnExceed};
+fn caps(files: &[CapFile], problem: &mut dyn FnMut(&str, String)) -> Vec<limits::CapConfig> {
+    use limits::{CapConfig, CapRule, CapScope, MAX_PER_RULE, OnExceed};
     let mut out: Vec<CapConfig> = Vec::new();
     for (i, c) in files.iter().enumerate() {
         let key = |k: &str| format!("caps[{i}].{k}");
@@ -1796,7 +1790,7 @@ mod tests {
         assert_eq!(q.categories, vec![Category::Marketing]);
         assert_eq!(q.spread, Duration::from_secs(1800));
         assert_eq!(c.limits.portfolios, vec![("acme".into(), 2000)]);
-        use crate::pipeline::limits::caps::OnExceed;
+        use limits::OnExceed;
         assert_eq!(c.limits.caps[0].on_exceed, OnExceed::Suppress);
         assert_eq!(c.limits.caps[0].rules[0].per_secs, 7 * 86400);
         assert_eq!(
@@ -1809,7 +1803,7 @@ mod tests {
         let c = Config::load_with_env(&write(d.path(), GOOD), no_env()).unwrap();
         assert_eq!(
             c.limits.portfolios,
-            vec![("acme-de".into(), crate::pipeline::limits::tier::UNLIMITED)]
+            vec![("acme-de".into(), limits::UNLIMITED)]
         );
     }
 
