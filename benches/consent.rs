@@ -353,7 +353,7 @@ fn phase_with_limits(dir: &Path, rt: &tokio::runtime::Runtime) {
     let mut go = 0usize;
     for i in 0..n {
         let digits = 4_915_100_000_000u64 + (i as u64 * 7919) % 100_000_000;
-        job.to = sendwell::pipeline::decode::parse_e164(&format!("+{digits}")).unwrap();
+        job.to = sendwell::phone::parse_e164(&format!("+{digits}")).unwrap();
         let now = start + Duration::from_micros(i as u64);
         if limits.check(&job, now) != sendwell::pipeline::limits::Check::Go {
             continue;

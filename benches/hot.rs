@@ -12,7 +12,8 @@ use sendwell::cloud_api::request::build_body;
 use sendwell::config::Config;
 use sendwell::consent::{ConsentStore, Decision, EventDecoder};
 use sendwell::job::{Outcome, OutcomeEvent};
-use sendwell::pipeline::decode::{Decoder, parse_e164};
+use sendwell::phone::parse_e164;
+use sendwell::pipeline::decode::Decoder;
 use sendwell::store::Ledger;
 
 const JOB: &[u8] = br#"{

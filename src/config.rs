@@ -12,7 +12,9 @@ use std::time::Duration;
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+
+pub mod limits;
 
 use crate::job::Category;
 
@@ -57,7 +59,7 @@ impl ConfigError {
 // ---------------------------------------------------------------------------------------------
 // The file, as written by the operator.
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     #[serde(default)]
@@ -94,16 +96,16 @@ struct FileConfig {
     limits: LimitsFile,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct LimitsFile {
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     per_user_limit_block: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     recover_after: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     housekeeping_interval: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     arrival_jitter: Duration,
     country_zones: std::collections::BTreeMap<String, String>,
 }
@@ -120,7 +122,7 @@ impl Default for LimitsFile {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct PortfolioFile {
     name: String,
@@ -128,14 +130,14 @@ struct PortfolioFile {
     messaging_limit: Option<TierFile>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(untagged)]
 enum TierFile {
     Count(u64),
     Word(String),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct CapFile {
     category: String,
@@ -150,18 +152,18 @@ fn default_cap_scope() -> String {
     "account".into()
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct CapRuleFile {
     max: u64,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     per: Duration,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct PacingFile {
-    #[serde(default = "default_pacing_interval", with = "humantime_serde")]
+    #[serde(default = "default_pacing_interval", with = "duration")]
     interval: Duration,
     #[serde(default = "default_pacing_burst")]
     burst: u32,
@@ -184,14 +186,14 @@ fn default_pacing_burst() -> u32 {
     1
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct QuietHoursFile {
     start: String,
     end: String,
     #[serde(default)]
     categories: Option<Vec<String>>,
-    #[serde(default = "default_spread", with = "humantime_serde")]
+    #[serde(default = "default_spread", with = "duration")]
     spread: Duration,
 }
 
@@ -199,14 +201,14 @@ fn default_spread() -> Duration {
     Duration::from_secs(30 * 60)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct ConsentFile {
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     confirm_within: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     erase_tombstone_retention: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     future_tolerance: Duration,
 }
 
@@ -220,7 +222,7 @@ impl Default for ConsentFile {
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct AccountConsentFile {
     opt_out_keywords: Option<Vec<String>>,
@@ -235,7 +237,7 @@ struct AccountConsentFile {
     double_opt_in: Option<DoubleOptInFile>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct DoubleOptInFile {
     #[serde(default)]
@@ -252,7 +254,7 @@ struct DoubleOptInFile {
 
 /// What happens to a marketing template job whose template is not listed as carrying the
 /// opt-out (`opt_out_templates`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TemplatesWithoutOptOut {
     /// Send it, with a warning in the log and `sendwell_templates_without_opt_out_total`.
@@ -262,7 +264,7 @@ pub enum TemplatesWithoutOptOut {
     Refuse,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct BrokerFile {
     url: String,
@@ -270,7 +272,7 @@ struct BrokerFile {
     shard: u16,
     /// None: [`PREFETCH_PER_ACCOUNT`] per account.
     prefetch: Option<u16>,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     reconnect_max_delay: Duration,
 }
 
@@ -286,13 +288,13 @@ impl Default for BrokerFile {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct StateFile {
     dir: PathBuf,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     ledger_retention: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     unwritable_grace: Duration,
 }
 
@@ -306,14 +308,14 @@ impl Default for StateFile {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct CloudApiFile {
     base_url: String,
     version: String,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     request_timeout: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     connect_timeout: Duration,
 }
 
@@ -328,12 +330,12 @@ impl Default for CloudApiFile {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct SandboxFile {
     enabled: bool,
     listen: SocketAddr,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     latency: Duration,
 }
 
@@ -347,17 +349,17 @@ impl Default for SandboxFile {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct RetryFile {
     max_attempts: u32,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     base_delay: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     max_delay: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     inline_max_delay: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     account_pause_probe: Duration,
     resend_ambiguous: BTreeMap<String, bool>,
 }
@@ -375,10 +377,10 @@ impl Default for RetryFile {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct ShutdownFile {
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     grace_period: Duration,
 }
 
@@ -390,7 +392,7 @@ impl Default for ShutdownFile {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct AdminFile {
     listen: SocketAddr,
@@ -406,7 +408,7 @@ impl Default for AdminFile {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct LogFile {
     format: LogFormat,
@@ -424,7 +426,7 @@ impl Default for LogFile {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     #[default]
@@ -432,7 +434,7 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct WebhookFile {
     enabled: bool,
@@ -440,13 +442,13 @@ struct WebhookFile {
     app_secret_file: Option<PathBuf>,
     verify_token_file: Option<PathBuf>,
     max_body_bytes: usize,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     template_pause_max_wait: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     service_window: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     broker_connect_timeout: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration")]
     request_timeout: Duration,
 }
 
@@ -467,7 +469,7 @@ impl Default for WebhookFile {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct PurposeFile {
     name: String,
@@ -477,11 +479,11 @@ struct PurposeFile {
     categories: Option<Vec<String>>,
     #[serde(default)]
     double_opt_in: Option<bool>,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "duration")]
     expire_after: Option<Duration>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct AccountFile {
     name: String,
@@ -556,10 +558,10 @@ pub struct Config {
 /// What [`crate::pipeline::limits`] enforces beyond each account's own settings.
 #[derive(Clone, Debug)]
 pub struct LimitsConfig {
-    /// Portfolios (name, daily unique-recipient tier; `tier::UNLIMITED` for none). Accounts
+    /// Portfolios (name, daily unique-recipient tier; [`limits::UNLIMITED`] for none). Accounts
     /// refer to them by index.
     pub portfolios: Vec<(Arc<str>, u32)>,
-    pub caps: Vec<crate::pipeline::limits::caps::CapConfig>,
+    pub caps: Vec<limits::CapConfig>,
     /// After Meta's 131049 (per-user marketing limit): no marketing to that number for this long.
     pub per_user_limit_block: Duration,
     /// After a 130429, quiet time before the account's rate steps back up by a tenth.
@@ -581,6 +583,9 @@ pub struct WebhookConfig {
     pub app_secret: Option<Secret>,
     /// Answer to Meta's `hub.verify_token` handshake.
     pub verify_token: Option<Secret>,
+    /// Where the two secrets came from (resolved), so `check-config` can name the files.
+    pub app_secret_file: Option<PathBuf>,
+    pub verify_token_file: Option<PathBuf>,
     pub max_body_bytes: usize,
     /// How long jobs wait for a paused template before they fail `template_paused`.
     pub template_pause_max_wait: Duration,
@@ -608,6 +613,8 @@ pub struct BrokerConfig {
     /// Full AMQP URI including the password; never printed (see `redacted_url`).
     pub url: Secret,
     pub redacted_url: String,
+    /// Where the password in `url` came from (resolved), so `check-config` can name the file.
+    pub password_file: Option<PathBuf>,
     pub shard: u16,
     pub prefetch: u16,
     pub reconnect_max_delay: Duration,
@@ -617,6 +624,7 @@ impl fmt::Debug for BrokerConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BrokerConfig")
             .field("url", &self.redacted_url)
+            .field("password_file", &self.password_file)
             .field("shard", &self.shard)
             .field("prefetch", &self.prefetch)
             .field("reconnect_max_delay", &self.reconnect_max_delay)
@@ -679,6 +687,8 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     /// The bearer token the consent endpoints ask for.
     pub token: AdminToken,
+    /// `admin.token_file` as resolved (None: generated, see [`AdminToken::Generated`]).
+    pub token_file: Option<PathBuf>,
 }
 
 /// The generated admin token's file in `state.dir`.
@@ -823,13 +833,318 @@ impl Config {
         validate(file, &base)
     }
 
-    /// The config as `check-config` prints it: every effective value, secrets redacted.
-    pub fn redacted_summary(&self) -> String {
-        format!("{self:#?}")
+    /// The config as `check-config` prints it: a config file with every value in effect
+    /// (defaults filled in, environment overrides applied, durations as the file writes them),
+    /// which loads back to the same config. Secrets stay in their files, named by resolved path;
+    /// a password written in `broker.url` is printed as [`REDACTED_PASSWORD`], which loading
+    /// refuses until the password is put back.
+    pub fn effective_toml(&self) -> String {
+        let body = toml::to_string_pretty(&self.to_file())
+            // Unreachable: every field is a string, number, bool, list or table TOML can hold.
+            .unwrap_or_else(|e| format!("# cannot print the configuration as TOML: {e}\n"));
+        format!("{EFFECTIVE_HEADER}{body}")
     }
 
     pub fn account(&self, name: &str) -> Option<&Account> {
         self.accounts.iter().find(|a| &*a.name == name)
+    }
+}
+
+/// Printed by `check-config` instead of a password written in `broker.url`; loading refuses it,
+/// so a saved printout cannot connect with a wrong password unnoticed.
+pub const REDACTED_PASSWORD: &str = "***";
+
+const EFFECTIVE_HEADER: &str = "\
+# The effective sendwell configuration (sendwell check-config): every key with the value in
+# effect, defaults filled in and SENDWELL_* overrides applied. Secrets are not in it: they stay
+# in the files named here; a password written in broker.url shows as *** (put it back, or better
+# into broker.password_file, before using this file).
+
+";
+
+/// Durations as the config file writes them: one whole number and the largest unit that divides
+/// it exactly (`7d`, `48h` → `2d`, `500ms`, `90m`), which humantime, the parser, reads back to
+/// the same value. Deserializing is humantime's.
+mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn format(d: Duration) -> String {
+        const UNITS: [(&str, u128); 6] = [
+            ("d", 86_400_000_000_000),
+            ("h", 3_600_000_000_000),
+            ("m", 60_000_000_000),
+            ("s", 1_000_000_000),
+            ("ms", 1_000_000),
+            ("us", 1_000),
+        ];
+        let ns = d.as_nanos();
+        if ns == 0 {
+            return "0s".into();
+        }
+        match UNITS.iter().find(|(_, n)| ns % n == 0) {
+            Some((unit, n)) => format!("{}{unit}", ns / n),
+            None => format!("{ns}ns"),
+        }
+    }
+
+    /// `Duration` and `Option<Duration>` fields alike.
+    pub trait AsText {
+        fn text(&self) -> Option<String>;
+    }
+
+    impl AsText for Duration {
+        fn text(&self) -> Option<String> {
+            Some(format(*self))
+        }
+    }
+
+    impl AsText for Option<Duration> {
+        fn text(&self) -> Option<String> {
+            self.map(format)
+        }
+    }
+
+    pub fn serialize<T: AsText, S: Serializer>(d: &T, s: S) -> Result<S::Ok, S::Error> {
+        match d.text() {
+            Some(t) => s.serialize_str(&t),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, T, D>(d: D) -> Result<T, D::Error>
+    where
+        humantime_serde::Serde<T>: Deserialize<'de>,
+        D: Deserializer<'de>,
+    {
+        humantime_serde::deserialize(d)
+    }
+}
+
+fn category_names(cs: &[Category]) -> Vec<String> {
+    cs.iter().map(|c| c.as_str().to_string()).collect()
+}
+
+/// `21:00` (or `21:00:30` when the seconds matter), as quiet hours are written.
+fn time_of_day(t: jiff::civil::Time) -> String {
+    if t.second() == 0 && t.subsec_nanosecond() == 0 {
+        format!("{:02}:{:02}", t.hour(), t.minute())
+    } else {
+        t.to_string()
+    }
+}
+
+impl Config {
+    /// The inverse of [`validate`]: the file that loads to this config.
+    fn to_file(&self) -> FileConfig {
+        let url = match reqwest::Url::parse(self.broker.url.expose()) {
+            Ok(mut u) => {
+                // The file replaces the URL's password; without one, a password is a secret
+                // written in the URL.
+                let shown = match &self.broker.password_file {
+                    Some(_) => None,
+                    None => u.password().map(|_| REDACTED_PASSWORD),
+                };
+                let _ = u.set_password(shown);
+                u.to_string()
+            }
+            // Validated as a URL at load; never print the secret whatever happens.
+            Err(_) => self.broker.redacted_url.clone(),
+        };
+        let resend_ambiguous = Category::ALL
+            .iter()
+            .map(|c| (c.as_str().to_string(), self.retry.resend_ambiguous(*c)))
+            .collect();
+        let accounts = self
+            .accounts
+            .iter()
+            .map(|a| AccountFile {
+                name: a.name.to_string(),
+                phone_number_id: a.phone_number_id.clone(),
+                token_file: a.token_path.clone(),
+                messages_per_second: a.messages_per_second,
+                waba_id: a.waba_id.clone(),
+                consent: account_consent_file(&a.consent),
+                burst: Some(a.burst),
+                portfolio: self
+                    .limits
+                    .portfolios
+                    .get(a.portfolio)
+                    .map(|(name, _)| name.to_string()),
+                brand: Some(a.brand.to_string()),
+                pacing: PacingFile {
+                    interval: a.pacing_interval,
+                    burst: a.pacing_burst,
+                },
+                quiet_hours: a.quiet_hours.as_ref().map(|q| QuietHoursFile {
+                    start: time_of_day(q.start),
+                    end: time_of_day(q.end),
+                    categories: Some(category_names(&q.categories)),
+                    spread: q.spread,
+                }),
+                daily_budget: a.daily_budget.map(|m| m.to_decimal_string()),
+                budget_categories: Some(category_names(&a.budget_categories)),
+            })
+            .collect();
+        FileConfig {
+            broker: BrokerFile {
+                url,
+                password_file: self.broker.password_file.clone(),
+                shard: self.broker.shard,
+                prefetch: Some(self.broker.prefetch),
+                reconnect_max_delay: self.broker.reconnect_max_delay,
+            },
+            state: StateFile {
+                dir: self.state.dir.clone(),
+                ledger_retention: self.state.ledger_retention,
+                unwritable_grace: self.state.unwritable_grace,
+            },
+            cloud_api: CloudApiFile {
+                base_url: self.cloud_api.base_url.clone(),
+                version: self.cloud_api.version.clone(),
+                request_timeout: self.cloud_api.request_timeout,
+                connect_timeout: self.cloud_api.connect_timeout,
+            },
+            sandbox: SandboxFile {
+                enabled: self.sandbox.enabled,
+                listen: self.sandbox.listen,
+                latency: self.sandbox.latency,
+            },
+            retry: RetryFile {
+                max_attempts: self.retry.max_attempts,
+                base_delay: self.retry.base_delay,
+                max_delay: self.retry.max_delay,
+                inline_max_delay: self.retry.inline_max_delay,
+                account_pause_probe: self.retry.account_pause_probe,
+                resend_ambiguous,
+            },
+            shutdown: ShutdownFile {
+                grace_period: self.shutdown.grace_period,
+            },
+            admin: AdminFile {
+                listen: self.admin.listen,
+                token_file: self.admin.token_file.clone(),
+            },
+            log: LogFile {
+                format: self.log.format,
+                mask_numbers: self.log.mask_numbers,
+                filter: self.log.filter.clone(),
+            },
+            webhook: WebhookFile {
+                enabled: self.webhook.enabled,
+                listen: self.webhook.listen,
+                app_secret_file: self.webhook.app_secret_file.clone(),
+                verify_token_file: self.webhook.verify_token_file.clone(),
+                max_body_bytes: self.webhook.max_body_bytes,
+                template_pause_max_wait: self.webhook.template_pause_max_wait,
+                service_window: self.webhook.service_window,
+                broker_connect_timeout: self.webhook.broker_connect_timeout,
+                request_timeout: self.webhook.request_timeout,
+            },
+            prices: Some(self.prices.to_file()),
+            consent: ConsentFile {
+                confirm_within: self.consent.confirm_within,
+                erase_tombstone_retention: self.consent.erase_tombstone_retention,
+                future_tolerance: self.consent.future_tolerance,
+            },
+            purposes: self
+                .purposes
+                .iter()
+                .map(|p| PurposeFile {
+                    name: p.name.clone(),
+                    description: p.description.clone(),
+                    categories: Some(category_names(&p.categories)),
+                    double_opt_in: p.double_opt_in,
+                    expire_after: p.expire_after,
+                })
+                .collect(),
+            accounts,
+            // Every portfolio, the implicit ones (an account's own, a WABA's) included, so the
+            // accounts' `portfolio` names resolve to the same tiers in the same order.
+            portfolios: self
+                .limits
+                .portfolios
+                .iter()
+                .map(|(name, limit)| PortfolioFile {
+                    name: name.to_string(),
+                    messaging_limit: Some(if *limit == limits::UNLIMITED {
+                        TierFile::Word("unlimited".into())
+                    } else {
+                        TierFile::Count(u64::from(*limit))
+                    }),
+                })
+                .collect(),
+            caps: self
+                .limits
+                .caps
+                .iter()
+                .map(|c| CapFile {
+                    category: c.category.as_str().to_string(),
+                    scope: match c.scope {
+                        limits::CapScope::Account => "account",
+                        limits::CapScope::Brand => "brand",
+                    }
+                    .into(),
+                    rules: c
+                        .rules
+                        .iter()
+                        .map(|r| CapRuleFile {
+                            max: u64::from(r.max),
+                            per: Duration::from_secs(u64::from(r.per_secs)),
+                        })
+                        .collect(),
+                    on_exceed: Some(
+                        match c.on_exceed {
+                            limits::OnExceed::Suppress => "suppress",
+                            limits::OnExceed::Defer => "defer",
+                        }
+                        .into(),
+                    ),
+                })
+                .collect(),
+            limits: LimitsFile {
+                per_user_limit_block: self.limits.per_user_limit_block,
+                recover_after: self.limits.recover_after,
+                housekeeping_interval: self.limits.housekeeping_interval,
+                arrival_jitter: self.limits.arrival_jitter,
+                country_zones: self.limits.country_zones.iter().cloned().collect(),
+            },
+        }
+    }
+}
+
+fn account_consent_file(c: &AccountConsent) -> AccountConsentFile {
+    AccountConsentFile {
+        opt_out_keywords: Some(c.opt_out_keywords.clone()),
+        opt_in_keywords: Some(c.opt_in_keywords.clone()),
+        yes_keywords: Some(c.yes_keywords.clone()),
+        no_keywords: Some(c.no_keywords.clone()),
+        opt_out_reply: c.opt_out_reply.clone(),
+        start_purposes: c.start_purposes.clone(),
+        marketing_footer: c.marketing_footer.clone(),
+        opt_out_templates: c.opt_out_templates.clone(),
+        templates_without_opt_out: c.templates_without_opt_out,
+        double_opt_in: c.double_opt_in.as_ref().map(|d| match d {
+            DoubleOptInMessage::Interactive {
+                text,
+                yes_title,
+                no_title,
+            } => DoubleOptInFile {
+                text: Some(text.clone()),
+                yes_title: Some(yes_title.clone()),
+                no_title: Some(no_title.clone()),
+                template: None,
+                language: None,
+            },
+            DoubleOptInMessage::Template { name, language } => DoubleOptInFile {
+                text: None,
+                yes_title: None,
+                no_title: None,
+                template: Some(name.clone()),
+                language: Some(language.clone()),
+            },
+        }),
     }
 }
 
@@ -913,10 +1228,25 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
     let mut url = f.broker.url.clone();
     let parsed = reqwest::Url::parse(&url);
     let mut redacted_url = String::new();
+    let password_file = f
+        .broker
+        .password_file
+        .as_ref()
+        .map(|pf| resolve_secret_path(pf, base));
     match parsed {
         Ok(mut u) if u.scheme() == "amqp" || u.scheme() == "amqps" => {
-            if let Some(pf) = &f.broker.password_file {
-                match read_secret(&resolve_secret_path(pf, base)) {
+            if password_file.is_none() && u.password() == Some(REDACTED_PASSWORD) {
+                problem(
+                    "broker.url",
+                    format!(
+                        "the password is `{REDACTED_PASSWORD}`, which check-config prints instead \
+                         of a password: put the password in broker.password_file (or back in the \
+                         URL)"
+                    ),
+                );
+            }
+            if let Some(pf) = &password_file {
+                match read_secret(pf) {
                     Ok(pw) => {
                         if u.set_password(Some(pw.expose())).is_err() {
                             problem("broker.url", "cannot carry a password".into());
@@ -1129,17 +1459,15 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
             problem(&key("name"), "must be non-empty and unique".into());
         }
         let limit = match &p.messaging_limit {
-            None => crate::pipeline::limits::tier::UNLIMITED,
-            Some(TierFile::Word(w)) if w.eq_ignore_ascii_case("unlimited") => {
-                crate::pipeline::limits::tier::UNLIMITED
-            }
+            None => limits::UNLIMITED,
+            Some(TierFile::Word(w)) if w.eq_ignore_ascii_case("unlimited") => limits::UNLIMITED,
             Some(TierFile::Count(n)) if (1..u32::MAX as u64).contains(n) => *n as u32,
             Some(_) => {
                 problem(
                     &key("messaging_limit"),
                     "must be a number of recipients (Meta's tiers: 250, 2000, 10000, 100000; a share of one when sharded) or \"unlimited\"".into(),
                 );
-                crate::pipeline::limits::tier::UNLIMITED
+                limits::UNLIMITED
             }
         };
         portfolio_index.insert(p.name.clone(), portfolios.len());
@@ -1165,9 +1493,9 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
         let consent = account_consent(&a.consent, &seen, &mut |k, r| {
             problem(&key(&format!("consent.{k}")), r)
         });
-        let burst = a.burst.unwrap_or_else(|| {
-            crate::pipeline::limits::throughput::default_burst(a.messages_per_second)
-        });
+        let burst = a
+            .burst
+            .unwrap_or_else(|| limits::default_burst(a.messages_per_second));
         if burst == 0 || burst > 10_000 {
             problem(&key("burst"), "must be between 1 and 10000".into());
         }
@@ -1188,10 +1516,7 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
             }
             None => {
                 portfolio_index.insert(portfolio_name.clone(), portfolios.len());
-                portfolios.push((
-                    portfolio_name.as_str().into(),
-                    crate::pipeline::limits::tier::UNLIMITED,
-                ));
+                portfolios.push((portfolio_name.as_str().into(), limits::UNLIMITED));
                 portfolios.len() - 1
             }
         };
@@ -1264,9 +1589,14 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
     }
 
     // Admin listener.
-    let admin_token = match &f.admin.token_file {
+    let admin_token_file = f
+        .admin
+        .token_file
+        .as_ref()
+        .map(|p| resolve_secret_path(p, base));
+    let admin_token = match &admin_token_file {
         None => Some(AdminToken::Generated(state_dir.join(GENERATED_ADMIN_TOKEN))),
-        Some(p) => match read_secret(&resolve_secret_path(p, base)) {
+        Some(p) => match read_secret(p) {
             Ok(t) if t.expose().chars().count() < MIN_ADMIN_TOKEN_LEN => {
                 problem(
                     "admin.token_file",
@@ -1283,6 +1613,16 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
     };
 
     // Webhook listener.
+    let app_secret_file = f
+        .webhook
+        .app_secret_file
+        .as_ref()
+        .map(|p| resolve_secret_path(p, base));
+    let verify_token_file = f
+        .webhook
+        .verify_token_file
+        .as_ref()
+        .map(|p| resolve_secret_path(p, base));
     let mut webhook_secret = |key: &str, p: &Option<PathBuf>| -> Option<Secret> {
         match p {
             None if f.webhook.enabled => {
@@ -1290,7 +1630,7 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
                 None
             }
             None => None,
-            Some(p) => match read_secret(&resolve_secret_path(p, base)) {
+            Some(p) => match read_secret(p) {
                 Ok(s) => Some(s),
                 Err(e) => {
                     problem(key, e);
@@ -1299,8 +1639,8 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
             },
         }
     };
-    let app_secret = webhook_secret("webhook.app_secret_file", &f.webhook.app_secret_file);
-    let verify_token = webhook_secret("webhook.verify_token_file", &f.webhook.verify_token_file);
+    let app_secret = webhook_secret("webhook.app_secret_file", &app_secret_file);
+    let verify_token = webhook_secret("webhook.verify_token_file", &verify_token_file);
     if f.webhook.max_body_bytes < 1024 || f.webhook.max_body_bytes > 64 * 1024 * 1024 {
         problem(
             "webhook.max_body_bytes",
@@ -1335,7 +1675,7 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
     let caps = caps(&f.caps, &mut problem);
     {
         let names: Vec<(&str, &str)> = accounts.iter().map(|a| (&*a.name, &*a.brand)).collect();
-        if let Err(e) = crate::pipeline::limits::caps::validate(&caps, &names) {
+        if let Err(e) = limits::validate_caps(&caps, &names) {
             problem("caps", e);
         }
     }
@@ -1387,6 +1727,7 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
         broker: BrokerConfig {
             url: Secret::new(url),
             redacted_url,
+            password_file,
             shard: f.broker.shard,
             prefetch: f
                 .broker
@@ -1424,6 +1765,7 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
         admin: AdminConfig {
             listen: f.admin.listen,
             token: admin_token,
+            token_file: admin_token_file,
         },
         log: LogConfig {
             format: f.log.format,
@@ -1442,6 +1784,8 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
             listen: f.webhook.listen,
             app_secret,
             verify_token,
+            app_secret_file,
+            verify_token_file,
             max_body_bytes: f.webhook.max_body_bytes,
             template_pause_max_wait: f.webhook.template_pause_max_wait,
             service_window: f.webhook.service_window,
@@ -1506,11 +1850,8 @@ fn quiet_hours(
     })
 }
 
-fn caps(
-    files: &[CapFile],
-    problem: &mut dyn FnMut(&str, String),
-) -> Vec<crate::pipeline::limits::caps::CapConfig> {
-    use crate::pipeline::limits::caps::{CapConfig, CapRule, CapScope, MAX_PER_RULE, OnExceed};
+fn caps(files: &[CapFile], problem: &mut dyn FnMut(&str, String)) -> Vec<limits::CapConfig> {
+    use limits::{CapConfig, CapRule, CapScope, MAX_PER_RULE, OnExceed};
     let mut out: Vec<CapConfig> = Vec::new();
     for (i, c) in files.iter().enumerate() {
         let key = |k: &str| format!("caps[{i}].{k}");
@@ -1752,7 +2093,7 @@ mod tests {
         assert_eq!(c.accounts[0].messages_per_second, 80);
         assert!(!c.retry.resend_ambiguous(Category::Marketing));
         assert!(c.retry.resend_ambiguous(Category::Authentication));
-        assert!(!c.redacted_summary().contains("guest:guest"));
+        assert!(!c.effective_toml().contains("guest:guest"));
     }
 
     #[test]
@@ -1796,7 +2137,7 @@ mod tests {
         assert_eq!(q.categories, vec![Category::Marketing]);
         assert_eq!(q.spread, Duration::from_secs(1800));
         assert_eq!(c.limits.portfolios, vec![("acme".into(), 2000)]);
-        use crate::pipeline::limits::caps::OnExceed;
+        use limits::OnExceed;
         assert_eq!(c.limits.caps[0].on_exceed, OnExceed::Suppress);
         assert_eq!(c.limits.caps[0].rules[0].per_secs, 7 * 86400);
         assert_eq!(
@@ -1809,7 +2150,7 @@ mod tests {
         let c = Config::load_with_env(&write(d.path(), GOOD), no_env()).unwrap();
         assert_eq!(
             c.limits.portfolios,
-            vec![("acme-de".into(), crate::pipeline::limits::tier::UNLIMITED)]
+            vec![("acme-de".into(), limits::UNLIMITED)]
         );
     }
 
@@ -1903,7 +2244,7 @@ mod tests {
         let toml = format!("[admin]\ntoken_file = \"admin-token\"\n{GOOD}");
         let c = Config::load_with_env(&write(d.path(), &toml), no_env()).unwrap();
         assert!(matches!(&c.admin.token, AdminToken::File(t) if t.expose() == secret));
-        assert!(!c.redacted_summary().contains(secret));
+        assert!(!c.effective_toml().contains(secret));
 
         // Missing, or too short to guard personal data: named by its key, without the secret.
         let toml = format!("[admin]\ntoken_file = \"nope\"\n{GOOD}");
@@ -1914,6 +2255,208 @@ mod tests {
         let e = Config::load_with_env(&write(d.path(), &toml), no_env()).unwrap_err();
         assert_eq!(e.problems[0].key, "admin.token_file", "{e}");
         assert!(!e.to_string().contains("short-secret"), "{e}");
+    }
+
+    /// Loads `path`, prints it, loads the print and checks both are the same config: the same
+    /// print, the same `Debug` (every field, secrets redacted), the same secrets. The prices are
+    /// compared as the section they print to (their lookup index is a HashMap, whose `Debug`
+    /// order varies). `put_back`: the secrets the print redacts, as an operator restores them.
+    fn round_trip(path: &Path, put_back: &[(&str, &str)]) -> Config {
+        let c1 = Config::load_with_env(path, no_env()).unwrap();
+        let original = c1.effective_toml();
+        let mut printed = original.clone();
+        let _: toml::Table = toml::from_str(&printed).unwrap_or_else(|e| panic!("{e}\n{printed}"));
+        let d = tempfile::tempdir().unwrap();
+        let saved = d.path().join("printed.toml");
+        if !put_back.is_empty() {
+            std::fs::write(&saved, &printed).unwrap();
+            let e = Config::load_with_env(&saved, no_env()).unwrap_err();
+            assert_eq!(e.problems.len(), 1, "{e}");
+            assert_eq!(e.problems[0].key, "broker.url", "{e}");
+            assert!(e.problems[0].reason.contains("password_file"), "{e}");
+            for (redacted, secret) in put_back {
+                printed = printed.replace(redacted, secret);
+            }
+        }
+        std::fs::write(&saved, &printed).unwrap();
+        let mut c2 =
+            Config::load_with_env(&saved, no_env()).unwrap_or_else(|e| panic!("{e}\n{printed}"));
+        assert_eq!(c2.effective_toml(), original);
+        assert_eq!(c1.prices.to_file(), c2.prices.to_file());
+        c2.prices = c1.prices.clone();
+        assert_eq!(format!("{c1:?}"), format!("{c2:?}"));
+        assert_eq!(c1.broker.url.expose(), c2.broker.url.expose());
+        for (a, b) in c1.accounts.iter().zip(&c2.accounts) {
+            assert_eq!(a.token.expose(), b.token.expose());
+        }
+        let secret = |s: &Option<Secret>| s.as_ref().map(|s| s.expose().to_string());
+        assert_eq!(
+            secret(&c1.webhook.app_secret),
+            secret(&c2.webhook.app_secret)
+        );
+        assert_eq!(
+            secret(&c1.webhook.verify_token),
+            secret(&c2.webhook.verify_token)
+        );
+        match (&c1.admin.token, &c2.admin.token) {
+            (AdminToken::File(a), AdminToken::File(b)) => assert_eq!(a.expose(), b.expose()),
+            (AdminToken::Generated(a), AdminToken::Generated(b)) => assert_eq!(a, b),
+            (a, b) => panic!("{a:?} became {b:?}"),
+        }
+        c1
+    }
+
+    #[test]
+    fn check_config_prints_the_example_configs_as_toml_that_loads_back_the_same() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        // The development config writes RabbitMQ's guest password into the URL: printed as ***,
+        // refused until it is put back.
+        let c = round_trip(
+            &root.join("config/sendwell.toml"),
+            &[("guest:***@", "guest:guest@")],
+        );
+        let printed = c.effective_toml();
+        for line in [
+            "ledger_retention = \"7d\"",
+            "base_delay = \"500ms\"",
+            "confirm_within = \"2d\"",
+            "[retry.resend_ambiguous]",
+            "marketing = false",
+            "prefetch = 1000",
+            "burst = 8",
+            "[[caps.rules]]",
+            "on_exceed = \"suppress\"",
+            "calling_codes = [\"49\"]",
+        ] {
+            assert!(printed.contains(line), "{line} missing from\n{printed}");
+        }
+        assert!(!printed.contains("guest:guest"), "{printed}");
+
+        // The packaged config, with its secret files (and the price example as its [prices]).
+        let d = tempfile::tempdir().unwrap();
+        for (file, secret) in [
+            ("broker-password", "broker-s3cret"),
+            ("example-token", "token-s3cret"),
+            ("admin-token", "admin-token-s3cret-0123456789"),
+            ("app-secret", "app-s3cret"),
+            ("verify-token", "verify-s3cret"),
+        ] {
+            std::fs::write(d.path().join(file), format!("{secret}\n")).unwrap();
+        }
+        let packaged = std::fs::read_to_string(root.join("packaging/sendwell.toml")).unwrap();
+        let prices = std::fs::read_to_string(root.join("config/prices.example.toml")).unwrap();
+        let p = d.path().join("sendwell.toml");
+        std::fs::write(&p, &packaged).unwrap();
+        let c = round_trip(&p, &[]);
+        assert_eq!(
+            c.broker.password_file,
+            Some(d.path().join("broker-password"))
+        );
+        let with_prices = if packaged.contains("\n[prices]") {
+            packaged.clone()
+        } else {
+            format!("{packaged}\n{prices}")
+        };
+        std::fs::write(&p, with_prices).unwrap();
+        round_trip(&p, &[]);
+
+        // Every optional part set: the template question, quiet hours, a budget, a brand cap
+        // that defers, an expiring purpose, country zones, every secret in a file.
+        let toml = r#"
+            [broker]
+            url = "amqp://sendwell:dummy@127.0.0.1:5672/sw"
+            password_file = "broker-password"
+            [admin]
+            token_file = "admin-token"
+            [webhook]
+            enabled = true
+            app_secret_file = "app-secret"
+            verify_token_file = "verify-token"
+            [limits]
+            country_zones = { us = "America/New_York" }
+            arrival_jitter = "1500us"
+            [[purposes]]
+            name = "news"
+            double_opt_in = false
+            expire_after = "730d"
+            [[caps]]
+            category = "utility"
+            scope = "brand"
+            rules = [{ max = 3, per = "36h" }]
+            [[accounts]]
+            name = "a"
+            phone_number_id = "1"
+            token_file = "example-token"
+            waba_id = "77"
+            daily_budget = "12.5"
+            budget_categories = ["marketing", "utility"]
+            quiet_hours = { start = "21:30", end = "08:00:30", spread = "90m" }
+            consent = { start_purposes = ["news"], double_opt_in = { template = "optin", language = "de" } }
+            [[accounts]]
+            name = "b"
+            phone_number_id = "2"
+            token_file = "example-token"
+            waba_id = "77"
+        "#;
+        std::fs::write(&p, toml).unwrap();
+        let c = round_trip(&p, &[]);
+        assert_eq!(
+            c.limits.portfolios.len(),
+            1,
+            "the two numbers of WABA 77 share one"
+        );
+        let printed = c.effective_toml();
+        for secret in [
+            "broker-s3cret",
+            "token-s3cret",
+            "admin-token-s3cret",
+            "app-s3cret",
+            "verify-s3cret",
+            "dummy",
+        ] {
+            assert!(!printed.contains(secret), "{secret} in\n{printed}");
+        }
+        for line in [
+            "arrival_jitter = \"1500us\"",
+            "per = \"36h\"",
+            "spread = \"90m\"",
+            "end = \"08:00:30\"",
+            "daily_budget = \"12.50\"",
+            "expire_after = \"730d\"",
+        ] {
+            assert!(printed.contains(line), "{line} missing from\n{printed}");
+        }
+    }
+
+    #[test]
+    fn a_redacted_password_is_refused_unless_a_password_file_replaces_it() {
+        let d = tempfile::tempdir().unwrap();
+        let url = "[broker]\nurl = \"amqp://u:***@127.0.0.1:5672/%2f\"\n";
+        let e =
+            Config::load_with_env(&write(d.path(), &format!("{url}{GOOD}")), no_env()).unwrap_err();
+        assert_eq!(e.problems[0].key, "broker.url", "{e}");
+        std::fs::write(d.path().join("pw"), "real\n").unwrap();
+        let toml = format!("{url}password_file = \"pw\"\n{GOOD}");
+        let c = Config::load_with_env(&write(d.path(), &toml), no_env()).unwrap();
+        assert_eq!(c.broker.url.expose(), "amqp://u:real@127.0.0.1:5672/%2f");
+    }
+
+    #[test]
+    fn durations_print_in_the_largest_exact_unit_and_parse_back() {
+        for (d, text) in [
+            (Duration::ZERO, "0s"),
+            (Duration::from_secs(7 * 86400), "7d"),
+            (Duration::from_secs(48 * 3600), "2d"),
+            (Duration::from_secs(36 * 3600), "36h"),
+            (Duration::from_secs(90 * 60), "90m"),
+            (Duration::from_secs(30), "30s"),
+            (Duration::from_millis(500), "500ms"),
+            (Duration::from_micros(1500), "1500us"),
+            (Duration::from_nanos(86_400_000_000_001), "86400000000001ns"),
+        ] {
+            assert_eq!(duration::format(d), text);
+            assert_eq!(humantime::parse_duration(text), Ok(d), "{text}");
+        }
     }
 
     #[test]

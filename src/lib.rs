@@ -16,7 +16,8 @@
 //! - [`config`]: one TOML file + `SENDWELL_<SECTION>__<KEY>` overrides + secret files, validated
 //!   as a whole before anything binds (bad config: exit 64).
 //! - [`job`]: the job as upstream sends it, the validated job, and the [`job::Outcome`] that
-//!   decides the ack, the outcome event and the metric.
+//!   decides the ack, the outcome event and the metric; [`phone`]: E.164 parsing, a leaf every
+//!   stage that reads a number uses.
 //! - [`pipeline`]: `process(job) -> Outcome`, one file per stage in data-path order, with the
 //!   limits (`pipeline::limits`: throughput, pacing, tiers, caps, quiet hours) and the cost
 //!   estimate and spend guard (`pipeline::spend`).
@@ -47,6 +48,7 @@ pub mod log_every;
 pub mod metrics;
 pub mod notify;
 pub mod ops;
+pub mod phone;
 pub mod pipeline;
 pub mod pricing;
 pub mod privacy;

@@ -41,7 +41,8 @@ struct ConfigArg {
 enum Command {
     /// Run the daemon: consume send jobs, send them, publish outcomes.
     Run(ConfigArg),
-    /// Validate the config and print it with secrets redacted (exit 64 when invalid).
+    /// Validate the config and print the effective config as TOML, secrets redacted (exit 64
+    /// when invalid).
     CheckConfig {
         /// The config file (same as --config).
         path: Option<PathBuf>,
@@ -367,8 +368,9 @@ fn load(path: &std::path::Path) -> Result<Config, i32> {
 fn check_config(path: PathBuf) -> i32 {
     match load(&path) {
         Ok(c) => {
-            println!("{}", c.redacted_summary());
-            println!("configuration OK: {}", path.display());
+            // stdout is a config file (`> sendwell.toml` saves it); the verdict goes to stderr.
+            print!("{}", c.effective_toml());
+            eprintln!("configuration OK: {}", path.display());
             0
         }
         Err(code) => code,

@@ -317,6 +317,43 @@ impl PriceTable {
         }
     }
 
+    /// The `[prices]` section that validates to this table (for `check-config`): prices as
+    /// decimal strings, each market's calling codes in ascending order.
+    pub fn to_file(&self) -> PricesFile {
+        let row = |r: &Row| -> BTreeMap<String, String> {
+            CATEGORIES
+                .iter()
+                .zip(r)
+                .filter_map(|(c, p)| Some((c.to_string(), p.as_ref()?.to_decimal_string())))
+                .collect()
+        };
+        let mut markets: BTreeMap<String, MarketFile> = self
+            .markets
+            .iter()
+            .map(|m| {
+                let file = MarketFile {
+                    calling_codes: Vec::new(),
+                    prices: row(&m.prices),
+                };
+                (m.name.clone(), file)
+            })
+            .collect();
+        let mut codes: Vec<(&String, usize)> = self.by_code.iter().map(|(c, i)| (c, *i)).collect();
+        codes.sort();
+        for (code, i) in codes {
+            if let Some(m) = markets.get_mut(&self.markets[i].name) {
+                m.calling_codes.push(code.clone());
+            }
+        }
+        PricesFile {
+            currency: self.currency.clone(),
+            effective: self.effective.clone(),
+            source: self.source.clone(),
+            default: row(&self.default),
+            markets,
+        }
+    }
+
     /// Name of the market a recipient falls in (`"germany"`), or `"other"` for the default;
     /// meant for metric labels, so the set of values is bounded by the config.
     pub fn market(&self, recipient_digits: &str) -> &str {

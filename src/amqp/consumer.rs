@@ -565,7 +565,7 @@ impl Worker {
         let to = refused
             .to
             .as_deref()
-            .and_then(|t| crate::pipeline::decode::parse_e164(t).ok());
+            .and_then(|t| crate::phone::parse_e164(t).ok());
         if let Some(to) = &to
             && delivery.routing_key.as_str() != to.digits()
             && header_i64(&delivery.properties, HEADER_ATTEMPTS).is_none()

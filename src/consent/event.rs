@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::job::{Invalid, Recipient};
-use crate::pipeline::decode::parse_e164;
+use crate::phone::parse_e164;
 
 pub const MAX_EVENT_BYTES: usize = 64 * 1024;
 pub const MAX_EVIDENCE_BYTES: usize = 4096;

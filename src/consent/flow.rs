@@ -15,9 +15,24 @@ use super::keywords::{Keywords, META_OPT_OUT_BUTTON_PAYLOADS, normalize};
 use super::model::{CONFIRMED, OPTED_IN};
 use super::store::{ConsentStore, number_account_key};
 use crate::config::{AccountConsent, Config, DoubleOptInMessage};
-use crate::pipeline::decode::parse_e164;
+use crate::phone::parse_e164;
 use crate::store::{KvOp, LedgerError, Table};
-use crate::webhook::apply::InboundMessage;
+
+/// A customer's message, parsed: what consent handling (STOP, YES/NO) works from. The flow
+/// owns it and the webhook applier builds it: the dependency runs webhook → consent only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboundMessage {
+    pub account: Option<String>,
+    /// `+` and digits.
+    pub from: String,
+    pub wamid: String,
+    pub at: Timestamp,
+    /// `text`, `button`, `interactive`, or another Meta type.
+    pub kind: String,
+    pub text: Option<String>,
+    /// Quick-reply payload or interactive reply id.
+    pub payload: Option<String>,
+}
 
 /// Reply ids of the interactive question's buttons (and payloads of a template's buttons).
 pub const YES_ID: &str = "sendwell_optin_yes";

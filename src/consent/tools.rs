@@ -30,7 +30,7 @@ use super::store::{Applied, ConsentStore, EraseReport};
 use crate::amqp::topology::CONSENT_EXCHANGE;
 use crate::config::{AdminToken, Config, Secret};
 use crate::job::{Invalid, Recipient};
-use crate::pipeline::decode::parse_e164;
+use crate::phone::parse_e164;
 use crate::privacy::Masked;
 use crate::store::{Ledger, LedgerError};
 

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::config::Config;
-use crate::job::{Content, Invalid, Job, RawJob, Recipient};
+use crate::job::{Content, Invalid, Job, RawJob};
+use crate::phone::parse_e164;
 
 pub const MAX_JOB_BYTES: usize = 64 * 1024;
 pub const MAX_METADATA_BYTES: usize = 4 * 1024;
@@ -205,49 +206,4 @@ fn salvage(bytes: &[u8], invalid: Invalid) -> Box<Refused> {
         to,
         invalid,
     })
-}
-
-/// E.164: `+`, 8 to 15 digits, and a country calling code that exists. The country code is
-/// looked up in libphonenumber's metadata (the `phonenumber` crate). Number-plan validity inside
-/// a country is left to Meta, because metadata lags new number ranges and a false refusal loses
-/// a message that a customer asked for.
-pub fn parse_e164(s: &str) -> Result<Recipient, String> {
-    let Some(digits) = s.strip_prefix('+') else {
-        return Err("number must start with + and the country code (E.164)".into());
-    };
-    if !(8..=15).contains(&digits.len()) || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return Err("number must be + followed by 8 to 15 digits (E.164)".into());
-    }
-    let db = &*phonenumber::metadata::DATABASE;
-    for len in 1..=3 {
-        // Invariant: digits are ASCII digits and len <= 3, so this parses.
-        let code: u16 = digits[..len].parse().unwrap_or(0);
-        if let Some(regions) = db.region(&code)
-            && let Some(first) = regions.first()
-        {
-            return Ok(Recipient::new(s.into(), first));
-        }
-    }
-    Err(format!(
-        "{} has no valid country calling code",
-        crate::privacy::Masked(s)
-    ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn e164_numbers_are_checked_by_country_code() {
-        assert_eq!(parse_e164("+491701234567").unwrap().region(), "DE");
-        assert_eq!(parse_e164("+358401234567").unwrap().region(), "FI");
-        assert_eq!(parse_e164("+14155550123").unwrap().region(), "US");
-        assert!(parse_e164("491701234567").is_err());
-        assert!(parse_e164("+49 170 1234567").is_err());
-        assert!(parse_e164("+4917").is_err());
-        assert!(parse_e164("+1234567890123456").is_err());
-        // 999 is not assigned to any country.
-        assert!(parse_e164("+99912345678").is_err());
-    }
 }

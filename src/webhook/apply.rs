@@ -13,7 +13,7 @@ use serde_json::value::RawValue;
 use super::parse::{Event, EventKind};
 use crate::cloud_api::classify::class_of_code;
 use crate::config::Config;
-use crate::consent::flow::ConsentFlow;
+use crate::consent::flow::{ConsentFlow, InboundMessage};
 use crate::consent::wa_id::{How, Resolved};
 use crate::job::Cost;
 use crate::pipeline::meta_state::MetaState;
@@ -35,21 +35,6 @@ pub struct Publication {
     /// [`Applier::forms`]): applied and published like the first, but never answered with a
     /// reply of its own.
     pub derived: bool,
-}
-
-/// A customer's message, parsed: what consent handling (STOP, YES/NO) works from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InboundMessage {
-    pub account: Option<String>,
-    /// `+` and digits.
-    pub from: String,
-    pub wamid: String,
-    pub at: Timestamp,
-    /// `text`, `button`, `interactive`, or another Meta type.
-    pub kind: String,
-    pub text: Option<String>,
-    /// Quick-reply payload or interactive reply id.
-    pub payload: Option<String>,
 }
 
 pub struct Applier {
@@ -313,7 +298,7 @@ impl Applier {
                         &job.account,
                         &category,
                         prices.market(digits),
-                        crate::pipeline::decode::parse_e164(&job.to)
+                        crate::phone::parse_e164(&job.to)
                             .map(|r| r.region())
                             .unwrap_or("ZZ"),
                         prices.currency(),
@@ -611,7 +596,7 @@ impl Applier {
             }
             // The same opt-out under the number's other forms (see `forms`).
             for form in self.forms(ev.to.digits()).into_iter().skip(1) {
-                if let Ok(to) = crate::pipeline::decode::parse_e164(&format!("+{form}")) {
+                if let Ok(to) = crate::phone::parse_e164(&format!("+{form}")) {
                     let copy = crate::consent::ConsentEvent { to, ..ev.clone() };
                     out.push(publication(copy.to_json(), true));
                 }

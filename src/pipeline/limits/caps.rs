@@ -42,12 +42,15 @@
 //! allocation. Logs whose newest entry has left the cap's longest window can never refuse again:
 //! [`Caps::evict_idle`] drops them from memory, [`Caps::purge_ops`] from the store.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use jiff::Timestamp;
 
+use crate::config::limits::{
+    CapConfig, CapRule, CapScope, MAX_PER_RULE, MAX_SCOPES, OnExceed, validate_caps,
+};
 use crate::consent::index::number_key;
 use crate::job::Category;
 use crate::store::{KvOp, Ledger, LedgerError, Table};
@@ -57,16 +60,11 @@ type Hasher = foldhash::fast::FixedState;
 /// 2025-01-01T00:00:00Z in Unix seconds: cap times are u32 seconds since then (good until 2161).
 pub const CAP_EPOCH_UNIX: i64 = 1_735_689_600;
 
-/// Largest `max` a rule may have (config validation uses it).
-pub const MAX_PER_RULE: u8 = 8;
-
-/// Most distinct (scope, name, category) logs a configuration may define: their id has to fit
-/// the 14 bits above the number in the in-memory key.
-pub const MAX_SCOPES: usize = 1 << ID_BITS;
-
 const K: usize = MAX_PER_RULE as usize;
 const NUMBER_BITS: u32 = 50;
 const ID_BITS: u32 = 64 - NUMBER_BITS;
+// Config validation bounds the logs a configuration may define by what this key can hold.
+const _: () = assert!(MAX_SCOPES == 1 << ID_BITS);
 
 /// `t` as whole seconds since [`CAP_EPOCH_UNIX`], floored (so a rule is exact on the second
 /// grid whatever the sub-second part) and clamped to `0..=u32::MAX`.
@@ -83,86 +81,6 @@ pub fn to_secs(t: Timestamp) -> u32 {
 pub fn from_secs(s: u32) -> Timestamp {
     // 2025 + 136 years is far inside jiff's range (year 9999).
     Timestamp::from_second(CAP_EPOCH_UNIX + i64::from(s)).expect("cap time within jiff's range")
-}
-
-/// At most `max` sends in any window of `per_secs` seconds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct CapRule {
-    /// 1..=[`MAX_PER_RULE`].
-    pub max: u8,
-    /// At least 1.
-    pub per_secs: u32,
-}
-
-/// Whose sends a cap counts together: one account's, or every account of one brand's.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum CapScope {
-    Account,
-    Brand,
-}
-
-/// What happens to a job a cap holds back.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum OnExceed {
-    /// Dropped (outcome `suppressed`): a late marketing message is usually worse than none.
-    Suppress,
-    /// Sent when the cap allows it again (delay queue).
-    Defer,
-}
-
-/// One `[[caps]]` entry of the config (config validation guarantees: rules non-empty, at most
-/// one entry per (category, scope); see [`validate`]).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CapConfig {
-    pub category: Category,
-    pub scope: CapScope,
-    pub rules: Vec<CapRule>,
-    pub on_exceed: OnExceed,
-}
-
-/// Checks what [`Caps::new`] relies on; `accounts` as for [`Caps::new`]. Config validation
-/// should call it and refuse to start on `Err` (the message names the offending entry).
-pub fn validate(caps: &[CapConfig], accounts: &[(&str, &str)]) -> Result<(), String> {
-    let mut seen = HashSet::new();
-    for c in caps {
-        let what = format!("{} cap ({:?} scope)", c.category.as_str(), c.scope);
-        if !seen.insert((c.category, c.scope)) {
-            return Err(format!("{what} is configured twice"));
-        }
-        if c.rules.is_empty() {
-            return Err(format!("{what} has no rules"));
-        }
-        for r in &c.rules {
-            if r.max == 0 || r.max > MAX_PER_RULE {
-                return Err(format!(
-                    "{what}: max must be 1..={MAX_PER_RULE}, not {}",
-                    r.max
-                ));
-            }
-            if r.per_secs == 0 {
-                return Err(format!("{what}: the window must be at least 1 second"));
-            }
-        }
-    }
-    let scopes: usize = caps
-        .iter()
-        .map(|c| {
-            let names: HashSet<&str> = accounts
-                .iter()
-                .map(|&(a, b)| match c.scope {
-                    CapScope::Account => a,
-                    CapScope::Brand => b,
-                })
-                .collect();
-            names.len()
-        })
-        .sum();
-    if scopes > MAX_SCOPES {
-        return Err(format!(
-            "caps × accounts/brands make {scopes} separate logs, at most {MAX_SCOPES} are supported"
-        ));
-    }
-    Ok(())
 }
 
 /// The K most recent counted send times of one (recipient, scope, category), newest first.
@@ -419,9 +337,9 @@ impl Caps {
     /// `accounts`: (account name, brand name) for every configured account (brand defaults to
     /// the account name — the caller handles that).
     ///
-    /// Panics if `caps` fails [`validate`]: config validation must have refused it already.
+    /// Panics if `caps` fails [`validate_caps`]: config validation must have refused it already.
     pub fn new(caps: Vec<CapConfig>, accounts: &[(&str, &str)]) -> Caps {
-        if let Err(e) = validate(&caps, accounts) {
+        if let Err(e) = validate_caps(&caps, accounts) {
             panic!("frequency caps not validated before use: {e}");
         }
         let caps: Vec<Cap> = caps
@@ -476,7 +394,10 @@ impl Caps {
                 },
             );
         }
-        debug_assert!(ids.len() <= MAX_SCOPES, "validate bounds the scope count");
+        debug_assert!(
+            ids.len() <= MAX_SCOPES,
+            "validate_caps bounds the scope count"
+        );
         Caps {
             caps,
             ids,
@@ -1390,8 +1311,8 @@ mod tests {
             &[rule(2, DAY)],
             OnExceed::Defer,
         );
-        assert_eq!(validate(std::slice::from_ref(&ok), &ACCOUNTS), Ok(()));
-        assert!(validate(&[ok.clone(), ok.clone()], &ACCOUNTS).is_err());
+        assert_eq!(validate_caps(std::slice::from_ref(&ok), &ACCOUNTS), Ok(()));
+        assert!(validate_caps(&[ok.clone(), ok.clone()], &ACCOUNTS).is_err());
         for bad in [
             vec![],
             vec![rule(0, DAY)],
@@ -1399,7 +1320,7 @@ mod tests {
             vec![rule(1, 0)],
         ] {
             let c = cap(Category::Marketing, CapScope::Brand, &bad, OnExceed::Defer);
-            assert!(validate(&[c], &ACCOUNTS).is_err(), "{bad:?}");
+            assert!(validate_caps(&[c], &ACCOUNTS).is_err(), "{bad:?}");
         }
         let many: Vec<String> = (0..MAX_SCOPES + 1).map(|i| format!("a{i}")).collect();
         let accounts: Vec<(&str, &str)> = many.iter().map(|a| (a.as_str(), "one")).collect();
@@ -1409,9 +1330,9 @@ mod tests {
             &[rule(1, DAY)],
             OnExceed::Defer,
         );
-        assert!(validate(std::slice::from_ref(&acct), &accounts).is_err());
+        assert!(validate_caps(std::slice::from_ref(&acct), &accounts).is_err());
         // Brand-scoped, they all share one log.
-        assert_eq!(validate(&[ok], &accounts), Ok(()));
+        assert_eq!(validate_caps(&[ok], &accounts), Ok(()));
     }
 
     /// Two marketing caps, one per scope; the longest window is 7 days.

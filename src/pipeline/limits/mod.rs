@@ -38,10 +38,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::SharedClock;
+use crate::config::limits::{OnExceed, UNLIMITED};
 use crate::config::{Config, ConfigError};
 use crate::job::{Category, Job};
 use crate::store::{KvOp, Ledger, LedgerError, Table};
-use caps::{CapSubject, Caps, OnExceed};
+use caps::{CapSubject, Caps};
 use pacing::Pacing;
 use quiet::{QuietHours, Zones};
 use throughput::Throughput;
@@ -622,9 +623,9 @@ impl Limits {
     /// its accounts takes it; returns the rows that remember it.
     pub fn tier_learned(&self, waba: &str, limit: f64) -> Vec<KvOp> {
         let limit = if limit.is_infinite() && limit > 0.0 {
-            tier::UNLIMITED
+            UNLIMITED
         } else if limit >= 1.0 {
-            (limit as u64).min(tier::UNLIMITED as u64 - 1) as u32
+            (limit as u64).min(UNLIMITED as u64 - 1) as u32
         } else {
             // Zero, negative or not a number: not a tier we can act on.
             return Vec::new();

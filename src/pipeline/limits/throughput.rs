@@ -259,17 +259,11 @@ fn build(rate: u32, burst: u32, clock: MonoClock) -> Gates {
 }
 
 /// The gate's burst: the configured one less `rate × jitter` cells kept for transit-time
-/// variation, but at least 2 (see [`default_burst`]) and never more than configured.
+/// variation, but at least 2 (see [`crate::config::limits::default_burst`]) and never more than
+/// configured.
 pub fn gate_burst(rate: u32, burst: u32, jitter: Duration) -> u32 {
     let reserve = (rate as f64 * jitter.as_secs_f64()).ceil() as u32;
     burst.saturating_sub(reserve).max(2).min(burst.max(1))
-}
-
-/// The default burst: a tenth of the rate, at least 2. At least 2 because a waiter that wakes a
-/// timer tick late would otherwise lose that tick for good (GCRA with burst 1 has no slack), and
-/// at 200 msg/s a 1 ms tick is a fifth of the interval.
-pub fn default_burst(mps: u32) -> u32 {
-    (mps / 10).max(2)
 }
 
 #[cfg(test)]
@@ -418,12 +412,5 @@ mod tests {
         assert_eq!(gate_burst(1000, 100, j), 50);
         assert_eq!(gate_burst(50, 1, j), 1, "never above the configured burst");
         assert_eq!(gate_burst(50, 5, Duration::ZERO), 5);
-    }
-
-    #[test]
-    fn default_burst_is_a_tenth_and_at_least_two() {
-        assert_eq!(default_burst(1), 2);
-        assert_eq!(default_burst(80), 8);
-        assert_eq!(default_burst(1000), 100);
     }
 }

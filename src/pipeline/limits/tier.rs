@@ -20,12 +20,11 @@ use std::sync::{Arc, Mutex};
 
 use jiff::Timestamp;
 
+use crate::config::limits::UNLIMITED;
 use crate::store::{KvOp, Ledger, LedgerError, Table};
 
 /// The moving window Meta counts over.
 pub const WINDOW_MS: i64 = 24 * 3600 * 1000;
-/// "No limit" (Meta's `UNLIMITED`, or a portfolio without a configured tier).
-pub const UNLIMITED: u32 = u32::MAX;
 
 /// A counted send, so that a send that definitely did not happen can be un-counted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
