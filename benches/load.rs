@@ -46,6 +46,8 @@
 //! - `SENDWELL_BENCH_BASELINE_PREFETCH` (1000)
 //! - `SENDWELL_BENCH_DAEMON_WORKERS`: the daemon's tokio worker threads (default: one per core)
 //! - `SENDWELL_BENCH_STALL_S` (60): give up when no outcome arrives for this long
+//! - `SENDWELL_BENCH_DAEMONS`: `label=path,…`, daemon binaries to measure one after the other at
+//!   each latency (a change's before and after in one run); default: the one Cargo built
 //! - `SENDWELL_BENCH_RATE` (0): publish at most this many jobs/s; 0 publishes as fast as the
 //!   broker confirms, so the jobs queue up and the latencies are mostly time in the queue; a
 //!   rate below the throughput measures the pipeline's own latency at that load
@@ -125,6 +127,10 @@ struct Settings {
     stall: Duration,
     /// Publish at most this many jobs/s (0: as fast as the broker confirms).
     rate: f64,
+    /// The daemon binaries to measure, each at every latency, alternating: (label, path). One
+    /// unlabelled entry, the binary Cargo built for this bench, unless `SENDWELL_BENCH_DAEMONS`
+    /// names others (`before=/path/a,after=/path/b`): a refactor's before and after in one run.
+    daemons: Vec<(String, std::path::PathBuf)>,
 }
 
 impl Settings {
@@ -161,6 +167,22 @@ impl Settings {
             baseline_prefetch: env_or("SENDWELL_BENCH_BASELINE_PREFETCH", 1000u16).max(1),
             stall: Duration::from_secs(env_or("SENDWELL_BENCH_STALL_S", 60u64).max(5)),
             rate: env_or("SENDWELL_BENCH_RATE", 0.0f64).max(0.0),
+            daemons: {
+                let named: Vec<(String, std::path::PathBuf)> =
+                    std::env::var("SENDWELL_BENCH_DAEMONS")
+                        .unwrap_or_default()
+                        .split(',')
+                        .filter_map(|d| {
+                            let (label, path) = d.trim().split_once('=')?;
+                            Some((label.to_string(), path.into()))
+                        })
+                        .collect();
+                if named.is_empty() {
+                    vec![(String::new(), env!("CARGO_BIN_EXE_sendwell").into())]
+                } else {
+                    named
+                }
+            },
         }
     }
 }
@@ -187,6 +209,8 @@ impl RunKind {
 #[derive(Debug, Serialize)]
 struct RunResult {
     kind: RunKind,
+    /// Which daemon binary (`SENDWELL_BENCH_DAEMONS`'s label; empty: this build's).
+    daemon: String,
     /// The sandbox's latency; None: no HTTP step.
     latency_ms: Option<u64>,
     prefetch: u16,
@@ -228,6 +252,16 @@ struct RunResult {
     exit: Option<String>,
     /// sendwell: per account, the sends at the sandbox and the waits at its limits.
     per_account: Vec<serde_json::Value>,
+}
+
+impl RunResult {
+    /// The run's name in the tables: its kind, and the daemon's label when several are measured.
+    fn label(&self) -> String {
+        match self.daemon.as_str() {
+            "" => self.kind.label().to_string(),
+            d => format!("{} ({d})", self.kind.label()),
+        }
+    }
 }
 
 /// What `measure` found, before the caller adds what it knows about its process.
@@ -290,6 +324,7 @@ fn result_from(kind: RunKind, s: &Settings, m: &Measured, latency_ms: Option<u64
     let per_job = |x: Option<f64>| x.map(|v| v * 1e6 / n);
     RunResult {
         kind,
+        daemon: String::new(),
         latency_ms,
         prefetch: match kind {
             RunKind::Sendwell => s.prefetch,
@@ -388,12 +423,17 @@ async fn run() {
         "seeded consent for {grants} recipients in {:.1} s",
         t.elapsed().as_secs_f64()
     );
-    for &l in &s.latencies_ms {
+    for (&l, daemon) in s
+        .latencies_ms
+        .iter()
+        .flat_map(|l| s.daemons.iter().map(move |d| (l, d)))
+    {
         let r = run_sendwell(
             &s,
             &jobs,
             &seeded.path().join("state"),
             l,
+            daemon,
             broker_pid,
             ticks,
         )
@@ -408,7 +448,7 @@ async fn run() {
 fn progress(r: &RunResult) {
     eprintln!(
         "  done: {} {} — {}/{} in {:.1} s{}",
-        r.kind.label(),
+        r.label(),
         r.latency_ms.map_or(String::new(), |l| format!("@{l} ms")),
         r.finished,
         r.jobs,
@@ -629,10 +669,11 @@ async fn run_sendwell(
     jobs: &Arc<Jobs>,
     seeded_state: &Path,
     latency_ms: u64,
+    daemon: &(String, std::path::PathBuf),
     broker_pid: Option<u32>,
     ticks: u64,
 ) -> RunResult {
-    eprintln!("sendwell @{latency_ms} ms …");
+    eprintln!("sendwell {} @{latency_ms} ms …", daemon.0);
     let broker = TestBroker::new().await;
     let sandbox = drive::RunSandbox::start(Duration::from_millis(latency_ms)).await;
     let dir = tempfile::tempdir().unwrap();
@@ -656,7 +697,7 @@ async fn run_sendwell(
     let log_path = dir.path().join("sendwell.log");
     let log = std::fs::File::create(&log_path).unwrap();
 
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_sendwell"));
+    let mut cmd = tokio::process::Command::new(&daemon.1);
     cmd.arg("run")
         .arg("--config")
         .arg(&config)
@@ -739,6 +780,7 @@ async fn run_sendwell(
     stop.cancel();
     let _ = sampler.await;
     let mut r = result_from(RunKind::Sendwell, s, &m, Some(latency_ms));
+    r.daemon = daemon.0.clone();
     r.start_seconds = Some(start_seconds);
     r.peak_in_flight = Some(peak.load(Ordering::Relaxed));
     r.peak_at_sandbox = peak_at_sandbox(&sandbox, latency_ms);
@@ -845,7 +887,7 @@ fn report(s: &Settings, machine: &str, results: &[RunResult]) {
     for r in results {
         println!(
             "| {} | {} | {} | {}/{}{} | {:.1} s | {:.1} s | {:.0} | {:.0} ms | {:.0} ms | {:.0} ms | {} | {} MiB | {} | {} | {} | {} | {} % |",
-            r.kind.label(),
+            r.label(),
             r.latency_ms.map_or("–".into(), |l| format!("{l} ms")),
             r.prefetch,
             r.finished,
