@@ -303,11 +303,14 @@ async fn a_second_message_to_a_number_waits_for_its_pacing_interval() {
         .filter_map(|r| r.callback_data.map(|id| (id, r.at_ms)))
         .collect();
     for w in ids.windows(2) {
-        // Measured where Meta counts, at the receiving end (2035 to 2100 ms on a loaded
-        // 2-core machine).
+        // Measured where Meta counts, at the receiving end, where a gap can come out shorter
+        // than the interval by how much longer the first message took from the gate to the
+        // wire (pacing is kept at the gate, before the store commit): allowed as much as the
+        // daemon allows for transit-time variation at Meta's door (`limits.arrival_jitter`,
+        // 50 ms). Seen: 2016 to 2221 ms; without pacing the three go together.
         let gap = at[&w[1]] as i64 - at[&w[0]] as i64;
         eprintln!("{} came {gap} ms after {}", w[1], w[0]);
-        assert!(gap >= 2000, "{} came {gap} ms after {}", w[1], w[0]);
+        assert!(gap >= 2000 - 50, "{} came {gap} ms after {}", w[1], w[0]);
     }
     assert!(
         at["pace-other"] < at["pace-1"],
