@@ -199,9 +199,10 @@ async fn dead_replay_moves_dead_lettered_jobs_back_and_they_are_processed() {
         assert_eq!(env.sandbox.accepted_count_for(id), 1, "{id} sent once");
     }
     let broker = &env.broker;
+    // Each look is a `rabbitmqctl` run: seconds on a busy machine.
     wait_for(
         "sendwell.dead to be empty",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         async || broker.drained("sendwell.dead").then_some(()),
     )
     .await;

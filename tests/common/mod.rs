@@ -693,17 +693,26 @@ impl TestEnv {
         let _ = conn.close(200, "".into()).await;
     }
 
-    /// Waits until every id has a final outcome; returns the events by id.
+    /// Waits until every id has a final outcome; returns the events by id. Parsing every event
+    /// seen is the costly part (thousands in the load tests, in the daemon's process and on its
+    /// cores, every 50 ms): it waits until there can be enough of them, and for new ones.
     pub async fn final_outcomes(
         &self,
         ids: &[String],
         within: Duration,
     ) -> HashMap<String, Vec<serde_json::Value>> {
         let outcomes = self.outcomes.clone();
+        let need = ids.iter().collect::<std::collections::HashSet<_>>().len();
+        let mut looked_at = None;
         wait_for(
             &format!("final outcomes for {} jobs", ids.len()),
             within,
             async || {
+                let seen = outcomes.messages.lock().unwrap().len();
+                if seen < need || looked_at == Some(seen) {
+                    return None;
+                }
+                looked_at = Some(seen);
                 let by_id = finals_by_id(&outcomes.json());
                 ids.iter().all(|id| by_id.contains_key(id)).then_some(by_id)
             },
