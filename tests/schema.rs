@@ -134,8 +134,8 @@ fn doc_files() -> Vec<PathBuf> {
 }
 
 /// The JSON examples of a Markdown text, with their line numbers: fenced `json`/`jsonl`
-/// blocks (a whole document, or one per line), and `'{…}'` arguments in other fenced blocks
-/// (a `curl -d` or a `sendwell publish --json`).
+/// blocks (a whole document, or one per line), and in other fenced blocks `'{…}'` arguments (a
+/// `curl -d`) and lines that are JSON (a here-document).
 fn json_examples(text: &str) -> Vec<(usize, Result<Value, String>)> {
     let mut out = Vec::new();
     let mut lines = text.lines().enumerate();
@@ -168,6 +168,13 @@ fn json_examples(text: &str) -> Vec<(usize, Result<Value, String>)> {
             }
         } else {
             for (n, l) in &body {
+                // A line of its own (a here-document).
+                if l.trim_start().starts_with('{')
+                    && let Ok(v) = serde_json::from_str::<Value>(l)
+                {
+                    out.push((*n, Ok(v)));
+                    continue;
+                }
                 let mut rest = *l;
                 while let Some(start) = rest.find("'{") {
                     let tail = &rest[start + 1..];
@@ -222,7 +229,8 @@ fn every_json_example_in_the_docs_validates_against_its_schema() {
 fn the_examples_scanner_finds_what_the_docs_hold() {
     let md = "text\n```json\n{\"id\": \"a\", \"to\": \"+491701234567\", \"category\": \"service\"}\n```\n\
               ```jsonl\n{\"id\":\"a\",\"status\":\"sent\"}\n{\"id\":\"b\",\"status\":\"read\"}\n```\n\
-              ```sh\ncurl -d '{\"from\":\"+4917\"}' x && y --json '{\"type\":\"opt_in\",\"to\":\"+1\",\"at\":\"t\"}'\n```\n\
+              ```sh\ncurl -d '{\"from\":\"+4917\"}' x && y --json '{\"type\":\"opt_in\",\"to\":\"+1\",\"at\":\"t\"}'\n\
+              z <<'J'\n{\"id\":\"c\",\"to\":\"+1\",\"text\":{}}\nJ\n```\n\
               ```json\n{ not json }\n```\n";
     let found = json_examples(md);
     let kinds: Vec<Option<Message>> = found
@@ -237,6 +245,7 @@ fn the_examples_scanner_finds_what_the_docs_hold() {
             Some(Message::Outcome),
             None,
             Some(Message::Consent),
+            Some(Message::Job),
             None
         ]
     );
