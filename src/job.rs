@@ -81,7 +81,8 @@ pub struct Text {
 /// Unknown fields are refused so that a typo such as `not_befor` cannot silently send early.
 ///
 /// Its JSON Schema (docs/schema/job.schema.json) says what the decoder checks, as far as a
-/// schema can: the field attributes below, and here the rules between fields.
+/// schema can: the field attributes below, here the rules between fields, and `to`'s E.164
+/// pattern in [`crate::schema`] (it needs the phone-number metadata, not imported here).
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[schemars(
@@ -113,7 +114,7 @@ pub struct RawJob {
     pub id: String,
     /// A sender account named in sendwell's configuration.
     pub account: String,
-    #[schemars(with = "crate::schema::formats::E164")]
+    /// E.164 (its pattern is added in `schema`, from the phone-number metadata).
     pub to: String,
     pub category: Category,
     /// The consent purpose the job relies on, named in sendwell's configuration; required for
@@ -130,11 +131,11 @@ pub struct RawJob {
     pub opt_in_sources: Option<Vec<String>>,
     /// Never sent before this time.
     #[serde(default)]
-    #[schemars(with = "Option<crate::schema::formats::Rfc3339>")]
+    #[schemars(with = "Option<String>", extend("format" = "date-time"))]
     pub not_before: Option<Timestamp>,
     /// Never sent after this time (then `expired`); must be after `not_before`.
     #[serde(default)]
-    #[schemars(with = "Option<crate::schema::formats::Rfc3339>")]
+    #[schemars(with = "Option<String>", extend("format" = "date-time"))]
     pub expires_at: Option<Timestamp>,
     /// Any JSON object of at most 4 KiB, echoed in every outcome event of the job.
     #[serde(default)]
@@ -332,7 +333,7 @@ pub struct OutcomeEvent<'a> {
     pub attempts: u32,
     /// What the price table says the message costs, on `sent` when it has a price.
     pub estimated_cost: Option<Cost>,
-    #[schemars(with = "crate::schema::formats::Rfc3339")]
+    #[schemars(with = "String", extend("format" = "date-time"))]
     pub at: Timestamp,
     /// The job's `metadata`, as it was given.
     #[serde(borrow)]

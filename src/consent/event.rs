@@ -53,7 +53,8 @@ impl Kind {
 /// would otherwise turn an opt-out for one purpose into an opt-out for nothing.
 ///
 /// Its JSON Schema (docs/schema/consent-event.schema.json) says what [`EventDecoder`] checks,
-/// as far as a schema can: the field attributes below, and here the rules between fields.
+/// as far as a schema can: the field attributes below, here the rules between fields, and
+/// `to`'s E.164 pattern in [`crate::schema`].
 #[derive(Debug, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[schemars(
@@ -78,7 +79,7 @@ pub struct RawConsentEvent {
     pub kind: Kind,
     /// A sender account named in sendwell's configuration.
     pub account: String,
-    #[schemars(with = "crate::schema::formats::E164")]
+    /// E.164 (its pattern is added in `schema`, from the phone-number metadata).
     pub to: String,
     /// Consent purposes named in sendwell's configuration. Empty or absent: every purpose
     /// (`opt_out`), or every purpose awaiting confirmation (`confirm`).
@@ -89,7 +90,7 @@ pub struct RawConsentEvent {
     #[schemars(length(max = 128))]
     pub source: Option<String>,
     /// When it happened; not in the future, not before 2000.
-    #[schemars(with = "crate::schema::formats::Rfc3339")]
+    #[schemars(with = "String", extend("format" = "date-time"))]
     pub at: Timestamp,
     /// What the customer said or did; kept as proof. At most 4096 bytes.
     #[serde(default)]

@@ -165,7 +165,7 @@ pub(crate) struct DeliveryEvent<'a> {
     /// Always null here: the estimate is on the `sent` outcome.
     estimated_cost: Option<Cost>,
     /// The webhook's time.
-    #[schemars(with = "crate::schema::formats::Rfc3339")]
+    #[schemars(with = "String", extend("format" = "date-time"))]
     at: Timestamp,
     /// The job's `metadata`.
     #[schemars(with = "Option<serde_json::Map<String, serde_json::Value>>")]
