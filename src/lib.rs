@@ -34,6 +34,8 @@
 //! - [`notify`]: systemd's notify protocol: READY, STATUS, STOPPING and the watchdog.
 //! - [`app`]: wiring: tasks, readiness, shutdown order.
 //! - [`publish`]: the `sendwell publish` tool for upstream developers.
+//! - [`schema`]: the contract's messages as JSON Schemas, generated from the types above
+//!   (docs/schema/ holds them, with an AsyncAPI document of the topology).
 
 pub mod amqp;
 pub mod app;
@@ -53,5 +55,6 @@ pub mod pipeline;
 pub mod pricing;
 pub mod privacy;
 pub mod publish;
+pub mod schema;
 pub mod store;
 pub mod webhook;

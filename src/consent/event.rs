@@ -17,7 +17,19 @@ pub const MAX_EVENT_BYTES: usize = 64 * 1024;
 pub const MAX_EVIDENCE_BYTES: usize = 4096;
 pub const MAX_SOURCE_BYTES: usize = 128;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Kind {
     OptIn,
@@ -39,19 +51,50 @@ impl Kind {
 
 /// The event as it arrives. Unknown fields are refused: a typo like `purpose` for `purposes`
 /// would otherwise turn an opt-out for one purpose into an opt-out for nothing.
-#[derive(Debug, Deserialize, Serialize)]
+///
+/// Its JSON Schema (docs/schema/consent-event.schema.json) says what [`EventDecoder`] checks,
+/// as far as a schema can: the field attributes below, here the rules between fields, and
+/// `to`'s E.164 pattern in [`crate::schema`].
+#[derive(Debug, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(
+    title = "Consent event",
+    description = "An opt-in, its confirmation, an opt-out or an erasure (CONTRACT §4): UTF-8 JSON of at most 64 KiB, published to the fanout exchange `sendwell.consent`.",
+    extend(
+        // `missing_purpose`, `missing_source`: an opt_in names its purposes and its source.
+        "if" = { "properties": { "type": { "const": "opt_in" } }, "required": ["type"] },
+        "then" = {
+            "properties": {
+                "purposes": { "type": "array", "minItems": 1 },
+                "source": { "type": "string", "minLength": 1 },
+            },
+            "required": ["purposes", "source"],
+        },
+    )
+)]
 pub struct RawConsentEvent {
+    /// `opt_in` (first step), `confirm` (second step of the double opt-in), `opt_out`, or
+    /// `erase` (forget the number entirely).
     #[serde(rename = "type")]
     pub kind: Kind,
+    /// A sender account named in sendwell's configuration.
     pub account: String,
+    /// E.164 (its pattern is added in `schema`, from the phone-number metadata).
     pub to: String,
+    /// Consent purposes named in sendwell's configuration. Empty or absent: every purpose
+    /// (`opt_out`), or every purpose awaiting confirmation (`confirm`).
     #[serde(default)]
     pub purposes: Option<Vec<String>>,
+    /// Where the consent was given (`website_form`); kept as proof. At most 128 bytes.
     #[serde(default)]
+    #[schemars(length(max = 128))]
     pub source: Option<String>,
+    /// When it happened; not in the future, not before 2000.
+    #[schemars(with = "String", extend("format" = "date-time"))]
     pub at: Timestamp,
+    /// What the customer said or did; kept as proof. At most 4096 bytes.
     #[serde(default)]
+    #[schemars(length(max = 4096))]
     pub evidence: Option<String>,
 }
 

@@ -126,23 +126,44 @@ struct StoredOutcome<'a> {
 
 /// CONTRACT §3 for delivery updates (`delivered`, `read`, `undelivered`); `billed_cost` is an
 /// addition: what Meta's `pricing` says this message costs, from the price table.
-#[derive(Serialize)]
-struct DeliveryEvent<'a> {
+#[derive(Serialize, schemars::JsonSchema)]
+#[schemars(
+    title = "Delivery update",
+    description = "What a webhook said about a sent job, later: routing key `delivery.<status>`. Each status at most once per job and never backwards; nothing follows `undelivered`."
+)]
+pub(crate) struct DeliveryEvent<'a> {
+    /// The job's id.
     id: &'a str,
     account: &'a str,
+    /// The job's `to`.
     to: &'a str,
+    #[schemars(extend("enum" = ["delivered", "read", "undelivered"]))]
     status: &'static str,
+    /// On `undelivered`: as for a `failed` outcome (`undeliverable`, `opted_out`, `api_error`, …).
     reason: Option<&'static str>,
+    /// On `undelivered`: Meta's error message.
     detail: Option<String>,
+    /// The Cloud API's message id the webhook named.
     wamid: &'a str,
+    /// The attempts of the job's final outcome.
     attempts: u32,
+    /// Always null here: the estimate is on the `sent` outcome.
     estimated_cost: Option<Cost>,
+    /// The webhook's time.
+    #[schemars(with = "String", extend("format" = "date-time"))]
     at: Timestamp,
+    /// The job's `metadata`.
+    #[schemars(with = "Option<serde_json::Map<String, serde_json::Value>>")]
     metadata: Option<&'a RawValue>,
+    /// On `undelivered`: Meta's error code.
     #[serde(skip_serializing_if = "Option::is_none")]
     error_code: Option<i64>,
+    /// The job's category.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<crate::job::Category>")]
     category: Option<&'a str>,
+    /// What the price table says the message costs, when the webhook's `pricing` says Meta
+    /// bills it.
     #[serde(skip_serializing_if = "Option::is_none")]
     billed_cost: Option<Cost>,
 }
