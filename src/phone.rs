@@ -15,6 +15,10 @@ pub fn parse_e164(s: &str) -> Result<Recipient, String> {
     if !(8..=15).contains(&digits.len()) || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return Err("number must be + followed by 8 to 15 digits (E.164)".into());
     }
+    // No calling code starts with 0; read as a number, `+049…` would pass for `+49…`.
+    if digits.starts_with('0') {
+        return Err("number must not start with 0 after the + (E.164: the country code)".into());
+    }
     let db = &*phonenumber::metadata::DATABASE;
     for len in 1..=3 {
         // Invariant: digits are ASCII digits and len <= 3, so this parses.
@@ -46,5 +50,8 @@ mod tests {
         assert!(parse_e164("+1234567890123456").is_err());
         // 999 is not assigned to any country.
         assert!(parse_e164("+99912345678").is_err());
+        // A trunk 0 is not a calling code.
+        assert!(parse_e164("+0491701234567").is_err());
+        assert!(parse_e164("+01415555012").is_err());
     }
 }
