@@ -37,7 +37,8 @@ for f in \
   /usr/lib/systemd/system/sendwell@.service \
   /etc/sendwell/sendwell.toml \
   /usr/share/doc/sendwell/README.md \
-  /usr/share/doc/sendwell/operations.md \
+  /usr/share/doc/sendwell/docs/operations.md \
+  /usr/share/doc/sendwell/docs/configuration.md \
   /usr/share/doc/sendwell/examples/prometheus/alerts.yml; do
   if printf '%s\n' "$contents" | awk '{print $NF}' | grep -qxF ".$f"; then
     log "contains $f"

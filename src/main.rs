@@ -32,9 +32,61 @@ struct Cli {
 
 #[derive(Args)]
 struct ConfigArg {
-    /// The TOML config file; every key can be overridden by SENDWELL_<SECTION>__<KEY>.
-    #[arg(long, short, env = "SENDWELL_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
-    config: PathBuf,
+    /// The TOML config file [default: $SENDWELL_CONFIG, else /etc/sendwell/sendwell.toml; in the
+    /// source tree: config/sendwell.toml]. Every key can be overridden by
+    /// SENDWELL_<SECTION>__<KEY>.
+    #[arg(long, short, value_name = "PATH")]
+    config: Option<PathBuf>,
+}
+
+/// The example config in the source tree, named when no config file is found: a newcomer runs
+/// the commands from a clone, where `/etc/sendwell/sendwell.toml` does not exist.
+const EXAMPLE_CONFIG: &str = "config/sendwell.toml";
+
+/// Which of the three places named the config file, so a missing file is reported by the name
+/// the user gave it.
+enum ConfigSource {
+    Flag,
+    Env,
+    Default,
+}
+
+impl ConfigArg {
+    /// `--config`, else `SENDWELL_CONFIG`, else the default path: the same for every command.
+    /// Resolved here rather than by clap's `env`/`default_value`, which would hide where the
+    /// path came from.
+    fn locate(&self) -> (PathBuf, ConfigSource) {
+        if let Some(p) = &self.config {
+            return (p.clone(), ConfigSource::Flag);
+        }
+        match std::env::var_os("SENDWELL_CONFIG").filter(|v| !v.is_empty()) {
+            Some(p) => (PathBuf::from(p), ConfigSource::Env),
+            None => (PathBuf::from(DEFAULT_CONFIG_PATH), ConfigSource::Default),
+        }
+    }
+
+    /// The config file's path, or exit code 64 after saying where it looked and naming the
+    /// example config.
+    fn existing(&self) -> Result<PathBuf, i32> {
+        let (path, source) = self.locate();
+        if path.exists() {
+            return Ok(path);
+        }
+        eprintln!("sendwell: {}", missing_config(&path, &source));
+        Err(64)
+    }
+}
+
+fn missing_config(path: &std::path::Path, source: &ConfigSource) -> String {
+    let looked = match source {
+        ConfigSource::Flag => format!("--config {} does not exist", path.display()),
+        ConfigSource::Env => format!("SENDWELL_CONFIG={} does not exist", path.display()),
+        ConfigSource::Default => format!(
+            "no config file: no --config given, SENDWELL_CONFIG is not set, and {} does not exist",
+            path.display()
+        ),
+    };
+    format!("{looked}; try --config {EXAMPLE_CONFIG} (the example config, in the source tree)")
 }
 
 #[derive(Subcommand)]
@@ -261,13 +313,12 @@ enum StateCommand {
 
 #[derive(Args)]
 struct TailArgs {
-    /// Broker URL.
-    #[arg(
-        long,
-        env = "SENDWELL_BROKER__URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-    )]
-    url: String,
+    /// Broker URL [default: broker.url of the config file when one is found (see --config),
+    /// else $SENDWELL_BROKER__URL, else amqp://guest:guest@127.0.0.1:5672/%2f].
+    #[arg(long)]
+    url: Option<String>,
+    #[command(flatten)]
+    config: ConfigArg,
     /// Routing-key pattern: `#` for everything, `failed.*`, `sent`, `invalid.#`…
     #[arg(long, default_value = "#")]
     pattern: String,
@@ -278,13 +329,12 @@ struct TailArgs {
 
 #[derive(Args)]
 struct PublishArgs {
-    /// Broker URL.
-    #[arg(
-        long,
-        env = "SENDWELL_BROKER__URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-    )]
-    url: String,
+    /// Broker URL [default: broker.url of the config file when one is found (see --config),
+    /// else $SENDWELL_BROKER__URL, else amqp://guest:guest@127.0.0.1:5672/%2f].
+    #[arg(long)]
+    url: Option<String>,
+    #[command(flatten)]
+    config: ConfigArg,
     /// A file with one job, a JSON array of jobs, or JSON lines; `-` reads standard input.
     #[arg(long, short)]
     file: Option<PathBuf>,
@@ -324,16 +374,31 @@ fn main() -> ExitCode {
     };
     let code = runtime.block_on(async move {
         match cli.command {
-            Command::Run(c) => run(c.config).await,
-            Command::CheckConfig { path, config } => check_config(path.unwrap_or(config.config)),
+            Command::Run(c) => match c.existing() {
+                Ok(path) => run(path).await,
+                Err(code) => code,
+            },
+            Command::CheckConfig { path, config } => {
+                let config = ConfigArg {
+                    config: path.or(config.config),
+                };
+                match config.existing() {
+                    Ok(path) => check_config(path),
+                    Err(code) => code,
+                }
+            }
             Command::Sandbox(args) => sandbox(args).await,
             Command::Publish(args) => publish(args).await,
             Command::Consent(c) => consent(c).await,
             Command::Dead(c) => dead(c).await,
             Command::State(c) => state(c),
             Command::Tail(a) => {
+                let url = match broker_url(a.url, &a.config) {
+                    Ok(u) => u,
+                    Err(code) => return code,
+                };
                 match sendwell::publish::tail_outcomes(
-                    &a.url,
+                    &url,
                     &a.pattern,
                     a.limit,
                     std::io::stdout().lock(),
@@ -356,6 +421,25 @@ fn main() -> ExitCode {
         eprintln!("sendwell: the state store did not close within 10 s");
     }
     ExitCode::from(code as u8)
+}
+
+/// The broker for `publish` and `tail`, which need nothing else: `--url`, else the config file
+/// found as every command finds it, else (no config file anywhere) the local broker. A config
+/// named by `--config` or `SENDWELL_CONFIG` must exist, as for every other command.
+fn broker_url(url: Option<String>, config: &ConfigArg) -> Result<String, i32> {
+    if let Some(u) = url {
+        return Ok(u);
+    }
+    match config.locate() {
+        (path, ConfigSource::Default) if !path.exists() => {
+            Ok(std::env::var("SENDWELL_BROKER__URL")
+                .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string()))
+        }
+        _ => {
+            let path = config.existing()?;
+            Ok(load(&path)?.broker.url.expose().to_string())
+        }
+    }
 }
 
 fn load(path: &std::path::Path) -> Result<Config, i32> {
@@ -581,7 +665,11 @@ async fn publish(a: PublishArgs) -> i32 {
             return 64;
         }
     };
-    match sendwell::publish::publish_jobs(&a.url, &jobs).await {
+    let url = match broker_url(a.url, &a.config) {
+        Ok(u) => u,
+        Err(code) => return code,
+    };
+    match sendwell::publish::publish_jobs(&url, &jobs).await {
         Ok(n) => {
             println!("published {n} job(s), confirmed by the broker");
             0
@@ -604,7 +692,10 @@ async fn consent(cmd: ConsentCommand) -> i32 {
         ConsentCommand::Show { config, .. }
         | ConsentCommand::Export { config, .. }
         | ConsentCommand::Import { config, .. }
-        | ConsentCommand::Erase { config, .. } => config.config.clone(),
+        | ConsentCommand::Erase { config, .. } => match config.existing() {
+            Ok(p) => p,
+            Err(code) => return code,
+        },
     };
     let config = match load(&path) {
         Ok(c) => c,
@@ -662,7 +753,7 @@ async fn consent(cmd: ConsentCommand) -> i32 {
 
 async fn dead(cmd: DeadCommand) -> i32 {
     let (DeadCommand::List { config, .. } | DeadCommand::Replay { config, .. }) = &cmd;
-    let config = match load(&config.config) {
+    let config = match config.existing().and_then(|p| load(&p)) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -706,7 +797,7 @@ async fn dead(cmd: DeadCommand) -> i32 {
 
 fn state(cmd: StateCommand) -> i32 {
     let (StateCommand::Backup { config, .. } | StateCommand::Restore { config, .. }) = &cmd;
-    let config = match load(&config.config) {
+    let config = match config.existing().and_then(|p| load(&p)) {
         Ok(c) => c,
         Err(code) => return code,
     };

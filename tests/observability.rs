@@ -100,20 +100,6 @@ fn metric_names(text: &str) -> BTreeSet<String> {
     names
 }
 
-/// GitHub's anchor for a Markdown heading: lower case, spaces to hyphens, punctuation dropped.
-fn github_anchor(heading: &str) -> String {
-    heading
-        .trim()
-        .chars()
-        .filter_map(|c| match c {
-            ' ' => Some('-'),
-            '-' | '_' => Some(c),
-            c if c.is_alphanumeric() => Some(c.to_ascii_lowercase()),
-            _ => None,
-        })
-        .collect()
-}
-
 /// Whether the daemon exports `name`: a name in `ALL`, or a histogram's `_bucket`, `_sum` or
 /// `_count` series (never of a counter).
 fn exported(name: &str) -> bool {
@@ -218,21 +204,15 @@ fn the_dashboard_and_the_alerts_query_only_metrics_the_daemon_exports() {
         );
     }
 
-    // Runbook links point at README sections that exist.
-    let readme = read("README.md");
-    let anchors: BTreeSet<String> = readme
-        .lines()
-        .filter(|l| l.starts_with('#'))
-        .map(|l| github_anchor(l.trim_start_matches('#')))
-        .collect();
-    for link in alerts.split("README.md#").skip(1) {
-        let anchor: String = link
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
-            .collect();
+    // Runbook links point at headings that exist, in the README or a page under docs/.
+    for link in alerts.split("runbook: \"").skip(1) {
+        let link = &link[..link.find('"').unwrap()];
+        let (file, anchor) = link
+            .split_once('#')
+            .unwrap_or_else(|| panic!("{ALERTS}: runbook {link} names no section"));
         assert!(
-            anchors.contains(&anchor),
-            "{ALERTS} links README.md#{anchor}, which is no README heading"
+            markdown_anchors(&read(file)).contains(anchor),
+            "{ALERTS} links {link}, which is no heading of {file}"
         );
     }
 

@@ -225,8 +225,16 @@ async fn every_kind_of_invalid_job_is_dead_lettered_with_its_reason() {
         assert_eq!(e["status"], "invalid", "{id}");
         assert_eq!(e["reason"], *reason, "{id}");
         assert!(!e["detail"].as_str().unwrap().is_empty());
+        // The job's category rides along whenever it could be read, as on every outcome.
+        let category = match *id {
+            "bad-category" => None,
+            "long-text" => Some("service"),
+            _ => Some("marketing"),
+        };
+        assert_eq!(e.get("category").and_then(|c| c.as_str()), category, "{id}");
     }
     assert_eq!(finals["too-large"][0]["reason"], "too_large");
+    assert_eq!(finals["too-large"][0]["category"], "marketing");
     assert!(
         env.sandbox.requests().is_empty(),
         "nothing invalid reached the API"

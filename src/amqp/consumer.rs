@@ -21,7 +21,7 @@ use super::publisher::{PublishError, Publisher, json_properties};
 use super::topology::{CONSENT_EXCHANGE, DEAD, JOBS_EXCHANGE, Names, OUTCOMES_EXCHANGE};
 use crate::consent::flow::{ConsentFlow, Outgoing};
 use crate::consent::{Applied, ConsentEvent, EventDecoder};
-use crate::job::{Invalid, Job, Outcome, OutcomeEvent};
+use crate::job::{Category, Invalid, Job, Outcome, OutcomeEvent};
 use crate::pipeline::decode::{Decoder, Refused};
 use crate::pipeline::{Disposition, Pipeline};
 use crate::store::{KvOp, Table};
@@ -599,6 +599,7 @@ impl Worker {
                 id: Some(job.id.to_string()),
                 account: Some(job.account.to_string()),
                 to: Some(job.to.as_str().to_string()),
+                category: Some(job.category),
                 invalid,
             }),
             Err(mut r) => {
@@ -1036,7 +1037,7 @@ impl Worker {
             at: Timestamp::now(),
             metadata: None,
             error_code: None,
-            category: None,
+            category: refused.category.map(Category::as_str),
         });
         let bytes = event.as_ref().map(|e| e.to_json());
         if let (Some(id), Some(bytes)) = (ledgered, &bytes)

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::config::Config;
-use crate::job::{Content, Invalid, Job, RawJob};
+use crate::job::{Category, Content, Invalid, Job, RawJob};
 use crate::phone::parse_e164;
 
 pub const MAX_JOB_BYTES: usize = 64 * 1024;
@@ -21,6 +21,9 @@ pub struct Refused {
     pub id: Option<String>,
     pub account: Option<String>,
     pub to: Option<String>,
+    /// The job's category when it is one of the four, so the `invalid` outcome can carry it as
+    /// every other outcome does; `None` when it was missing or is the field that broke.
+    pub category: Option<Category>,
     pub invalid: Invalid,
 }
 
@@ -36,6 +39,7 @@ struct Salvage {
     id: Option<serde_json::Value>,
     account: Option<serde_json::Value>,
     to: Option<serde_json::Value>,
+    category: Option<serde_json::Value>,
 }
 
 impl Decoder {
@@ -73,6 +77,7 @@ impl Decoder {
                 id: Some(raw.id.clone()),
                 account: Some(raw.account.clone()),
                 to: Some(raw.to.clone()),
+                category: Some(raw.category),
                 invalid,
             })
         };
@@ -196,14 +201,20 @@ fn salvage(bytes: &[u8], invalid: Invalid) -> Box<Refused> {
         Some(serde_json::Value::String(s)) => Some(s),
         _ => None,
     };
-    let (id, account, to) = match s {
-        Some(s) => (text(s.id), text(s.account), text(s.to)),
-        None => (None, None, None),
+    let (id, account, to, category) = match s {
+        Some(s) => (
+            text(s.id),
+            text(s.account),
+            text(s.to),
+            s.category.and_then(|c| serde_json::from_value(c).ok()),
+        ),
+        None => (None, None, None, None),
     };
     Box::new(Refused {
         id,
         account,
         to,
+        category,
         invalid,
     })
 }

@@ -3,7 +3,7 @@
 //! redb is copy-on-write, so after an erasure the freed pages of the file still hold the
 //! number until something overwrites them. redb's own `Database::compact` does that, but it
 //! needs the database to itself and relocates pages until none can move, in one call: on a
-//! file of 4 GB it held every job for 137 s (README, *Performance*).
+//! file of 4 GB it held every job for 137 s (docs/performance.md).
 //!
 //! So the writer compacts by copying instead, beside the running store:
 //!

@@ -942,3 +942,32 @@ pub fn metric_value(text: &str, prefix: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// The anchor GitHub gives a Markdown heading: lower case, spaces to hyphens, punctuation other
+/// than `-` and `_` dropped.
+pub fn github_anchor(heading: &str) -> String {
+    heading
+        .trim()
+        .chars()
+        .filter_map(|c| match c {
+            ' ' => Some('-'),
+            '-' | '_' => Some(c),
+            c if c.is_alphanumeric() => Some(c.to_lowercase().next().unwrap_or(c)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The anchors of a Markdown text's headings (`#` lines outside fenced code).
+pub fn markdown_anchors(text: &str) -> std::collections::BTreeSet<String> {
+    let mut fenced = false;
+    let mut anchors = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        if line.starts_with("```") {
+            fenced = !fenced;
+        } else if !fenced && line.starts_with('#') {
+            anchors.insert(github_anchor(line.trim_start_matches('#')));
+        }
+    }
+    anchors
+}
