@@ -24,7 +24,9 @@
 //!   against, the history kept as proof, STOP/START/YES in conversation, the GDPR tools.
 //! - [`amqp`]: the broker edge: topology, consuming with reconnect, confirmed publishing.
 //! - [`cloud_api`]: the Cloud API edge: request building, the HTTP client, the error
-//!   classifier, and the built-in sandbox that stands in for Meta.
+//!   classifier.
+//! - [`sandbox`]: the built-in stand-in for Meta (the send endpoint, failure injection, signed
+//!   webhooks back, customers' messages), for tests and for trying sendwell without Meta.
 //! - [`store`]: the embedded redb store (the idempotency ledger, consent, webhook state).
 //! - [`http`]: the admin listener (`/metrics`, `/healthz`, `/readyz`).
 //! - [`metrics`]: every metric name and its description, in one place; [`health`]: whether the
@@ -33,6 +35,8 @@
 //! - [`notify`]: systemd's notify protocol: READY, STATUS, STOPPING and the watchdog.
 //! - [`app`]: wiring: tasks, readiness, shutdown order.
 //! - [`publish`]: the `sendwell publish` tool for upstream developers.
+//! - [`ops`]: the operator tools: `dead list | replay` over the dead letters, and
+//!   `state backup | restore` over a stopped daemon's store.
 
 pub mod amqp;
 pub mod app;
@@ -51,5 +55,6 @@ pub mod pipeline;
 pub mod pricing;
 pub mod privacy;
 pub mod publish;
+pub mod sandbox;
 pub mod store;
 pub mod webhook;
