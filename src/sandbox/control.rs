@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use axum::Json;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{Method, StatusCode, Uri};
@@ -15,12 +14,12 @@ use serde_json::json;
 
 use super::error::MetaError;
 use super::state::Shared;
-use super::{AsyncFailure, Fault};
+use super::{AsyncFailure, Fault, json_answer};
 
 pub(super) async fn control_requests(State(shared): State<Arc<Shared>>) -> Response {
     // Clone under the lock, serialize outside it, so sends are not blocked by a big log.
     let records = shared.log().records.clone();
-    Json(records).into_response()
+    json_answer(StatusCode::OK, &records)
 }
 
 pub(super) async fn control_faults(
@@ -117,7 +116,7 @@ pub(super) async fn control_webhook(
 
 pub(super) async fn control_callbacks(State(shared): State<Arc<Shared>>) -> Response {
     let records = shared.callback_log().clone();
-    Json(records).into_response()
+    json_answer(StatusCode::OK, &records)
 }
 
 /// Reads a control endpoint's JSON body; errors come back Meta-shaped like everything else.
@@ -131,7 +130,7 @@ pub(super) fn parse_control_body<T: serde::de::DeserializeOwned>(
 }
 
 pub(super) async fn healthz() -> Response {
-    Json(json!({ "status": "ok" })).into_response()
+    json_answer(StatusCode::OK, &json!({ "status": "ok" }))
 }
 
 pub(super) async fn not_found(method: Method, uri: Uri) -> Response {

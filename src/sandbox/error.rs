@@ -2,13 +2,12 @@
 //! Graph's, `error.code` and `error_data.details` included, so the client classifies it as it
 //! would Meta's.
 
-use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use rand::Rng;
 use serde_json::{Value, json};
 
-use super::Fault;
+use super::{Fault, json_answer};
 
 /// A Meta-shaped error answer.
 #[derive(Debug)]
@@ -84,7 +83,7 @@ impl MetaError {
 
 impl IntoResponse for MetaError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body())).into_response()
+        json_answer(self.status, &self.body())
     }
 }
 

@@ -5,7 +5,6 @@
 
 use std::sync::Arc;
 
-use axum::Json;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
@@ -14,11 +13,11 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::DEFAULT_INBOUND_PHONE_NUMBER_ID;
 use super::callbacks::CallbackKind;
 use super::control::parse_control_body;
 use super::error::MetaError;
 use super::state::{PHONE_MAX_DIGITS, Shared, digits, unix_secs_string};
+use super::{DEFAULT_INBOUND_PHONE_NUMBER_ID, json_answer};
 
 /// The profile name of every simulated customer.
 const INBOUND_PROFILE_NAME: &str = "Sandbox User";
@@ -202,12 +201,14 @@ pub(super) async fn control_inbound(
         .inbound(&phone_number_id, &request.from, body, request.context_id)
         .await
     {
-        Ok(d) => Json(json!({
-            "id": d.wamid,
-            "http_status": d.http_status,
-            "attempts": d.attempts,
-        }))
-        .into_response(),
+        Ok(d) => json_answer(
+            StatusCode::OK,
+            &json!({
+                "id": d.wamid,
+                "http_status": d.http_status,
+                "attempts": d.attempts,
+            }),
+        ),
         Err(e) => e.into_response(),
     }
 }

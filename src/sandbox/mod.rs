@@ -32,6 +32,7 @@
 //! | `GET /healthz` | 200 `{"status":"ok"}` |
 //! | anything else | 404 (or 405) with a Meta-shaped JSON error, code 2500 |
 //!
+//! Every JSON answer ends with a newline, so that `curl` at a prompt prints a whole line.
 //! The control endpoints carry no authentication: the sandbox is meant for loopback only.
 
 mod args;
@@ -52,6 +53,8 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::serve::ListenerExt;
 use serde::{Deserialize, Serialize};
@@ -380,10 +383,71 @@ fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
+/// A JSON answer with a trailing newline: axum's `Json` writes none, and `curl` at a prompt
+/// would print the prompt after the closing brace.
+fn json_answer<T: Serialize>(status: StatusCode, value: &T) -> Response {
+    match serde_json::to_vec(value) {
+        Ok(mut body) => {
+            body.push(b'\n');
+            (
+                status,
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                )],
+                body,
+            )
+                .into_response()
+        }
+        // What axum's `Json` answers when serializing fails; values with string keys never do.
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::sandbox::testing::*;
+    use serde_json::{Value, json};
+
+    #[tokio::test]
+    async fn every_json_answer_ends_with_a_newline() {
+        let rx = receiver(vec![]).await;
+        let sb = start(webhooked(&rx.url)).await;
+        let send = serde_json::to_vec(&text("491701234567", "hi")).unwrap();
+        let inbound =
+            serde_json::to_vec(&json!({ "from": "+491701234567", "text": "hi" })).unwrap();
+        let get = reqwest::Method::GET;
+        let post = reqwest::Method::POST;
+        for (method, path, token, body, status) in [
+            (post.clone(), PATH, Some("t"), send.clone(), 200),
+            (post.clone(), PATH, None, send, 401),
+            (post.clone(), "/_sandbox/inbound", None, inbound, 200),
+            (post, "/_sandbox/faults", None, b"{}".to_vec(), 400),
+            (get.clone(), "/_sandbox/requests", None, vec![], 200),
+            (get.clone(), "/_sandbox/callbacks", None, vec![], 200),
+            (get.clone(), "/healthz", None, vec![], 200),
+            (get, "/nope", None, vec![], 404),
+        ] {
+            let (got, bytes) = sb.request(method, path, token, body).await;
+            assert_eq!(got, status, "{path}");
+            let answer = String::from_utf8_lossy(&bytes);
+            assert!(
+                answer.ends_with("}\n") || answer.ends_with("]\n"),
+                "{path}: {answer:?}"
+            );
+            // Still exactly one JSON value.
+            serde_json::from_slice::<Value>(&bytes).unwrap();
+        }
+        let healthz = sb
+            .client
+            .get(format!("{}/healthz", sb.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(healthz.headers()["content-type"], "application/json");
+        sb.stop().await;
+    }
 
     #[tokio::test]
     async fn shutdown_lets_in_flight_requests_finish() {

@@ -35,11 +35,10 @@
 
 use std::sync::Arc;
 
-use axum::Json;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use bytes::Bytes;
 use rand::Rng;
 use serde_json::{Value, json};
@@ -47,7 +46,7 @@ use serde_json::{Value, json};
 use super::callbacks::StatusRun;
 use super::error::MetaError;
 use super::state::{PHONE_MAX_DIGITS, Shared, digits, unix_ms};
-use super::{AsyncFailure, BODY_LIMIT, SandboxRecord};
+use super::{AsyncFailure, BODY_LIMIT, SandboxRecord, json_answer};
 
 /// Meta's limit for `text.body`, in characters.
 const TEXT_BODY_MAX_CHARS: usize = 4096;
@@ -154,7 +153,7 @@ async fn send(
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    (status, Json(answer)).into_response()
+    json_answer(status, &answer)
 }
 
 impl Shared {
