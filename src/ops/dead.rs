@@ -301,7 +301,7 @@ pub async fn dead_list(
 /// Which messages `dead replay` takes.
 #[derive(Clone, Debug, Default)]
 pub struct ReplayFilter {
-    /// Only messages with this reason code (see [`reason_code`]).
+    /// Only messages with this reason code (see [`reason_code`](super::reason_code)).
     pub reason: Option<String>,
     /// Only the job with this id.
     pub id: Option<String>,

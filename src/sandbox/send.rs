@@ -12,7 +12,8 @@
 //! 2. body: over 1 MiB → 413; not JSON or not a valid send request → 400, code 100
 //!    "(#100) Invalid parameter" with `error_data.details` naming the problem. Validation runs
 //!    before faults because faults simulate Meta-side conditions of *valid* requests.
-//! 3. scripted [`Fault`]s, first match in the order added; recipients are compared by digits.
+//! 3. scripted [`Fault`](super::Fault)s, first match in the order added; recipients are
+//!    compared by digits.
 //! 4. random faults: 5xx (code 2), then throttle (130429), then undeliverable (131026), each drawn
 //!    independently; the first that hits wins.
 //! 5. success: 200 with a fresh `wamid`, and `contacts[].wa_id` the digits of `to`; with
