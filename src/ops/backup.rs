@@ -23,7 +23,7 @@ use redb::{
     MultimapTableHandle, ReadOnlyDatabase, ReadableDatabase, ReadableTableMetadata, TableHandle,
 };
 
-use super::OpsError;
+use super::error::OpsError;
 use crate::config::Config;
 use crate::store::Ledger;
 

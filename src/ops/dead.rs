@@ -54,10 +54,10 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 
-use super::OpsError;
 use super::dead_letter::{
     DeadMessage, header, inspect, refresh_properties, replay_properties, value_i64,
 };
+use super::error::OpsError;
 use crate::amqp::topology::{DEAD, JOBS_EXCHANGE};
 use crate::config::Config;
 use crate::consent::tools::EX_TEMPFAIL;

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::SandboxConfig;
+use super::state::SandboxConfig;
 
 /// clap arguments for the `sendwell sandbox` subcommand.
 #[derive(clap::Args, Clone)]

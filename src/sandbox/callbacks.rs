@@ -22,49 +22,20 @@ use std::time::Duration;
 use axum::http::header;
 use bytes::Bytes;
 use hmac::{Hmac, KeyInit, Mac};
-use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::Sha256;
 
-use super::AsyncFailure;
 use super::error::known_details;
-use super::state::{Shared, WebhookTarget, unix_ms, unix_secs_string};
+use super::state::{
+    AsyncFailure, CallbackKind, CallbackRecord, Shared, WebhookTarget, unix_ms, unix_secs_string,
+};
 
 /// Tries per callback, the first included, before it is given up.
 const CALLBACK_TRIES: u32 = 10;
 /// Wait before the first retry of a callback; doubled before each further one.
 const CALLBACK_FIRST_BACKOFF: Duration = Duration::from_millis(100);
-/// Per-try bound, so a receiver that never answers cannot hold a callback task forever.
-pub(super) const CALLBACK_TRY_TIMEOUT: Duration = Duration::from_secs(10);
 /// `errors[].href` in failed statuses, as in Meta's examples.
 const ERROR_CODES_HREF: &str = "/documentation/business-messaging/whatsapp/support/error-codes";
-
-/// Which kind of callback a [`CallbackRecord`] describes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CallbackKind {
-    /// A `statuses[]` callback for a send.
-    Status,
-    /// A `messages[]` callback: a simulated customer message.
-    Inbound,
-}
-
-/// One callback POST (with its retries) as the sandbox made it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CallbackRecord {
-    /// When the first try started, unix milliseconds.
-    pub at_ms: u64,
-    /// Status or inbound.
-    pub kind: CallbackKind,
-    /// `sent`, `delivered`, `read` or `failed`; None for inbound.
-    pub status: Option<String>,
-    /// The message the callback is about: the send's wamid, or the inbound message's id.
-    pub wamid: Option<String>,
-    /// The last try's HTTP status; None if that try got no answer (connection error, timeout).
-    pub http_status: Option<u16>,
-    /// Tries made, 1..=10.
-    pub attempts: u32,
-}
 
 /// What the status callbacks of one accepted send need.
 pub(super) struct StatusRun {

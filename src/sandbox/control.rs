@@ -12,9 +12,8 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::error::MetaError;
-use super::state::Shared;
-use super::{AsyncFailure, Fault, json_answer};
+use super::error::{MetaError, json_answer};
+use super::state::{AsyncFailure, Fault, Shared};
 
 pub(super) async fn control_requests(State(shared): State<Arc<Shared>>) -> Response {
     // Clone under the lock, serialize outside it, so sends are not blocked by a big log.

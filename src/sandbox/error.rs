@@ -1,13 +1,12 @@
-//! Meta-shaped error answers: every refusal the sandbox gives, whatever its cause, reads like
-//! Graph's, `error.code` and `error_data.details` included, so the client classifies it as it
-//! would Meta's.
+//! Meta-shaped answers: every refusal the sandbox gives, whatever its cause, reads like Graph's,
+//! `error.code` and `error_data.details` included, so the client classifies it as it would
+//! Meta's; and [`json_answer`], which writes every JSON answer of the sandbox.
 
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use rand::Rng;
+use serde::Serialize;
 use serde_json::{Value, json};
-
-use super::{Fault, json_answer};
 
 /// A Meta-shaped error answer.
 #[derive(Debug)]
@@ -54,20 +53,6 @@ impl MetaError {
         MetaError::new(status, code, format!("(#{code}) {title}"), details.into())
     }
 
-    pub(super) fn scripted(fault: &Fault) -> MetaError {
-        let status = StatusCode::from_u16(fault.http_status)
-            .ok()
-            .filter(|s| s.is_client_error() || s.is_server_error())
-            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let message = if fault.message.starts_with("(#") {
-            fault.message.clone()
-        } else {
-            format!("(#{}) {}", fault.code, fault.message)
-        };
-        let details = known_details(fault.code).map_or_else(|| fault.message.clone(), Into::into);
-        MetaError::new(status, fault.code, message, details)
-    }
-
     pub(super) fn body(&self) -> Value {
         json!({
             "error": {
@@ -84,6 +69,27 @@ impl MetaError {
 impl IntoResponse for MetaError {
     fn into_response(self) -> Response {
         json_answer(self.status, &self.body())
+    }
+}
+
+/// A JSON answer with a trailing newline: axum's `Json` writes none, and `curl` at a prompt
+/// would print the prompt after the closing brace.
+pub(super) fn json_answer<T: Serialize>(status: StatusCode, value: &T) -> Response {
+    match serde_json::to_vec(value) {
+        Ok(mut body) => {
+            body.push(b'\n');
+            (
+                status,
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                )],
+                body,
+            )
+                .into_response()
+        }
+        // What axum's `Json` answers when serializing fails; values with string keys never do.
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
 }
 

@@ -4,41 +4,9 @@
 
 use axum::http::StatusCode;
 use rand::Rng;
-use serde::{Deserialize, Serialize};
 
-use super::error::MetaError;
-use super::state::{Shared, digits};
-
-/// A scripted fault: answer the next `times` requests that match `to` (None = any recipient) with
-/// this error. `http_status` outside 400..=599 is answered as 500 (an error must look like one).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Fault {
-    /// Recipient to hit, compared by digits ("+49 170 1" matches "491701"); None hits any.
-    pub to: Option<String>,
-    /// HTTP status to answer with.
-    pub http_status: u16,
-    /// Meta error code (`error.code`) to answer with.
-    pub code: i64,
-    /// Error title; the answer's `message` is "(#code) title" unless it already starts with "(#".
-    pub message: String,
-    /// How many matching requests this fault answers before it is used up.
-    pub times: u32,
-}
-
-/// A scripted asynchronous failure: the next `times` sends that match `to` (None = any recipient)
-/// are accepted (200 and a wamid) but their callbacks are `sent` then `failed` with this error,
-/// as when Meta accepts a message it cannot deliver (131049, 131050, 131026, ...).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AsyncFailure {
-    /// Recipient to hit, compared by digits; None hits any.
-    pub to: Option<String>,
-    /// `errors[].code` of the `failed` status.
-    pub code: i64,
-    /// `errors[].title` (and `message`, which Meta sets to the same text).
-    pub title: String,
-    /// How many matching accepted sends this failure takes before it is used up.
-    pub times: u32,
-}
+use super::error::{MetaError, known_details};
+use super::state::{AsyncFailure, Fault, Shared, digits};
 
 impl Shared {
     pub(super) fn add_fault(&self, fault: Fault) {
@@ -59,7 +27,7 @@ impl Shared {
         let fault = &mut faults[i];
         // Never 0 here: add_fault drops empty faults and used-up ones are removed below.
         fault.times -= 1;
-        let error = MetaError::scripted(fault);
+        let error = scripted_error(fault);
         if fault.times == 0 {
             faults.remove(i);
         }
@@ -116,6 +84,21 @@ impl Shared {
         }
         Some(taken)
     }
+}
+
+/// The answer a scripted fault gives.
+fn scripted_error(fault: &Fault) -> MetaError {
+    let status = StatusCode::from_u16(fault.http_status)
+        .ok()
+        .filter(|s| s.is_client_error() || s.is_server_error())
+        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let message = if fault.message.starts_with("(#") {
+        fault.message.clone()
+    } else {
+        format!("(#{}) {}", fault.code, fault.message)
+    };
+    let details = known_details(fault.code).map_or_else(|| fault.message.clone(), Into::into);
+    MetaError::new(status, fault.code, message, details)
 }
 
 #[cfg(test)]

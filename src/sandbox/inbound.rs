@@ -13,12 +13,12 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::callbacks::CallbackKind;
 use super::control::parse_control_body;
-use super::error::MetaError;
-use super::state::{PHONE_MAX_DIGITS, Shared, digits, unix_secs_string};
-use super::{DEFAULT_INBOUND_PHONE_NUMBER_ID, json_answer};
+use super::error::{MetaError, json_answer};
+use super::state::{CallbackKind, PHONE_MAX_DIGITS, Shared, digits, unix_secs_string};
 
+/// `metadata.phone_number_id` of simulated inbound messages unless the request names one.
+pub const DEFAULT_INBOUND_PHONE_NUMBER_ID: &str = "106540352242922";
 /// The profile name of every simulated customer.
 const INBOUND_PROFILE_NAME: &str = "Sandbox User";
 

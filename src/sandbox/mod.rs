@@ -11,9 +11,10 @@
 //!
 //! One file per role: `send` answers `POST .../messages` (the checks, in order, and the legacy
 //! WhatsApp IDs); `faults` scripts and draws the failures; `callbacks` calls the webhook back;
-//! `inbound` is the customers writing; `control` is the `/_sandbox/*` endpoints; `error` shapes
-//! every refusal like Meta's; `state` is what they all share; `args` is the `sendwell sandbox`
-//! command line.
+//! `inbound` is the customers writing; `control` is the `/_sandbox/*` endpoints; `args` is the
+//! `sendwell sandbox` command line. Beneath them, `state` (what they all share, the public data
+//! types included) and `error` (Meta-shaped answers) import no other part; this file only
+//! assembles: the server, the handle, the router and the public names.
 //!
 //! # HTTP surface
 //!
@@ -43,166 +44,36 @@ mod faults;
 mod inbound;
 mod send;
 mod state;
-#[cfg(test)]
-mod testing;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::serve::ListenerExt;
-use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 pub use args::SandboxArgs;
-pub use callbacks::{CallbackKind, CallbackRecord};
-pub use faults::{AsyncFailure, Fault};
-pub use inbound::InboundBody;
-pub use state::base64;
+pub use inbound::{DEFAULT_INBOUND_PHONE_NUMBER_ID, InboundBody};
+pub use state::{
+    AsyncFailure, CALLBACK_LOG_CAP, CallbackKind, CallbackRecord, DEFAULT_DISPLAY_PHONE_NUMBER,
+    DEFAULT_WABA_ID, Fault, RECORD_LOG_CAP, SandboxConfig, SandboxRecord, base64,
+};
 
 use control::{
     control_async_failures, control_callbacks, control_faults, control_latency, control_requests,
     control_tokens, control_webhook, healthz, method_not_allowed, not_found,
 };
 use inbound::control_inbound;
-use send::{send_unversioned, send_versioned};
+use send::{BODY_LIMIT, send_unversioned, send_versioned};
 use state::Shared;
 
-/// Largest request body accepted, like a modest reverse proxy in front of Meta; beyond it: 413.
-const BODY_LIMIT: usize = 1 << 20;
 /// Accept backlog: thousands of clients may connect at once when a test opens many connections
 /// (HTTP/1.1 needs one per in-flight request); the kernel default of 128 or tokio's 1024 would
 /// make some of them wait for SYN retransmits.
 const LISTEN_BACKLOG: u32 = 4096;
-/// Bound on the records [`SandboxHandle::requests`] retains, so a sandbox left running under load
-/// does not grow without limit (a record costs about 450 bytes with its index entry, so the cap
-/// is about 0.5 GB). When reached, the oldest tenth is dropped; [`SandboxHandle::accepted_count_for`]
-/// keeps counting exactly regardless (its index holds one small entry per distinct callback data).
-pub const RECORD_LOG_CAP: usize = 1_000_000;
-/// Bound on the records [`SandboxHandle::callbacks`] retains; the oldest tenth goes when reached.
-pub const CALLBACK_LOG_CAP: usize = 1_000_000;
-/// The WABA id in callbacks unless configured: Meta's documentation example.
-pub const DEFAULT_WABA_ID: &str = "102290129340398";
-/// The business display number in callbacks unless configured: Meta's documentation example.
-pub const DEFAULT_DISPLAY_PHONE_NUMBER: &str = "15550783881";
-/// `metadata.phone_number_id` of simulated inbound messages unless the request names one.
-pub const DEFAULT_INBOUND_PHONE_NUMBER_ID: &str = "106540352242922";
-
-/// Behaviour knobs; all rates are probabilities 0.0..=1.0 per request (values outside are
-/// clamped, NaN counts as 0).
-#[derive(Clone)]
-pub struct SandboxConfig {
-    /// Slept before every `/messages` answer, so clients meet realistic round trips and tests can
-    /// hold many requests in flight.
-    pub latency: Duration,
-    /// Uniform extra latency in `0..jitter`, so answers come back out of order as they do from Meta.
-    pub latency_jitter: Duration,
-    /// Share of sends answered HTTP 503 + code 2, to exercise transient-error retries.
-    pub rate_server_error: f64,
-    /// Share of sends answered HTTP 400 + code 130429, to exercise throughput back-off.
-    pub rate_throttle: f64,
-    /// Share of sends answered HTTP 400 + code 131026, to exercise per-recipient suppression.
-    pub rate_undeliverable: f64,
-    /// `None`: any non-empty bearer token is accepted (zero-setup use); `Some`: only these, so
-    /// token rotation and expiry handling can be tested.
-    pub valid_tokens: Option<Vec<String>>,
-    /// Where to POST status and inbound callbacks, e.g. `http://127.0.0.1:8088/webhook`; `None`:
-    /// no callbacks. Changeable later with [`SandboxHandle::set_webhook`].
-    pub webhook_url: Option<String>,
-    /// HMAC-SHA256 key for `X-Hub-Signature-256`, Meta's app secret; `None`: callbacks unsigned.
-    pub app_secret: Option<String>,
-    /// `entry[].id` of every callback: the WhatsApp Business Account.
-    pub waba_id: String,
-    /// `metadata.display_phone_number` of every callback, and `context.from` of button replies.
-    pub display_phone_number: String,
-    /// Gap between the answer and `sent`, and between the callbacks of one message.
-    pub status_delay: Duration,
-    /// Template name → pricing category in its callbacks; templates not listed are "marketing".
-    pub template_categories: HashMap<String, String>,
-    /// Share of accepted sends that are also `read` (after `delivered`).
-    pub read_rate: f64,
-    /// Answer Brazilian mobiles and Mexican numbers with the legacy WhatsApp IDs Meta gives
-    /// such accounts (see the module documentation).
-    pub legacy_wa_ids: bool,
-}
-
-impl Default for SandboxConfig {
-    fn default() -> Self {
-        SandboxConfig {
-            latency: Duration::from_millis(100),
-            latency_jitter: Duration::ZERO,
-            rate_server_error: 0.0,
-            rate_throttle: 0.0,
-            rate_undeliverable: 0.0,
-            valid_tokens: None,
-            webhook_url: None,
-            app_secret: None,
-            waba_id: DEFAULT_WABA_ID.into(),
-            display_phone_number: DEFAULT_DISPLAY_PHONE_NUMBER.into(),
-            status_delay: Duration::from_millis(50),
-            template_categories: HashMap::new(),
-            read_rate: 1.0,
-            legacy_wa_ids: false,
-        }
-    }
-}
-
-/// By hand, so the app secret never reaches a log.
-impl std::fmt::Debug for SandboxConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SandboxConfig")
-            .field("latency", &self.latency)
-            .field("latency_jitter", &self.latency_jitter)
-            .field("rate_server_error", &self.rate_server_error)
-            .field("rate_throttle", &self.rate_throttle)
-            .field("rate_undeliverable", &self.rate_undeliverable)
-            .field("valid_tokens", &self.valid_tokens.as_ref().map(Vec::len))
-            .field("webhook_url", &self.webhook_url)
-            .field(
-                "app_secret",
-                &self.app_secret.as_ref().map(|_| "<redacted>"),
-            )
-            .field("waba_id", &self.waba_id)
-            .field("display_phone_number", &self.display_phone_number)
-            .field("status_delay", &self.status_delay)
-            .field("template_categories", &self.template_categories)
-            .field("read_rate", &self.read_rate)
-            .field("legacy_wa_ids", &self.legacy_wa_ids)
-            .finish()
-    }
-}
-
-/// One `POST .../messages` as the sandbox saw and answered it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SandboxRecord {
-    /// Arrival time, unix milliseconds, so tests can check pacing and deferrals.
-    pub at_ms: u64,
-    /// From the URL, so tests can check which sender account was used.
-    pub phone_number_id: String,
-    /// Recipient exactly as sent (empty if absent or not a string), to check per-recipient sends.
-    pub to: String,
-    /// `type` as sent: "template", "text", anything else, or empty if absent/not a string.
-    pub kind: String,
-    /// `biz_opaque_callback_data`, the daemon's correlation key (its job id): the handle for
-    /// "sent exactly once" assertions.
-    pub callback_data: Option<String>,
-    /// HTTP status answered, so tests can tell accepted sends from refused ones.
-    pub status: u16,
-    /// Meta error code answered, if any, to check which fault a request met.
-    pub error_code: Option<i64>,
-    /// Message id answered on success, to match against the daemon's outcome events.
-    pub wamid: Option<String>,
-    /// The words the customer would read: `text.body`, or an interactive message's
-    /// `body.text`; None for templates. Lets tests check footers and questions.
-    pub text: Option<String>,
-}
-
 /// A bound sandbox, not yet serving: binding first lets callers learn the port (port 0) and take
 /// a handle before the server task starts.
 pub struct Sandbox {
@@ -383,26 +254,8 @@ fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-/// A JSON answer with a trailing newline: axum's `Json` writes none, and `curl` at a prompt
-/// would print the prompt after the closing brace.
-fn json_answer<T: Serialize>(status: StatusCode, value: &T) -> Response {
-    match serde_json::to_vec(value) {
-        Ok(mut body) => {
-            body.push(b'\n');
-            (
-                status,
-                [(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                )],
-                body,
-            )
-                .into_response()
-        }
-        // What axum's `Json` answers when serializing fails; values with string keys never do.
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
-    }
-}
+#[cfg(test)]
+mod testing;
 
 #[cfg(test)]
 mod tests {

@@ -45,10 +45,11 @@ use rand::Rng;
 use serde_json::{Value, json};
 
 use super::callbacks::StatusRun;
-use super::error::MetaError;
-use super::state::{PHONE_MAX_DIGITS, Shared, digits, unix_ms};
-use super::{AsyncFailure, BODY_LIMIT, SandboxRecord, json_answer};
+use super::error::{MetaError, json_answer};
+use super::state::{AsyncFailure, PHONE_MAX_DIGITS, SandboxRecord, Shared, digits, unix_ms};
 
+/// Largest request body accepted, like a modest reverse proxy in front of Meta; beyond it: 413.
+pub(super) const BODY_LIMIT: usize = 1 << 20;
 /// Meta's limit for `text.body`, in characters.
 const TEXT_BODY_MAX_CHARS: usize = 4096;
 /// Meta's limit for `biz_opaque_callback_data`, in characters.

@@ -1,5 +1,7 @@
-//! What the server, its callback tasks and every handle share: the settings steerable at run
-//! time, the log of sends, the log of callbacks; and the small helpers every role uses.
+//! What the server, its callback tasks and every handle share: the configuration, the settings
+//! steerable at run time, the scripted failures, the log of sends and the log of callbacks (the
+//! public types among them are re-exported by the module root); and the small helpers every
+//! role uses. It imports no other part of the sandbox, so every role can build on it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,14 +10,196 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rand::Rng;
 
-use super::callbacks::CALLBACK_TRY_TIMEOUT;
-use super::{
-    AsyncFailure, CALLBACK_LOG_CAP, CallbackRecord, Fault, RECORD_LOG_CAP, SandboxConfig,
-    SandboxRecord,
-};
+use serde::{Deserialize, Serialize};
 
+/// Bound on the records [`SandboxHandle::requests`] retains, so a sandbox left running under load
+/// does not grow without limit (a record costs about 450 bytes with its index entry, so the cap
+/// is about 0.5 GB). When reached, the oldest tenth is dropped;
+/// [`SandboxHandle::accepted_count_for`] keeps counting exactly regardless (its index holds one
+/// small entry per distinct callback data).
+///
+/// [`SandboxHandle::requests`]: super::SandboxHandle::requests
+/// [`SandboxHandle::accepted_count_for`]: super::SandboxHandle::accepted_count_for
+pub const RECORD_LOG_CAP: usize = 1_000_000;
+/// Bound on the records [`SandboxHandle::callbacks`](super::SandboxHandle::callbacks) retains;
+/// the oldest tenth goes when reached.
+pub const CALLBACK_LOG_CAP: usize = 1_000_000;
+/// The WABA id in callbacks unless configured: Meta's documentation example.
+pub const DEFAULT_WABA_ID: &str = "102290129340398";
+/// The business display number in callbacks unless configured: Meta's documentation example.
+pub const DEFAULT_DISPLAY_PHONE_NUMBER: &str = "15550783881";
+/// Per-try bound, so a receiver that never answers cannot hold a callback task forever.
+pub(super) const CALLBACK_TRY_TIMEOUT: Duration = Duration::from_secs(10);
 /// E.164 numbers have at most 15 digits.
 pub(super) const PHONE_MAX_DIGITS: usize = 15;
+
+/// Behaviour knobs; all rates are probabilities 0.0..=1.0 per request (values outside are
+/// clamped, NaN counts as 0).
+#[derive(Clone)]
+pub struct SandboxConfig {
+    /// Slept before every `/messages` answer, so clients meet realistic round trips and tests can
+    /// hold many requests in flight.
+    pub latency: Duration,
+    /// Uniform extra latency in `0..jitter`, so answers come back out of order as they do from Meta.
+    pub latency_jitter: Duration,
+    /// Share of sends answered HTTP 503 + code 2, to exercise transient-error retries.
+    pub rate_server_error: f64,
+    /// Share of sends answered HTTP 400 + code 130429, to exercise throughput back-off.
+    pub rate_throttle: f64,
+    /// Share of sends answered HTTP 400 + code 131026, to exercise per-recipient suppression.
+    pub rate_undeliverable: f64,
+    /// `None`: any non-empty bearer token is accepted (zero-setup use); `Some`: only these, so
+    /// token rotation and expiry handling can be tested.
+    pub valid_tokens: Option<Vec<String>>,
+    /// Where to POST status and inbound callbacks, e.g. `http://127.0.0.1:8088/webhook`; `None`:
+    /// no callbacks. Changeable later with
+    /// [`SandboxHandle::set_webhook`](super::SandboxHandle::set_webhook).
+    pub webhook_url: Option<String>,
+    /// HMAC-SHA256 key for `X-Hub-Signature-256`, Meta's app secret; `None`: callbacks unsigned.
+    pub app_secret: Option<String>,
+    /// `entry[].id` of every callback: the WhatsApp Business Account.
+    pub waba_id: String,
+    /// `metadata.display_phone_number` of every callback, and `context.from` of button replies.
+    pub display_phone_number: String,
+    /// Gap between the answer and `sent`, and between the callbacks of one message.
+    pub status_delay: Duration,
+    /// Template name → pricing category in its callbacks; templates not listed are "marketing".
+    pub template_categories: HashMap<String, String>,
+    /// Share of accepted sends that are also `read` (after `delivered`).
+    pub read_rate: f64,
+    /// Answer Brazilian mobiles and Mexican numbers with the legacy WhatsApp IDs Meta gives
+    /// such accounts (see the module documentation).
+    pub legacy_wa_ids: bool,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            latency: Duration::from_millis(100),
+            latency_jitter: Duration::ZERO,
+            rate_server_error: 0.0,
+            rate_throttle: 0.0,
+            rate_undeliverable: 0.0,
+            valid_tokens: None,
+            webhook_url: None,
+            app_secret: None,
+            waba_id: DEFAULT_WABA_ID.into(),
+            display_phone_number: DEFAULT_DISPLAY_PHONE_NUMBER.into(),
+            status_delay: Duration::from_millis(50),
+            template_categories: HashMap::new(),
+            read_rate: 1.0,
+            legacy_wa_ids: false,
+        }
+    }
+}
+
+/// By hand, so the app secret never reaches a log.
+impl std::fmt::Debug for SandboxConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SandboxConfig")
+            .field("latency", &self.latency)
+            .field("latency_jitter", &self.latency_jitter)
+            .field("rate_server_error", &self.rate_server_error)
+            .field("rate_throttle", &self.rate_throttle)
+            .field("rate_undeliverable", &self.rate_undeliverable)
+            .field("valid_tokens", &self.valid_tokens.as_ref().map(Vec::len))
+            .field("webhook_url", &self.webhook_url)
+            .field(
+                "app_secret",
+                &self.app_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("waba_id", &self.waba_id)
+            .field("display_phone_number", &self.display_phone_number)
+            .field("status_delay", &self.status_delay)
+            .field("template_categories", &self.template_categories)
+            .field("read_rate", &self.read_rate)
+            .field("legacy_wa_ids", &self.legacy_wa_ids)
+            .finish()
+    }
+}
+
+/// One `POST .../messages` as the sandbox saw and answered it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxRecord {
+    /// Arrival time, unix milliseconds, so tests can check pacing and deferrals.
+    pub at_ms: u64,
+    /// From the URL, so tests can check which sender account was used.
+    pub phone_number_id: String,
+    /// Recipient exactly as sent (empty if absent or not a string), to check per-recipient sends.
+    pub to: String,
+    /// `type` as sent: "template", "text", anything else, or empty if absent/not a string.
+    pub kind: String,
+    /// `biz_opaque_callback_data`, the daemon's correlation key (its job id): the handle for
+    /// "sent exactly once" assertions.
+    pub callback_data: Option<String>,
+    /// HTTP status answered, so tests can tell accepted sends from refused ones.
+    pub status: u16,
+    /// Meta error code answered, if any, to check which fault a request met.
+    pub error_code: Option<i64>,
+    /// Message id answered on success, to match against the daemon's outcome events.
+    pub wamid: Option<String>,
+    /// The words the customer would read: `text.body`, or an interactive message's
+    /// `body.text`; None for templates. Lets tests check footers and questions.
+    pub text: Option<String>,
+}
+
+/// A scripted fault: answer the next `times` requests that match `to` (None = any recipient) with
+/// this error. `http_status` outside 400..=599 is answered as 500 (an error must look like one).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fault {
+    /// Recipient to hit, compared by digits ("+49 170 1" matches "491701"); None hits any.
+    pub to: Option<String>,
+    /// HTTP status to answer with.
+    pub http_status: u16,
+    /// Meta error code (`error.code`) to answer with.
+    pub code: i64,
+    /// Error title; the answer's `message` is "(#code) title" unless it already starts with "(#".
+    pub message: String,
+    /// How many matching requests this fault answers before it is used up.
+    pub times: u32,
+}
+
+/// A scripted asynchronous failure: the next `times` sends that match `to` (None = any recipient)
+/// are accepted (200 and a wamid) but their callbacks are `sent` then `failed` with this error,
+/// as when Meta accepts a message it cannot deliver (131049, 131050, 131026, ...).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AsyncFailure {
+    /// Recipient to hit, compared by digits; None hits any.
+    pub to: Option<String>,
+    /// `errors[].code` of the `failed` status.
+    pub code: i64,
+    /// `errors[].title` (and `message`, which Meta sets to the same text).
+    pub title: String,
+    /// How many matching accepted sends this failure takes before it is used up.
+    pub times: u32,
+}
+
+/// Which kind of callback a [`CallbackRecord`] describes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallbackKind {
+    /// A `statuses[]` callback for a send.
+    Status,
+    /// A `messages[]` callback: a simulated customer message.
+    Inbound,
+}
+
+/// One callback POST (with its retries) as the sandbox made it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallbackRecord {
+    /// When the first try started, unix milliseconds.
+    pub at_ms: u64,
+    /// Status or inbound.
+    pub kind: CallbackKind,
+    /// `sent`, `delivered`, `read` or `failed`; None for inbound.
+    pub status: Option<String>,
+    /// The message the callback is about: the send's wamid, or the inbound message's id.
+    pub wamid: Option<String>,
+    /// The last try's HTTP status; None if that try got no answer (connection error, timeout).
+    pub http_status: Option<u16>,
+    /// Tries made, 1..=10.
+    pub attempts: u32,
+}
 
 /// State shared by the server and every handle.
 pub(super) struct Shared {
