@@ -15,7 +15,6 @@ use crate::amqp::consumer::Worker;
 use crate::amqp::topology::{Names, TopologyError};
 use crate::clock::SystemClock;
 use crate::cloud_api::CloudApi;
-use crate::cloud_api::sandbox::{Sandbox, SandboxConfig, SandboxHandle};
 use crate::config::Config;
 use crate::consent::flow::ConsentFlow;
 use crate::consent::{ConsentStore, EventDecoder};
@@ -24,6 +23,7 @@ use crate::pipeline::accounts::Accounts;
 use crate::pipeline::decode::Decoder;
 use crate::pipeline::meta_state::MetaState;
 use crate::pipeline::{Pipeline, WebhookPolicy};
+use crate::sandbox::{Sandbox, SandboxConfig, SandboxHandle};
 use crate::store::{Ledger, LedgerError};
 use crate::webhook::apply::Applier;
 

@@ -25,7 +25,9 @@
 //!   against, the history kept as proof, STOP/START/YES in conversation, the GDPR tools.
 //! - [`amqp`]: the broker edge: topology, consuming with reconnect, confirmed publishing.
 //! - [`cloud_api`]: the Cloud API edge: request building, the HTTP client, the error
-//!   classifier, and the built-in sandbox that stands in for Meta.
+//!   classifier.
+//! - [`sandbox`]: the built-in stand-in for Meta (the send endpoint, failure injection, signed
+//!   webhooks back, customers' messages), for tests and for trying sendwell without Meta.
 //! - [`store`]: the embedded redb store (the idempotency ledger, consent, webhook state).
 //! - [`http`]: the admin listener (`/metrics`, `/healthz`, `/readyz`).
 //! - [`metrics`]: every metric name and its description, in one place; [`health`]: whether the
@@ -36,6 +38,8 @@
 //! - [`publish`]: the `sendwell publish` tool for upstream developers.
 //! - [`schema`]: the contract's messages as JSON Schemas, generated from the types above
 //!   (docs/schema/ holds them, with an AsyncAPI document of the topology).
+//! - [`ops`]: the operator tools: `dead list | replay` over the dead letters, and
+//!   `state backup | restore` over a stopped daemon's store.
 
 pub mod amqp;
 pub mod app;
@@ -55,6 +59,7 @@ pub mod pipeline;
 pub mod pricing;
 pub mod privacy;
 pub mod publish;
+pub mod sandbox;
 pub mod schema;
 pub mod store;
 pub mod webhook;

@@ -15,9 +15,9 @@ use tokio_util::sync::CancellationToken;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use sendwell::cloud_api::sandbox::{Sandbox, SandboxArgs};
 use sendwell::config::{Config, DEFAULT_CONFIG_PATH, LogFormat};
 use sendwell::consent::tools::{self, Format};
+use sendwell::sandbox::{Sandbox, SandboxArgs};
 
 #[derive(Parser)]
 #[command(

@@ -7,8 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use sendwell::cloud_api::sandbox::InboundBody;
 use sendwell::consent::model::{CONFIRMED, OPTED_IN, OPTED_OUT};
+use sendwell::sandbox::InboundBody;
 use sendwell::store::Table;
 
 const T: Duration = Duration::from_secs(30);
@@ -556,7 +556,7 @@ async fn erase_leaves_no_byte_of_the_number_in_the_state_store() {
         );
     }
     // wamids (Meta's and the sandbox's) carry the number in base64.
-    let b64 = sendwell::cloud_api::sandbox::base64(digits.as_bytes());
+    let b64 = sendwell::sandbox::base64(digits.as_bytes());
     let b64 = &b64.as_bytes()[..digits.len() / 3 * 4];
     assert!(dump_has(&ledger, b64), "and in base64, in its wamids");
 

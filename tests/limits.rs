@@ -190,7 +190,7 @@ async fn frequency_caps_survive_a_daemon_restart() {
         extra_toml: CAP_TOML.into(),
         consented: 0..150,
         prefetch: 50,
-        sandbox: sendwell::cloud_api::sandbox::SandboxConfig {
+        sandbox: sendwell::sandbox::SandboxConfig {
             latency: Duration::from_millis(20),
             valid_tokens: Some(vec![GOOD_TOKEN.to_string()]),
             ..Default::default()
@@ -423,7 +423,7 @@ async fn new_recipients_beyond_the_daily_tier_wait() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn meta_limit_errors_back_off_the_pair_and_block_marketing_to_the_number() {
-    use sendwell::cloud_api::sandbox::Fault;
+    use sendwell::sandbox::Fault;
     let opts = AppOptions {
         consented: 0..2,
         ..AppOptions::default()

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::*;
-use sendwell::cloud_api::sandbox::Fault;
+use sendwell::sandbox::Fault;
 
 const T: Duration = Duration::from_secs(30);
 

@@ -17,8 +17,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use common::*;
-use sendwell::cloud_api::sandbox::Fault;
 use sendwell::metrics::ALL;
+use sendwell::sandbox::Fault;
 
 const T: Duration = Duration::from_secs(30);
 const DASHBOARD: &str = "config/grafana/sendwell-dashboard.json";

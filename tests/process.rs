@@ -81,7 +81,7 @@ async fn wait_consuming(env: &TestEnv) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_load_then_restart_gives_every_job_exactly_one_outcome() {
     let env = TestEnv::new(&AppOptions {
-        sandbox: sendwell::cloud_api::sandbox::SandboxConfig {
+        sandbox: sendwell::sandbox::SandboxConfig {
             latency: Duration::from_millis(100),
             ..AppOptions::default().sandbox
         },
@@ -203,7 +203,7 @@ async fn sigterm_mid_load_then_restart_gives_every_job_exactly_one_outcome() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_exits_at_once() {
     let env = TestEnv::new(&AppOptions {
-        sandbox: sendwell::cloud_api::sandbox::SandboxConfig {
+        sandbox: sendwell::sandbox::SandboxConfig {
             latency: Duration::from_secs(30),
             ..AppOptions::default().sandbox
         },
@@ -325,7 +325,7 @@ fn a_bad_config_exits_64_naming_the_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_daemon_killed_mid_call_does_not_resend_marketing_after_restart() {
     let env = TestEnv::new(&AppOptions {
-        sandbox: sendwell::cloud_api::sandbox::SandboxConfig {
+        sandbox: sendwell::sandbox::SandboxConfig {
             latency: Duration::from_secs(3),
             ..AppOptions::default().sandbox
         },

@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use sendwell::cloud_api::sandbox::Fault;
+use sendwell::sandbox::Fault;
 
 const T: Duration = Duration::from_secs(30);
 
@@ -460,7 +460,7 @@ async fn jobs_not_yet_due_wait_for_not_before_and_expired_jobs_are_not_sent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_broker_connection_loses_no_job_and_sends_none_twice() {
     let env = TestEnv::new(&AppOptions {
-        sandbox: sendwell::cloud_api::sandbox::SandboxConfig {
+        sandbox: sendwell::sandbox::SandboxConfig {
             latency: Duration::from_millis(100),
             ..AppOptions::default().sandbox
         },

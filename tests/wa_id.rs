@@ -10,7 +10,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use sendwell::cloud_api::sandbox::{AsyncFailure, InboundBody, SandboxConfig};
+use sendwell::sandbox::{AsyncFailure, InboundBody, SandboxConfig};
 use sendwell::store::{Ledger, Table};
 
 const T: Duration = Duration::from_secs(30);

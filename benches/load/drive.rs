@@ -12,8 +12,8 @@ use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties, Consumer};
-use sendwell::cloud_api::sandbox::{Sandbox, SandboxConfig, SandboxHandle};
 use sendwell::config::Config;
+use sendwell::sandbox::{Sandbox, SandboxConfig, SandboxHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::common::{FINAL, GOOD_TOKEN, number};

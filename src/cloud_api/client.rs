@@ -233,7 +233,7 @@ impl CloudApi {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cloud_api::sandbox::{Sandbox, SandboxConfig};
+    use crate::sandbox::{Sandbox, SandboxConfig};
     use tokio_util::sync::CancellationToken;
 
     #[tokio::test]

@@ -1,8 +1,15 @@
 //! `process(job) -> Disposition`: everything sendwell decides about one job, readable top to
 //! bottom. Stages, in data-path order, each in its own file:
 //! [`decode`] (in the consumer, before scheduling) → [`dedupe`] → time window → consent →
-//! what Meta told us by webhook → [`limits`] → [`dispatch`] with [`accounts`] pausing (the
-//! limits' waits and counts sit inside the dispatch loop, right before each Cloud API call).
+//! what Meta told us by webhook → [`spend`] guard → [`limits`] → [`dispatch`] with [`accounts`]
+//! pausing (the limits' waits and counts sit inside the dispatch loop, right before each Cloud
+//! API call).
+//!
+//! `dispatch` makes attempts until one ends the job, each in these steps (methods of the same
+//! names): `admit` (a paused account sends only its probe) → `clear_limits` (tier, throughput
+//! and pacing, quiet hours, caps) → `record_sending` → `call_api` → `sent`, or `after_failure`:
+//! a final failure, `pause_account`, or `retry_or_give_up` (here after a short wait, or
+//! deferred).
 //!
 //! The pipeline knows nothing of AMQP: the consumer turns a [`Disposition`] into ledger writes,
 //! publishes and acks.
@@ -22,12 +29,12 @@ use jiff::Timestamp;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::SharedClock;
-use crate::cloud_api::{CloudApi, FailureClass, request};
+use crate::cloud_api::{ApiFailure, CloudApi, FailureClass, SendOk, request};
 use crate::config::{RetryConfig, TemplatesWithoutOptOut};
 use crate::consent::{ConsentStore, Decision};
 use crate::job::{Category, Content, Job, Outcome};
 use crate::store::{KvOp, Ledger, LedgerEntry, LedgerError, LedgerState};
-use accounts::{Accounts, Admit};
+use accounts::{AccountRuntime, Accounts, Admit};
 use dedupe::Seen;
 use limits::{Check, Held, Limits, Reservation};
 
@@ -69,6 +76,24 @@ pub struct Pipeline {
 pub struct WebhookPolicy {
     pub service_window: Duration,
     pub template_pause_max_wait: Duration,
+}
+
+/// One attempt at a send, as the dispatch steps pass it along.
+struct Attempt<'a> {
+    job: &'a Job,
+    account: &'a AccountRuntime,
+    /// The attempt is the paused account's one probe: if it ends before the Cloud API answers,
+    /// the probe goes to the next job (`inconclusive`).
+    probe: bool,
+}
+
+impl Attempt<'_> {
+    /// This attempt ends without telling whether a paused account works again.
+    fn inconclusive(&self) {
+        if self.probe {
+            self.account.probe_inconclusive();
+        }
+    }
 }
 
 impl Pipeline {
@@ -195,6 +220,7 @@ impl Pipeline {
         self.dispatch(job, &mut attempts, shutdown).await
     }
 
+    /// Stage 5: attempts until one ends the job, each in the steps the module docs list.
     async fn dispatch(
         &self,
         job: &Job,
@@ -216,222 +242,321 @@ impl Pipeline {
             && !self.in_service_window(job, self.clock.now());
         let mut counted = Reservation::default();
         loop {
-            let admit = account.admit(self.accounts.probe_interval());
-            if let Admit::Wait(wait) = admit {
-                return self.defer(job, *attempts, wait, "account_paused");
-            }
-            let mut also = Vec::new();
-            if counts_for_tier {
-                match self
-                    .limits
-                    .reserve_tier(job, false, self.clock.now(), &mut counted)
-                {
-                    Ok(op) => also.extend(op),
-                    Err(wait) => {
-                        if admit == Admit::Probe {
-                            account.probe_inconclusive();
-                        }
-                        return self.defer(job, *attempts, wait, "messaging_limit");
-                    }
-                }
-            }
-            match self
-                .limits
-                .pass(job, self.retry.inline_max_delay, shutdown)
+            let attempt = match self.admit(job, account, *attempts) {
+                Ok(attempt) => attempt,
+                Err(paused) => return paused,
+            };
+            let also = match self
+                .clear_limits(&attempt, counts_for_tier, *attempts, &mut counted, shutdown)
                 .await
             {
-                Ok(()) => {}
-                Err(held) => {
-                    if admit == Admit::Probe {
-                        account.probe_inconclusive();
-                    }
-                    self.give_back(job, &mut counted).await;
-                    return match held {
-                        Held::Pacing(wait) => self.defer(job, *attempts, wait, "recipient_pacing"),
-                        Held::ShuttingDown => Disposition::Abandon,
-                    };
-                }
-            }
-            if let Some(wait) = self.limits.quiet_now(job, self.clock.now()) {
-                if admit == Admit::Probe {
-                    account.probe_inconclusive();
-                }
-                self.give_back(job, &mut counted).await;
-                return self.defer(job, *attempts, wait, "quiet_hours");
-            }
-            also.extend(
-                self.limits
-                    .reserve_caps(job, self.clock.now(), &mut counted),
-            );
+                Ok(also) => also,
+                Err(held) => return held,
+            };
             if self
-                .record_with(job, LedgerState::Sending, *attempts + 1, also)
+                .record_sending(&attempt, *attempts + 1, also, &mut counted)
                 .await
                 .is_err()
             {
-                if admit == Admit::Probe {
-                    account.probe_inconclusive();
-                }
-                // Nothing was written: the counts go back in memory only.
-                self.limits.release(job, &mut counted);
                 return Disposition::Abandon;
             }
             *attempts += 1;
-            self.limits.at_the_door(job, shutdown).await;
-            let token = account.token();
-            let started = std::time::Instant::now();
-            let result = self
-                .api
-                .send(
-                    &account.config.phone_number_id,
-                    token.expose(),
-                    body.clone(),
-                )
-                .await;
-            let took = started.elapsed();
-            let failure = match result {
-                Ok(ok) => {
-                    crate::metrics::api_request(&job.account, "ok", None, took);
-                    self.limits.sent(job);
-                    account.resume();
-                    if let Some(id) = &ok.wa_id {
-                        self.learn_wa_id(job, id).await;
-                    }
-                    let now = self.clock.now();
-                    let prices = self.spend.prices();
-                    let estimated_cost =
-                        spend::estimate(&prices, job, self.in_service_window(job, now), now);
-                    if let Some(cost) = estimated_cost {
-                        crate::metrics::estimated_cost(
-                            &job.account,
-                            job.category.as_str(),
-                            job.to.region(),
-                            prices.currency(),
-                            cost.0,
-                        );
-                        self.spend.add(&job.account, cost, now);
-                    }
-                    return Disposition::Finish(Outcome::Sent {
-                        wamid: ok.wamid,
-                        attempts: *attempts,
-                        estimated_cost,
-                    });
-                }
-                Err(f) => f,
+            let failure = match self.call_api(&attempt, &body, shutdown).await {
+                Ok(ok) => return self.sent(&attempt, ok, *attempts).await,
+                Err(failure) => failure,
             };
-            crate::metrics::api_request(&job.account, failure.class.as_str(), failure.code, took);
-            self.learn_from_failure(job, failure.code).await;
-            if failure.class == FailureClass::Ambiguous {
-                // It may have been sent: it stays counted, also if the job goes no further.
-                counted.maybe_sent();
-            } else {
-                // An error answer means Meta did not send it: it does not count.
-                self.give_back(job, &mut counted).await;
+            if let Some(done) = self
+                .after_failure(&attempt, failure, attempts, &mut counted, shutdown)
+                .await
+            {
+                return done;
             }
-            let class = match failure.class {
-                FailureClass::Ambiguous if !self.retry.resend_ambiguous(job.category) => {
-                    if admit == Admit::Probe {
-                        account.probe_inconclusive();
-                    }
-                    return Disposition::Finish(Outcome::Failed {
-                        reason: "ambiguous",
-                        detail: format!(
-                            "the Cloud API may have accepted it ({}); {} jobs are not resent when in doubt",
-                            failure.message, job.category
-                        ),
-                        code: None,
-                        attempts: *attempts,
-                    });
-                }
-                FailureClass::Ambiguous => FailureClass::Retryable,
-                c => c,
-            };
-            match class {
-                FailureClass::Permanent => {
-                    if admit == Admit::Probe {
-                        account.probe_inconclusive();
-                    }
-                    return Disposition::Finish(Outcome::Failed {
-                        reason: failure.reason,
-                        detail: failure.message,
-                        code: failure.code,
-                        attempts: *attempts,
-                    });
-                }
-                FailureClass::Account => {
-                    account.pause(&failure.message, self.accounts.probe_interval());
-                    // This attempt did not send anything: it does not count against the job.
-                    *attempts -= 1;
-                    if self
-                        .record(job, LedgerState::Pending, *attempts)
-                        .await
-                        .is_err()
-                    {
-                        return Disposition::Abandon;
-                    }
-                    return self.defer(
-                        job,
-                        *attempts,
-                        self.accounts.probe_interval(),
-                        "account_paused",
-                    );
-                }
-                FailureClass::Retryable | FailureClass::PairLimited | FailureClass::Ambiguous => {
-                    if admit == Admit::Probe {
-                        account.probe_inconclusive();
-                    }
-                    if *attempts >= self.retry.max_attempts {
-                        return Disposition::Finish(Outcome::Failed {
-                            reason: failure.reason,
-                            detail: format!(
-                                "gave up after {} attempts: {}",
-                                attempts, failure.message
-                            ),
-                            code: failure.code,
-                            attempts: *attempts,
-                        });
-                    }
-                    let delay = match class {
-                        // The pair's own 4^X, shared by every job to the number.
-                        FailureClass::PairLimited => self.limits.pair_limited(job),
-                        _ => None,
-                    };
-                    let delay = delay.unwrap_or_else(|| {
-                        dispatch::retry_delay(
-                            &self.retry,
-                            class,
-                            *attempts,
-                            failure.retry_after,
-                            &mut rand::rng(),
-                        )
-                    });
-                    crate::metrics::api_retry(&job.account, class.as_str());
-                    if self
-                        .record(job, LedgerState::Pending, *attempts)
-                        .await
-                        .is_err()
-                    {
-                        return Disposition::Abandon;
-                    }
-                    if let Some(exp) = job.expires_at
-                        && self.clock.now() + delay >= exp
-                    {
-                        return Disposition::Finish(Outcome::Expired {
-                            detail: format!(
-                                "the next retry would come after expires_at; last error: {}",
-                                failure.message
-                            ),
-                            attempts: *attempts,
-                        });
-                    }
-                    if delay > self.retry.inline_max_delay {
-                        return self.defer(job, *attempts, delay, "retry");
-                    }
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Disposition::Abandon,
-                        _ = tokio::time::sleep(delay) => {}
-                    }
+        }
+    }
+
+    /// Dispatch, [`accounts`]: a paused account sends nothing but, now and then, one probe.
+    fn admit<'a>(
+        &self,
+        job: &'a Job,
+        account: &'a AccountRuntime,
+        attempts: u32,
+    ) -> Result<Attempt<'a>, Disposition> {
+        match account.admit(self.accounts.probe_interval()) {
+            Admit::Wait(wait) => Err(self.defer(job, attempts, wait, "account_paused")),
+            admit => Ok(Attempt {
+                job,
+                account,
+                probe: admit == Admit::Probe,
+            }),
+        }
+    }
+
+    /// Dispatch, [`limits`], right before the call: the daily tier (when the send counts for
+    /// it), throughput and recipient pacing (waited here up to `inline_max_delay`), quiet hours,
+    /// then the frequency caps. `Ok`: the counts to write with the attempt; `Err`: the job's
+    /// answer, after giving back what this pass had counted.
+    async fn clear_limits(
+        &self,
+        attempt: &Attempt<'_>,
+        counts_for_tier: bool,
+        attempts: u32,
+        counted: &mut Reservation,
+        shutdown: &CancellationToken,
+    ) -> Result<Vec<KvOp>, Disposition> {
+        let job = attempt.job;
+        let mut also = Vec::new();
+        if counts_for_tier {
+            match self
+                .limits
+                .reserve_tier(job, false, self.clock.now(), counted)
+            {
+                Ok(op) => also.extend(op),
+                Err(wait) => {
+                    attempt.inconclusive();
+                    return Err(self.defer(job, attempts, wait, "messaging_limit"));
                 }
             }
+        }
+        if let Err(held) = self
+            .limits
+            .pass(job, self.retry.inline_max_delay, shutdown)
+            .await
+        {
+            attempt.inconclusive();
+            self.give_back(job, counted).await;
+            return Err(match held {
+                Held::Pacing(wait) => self.defer(job, attempts, wait, "recipient_pacing"),
+                Held::ShuttingDown => Disposition::Abandon,
+            });
+        }
+        if let Some(wait) = self.limits.quiet_now(job, self.clock.now()) {
+            attempt.inconclusive();
+            self.give_back(job, counted).await;
+            return Err(self.defer(job, attempts, wait, "quiet_hours"));
+        }
+        also.extend(self.limits.reserve_caps(job, self.clock.now(), counted));
+        Ok(also)
+    }
+
+    /// Dispatch: the attempt is recorded as `Sending` before the call, in one transaction with
+    /// the limits' counts, so a redelivery after a crash mid-call knows the job is in doubt.
+    /// A failed write gives the counts back in memory only (nothing was written).
+    async fn record_sending(
+        &self,
+        attempt: &Attempt<'_>,
+        attempts: u32,
+        also: Vec<KvOp>,
+        counted: &mut Reservation,
+    ) -> Result<(), LedgerError> {
+        let recorded = self
+            .record_with(attempt.job, LedgerState::Sending, attempts, also)
+            .await;
+        if recorded.is_err() {
+            attempt.inconclusive();
+            self.limits.release(attempt.job, counted);
+        }
+        recorded
+    }
+
+    /// Dispatch: the Cloud API call, once the recipient's pacing lets it through the door,
+    /// timed and counted by its answer.
+    async fn call_api(
+        &self,
+        attempt: &Attempt<'_>,
+        body: &[u8],
+        shutdown: &CancellationToken,
+    ) -> Result<SendOk, ApiFailure> {
+        let (job, account) = (attempt.job, attempt.account);
+        self.limits.at_the_door(job, shutdown).await;
+        let token = account.token();
+        let started = std::time::Instant::now();
+        let result = self
+            .api
+            .send(
+                &account.config.phone_number_id,
+                token.expose(),
+                body.to_vec(),
+            )
+            .await;
+        let took = started.elapsed();
+        match &result {
+            Ok(_) => crate::metrics::api_request(&job.account, "ok", None, took),
+            Err(f) => crate::metrics::api_request(&job.account, f.class.as_str(), f.code, took),
+        }
+        result
+    }
+
+    /// Dispatch: sent. The account works (again), the WhatsApp ID the answer named is kept, and
+    /// the send's estimated cost counts against the spend budget.
+    async fn sent(&self, attempt: &Attempt<'_>, ok: SendOk, attempts: u32) -> Disposition {
+        let job = attempt.job;
+        self.limits.sent(job);
+        attempt.account.resume();
+        if let Some(id) = &ok.wa_id {
+            self.learn_wa_id(job, id).await;
+        }
+        let now = self.clock.now();
+        let prices = self.spend.prices();
+        let estimated_cost = spend::estimate(&prices, job, self.in_service_window(job, now), now);
+        if let Some(cost) = estimated_cost {
+            crate::metrics::estimated_cost(
+                &job.account,
+                job.category.as_str(),
+                job.to.region(),
+                prices.currency(),
+                cost.0,
+            );
+            self.spend.add(&job.account, cost, now);
+        }
+        Disposition::Finish(Outcome::Sent {
+            wamid: ok.wamid,
+            attempts,
+            estimated_cost,
+        })
+    }
+
+    /// Dispatch: a failed attempt. What Meta's error says about the limits is learnt, the send
+    /// stays counted only if it may have happened, and its class decides: a final failure, the
+    /// account's problem, or a retry. `None`: attempt again now.
+    async fn after_failure(
+        &self,
+        attempt: &Attempt<'_>,
+        failure: ApiFailure,
+        attempts: &mut u32,
+        counted: &mut Reservation,
+        shutdown: &CancellationToken,
+    ) -> Option<Disposition> {
+        let job = attempt.job;
+        self.learn_from_failure(job, failure.code).await;
+        if failure.class == FailureClass::Ambiguous {
+            // It may have been sent: it stays counted, also if the job goes no further.
+            counted.maybe_sent();
+        } else {
+            // An error answer means Meta did not send it: it does not count.
+            self.give_back(job, counted).await;
+        }
+        let class = match failure.class {
+            FailureClass::Ambiguous if !self.retry.resend_ambiguous(job.category) => {
+                attempt.inconclusive();
+                return Some(Disposition::Finish(Outcome::Failed {
+                    reason: "ambiguous",
+                    detail: format!(
+                        "the Cloud API may have accepted it ({}); {} jobs are not resent when in doubt",
+                        failure.message, job.category
+                    ),
+                    code: None,
+                    attempts: *attempts,
+                }));
+            }
+            FailureClass::Ambiguous => FailureClass::Retryable,
+            c => c,
+        };
+        match class {
+            FailureClass::Permanent => {
+                attempt.inconclusive();
+                Some(Disposition::Finish(Outcome::Failed {
+                    reason: failure.reason,
+                    detail: failure.message,
+                    code: failure.code,
+                    attempts: *attempts,
+                }))
+            }
+            FailureClass::Account => Some(self.pause_account(attempt, &failure, attempts).await),
+            FailureClass::Retryable | FailureClass::PairLimited | FailureClass::Ambiguous => {
+                attempt.inconclusive();
+                self.retry_or_give_up(job, class, failure, *attempts, shutdown)
+                    .await
+            }
+        }
+    }
+
+    /// Dispatch, [`accounts`]: the account's problem (token, payment, restriction), not the
+    /// job's. The account pauses until a probe finds it working, and this attempt, which sent
+    /// nothing, does not count against the job.
+    async fn pause_account(
+        &self,
+        attempt: &Attempt<'_>,
+        failure: &ApiFailure,
+        attempts: &mut u32,
+    ) -> Disposition {
+        let job = attempt.job;
+        attempt
+            .account
+            .pause(&failure.message, self.accounts.probe_interval());
+        *attempts -= 1;
+        if self
+            .record(job, LedgerState::Pending, *attempts)
+            .await
+            .is_err()
+        {
+            return Disposition::Abandon;
+        }
+        self.defer(
+            job,
+            *attempts,
+            self.accounts.probe_interval(),
+            "account_paused",
+        )
+    }
+
+    /// Dispatch: a failure worth retrying. Give up after `max_attempts`; else wait (the pair's
+    /// own limit, or [`dispatch::retry_delay`]): here when the wait is short (`None`: attempt
+    /// again), through a delay queue when it is long, and never past `expires_at`.
+    async fn retry_or_give_up(
+        &self,
+        job: &Job,
+        class: FailureClass,
+        failure: ApiFailure,
+        attempts: u32,
+        shutdown: &CancellationToken,
+    ) -> Option<Disposition> {
+        if attempts >= self.retry.max_attempts {
+            return Some(Disposition::Finish(Outcome::Failed {
+                reason: failure.reason,
+                detail: format!("gave up after {} attempts: {}", attempts, failure.message),
+                code: failure.code,
+                attempts,
+            }));
+        }
+        let delay = match class {
+            // The pair's own 4^X, shared by every job to the number.
+            FailureClass::PairLimited => self.limits.pair_limited(job),
+            _ => None,
+        };
+        let delay = delay.unwrap_or_else(|| {
+            dispatch::retry_delay(
+                &self.retry,
+                class,
+                attempts,
+                failure.retry_after,
+                &mut rand::rng(),
+            )
+        });
+        crate::metrics::api_retry(&job.account, class.as_str());
+        if self
+            .record(job, LedgerState::Pending, attempts)
+            .await
+            .is_err()
+        {
+            return Some(Disposition::Abandon);
+        }
+        if let Some(exp) = job.expires_at
+            && self.clock.now() + delay >= exp
+        {
+            return Some(Disposition::Finish(Outcome::Expired {
+                detail: format!(
+                    "the next retry would come after expires_at; last error: {}",
+                    failure.message
+                ),
+                attempts,
+            }));
+        }
+        if delay > self.retry.inline_max_delay {
+            return Some(self.defer(job, attempts, delay, "retry"));
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => Some(Disposition::Abandon),
+            _ = tokio::time::sleep(delay) => None,
         }
     }
 

@@ -2573,8 +2573,8 @@ mod tests {
     // hold; they fail on 8cfc1be.
     // ---------------------------------------------------------------------------------------
 
-    /// A copier thread that panics (redb may panic on a damaged page; `ops.rs` guards its own
-    /// opens with `catch_unwind` for that reason) never sends `CopyDone`: its compaction must
+    /// A copier thread that panics (redb may panic on a damaged page; `ops/backup.rs` guards its
+    /// own opens with `catch_unwind` for that reason) never sends `CopyDone`: its compaction must
     /// still be answered, not left waiting (with every later one queued behind it in
     /// `next_round`, and the tracked key set growing with every write) until the process ends.
     #[tokio::test]

@@ -15,8 +15,8 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties, ExchangeKind};
 use sendwell::app::RunningApp;
-use sendwell::cloud_api::sandbox::{Sandbox, SandboxConfig, SandboxHandle};
 use sendwell::config::Config;
+use sendwell::sandbox::{Sandbox, SandboxConfig, SandboxHandle};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
