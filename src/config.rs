@@ -833,6 +833,40 @@ impl Config {
         validate(file, &base)
     }
 
+    /// Only the broker's URL (password file and `SENDWELL_BROKER__*` applied), for the tools
+    /// that need nothing else (`publish`, `tail`): the rest of the file, its secret files
+    /// included, need not be readable by whoever runs them.
+    pub fn load_broker_url(path: &Path) -> Result<Secret, ConfigError> {
+        if !path.exists() {
+            return Err(ConfigError::one(
+                "--config",
+                format!("file {} does not exist", path.display()),
+            ));
+        }
+        let env = Env::prefixed("SENDWELL_")
+            .filter(|k| k.as_str().contains("__"))
+            .split("__");
+        let broker: BrokerFile = Figment::new()
+            .merge(Toml::file_exact(path))
+            .merge(env)
+            .focus("broker")
+            .extract()
+            .map_err(figment_problems)?;
+        let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let mut problems = Vec::new();
+        let (url, _, _) = broker_url(&broker, &base, &mut |key: &str, reason: String| {
+            problems.push(ConfigProblem {
+                key: key.into(),
+                reason,
+            })
+        });
+        if problems.is_empty() {
+            Ok(Secret::new(url))
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+
     /// The config as `check-config` prints it: a config file with every value in effect
     /// (defaults filled in, environment overrides applied, durations as the file writes them),
     /// which loads back to the same config. Secrets stay in their files, named by resolved path;
@@ -1215,27 +1249,36 @@ pub fn read_secret(path: &Path) -> Result<Secret, String> {
     }
 }
 
-fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
-    let mut problems = Vec::new();
-    let mut problem = |key: &str, reason: String| {
-        problems.push(ConfigProblem {
-            key: key.into(),
-            reason,
-        })
-    };
-
-    // Broker.
-    let mut url = f.broker.url.clone();
+/// The broker section's URL, with the password from `password_file` put in: (the URL, the URL
+/// as logs may show it, the resolved password file). Shared by [`validate`] and
+/// [`Config::load_broker_url`]. Problems never quote the URL: it may hold the password.
+fn broker_url(
+    b: &BrokerFile,
+    base: &Path,
+    problem: &mut impl FnMut(&str, String),
+) -> (String, String, Option<PathBuf>) {
+    let mut url = b.url.clone();
     let parsed = reqwest::Url::parse(&url);
     let mut redacted_url = String::new();
-    let password_file = f
-        .broker
+    let password_file = b
         .password_file
         .as_ref()
         .map(|pf| resolve_secret_path(pf, base));
     match parsed {
+        // Without `//` (`amqp:/user:pw@host`) there is no authority: the password would be
+        // part of the path, invisible to the redaction and sent as a vhost name.
+        Ok(u) if (u.scheme() == "amqp" || u.scheme() == "amqps") && !u.has_host() => problem(
+            "broker.url",
+            "must be amqp://[user[:password]@]host[:port][/vhost] (or amqps://)".into(),
+        ),
         Ok(mut u) if u.scheme() == "amqp" || u.scheme() == "amqps" => {
-            if password_file.is_none() && u.password() == Some(REDACTED_PASSWORD) {
+            // The password as the broker gets it: percent-decoded (`%2A%2A%2A` is `***`).
+            let password = u.password().map(|p| {
+                percent_encoding::percent_decode_str(p)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            });
+            if password_file.is_none() && password.as_deref() == Some(REDACTED_PASSWORD) {
                 problem(
                     "broker.url",
                     format!(
@@ -1268,6 +1311,20 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
         ),
         Err(e) => problem("broker.url", format!("not a URL: {e}")),
     }
+    (url, redacted_url, password_file)
+}
+
+fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
+    let mut problems = Vec::new();
+    let mut problem = |key: &str, reason: String| {
+        problems.push(ConfigProblem {
+            key: key.into(),
+            reason,
+        })
+    };
+
+    // Broker.
+    let (url, redacted_url, password_file) = broker_url(&f.broker, base, &mut problem);
     if f.broker.prefetch == Some(0) {
         problem("broker.prefetch", "must be at least 1".into());
     }

@@ -32,8 +32,8 @@ struct Cli {
 
 #[derive(Args)]
 struct ConfigArg {
-    /// The TOML config file [default: $SENDWELL_CONFIG, else /etc/sendwell/sendwell.toml; in the
-    /// source tree: config/sendwell.toml]. Every key can be overridden by
+    /// The TOML config file [default: $SENDWELL_CONFIG, else /etc/sendwell/sendwell.toml]; in
+    /// the source tree, pass `--config config/sendwell.toml`. Every key can be overridden by
     /// SENDWELL_<SECTION>__<KEY>.
     #[arg(long, short, value_name = "PATH")]
     config: Option<PathBuf>,
@@ -427,6 +427,11 @@ fn main() -> ExitCode {
 /// found as every command finds it, else (no config file anywhere) the local broker. A config
 /// named by `--config` or `SENDWELL_CONFIG` must exist, as for every other command.
 fn broker_url(url: Option<String>, config: &ConfigArg) -> Result<String, i32> {
+    // A config named by --config or SENDWELL_CONFIG must exist even when --url makes it moot:
+    // a typo there is a mistake to point out, not to ignore.
+    if !matches!(config.locate(), (_, ConfigSource::Default)) {
+        config.existing()?;
+    }
     if let Some(u) = url {
         return Ok(u);
     }
@@ -437,7 +442,12 @@ fn broker_url(url: Option<String>, config: &ConfigArg) -> Result<String, i32> {
         }
         _ => {
             let path = config.existing()?;
-            Ok(load(&path)?.broker.url.expose().to_string())
+            sendwell::config::Config::load_broker_url(&path)
+                .map(|u| u.expose().to_string())
+                .map_err(|e| {
+                    eprintln!("sendwell: invalid configuration ({}):\n{e}", path.display());
+                    64
+                })
         }
     }
 }

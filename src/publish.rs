@@ -16,8 +16,9 @@ const WINDOW: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishToolError {
+    /// The connection's error, with the URL (which may hold the password) cut out.
     #[error("cannot reach the broker: {0}")]
-    Connect(lapin::Error),
+    Connect(String),
     #[error("broker: {0} (has the daemon run once to declare sendwell.jobs?)")]
     Broker(lapin::Error),
     #[error("line {line}: {reason}")]
@@ -68,6 +69,11 @@ pub fn routing_key(job: &serde_json::Value) -> String {
         .unwrap_or_default()
 }
 
+/// lapin repeats a URL it cannot parse, password and all: never print it.
+fn connect_error(url: &str, e: lapin::Error) -> PublishToolError {
+    PublishToolError::Connect(e.to_string().replace(url, "<the broker URL>"))
+}
+
 /// Publishes the jobs with confirms; returns how many were confirmed.
 pub async fn publish_jobs(
     url: &str,
@@ -75,7 +81,7 @@ pub async fn publish_jobs(
 ) -> Result<usize, PublishToolError> {
     let conn = Connection::connect(url, ConnectionProperties::default())
         .await
-        .map_err(PublishToolError::Connect)?;
+        .map_err(|e| connect_error(url, e))?;
     let ch = conn
         .create_channel()
         .await
@@ -157,7 +163,7 @@ pub async fn tail_outcomes(
     use lapin::types::FieldTable;
     let conn = Connection::connect(url, ConnectionProperties::default())
         .await
-        .map_err(PublishToolError::Connect)?;
+        .map_err(|e| connect_error(url, e))?;
     let ch = conn
         .create_channel()
         .await
