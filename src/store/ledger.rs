@@ -2414,6 +2414,27 @@ mod tests {
             .collect()
     }
 
+    /// `n` finished jobs to `number` (digits) as the consumer records them, with index rows.
+    fn jobs_to_number(number: &str, n: usize) -> Vec<KvOp> {
+        let mut ops = Vec::new();
+        for i in 0..n {
+            let id = format!("to-number-{i:04}");
+            ops.push(KvOp::PutJob {
+                id: id.clone(),
+                entry: LedgerEntry {
+                    state: LedgerState::Final,
+                    attempts: 1,
+                    updated_ms: 1_000,
+                    published: true,
+                    event: format!(r#"{{"id":"{id}","to":"+{number}","status":"sent"}}"#)
+                        .into_bytes(),
+                },
+            });
+            ops.extend(index_job(&format!("+{number}"), &id, None));
+        }
+        ops
+    }
+
     fn count_jobs(l: &Ledger) -> usize {
         let mut n = 0;
         l.for_each_job(|_, _| n += 1).unwrap();
@@ -2707,21 +2728,7 @@ mod tests {
             .await
             .unwrap();
         let mut ops = jobs("other-", 0..2_000, LedgerState::Final);
-        for i in 0..500 {
-            let id = format!("to-number-{i:04}");
-            ops.push(KvOp::PutJob {
-                id: id.clone(),
-                entry: LedgerEntry {
-                    state: LedgerState::Final,
-                    attempts: 1,
-                    updated_ms: 1_000,
-                    published: true,
-                    event: format!(r#"{{"id":"{id}","to":"+{NUMBER}","status":"sent"}}"#)
-                        .into_bytes(),
-                },
-            });
-            ops.extend(index_job(&format!("+{NUMBER}"), &id, None));
-        }
+        ops.extend(jobs_to_number(NUMBER, 500));
         l.kv_many(ops).await.unwrap();
         let report = store
             .erase(NUMBER, jiff::Timestamp::from_millisecond(5_000).unwrap())
@@ -2925,21 +2932,7 @@ mod tests {
             .await
             .unwrap();
         let mut ops = jobs("other-", 0..500, LedgerState::Final);
-        for i in 0..200 {
-            let id = format!("to-number-{i:04}");
-            ops.push(KvOp::PutJob {
-                id: id.clone(),
-                entry: LedgerEntry {
-                    state: LedgerState::Final,
-                    attempts: 1,
-                    updated_ms: 1_000,
-                    published: true,
-                    event: format!(r#"{{"id":"{id}","to":"+{NUMBER}","status":"sent"}}"#)
-                        .into_bytes(),
-                },
-            });
-            ops.extend(index_job(&format!("+{NUMBER}"), &id, None));
-        }
+        ops.extend(jobs_to_number(NUMBER, 200));
         l.kv_many(ops).await.unwrap();
         store
             .erase(NUMBER, jiff::Timestamp::from_millisecond(5_000).unwrap())
