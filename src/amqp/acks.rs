@@ -123,15 +123,41 @@ impl<A> Pending<A> {
     }
 }
 
-/// The batcher of one consuming channel (one broker session).
-#[derive(Default)]
-pub struct AckBatcher {
-    pending: Mutex<Pending<Acker>>,
-    wake: Notify,
+/// What the batcher needs of an ack handle: lapin's [`Acker`], or a stand-in in tests.
+pub trait AckHandle: Clone + Send + Sync + 'static {
+    /// Acks this delivery (and, with `multiple`, every earlier one of the channel); false if
+    /// the channel is closed.
+    fn ack(&self, multiple: bool) -> impl Future<Output = Result<bool, lapin::Error>> + Send;
 }
 
-impl AckBatcher {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Pending<Acker>> {
+impl AckHandle for Acker {
+    async fn ack(&self, multiple: bool) -> Result<bool, lapin::Error> {
+        Acker::ack(self, BasicAckOptions { multiple }).await
+    }
+}
+
+/// The batcher of one consuming channel (one broker session).
+pub struct AckBatcher<A = Acker> {
+    pending: Mutex<Pending<A>>,
+    wake: Notify,
+    /// Held for a whole flush, from taking the acks to the broker having them: the session's
+    /// last flush waits for the periodic one under way, so the connection is never closed
+    /// under acks already taken (they would be lost, and their jobs sent again on redelivery).
+    flushing: tokio::sync::Mutex<()>,
+}
+
+impl<A> Default for AckBatcher<A> {
+    fn default() -> Self {
+        Self {
+            pending: Mutex::default(),
+            wake: Notify::new(),
+            flushing: tokio::sync::Mutex::new(()),
+        }
+    }
+}
+
+impl<A: AckHandle> AckBatcher<A> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending<A>> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -142,7 +168,7 @@ impl AckBatcher {
 
     /// The delivery's job is settled: ack it with the next batch. An unknown tag (never
     /// registered) is acked at once, alone.
-    pub async fn ack(&self, tag: u64, acker: &Acker) -> Result<(), AckError> {
+    pub async fn ack(&self, tag: u64, acker: &A) -> Result<(), AckError> {
         let (known, ready) = {
             let mut p = self.lock();
             let known = p.settled(tag, acker.clone(), Instant::now());
@@ -163,10 +189,12 @@ impl AckBatcher {
     }
 
     /// Sends what is due: the settled run at the front, and stragglers older than `straggler`.
+    /// Returns once the acks of any flush under way have gone too.
     pub async fn flush(&self, straggler: Duration) -> Result<(), AckError> {
+        let _flushing = self.flushing.lock().await;
         let Flush { multiple, singles } = self.lock().take(Instant::now(), straggler);
         if let Some(a) = multiple {
-            if !a.ack(BasicAckOptions { multiple: true }).await? {
+            if !a.ack(true).await? {
                 return Err(AckError::Closed);
             }
             crate::metrics::acks_sent(true);
@@ -198,8 +226,8 @@ impl AckBatcher {
     }
 }
 
-async fn single(acker: &Acker) -> Result<(), AckError> {
-    match acker.ack(BasicAckOptions::default()).await? {
+async fn single<A: AckHandle>(acker: &A) -> Result<(), AckError> {
+    match acker.ack(false).await? {
         true => Ok(()),
         false => Err(AckError::Closed),
     }
@@ -280,5 +308,60 @@ mod tests {
         let f = p.take(t0, Duration::ZERO);
         assert_eq!(f.multiple, None);
         assert_eq!(f.singles, vec!["a2", "a4"]);
+    }
+
+    /// An ack that completes only when the test opens `gate`, and counts what went out.
+    #[derive(Clone)]
+    struct Gated {
+        gate: Arc<tokio::sync::Semaphore>,
+        sent: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl AckHandle for Gated {
+        async fn ack(&self, _multiple: bool) -> Result<bool, lapin::Error> {
+            self.gate.acquire().await.unwrap().forget();
+            self.sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(true)
+        }
+    }
+
+    #[tokio::test]
+    async fn the_last_flush_returns_only_once_a_flush_under_way_has_sent_its_acks() {
+        let gated = Gated {
+            gate: Arc::new(tokio::sync::Semaphore::new(0)),
+            sent: Arc::default(),
+        };
+        let batcher = Arc::new(AckBatcher::<Gated>::default());
+        batcher.delivered(1);
+        batcher.ack(1, &gated).await.unwrap();
+        // The periodic flush takes the ack and is still sending it...
+        let periodic = tokio::spawn({
+            let b = batcher.clone();
+            async move { b.flush(STRAGGLER).await }
+        });
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while batcher.lock().ready() > 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the periodic flush takes the ack");
+        // ...when the session ends: its last flush must not return (and the connection close)
+        // before that ack went out.
+        let last = tokio::spawn({
+            let b = batcher.clone();
+            async move { b.flush(Duration::ZERO).await }
+        });
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            !last.is_finished(),
+            "the last flush returned while an ack it did not send was still on its way"
+        );
+        gated.gate.add_permits(1);
+        last.await.unwrap().unwrap();
+        assert_eq!(gated.sent.load(std::sync::atomic::Ordering::SeqCst), 1);
+        periodic.await.unwrap().unwrap();
     }
 }

@@ -526,6 +526,13 @@ impl TestEnv {
 
     /// As `new`, writing extra files (secrets) into the config directory first.
     pub async fn with_dir_files(opts: &AppOptions, files: &[(&str, &str)]) -> TestEnv {
+        // The daemon's log, for a failing test: SENDWELL_TEST_LOG=sendwell=debug.
+        if let Ok(filter) = std::env::var("SENDWELL_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_test_writer()
+                .try_init();
+        }
         let broker = TestBroker::new().await;
         let sb = Sandbox::bind("127.0.0.1:0".parse().unwrap(), opts.sandbox.clone())
             .await
