@@ -72,6 +72,28 @@ pub enum Table {
 }
 
 impl Table {
+    /// The table's name in PostgreSQL (`sw_` + its redb name without the version).
+    pub fn pg_name(self) -> &'static str {
+        match self {
+            Table::WebhookSeen => "sw_webhook_seen",
+            Table::Wamids => "sw_wamids",
+            Table::Delivery => "sw_delivery",
+            Table::Templates => "sw_templates",
+            Table::Inbound => "sw_inbound",
+            Table::Restrictions => "sw_restrictions",
+            Table::ConsentHistory => "sw_consent_history",
+            Table::ConsentSummary => "sw_consent_summary",
+            Table::ConsentPending => "sw_consent_pending",
+            Table::ConsentErased => "sw_consent_erased",
+            Table::StoreMeta => "sw_store_meta",
+            Table::CapHistory => "sw_cap_history",
+            Table::TierUsage => "sw_tier_usage",
+            Table::UserLimit => "sw_user_limit",
+            Table::WaIds => "sw_wa_ids",
+            Table::JobsByNumber => "sw_jobs_by_number",
+        }
+    }
+
     pub const ALL: [Table; 16] = [
         Table::WebhookSeen,
         Table::Wamids,
@@ -367,6 +389,16 @@ pub enum LedgerError {
     /// Another process (the running daemon) has the store open.
     #[error("the state store is in use by another process (is the daemon running?)")]
     InUse,
+    /// A [`KvOp::ClaimJob`] found another entry than it expected: someone else decided first.
+    /// Nothing of the write was applied.
+    #[error("the job's ledger entry changed since it was read (another claim won)")]
+    ClaimLost,
+    /// The database's schema is newer than this binary knows: it was migrated by a newer
+    /// sendwell. Refuse to start (exit 78) rather than write what the newer one cannot read.
+    #[error(
+        "the state database's schema is version {found}, newer than this sendwell knows (up to {known}); run the newer sendwell, or restore a backup made for this one"
+    )]
+    SchemaTooNew { found: i64, known: i64 },
 }
 
 impl<E: Into<redb::Error>> From<E> for LedgerError {
@@ -452,6 +484,17 @@ pub enum KvOp {
     PutJob {
         id: String,
         entry: LedgerEntry,
+    },
+    /// Records a job's ledger entry only if the current one is still what the caller decided
+    /// from: `expect` None = no entry; `Some((state, attempts))` = an entry in that state with
+    /// that many attempts. The first op of its write, and only there: when the current entry
+    /// differs, none of the write's ops is applied and the write fails with
+    /// [`LedgerError::ClaimLost`]; other writes committed with it are not affected. Exactly
+    /// one of any number of racing claims on one id wins.
+    ClaimJob {
+        id: String,
+        entry: LedgerEntry,
+        expect: Option<(LedgerState, u32)>,
     },
 }
 
@@ -1719,6 +1762,18 @@ fn apply_kv(
             jobs.insert(id.as_str(), entry.encode(seq).as_slice())?;
             1
         }
+        KvOp::ClaimJob { id, entry, expect } => {
+            let current = jobs
+                .get(id.as_str())?
+                .and_then(|v| LedgerEntry::decode(v.value()))
+                .map(|(e, _)| (e.state, e.attempts));
+            if current != *expect {
+                return Err(LedgerError::ClaimLost);
+            }
+            let seq = seqs.for_entry(id, entry);
+            jobs.insert(id.as_str(), entry.encode(seq).as_slice())?;
+            1
+        }
         KvOp::DeleteJobs { ids } => {
             let mut n = 0;
             for id in ids {
@@ -1751,7 +1806,9 @@ fn kv_touched(op: &KvOp, keys: &mut Vec<Key>) {
         | KvOp::DeleteIf { table, key, .. } => {
             keys.push((Which::Kv(*table), key.as_slice().into()))
         }
-        KvOp::PutJob { id, .. } => keys.push((Which::Jobs, id.as_bytes().into())),
+        KvOp::PutJob { id, .. } | KvOp::ClaimJob { id, .. } => {
+            keys.push((Which::Jobs, id.as_bytes().into()))
+        }
         KvOp::DeleteJobs { ids } => {
             keys.extend(ids.iter().map(|id| (Which::Jobs, id.as_bytes().into())))
         }
