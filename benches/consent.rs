@@ -382,6 +382,8 @@ fn phase_scan(dir: &Path, rt: &tokio::runtime::Runtime) {
     let t = Instant::now();
     let mut rows = 0u64;
     ledger
+        .redb()
+        .expect("a redb store")
         .kv_for_each(Table::ConsentSummary, |k, v| {
             black_box((k, v));
             rows += 1;
@@ -469,6 +471,8 @@ fn main() {
     let existing = if Ledger::file_in(&dir).exists() {
         let rows = Ledger::open(&dir)
             .unwrap()
+            .redb()
+            .expect("a redb store")
             .kv_len(Table::ConsentSummary)
             .unwrap();
         wait_closed(&dir);

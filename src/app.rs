@@ -289,7 +289,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         store_unwritable: ledger.health().unwritable_flag(),
         ..Readiness::default()
     });
-    let meta = MetaState::load(ledger.clone())?;
+    let meta = MetaState::load(ledger.clone()).await?;
     let started = std::time::Instant::now();
     let consent = ConsentStore::load(ledger.clone(), &config).await?;
     crate::metrics::consent_cache_entries(consent.cached_entries());
@@ -300,9 +300,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         "Consent loaded."
     );
     let limits = Arc::new(crate::pipeline::limits::Limits::new(&config)?);
-    limits.load(&ledger, jiff::Timestamp::now())?;
+    limits.load(&ledger, jiff::Timestamp::now()).await?;
     let spend = Arc::new(crate::pipeline::spend::Spend::new(&config, ledger.clone()));
-    spend.load(&ledger, jiff::Timestamp::now())?;
+    spend.load(&ledger, jiff::Timestamp::now()).await?;
     readiness.state.store(true, Ordering::SeqCst);
 
     // Before the listener answers: the consent endpoints need it, and the tools read it.
@@ -428,19 +428,17 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
                 census_spend.clone(),
                 census_ledger.clone(),
             );
-            let done = tokio::task::spawn_blocking(move || {
-                let (consents, opt_outs) = c.census();
+            let census = tokio::task::spawn_blocking(move || c.census()).await;
+            if let Ok((consents, opt_outs)) = census {
                 crate::metrics::consent_numbers(consents, opt_outs);
-                s.housekeep(&l, jiff::Timestamp::now())
-            })
-            .await;
-            match done {
-                Ok(Ok(ops)) if !ops.is_empty() => {
+            }
+            match s.housekeep(&l, jiff::Timestamp::now()).await {
+                Ok(ops) if !ops.is_empty() => {
                     if let Err(e) = census_ledger.kv_many(ops).await {
                         tracing::warn!(error = %e, "Purging old spend rows failed; will try again.");
                     }
                 }
-                Ok(Err(e)) => {
+                Err(e) => {
                     tracing::warn!(error = %e, "Spend housekeeping failed; will try again.")
                 }
                 _ => {}

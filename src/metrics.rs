@@ -141,6 +141,7 @@ pub const SPEND_GUARD: &str = "sendwell_spend_guard_active";
 pub const QUEUE_MESSAGES: &str = "sendwell_queue_messages";
 pub const STORE_WRITABLE: &str = "sendwell_store_writable";
 pub const STORE_WRITE_FAILURES: &str = "sendwell_store_write_failures_total";
+pub const STORE_CLAIMS_LOST: &str = "sendwell_store_claims_lost_total";
 pub const STORE_REOPENS: &str = "sendwell_store_reopens_total";
 pub const STORE_COMPACTIONS: &str = "sendwell_store_compactions_total";
 pub const STORE_COMPACTION_HELD: &str = "sendwell_store_compaction_held_seconds";
@@ -203,6 +204,7 @@ pub const ALL: &[&str] = &[
     QUEUE_MESSAGES,
     STORE_WRITABLE,
     STORE_WRITE_FAILURES,
+    STORE_CLAIMS_LOST,
     STORE_REOPENS,
     STORE_COMPACTIONS,
     STORE_COMPACTION_HELD,
@@ -278,6 +280,10 @@ pub fn describe() {
     describe_counter!(
         STORE_WRITE_FAILURES,
         "Store write batches that failed with an I/O error (each is retried on a reopened store)."
+    );
+    describe_counter!(
+        STORE_CLAIMS_LOST,
+        "Send attempts not made because the job's ledger entry changed between reading and recording it (another delivery of the id, on another instance, decided first); the job goes back to its queue and is decided again."
     );
     describe_counter!(
         STORE_REOPENS,
@@ -691,6 +697,10 @@ pub fn queue_messages(queue: &'static str, ready: u32) {
 /// The store takes writes again (true) or cannot be written (false).
 pub fn store_writable(ok: bool) {
     gauge!(STORE_WRITABLE).set(if ok { 1.0 } else { 0.0 });
+}
+
+pub fn claim_lost() {
+    counter!(STORE_CLAIMS_LOST).increment(1);
 }
 
 pub fn store_write_failed() {

@@ -42,16 +42,17 @@ async fn outcome(env: &TestEnv, id: &str) -> serde_json::Value {
 /// Waits until the daemon's store says `flags` for the number's `newsletter` consent.
 async fn wait_flags(ledger: &sendwell::store::Ledger, to: &str, want: Option<u8>) {
     wait_for(&format!("consent flags {want:?}"), T, async || {
-        (consent_flags(ledger, to, "newsletter") == want).then_some(())
+        (consent_flags(ledger, to, "newsletter").await == want).then_some(())
     })
     .await;
 }
 
-fn history_len(ledger: &sendwell::store::Ledger, to: &str) -> usize {
+async fn history_len(ledger: &sendwell::store::Ledger, to: &str) -> usize {
     let mut prefix = to.trim_start_matches('+').as_bytes().to_vec();
     prefix.push(0);
     ledger
         .kv_scan_prefix(Table::ConsentHistory, &prefix)
+        .await
         .unwrap()
         .len()
 }
@@ -121,17 +122,20 @@ async fn each_job_needs_the_consent_its_purpose_and_category_demand() {
     let out = consent("opt_out", &b, &[], t0 + Duration::from_secs(120));
     env.publish_consent(std::slice::from_ref(&out)).await;
     wait_flags(&ledger, &b, Some(OPTED_OUT)).await;
-    let before = history_len(&ledger, &b);
+    let before = history_len(&ledger, &b).await;
     env.publish_consent(&[
         consent("opt_in", &b, &["newsletter"], t0 + Duration::from_secs(90)),
         out,
     ])
     .await;
     wait_for("the late opt-in to be recorded", T, async || {
-        (history_len(&ledger, &b) == before + 1).then_some(())
+        (history_len(&ledger, &b).await == before + 1).then_some(())
     })
     .await;
-    assert_eq!(consent_flags(&ledger, &b, "newsletter"), Some(OPTED_OUT));
+    assert_eq!(
+        consent_flags(&ledger, &b, "newsletter").await,
+        Some(OPTED_OUT)
+    );
     env.publish(&[
         job("b-mkt-3", &b, "marketing"),
         job("b-svc", &b, "authentication"),
@@ -205,7 +209,7 @@ async fn invalid_consent_events_are_dead_lettered_with_their_reason() {
     }
     // None of them changed anything.
     let ledger = app.app.as_ref().unwrap().ledger.clone();
-    assert_eq!(history_len(&ledger, &n), 0);
+    assert_eq!(history_len(&ledger, &n).await, 0);
     app.stop().await;
 }
 
@@ -311,6 +315,7 @@ async fn the_double_opt_in_round_trip_runs_through_whatsapp() {
     prefix.push(0);
     let history: Vec<serde_json::Value> = ledger
         .kv_scan_prefix(Table::ConsentHistory, &prefix)
+        .await
         .unwrap()
         .iter()
         .map(|(_, v)| serde_json::from_slice(v).unwrap())
@@ -337,10 +342,13 @@ async fn the_double_opt_in_round_trip_runs_through_whatsapp() {
         .await;
     env.publish(&[template_job("after-no", &m)]).await;
     assert_eq!(outcome(&env, "after-no").await["reason"], "no_consent");
-    assert_eq!(consent_flags(&ledger, &m, "newsletter"), Some(OPTED_IN));
+    assert_eq!(
+        consent_flags(&ledger, &m, "newsletter").await,
+        Some(OPTED_IN)
+    );
     // Upstream repeats the same opt-in (at-least-once): the customer who said NO is not asked
     // again.
-    let before = history_len(&ledger, &m);
+    let before = history_len(&ledger, &m).await;
     env.publish_consent(&[consent("opt_in", &m, &["newsletter"], first_opt_in_at)])
         .await;
     // A question request would go through the shard queue before the replay is acked: once
@@ -350,7 +358,7 @@ async fn the_double_opt_in_round_trip_runs_through_whatsapp() {
         (broker.drained("sendwell.consent.0") && broker.drained("sendwell.jobs.0")).then_some(())
     })
     .await;
-    assert_eq!(history_len(&ledger, &m), before);
+    assert_eq!(history_len(&ledger, &m).await, before);
     env.publish(&[template_job("after-replay", &m)]).await;
     assert_eq!(outcome(&env, "after-replay").await["reason"], "no_consent");
     let asked = env
@@ -533,14 +541,14 @@ async fn erase_leaves_no_byte_of_the_number_in_the_state_store() {
     })
     .await;
     let digits = n.trim_start_matches('+').to_string();
-    let dump_has = |ledger: &sendwell::store::Ledger, needle: &[u8]| {
-        ledger.dump_all().unwrap().iter().any(|(k, v)| {
+    let dump_has = async |ledger: &sendwell::store::Ledger, needle: &[u8]| {
+        ledger.dump_all().await.unwrap().iter().any(|(k, v)| {
             k.windows(needle.len()).any(|w| w == needle)
                 || v.windows(needle.len()).any(|w| w == needle)
         })
     };
     assert!(
-        dump_has(&ledger, digits.as_bytes()),
+        dump_has(&ledger, digits.as_bytes()).await,
         "the number is in the store before"
     );
     let mut prefix = digits.as_bytes().to_vec();
@@ -550,7 +558,7 @@ async fn erase_leaves_no_byte_of_the_number_in_the_state_store() {
         sendwell::store::Table::TierUsage,
     ] {
         assert_eq!(
-            ledger.kv_scan_prefix(table, &prefix).unwrap().len(),
+            ledger.kv_scan_prefix(table, &prefix).await.unwrap().len(),
             1,
             "{table:?} counts the send before the erasure"
         );
@@ -558,17 +566,17 @@ async fn erase_leaves_no_byte_of_the_number_in_the_state_store() {
     // wamids (Meta's and the sandbox's) carry the number in base64.
     let b64 = sendwell::sandbox::base64(digits.as_bytes());
     let b64 = &b64.as_bytes()[..digits.len() / 3 * 4];
-    assert!(dump_has(&ledger, b64), "and in base64, in its wamids");
+    assert!(dump_has(&ledger, b64).await, "and in base64, in its wamids");
 
     env.publish_consent(&[consent("erase", &n, &[], jiff::Timestamp::now())])
         .await;
     wait_for("the erasure", T, async || {
-        (!dump_has(&ledger, digits.as_bytes())).then_some(())
+        (!dump_has(&ledger, digits.as_bytes()).await).then_some(())
     })
     .await;
-    assert!(!dump_has(&ledger, b64));
+    assert!(!dump_has(&ledger, b64).await);
     assert_eq!(
-        consent_flags(&ledger, &keep, "newsletter"),
+        consent_flags(&ledger, &keep, "newsletter").await,
         Some(OPTED_IN | CONFIRMED)
     );
     // An opt-in dated before the erasure, arriving late, does not bring consent back (nor
@@ -589,7 +597,7 @@ async fn erase_leaves_no_byte_of_the_number_in_the_state_store() {
             .then_some(())
     })
     .await;
-    assert!(!dump_has(&ledger, digits.as_bytes()));
+    assert!(!dump_has(&ledger, digits.as_bytes()).await);
     drop(ledger);
     app.stop().await;
 

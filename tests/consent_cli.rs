@@ -99,8 +99,8 @@ fn crm_csv() -> String {
         + "\n"
 }
 
-#[test]
-fn an_offline_csv_import_applies_the_good_rows_names_the_bad_ones_and_is_idempotent() {
+#[tokio::test]
+async fn an_offline_csv_import_applies_the_good_rows_names_the_bad_ones_and_is_idempotent() {
     let t = Offline::new();
     let csv = t.write("crm.csv", &crm_csv());
 
@@ -129,7 +129,7 @@ fn an_offline_csv_import_applies_the_good_rows_names_the_bad_ones_and_is_idempot
     assert!(out.contains("line 4: unknown_purpose"), "{out}");
 
     // Nothing but the good rows went in.
-    let dump = open_store(&t.state()).dump_all().unwrap();
+    let dump = open_store(&t.state()).dump_all().await.unwrap();
     let rows_with = |d: &str| {
         dump.iter()
             .filter(|(k, v)| contains(k, d.as_bytes()) || contains(v, d.as_bytes()))
@@ -249,8 +249,8 @@ fn a_csv_export_imports_into_a_fresh_store_as_the_same_events() {
     assert_eq!(before, after, "the same events, byte for byte");
 }
 
-#[test]
-fn an_offline_erasure_leaves_no_trace_of_the_number_in_the_file() {
+#[tokio::test]
+async fn an_offline_erasure_leaves_no_trace_of_the_number_in_the_file() {
     let t = Offline::new();
     let csv = t.write("crm.csv", &crm_csv());
     t.consent(&["import", csv.to_str().unwrap()]);
@@ -319,7 +319,7 @@ fn an_offline_erasure_leaves_no_trace_of_the_number_in_the_file() {
     );
     assert!(contains(&bytes, C.as_bytes()), "the other number is kept");
     {
-        let dump = open_store(&t.state()).dump_all().unwrap();
+        let dump = open_store(&t.state()).dump_all().await.unwrap();
         for (k, v) in &dump {
             assert!(
                 !contains(k, A.as_bytes()) && !contains(v, A.as_bytes()),
@@ -493,7 +493,10 @@ async fn with_the_daemon_running_the_tools_go_through_it() {
     );
 
     app.stop().await;
-    let dump = open_store(&env.config().state.dir).dump_all().unwrap();
+    let dump = open_store(&env.config().state.dir)
+        .dump_all()
+        .await
+        .unwrap();
     for (k, v) in &dump {
         assert!(
             !contains(k, digits.as_bytes()) && !contains(v, digits.as_bytes()),

@@ -664,7 +664,10 @@ async fn decisions_after(events: &[Ev]) -> (Vec<(JobSpec, Verdict)>, Vec<String>
     let mut summaries = Vec::new();
     for n in NUMBERS {
         for a in ACCOUNTS {
-            summaries.push(format!("{n} {a}: {:?}", store.summary(&n[1..], a).unwrap()));
+            summaries.push(format!(
+                "{n} {a}: {:?}",
+                store.summary(&n[1..], a).await.unwrap()
+            ));
         }
     }
     (verdicts, summaries)
@@ -699,13 +702,13 @@ async fn replay_changes_nothing(evs: &[Ev], each: bool) -> Result<(), TestCaseEr
     for e in evs {
         store.apply(&e.to_event()).await.unwrap();
     }
-    let once = store.ledger.dump_all().unwrap();
+    let once = store.ledger.dump_all().await.unwrap();
     for e in evs {
         store.apply(&e.to_event()).await.unwrap();
     }
     prop_assert_eq!(
         &once,
-        &store.ledger.dump_all().unwrap(),
+        &store.ledger.dump_all().await.unwrap(),
         "the whole sequence again"
     );
     if each {
@@ -717,7 +720,12 @@ async fn replay_changes_nothing(evs: &[Ev], each: bool) -> Result<(), TestCaseEr
                     "{e:?} again: {applied:?}"
                 );
             }
-            prop_assert_eq!(&once, &store.ledger.dump_all().unwrap(), "{:?} again", e);
+            prop_assert_eq!(
+                &once,
+                &store.ledger.dump_all().await.unwrap(),
+                "{:?} again",
+                e
+            );
         }
     }
     Ok(())
@@ -829,11 +837,11 @@ fn replaying_the_same_events_leaves_the_store_byte_for_byte_identical() {
                 }
             );
         }
-        let once = store.ledger.dump_all().unwrap();
+        let once = store.ledger.dump_all().await.unwrap();
         for e in &events {
             store.apply(&e.to_event()).await.unwrap();
         }
-        assert_eq!(once, store.ledger.dump_all().unwrap());
+        assert_eq!(once, store.ledger.dump_all().await.unwrap());
     });
 }
 

@@ -165,7 +165,7 @@ async fn control_messages_count_only_when_the_broker_vouches_for_sendwell() {
     assert_eq!(env.sandbox.accepted_count_for("e1-attempts"), 0);
 
     // Nothing changed: no consent, the next marketing job is suppressed, no read event.
-    assert_eq!(consent_flags(&ledger, &fresh, "newsletter"), None);
+    assert_eq!(consent_flags(&ledger, &fresh, "newsletter").await, None);
     env.publish(&[template_job("e1-after-forgery", &fresh)])
         .await;
     let after = final_of(&env, "e1-after-forgery").await;
@@ -188,7 +188,7 @@ async fn control_messages_count_only_when_the_broker_vouches_for_sendwell() {
         publish_with(&env.broker.url, "sendwell.jobs", key, body, own).await;
     }
     wait_for("the consent applied", T, async || {
-        consent_flags(&ledger, &fresh, "newsletter")
+        consent_flags(&ledger, &fresh, "newsletter").await
     })
     .await;
     let outcomes = env.outcomes.clone();
@@ -244,7 +244,7 @@ async fn a_forged_consent_import_is_refused() {
             .then_some(())
     })
     .await;
-    assert_eq!(consent_flags(&ledger, &fresh, "newsletter"), None);
+    assert_eq!(consent_flags(&ledger, &fresh, "newsletter").await, None);
     // Without the claim, the same user's events are ordinary consent events.
     for kind in ["opt_in", "confirm"] {
         publish_with(
@@ -257,7 +257,7 @@ async fn a_forged_consent_import_is_refused() {
         .await;
     }
     wait_for("the consent applied", T, async || {
-        consent_flags(&ledger, &fresh, "newsletter")
+        consent_flags(&ledger, &fresh, "newsletter").await
     })
     .await;
     app.stop().await;

@@ -304,9 +304,9 @@ async fn dead_tools_without_a_broker_exit_69() {
     }
 }
 
-fn flags(state: &Path, to: &str) -> Option<u8> {
+async fn flags(state: &Path, to: &str) -> Option<u8> {
     let ledger = Ledger::open(state).unwrap();
-    consent_flags(&ledger, to, "newsletter")
+    consent_flags(&ledger, to, "newsletter").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -335,7 +335,7 @@ async fn state_backup_and_restore_bring_the_consent_back() {
     // The state moves on after the backup; the restore brings back the backed-up state and
     // keeps the later one aside.
     seed_consent_at(&config, std::slice::from_ref(&later)).await;
-    assert!(flags(&state, &later).is_some());
+    assert!(flags(&state, &later).await.is_some());
     let out = sendwell(
         &["state", "restore", "--from", backup.to_str().unwrap()],
         &config_path,
@@ -345,8 +345,12 @@ async fn state_backup_and_restore_bring_the_consent_back() {
     let text = stdout(&out);
     assert!(text.contains("state.redb.before-restore"), "{text}");
     assert!(text.contains("consent_history_v1  4"), "{text}");
-    assert!(flags(&state, &kept).is_some(), "the consent is back");
-    assert_eq!(flags(&state, &later), None, "the state is the backup's");
+    assert!(flags(&state, &kept).await.is_some(), "the consent is back");
+    assert_eq!(
+        flags(&state, &later).await,
+        None,
+        "the state is the backup's"
+    );
     let aside = tempfile::tempdir().unwrap();
     std::fs::copy(
         state.join("state.redb.before-restore"),
@@ -354,7 +358,7 @@ async fn state_backup_and_restore_bring_the_consent_back() {
     )
     .unwrap();
     assert!(
-        flags(aside.path(), &later).is_some(),
+        flags(aside.path(), &later).await.is_some(),
         "the previous store is kept"
     );
 
@@ -371,7 +375,7 @@ async fn state_backup_and_restore_bring_the_consent_back() {
         "{}",
         stdout(&out)
     );
-    assert!(flags(&state, &kept).is_some(), "the consent is back");
+    assert!(flags(&state, &kept).await.is_some(), "the consent is back");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -441,7 +445,7 @@ async fn state_tools_refuse_a_store_in_use_and_a_file_that_is_no_store() {
         );
     }
     assert!(!state.join("state.redb.before-restore").exists());
-    assert!(flags(&state, &kept).is_some());
+    assert!(flags(&state, &kept).await.is_some());
 
     // Nothing to read: 66.
     let missing = dir.path().join("missing.redb");

@@ -51,11 +51,12 @@ fn digits(n: &str) -> &str {
 }
 
 /// Whether the store holds an opt-out event for these digits.
-fn has_opt_out(ledger: &Ledger, d: &str) -> bool {
+async fn has_opt_out(ledger: &Ledger, d: &str) -> bool {
     let mut prefix = d.as_bytes().to_vec();
     prefix.push(0);
     ledger
         .kv_scan_prefix(Table::ConsentHistory, &prefix)
+        .await
         .unwrap()
         .iter()
         .any(|(_, v)| v.windows(7).any(|w| w == b"opt_out"))
@@ -65,10 +66,12 @@ fn has_opt_out(ledger: &Ledger, d: &str) -> bool {
 /// map): the event has been applied, rightly or not.
 async fn wait_opt_out_applied(ledgers: &[Ledger], number: &str, id: &str) {
     wait_for("the opt-out applied", T, async || {
-        ledgers
-            .iter()
-            .any(|l| has_opt_out(l, digits(number)) || has_opt_out(l, id))
-            .then_some(())
+        for l in ledgers {
+            if has_opt_out(l, digits(number)).await || has_opt_out(l, id).await {
+                return Some(());
+            }
+        }
+        None
     })
     .await;
 }
@@ -149,9 +152,10 @@ async fn post_signed(app: &TestApp, body: Vec<u8>) -> u16 {
 }
 
 /// The customer-service window the store holds for (acme-de, digits), if any.
-fn window_row(ledger: &Ledger, d: &str) -> bool {
+async fn window_row(ledger: &Ledger, d: &str) -> bool {
     ledger
         .kv_get(Table::Inbound, format!("acme-de|{d}").as_bytes())
+        .await
         .unwrap()
         .is_some()
 }
@@ -221,7 +225,8 @@ async fn case(case: Case, (number, id): (String, String)) {
                 Some(200)
             );
             wait_for("the customer's message applied", T, async || {
-                (window_row(&ledger, digits(number)) || window_row(&ledger, id)).then_some(())
+                (window_row(&ledger, digits(number)).await || window_row(&ledger, id).await)
+                    .then_some(())
             })
             .await;
             env.publish(&[service_text("reply", number)]).await;
@@ -302,22 +307,26 @@ async fn a_learned_id_is_erased_with_its_number() {
     let ledger = app.app.as_ref().unwrap().ledger.clone();
     first_send(&env, "a", &a.0).await;
     first_send(&env, "b", &b.0).await;
-    let has_id = |id: &str| {
+    let has_id = async |id: &str| {
         ledger
             .kv_scan(Table::WaIds)
+            .await
             .unwrap()
             .iter()
             .any(|(k, _)| k.ends_with(id.as_bytes()))
     };
-    assert!(has_id(&a.1) && has_id(&b.1), "both IDs learned");
+    assert!(has_id(&a.1).await && has_id(&b.1).await, "both IDs learned");
     env.publish_consent(&[serde_json::json!({
         "type": "erase", "account": "acme-de", "to": a.0, "purposes": [],
         "source": "gdpr_request", "at": jiff::Timestamp::now().to_string(),
     })])
     .await;
-    wait_for("the erasure", T, async || (!has_id(&a.1)).then_some(())).await;
-    assert!(has_id(&b.1), "the other number's ID is kept");
-    let dump = ledger.dump_all().unwrap();
+    wait_for("the erasure", T, async || {
+        (!has_id(&a.1).await).then_some(())
+    })
+    .await;
+    assert!(has_id(&b.1).await, "the other number's ID is kept");
+    let dump = ledger.dump_all().await.unwrap();
     assert!(
         !dump.iter().any(|(k, v)| [k, v]
             .iter()
@@ -362,10 +371,13 @@ async fn events_are_applied_on_the_shard_that_owns_the_number() {
     }
     env.publish(&probes).await;
     env.final_outcomes(&ids, T).await;
-    let on = |l: &Ledger, job: &str| l.get(job).unwrap().is_some();
-    let split: Vec<usize> = (0..cases.len())
-        .filter(|i| on(&l1, &format!("probe-{i}")) && on(&l0, &format!("probe-id-{i}")))
-        .collect();
+    let on = async |l: &Ledger, job: &str| l.get(job).await.unwrap().is_some();
+    let mut split: Vec<usize> = Vec::new();
+    for i in 0..cases.len() {
+        if on(&l1, &format!("probe-{i}")).await && on(&l0, &format!("probe-id-{i}")).await {
+            split.push(i);
+        }
+    }
     assert!(
         split.len() >= 2,
         "no two numbers on shard 1 whose IDs hash to shard 0 among {}",
@@ -381,15 +393,17 @@ async fn events_are_applied_on_the_shard_that_owns_the_number() {
         Some(200)
     );
     wait_for("the customer's message applied", T, async || {
-        [&l0, &l1]
-            .iter()
-            .any(|l| window_row(l, digits(number)) || window_row(l, id))
-            .then_some(())
+        for l in [&l0, &l1] {
+            if window_row(l, digits(number)).await || window_row(l, id).await {
+                return Some(());
+            }
+        }
+        None
     })
     .await;
-    assert!(window_row(&l1, digits(number)), "window on shard 1");
+    assert!(window_row(&l1, digits(number)).await, "window on shard 1");
     assert!(
-        !window_row(&l0, id) && !window_row(&l0, digits(number)),
+        !window_row(&l0, id).await && !window_row(&l0, digits(number)).await,
         "nothing applied on shard 0"
     );
     env.publish(&[service_text("two-shard-reply", number)])
@@ -431,7 +445,7 @@ async fn events_are_applied_on_the_shard_that_owns_the_number() {
     })
     .await;
     assert!(
-        has_opt_out(&l1, digits(number)),
+        has_opt_out(&l1, digits(number)).await,
         "opt-out applied on shard 1"
     );
     assert_next_marketing_suppressed(&env, "two-shard-131050-after", number).await;
@@ -478,7 +492,7 @@ async fn a_stop_from_an_unknown_id_wins_over_an_earlier_opt_in_that_arrives_late
     ])
     .await;
     wait_for("the opt-in applied", T, async || {
-        consent_flags(&ledger, &number, "newsletter")
+        consent_flags(&ledger, &number, "newsletter").await
     })
     .await;
     assert_next_marketing_suppressed(&env, "after", &number).await;
@@ -511,7 +525,8 @@ async fn a_stop_from_the_id_opts_out_every_form_of_the_number() {
     first_send(&env, "first", &number).await;
     stop_from(&env, &id).await;
     wait_for("the opt-out under both forms", T, async || {
-        (has_opt_out(&ledger, digits(&number)) && has_opt_out(&ledger, &id)).then_some(())
+        (has_opt_out(&ledger, digits(&number)).await && has_opt_out(&ledger, &id).await)
+            .then_some(())
     })
     .await;
     assert_next_marketing_suppressed(&env, "after-long", &number).await;
@@ -553,10 +568,11 @@ async fn erasing_the_number_erases_what_its_id_left() {
     })])
     .await;
     wait_for("the erasure", T, async || {
-        (!has_opt_out(&ledger, &id) && !has_opt_out(&ledger, digits(&number))).then_some(())
+        (!has_opt_out(&ledger, &id).await && !has_opt_out(&ledger, digits(&number)).await)
+            .then_some(())
     })
     .await;
-    let dump = ledger.dump_all().unwrap();
+    let dump = ledger.dump_all().await.unwrap();
     for form in [digits(&number), id.as_str()] {
         assert!(
             !dump.iter().any(|(k, v)| [k, v]

@@ -746,7 +746,7 @@ impl Worker {
         // Status callbacks keep coming during a compaction: each waits for it here, parked,
         // not on a thread of its own in the reads below (see `Ledger::compacted`).
         ledger.compacted().await;
-        if ledger.kv_get(Table::WebhookSeen, &key)?.is_some() {
+        if ledger.kv_get(Table::WebhookSeen, &key).await?.is_some() {
             crate::metrics::webhook_duplicate();
             return ack(session, delivery).await;
         }
@@ -1021,7 +1021,7 @@ impl Worker {
         // their lane, after those taken before it (see `refuse`).
         let ledgered = id.filter(|i| i.len() <= MAX_LEDGERED_ID);
         let already_final = match ledgered {
-            Some(i) => self.pipeline.ledger.get(i)?.is_some(),
+            Some(i) => self.pipeline.ledger.get(i).await?.is_some(),
             None => false,
         };
         let event = id.filter(|_| !already_final).map(|id| OutcomeEvent {

@@ -153,11 +153,16 @@ impl ConsentFlow {
         self.accounts.load().get(account).cloned()
     }
 
-    pub fn pending(&self, digits: &str, account: &str) -> Result<Option<Pending>, LedgerError> {
+    pub async fn pending(
+        &self,
+        digits: &str,
+        account: &str,
+    ) -> Result<Option<Pending>, LedgerError> {
         Ok(self
             .store
             .ledger
-            .kv_get(Table::ConsentPending, &number_account_key(digits, account))?
+            .kv_get(Table::ConsentPending, &number_account_key(digits, account))
+            .await?
             .and_then(|v| serde_json::from_slice(&v).ok()))
     }
 
@@ -219,7 +224,7 @@ impl ConsentFlow {
             )]);
         }
         let now = Timestamp::now().as_millisecond();
-        if let Some(p) = self.pending(&digits, &account)?
+        if let Some(p) = self.pending(&digits, &account).await?
             && p.expires_ms > now
         {
             if payload == YES_ID || words.yes.matches(text) {
@@ -243,7 +248,8 @@ impl ConsentFlow {
                 Some(p) => p.clone(),
                 None => self
                     .store
-                    .summary(&digits, &account)?
+                    .summary(&digits, &account)
+                    .await?
                     .into_keys()
                     .filter(|p| self.store.rule(p).is_some())
                     .collect(),
@@ -271,7 +277,8 @@ impl ConsentFlow {
             )
             .await?;
         Ok(ledger
-            .kv_get(Table::WebhookSeen, &key)?
+            .kv_get(Table::WebhookSeen, &key)
+            .await?
             .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
             .and_then(|b| Timestamp::from_millisecond(i64::from_le_bytes(b)).ok())
             .unwrap_or(now))
@@ -341,7 +348,7 @@ impl ConsentFlow {
             return Ok(None);
         }
         let digits = ev.to.digits();
-        let summary = self.store.summary(digits, &ev.account)?;
+        let summary = self.store.summary(digits, &ev.account).await?;
         let unconfirmed: Vec<String> = ev
             .purposes
             .iter()
@@ -362,7 +369,8 @@ impl ConsentFlow {
             return Ok(None);
         }
         if self
-            .pending(digits, &ev.account)?
+            .pending(digits, &ev.account)
+            .await?
             .is_some_and(|p| p.expires_ms > now)
         {
             // Asked already; one question at a time.
@@ -374,7 +382,8 @@ impl ConsentFlow {
         let asked_for = self
             .store
             .ledger
-            .kv_get(Table::ConsentPending, &marker)?
+            .kv_get(Table::ConsentPending, &marker)
+            .await?
             .and_then(|v| serde_json::from_slice::<Asked>(&v).ok());
         if asked_for.is_some_and(|a| a.opt_in_ms >= opt_in_ms) {
             return Ok(None);

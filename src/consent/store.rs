@@ -263,7 +263,7 @@ impl ConsentStore {
     ) -> Result<Arc<ConsentStore>, LedgerError> {
         let mut purposes: Vec<&str> = rules.keys().map(String::as_str).collect();
         purposes.sort();
-        let erase_key = match ledger.kv_get(Table::StoreMeta, b"erase_key")? {
+        let erase_key = match ledger.kv_get(Table::StoreMeta, b"erase_key").await? {
             Some(k) if k.len() == 32 => k.try_into().unwrap_or([0; 32]),
             _ => {
                 let k: [u8; 32] = rand::random();
@@ -276,28 +276,32 @@ impl ConsentStore {
         };
         // A row holds one entry per purpose: sized for 1.5 per row, so a typical store loads
         // without the table growing (each growth rehashes every entry loaded so far).
-        let rows = ledger.kv_len(Table::ConsentSummary)? as usize;
+        let rows = ledger.kv_len(Table::ConsentSummary).await? as usize;
         let index = ConsentIndex::new(
             accounts.iter().map(String::as_str),
             purposes.iter().copied(),
             rows + rows / 2,
         );
-        ledger.kv_for_each(Table::ConsentSummary, |k, v| {
-            let mut parts = k.splitn(2, |b| *b == 0);
-            let (Some(digits), Some(account)) = (parts.next(), parts.next()) else {
-                return;
-            };
-            let (Ok(digits), Ok(account)) =
-                (std::str::from_utf8(digits), std::str::from_utf8(account))
-            else {
-                return;
-            };
-            if let Some(n) = number_key(digits) {
-                for_each_encoded(v, |e| index.load(account, n, &e));
-            }
-        })?;
+        ledger
+            .kv_for_each(Table::ConsentSummary, |k, v| {
+                let mut parts = k.splitn(2, |b| *b == 0);
+                let (Some(digits), Some(account)) = (parts.next(), parts.next()) else {
+                    return;
+                };
+                let (Ok(digits), Ok(account)) =
+                    (std::str::from_utf8(digits), std::str::from_utf8(account))
+                else {
+                    return;
+                };
+                if let Some(n) = number_key(digits) {
+                    for_each_encoded(v, |e| index.load(account, n, &e));
+                }
+            })
+            .await?;
         let wa_ids = WaIds::default();
-        ledger.kv_for_each(Table::WaIds, |k, _| wa_ids.load_row(k))?;
+        ledger
+            .kv_for_each(Table::WaIds, |k, _| wa_ids.load_row(k))
+            .await?;
         // Once, for a store from before the index: erasure finds a number's jobs through it.
         let started = std::time::Instant::now();
         if let Some(rows) = ledger.index_jobs_by_number().await? {
@@ -309,7 +313,8 @@ impl ConsentStore {
         }
         // An erasure whose compaction a stop or a crash cut short.
         let due = !ledger
-            .kv_scan_prefix(Table::StoreMeta, COMPACTION_DUE_KEY)?
+            .kv_scan_prefix(Table::StoreMeta, COMPACTION_DUE_KEY)
+            .await?
             .is_empty();
         Ok(Arc::new(ConsentStore {
             ledger,
@@ -400,14 +405,15 @@ impl ConsentStore {
     }
 
     /// The summary the store holds for (number, account).
-    pub fn summary(
+    pub async fn summary(
         &self,
         digits: &str,
         account: &str,
     ) -> Result<BTreeMap<String, PurposeState>, LedgerError> {
         Ok(self
             .ledger
-            .kv_get(Table::ConsentSummary, &number_account_key(digits, account))?
+            .kv_get(Table::ConsentSummary, &number_account_key(digits, account))
+            .await?
             .and_then(|v| decode_summary(&v))
             .unwrap_or_default())
     }
@@ -420,10 +426,11 @@ impl ConsentStore {
     }
 
     /// When the number was last erased (unix ms), if within tombstone retention.
-    pub fn erased_at(&self, digits: &str) -> Result<Option<i64>, LedgerError> {
+    pub async fn erased_at(&self, digits: &str) -> Result<Option<i64>, LedgerError> {
         Ok(self
             .ledger
-            .kv_get(Table::ConsentErased, &self.tombstone_key(digits))?
+            .kv_get(Table::ConsentErased, &self.tombstone_key(digits))
+            .await?
             .and_then(|v| v.as_slice().try_into().ok().map(i64::from_le_bytes)))
     }
 
@@ -440,16 +447,22 @@ impl ConsentStore {
             return Ok(Applied::Erased);
         }
         if self
-            .erased_at(digits)?
+            .erased_at(digits)
+            .await?
             .is_some_and(|t| ev.at.as_millisecond() <= t)
         {
             return Ok(Applied::Void);
         }
         let key = history_key(ev);
-        let known = self.ledger.kv_get(Table::ConsentHistory, &key)?.is_some();
+        let known = self
+            .ledger
+            .kv_get(Table::ConsentHistory, &key)
+            .await?
+            .is_some();
         let rows = self
             .ledger
-            .kv_scan_prefix(Table::ConsentHistory, &history_prefix(digits, &ev.account))?;
+            .kv_scan_prefix(Table::ConsentHistory, &history_prefix(digits, &ev.account))
+            .await?;
         let mut facts: Vec<Fact> = rows.iter().filter_map(|(_, v)| fact_of(v)).collect();
         let json = ev.to_json();
         if !known && let Some(f) = fact_of(&json) {
@@ -457,7 +470,7 @@ impl ConsentStore {
         }
         let summary = model::summarize(&facts);
         let skey = number_account_key(digits, &ev.account);
-        let stored = self.ledger.kv_get(Table::ConsentSummary, &skey)?;
+        let stored = self.ledger.kv_get(Table::ConsentSummary, &skey).await?;
         let encoded = encode_summary(&summary);
         let mut ops = Vec::new();
         if !known {
@@ -505,7 +518,11 @@ impl ConsentStore {
         let mut ops = Vec::new();
         let prefix = number_prefix(digits);
         let mut kept: BTreeMap<String, Vec<Fact>> = BTreeMap::new();
-        for (k, v) in self.ledger.kv_scan_prefix(Table::ConsentHistory, &prefix)? {
+        for (k, v) in self
+            .ledger
+            .kv_scan_prefix(Table::ConsentHistory, &prefix)
+            .await?
+        {
             let rest = &k[prefix.len()..];
             let Some(sep) = rest.iter().position(|b| *b == 0) else {
                 continue;
@@ -527,7 +544,11 @@ impl ConsentStore {
             }
         }
         let mut summaries = Vec::new();
-        for (k, _) in self.ledger.kv_scan_prefix(Table::ConsentSummary, &prefix)? {
+        for (k, _) in self
+            .ledger
+            .kv_scan_prefix(Table::ConsentSummary, &prefix)
+            .await?
+        {
             let account = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
             let summary = kept
                 .get(&account)
@@ -548,7 +569,11 @@ impl ConsentStore {
             }
             summaries.push((account, summary));
         }
-        for (k, v) in self.ledger.kv_scan_prefix(Table::ConsentPending, &prefix)? {
+        for (k, v) in self
+            .ledger
+            .kv_scan_prefix(Table::ConsentPending, &prefix)
+            .await?
+        {
             let asked = serde_json::from_slice::<serde_json::Value>(&v)
                 .ok()
                 .and_then(|p| p["asked_ms"].as_i64())
@@ -565,7 +590,8 @@ impl ConsentStore {
             let k = format!("{a}|{digits}").into_bytes();
             let opened = self
                 .ledger
-                .kv_get(Table::Inbound, &k)?
+                .kv_get(Table::Inbound, &k)
+                .await?
                 .and_then(|v| v.as_slice().try_into().ok().map(i64::from_le_bytes));
             if opened.is_some_and(|t| t <= until_ms) {
                 report.other_rows += 1;
@@ -579,8 +605,8 @@ impl ConsentStore {
         // marks, found through the number's index rows (a range of one table, however large
         // the ledger). A job finished after `at` stays, with its row.
         let mut ids = Vec::new();
-        for (id, wamid) in self.ledger.jobs_to(digits)? {
-            let entry = self.ledger.get(&id)?;
+        for (id, wamid) in self.ledger.jobs_to(digits).await? {
+            let entry = self.ledger.get(&id).await?;
             if entry.is_some_and(|e| e.updated_ms > until_ms) {
                 continue;
             }
@@ -631,7 +657,7 @@ impl ConsentStore {
                 key: wa_id::row_key(n, digits),
             });
         }
-        let tombstone = until_ms.max(self.erased_at(digits)?.unwrap_or(i64::MIN));
+        let tombstone = until_ms.max(self.erased_at(digits).await?.unwrap_or(i64::MIN));
         ops.push(KvOp::Put {
             table: Table::ConsentErased,
             key: self.tombstone_key(digits),
@@ -689,7 +715,7 @@ impl ConsentStore {
                 return Err(e);
             }
         };
-        if let Ok(marks) = marks {
+        if let Ok(marks) = marks.await {
             let done = marks
                 .into_iter()
                 .map(|(key, value)| KvOp::DeleteIf {
@@ -744,10 +770,11 @@ impl ConsentStore {
     }
 
     /// Every stored event of a number, oldest first, per account.
-    pub fn history(&self, digits: &str) -> Result<Vec<Proof>, LedgerError> {
+    pub async fn history(&self, digits: &str) -> Result<Vec<Proof>, LedgerError> {
         let rows = self
             .ledger
-            .kv_scan_prefix(Table::ConsentHistory, &number_prefix(digits))?;
+            .kv_scan_prefix(Table::ConsentHistory, &number_prefix(digits))
+            .await?;
         let mut out: Vec<Proof> = rows
             .into_iter()
             .filter_map(|(k, v)| {
@@ -765,23 +792,27 @@ impl ConsentStore {
     }
 
     /// Calls `f` with every stored event (canonical JSON), number by number.
-    pub fn for_each_event(&self, mut f: impl FnMut(&[u8])) -> Result<(), LedgerError> {
-        self.ledger.kv_for_each(Table::ConsentHistory, |_, v| f(v))
+    pub async fn for_each_event(&self, mut f: impl FnMut(&[u8])) -> Result<(), LedgerError> {
+        self.ledger
+            .kv_for_each(Table::ConsentHistory, |_, v| f(v))
+            .await
     }
 
     /// Removes tombstones older than `retention`.
     pub async fn purge_tombstones(&self, older_than_ms: i64) -> Result<u64, LedgerError> {
         let mut ops = Vec::new();
-        self.ledger.kv_for_each(Table::ConsentErased, |k, v| {
-            if let Ok(b) = v.try_into()
-                && i64::from_le_bytes(b) < older_than_ms
-            {
-                ops.push(KvOp::Delete {
-                    table: Table::ConsentErased,
-                    key: k.to_vec(),
-                });
-            }
-        })?;
+        self.ledger
+            .kv_for_each(Table::ConsentErased, |k, v| {
+                if let Ok(b) = v.try_into()
+                    && i64::from_le_bytes(b) < older_than_ms
+                {
+                    ops.push(KvOp::Delete {
+                        table: Table::ConsentErased,
+                        key: k.to_vec(),
+                    });
+                }
+            })
+            .await?;
         if ops.is_empty() {
             return Ok(0);
         }
@@ -933,7 +964,7 @@ mod tests {
         let store = ConsentStore::load_with(l.clone(), vec!["acme".into()], HashMap::new())
             .await
             .unwrap();
-        assert_eq!(l.jobs_to("4915100000007").unwrap().len(), 1);
+        assert_eq!(l.jobs_to("4915100000007").await.unwrap().len(), 1);
         l.kv_many(finished("after-index", &format!("+{NUMBER}"), 2_000, true))
             .await
             .unwrap();
@@ -950,19 +981,27 @@ mod tests {
         assert_eq!(l.scanned_rows(), scanned, "no table was scanned");
         assert_eq!(report.jobs, 2);
         for id in ["before-index", "after-index"] {
-            assert_eq!(l.get(id).unwrap(), None, "{id}");
+            assert_eq!(l.get(id).await.unwrap(), None, "{id}");
             let wamid = format!("wamid.{id}");
-            assert_eq!(l.kv_get(Table::Wamids, wamid.as_bytes()).unwrap(), None);
+            assert_eq!(
+                l.kv_get(Table::Wamids, wamid.as_bytes()).await.unwrap(),
+                None
+            );
         }
-        assert!(l.get("later").unwrap().is_some());
+        assert!(l.get("later").await.unwrap().is_some());
         assert_eq!(
-            l.jobs_to(NUMBER).unwrap(),
+            l.jobs_to(NUMBER).await.unwrap(),
             vec![("later".to_string(), b"wamid.later".to_vec())]
         );
         // Other numbers' jobs are untouched.
-        assert!(l.get("other-7").unwrap().is_some());
-        assert!(l.kv_get(Table::Wamids, b"wamid.other-7").unwrap().is_some());
-        assert_eq!(l.jobs_to("4915100000007").unwrap().len(), 1);
+        assert!(l.get("other-7").await.unwrap().is_some());
+        assert!(
+            l.kv_get(Table::Wamids, b"wamid.other-7")
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert_eq!(l.jobs_to("4915100000007").await.unwrap().len(), 1);
         // The index is built once: a second load finds it done.
         assert_eq!(l.index_jobs_by_number().await.unwrap(), None);
     }

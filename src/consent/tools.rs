@@ -206,15 +206,18 @@ impl From<&PurposeState> for PurposeView {
 }
 
 /// The proof for one number, read from the store.
-pub fn number_report(store: &ConsentStore, to: &Recipient) -> Result<NumberReport, LedgerError> {
+pub async fn number_report(
+    store: &ConsentStore,
+    to: &Recipient,
+) -> Result<NumberReport, LedgerError> {
     let digits = to.digits();
-    let history = store.history(digits)?;
+    let history = store.history(digits).await?;
     // A summary is written with the history it sums up and removed with it, so the accounts
     // with history are the accounts with a summary.
     let accounts: BTreeSet<&str> = history.iter().map(|p| p.account.as_str()).collect();
     let mut summaries = BTreeMap::new();
     for account in accounts {
-        let s = store.summary(digits, account)?;
+        let s = store.summary(digits, account).await?;
         if !s.is_empty() {
             summaries.insert(
                 account.to_string(),
@@ -227,7 +230,8 @@ pub fn number_report(store: &ConsentStore, to: &Recipient) -> Result<NumberRepor
     Ok(NumberReport {
         number: to.as_str().to_string(),
         erased_at: store
-            .erased_at(digits)?
+            .erased_at(digits)
+            .await?
             .and_then(|ms| Timestamp::from_millisecond(ms).ok()),
         events: history
             .into_iter()
@@ -325,10 +329,10 @@ impl fmt::Display for NumberReport {
 /// Writes every stored event to `out`; returns how many. Reads the store page by page (the
 /// daemon keeps writing meanwhile): an event recorded during the export may or may not be in
 /// it, every event recorded before it started is.
-pub fn export_events(
+pub async fn export_events(
     store: &ConsentStore,
     format: Format,
-    out: &mut dyn Write,
+    out: &mut (dyn Write + Send),
 ) -> Result<u64, ToolError> {
     let out_err = |source| ToolError::Output {
         what: "the export".into(),
@@ -338,31 +342,35 @@ pub fn export_events(
     let mut failed: Option<ToolError> = None;
     match format {
         Format::Jsonl => {
-            store.for_each_event(|v| {
-                if failed.is_some() {
-                    return;
-                }
-                match out.write_all(v).and_then(|_| out.write_all(b"\n")) {
-                    Ok(()) => n += 1,
-                    Err(e) => failed = Some(out_err(e)),
-                }
-            })?;
+            store
+                .for_each_event(|v| {
+                    if failed.is_some() {
+                        return;
+                    }
+                    match out.write_all(v).and_then(|_| out.write_all(b"\n")) {
+                        Ok(()) => n += 1,
+                        Err(e) => failed = Some(out_err(e)),
+                    }
+                })
+                .await?;
         }
         Format::Csv => {
             let mut w = csv::Writer::from_writer(&mut *out);
             w.write_record(CSV_COLUMNS).map_err(|e| out_err(e.into()))?;
-            store.for_each_event(|v| {
-                if failed.is_some() {
-                    return;
-                }
-                match csv_record(v) {
-                    Ok(r) => match w.write_record(&r) {
-                        Ok(()) => n += 1,
-                        Err(e) => failed = Some(out_err(e.into())),
-                    },
-                    Err(e) => failed = Some(e),
-                }
-            })?;
+            store
+                .for_each_event(|v| {
+                    if failed.is_some() {
+                        return;
+                    }
+                    match csv_record(v) {
+                        Ok(r) => match w.write_record(&r) {
+                            Ok(()) => n += 1,
+                            Err(e) => failed = Some(out_err(e.into())),
+                        },
+                        Err(e) => failed = Some(e),
+                    }
+                })
+                .await?;
             w.flush().map_err(out_err)?;
         }
     }
@@ -373,16 +381,16 @@ pub fn export_events(
     Ok(n)
 }
 
-/// [`export_events`] for the running daemon: written first to an unlinked file in `spool_dir`
-/// (the state directory, which holds the same data), then copied to `out`. The store's read
-/// snapshot is then held only as long as the local disk takes, never at the pace of a slow
-/// client, so an erasure's compaction (which waits for readers) is not held up by one.
-pub fn export_spooled(
+/// [`export_events`] for the running daemon, written to an unlinked file in `spool_dir` (the
+/// state directory, which holds the same data); returns the file, read from its start, for
+/// the caller to copy to the client. The store is then read only as fast as the local disk
+/// takes, never at the pace of a slow client, so an erasure's compaction (which waits for
+/// readers) is not held up by one.
+pub async fn export_spooled(
     store: &ConsentStore,
     format: Format,
     spool_dir: &Path,
-    out: &mut dyn Write,
-) -> Result<u64, ToolError> {
+) -> Result<(std::fs::File, u64), ToolError> {
     use std::io::{Seek, SeekFrom};
     use std::os::unix::fs::OpenOptionsExt;
     let spool_err = |source| ToolError::Output {
@@ -404,18 +412,10 @@ pub fn export_spooled(
     std::fs::remove_file(&path).map_err(spool_err)?;
     let n = {
         let mut w = io::BufWriter::with_capacity(CHUNK, &mut file);
-        export_events(store, format, &mut w)?
+        export_events(store, format, &mut w).await?
     };
     file.seek(SeekFrom::Start(0)).map_err(spool_err)?;
-    io::copy(&mut file, out).map_err(|source| ToolError::Output {
-        what: "the export".into(),
-        source,
-    })?;
-    out.flush().map_err(|source| ToolError::Output {
-        what: "the export".into(),
-        source,
-    })?;
-    Ok(n)
+    Ok((file, n))
 }
 
 #[derive(Deserialize)]
@@ -1117,7 +1117,7 @@ fn number_arg(number: &str) -> Result<Recipient, ToolError> {
 pub async fn show(config: &Config, number: &str) -> Result<NumberReport, ToolError> {
     let to = number_arg(number)?;
     match target(config).await? {
-        Target::Store(store) => Ok(number_report(&store, &to)?),
+        Target::Store(store) => Ok(number_report(&store, &to).await?),
         Target::Daemon(d) => d.show(&to).await,
     }
 }
@@ -1178,7 +1178,7 @@ async fn export_to(
     out: &mut (dyn Write + Send),
 ) -> Result<Exported, ToolError> {
     match target {
-        Target::Store(store) => Ok(Exported::Events(export_events(store, format, out)?)),
+        Target::Store(store) => Ok(Exported::Events(export_events(store, format, out).await?)),
         Target::Daemon(d) => Ok(Exported::Bytes(d.export(format, out).await?)),
     }
 }

@@ -101,13 +101,12 @@ async fn consent_show(
         Err(why) => return (StatusCode::BAD_REQUEST, format!("{why}\n")).into_response(),
     };
     tracing::info!(to = %to.masked(), "Consent history read over the admin listener.");
-    match tokio::task::spawn_blocking(move || tools::number_report(&store, &to)).await {
-        Ok(Ok(report)) => axum::Json(report).into_response(),
-        Ok(Err(e)) => {
+    match tools::number_report(&store, &to).await {
+        Ok(report) => axum::Json(report).into_response(),
+        Err(e) => {
             tracing::error!(error = %e, "Reading a consent history failed.");
             (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response()
         }
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
     }
 }
 
@@ -126,12 +125,23 @@ async fn consent_export(
     let format = q.format.unwrap_or(Format::Jsonl);
     let (tx, mut rx) = tokio::sync::mpsc::channel(8);
     tracing::info!(?format, "Consent export streamed over the admin listener.");
-    tokio::task::spawn_blocking(move || {
-        let mut out = ChunkSender::new(tx.clone());
-        if let Err(e) = tools::export_spooled(&store, format, &spool_dir, &mut out) {
+    tokio::spawn(async move {
+        let spooled = tools::export_spooled(&store, format, &spool_dir).await;
+        let copied = tokio::task::spawn_blocking(move || {
+            let (mut file, _) = spooled.map_err(|e| e.to_string())?;
+            let mut out = ChunkSender::new(tx.clone());
+            std::io::copy(&mut file, &mut out)
+                .and_then(|_| std::io::Write::flush(&mut out))
+                .map_err(|e| e.to_string())
+                .map(|_| ())
+                // Ends the body with an error, so the client sees a broken export, not a short one.
+                .inspect_err(|e| {
+                    let _ = tx.blocking_send(Err(std::io::Error::other(e.clone())));
+                })
+        })
+        .await;
+        if let Ok(Err(e)) = copied {
             tracing::warn!(error = %e, "Consent export ended early.");
-            // Ends the body with an error, so the client sees a broken export, not a short one.
-            let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
         }
     });
     let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));

@@ -15,8 +15,22 @@ pub enum Seen {
     Final { event: Vec<u8>, published: bool },
 }
 
-pub fn check(ledger: &Ledger, id: &str) -> Result<Seen, LedgerError> {
-    Ok(match ledger.get(id)? {
+impl Seen {
+    /// The entry this answer was read from, as a claim expects to find it still: the attempt
+    /// recorded next is written only if nobody changed the entry since (see
+    /// [`crate::store::Ledger::claim`]).
+    pub fn held(&self) -> Option<(LedgerState, u32)> {
+        match self {
+            Seen::New => None,
+            Seen::Resume { attempts } => Some((LedgerState::Pending, *attempts)),
+            Seen::InDoubt { attempts } => Some((LedgerState::Sending, *attempts)),
+            Seen::Final { .. } => None,
+        }
+    }
+}
+
+pub async fn check(ledger: &Ledger, id: &str) -> Result<Seen, LedgerError> {
+    Ok(match ledger.get(id).await? {
         None => Seen::New,
         Some(e) => match e.state {
             LedgerState::Pending => Seen::Resume {

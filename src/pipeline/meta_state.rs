@@ -50,15 +50,15 @@ fn template_key(name: &str, language: &str) -> String {
 
 impl MetaState {
     /// Loads the persisted state; customer-service windows older than `window` are dropped.
-    pub fn load(ledger: Ledger) -> Result<Arc<MetaState>, LedgerError> {
+    pub async fn load(ledger: Ledger) -> Result<Arc<MetaState>, LedgerError> {
         let mut inbound = HashMap::new();
-        for (k, v) in ledger.kv_scan(Table::Inbound)? {
+        for (k, v) in ledger.kv_scan(Table::Inbound).await? {
             if let (Ok(k), Ok(v)) = (String::from_utf8(k), v.as_slice().try_into()) {
                 inbound.insert(k, i64::from_le_bytes(v));
             }
         }
         let mut templates: HashMap<String, Vec<(String, TemplateState)>> = HashMap::new();
-        for (k, v) in ledger.kv_scan(Table::Templates)? {
+        for (k, v) in ledger.kv_scan(Table::Templates).await? {
             let (Ok(k), Ok(v)) = (String::from_utf8(k), String::from_utf8(v)) else {
                 continue;
             };
@@ -81,7 +81,7 @@ impl MetaState {
             ));
         }
         let mut restrictions = HashMap::new();
-        for (k, v) in ledger.kv_scan(Table::Restrictions)? {
+        for (k, v) in ledger.kv_scan(Table::Restrictions).await? {
             if let (Ok(k), Ok(v)) = (String::from_utf8(k), v.as_slice().try_into()) {
                 restrictions.insert(k, i64::from_le_bytes(v));
             }
@@ -207,7 +207,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         {
             let l = Ledger::open(d.path()).unwrap();
-            let m = MetaState::load(l).unwrap();
+            let m = MetaState::load(l).await.unwrap();
             m.set_template("w1", "spring_sale", "en-US", "PAUSED", 5)
                 .await
                 .unwrap();
@@ -220,7 +220,7 @@ mod tests {
                 Err(_) => tokio::task::yield_now().await,
             }
         };
-        let m = MetaState::load(l).unwrap();
+        let m = MetaState::load(l).await.unwrap();
         assert_eq!(
             m.template_block(Some("w1"), "spring_sale", "en_US")
                 .unwrap()

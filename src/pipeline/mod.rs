@@ -124,7 +124,10 @@ impl Pipeline {
             }
         }
         // Dedupe: a job id is sent at most once.
-        let mut attempts = match dedupe::check(&self.ledger, &job.id) {
+        let seen = dedupe::check(&self.ledger, &job.id).await;
+        // The entry as read: the send attempt is recorded only if it is still this one.
+        let mut held = seen.as_ref().ok().and_then(Seen::held);
+        let mut attempts = match seen {
             Ok(Seen::New) => 0,
             Ok(Seen::Resume { attempts }) => attempts,
             Ok(Seen::InDoubt { attempts }) if !same_message => {
@@ -217,7 +220,7 @@ impl Pipeline {
             }
         }
 
-        self.dispatch(job, &mut attempts, shutdown).await
+        self.dispatch(job, &mut attempts, &mut held, shutdown).await
     }
 
     /// Stage 5: attempts until one ends the job, each in the steps the module docs list.
@@ -225,6 +228,7 @@ impl Pipeline {
         &self,
         job: &Job,
         attempts: &mut u32,
+        held: &mut Option<(LedgerState, u32)>,
         shutdown: &CancellationToken,
     ) -> Disposition {
         let Some(account) = self.accounts.get(&job.account) else {
@@ -254,13 +258,14 @@ impl Pipeline {
                 Err(held) => return held,
             };
             if self
-                .record_sending(&attempt, *attempts + 1, also, &mut counted)
+                .record_sending(&attempt, *attempts + 1, *held, also, &mut counted)
                 .await
                 .is_err()
             {
                 return Disposition::Abandon;
             }
             *attempts += 1;
+            *held = Some((LedgerState::Sending, *attempts));
             let failure = match self.call_api(&attempt, &body, shutdown).await {
                 Ok(ok) => return self.sent(&attempt, ok, *attempts).await,
                 Err(failure) => failure,
@@ -271,6 +276,8 @@ impl Pipeline {
             {
                 return done;
             }
+            // Attempting again inline: `retry_or_give_up` recorded the job as pending.
+            *held = Some((LedgerState::Pending, *attempts));
         }
     }
 
@@ -340,17 +347,37 @@ impl Pipeline {
 
     /// Dispatch: the attempt is recorded as `Sending` before the call, in one transaction with
     /// the limits' counts, so a redelivery after a crash mid-call knows the job is in doubt.
-    /// A failed write gives the counts back in memory only (nothing was written).
+    /// It is a claim: written only if the job's entry is still `held` (what dedupe read, or
+    /// this task wrote since), so of two deliveries of one id that race (two instances on one
+    /// shared store), exactly one calls the Cloud API; the other's job goes back to the
+    /// queue and is decided again from the entry the winner wrote. A failed write gives the
+    /// counts back in memory only (nothing was written).
     async fn record_sending(
         &self,
         attempt: &Attempt<'_>,
         attempts: u32,
+        held: Option<(LedgerState, u32)>,
         also: Vec<KvOp>,
         counted: &mut Reservation,
     ) -> Result<(), LedgerError> {
-        let recorded = self
-            .record_with(attempt.job, LedgerState::Sending, attempts, also)
-            .await;
+        let job = attempt.job;
+        let entry = LedgerEntry {
+            state: LedgerState::Sending,
+            attempts,
+            updated_ms: now_ms(),
+            published: false,
+            event: Vec::new(),
+        };
+        let recorded = self.ledger.claim(&job.id, entry, held, also).await;
+        match &recorded {
+            Err(LedgerError::ClaimLost) => {
+                crate::metrics::claim_lost();
+            }
+            Err(e) => {
+                tracing::error!(id = %job.id, account = %job.account, error = %e, "State store write failed; the job stays queued.");
+            }
+            Ok(()) => {}
+        }
         if recorded.is_err() {
             attempt.inconclusive();
             self.limits.release(attempt.job, counted);
@@ -719,7 +746,7 @@ impl Pipeline {
     /// one): its id then has a life outside the consumer's lanes, so a broken copy published
     /// meanwhile is only dead-lettered instead of taking the id with an `invalid` outcome.
     pub async fn note_waiting(&self, job: &Job, attempts: u32) -> Result<(), LedgerError> {
-        if self.ledger.get(&job.id)?.is_none() {
+        if self.ledger.get(&job.id).await?.is_none() {
             self.record(job, LedgerState::Pending, attempts).await?;
         }
         Ok(())

@@ -181,30 +181,32 @@ impl Spend {
     }
 
     /// Loads the last 24 hours of spend.
-    pub fn load(&self, ledger: &Ledger, now: Timestamp) -> Result<(), LedgerError> {
+    pub async fn load(&self, ledger: &Ledger, now: Timestamp) -> Result<(), LedgerError> {
         let minute = minute_of(now);
-        ledger.kv_for_each(Table::StoreMeta, |k, v| {
-            let Some(rest) = k.strip_prefix(b"spend|") else {
-                return;
-            };
-            let Some(sep) = rest.iter().rposition(|&b| b == b'|') else {
-                return;
-            };
-            let (Ok(name), Ok(m), Ok(b)) = (
-                std::str::from_utf8(&rest[..sep]),
-                std::str::from_utf8(&rest[sep + 1..]).map(|m| m.parse::<i64>()),
-                <[u8; 8]>::try_from(v),
-            ) else {
-                return;
-            };
-            let Ok(m) = m else { return };
-            if m <= minute - MINUTES as i64 {
-                return;
-            }
-            if let Some(a) = self.accounts.get(name) {
-                lock(&a.ring).add(m, i64::from_le_bytes(b));
-            }
-        })?;
+        ledger
+            .kv_for_each(Table::StoreMeta, |k, v| {
+                let Some(rest) = k.strip_prefix(b"spend|") else {
+                    return;
+                };
+                let Some(sep) = rest.iter().rposition(|&b| b == b'|') else {
+                    return;
+                };
+                let (Ok(name), Ok(m), Ok(b)) = (
+                    std::str::from_utf8(&rest[..sep]),
+                    std::str::from_utf8(&rest[sep + 1..]).map(|m| m.parse::<i64>()),
+                    <[u8; 8]>::try_from(v),
+                ) else {
+                    return;
+                };
+                let Ok(m) = m else { return };
+                if m <= minute - MINUTES as i64 {
+                    return;
+                }
+                if let Some(a) = self.accounts.get(name) {
+                    lock(&a.ring).add(m, i64::from_le_bytes(b));
+                }
+            })
+            .await?;
         for name in self.accounts.keys() {
             self.report(name, now);
         }
@@ -333,25 +335,31 @@ impl Spend {
 
     /// Refreshes the gauges (spend ages out without new sends) and returns the store rows of
     /// minutes that left the day.
-    pub fn housekeep(&self, ledger: &Ledger, now: Timestamp) -> Result<Vec<KvOp>, LedgerError> {
+    pub async fn housekeep(
+        &self,
+        ledger: &Ledger,
+        now: Timestamp,
+    ) -> Result<Vec<KvOp>, LedgerError> {
         for name in self.accounts.keys() {
             self.report(name, now);
         }
         let oldest = minute_of(now) - MINUTES as i64;
         let mut ops = Vec::new();
-        ledger.kv_for_each(Table::StoreMeta, |k, _| {
-            let stale = k
-                .strip_prefix(b"spend|")
-                .and_then(|rest| rest.rsplit(|&b| b == b'|').next())
-                .and_then(|m| std::str::from_utf8(m).ok()?.parse::<i64>().ok())
-                .is_some_and(|m| m <= oldest);
-            if stale {
-                ops.push(KvOp::Delete {
-                    table: Table::StoreMeta,
-                    key: k.to_vec(),
-                });
-            }
-        })?;
+        ledger
+            .kv_for_each(Table::StoreMeta, |k, _| {
+                let stale = k
+                    .strip_prefix(b"spend|")
+                    .and_then(|rest| rest.rsplit(|&b| b == b'|').next())
+                    .and_then(|m| std::str::from_utf8(m).ok()?.parse::<i64>().ok())
+                    .is_some_and(|m| m <= oldest);
+                if stale {
+                    ops.push(KvOp::Delete {
+                        table: Table::StoreMeta,
+                        key: k.to_vec(),
+                    });
+                }
+            })
+            .await?;
         Ok(ops)
     }
 }
@@ -483,7 +491,10 @@ mod tests {
         assert!(spend.unsaved().is_empty(), "nothing new since");
         ledger.kv_many(ops).await.unwrap();
         let again = Spend::new(&c, ledger.clone());
-        again.load(&ledger, now + Duration::from_secs(60)).unwrap();
+        again
+            .load(&ledger, now + Duration::from_secs(60))
+            .await
+            .unwrap();
         assert_eq!(
             again.rolling("a", now + Duration::from_secs(60)),
             Some(Micros(350_000))

@@ -452,7 +452,7 @@ enum Op {
     CopyDone(u64),
 }
 
-/// One change of an atomic [`Ledger::kv_many`] write.
+/// One change of an atomic [`super::Ledger::kv_many`] write.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KvOp {
     Put {
@@ -480,7 +480,7 @@ pub enum KvOp {
         key: Vec<u8>,
         value: Vec<u8>,
     },
-    /// Records a job's ledger entry (with [`Ledger::put_with`]: together with what it implies).
+    /// Records a job's ledger entry (with [`super::Ledger::put_with`]: together with what it implies).
     PutJob {
         id: String,
         entry: LedgerEntry,
@@ -513,7 +513,7 @@ pub(super) type Db = RwLock<Option<Database>>;
 
 /// Handle to the ledger; cheap to clone.
 #[derive(Clone)]
-pub struct Ledger {
+pub struct RedbLedger {
     /// Readers and the writer share it; only compaction (after an erasure) and reopening after
     /// an I/O error take it alone.
     db: Arc<Db>,
@@ -527,18 +527,18 @@ pub struct Ledger {
     compacting: Arc<Compacting>,
 }
 
-impl Ledger {
+impl RedbLedger {
     /// Opens (or creates) `state.redb` in `dir` and starts the writer thread, which ends when the
     /// last handle is dropped.
-    pub fn open(dir: &Path) -> Result<Ledger, LedgerError> {
+    pub fn open(dir: &Path) -> Result<RedbLedger, LedgerError> {
         Self::open_with(dir, None)
     }
 
-    /// [`Ledger::open`], with a hook run after each chunk of a compaction's copy.
+    /// [`RedbLedger::open`], with a hook run after each chunk of a compaction's copy.
     fn open_with(
         dir: &Path,
         chunk_hook: Option<compaction::ChunkHook>,
-    ) -> Result<Ledger, LedgerError> {
+    ) -> Result<RedbLedger, LedgerError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| LedgerError::Store(format!("cannot create {}: {e}", dir.display())))?;
         // A handle just dropped in this process closes on its writer thread a moment later;
@@ -568,7 +568,7 @@ impl Ledger {
     }
 
     /// A store that lives in memory only: for tests and benchmarks.
-    pub fn open_in_memory() -> Result<Ledger, LedgerError> {
+    pub fn open_in_memory() -> Result<RedbLedger, LedgerError> {
         let db = Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())?;
         Self::start(db, None, None, None)
     }
@@ -617,7 +617,7 @@ impl Ledger {
         opener: Option<Opener>,
         file: Option<PathBuf>,
         chunk_hook: Option<compaction::ChunkHook>,
-    ) -> Result<Ledger, LedgerError> {
+    ) -> Result<RedbLedger, LedgerError> {
         let db = Arc::new(RwLock::new(Some(db)));
         {
             let w = read(&db)?.begin_write()?;
@@ -664,7 +664,7 @@ impl Ledger {
                 *OPEN_WRITERS.0.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
                 LedgerError::Store(format!("cannot start writer thread: {e}"))
             })?;
-        Ok(Ledger {
+        Ok(RedbLedger {
             db,
             tx,
             marks,
@@ -1087,7 +1087,7 @@ impl Ledger {
     }
 
     /// Runs `purge` every hour until cancelled, keeping entries for `retention`; and stores
-    /// the publish confirmations of a quiet second (see [`Ledger::save_marks_nowait`]).
+    /// the publish confirmations of a quiet second (see [`RedbLedger::save_marks_nowait`]).
     pub async fn purge_loop(
         self,
         retention: Duration,
@@ -1256,7 +1256,7 @@ struct Copying {
 pub static COMPACT_IN_PLACE: AtomicBool = AtomicBool::new(false);
 
 /// Whether a compaction holds the store alone, so that the job path can wait for it parked
-/// ([`Ledger::compacted`]) rather than in `block_in_place`, which takes a thread per waiting
+/// ([`RedbLedger::compacted`]) rather than in `block_in_place`, which takes a thread per waiting
 /// task: with thousands of jobs in flight that would exhaust tokio's blocking pool (512
 /// threads), and past it the runtime stalls again.
 #[derive(Debug)]
@@ -1763,12 +1763,12 @@ fn apply_kv(
             1
         }
         KvOp::ClaimJob { id, entry, expect } => {
-            let current = jobs
-                .get(id.as_str())?
-                .and_then(|v| LedgerEntry::decode(v.value()))
-                .map(|(e, _)| (e.state, e.attempts));
-            if current != *expect {
-                return Err(LedgerError::ClaimLost);
+            // Checked before the write began when it comes first, as it must; anywhere else
+            // a lost claim could only fail the whole batch.
+            if current_claim(jobs, id)? != *expect {
+                return Err(LedgerError::Store(format!(
+                    "a claim of job {id} that is not the first op of its write lost"
+                )));
             }
             let seq = seqs.for_entry(id, entry);
             jobs.insert(id.as_str(), entry.encode(seq).as_slice())?;
@@ -1896,6 +1896,8 @@ fn apply(
                     }
                     Op::Remove { id } => t.remove(&**id)?.is_some() as u64,
                     Op::Compact | Op::CopyDone(_) => 0,
+                    // A lost claim skips its whole write, and only it.
+                    Op::Many(ops) if !claim_holds(&t, ops.first())? => CLAIM_LOST,
                     Op::Many(ops) => {
                         let mut n = 0;
                         for op in ops {
@@ -1953,12 +1955,41 @@ fn answer(replies: Vec<Reply>, result: Result<u64, LedgerError>) {
 }
 
 /// One result per request of a batch: its count, or the batch's error.
+/// The count `apply` gives a write whose claim lost (no write counts that many rows).
+const CLAIM_LOST: u64 = u64::MAX;
+
+/// Whether a write that starts with `first` may go ahead: true unless it is a
+/// [`KvOp::ClaimJob`] whose expected entry is not the current one.
+fn claim_holds(jobs: &redb::Table<&str, &[u8]>, first: Option<&KvOp>) -> Result<bool, LedgerError> {
+    let Some(KvOp::ClaimJob { id, expect, .. }) = first else {
+        return Ok(true);
+    };
+    Ok(current_claim(jobs, id)? == *expect)
+}
+
+/// A job's (state, attempts), as a claim compares them.
+fn current_claim(
+    jobs: &redb::Table<&str, &[u8]>,
+    id: &str,
+) -> Result<Option<(LedgerState, u32)>, LedgerError> {
+    Ok(jobs
+        .get(id)?
+        .and_then(|v| LedgerEntry::decode(v.value()))
+        .map(|(e, _)| (e.state, e.attempts)))
+}
+
 fn per_request(
     batch: &[Request],
     result: Result<Vec<u64>, LedgerError>,
 ) -> Vec<Result<u64, LedgerError>> {
     match result {
-        Ok(counts) => counts.into_iter().map(Ok).collect(),
+        Ok(counts) => counts
+            .into_iter()
+            .map(|n| match n {
+                CLAIM_LOST => Err(LedgerError::ClaimLost),
+                n => Ok(n),
+            })
+            .collect(),
         Err(e) => {
             let io = e.is_io();
             let msg = match e {
@@ -1997,13 +2028,13 @@ mod tests {
     async fn entries_survive_reopening_the_store() {
         let d = tempfile::tempdir().unwrap();
         {
-            let l = Ledger::open(d.path()).unwrap();
+            let l = RedbLedger::open(d.path()).unwrap();
             l.put("a", entry(LedgerState::Final, 5)).await.unwrap();
             l.put("b", entry(LedgerState::Sending, 6)).await.unwrap();
         }
         // The writer thread exits when the last handle drops; the file lock follows.
         let l = loop {
-            match Ledger::open(d.path()) {
+            match RedbLedger::open(d.path()) {
                 Ok(l) => break l,
                 Err(_) => tokio::task::yield_now().await,
             }
@@ -2016,7 +2047,7 @@ mod tests {
     #[tokio::test]
     async fn purge_removes_only_old_entries_and_published_marker_sticks() {
         let d = tempfile::tempdir().unwrap();
-        let l = Ledger::open(d.path()).unwrap();
+        let l = RedbLedger::open(d.path()).unwrap();
         l.put("old", entry(LedgerState::Final, 10)).await.unwrap();
         l.put("new", entry(LedgerState::Final, 1000)).await.unwrap();
         l.mark_published("new").await.unwrap();
@@ -2057,17 +2088,17 @@ mod tests {
     }
 
     /// Opens the store again once the last handle's writer has closed it (a clean stop).
-    async fn reopen(d: &Path, l: Ledger) -> Ledger {
+    async fn reopen(d: &Path, l: RedbLedger) -> RedbLedger {
         drop(l);
         loop {
-            match Ledger::open(d) {
+            match RedbLedger::open(d) {
                 Ok(l) => return l,
                 Err(_) => tokio::task::yield_now().await,
             }
         }
     }
 
-    fn published(l: &Ledger, id: &str) -> bool {
+    fn published(l: &RedbLedger, id: &str) -> bool {
         let e = l.get(id).unwrap().unwrap();
         assert_eq!(e.state, LedgerState::Final);
         e.published
@@ -2076,7 +2107,7 @@ mod tests {
     #[tokio::test]
     async fn confirmations_are_kept_in_memory_and_stored_by_the_next_commit() {
         let d = tempfile::tempdir().unwrap();
-        let l = Ledger::open(d.path()).unwrap();
+        let l = RedbLedger::open(d.path()).unwrap();
         l.put("a", entry(LedgerState::Final, 5)).await.unwrap();
         assert!(!published(&l, "a"));
         l.mark_published("a").await.unwrap();
@@ -2101,7 +2132,7 @@ mod tests {
     #[tokio::test]
     async fn entries_left_unconfirmed_by_a_stop_stay_unpublished_until_marked_for_good() {
         let d = tempfile::tempdir().unwrap();
-        let l = Ledger::open(d.path()).unwrap();
+        let l = RedbLedger::open(d.path()).unwrap();
         for id in ["a", "b", "c"] {
             l.put(id, entry(LedgerState::Final, 5)).await.unwrap();
         }
@@ -2157,7 +2188,7 @@ mod tests {
     #[tokio::test]
     async fn many_concurrent_writes_all_commit() {
         let d = tempfile::tempdir().unwrap();
-        let l = Ledger::open(d.path()).unwrap();
+        let l = RedbLedger::open(d.path()).unwrap();
         let mut tasks = Vec::new();
         for i in 0..500 {
             let l = l.clone();
@@ -2213,7 +2244,7 @@ mod tests {
     }
 
     /// A ledger on a [`FullDisk`], and its switch.
-    fn on_full_disk() -> (Ledger, Arc<std::sync::atomic::AtomicBool>) {
+    fn on_full_disk() -> (RedbLedger, Arc<std::sync::atomic::AtomicBool>) {
         let data = Arc::new(redb::backends::InMemoryBackend::new());
         let full = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let f = full.clone();
@@ -2224,7 +2255,10 @@ mod tests {
             })
         });
         let db = opener().unwrap();
-        (Ledger::start(db, Some(opener), None, None).unwrap(), full)
+        (
+            RedbLedger::start(db, Some(opener), None, None).unwrap(),
+            full,
+        )
     }
 
     async fn until(what: &str, mut cond: impl FnMut() -> bool) {
@@ -2289,7 +2323,7 @@ mod tests {
 
     /// Holds the store's lock alone, as a compaction does, until the returned sender is used
     /// or dropped.
-    fn hold_exclusively(l: &Ledger) -> std::sync::mpsc::Sender<()> {
+    fn hold_exclusively(l: &RedbLedger) -> std::sync::mpsc::Sender<()> {
         let (held, is_held) = std::sync::mpsc::channel();
         let (release, released) = std::sync::mpsc::channel::<()>();
         let db = l.db.clone();
@@ -2305,7 +2339,7 @@ mod tests {
     /// One worker thread: a read that blocked it would stop every other task.
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn a_read_waiting_for_a_compaction_leaves_the_runtime_running() {
-        let l = Ledger::open_in_memory().unwrap();
+        let l = RedbLedger::open_in_memory().unwrap();
         l.put("a", entry(LedgerState::Final, 1)).await.unwrap();
         let release = hold_exclusively(&l);
         let reading = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -2359,7 +2393,7 @@ mod tests {
     /// tokio's 512 the runtime would stall again. Jobs wait for a compaction parked instead.
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn a_thousand_jobs_wait_for_a_compaction_parked_not_a_thread_each() {
-        let l = Ledger::open_in_memory().unwrap();
+        let l = RedbLedger::open_in_memory().unwrap();
         l.put("a", entry(LedgerState::Final, 1)).await.unwrap();
         let before = threads();
         let (held, is_held) = std::sync::mpsc::channel();
@@ -2405,7 +2439,7 @@ mod tests {
     /// and does not panic as `block_in_place` would there.
     #[tokio::test]
     async fn on_a_current_thread_runtime_a_read_simply_waits() {
-        let l = Ledger::open_in_memory().unwrap();
+        let l = RedbLedger::open_in_memory().unwrap();
         l.put("a", entry(LedgerState::Final, 1)).await.unwrap();
         let release = hold_exclusively(&l);
         std::thread::spawn(move || {
@@ -2417,7 +2451,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_paged_scan_visits_every_row_once_in_order() {
-        let l = Ledger::open_in_memory().unwrap();
+        let l = RedbLedger::open_in_memory().unwrap();
         let n = SCAN_PAGE * 2 + 17;
         let ops = (0..n)
             .map(|i| KvOp::Put {
@@ -2492,7 +2526,7 @@ mod tests {
         ops
     }
 
-    fn count_jobs(l: &Ledger) -> usize {
+    fn count_jobs(l: &RedbLedger) -> usize {
         let mut n = 0;
         l.for_each_job(|_, _| n += 1).unwrap();
         n
@@ -2506,7 +2540,7 @@ mod tests {
     async fn a_compaction_by_copy_lets_jobs_write_and_read_meanwhile_and_keeps_what_they_wrote() {
         let d = tempfile::tempdir().unwrap();
         let (hook, held, release) = copy_holder();
-        let l = Ledger::open_with(d.path(), Some(hook)).unwrap();
+        let l = RedbLedger::open_with(d.path(), Some(hook)).unwrap();
         for part in 0..5 {
             l.kv_many(jobs(
                 "job-",
@@ -2568,7 +2602,7 @@ mod tests {
         drop(release);
         compaction.await.unwrap().unwrap();
 
-        let check = |l: &Ledger| {
+        let check = |l: &RedbLedger| {
             assert_eq!(
                 l.get("job-new").unwrap().unwrap().state,
                 LedgerState::Sending
@@ -2588,7 +2622,7 @@ mod tests {
             );
         };
         check(&l);
-        let file = Ledger::file_in(d.path());
+        let file = RedbLedger::file_in(d.path());
         assert!(
             !compaction::copy_path(&file).exists(),
             "the copy was renamed"
@@ -2600,7 +2634,7 @@ mod tests {
     #[tokio::test]
     async fn after_a_compaction_by_copy_the_file_holds_no_byte_of_what_was_deleted() {
         let d = tempfile::tempdir().unwrap();
-        let l = Ledger::open(d.path()).unwrap();
+        let l = RedbLedger::open(d.path()).unwrap();
         const NUMBER: &[u8] = b"4915712345678";
         let mut ops = Vec::new();
         for i in 0..2_000 {
@@ -2624,7 +2658,7 @@ mod tests {
         }])
         .await
         .unwrap();
-        let file = Ledger::file_in(d.path());
+        let file = RedbLedger::file_in(d.path());
         let holds = |file: &Path| {
             let bytes = std::fs::read(file).unwrap();
             bytes.windows(NUMBER.len()).any(|w| w == NUMBER)
@@ -2639,9 +2673,9 @@ mod tests {
     #[tokio::test]
     async fn a_copy_left_by_a_crash_is_removed_when_the_store_opens() {
         let d = tempfile::tempdir().unwrap();
-        let copy = compaction::copy_path(&Ledger::file_in(d.path()));
+        let copy = compaction::copy_path(&RedbLedger::file_in(d.path()));
         std::fs::write(&copy, b"a stale copy holding 4915712345678").unwrap();
-        let l = Ledger::open(d.path()).unwrap();
+        let l = RedbLedger::open(d.path()).unwrap();
         assert!(!copy.exists());
         l.put("a", entry(LedgerState::Final, 1)).await.unwrap();
     }
@@ -2662,7 +2696,7 @@ mod tests {
             panic!("the copier fails (a damaged page)");
         }
         let hook: compaction::ChunkHook = Arc::new(fail);
-        let l = Ledger::open_with(d.path(), Some(hook)).unwrap();
+        let l = RedbLedger::open_with(d.path(), Some(hook)).unwrap();
         l.kv_many(jobs("job-", 0..100, LedgerState::Final))
             .await
             .unwrap();
@@ -2726,7 +2760,7 @@ mod tests {
         }
         let d = tempfile::tempdir().unwrap();
         let (hook, held, release) = copy_holder();
-        let l = Ledger::open_with(d.path(), Some(hook)).unwrap();
+        let l = RedbLedger::open_with(d.path(), Some(hook)).unwrap();
         l.kv_many(jobs("job-", 0..1_000, LedgerState::Final))
             .await
             .unwrap();
@@ -2746,7 +2780,7 @@ mod tests {
 
         l.put("after", entry(LedgerState::Final, 9)).await.unwrap();
         assert_eq!(l.get("after").unwrap().unwrap().updated_ms, 9);
-        let file = Ledger::file_in(d.path());
+        let file = RedbLedger::file_in(d.path());
         let mut wrong = Vec::new();
         if let Ok(other) = redb::ReadOnlyDatabase::open(&file) {
             wrong.push(
@@ -2780,8 +2814,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let (hook, held, release) = copy_holder();
         let mut release = Some(release);
-        let l = Ledger::open_with(d.path(), Some(hook)).unwrap();
-        let store = ConsentStore::load_with(l.clone(), vec!["acme".into()], HashMap::new())
+        let l = RedbLedger::open_with(d.path(), Some(hook)).unwrap();
+        let store = ConsentStore::load_with(l.clone().into(), vec!["acme".into()], HashMap::new())
             .await
             .unwrap();
         let mut ops = jobs("other-", 0..2_000, LedgerState::Final);
@@ -2792,7 +2826,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(report.jobs, 500);
-        let file = Ledger::file_in(d.path());
+        let file = RedbLedger::file_in(d.path());
         let holds = |file: &Path| {
             let bytes = std::fs::read(file).unwrap();
             bytes.windows(NUMBER.len()).any(|w| w == NUMBER.as_bytes())
@@ -2892,7 +2926,7 @@ mod tests {
         };
         let dir = disk.0.join("state");
         let (hook, held, release) = copy_holder();
-        let l = Ledger::open_with(&dir, Some(hook)).unwrap();
+        let l = RedbLedger::open_with(&dir, Some(hook)).unwrap();
         // As the daemon does (state.unwritable_grace, 300 s by default).
         l.health().set_hold(Duration::from_secs(120));
         let rows = |range: std::ops::Range<i64>, ms: i64| -> Vec<KvOp> {
@@ -2910,7 +2944,7 @@ mod tests {
                 .collect()
         };
         l.kv_many(rows(0..5_000, 0)).await.unwrap();
-        let file = Ledger::file_in(&dir);
+        let file = RedbLedger::file_in(&dir);
         assert!(
             compaction::room_for_copy(&file),
             "the copy's room check passes ({} bytes free, the store {} bytes)",
@@ -2972,7 +3006,7 @@ mod tests {
         use crate::consent::ConsentStore;
         const NUMBER: &str = "4917600000002";
         let d = tempfile::tempdir().unwrap();
-        let file = Ledger::file_in(d.path());
+        let file = RedbLedger::file_in(d.path());
         let copy = compaction::copy_path(&file);
         let chunks = Arc::new(AtomicU64::new(0));
         let hook: compaction::ChunkHook = Arc::new({
@@ -2984,8 +3018,8 @@ mod tests {
                 }
             }
         });
-        let l = Ledger::open_with(d.path(), Some(hook)).unwrap();
-        let store = ConsentStore::load_with(l.clone(), vec!["acme".into()], HashMap::new())
+        let l = RedbLedger::open_with(d.path(), Some(hook)).unwrap();
+        let store = ConsentStore::load_with(l.clone().into(), vec!["acme".into()], HashMap::new())
             .await
             .unwrap();
         let mut ops = jobs("other-", 0..500, LedgerState::Final);

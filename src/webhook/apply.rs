@@ -256,11 +256,12 @@ impl Applier {
             Some(id) => Some(id.clone()),
             None => self
                 .ledger
-                .kv_get(Table::Wamids, s.id.as_bytes())?
+                .kv_get(Table::Wamids, s.id.as_bytes())
+                .await?
                 .and_then(|v| String::from_utf8(v).ok()),
         };
         let entry = match &job_id {
-            Some(id) => self.ledger.get(id)?,
+            Some(id) => self.ledger.get(id).await?,
             None => None,
         };
         let Some(entry) = entry.filter(|e| e.state == LedgerState::Final) else {
@@ -373,7 +374,8 @@ impl Applier {
         };
         let current = self
             .ledger
-            .kv_get(Table::Delivery, job.id.as_bytes())?
+            .kv_get(Table::Delivery, job.id.as_bytes())
+            .await?
             .and_then(|v| v.first().copied())
             .unwrap_or(0);
         if current >= level || current == UNDELIVERED {

@@ -902,10 +902,15 @@ pub async fn publish_with(
 
 /// The consent flags the daemon's store holds for (number, purpose) under acme-de: read from
 /// its state, so a test can wait until an event is applied.
-pub fn consent_flags(ledger: &sendwell::store::Ledger, to: &str, purpose: &str) -> Option<u8> {
+pub async fn consent_flags(
+    ledger: &sendwell::store::Ledger,
+    to: &str,
+    purpose: &str,
+) -> Option<u8> {
     let key = sendwell::consent::store::number_account_key(to.trim_start_matches('+'), "acme-de");
     let v = ledger
         .kv_get(sendwell::store::Table::ConsentSummary, &key)
+        .await
         .unwrap()?;
     sendwell::consent::store::decode_summary(&v)?
         .get(purpose)

@@ -423,26 +423,28 @@ impl Caps {
     /// do not decode. A log whose cap's largest `max` shrank is cut to the new size; one whose
     /// `max` grew only knows the entries the old size kept. Replaces what memory held for a
     /// loaded key (idempotent). Returns rows loaded.
-    pub fn load(&self, ledger: &Ledger, now: Timestamp) -> Result<usize, LedgerError> {
+    pub async fn load(&self, ledger: &Ledger, now: Timestamp) -> Result<usize, LedgerError> {
         if self.is_empty() {
             return Ok(0);
         }
         let now = to_secs(now);
         let mut loaded = 0;
-        ledger.kv_for_each(Table::CapHistory, |k, v| {
-            let Some((id, number)) = self.parse_key(k) else {
-                return;
-            };
-            let Some(mut log) = SendLog::decode(v) else {
-                return;
-            };
-            let cap = self.cap_of(id);
-            log.truncate(cap.keep);
-            if log.is_live(cap.longest, now) {
-                self.logs.insert(pack(id, number), log);
-                loaded += 1;
-            }
-        })?;
+        ledger
+            .kv_for_each(Table::CapHistory, |k, v| {
+                let Some((id, number)) = self.parse_key(k) else {
+                    return;
+                };
+                let Some(mut log) = SendLog::decode(v) else {
+                    return;
+                };
+                let cap = self.cap_of(id);
+                log.truncate(cap.keep);
+                if log.is_live(cap.longest, now) {
+                    self.logs.insert(pack(id, number), log);
+                    loaded += 1;
+                }
+            })
+            .await?;
         Ok(loaded)
     }
 
@@ -619,7 +621,7 @@ impl Caps {
     /// A row whose in-memory log is live (a send reserved after the scan's snapshot) is
     /// skipped, and the deletes are conditional on the row being unchanged, so a send reserved
     /// between this scan and the caller's write keeps its row.
-    pub fn purge_ops(
+    pub async fn purge_ops(
         &self,
         ledger: &Ledger,
         now: Timestamp,
@@ -631,31 +633,33 @@ impl Caps {
         }
         let now = to_secs(now);
         // kv_for_each cannot stop early: past `limit` the rest of the scan is skipped cheaply.
-        ledger.kv_for_each(Table::CapHistory, |k, v| {
-            if ops.len() >= limit {
-                return;
-            }
-            let Some((id, number)) = self.parse_key(k) else {
-                return;
-            };
-            let longest = self.cap_of(id).longest;
-            if SendLog::decode(v).is_some_and(|log| log.is_live(longest, now)) {
-                return;
-            }
-            if self
-                .logs
-                .get(&pack(id, number))
-                .is_some_and(|log| log.is_live(longest, now))
-            {
-                return;
-            }
-            // Only if unchanged: a send reserved after this scan rewrote the row, and wins.
-            ops.push(KvOp::DeleteIf {
-                table: Table::CapHistory,
-                key: k.to_vec(),
-                value: v.to_vec(),
-            });
-        })?;
+        ledger
+            .kv_for_each(Table::CapHistory, |k, v| {
+                if ops.len() >= limit {
+                    return;
+                }
+                let Some((id, number)) = self.parse_key(k) else {
+                    return;
+                };
+                let longest = self.cap_of(id).longest;
+                if SendLog::decode(v).is_some_and(|log| log.is_live(longest, now)) {
+                    return;
+                }
+                if self
+                    .logs
+                    .get(&pack(id, number))
+                    .is_some_and(|log| log.is_live(longest, now))
+                {
+                    return;
+                }
+                // Only if unchanged: a send reserved after this scan rewrote the row, and wins.
+                ops.push(KvOp::DeleteIf {
+                    table: Table::CapHistory,
+                    key: k.to_vec(),
+                    value: v.to_vec(),
+                });
+            })
+            .await?;
         Ok(ops)
     }
 
@@ -1384,7 +1388,7 @@ mod tests {
         let after = caps(two_caps());
         // Live at `now`: the brand logs b:acme/NUM, b:solo/NUM, b:acme/OTHER (7 days) and the
         // account log a:acme-de/OTHER; the other 1-day account logs have expired.
-        assert_eq!(after.load(&ledger, at(now)).unwrap(), 4);
+        assert_eq!(after.load(&ledger, at(now)).await.unwrap(), 4);
         assert_eq!(before.len(), 7);
         assert_eq!(before.evict_idle(at(now)), 3);
         assert_eq!(after.len(), before.len());
@@ -1415,7 +1419,13 @@ mod tests {
         assert_eq!(until(&after, &mkt("solo", NUM), now), None);
         assert_eq!(until(&after, &mkt("acme-de", NUM), now), Some(D0 + 7 * DAY));
         // Loading again at a time every log has expired loads nothing and keeps memory as is.
-        assert_eq!(after.load(&ledger, at(D0 + 10 * DAY + 3 * DAY)).unwrap(), 0);
+        assert_eq!(
+            after
+                .load(&ledger, at(D0 + 10 * DAY + 3 * DAY))
+                .await
+                .unwrap(),
+            0
+        );
     }
 
     #[test]
@@ -1466,23 +1476,33 @@ mod tests {
             ])
             .await
             .unwrap();
-        let delete = |key: &[u8]| KvOp::DeleteIf {
+        let delete = async |key: &[u8]| KvOp::DeleteIf {
             table: Table::CapHistory,
             key: key.to_vec(),
-            value: ledger.kv_get(Table::CapHistory, key).unwrap().unwrap(),
+            value: ledger
+                .kv_get(Table::CapHistory, key)
+                .await
+                .unwrap()
+                .unwrap(),
         };
         // Before anything expired only the corrupt row goes.
         assert_eq!(
-            c.purge_ops(&ledger, at(D0 + HOUR), 100).unwrap(),
-            vec![delete(&corrupt)]
+            c.purge_ops(&ledger, at(D0 + HOUR), 100).await.unwrap(),
+            vec![delete(&corrupt).await]
         );
         // At d1 the 1-day account log of NUM is dead; its brand log (7 days) is not.
-        let ops = c.purge_ops(&ledger, at(D0 + DAY), 100).unwrap();
+        let ops = c.purge_ops(&ledger, at(D0 + DAY), 100).await.unwrap();
         assert_eq!(
             ops,
-            vec![delete(&corrupt), delete(b"491701234567\0a:solo\0marketing")]
+            vec![
+                delete(&corrupt).await,
+                delete(b"491701234567\0a:solo\0marketing").await
+            ]
         );
-        assert_eq!(c.purge_ops(&ledger, at(D0 + DAY), 1).unwrap().len(), 1);
+        assert_eq!(
+            c.purge_ops(&ledger, at(D0 + DAY), 1).await.unwrap().len(),
+            1
+        );
         // A row rewritten between the scan and the write (a new send) is not deleted.
         let stale = ops[1].clone();
         let fresh = (D0 + DAY).to_le_bytes().to_vec();
@@ -1496,7 +1516,10 @@ mod tests {
             .await
             .unwrap();
         ledger.kv_many(vec![stale]).await.unwrap();
-        assert_eq!(ledger.kv_get(Table::CapHistory, &key).unwrap(), Some(fresh));
+        assert_eq!(
+            ledger.kv_get(Table::CapHistory, &key).await.unwrap(),
+            Some(fresh)
+        );
         ledger
             .kv_many(vec![KvOp::Put {
                 table: Table::CapHistory,
@@ -1505,29 +1528,34 @@ mod tests {
             }])
             .await
             .unwrap();
-        assert!(c.purge_ops(&ledger, at(D0 + DAY), 0).unwrap().is_empty());
+        assert!(
+            c.purge_ops(&ledger, at(D0 + DAY), 0)
+                .await
+                .unwrap()
+                .is_empty()
+        );
         ledger.kv_many(ops).await.unwrap();
 
         // At d7 the OTHER account log (d5 + 1 day) and NUM's brand log (d0 + 7 days) are dead.
         let acct_other = b"33612345678\0a:solo\0marketing".to_vec();
         let brand_num = b"491701234567\0b:solo\0marketing".to_vec();
         assert_eq!(
-            c.purge_ops(&ledger, at(D0 + 7 * DAY), 100).unwrap(),
-            vec![delete(&acct_other), delete(&brand_num)]
+            c.purge_ops(&ledger, at(D0 + 7 * DAY), 100).await.unwrap(),
+            vec![delete(&acct_other).await, delete(&brand_num).await]
         );
         // A send reserved after the scan's snapshot (its Put not written yet): memory is live,
         // so the stale-looking row is left alone.
         c.reserve(&mkt("solo", NUM), at(D0 + 7 * DAY));
         assert_eq!(
-            c.purge_ops(&ledger, at(D0 + 7 * DAY), 100).unwrap(),
-            vec![delete(&acct_other)]
+            c.purge_ops(&ledger, at(D0 + 7 * DAY), 100).await.unwrap(),
+            vec![delete(&acct_other).await]
         );
 
         // Long after everything: every configured row goes, the orphan stays.
-        let ops = c.purge_ops(&ledger, at(D0 + 30 * DAY), 100).unwrap();
+        let ops = c.purge_ops(&ledger, at(D0 + 30 * DAY), 100).await.unwrap();
         assert_eq!(ops.len(), 3, "{ops:?}");
-        assert!(!ops.contains(&delete(&orphan)));
+        assert!(!ops.contains(&delete(&orphan).await));
         ledger.kv_many(ops).await.unwrap();
-        assert_eq!(ledger.kv_len(Table::CapHistory).unwrap(), 1);
+        assert_eq!(ledger.kv_len(Table::CapHistory).await.unwrap(), 1);
     }
 }

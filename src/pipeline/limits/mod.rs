@@ -334,23 +334,25 @@ impl Limits {
     }
 
     /// Loads what must survive a restart: cap logs, tier counts, per-user blocks.
-    pub fn load(&self, ledger: &Ledger, now: Timestamp) -> Result<(), LedgerError> {
-        let caps = self.caps.load().load(ledger, now)?;
-        let tier = self.tier.load(ledger, now)?;
+    pub async fn load(&self, ledger: &Ledger, now: Timestamp) -> Result<(), LedgerError> {
+        let caps = self.caps.load().load(ledger, now).await?;
+        let tier = self.tier.load(ledger, now).await?;
         let now_ms = now.as_millisecond();
-        ledger.kv_for_each(Table::UserLimit, |k, v| {
-            let number = k
-                .split(|b| *b == 0)
-                .next()
-                .and_then(|d| std::str::from_utf8(d).ok())
-                .and_then(|d| d.parse::<u64>().ok());
-            let until = <[u8; 8]>::try_from(v).ok().map(i64::from_le_bytes);
-            if let (Some(n), Some(u)) = (number, until)
-                && u > now_ms
-            {
-                self.blocked.insert(n, u);
-            }
-        })?;
+        ledger
+            .kv_for_each(Table::UserLimit, |k, v| {
+                let number = k
+                    .split(|b| *b == 0)
+                    .next()
+                    .and_then(|d| std::str::from_utf8(d).ok())
+                    .and_then(|d| d.parse::<u64>().ok());
+                let until = <[u8; 8]>::try_from(v).ok().map(i64::from_le_bytes);
+                if let (Some(n), Some(u)) = (number, until)
+                    && u > now_ms
+                {
+                    self.blocked.insert(n, u);
+                }
+            })
+            .await?;
         tracing::info!(
             cap_logs = caps,
             tier_counts = tier,
@@ -678,18 +680,15 @@ impl Limits {
         ledger: &Ledger,
         now: Timestamp,
     ) -> Result<(), LedgerError> {
-        let this = self.clone();
-        let scan = ledger.clone();
-        let ops = tokio::task::spawn_blocking(move || this.purge_scan(&scan, now))
-            .await
-            .map_err(|e| LedgerError::Store(format!("housekeeping: {e}")))??;
+        // The scans run in place (redb's in `block_in_place`: see `store::Ledger::kv_for_each`).
+        let ops = self.purge_scan(ledger, now).await?;
         if !ops.is_empty() {
             ledger.kv_many(ops).await?;
         }
         Ok(())
     }
 
-    fn purge_scan(&self, ledger: &Ledger, now: Timestamp) -> Result<Vec<KvOp>, LedgerError> {
+    async fn purge_scan(&self, ledger: &Ledger, now: Timestamp) -> Result<Vec<KvOp>, LedgerError> {
         let pairs: usize = self.accounts.values().map(|a| a.pacing.housekeep()).sum();
         let caps = self.caps.load_full();
         caps.evict_idle(now);
@@ -698,21 +697,23 @@ impl Limits {
         crate::metrics::limit_state("pacing_pairs", pairs);
         crate::metrics::limit_state("cap_logs", caps.len());
         crate::metrics::limit_state("per_user_blocks", self.blocked.len());
-        let mut ops = caps.purge_ops(ledger, now, PURGE_BATCH)?;
-        ops.extend(self.tier.housekeep(ledger, now, PURGE_BATCH)?);
+        let mut ops = caps.purge_ops(ledger, now, PURGE_BATCH).await?;
+        ops.extend(self.tier.housekeep(ledger, now, PURGE_BATCH).await?);
         let mut blocks = Vec::new();
-        ledger.kv_for_each(Table::UserLimit, |k, v| {
-            let stale = <[u8; 8]>::try_from(v)
-                .map(|b| i64::from_le_bytes(b) <= now_ms)
-                .unwrap_or(true);
-            if stale && blocks.len() < PURGE_BATCH {
-                blocks.push(KvOp::DeleteIf {
-                    table: Table::UserLimit,
-                    key: k.to_vec(),
-                    value: v.to_vec(),
-                });
-            }
-        })?;
+        ledger
+            .kv_for_each(Table::UserLimit, |k, v| {
+                let stale = <[u8; 8]>::try_from(v)
+                    .map(|b| i64::from_le_bytes(b) <= now_ms)
+                    .unwrap_or(true);
+                if stale && blocks.len() < PURGE_BATCH {
+                    blocks.push(KvOp::DeleteIf {
+                        table: Table::UserLimit,
+                        key: k.to_vec(),
+                        value: v.to_vec(),
+                    });
+                }
+            })
+            .await?;
         ops.extend(blocks);
         Ok(ops)
     }
@@ -952,7 +953,7 @@ mod tests {
         ledger.kv_many(ops).await.unwrap();
 
         let again = Arc::new(Limits::new(&c).unwrap());
-        again.load(&ledger, noon()).unwrap();
+        again.load(&ledger, noon()).await.unwrap();
         assert!(matches!(
             again.check(&j, noon() + 1.hours()),
             Check::Suppress { .. }
@@ -970,7 +971,7 @@ mod tests {
         let later = noon() + 25.hours();
         again.clone().housekeep(&ledger, later).await.unwrap();
         for t in [Table::CapHistory, Table::TierUsage, Table::UserLimit] {
-            assert_eq!(ledger.kv_len(t).unwrap(), 0, "{t:?}");
+            assert_eq!(ledger.kv_len(t).await.unwrap(), 0, "{t:?}");
         }
         assert_eq!(again.check(&blocked, later), Check::Go);
     }

@@ -92,9 +92,9 @@ impl Tier {
     }
 
     /// Loads learned tiers and the counts of the last 24 hours.
-    pub fn load(&self, ledger: &Ledger, now: Timestamp) -> Result<usize, LedgerError> {
+    pub async fn load(&self, ledger: &Ledger, now: Timestamp) -> Result<usize, LedgerError> {
         for p in &self.portfolios {
-            if let Some(v) = ledger.kv_get(Table::StoreMeta, &meta_key(&p.name))?
+            if let Some(v) = ledger.kv_get(Table::StoreMeta, &meta_key(&p.name)).await?
                 && let Some((learned, configured_then)) = decode_learned(&v)
                 && configured_then == p.configured.load(Ordering::Relaxed)
             {
@@ -103,24 +103,27 @@ impl Tier {
         }
         let now_ms = now.as_millisecond();
         let mut n = 0;
-        ledger.kv_for_each(Table::TierUsage, |key, value| {
-            let Some((number, portfolio)) = decode_key(key) else {
-                return;
-            };
-            let (Some(i), Ok(b)) = (self.index_of(portfolio), <[u8; 8]>::try_from(value)) else {
-                return;
-            };
-            let at = i64::from_le_bytes(b);
-            if at <= now_ms - WINDOW_MS {
-                return;
-            }
-            let mut w = lock(&self.portfolios[i].window);
-            if let Some(old) = w.last.insert(number, at) {
-                w.by_time.remove(&(old, number));
-            }
-            w.by_time.insert((at, number));
-            n += 1;
-        })?;
+        ledger
+            .kv_for_each(Table::TierUsage, |key, value| {
+                let Some((number, portfolio)) = decode_key(key) else {
+                    return;
+                };
+                let (Some(i), Ok(b)) = (self.index_of(portfolio), <[u8; 8]>::try_from(value))
+                else {
+                    return;
+                };
+                let at = i64::from_le_bytes(b);
+                if at <= now_ms - WINDOW_MS {
+                    return;
+                }
+                let mut w = lock(&self.portfolios[i].window);
+                if let Some(old) = w.last.insert(number, at) {
+                    w.by_time.remove(&(old, number));
+                }
+                w.by_time.insert((at, number));
+                n += 1;
+            })
+            .await?;
         for p in &self.portfolios {
             crate::metrics::tier(
                 &p.name,
@@ -249,7 +252,7 @@ impl Tier {
     }
 
     /// Forgets what left the window; returns the store rows to delete (at most `limit`).
-    pub fn housekeep(
+    pub async fn housekeep(
         &self,
         ledger: &Ledger,
         now: Timestamp,
@@ -262,21 +265,23 @@ impl Tier {
             crate::metrics::tier(&p.name, w.last.len(), p.limit.load(Ordering::Relaxed));
         }
         let mut ops = Vec::new();
-        ledger.kv_for_each(Table::TierUsage, |key, value| {
-            if ops.len() >= limit {
-                return;
-            }
-            let stale = <[u8; 8]>::try_from(value)
-                .map(|b| i64::from_le_bytes(b) <= now_ms - WINDOW_MS)
-                .unwrap_or(true);
-            if stale || decode_key(key).is_none_or(|(_, p)| self.index_of(p).is_none()) {
-                ops.push(KvOp::DeleteIf {
-                    table: Table::TierUsage,
-                    key: key.to_vec(),
-                    value: value.to_vec(),
-                });
-            }
-        })?;
+        ledger
+            .kv_for_each(Table::TierUsage, |key, value| {
+                if ops.len() >= limit {
+                    return;
+                }
+                let stale = <[u8; 8]>::try_from(value)
+                    .map(|b| i64::from_le_bytes(b) <= now_ms - WINDOW_MS)
+                    .unwrap_or(true);
+                if stale || decode_key(key).is_none_or(|(_, p)| self.index_of(p).is_none()) {
+                    ops.push(KvOp::DeleteIf {
+                        table: Table::TierUsage,
+                        key: key.to_vec(),
+                        value: value.to_vec(),
+                    });
+                }
+            })
+            .await?;
         Ok(ops)
     }
 }
@@ -402,16 +407,16 @@ mod tests {
         }
         ledger.kv_many(ops).await.unwrap();
         let again = tier(2);
-        assert_eq!(again.load(&ledger, t0() + 1.hours()).unwrap(), 3);
+        assert_eq!(again.load(&ledger, t0() + 1.hours()).await.unwrap(), 3);
         assert_eq!(again.usage(0, t0() + 1.hours()), (3, 3));
         assert!(again.reserve(0, 13, "13", t0() + 1.hours()).is_err());
         // The operator changed the tier in the config since: the config wins.
         let changed = tier(5);
-        changed.load(&ledger, t0() + 1.hours()).unwrap();
+        changed.load(&ledger, t0() + 1.hours()).await.unwrap();
         assert_eq!(changed.usage(0, t0() + 1.hours()), (3, 5));
         // A day later the rows are stale, and housekeeping deletes them.
         let later = t0() + 24.hours();
-        assert_eq!(tier(2).load(&ledger, later).unwrap(), 0);
-        assert_eq!(t.housekeep(&ledger, later, 100).unwrap().len(), 3);
+        assert_eq!(tier(2).load(&ledger, later).await.unwrap(), 0);
+        assert_eq!(t.housekeep(&ledger, later, 100).await.unwrap().len(), 3);
     }
 }

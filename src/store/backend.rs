@@ -1,0 +1,294 @@
+//! [`Ledger`], the one door to sendwell's state, in front of the backend the configuration
+//! chose: redb (one file in the state directory, the default) or PostgreSQL (shared by several
+//! instances). The pipeline, consent, limits and webhook code call these methods and never
+//! learn which backend answers.
+//!
+//! An enum rather than a trait object: a match per call costs nothing on the hot path and
+//! needs no boxed futures. Reads are async because PostgreSQL's are network calls; redb's
+//! answer from a snapshot at once.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::health::StoreHealth;
+use super::ledger::{
+    KvOp, KvRow, LedgerEntry, LedgerError, LedgerState, RedbLedger, Table, number_job_key,
+};
+
+/// Handle to the state store; cheap to clone.
+#[derive(Clone)]
+pub struct Ledger(Backend);
+
+#[derive(Clone)]
+enum Backend {
+    Redb(RedbLedger),
+}
+
+/// Calls the same method on whichever backend holds the state.
+macro_rules! each {
+    ($self:ident, $b:ident => $e:expr) => {
+        match &$self.0 {
+            Backend::Redb($b) => $e,
+        }
+    };
+}
+
+impl From<RedbLedger> for Ledger {
+    fn from(l: RedbLedger) -> Self {
+        Ledger(Backend::Redb(l))
+    }
+}
+
+impl Ledger {
+    /// Opens (or creates) the redb store in `dir` (see [`RedbLedger::open`]).
+    pub fn open(dir: &Path) -> Result<Ledger, LedgerError> {
+        RedbLedger::open(dir).map(|l| Ledger(Backend::Redb(l)))
+    }
+
+    /// A redb store in memory only: for tests and benchmarks.
+    pub fn open_in_memory() -> Result<Ledger, LedgerError> {
+        RedbLedger::open_in_memory().map(|l| Ledger(Backend::Redb(l)))
+    }
+
+    /// The path of the redb store file in a state directory.
+    pub fn file_in(dir: &Path) -> PathBuf {
+        RedbLedger::file_in(dir)
+    }
+
+    /// The redb store behind this handle, if that is the backend (redb-only tools and tests).
+    pub fn redb(&self) -> Option<&RedbLedger> {
+        match &self.0 {
+            Backend::Redb(l) => Some(l),
+        }
+    }
+
+    /// Whether writes succeed now, and waiting for them to.
+    pub fn health(&self) -> &Arc<StoreHealth> {
+        each!(self, l => l.health())
+    }
+
+    pub fn writable(&self) -> bool {
+        each!(self, l => l.writable())
+    }
+
+    /// Resolves once the store takes writes (at once when it does now).
+    pub async fn wait_writable(&self) {
+        each!(self, l => l.wait_writable().await)
+    }
+
+    /// Whether a compaction holds the store now (redb only; PostgreSQL never stops for one).
+    pub fn compacting(&self) -> bool {
+        each!(self, l => l.compacting())
+    }
+
+    /// Resolves once no compaction holds the store.
+    pub async fn compacted(&self) {
+        each!(self, l => l.compacted().await)
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Option<LedgerEntry>, LedgerError> {
+        each!(self, l => l.get(id))
+    }
+
+    /// Durably records the entry (returns once committed).
+    pub async fn put(&self, id: &str, entry: LedgerEntry) -> Result<(), LedgerError> {
+        each!(self, l => l.put(id, entry).await)
+    }
+
+    /// Durably records the entry together with `also` in one transaction: a send attempt and
+    /// the cap and tier counts it reserves commit or vanish together.
+    pub async fn put_with(
+        &self,
+        id: &str,
+        entry: LedgerEntry,
+        also: Vec<KvOp>,
+    ) -> Result<(), LedgerError> {
+        each!(self, l => l.put_with(id, entry, also).await)
+    }
+
+    /// Records the entry and `also` only if the job's entry is still the one the caller
+    /// decided from (`expect`: its state and attempts; None: no entry), atomically: of any
+    /// number of racing claims exactly one wins, and a lost one fails with
+    /// [`LedgerError::ClaimLost`] having written nothing.
+    pub async fn claim(
+        &self,
+        id: &str,
+        entry: LedgerEntry,
+        expect: Option<(LedgerState, u32)>,
+        also: Vec<KvOp>,
+    ) -> Result<(), LedgerError> {
+        let mut ops = Vec::with_capacity(also.len() + 1);
+        ops.push(KvOp::ClaimJob {
+            id: id.to_string(),
+            entry,
+            expect,
+        });
+        ops.extend(also);
+        self.kv_many(ops).await.map(|_| ())
+    }
+
+    /// Records that the outcome event was confirmed by the broker (see
+    /// [`RedbLedger::mark_published`]).
+    pub async fn mark_published(&self, id: &str) -> Result<(), LedgerError> {
+        each!(self, l => l.mark_published(id).await)
+    }
+
+    /// Stores the confirmations made since the last commit now, without waiting.
+    pub fn save_marks_nowait(&self) {
+        each!(self, l => l.save_marks_nowait())
+    }
+
+    /// Forgets entries not touched since `older_than_ms`, with everything keyed by them;
+    /// returns how many.
+    pub async fn purge(&self, older_than_ms: i64) -> Result<u64, LedgerError> {
+        each!(self, l => l.purge(older_than_ms).await)
+    }
+
+    pub async fn kv_get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, LedgerError> {
+        each!(self, l => l.kv_get(table, key))
+    }
+
+    /// Every row of a table, for loading an in-memory cache at start.
+    pub async fn kv_scan(&self, table: Table) -> Result<Vec<KvRow>, LedgerError> {
+        match &self.0 {
+            Backend::Redb(l) => in_place(|| l.kv_scan(table)),
+        }
+    }
+
+    /// Durably sets `key` to `value`.
+    pub async fn kv_put(
+        &self,
+        table: Table,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    ) -> Result<(), LedgerError> {
+        each!(self, l => l.kv_put(table, key, value).await)
+    }
+
+    /// Sets `key` without waiting for the commit: for indexes whose loss in a crash only costs
+    /// a fallback.
+    pub fn kv_put_nowait(&self, table: Table, key: Vec<u8>, value: Vec<u8>) {
+        each!(self, l => l.kv_put_nowait(table, key, value))
+    }
+
+    /// Atomic insert-if-absent: true when this call inserted the key (the first to claim it).
+    pub async fn kv_insert_if_absent(
+        &self,
+        table: Table,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    ) -> Result<bool, LedgerError> {
+        each!(self, l => l.kv_insert_if_absent(table, key, value).await)
+    }
+
+    /// How many rows a table has.
+    pub async fn kv_len(&self, table: Table) -> Result<u64, LedgerError> {
+        each!(self, l => l.kv_len(table))
+    }
+
+    /// Rows whose key starts with `prefix`, in key order.
+    pub async fn kv_scan_prefix(
+        &self,
+        table: Table,
+        prefix: &[u8],
+    ) -> Result<Vec<KvRow>, LedgerError> {
+        each!(self, l => l.kv_scan_prefix(table, prefix))
+    }
+
+    /// Calls `f` on every row of a table, page by page, without collecting them: for loading
+    /// millions of rows at start.
+    pub async fn kv_for_each(
+        &self,
+        table: Table,
+        f: impl FnMut(&[u8], &[u8]),
+    ) -> Result<(), LedgerError> {
+        match &self.0 {
+            Backend::Redb(l) => in_place(|| l.kv_for_each(table, f)),
+        }
+    }
+
+    /// Applies all `ops` in one transaction: all or nothing.
+    pub async fn kv_many(&self, ops: Vec<KvOp>) -> Result<u64, LedgerError> {
+        each!(self, l => l.kv_many(ops).await)
+    }
+
+    /// Makes sure no freed space keeps erased bytes (redb: compaction; PostgreSQL: VACUUM).
+    /// Returns how long the store was held alone (ms).
+    pub async fn compact(&self) -> Result<u64, LedgerError> {
+        each!(self, l => l.compact().await)
+    }
+
+    /// Job ids whose stored outcome event contains `needle` and that last changed at or before
+    /// `until_ms` (a scan: for erasure, not the hot path).
+    pub async fn job_ids_mentioning(
+        &self,
+        needle: &[u8],
+        until_ms: i64,
+    ) -> Result<Vec<String>, LedgerError> {
+        match &self.0 {
+            Backend::Redb(l) => in_place(|| l.job_ids_mentioning(needle, until_ms)),
+        }
+    }
+
+    /// The jobs to a number (digits) that [`Table::JobsByNumber`] knows: (job id, wamid; empty
+    /// when none). A prefix range of one table: no scan of the ledger.
+    pub async fn jobs_to(&self, digits: &str) -> Result<Vec<(String, Vec<u8>)>, LedgerError> {
+        let prefix = number_job_key(digits, "");
+        Ok(self
+            .kv_scan_prefix(Table::JobsByNumber, &prefix)
+            .await?
+            .into_iter()
+            .filter_map(|(k, wamid)| {
+                let id = String::from_utf8(k[prefix.len()..].to_vec()).ok()?;
+                Some((id, wamid))
+            })
+            .collect())
+    }
+
+    /// Rows visited by whole-table scans since the store was opened.
+    pub fn scanned_rows(&self) -> u64 {
+        each!(self, l => l.scanned_rows())
+    }
+
+    /// Fills [`Table::JobsByNumber`] from the ledger once, for stores written before it
+    /// existed; None when done before.
+    pub async fn index_jobs_by_number(&self) -> Result<Option<u64>, LedgerError> {
+        each!(self, l => l.index_jobs_by_number().await)
+    }
+
+    /// Every key and value of every table, for tests that prove a number is gone.
+    pub async fn dump_all(&self) -> Result<Vec<KvRow>, LedgerError> {
+        match &self.0 {
+            Backend::Redb(l) => in_place(|| l.dump_all()),
+        }
+    }
+
+    pub async fn remove(&self, id: &str) -> Result<(), LedgerError> {
+        each!(self, l => l.remove(id).await)
+    }
+
+    /// Runs `purge` every hour until cancelled, keeping entries for `retention`.
+    pub async fn purge_loop(
+        self,
+        retention: Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        match self.0 {
+            Backend::Redb(l) => l.purge_loop(retention, shutdown).await,
+        }
+    }
+}
+
+/// Runs a long redb scan (a start-up load, housekeeping, an erasure's search) where it is
+/// called, without holding up the tasks that share its tokio worker: on a multi-thread runtime
+/// in `block_in_place`, which hands them to another thread first. Elsewhere (a current-thread
+/// runtime, a plain thread) there is nobody to hand them to, and it simply runs.
+fn in_place<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
