@@ -296,6 +296,9 @@ struct StateFile {
     ledger_retention: Duration,
     #[serde(with = "duration")]
     unwritable_grace: Duration,
+    backend: StateBackend,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    postgres: Option<PostgresFile>,
 }
 
 impl Default for StateFile {
@@ -304,6 +307,45 @@ impl Default for StateFile {
             dir: PathBuf::from("/var/lib/sendwell"),
             ledger_retention: Duration::from_secs(7 * 24 * 3600),
             unwritable_grace: Duration::from_secs(300),
+            backend: StateBackend::Redb,
+            postgres: None,
+        }
+    }
+}
+
+/// Where the state lives.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StateBackend {
+    /// The embedded store in `state.dir` (one per shard).
+    #[default]
+    Redb,
+    /// A PostgreSQL database (`[state.postgres]`).
+    Postgres,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+struct PostgresFile {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    password_file: Option<PathBuf>,
+    pool_size: usize,
+    #[serde(with = "duration")]
+    connect_timeout: Duration,
+    #[serde(with = "duration")]
+    statement_timeout: Duration,
+}
+
+impl Default for PostgresFile {
+    fn default() -> Self {
+        Self {
+            url: None,
+            password_file: None,
+            pool_size: 8,
+            connect_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -639,6 +681,41 @@ pub struct StateConfig {
     /// How long the daemon waits for a state store that cannot be written (full disk), holding
     /// its jobs, before it gives up: the watchdog is no longer fed and it exits (74).
     pub unwritable_grace: Duration,
+    pub backend: StateBackend,
+    /// Always `Some` when `backend` is [`StateBackend::Postgres`]; `None` with redb (a
+    /// `[state.postgres]` table is then ignored).
+    pub postgres: Option<PostgresConfig>,
+}
+
+/// `[state.postgres]`, checked: the URL carries no password (that comes from `password_file`).
+#[derive(Clone, Debug)]
+pub struct PostgresConfig {
+    /// `postgres://user@host[:port]/database[?options]`, without a password, so it may be logged.
+    pub url: String,
+    /// From `password_file`; `None`: the server needs none (e.g. `trust`, or a `.pgpass`).
+    pub password: Option<Secret>,
+    /// Where `password` came from (resolved), so `check-config` can name the file.
+    pub password_file: Option<PathBuf>,
+    /// Most connections the pool of readers and tools opens.
+    pub pool_size: usize,
+    pub connect_timeout: Duration,
+    /// Set per connection (`SET statement_timeout`): a statement that hangs ends as an error.
+    pub statement_timeout: Duration,
+}
+
+impl PostgresConfig {
+    /// The connection settings for `tokio_postgres` (and deadpool): the URL with the password and
+    /// the connect timeout put in. `application_name` shows in `pg_stat_activity`.
+    pub fn client_config(&self, application_name: &str) -> tokio_postgres::Config {
+        // Parsed at load already; an error here cannot happen.
+        let mut c: tokio_postgres::Config = self.url.parse().unwrap_or_default();
+        if let Some(pw) = &self.password {
+            c.password(pw.expose());
+        }
+        c.connect_timeout(self.connect_timeout);
+        c.application_name(application_name);
+        c
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -1033,6 +1110,14 @@ impl Config {
                 dir: self.state.dir.clone(),
                 ledger_retention: self.state.ledger_retention,
                 unwritable_grace: self.state.unwritable_grace,
+                backend: self.state.backend,
+                postgres: self.state.postgres.as_ref().map(|p| PostgresFile {
+                    url: Some(p.url.clone()),
+                    password_file: p.password_file.clone(),
+                    pool_size: p.pool_size,
+                    connect_timeout: p.connect_timeout,
+                    statement_timeout: p.statement_timeout,
+                }),
             },
             cloud_api: CloudApiFile {
                 base_url: self.cloud_api.base_url.clone(),
@@ -1314,6 +1399,125 @@ fn broker_url(
     (url, redacted_url, password_file)
 }
 
+/// `[state.postgres]` checked, and resolved when `state.backend = "postgres"` (`None` otherwise).
+/// With redb the table is ignored, but what the file alone says is still checked (the URL, the
+/// bounds), so a switch of backend meets no surprise; its password file is not read. Problems
+/// never quote the URL.
+fn state_postgres(
+    s: &StateFile,
+    base: &Path,
+    problem: &mut impl FnMut(&str, String),
+) -> Option<PostgresConfig> {
+    let used = s.backend == StateBackend::Postgres;
+    let Some(p) = &s.postgres else {
+        if used {
+            problem(
+                "state.postgres.url",
+                "is needed when state.backend = \"postgres\"".into(),
+            );
+        }
+        return None;
+    };
+    let mut ok = true;
+    let mut bad = |key: &str, reason: String| {
+        ok = false;
+        problem(key, reason);
+    };
+    match &p.url {
+        None if used => bad(
+            "state.postgres.url",
+            "is needed when state.backend = \"postgres\"".into(),
+        ),
+        None => {}
+        Some(url) => {
+            if let Some(reason) = postgres_url_problem(url) {
+                bad("state.postgres.url", reason);
+            }
+        }
+    }
+    if !(1..=64).contains(&p.pool_size) {
+        bad(
+            "state.postgres.pool_size",
+            "must be between 1 and 64".into(),
+        );
+    }
+    if p.connect_timeout < Duration::from_millis(100)
+        || p.connect_timeout > Duration::from_secs(300)
+    {
+        bad(
+            "state.postgres.connect_timeout",
+            "must be between 100ms and 5m".into(),
+        );
+    }
+    // 0 would be PostgreSQL's "no limit": a hung statement would hold jobs forever.
+    if p.statement_timeout < Duration::from_millis(100)
+        || p.statement_timeout > Duration::from_secs(3600)
+    {
+        bad(
+            "state.postgres.statement_timeout",
+            "must be between 100ms and 1h".into(),
+        );
+    }
+    if !used {
+        return None;
+    }
+    let password_file = p
+        .password_file
+        .as_ref()
+        .map(|pf| resolve_secret_path(pf, base));
+    let password = match &password_file {
+        None => None,
+        Some(pf) => match read_secret(pf) {
+            Ok(pw) => Some(pw),
+            Err(e) => {
+                bad("state.postgres.password_file", e);
+                None
+            }
+        },
+    };
+    let url = p.url.clone()?;
+    ok.then_some(PostgresConfig {
+        url,
+        password,
+        password_file,
+        pool_size: p.pool_size,
+        connect_timeout: p.connect_timeout,
+        statement_timeout: p.statement_timeout,
+    })
+}
+
+/// Why `url` cannot be `state.postgres.url`, if it cannot. The reason never quotes the URL.
+fn postgres_url_problem(url: &str) -> Option<String> {
+    const FORM: &str = "must be postgres://user@host[:port]/database";
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Some(FORM.into());
+    }
+    let c: tokio_postgres::Config = match url.parse() {
+        Ok(c) => c,
+        Err(e) => {
+            // tokio-postgres names the option (`port`), never its value.
+            let why = std::error::Error::source(&e).map_or(String::new(), |s| format!(": {s}"));
+            return Some(format!("{FORM} ({e}{why})"));
+        }
+    };
+    // In the URL (user:password@ or ?password=) it would sit in the config file, in
+    // `check-config`'s output and in every log line that shows the URL.
+    if c.get_password().is_some() {
+        return Some(
+            "must not carry a password: put it in state.postgres.password_file (a secret file, \
+             like broker.password_file)"
+                .into(),
+        );
+    }
+    if c.get_user().is_none_or(str::is_empty) {
+        return Some(format!("{FORM} (the user is missing)"));
+    }
+    if c.get_hosts().is_empty() && c.get_hostaddrs().is_empty() {
+        return Some(format!("{FORM} (the host is missing)"));
+    }
+    None
+}
+
 fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
     let mut problems = Vec::new();
     let mut problem = |key: &str, reason: String| {
@@ -1339,6 +1543,7 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
             "must be at least 1h, or redelivered jobs could be sent twice".into(),
         );
     }
+    let postgres = state_postgres(&f.state, base, &mut problem);
     let state_dir = if f.state.dir.is_absolute() {
         f.state.dir.clone()
     } else {
@@ -1796,6 +2001,8 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
             dir: state_dir,
             ledger_retention: f.state.ledger_retention,
             unwritable_grace: f.state.unwritable_grace,
+            backend: f.state.backend,
+            postgres,
         },
         cloud_api: CloudApiConfig {
             base_url: f.cloud_api.base_url.trim_end_matches('/').to_string(),
@@ -2355,6 +2562,13 @@ mod tests {
             secret(&c1.webhook.verify_token),
             secret(&c2.webhook.verify_token)
         );
+        let pg_password = |c: &Config| {
+            c.state
+                .postgres
+                .as_ref()
+                .and_then(|p| p.password.as_ref().map(|s| s.expose().to_string()))
+        };
+        assert_eq!(pg_password(&c1), pg_password(&c2));
         match (&c1.admin.token, &c2.admin.token) {
             (AdminToken::File(a), AdminToken::File(b)) => assert_eq!(a.expose(), b.expose()),
             (AdminToken::Generated(a), AdminToken::Generated(b)) => assert_eq!(a, b),
@@ -2397,6 +2611,7 @@ mod tests {
             ("admin-token", "admin-token-s3cret-0123456789"),
             ("app-secret", "app-s3cret"),
             ("verify-token", "verify-s3cret"),
+            ("pg-password", "pg-s3cret"),
         ] {
             std::fs::write(d.path().join(file), format!("{secret}\n")).unwrap();
         }
@@ -2423,6 +2638,13 @@ mod tests {
             [broker]
             url = "amqp://sendwell:dummy@127.0.0.1:5672/sw"
             password_file = "broker-password"
+            [state]
+            backend = "postgres"
+            [state.postgres]
+            url = "postgres://sendwell@db.example:5433/sendwell?sslmode=disable"
+            password_file = "pg-password"
+            pool_size = 3
+            connect_timeout = "1500ms"
             [admin]
             token_file = "admin-token"
             [webhook]
@@ -2469,11 +2691,26 @@ mod tests {
             "admin-token-s3cret",
             "app-s3cret",
             "verify-s3cret",
+            "pg-s3cret",
             "dummy",
         ] {
             assert!(!printed.contains(secret), "{secret} in\n{printed}");
         }
+        assert_eq!(
+            c.state
+                .postgres
+                .as_ref()
+                .and_then(|p| p.password.as_ref())
+                .map(Secret::expose),
+            Some("pg-s3cret")
+        );
         for line in [
+            "backend = \"postgres\"",
+            "[state.postgres]",
+            "url = \"postgres://sendwell@db.example:5433/sendwell?sslmode=disable\"",
+            "pool_size = 3",
+            "connect_timeout = \"1500ms\"",
+            "statement_timeout = \"30s\"",
             "arrival_jitter = \"1500us\"",
             "per = \"36h\"",
             "spread = \"90m\"",
@@ -2483,6 +2720,149 @@ mod tests {
         ] {
             assert!(printed.contains(line), "{line} missing from\n{printed}");
         }
+    }
+
+    /// The problems of `GOOD` with `state` (a `[state]` section and what follows) in front.
+    fn state_problems(state: &str) -> Vec<ConfigProblem> {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(d.path(), &format!("{state}\n{GOOD}"));
+        match Config::load_with_env(&p, no_env()) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.problems,
+        }
+    }
+
+    #[test]
+    fn the_state_backend_is_redb_unless_postgres_is_chosen_with_a_url() {
+        let d = tempfile::tempdir().unwrap();
+        let c = Config::load_with_env(&write(d.path(), GOOD), no_env()).unwrap();
+        assert_eq!(c.state.backend, StateBackend::Redb);
+        assert!(c.state.postgres.is_none());
+        assert!(!c.effective_toml().contains("[state.postgres]"));
+
+        for state in [
+            "[state]\nbackend = \"postgres\"",
+            "[state]\nbackend = \"postgres\"\n[state.postgres]\npool_size = 4",
+        ] {
+            let p = state_problems(state);
+            assert_eq!(p.len(), 1, "{p:?}");
+            assert_eq!(p[0].key, "state.postgres.url", "{p:?}");
+            assert!(p[0].reason.contains("state.backend"), "{p:?}");
+        }
+        let p = state_problems("[state]\nbackend = \"sqlite\"");
+        assert_eq!(p[0].key, "state.backend", "{p:?}");
+
+        // Ignored with redb: not resolved, its password file not read.
+        let toml = "[state.postgres]\nurl = \"postgres://u@h/db\"\npassword_file = \"nowhere\"\n";
+        let c =
+            Config::load_with_env(&write(d.path(), &format!("{toml}{GOOD}")), no_env()).unwrap();
+        assert_eq!(c.state.backend, StateBackend::Redb);
+        assert!(c.state.postgres.is_none());
+
+        let toml =
+            "[state]\nbackend = \"postgres\"\n[state.postgres]\nurl = \"postgres://u@h/db\"\n";
+        let c =
+            Config::load_with_env(&write(d.path(), &format!("{toml}{GOOD}")), no_env()).unwrap();
+        let pg = c.state.postgres.unwrap();
+        assert_eq!(pg.url, "postgres://u@h/db");
+        assert!(pg.password.is_none() && pg.password_file.is_none());
+        assert_eq!(pg.pool_size, 8);
+        assert_eq!(pg.connect_timeout, Duration::from_secs(5));
+        assert_eq!(pg.statement_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn a_postgres_url_with_a_password_is_refused_without_repeating_it() {
+        for backend in ["postgres", "redb"] {
+            for url in [
+                "postgres://u:s3cret@127.0.0.1/db",
+                "postgresql://u:s3cret@127.0.0.1:5432/db",
+                "postgres://u@127.0.0.1/db?password=s3cret",
+                "postgres://u:@127.0.0.1/db",
+            ] {
+                let p = state_problems(&format!(
+                    "[state]\nbackend = \"{backend}\"\n[state.postgres]\nurl = \"{url}\""
+                ));
+                assert_eq!(p.len(), 1, "{url}: {p:?}");
+                assert_eq!(p[0].key, "state.postgres.url", "{url}: {p:?}");
+                assert!(p[0].reason.contains("password_file"), "{url}: {p:?}");
+                assert!(!p[0].reason.contains("s3cret"), "{url}: {p:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn bad_postgres_settings_are_named_by_their_keys() {
+        let pg = "[state]\nbackend = \"postgres\"\n[state.postgres]\n";
+        let url = "url = \"postgres://u@127.0.0.1/db\"\n";
+        for (extra, key) in [
+            ("url = \"mysql://u@127.0.0.1/db\"", "state.postgres.url"),
+            ("url = \"host=127.0.0.1 user=u\"", "state.postgres.url"),
+            ("url = \"postgres://127.0.0.1/db\"", "state.postgres.url"),
+            ("url = \"postgres://u@/db\"", "state.postgres.url"),
+            (
+                "url = \"postgres://u@127.0.0.1:x/db\"",
+                "state.postgres.url",
+            ),
+            (
+                "url = \"postgres://u@127.0.0.1/db?bogus=1\"",
+                "state.postgres.url",
+            ),
+            (&format!("{url}pool_size = 0"), "state.postgres.pool_size"),
+            (&format!("{url}pool_size = 65"), "state.postgres.pool_size"),
+            (
+                &format!("{url}connect_timeout = \"0s\""),
+                "state.postgres.connect_timeout",
+            ),
+            (
+                &format!("{url}connect_timeout = \"5\""),
+                "state.postgres.connect_timeout",
+            ),
+            (
+                &format!("{url}statement_timeout = \"0s\""),
+                "state.postgres.statement_timeout",
+            ),
+            (
+                &format!("{url}statement_timeout = \"2h\""),
+                "state.postgres.statement_timeout",
+            ),
+            (
+                &format!("{url}password_file = \"nowhere\""),
+                "state.postgres.password_file",
+            ),
+            (
+                &format!("{url}passwd_file = \"pw\""),
+                "state.postgres.passwd_file",
+            ),
+        ] {
+            let p = state_problems(&format!("{pg}{extra}"));
+            assert_eq!(p.len(), 1, "{extra}: {p:?}");
+            assert_eq!(p[0].key, key, "{extra}: {p:?}");
+        }
+        // The bounds hold with redb too: the table is ready when the backend is switched.
+        let p = state_problems(&format!("[state.postgres]\n{url}pool_size = 0"));
+        assert_eq!(p[0].key, "state.postgres.pool_size", "{p:?}");
+    }
+
+    #[test]
+    fn the_postgres_password_comes_from_its_file_into_the_client_config() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("pg-pw"), "pg pass'word\n").unwrap();
+        let toml = "[state]\nbackend = \"postgres\"\n[state.postgres]\n\
+                    url = \"postgres://sendwell@db.example:5433/sw\"\npassword_file = \"pg-pw\"\n\
+                    connect_timeout = \"2s\"\n";
+        let c =
+            Config::load_with_env(&write(d.path(), &format!("{toml}{GOOD}")), no_env()).unwrap();
+        let pg = c.state.postgres.unwrap();
+        assert_eq!(pg.password_file, Some(d.path().join("pg-pw")));
+        assert!(!format!("{pg:?}").contains("pass'word"));
+        let cc = pg.client_config("sendwell/0");
+        assert_eq!(cc.get_password(), Some(&b"pg pass'word"[..]));
+        assert_eq!(cc.get_user(), Some("sendwell"));
+        assert_eq!(cc.get_dbname(), Some("sw"));
+        assert_eq!(cc.get_ports(), &[5433]);
+        assert_eq!(cc.get_connect_timeout(), Some(&Duration::from_secs(2)));
+        assert_eq!(cc.get_application_name(), Some("sendwell/0"));
     }
 
     #[test]

@@ -145,3 +145,132 @@ fn publish_reads_only_the_broker_section_of_its_config() {
     assert_ne!(out.status.code(), Some(64), "{stderr}");
     assert!(stderr.contains("broker"), "{stderr}");
 }
+
+/// `[state.postgres]` through the real binary: each refusal exits 64 naming its key (and never
+/// repeats a password), and an accepted one prints as a config that loads back the same, its
+/// password left in its file.
+#[test]
+fn state_postgres_is_checked_printed_and_its_password_kept_out() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/sendwell.toml");
+    let example = example.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pw_file = dir.path().join("pg-password");
+    std::fs::write(&pw_file, "pg-s3cret\n").unwrap();
+    let pw_file = pw_file.to_str().unwrap();
+    let postgres = ("SENDWELL_STATE__BACKEND", "postgres");
+    let url = (
+        "SENDWELL_STATE__POSTGRES__URL",
+        "postgres://sendwell@127.0.0.1:5432/sw",
+    );
+    for (env, key) in [
+        (vec![postgres], "state.postgres.url"),
+        (
+            vec![
+                postgres,
+                (
+                    "SENDWELL_STATE__POSTGRES__URL",
+                    "postgres://sendwell:s3cret@127.0.0.1/sw",
+                ),
+            ],
+            "state.postgres.url",
+        ),
+        (
+            // Refused with redb too: a password written into the config is refused wherever.
+            vec![(
+                "SENDWELL_STATE__POSTGRES__URL",
+                "postgres://sendwell@127.0.0.1/sw?password=s3cret",
+            )],
+            "state.postgres.url",
+        ),
+        (
+            vec![postgres, url, ("SENDWELL_STATE__POSTGRES__POOL_SIZE", "0")],
+            "state.postgres.pool_size",
+        ),
+        (
+            vec![
+                postgres,
+                url,
+                ("SENDWELL_STATE__POSTGRES__CONNECT_TIMEOUT", "5"),
+            ],
+            "state.postgres.connect_timeout",
+        ),
+        (
+            vec![
+                postgres,
+                url,
+                ("SENDWELL_STATE__POSTGRES__STATEMENT_TIMEOUT", "0s"),
+            ],
+            "state.postgres.statement_timeout",
+        ),
+        (
+            vec![
+                postgres,
+                url,
+                ("SENDWELL_STATE__POSTGRES__PASSWORD_FILE", "/nonexistent/pw"),
+            ],
+            "state.postgres.password_file",
+        ),
+        (vec![("SENDWELL_STATE__BACKEND", "sqlite")], "state.backend"),
+    ] {
+        let out = sendwell(&["check-config", example], &env);
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.status.code(), Some(64), "{env:?}: {all}");
+        assert!(all.contains(&format!("`{key}`")), "{env:?}: {all}");
+        assert!(!all.contains("s3cret"), "{env:?}: {all}");
+    }
+
+    let env = [
+        postgres,
+        url,
+        ("SENDWELL_STATE__POSTGRES__PASSWORD_FILE", pw_file),
+        ("SENDWELL_STATE__POSTGRES__STATEMENT_TIMEOUT", "90s"),
+    ];
+    let out = sendwell(&["check-config", example], &env);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let printed = String::from_utf8(out.stdout).unwrap();
+    assert!(!printed.contains("s3cret"), "{printed}");
+    let table: toml::Table = toml::from_str(&printed).unwrap_or_else(|e| panic!("{e}\n{printed}"));
+    let state = &table["state"];
+    assert_eq!(state["backend"].as_str(), Some("postgres"), "{printed}");
+    let pg = &state["postgres"];
+    assert_eq!(pg["url"].as_str(), Some(url.1), "{printed}");
+    assert_eq!(pg["password_file"].as_str(), Some(pw_file), "{printed}");
+    assert_eq!(pg["pool_size"].as_integer(), Some(8), "{printed}");
+    assert_eq!(pg["connect_timeout"].as_str(), Some("5s"), "{printed}");
+    assert_eq!(pg["statement_timeout"].as_str(), Some("90s"), "{printed}");
+
+    // Saved (the broker's guest password put back), it is the same configuration.
+    let saved = dir.path().join("saved.toml");
+    std::fs::write(&saved, printed.replace("guest:***@", "guest:guest@")).unwrap();
+    let again = check_config(&saved);
+    assert_eq!(
+        again.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(String::from_utf8(again.stdout).unwrap(), printed);
+
+    // With redb the table is ignored: accepted (its password file need not exist), not printed.
+    let out = sendwell(
+        &["check-config", example],
+        &[
+            url,
+            ("SENDWELL_STATE__POSTGRES__PASSWORD_FILE", "/nonexistent/pw"),
+        ],
+    );
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(printed.contains("backend = \"redb\""), "{printed}");
+    assert!(!printed.contains("[state.postgres]"), "{printed}");
+}
