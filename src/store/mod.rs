@@ -4,6 +4,7 @@
 mod compaction;
 pub mod health;
 pub mod ledger;
+pub mod postgres;
 
 pub use health::StoreHealth;
 pub use ledger::{
