@@ -137,7 +137,10 @@ fn pg_error(e: tokio_postgres::Error) -> LedgerError {
 
 fn pool_error(e: PoolError) -> LedgerError {
     match e {
-        PoolError::Backend(e) => pg_error(e),
+        // Only a new connection's failure comes as Backend (the pool's fast recycling runs no
+        // query): the database refuses or cannot be reached, whatever the SQLSTATE says (not
+        // accepting connections, a revoked CONNECT): jobs wait rather than fail.
+        PoolError::Backend(e) => LedgerError::Io(describe(&e)),
         PoolError::Timeout(_) | PoolError::Closed => {
             LedgerError::Io(format!("no database connection: {e}"))
         }
@@ -283,6 +286,7 @@ impl PgStore {
             .map_err(|e| LedgerError::Store(format!("cannot build the connection pool: {e}")))?;
         let health = Arc::new(StoreHealth::default());
         let published: Published = Arc::default();
+        let probing: Arc<AtomicBool> = Arc::default();
         let (tx, rx) = mpsc::unbounded_channel();
         let w = writer::Writer::new(
             client,
@@ -291,6 +295,7 @@ impl PgStore {
             health.clone(),
             published.clone(),
             pool.clone(),
+            probing.clone(),
         )
         .await?;
         tokio::spawn(w.run(rx));
@@ -305,7 +310,7 @@ impl PgStore {
                     .iter()
                     .map(|t| TableSql::new(t.pg_name()))
                     .collect(),
-                probing: Arc::default(),
+                probing,
             }),
         })
     }
@@ -336,27 +341,7 @@ impl PgStore {
     }
 
     fn probe(&self) {
-        if self.inner.probing.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let (pool, health, probing) = (
-            self.inner.pool.clone(),
-            self.inner.health.clone(),
-            self.inner.probing.clone(),
-        );
-        tokio::spawn(async move {
-            let mut wait = RETRY_FIRST;
-            while !health.writable() && !pool.is_closed() {
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(RETRY_MAX);
-                if let Ok(c) = pool.get().await
-                    && c.simple_query("SELECT 1").await.is_ok()
-                {
-                    health.succeeded();
-                }
-            }
-            probing.store(false, Ordering::Release);
-        });
+        probe(&self.inner.pool, &self.inner.health, &self.inner.probing);
     }
 
     async fn write(&self, op: Op) -> Result<u64, LedgerError> {
@@ -823,6 +808,29 @@ impl PgStore {
         .await;
         self.noted(r)
     }
+}
+
+/// Starts a task that waits for the database to answer again, then marks the store healthy:
+/// after an outage nothing else may write (the pipeline takes no job while the store is
+/// unhealthy), so something must notice the database's return. One at a time.
+fn probe(pool: &Pool, health: &Arc<StoreHealth>, probing: &Arc<AtomicBool>) {
+    if probing.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let (pool, health, probing) = (pool.clone(), health.clone(), probing.clone());
+    tokio::spawn(async move {
+        let mut wait = RETRY_FIRST;
+        while !health.writable() && !pool.is_closed() {
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(RETRY_MAX);
+            if let Ok(c) = pool.get().await
+                && c.simple_query("SELECT 1").await.is_ok()
+            {
+                health.succeeded();
+            }
+        }
+        probing.store(false, Ordering::Release);
+    });
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

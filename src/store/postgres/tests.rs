@@ -56,11 +56,7 @@ impl TestDb {
             _ => panic!("{HOWTO}"),
         };
         let admin = settings(url, std::env::var("SENDWELL_TEST_PG_PASSWORD").ok());
-        let name = format!(
-            "sw_t_{}_{:08x}",
-            std::process::id(),
-            rand::random::<u32>()
-        );
+        let name = format!("sw_t_{}_{:08x}", std::process::id(), rand::random::<u32>());
         let c = connect(&admin.config("test-admin").unwrap())
             .await
             .unwrap_or_else(|e| panic!("cannot connect to SENDWELL_TEST_PG_URL: {e}; {HOWTO}"));
@@ -140,7 +136,10 @@ fn claim(id: &str, e: LedgerEntry, expect: Option<(LedgerState, u32)>) -> KvOp {
 fn prefix_ends_carry_past_0xff() {
     assert_eq!(prefix_end(b"12\0"), Some(b"12\x01".to_vec()));
     assert_eq!(prefix_end(&[0x01, 0xFF]), Some(vec![0x02]));
-    assert_eq!(prefix_end(&[0x01, 0xFE, 0xFF, 0xFF]), Some(vec![0x01, 0xFF]));
+    assert_eq!(
+        prefix_end(&[0x01, 0xFE, 0xFF, 0xFF]),
+        Some(vec![0x01, 0xFF])
+    );
     assert_eq!(prefix_end(&[0xFF, 0xFF]), None);
     assert_eq!(prefix_end(&[]), None);
 }
@@ -179,7 +178,11 @@ async fn exactly_one_of_50_concurrent_claims_wins() {
                 tokio::spawn(async move {
                     s.kv_many(vec![
                         claim("job", entry(LedgerState::Sending, attempts, 1), expect),
-                        put(Table::CapHistory, format!("{attempts}/{i}").as_bytes(), b"x"),
+                        put(
+                            Table::CapHistory,
+                            format!("{attempts}/{i}").as_bytes(),
+                            b"x",
+                        ),
                     ])
                     .await
                 })
@@ -201,7 +204,11 @@ async fn exactly_one_of_50_concurrent_claims_wins() {
         }
     };
     assert_eq!(race(None, 1).await, 1, "one claim of a new id wins");
-    assert_eq!(s.kv_len(Table::CapHistory).await.unwrap(), 1, "losers wrote nothing");
+    assert_eq!(
+        s.kv_len(Table::CapHistory).await.unwrap(),
+        1,
+        "losers wrote nothing"
+    );
     assert_eq!(
         race(Some((LedgerState::Sending, 1)), 2).await,
         1,
@@ -213,7 +220,11 @@ async fn exactly_one_of_50_concurrent_claims_wins() {
     // Expecting what is no longer there loses, as does expecting nothing of a known id.
     for expect in [Some((LedgerState::Sending, 1)), None] {
         let r = s
-            .kv_many(vec![claim("job", entry(LedgerState::Sending, 9, 1), expect)])
+            .kv_many(vec![claim(
+                "job",
+                entry(LedgerState::Sending, 9, 1),
+                expect,
+            )])
             .await;
         assert!(matches!(r, Err(LedgerError::ClaimLost)), "{r:?}");
     }
@@ -235,7 +246,9 @@ async fn a_lost_claim_applies_nothing_and_its_batch_neighbours_commit() {
         return;
     };
     let s = db.open().await;
-    s.put("done", entry(LedgerState::Final, 1, 1)).await.unwrap();
+    s.put("done", entry(LedgerState::Final, 1, 1))
+        .await
+        .unwrap();
     // Sent in one poll on a single-threaded runtime: one batch.
     let (lost, neighbour, job, won) = tokio::join!(
         s.kv_many(vec![
@@ -257,11 +270,30 @@ async fn a_lost_claim_applies_nothing_and_its_batch_neighbours_commit() {
     job.unwrap();
     assert_eq!(won.unwrap(), 2);
     assert_eq!(s.kv_get(Table::WebhookSeen, b"lost").await.unwrap(), None);
-    assert!(s.kv_get(Table::WebhookSeen, b"neighbour").await.unwrap().is_some());
-    assert!(s.kv_get(Table::WebhookSeen, b"won").await.unwrap().is_some());
-    assert!(s.get("other").await.unwrap().is_some(), "the lost write's delete did not run");
-    assert_eq!(s.get("done").await.unwrap().unwrap().state, LedgerState::Final);
-    assert_eq!(s.get("new").await.unwrap().unwrap().state, LedgerState::Sending);
+    assert!(
+        s.kv_get(Table::WebhookSeen, b"neighbour")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        s.kv_get(Table::WebhookSeen, b"won")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        s.get("other").await.unwrap().is_some(),
+        "the lost write's delete did not run"
+    );
+    assert_eq!(
+        s.get("done").await.unwrap().unwrap().state,
+        LedgerState::Final
+    );
+    assert_eq!(
+        s.get("new").await.unwrap().unwrap().state,
+        LedgerState::Sending
+    );
 }
 
 #[tokio::test]
@@ -310,8 +342,18 @@ async fn a_write_whose_op_fails_applies_nothing_and_fails_no_neighbour() {
         Some(b"old".to_vec()),
         "rolled back"
     );
-    assert!(s.kv_get(Table::StoreMeta, b"first").await.unwrap().is_some());
-    assert!(s.kv_get(Table::StoreMeta, b"after").await.unwrap().is_some());
+    assert!(
+        s.kv_get(Table::StoreMeta, b"first")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        s.kv_get(Table::StoreMeta, b"after")
+            .await
+            .unwrap()
+            .is_some()
+    );
     assert!(s.get("job").await.unwrap().is_some());
     assert!(s.health().writable(), "a bad write is no outage");
 }
@@ -350,7 +392,10 @@ async fn delete_prefix_is_a_key_range() {
                 .collect::<Vec<_>>()
         }
     };
-    assert_eq!(scan(b"12\0").await, vec![b"12\0a".to_vec(), b"12\0b".to_vec()]);
+    assert_eq!(
+        scan(b"12\0").await,
+        vec![b"12\0a".to_vec(), b"12\0b".to_vec()]
+    );
     assert_eq!(
         scan(&[0x01, 0xFF]).await,
         vec![vec![0x01, 0xFF], vec![0x01, 0xFF, 0x00, 0xFF]]
@@ -407,7 +452,9 @@ async fn ops_apply_in_order_within_a_write_and_across_a_batch() {
     );
     assert_eq!(s.kv_get(t, b"k").await.unwrap(), Some(b"2".to_vec()));
     assert_eq!(
-        s.kv_many(vec![put(t, b"k", b"3"), del.clone()]).await.unwrap(),
+        s.kv_many(vec![put(t, b"k", b"3"), del.clone()])
+            .await
+            .unwrap(),
         2
     );
     assert_eq!(s.kv_get(t, b"k").await.unwrap(), None);
@@ -671,6 +718,53 @@ async fn the_writer_survives_a_killed_connection() {
 }
 
 #[tokio::test]
+async fn an_outage_fails_writes_after_the_hold_and_a_probe_notices_the_return() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let s = db.open().await;
+    s.health().set_hold(Duration::from_millis(300));
+    s.kv_put(Table::Inbound, b"a".to_vec(), b"1".to_vec())
+        .await
+        .unwrap();
+    let raw = connect(&db.admin.config("test-admin").unwrap())
+        .await
+        .unwrap();
+    // The database goes away for the store: no new connection, its sessions ended.
+    raw.batch_execute(&format!(
+        "ALTER DATABASE {0} ALLOW_CONNECTIONS false; \
+         SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{0}'",
+        db.name
+    ))
+    .await
+    .unwrap();
+    let w = s.kv_put(Table::Inbound, b"b".to_vec(), b"2".to_vec()).await;
+    assert!(matches!(w, Err(LedgerError::Io(_))), "{w:?}");
+    assert!(!s.health().writable());
+    let r = s.kv_get(Table::Inbound, b"a").await;
+    assert!(matches!(r, Err(LedgerError::Io(_))), "{r:?}");
+    let g = s.get("j").await;
+    assert!(matches!(g, Err(LedgerError::Io(_))), "{g:?}");
+    raw.batch_execute(&format!(
+        "ALTER DATABASE {} ALLOW_CONNECTIONS true",
+        db.name
+    ))
+    .await
+    .unwrap();
+    // Nothing is written: the probe alone brings the store back.
+    tokio::time::timeout(Duration::from_secs(10), s.health().wait_writable())
+        .await
+        .expect("the store noticed the database's return");
+    s.kv_put(Table::Inbound, b"c".to_vec(), b"3".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(
+        s.kv_get(Table::Inbound, b"c").await.unwrap(),
+        Some(b"3".to_vec())
+    );
+}
+
+#[tokio::test]
 async fn reads_scans_and_counts() {
     let Some(db) = TestDb::new().await else {
         return;
@@ -718,7 +812,12 @@ async fn reads_scans_and_counts() {
         s.job_ids_mentioning(b"4912345", 7).await.unwrap(),
         vec!["j".to_string()]
     );
-    assert!(s.job_ids_mentioning(b"4912345", 6).await.unwrap().is_empty());
+    assert!(
+        s.job_ids_mentioning(b"4912345", 6)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert!(s.job_ids_mentioning(b"999", 7).await.unwrap().is_empty());
     let dump = s.dump_all().await.unwrap();
     assert_eq!(dump[0], (b"j".to_vec(), e.encode(0)));

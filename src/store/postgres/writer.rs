@@ -17,6 +17,7 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::task::Poll;
 
 use deadpool_postgres::Pool;
@@ -304,6 +305,8 @@ pub(super) struct Writer {
     health: Arc<StoreHealth>,
     published: Published,
     pool: Pool,
+    /// Shared with the store's reads: one probe at a time.
+    probing: Arc<AtomicBool>,
 }
 
 impl Writer {
@@ -315,6 +318,7 @@ impl Writer {
         health: Arc<StoreHealth>,
         published: Published,
         pool: Pool,
+        probing: Arc<AtomicBool>,
     ) -> Result<Writer, LedgerError> {
         let stmts = Stmts::prepare(&client).await.map_err(super::pg_error)?;
         Ok(Writer {
@@ -325,6 +329,7 @@ impl Writer {
             health,
             published,
             pool,
+            probing,
         })
     }
 
@@ -429,6 +434,9 @@ impl Writer {
                     self.stmts = None;
                     self.health.failed(&m);
                     if !self.health.holding() || rx.is_closed() {
+                        // Writes fail now; the store is healthy again once the database
+                        // answers, whether or not anything is written meanwhile.
+                        super::probe(&self.pool, &self.health, &self.probing);
                         return Err(Fail::Unavailable(m));
                     }
                     tokio::time::sleep(wait).await;
