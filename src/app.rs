@@ -57,9 +57,11 @@ pub enum AppError {
 }
 
 impl AppError {
-    /// sysexits: 73 can't create (state), 69 unavailable (ports, broker set-up), 70 software.
+    /// sysexits: 73 can't create (state), 69 unavailable (ports, broker set-up), 70 software,
+    /// 78 configuration (a state database migrated by a newer sendwell).
     pub fn exit_code(&self) -> i32 {
         match self {
+            AppError::State(LedgerError::SchemaTooNew { .. }) => 78,
             AppError::State(_) | AppError::AdminToken { .. } => 73,
             AppError::Bind { .. } | AppError::Broker(_) => 69,
             AppError::Http(_) | AppError::Internal(_) => 70,
@@ -278,7 +280,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     let running_config = config.clone();
     crate::privacy::set_masking(config.log.mask_numbers);
     let metrics = metrics_handle();
-    let ledger = Ledger::open(&config.state.dir)?;
+    let ledger = Ledger::open_state(&config.state, false).await?;
     // A store that cannot be written (full disk) holds its writes and the pipeline waits, for
     // this long; then the daemon gives up (see the watch below).
     let unwritable_grace = config.state.unwritable_grace;

@@ -1099,7 +1099,7 @@ pub enum Target {
 
 /// Opens the store when no daemon holds it; otherwise finds the daemon.
 pub async fn target(config: &Config) -> Result<Target, ToolError> {
-    match Ledger::open(&config.state.dir) {
+    match Ledger::open_state(&config.state, true).await {
         Ok(ledger) => Ok(Target::Store(ConsentStore::load(ledger, config).await?)),
         Err(LedgerError::InUse) => Ok(Target::Daemon(Daemon::new(
             config.admin.listen,

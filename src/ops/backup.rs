@@ -239,6 +239,17 @@ fn verify_copy(copy: &Path, expected: &TableRows) -> Result<(), String> {
     Ok(())
 }
 
+/// `state backup` and `restore` copy the redb file; a PostgreSQL store is backed up by the
+/// database's own tools, which know its transactions and replicas.
+fn refuse_on_postgres(config: &Config, what: &str) -> Result<(), OpsError> {
+    if config.state.backend == crate::config::StateBackend::Postgres {
+        return Err(OpsError::Usage(format!(
+            "the state is in PostgreSQL (state.backend): {what} it with pg_dump / pg_restore or your database service's backups (see docs/operations.md)"
+        )));
+    }
+    Ok(())
+}
+
 fn same_file(a: &Path, b: &Path) -> bool {
     match (std::fs::metadata(a), std::fs::metadata(b)) {
         (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
@@ -248,6 +259,7 @@ fn same_file(a: &Path, b: &Path) -> bool {
 
 /// `sendwell state backup --to FILE`: a verified, consistent copy of a stopped daemon's store.
 pub fn state_backup(config: &Config, to: &Path) -> Result<BackupReport, OpsError> {
+    refuse_on_postgres(config, "back up")?;
     let from = Ledger::file_in(&config.state.dir);
     if !from.is_file() {
         return Err(OpsError::NoInput(format!(
@@ -330,6 +342,7 @@ pub fn state_backup(config: &Config, to: &Path) -> Result<BackupReport, OpsError
 
 /// `sendwell state restore --from FILE`: puts a backup in place of a stopped daemon's store.
 pub fn state_restore(config: &Config, from: &Path) -> Result<RestoreReport, OpsError> {
+    refuse_on_postgres(config, "restore")?;
     let meta = std::fs::metadata(from)
         .map_err(|e| OpsError::NoInput(format!("cannot read {}: {e}", from.display())))?;
     if !meta.is_file() {

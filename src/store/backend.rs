@@ -15,6 +15,8 @@ use super::health::StoreHealth;
 use super::ledger::{
     KvOp, KvRow, LedgerEntry, LedgerError, LedgerState, RedbLedger, Table, number_job_key,
 };
+use super::postgres::{PgSettings, PgStore};
+use crate::config::{StateBackend, StateConfig};
 
 /// Handle to the state store; cheap to clone.
 #[derive(Clone)]
@@ -23,6 +25,7 @@ pub struct Ledger(Backend);
 #[derive(Clone)]
 enum Backend {
     Redb(RedbLedger),
+    Pg(PgStore),
 }
 
 /// Calls the same method on whichever backend holds the state.
@@ -30,6 +33,7 @@ macro_rules! each {
     ($self:ident, $b:ident => $e:expr) => {
         match &$self.0 {
             Backend::Redb($b) => $e,
+            Backend::Pg($b) => $e,
         }
     };
 }
@@ -41,6 +45,43 @@ impl From<RedbLedger> for Ledger {
 }
 
 impl Ledger {
+    /// Opens the store `[state]` configures. `tool`: a command-line tool's open, which fails
+    /// with [`LedgerError::InUse`] while a daemon has the store (redb: its file lock;
+    /// PostgreSQL: the daemons' shared advisory lock), so the tool talks to the daemon instead.
+    pub async fn open_state(state: &StateConfig, tool: bool) -> Result<Ledger, LedgerError> {
+        match (state.backend, &state.postgres) {
+            (StateBackend::Postgres, Some(pg)) => {
+                // The state directory still holds the admin token and export spools.
+                std::fs::create_dir_all(&state.dir).map_err(|e| {
+                    LedgerError::Store(format!("cannot create {}: {e}", state.dir.display()))
+                })?;
+                let settings = PgSettings {
+                    url: pg.url.clone(),
+                    password: pg.password.as_ref().map(|p| p.expose().to_string()),
+                    pool_size: pg.pool_size,
+                    connect_timeout: pg.connect_timeout,
+                    statement_timeout: pg.statement_timeout,
+                    application_name: if tool { "sendwell-tool" } else { "sendwell" }.into(),
+                };
+                PgStore::open(&settings, tool)
+                    .await
+                    .map(|s| Ledger(Backend::Pg(s)))
+            }
+            (StateBackend::Postgres, None) => Err(LedgerError::Store(
+                "state.backend is postgres but [state.postgres] is missing".into(),
+            )),
+            (StateBackend::Redb, _) => Self::open(&state.dir),
+        }
+    }
+
+    /// Which backend holds the state: `redb` or `postgres` (for logs and metrics).
+    pub fn backend_name(&self) -> &'static str {
+        match &self.0 {
+            Backend::Redb(_) => "redb",
+            Backend::Pg(_) => "postgres",
+        }
+    }
+
     /// Opens (or creates) the redb store in `dir` (see [`RedbLedger::open`]).
     pub fn open(dir: &Path) -> Result<Ledger, LedgerError> {
         RedbLedger::open(dir).map(|l| Ledger(Backend::Redb(l)))
@@ -60,6 +101,7 @@ impl Ledger {
     pub fn redb(&self) -> Option<&RedbLedger> {
         match &self.0 {
             Backend::Redb(l) => Some(l),
+            Backend::Pg(_) => None,
         }
     }
 
@@ -69,26 +111,35 @@ impl Ledger {
     }
 
     pub fn writable(&self) -> bool {
-        each!(self, l => l.writable())
+        self.health().writable()
     }
 
     /// Resolves once the store takes writes (at once when it does now).
     pub async fn wait_writable(&self) {
-        each!(self, l => l.wait_writable().await)
+        self.health().wait_writable().await
     }
 
     /// Whether a compaction holds the store now (redb only; PostgreSQL never stops for one).
     pub fn compacting(&self) -> bool {
-        each!(self, l => l.compacting())
+        match &self.0 {
+            Backend::Redb(l) => l.compacting(),
+            Backend::Pg(_) => false,
+        }
     }
 
     /// Resolves once no compaction holds the store.
     pub async fn compacted(&self) {
-        each!(self, l => l.compacted().await)
+        match &self.0 {
+            Backend::Redb(l) => l.compacted().await,
+            Backend::Pg(_) => {}
+        }
     }
 
     pub async fn get(&self, id: &str) -> Result<Option<LedgerEntry>, LedgerError> {
-        each!(self, l => l.get(id))
+        match &self.0 {
+            Backend::Redb(l) => l.get(id),
+            Backend::Pg(s) => s.get(id).await,
+        }
     }
 
     /// Durably records the entry (returns once committed).
@@ -136,7 +187,11 @@ impl Ledger {
 
     /// Stores the confirmations made since the last commit now, without waiting.
     pub fn save_marks_nowait(&self) {
-        each!(self, l => l.save_marks_nowait())
+        match &self.0 {
+            Backend::Redb(l) => l.save_marks_nowait(),
+            // Its publish marks go with the writer's next commit anyway.
+            Backend::Pg(_) => {}
+        }
     }
 
     /// Forgets entries not touched since `older_than_ms`, with everything keyed by them;
@@ -146,13 +201,17 @@ impl Ledger {
     }
 
     pub async fn kv_get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, LedgerError> {
-        each!(self, l => l.kv_get(table, key))
+        match &self.0 {
+            Backend::Redb(l) => l.kv_get(table, key),
+            Backend::Pg(s) => s.kv_get(table, key).await,
+        }
     }
 
     /// Every row of a table, for loading an in-memory cache at start.
     pub async fn kv_scan(&self, table: Table) -> Result<Vec<KvRow>, LedgerError> {
         match &self.0 {
             Backend::Redb(l) => in_place(|| l.kv_scan(table)),
+            Backend::Pg(s) => s.kv_scan(table).await,
         }
     }
 
@@ -184,7 +243,10 @@ impl Ledger {
 
     /// How many rows a table has.
     pub async fn kv_len(&self, table: Table) -> Result<u64, LedgerError> {
-        each!(self, l => l.kv_len(table))
+        match &self.0 {
+            Backend::Redb(l) => l.kv_len(table),
+            Backend::Pg(s) => s.kv_len(table).await,
+        }
     }
 
     /// Rows whose key starts with `prefix`, in key order.
@@ -193,7 +255,10 @@ impl Ledger {
         table: Table,
         prefix: &[u8],
     ) -> Result<Vec<KvRow>, LedgerError> {
-        each!(self, l => l.kv_scan_prefix(table, prefix))
+        match &self.0 {
+            Backend::Redb(l) => l.kv_scan_prefix(table, prefix),
+            Backend::Pg(s) => s.kv_scan_prefix(table, prefix).await,
+        }
     }
 
     /// Calls `f` on every row of a table, page by page, without collecting them: for loading
@@ -205,6 +270,7 @@ impl Ledger {
     ) -> Result<(), LedgerError> {
         match &self.0 {
             Backend::Redb(l) => in_place(|| l.kv_for_each(table, f)),
+            Backend::Pg(s) => s.kv_for_each(table, f).await,
         }
     }
 
@@ -228,6 +294,7 @@ impl Ledger {
     ) -> Result<Vec<String>, LedgerError> {
         match &self.0 {
             Backend::Redb(l) => in_place(|| l.job_ids_mentioning(needle, until_ms)),
+            Backend::Pg(s) => s.job_ids_mentioning(needle, until_ms).await,
         }
     }
 
@@ -254,13 +321,18 @@ impl Ledger {
     /// Fills [`Table::JobsByNumber`] from the ledger once, for stores written before it
     /// existed; None when done before.
     pub async fn index_jobs_by_number(&self) -> Result<Option<u64>, LedgerError> {
-        each!(self, l => l.index_jobs_by_number().await)
+        match &self.0 {
+            Backend::Redb(l) => l.index_jobs_by_number().await,
+            // Its tables were made with the index: every final record writes its row.
+            Backend::Pg(_) => Ok(None),
+        }
     }
 
     /// Every key and value of every table, for tests that prove a number is gone.
     pub async fn dump_all(&self) -> Result<Vec<KvRow>, LedgerError> {
         match &self.0 {
             Backend::Redb(l) => in_place(|| l.dump_all()),
+            Backend::Pg(s) => s.dump_all().await,
         }
     }
 
@@ -276,6 +348,21 @@ impl Ledger {
     ) {
         match self.0 {
             Backend::Redb(l) => l.purge_loop(retention, shutdown).await,
+            Backend::Pg(s) => {
+                let mut tick = tokio::time::interval(Duration::from_secs(3600));
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tick.tick() => {}
+                    }
+                    let cutoff =
+                        jiff::Timestamp::now().as_millisecond() - retention.as_millis() as i64;
+                    match s.purge(cutoff).await {
+                        Ok(n) => tracing::info!(removed = n, "Ledger entries past retention were purged."),
+                        Err(e) => tracing::warn!(error = %e, "Ledger purge failed; will try again."),
+                    }
+                }
+            }
         }
     }
 }

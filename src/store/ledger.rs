@@ -162,7 +162,7 @@ pub struct LedgerEntry {
 
 impl LedgerEntry {
     /// `seq`: the final entry's place in [`Marks`] (0: none; its `published` flag says it all).
-    fn encode(&self, seq: u64) -> Vec<u8> {
+    pub(crate) fn encode(&self, seq: u64) -> Vec<u8> {
         let mut v = Vec::with_capacity(22 + self.event.len());
         let state = match self.state {
             LedgerState::Pending => 1,

@@ -6,6 +6,7 @@ mod backend;
 mod compaction;
 pub mod health;
 pub mod ledger;
+pub mod postgres;
 
 pub use backend::Ledger;
 pub use health::StoreHealth;

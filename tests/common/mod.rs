@@ -443,6 +443,9 @@ impl Default for AppOptions {
 
 /// A sandbox, a vhost, a config file and a state directory: everything a daemon needs.
 pub struct TestEnv {
+    /// The state databases of this env's instances, when the tests run on PostgreSQL
+    /// (`SENDWELL_TEST_BACKEND=postgres`); dropped with the env.
+    dbs: std::sync::Mutex<Vec<pg::TestDb>>,
     pub broker: TestBroker,
     pub sandbox: SandboxHandle,
     pub sandbox_addr: std::net::SocketAddr,
@@ -470,6 +473,46 @@ pub fn write_config(
     account_limits: &str,
     extra: &str,
 ) -> PathBuf {
+    write_config_on(
+        dir,
+        broker_url,
+        sandbox,
+        token,
+        prefetch,
+        account_limits,
+        extra,
+        "",
+    )
+}
+
+/// The `[state]` lines that put an instance's state in `db` (None: redb, in its directory).
+pub fn state_backend_toml(db: Option<&pg::TestDb>) -> String {
+    match db {
+        Some(db) => format!("backend = \"postgres\"\n{}", db.state_postgres_toml()),
+        None => String::new(),
+    }
+}
+
+/// A database for an instance's state when the tests run on PostgreSQL, else None.
+pub async fn test_db() -> Option<pg::TestDb> {
+    match pg::backend() {
+        "postgres" => Some(pg::TestDb::new().await),
+        _ => None,
+    }
+}
+
+/// As [`write_config`], with `state` (see [`state_backend_toml`]) in the `[state]` section.
+#[allow(clippy::too_many_arguments)]
+pub fn write_config_on(
+    dir: &Path,
+    broker_url: &str,
+    sandbox: &std::net::SocketAddr,
+    token: &str,
+    prefetch: u16,
+    account_limits: &str,
+    extra: &str,
+    state_toml: &str,
+) -> PathBuf {
     std::fs::write(dir.join("token"), token).unwrap();
     let state = dir.join("state");
     let toml = format!(
@@ -481,6 +524,7 @@ reconnect_max_delay = "1s"
 
 [state]
 dir = "{state}"
+{state_toml}
 
 [cloud_api]
 base_url = "http://{sandbox}"
@@ -546,7 +590,8 @@ impl TestEnv {
         for (name, content) in files {
             std::fs::write(dir.path().join(name), content).unwrap();
         }
-        let config_path = write_config(
+        let db = test_db().await;
+        let config_path = write_config_on(
             dir.path(),
             &broker.url,
             &sandbox_addr,
@@ -554,6 +599,7 @@ impl TestEnv {
             opts.prefetch,
             &opts.account_limits,
             &opts.extra_toml,
+            &state_backend_toml(db.as_ref()),
         );
         let (outcomes, s1) = collect(
             &broker.url,
@@ -572,6 +618,7 @@ impl TestEnv {
         )
         .await;
         let env = TestEnv {
+            dbs: std::sync::Mutex::new(db.into_iter().collect()),
             broker,
             sandbox,
             sandbox_addr,
@@ -637,7 +684,8 @@ impl TestEnv {
         consented: &[String],
     ) -> (TestApp, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        let path = write_config(
+        let db = test_db().await;
+        let path = write_config_on(
             dir.path(),
             &self.broker.url,
             &self.sandbox_addr,
@@ -645,7 +693,9 @@ impl TestEnv {
             50,
             RELAXED_LIMITS,
             extra,
+            &state_backend_toml(db.as_ref()),
         );
+        self.dbs.lock().unwrap().extend(db);
         std::fs::write(dir.path().join("app-secret"), APP_SECRET).unwrap();
         std::fs::write(dir.path().join("verify-token"), VERIFY_TOKEN).unwrap();
         let mut config = Config::load(&path).unwrap();
@@ -813,7 +863,9 @@ pub async fn seed_consent_at(config: &Config, numbers: &[String]) {
     if numbers.is_empty() {
         return;
     }
-    let ledger = sendwell::store::Ledger::open(&config.state.dir).unwrap();
+    let ledger = sendwell::store::Ledger::open_state(&config.state, false)
+        .await
+        .unwrap();
     let store = sendwell::consent::ConsentStore::load(ledger, config)
         .await
         .unwrap();

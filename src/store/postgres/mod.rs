@@ -1,0 +1,838 @@
+//! The state store on PostgreSQL (issue 17): the same tables, keys and write semantics as the
+//! redb store ([`crate::store::ledger`]), for deployments that keep state in a database.
+//!
+//! Writes go through one writer task with a dedicated connection that commits everything
+//! waiting in one transaction, its statements pipelined (see [`writer`]): group commit, as the
+//! redb writer does. Reads go through a small pool. Only bind parameters reach the server:
+//! keys carry phone numbers, and SQL text shows up in server logs.
+//!
+//! Several processes may share one database (issue 18): a job's claim
+//! ([`KvOp::ClaimJob`]) is a conditional statement, so exactly one of racing claims wins
+//! whoever makes them. A daemon holds a shared advisory lock for as long as it runs; a
+//! command-line tool's open takes it exclusively, so it learns that a daemon runs (and talks to
+//! the daemon instead), as redb's file lock told it.
+
+mod schema;
+#[cfg(test)]
+mod tests;
+mod writer;
+
+use std::collections::HashSet;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::{Client, NoTls};
+
+use super::health::StoreHealth;
+use super::ledger::{KvOp, KvRow, LedgerEntry, LedgerError, LedgerState, Table};
+use writer::{Op, Request};
+
+/// Held shared by every running daemon (on its writer connection), exclusively by a tool:
+/// "sendwell" in ASCII.
+const STORE_LOCK: i64 = 0x7365_6e64_7765_6c6c;
+/// Held while the schema is migrated.
+const MIGRATE_LOCK: i64 = STORE_LOCK + 1;
+/// Rows per page of a long scan.
+const SCAN_PAGE: i64 = 4096;
+/// Ledger rows deleted per purge transaction: jobs in flight never wait behind a long one.
+const PURGE_CHUNK: i64 = 2000;
+/// Waits between probes (and the writer's retries) while the database is unreachable:
+/// doubling, so a database that is back is noticed within about two seconds.
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// How to reach the database.
+#[derive(Clone)]
+pub struct PgSettings {
+    /// postgres://user@host:port/db, no password in it.
+    pub url: String,
+    /// From a secret file; never logged.
+    pub password: Option<String>,
+    pub pool_size: usize,
+    pub connect_timeout: Duration,
+    pub statement_timeout: Duration,
+    pub application_name: String,
+}
+
+impl std::fmt::Debug for PgSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgSettings")
+            .field("url", &self.url)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("pool_size", &self.pool_size)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("statement_timeout", &self.statement_timeout)
+            .field("application_name", &self.application_name)
+            .finish()
+    }
+}
+
+impl PgSettings {
+    /// The connection config of one of the store's roles (`pool`, `writer`): the role shows in
+    /// `pg_stat_activity`'s application_name.
+    fn config(&self, role: &str) -> Result<tokio_postgres::Config, LedgerError> {
+        // The URL's own error text may quote it; it holds no password, but say little anyway.
+        let mut c = tokio_postgres::Config::from_str(&self.url)
+            .map_err(|e| LedgerError::Store(format!("state.postgres.url is invalid: {e}")))?;
+        if c.get_password().is_some() {
+            return Err(LedgerError::Store(
+                "state.postgres.url carries a password: give it in a password file instead".into(),
+            ));
+        }
+        if let Some(p) = &self.password {
+            c.password(p.trim_end_matches(['\r', '\n']));
+        }
+        c.connect_timeout(self.connect_timeout);
+        c.application_name(format!("{}:{role}", self.application_name));
+        let timeout = format!(
+            "-c statement_timeout={}",
+            self.statement_timeout.as_millis().min(i32::MAX as u128)
+        );
+        let options = match c.get_options() {
+            Some(o) if !o.is_empty() => format!("{o} {timeout}"),
+            _ => timeout,
+        };
+        c.options(options);
+        Ok(c)
+    }
+}
+
+/// Whether a database error means "the database cannot be reached now" (the pipeline waits)
+/// rather than "this statement is wrong".
+fn is_unavailable(e: &tokio_postgres::Error) -> bool {
+    use std::error::Error as _;
+    if let Some(code) = e.code() {
+        let c = code.code();
+        // 08: connection exceptions; 57P01-03: admin/crash shutdown, cannot connect now;
+        // 53300: too many connections.
+        return c.starts_with("08") || matches!(c, "57P01" | "57P02" | "57P03" | "53300");
+    }
+    e.is_closed()
+        || e.source().is_some_and(|s| s.is::<std::io::Error>())
+        || e.to_string().starts_with("timeout")
+}
+
+/// The error's text without what the server may quote of the data (a key's bytes in a
+/// constraint's detail): its message and SQLSTATE only.
+fn describe(e: &tokio_postgres::Error) -> String {
+    use std::error::Error as _;
+    match (e.as_db_error(), e.source()) {
+        (Some(db), _) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        (None, Some(src)) => format!("{e}: {src}"),
+        (None, None) => e.to_string(),
+    }
+}
+
+fn pg_error(e: tokio_postgres::Error) -> LedgerError {
+    if is_unavailable(&e) {
+        LedgerError::Io(describe(&e))
+    } else {
+        LedgerError::Store(describe(&e))
+    }
+}
+
+fn pool_error(e: PoolError) -> LedgerError {
+    match e {
+        // Only a new connection's failure comes as Backend (the pool's fast recycling runs no
+        // query): the database refuses or cannot be reached, whatever the SQLSTATE says (not
+        // accepting connections, a revoked CONNECT): jobs wait rather than fail.
+        PoolError::Backend(e) => LedgerError::Io(describe(&e)),
+        PoolError::Timeout(_) | PoolError::Closed => {
+            LedgerError::Io(format!("no database connection: {e}"))
+        }
+        e => LedgerError::Store(e.to_string()),
+    }
+}
+
+/// Connects one dedicated connection; its driver runs on a task of its own and ends with it.
+async fn connect(config: &tokio_postgres::Config) -> Result<Client, LedgerError> {
+    let (client, conn) = config.connect(NoTls).await.map_err(pg_error)?;
+    tokio::spawn(async move {
+        // Its end shows as the client's errors (closed): handled there, not logged here.
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// Per table, the read statements' text (built once: prepared and cached per connection).
+struct TableSql {
+    get: String,
+    scan: String,
+    range: String,
+    from: String,
+    page_first: String,
+    page_after: String,
+    count: String,
+}
+
+impl TableSql {
+    fn new(name: &str) -> Self {
+        TableSql {
+            get: format!("SELECT value FROM {name} WHERE key = $1"),
+            scan: format!("SELECT key, value FROM {name} ORDER BY key"),
+            range: format!(
+                "SELECT key, value FROM {name} WHERE key >= $1 AND key < $2 ORDER BY key"
+            ),
+            from: format!("SELECT key, value FROM {name} WHERE key >= $1 ORDER BY key"),
+            page_first: format!("SELECT key, value FROM {name} ORDER BY key LIMIT $1"),
+            page_after: format!(
+                "SELECT key, value FROM {name} WHERE key > $2 ORDER BY key LIMIT $1"
+            ),
+            count: format!("SELECT count(*) FROM {name}"),
+        }
+    }
+}
+
+const GET_JOB: &str =
+    "SELECT state, attempts, updated_ms, published, event FROM sw_ledger WHERE id = $1";
+
+/// The end (exclusive) of the key range of `prefix`: the prefix with its last byte that is not
+/// 0xFF incremented and the 0xFF bytes after it dropped (0x12 0xFF → 0x13). None when every
+/// byte is 0xFF (or there are none): the range has no upper end.
+pub(crate) fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let keep = prefix.iter().rposition(|&b| b != 0xFF)?;
+    let mut end = prefix[..=keep].to_vec();
+    end[keep] += 1;
+    Some(end)
+}
+
+fn state_code(s: LedgerState) -> i16 {
+    match s {
+        LedgerState::Pending => 1,
+        LedgerState::Sending => 2,
+        LedgerState::Final => 3,
+    }
+}
+
+fn state_from(code: i16) -> Result<LedgerState, LedgerError> {
+    match code {
+        1 => Ok(LedgerState::Pending),
+        2 => Ok(LedgerState::Sending),
+        3 => Ok(LedgerState::Final),
+        c => Err(LedgerError::Store(format!("unknown ledger state {c}"))),
+    }
+}
+
+fn entry_from(row: &tokio_postgres::Row) -> Result<LedgerEntry, LedgerError> {
+    Ok(LedgerEntry {
+        state: state_from(row.try_get(0).map_err(pg_error)?)?,
+        attempts: row.try_get::<_, i32>(1).map_err(pg_error)? as u32,
+        updated_ms: row.try_get(2).map_err(pg_error)?,
+        published: row.try_get(3).map_err(pg_error)?,
+        event: row.try_get(4).map_err(pg_error)?,
+    })
+}
+
+/// Ids whose outcome event the broker confirmed and whose row does not say so yet: `get`
+/// answers from here at once; the writer stores them with its next commit and then forgets
+/// them.
+pub(super) type Published = Arc<Mutex<HashSet<Box<str>>>>;
+
+struct Inner {
+    pool: Pool,
+    tx: mpsc::UnboundedSender<Request>,
+    health: Arc<StoreHealth>,
+    published: Published,
+    scanned: AtomicU64,
+    tables: Vec<TableSql>,
+    /// Whether a probe is waiting for the database to come back.
+    probing: Arc<AtomicBool>,
+}
+
+/// Handle to the PostgreSQL store; cheap to clone. The writer task ends (and the daemon's lock
+/// goes with its connection) when the last handle is dropped.
+#[derive(Clone)]
+pub struct PgStore {
+    inner: Arc<Inner>,
+}
+
+impl PgStore {
+    /// Connects, applies migrations under an advisory lock, starts the writer task.
+    /// `exclusive`: a command-line tool's open: fails with [`LedgerError::InUse`] when a daemon
+    /// holds the store (daemons hold `pg_advisory_lock_shared` on their writer connection; a
+    /// tool tries `pg_try_advisory_lock`). Schema newer than known: [`LedgerError::SchemaTooNew`].
+    pub async fn open(s: &PgSettings, exclusive: bool) -> Result<PgStore, LedgerError> {
+        let writer_config = s.config("writer")?;
+        let mut client = connect(&writer_config).await?;
+        // A store just dropped in this process lets go of its lock a moment later (its writer
+        // task ends); anything holding it longer than that is another process.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        while !writer::take_lock(&client, exclusive).await? {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(LedgerError::InUse);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        schema::migrate(&mut client).await?;
+        let pool_config = s.config("pool")?;
+        let manager = Manager::from_config(
+            pool_config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(s.pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(s.connect_timeout))
+            .create_timeout(Some(s.connect_timeout))
+            .recycle_timeout(Some(s.connect_timeout))
+            .build()
+            .map_err(|e| LedgerError::Store(format!("cannot build the connection pool: {e}")))?;
+        let health = Arc::new(StoreHealth::default());
+        let published: Published = Arc::default();
+        let probing: Arc<AtomicBool> = Arc::default();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let w = writer::Writer::new(
+            client,
+            writer_config,
+            exclusive,
+            health.clone(),
+            published.clone(),
+            pool.clone(),
+            probing.clone(),
+        )
+        .await?;
+        tokio::spawn(w.run(rx));
+        Ok(PgStore {
+            inner: Arc::new(Inner {
+                pool,
+                tx,
+                health,
+                published,
+                scanned: AtomicU64::new(0),
+                tables: Table::ALL
+                    .iter()
+                    .map(|t| TableSql::new(t.pg_name()))
+                    .collect(),
+                probing,
+            }),
+        })
+    }
+
+    /// Whether writes succeed now, and waiting for them to.
+    pub fn health(&self) -> &Arc<StoreHealth> {
+        &self.inner.health
+    }
+
+    fn sql(&self, t: Table) -> &TableSql {
+        &self.inner.tables[t as usize]
+    }
+
+    /// A pooled connection; a failure to get one marks the store unreachable.
+    async fn conn(&self) -> Result<deadpool_postgres::Object, LedgerError> {
+        let r = self.inner.pool.get().await.map_err(pool_error);
+        self.noted(r)
+    }
+
+    /// Passes `r` on; an error that says the database is unreachable marks the store so (and
+    /// starts a probe that notices its return even if nothing is written meanwhile).
+    fn noted<T>(&self, r: Result<T, LedgerError>) -> Result<T, LedgerError> {
+        if let Err(LedgerError::Io(m)) = &r {
+            self.inner.health.failed(m);
+            self.probe();
+        }
+        r
+    }
+
+    fn probe(&self) {
+        probe(&self.inner.pool, &self.inner.health, &self.inner.probing);
+    }
+
+    async fn write(&self, op: Op) -> Result<u64, LedgerError> {
+        let (done, rx) = oneshot::channel();
+        self.inner
+            .tx
+            .send(Request {
+                op,
+                done: Some(done),
+            })
+            .map_err(|_| LedgerError::WriterGone)?;
+        rx.await.map_err(|_| LedgerError::WriterGone)?
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Option<LedgerEntry>, LedgerError> {
+        let r = async {
+            let c = self.conn().await?;
+            let st = c.prepare_cached(GET_JOB).await.map_err(pg_error)?;
+            match c.query_opt(&st, &[&id]).await.map_err(pg_error)? {
+                Some(row) => entry_from(&row).map(Some),
+                None => Ok(None),
+            }
+        }
+        .await;
+        let mut entry = self.noted(r)?;
+        if let Some(e) = entry.as_mut()
+            && !e.published
+        {
+            e.published = lock(&self.inner.published).contains(id);
+        }
+        Ok(entry)
+    }
+
+    /// Durably records the entry (returns once committed).
+    pub async fn put(&self, id: &str, entry: LedgerEntry) -> Result<(), LedgerError> {
+        self.write(Op::Many(vec![KvOp::PutJob {
+            id: id.to_string(),
+            entry,
+        }]))
+        .await
+        .map(|_| ())
+    }
+
+    /// Durably records the entry together with `also` in one transaction.
+    pub async fn put_with(
+        &self,
+        id: &str,
+        entry: LedgerEntry,
+        also: Vec<KvOp>,
+    ) -> Result<(), LedgerError> {
+        let mut ops = Vec::with_capacity(also.len() + 1);
+        ops.push(KvOp::PutJob {
+            id: id.to_string(),
+            entry,
+        });
+        ops.extend(also);
+        self.write(Op::Many(ops)).await.map(|_| ())
+    }
+
+    /// Records that the outcome event was confirmed: visible to [`PgStore::get`] at once,
+    /// stored with the writer's next commit. A crash before that loses the mark; the job's
+    /// redelivery then republishes the same stored event, byte for byte (at-least-once).
+    pub async fn mark_published(&self, id: &str) -> Result<(), LedgerError> {
+        lock(&self.inner.published).insert(id.into());
+        // Wakes an idle writer, so the mark is stored within a commit's time.
+        let _ = self.inner.tx.send(Request {
+            op: Op::Flush,
+            done: None,
+        });
+        Ok(())
+    }
+
+    pub async fn kv_get(&self, t: Table, key: &[u8]) -> Result<Option<Vec<u8>>, LedgerError> {
+        let r = async {
+            let c = self.conn().await?;
+            let st = c.prepare_cached(&self.sql(t).get).await.map_err(pg_error)?;
+            match c.query_opt(&st, &[&key]).await.map_err(pg_error)? {
+                Some(row) => Ok(Some(row.try_get(0).map_err(pg_error)?)),
+                None => Ok(None),
+            }
+        }
+        .await;
+        self.noted(r)
+    }
+
+    /// Durably sets `key` to `value`.
+    pub async fn kv_put(&self, t: Table, key: Vec<u8>, value: Vec<u8>) -> Result<(), LedgerError> {
+        self.write(Op::Many(vec![KvOp::Put {
+            table: t,
+            key,
+            value,
+        }]))
+        .await
+        .map(|_| ())
+    }
+
+    /// Sets `key` without waiting for the commit (its loss only costs a fallback).
+    pub fn kv_put_nowait(&self, t: Table, key: Vec<u8>, value: Vec<u8>) {
+        let _ = self.inner.tx.send(Request {
+            op: Op::Many(vec![KvOp::Put {
+                table: t,
+                key,
+                value,
+            }]),
+            done: None,
+        });
+    }
+
+    /// Atomic insert-if-absent: true when this call inserted the key.
+    pub async fn kv_insert_if_absent(
+        &self,
+        t: Table,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    ) -> Result<bool, LedgerError> {
+        self.write(Op::InsertIfAbsent {
+            table: t,
+            key,
+            value,
+        })
+        .await
+        .map(|n| n == 1)
+    }
+
+    /// How many rows a table has.
+    pub async fn kv_len(&self, t: Table) -> Result<u64, LedgerError> {
+        let r = async {
+            let c = self.conn().await?;
+            let st = c
+                .prepare_cached(&self.sql(t).count)
+                .await
+                .map_err(pg_error)?;
+            let n: i64 = c
+                .query_one(&st, &[])
+                .await
+                .map_err(pg_error)?
+                .try_get(0)
+                .map_err(pg_error)?;
+            Ok(n as u64)
+        }
+        .await;
+        self.noted(r)
+    }
+
+    fn rows(rows: Vec<tokio_postgres::Row>) -> Result<Vec<KvRow>, LedgerError> {
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get(0).map_err(pg_error)?,
+                    r.try_get(1).map_err(pg_error)?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Every row of a table, in key order.
+    pub async fn kv_scan(&self, t: Table) -> Result<Vec<KvRow>, LedgerError> {
+        let r = async {
+            let c = self.conn().await?;
+            let st = c
+                .prepare_cached(&self.sql(t).scan)
+                .await
+                .map_err(pg_error)?;
+            Self::rows(c.query(&st, &[]).await.map_err(pg_error)?)
+        }
+        .await;
+        let rows = self.noted(r)?;
+        self.inner
+            .scanned
+            .fetch_add(rows.len() as u64, Ordering::Relaxed);
+        Ok(rows)
+    }
+
+    /// Rows whose key starts with `prefix`, in key order: a range of the primary key.
+    pub async fn kv_scan_prefix(&self, t: Table, prefix: &[u8]) -> Result<Vec<KvRow>, LedgerError> {
+        let r = async {
+            let c = self.conn().await?;
+            let rows = match prefix_end(prefix) {
+                Some(end) => {
+                    let st = c
+                        .prepare_cached(&self.sql(t).range)
+                        .await
+                        .map_err(pg_error)?;
+                    c.query(&st, &[&prefix, &end]).await
+                }
+                None => {
+                    let st = c
+                        .prepare_cached(&self.sql(t).from)
+                        .await
+                        .map_err(pg_error)?;
+                    c.query(&st, &[&prefix]).await
+                }
+            };
+            Self::rows(rows.map_err(pg_error)?)
+        }
+        .await;
+        self.noted(r)
+    }
+
+    /// Calls `f` on every row of a table, page by page (never all rows in memory at once).
+    pub async fn kv_for_each(
+        &self,
+        t: Table,
+        mut f: impl FnMut(&[u8], &[u8]),
+    ) -> Result<(), LedgerError> {
+        let r = async {
+            let c = self.conn().await?;
+            let first = c
+                .prepare_cached(&self.sql(t).page_first)
+                .await
+                .map_err(pg_error)?;
+            let after = c
+                .prepare_cached(&self.sql(t).page_after)
+                .await
+                .map_err(pg_error)?;
+            let mut last: Option<Vec<u8>> = None;
+            loop {
+                let rows = match &last {
+                    None => c.query(&first, &[&SCAN_PAGE]).await,
+                    Some(k) => c.query(&after, &[&SCAN_PAGE, k]).await,
+                }
+                .map_err(pg_error)?;
+                let full = rows.len() as i64 == SCAN_PAGE;
+                for row in &rows {
+                    let k: &[u8] = row.try_get(0).map_err(pg_error)?;
+                    let v: &[u8] = row.try_get(1).map_err(pg_error)?;
+                    f(k, v);
+                }
+                self.inner
+                    .scanned
+                    .fetch_add(rows.len() as u64, Ordering::Relaxed);
+                match rows.last() {
+                    Some(row) if full => last = Some(row.try_get(0).map_err(pg_error)?),
+                    _ => return Ok(()),
+                }
+            }
+        }
+        .await;
+        self.noted(r)
+    }
+
+    /// Applies all `ops` in one transaction: all or nothing. The count: Put 1, Delete 1 if the
+    /// key existed, DeletePrefix the rows deleted, DeleteIf 0 or 1, PutJob 1, DeleteJobs the
+    /// entries removed, ClaimJob 1 (or the whole write fails with [`LedgerError::ClaimLost`]).
+    pub async fn kv_many(&self, ops: Vec<KvOp>) -> Result<u64, LedgerError> {
+        self.write(Op::Many(ops)).await
+    }
+
+    pub async fn remove(&self, id: &str) -> Result<(), LedgerError> {
+        self.write(Op::Many(vec![KvOp::DeleteJobs {
+            ids: vec![id.to_string()],
+        }]))
+        .await
+        .map(|_| ())
+    }
+
+    /// Forgets jobs not touched since `older_than_ms`, with what is keyed by them (delivery
+    /// state, wamids and their billing marks, the jobs-by-number rows) and applied-webhook
+    /// marks past retention; returns the jobs removed. By index, in small transactions: no
+    /// scan, and jobs in flight never wait behind a long purge.
+    pub async fn purge(&self, older_than_ms: i64) -> Result<u64, LedgerError> {
+        let r = async {
+            let mut removed = 0u64;
+            let mut c = self.conn().await?;
+            loop {
+                let tx = c.transaction().await.map_err(pg_error)?;
+                let ids: Vec<String> = tx
+                    .query(
+                        "DELETE FROM sw_ledger WHERE id IN \
+                         (SELECT id FROM sw_ledger WHERE updated_ms < $1 LIMIT $2) RETURNING id",
+                        &[&older_than_ms, &PURGE_CHUNK],
+                    )
+                    .await
+                    .map_err(pg_error)?
+                    .iter()
+                    .map(|r| r.try_get(0))
+                    .collect::<Result<_, _>>()
+                    .map_err(pg_error)?;
+                if !ids.is_empty() {
+                    let keys: Vec<&[u8]> = ids.iter().map(|s| s.as_bytes()).collect();
+                    tx.execute("DELETE FROM sw_delivery WHERE key = ANY($1)", &[&keys])
+                        .await
+                        .map_err(pg_error)?;
+                    let wamids: Vec<Vec<u8>> = tx
+                        .query(
+                            "DELETE FROM sw_wamids WHERE value = ANY($1) RETURNING key",
+                            &[&keys],
+                        )
+                        .await
+                        .map_err(pg_error)?
+                        .iter()
+                        .map(|r| r.try_get(0))
+                        .collect::<Result<_, _>>()
+                        .map_err(pg_error)?;
+                    let billed: Vec<Vec<u8>> = wamids
+                        .iter()
+                        .map(|w| [b"billed|".as_slice(), w].concat())
+                        .collect();
+                    tx.execute(
+                        "DELETE FROM sw_webhook_seen WHERE key = ANY($1)",
+                        &[&billed],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                    tx.execute(
+                        "DELETE FROM sw_jobs_by_number WHERE job_id = ANY($1)",
+                        &[&keys],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                }
+                tx.commit().await.map_err(pg_error)?;
+                removed += ids.len() as u64;
+                if (ids.len() as i64) < PURGE_CHUNK {
+                    break;
+                }
+            }
+            loop {
+                let n = c
+                    .execute(
+                        "DELETE FROM sw_webhook_seen WHERE key IN \
+                         (SELECT key FROM sw_webhook_seen WHERE ts_ms < $1 LIMIT $2)",
+                        &[&older_than_ms, &PURGE_CHUNK],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                if (n as i64) < PURGE_CHUNK {
+                    break;
+                }
+            }
+            Ok(removed)
+        }
+        .await;
+        self.noted(r)
+    }
+
+    /// Job ids whose stored outcome event contains `needle` and that last changed at or before
+    /// `until_ms` (a scan, on the server: for erasure, not the hot path).
+    pub async fn job_ids_mentioning(
+        &self,
+        needle: &[u8],
+        until_ms: i64,
+    ) -> Result<Vec<String>, LedgerError> {
+        let r = async {
+            let c = self.conn().await?;
+            let st = c
+                .prepare_cached(
+                    "SELECT id FROM sw_ledger WHERE updated_ms <= $2 \
+                     AND position($1::bytea IN event) > 0 ORDER BY id",
+                )
+                .await
+                .map_err(pg_error)?;
+            c.query(&st, &[&needle, &until_ms])
+                .await
+                .map_err(pg_error)?
+                .iter()
+                .map(|r| r.try_get(0).map_err(pg_error))
+                .collect::<Result<Vec<String>, _>>()
+        }
+        .await;
+        let ids = self.noted(r)?;
+        self.inner
+            .scanned
+            .fetch_add(ids.len() as u64, Ordering::Relaxed);
+        Ok(ids)
+    }
+
+    /// Every key and value of every table, for tests that prove a number is gone: the ledger's
+    /// rows as (id, the entry in redb's encoding), then each table's rows in key order.
+    pub async fn dump_all(&self) -> Result<Vec<KvRow>, LedgerError> {
+        let r = async {
+            let c = self.conn().await?;
+            let st = c
+                .prepare_cached(
+                    "SELECT state, attempts, updated_ms, published, event, id FROM sw_ledger \
+                     ORDER BY id",
+                )
+                .await
+                .map_err(pg_error)?;
+            let mut rows = Vec::new();
+            for row in c.query(&st, &[]).await.map_err(pg_error)? {
+                let id: String = row.try_get(5).map_err(pg_error)?;
+                rows.push((id.into_bytes(), entry_from(&row)?.encode(0)));
+            }
+            Ok(rows)
+        }
+        .await;
+        let mut rows = self.noted(r)?;
+        self.inner
+            .scanned
+            .fetch_add(rows.len() as u64, Ordering::Relaxed);
+        for t in Table::ALL {
+            rows.extend(self.kv_scan(t).await?);
+        }
+        Ok(rows)
+    }
+
+    /// VACUUM (never FULL: it would lock the tables) of every table, so that erased rows'
+    /// space is pruned and reused. Erased bytes leave WAL and backups only with their
+    /// retention. Ok(0): nothing is held alone.
+    pub async fn compact(&self) -> Result<u64, LedgerError> {
+        let r = async {
+            let c = self.conn().await?;
+            let mut names = vec!["sw_ledger"];
+            names.extend(Table::ALL.iter().map(|t| t.pg_name()));
+            // VACUUM may take longer than a statement may; this connection's setting only.
+            c.batch_execute("SET statement_timeout = 0")
+                .await
+                .map_err(pg_error)?;
+            let vacuum = c
+                .batch_execute(&format!("VACUUM {}", names.join(", ")))
+                .await
+                .map_err(pg_error);
+            c.batch_execute("RESET statement_timeout")
+                .await
+                .map_err(pg_error)?;
+            vacuum.map(|_| 0)
+        }
+        .await;
+        self.noted(r)
+    }
+
+    /// Rows delivered by whole-table scans since the store was opened, so tests can tell a
+    /// lookup from a scan.
+    pub fn scanned_rows(&self) -> u64 {
+        self.inner.scanned.load(Ordering::Relaxed)
+    }
+
+    /// Drops every sendwell table and the migrations record (tests and `state migrate` only).
+    pub async fn drop_all(&self) -> Result<(), LedgerError> {
+        let r = async {
+            let c = self.conn().await?;
+            let mut names = vec!["sw_ledger", "sw_migrations"];
+            names.extend(Table::ALL.iter().map(|t| t.pg_name()));
+            c.batch_execute(&format!("DROP TABLE IF EXISTS {}", names.join(", ")))
+                .await
+                .map_err(pg_error)
+        }
+        .await;
+        self.noted(r)
+    }
+
+    /// Whether no sw_ table has a row.
+    pub async fn is_empty(&self) -> Result<bool, LedgerError> {
+        let r = async {
+            let c = self.conn().await?;
+            let mut names = vec!["sw_ledger"];
+            names.extend(Table::ALL.iter().map(|t| t.pg_name()));
+            let sql = format!(
+                "SELECT {}",
+                names
+                    .iter()
+                    .map(|n| format!("NOT EXISTS (SELECT 1 FROM {n})"))
+                    .collect::<Vec<_>>()
+                    .join(" AND ")
+            );
+            let st = c.prepare_cached(&sql).await.map_err(pg_error)?;
+            c.query_one(&st, &[])
+                .await
+                .map_err(pg_error)?
+                .try_get(0)
+                .map_err(pg_error)
+        }
+        .await;
+        self.noted(r)
+    }
+}
+
+/// Starts a task that waits for the database to answer again, then marks the store healthy:
+/// after an outage nothing else may write (the pipeline takes no job while the store is
+/// unhealthy), so something must notice the database's return. One at a time.
+fn probe(pool: &Pool, health: &Arc<StoreHealth>, probing: &Arc<AtomicBool>) {
+    if probing.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let (pool, health, probing) = (pool.clone(), health.clone(), probing.clone());
+    tokio::spawn(async move {
+        let mut wait = RETRY_FIRST;
+        while !health.writable() && !pool.is_closed() {
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(RETRY_MAX);
+            if let Ok(c) = pool.get().await
+                && c.simple_query("SELECT 1").await.is_ok()
+            {
+                health.succeeded();
+            }
+        }
+        probing.store(false, Ordering::Release);
+    });
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -1,0 +1,71 @@
+//! The schema's versions, embedded in the binary and applied by sendwell itself at start: no
+//! migration tool to install, and several instances starting at once apply each version once
+//! (an advisory lock orders them).
+
+use tokio_postgres::Client;
+
+use super::{MIGRATE_LOCK, pg_error};
+use crate::store::LedgerError;
+
+/// (version, name, SQL), in order; a released one is never edited.
+pub(super) const MIGRATIONS: &[(i32, &str, &str)] =
+    &[(1, "initial", include_str!("migrations/0001_initial.sql"))];
+
+/// The newest version this binary knows.
+pub(super) fn known() -> i32 {
+    MIGRATIONS.last().map_or(0, |m| m.0)
+}
+
+/// Brings the schema to [`known`] under the migration lock, each version in its own
+/// transaction; refuses a database migrated by a newer sendwell. Returns the versions applied.
+pub(super) async fn migrate(client: &mut Client) -> Result<Vec<i32>, LedgerError> {
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATE_LOCK])
+        .await
+        .map_err(pg_error)?;
+    let result = apply(client).await;
+    // A session lock: released with the connection anyway if this fails.
+    let _ = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATE_LOCK])
+        .await;
+    result
+}
+
+async fn apply(client: &mut Client) -> Result<Vec<i32>, LedgerError> {
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS sw_migrations (
+                version integer PRIMARY KEY,
+                name text NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await
+        .map_err(pg_error)?;
+    let found: Option<i32> = client
+        .query_one("SELECT max(version) FROM sw_migrations", &[])
+        .await
+        .map_err(pg_error)?
+        .get(0);
+    let found = found.unwrap_or(0);
+    if found > known() {
+        return Err(LedgerError::SchemaTooNew {
+            found: found.into(),
+            known: known().into(),
+        });
+    }
+    let mut applied = Vec::new();
+    for &(version, name, sql) in MIGRATIONS.iter().filter(|m| m.0 > found) {
+        let tx = client.transaction().await.map_err(pg_error)?;
+        tx.batch_execute(sql).await.map_err(pg_error)?;
+        tx.execute(
+            "INSERT INTO sw_migrations (version, name) VALUES ($1, $2)",
+            &[&version, &name],
+        )
+        .await
+        .map_err(pg_error)?;
+        tx.commit().await.map_err(pg_error)?;
+        tracing::info!(version, name, "State database schema migrated.");
+        applied.push(version);
+    }
+    Ok(applied)
+}

@@ -1,0 +1,841 @@
+//! Against a real PostgreSQL: `SENDWELL_TEST_PG_URL` (e.g.
+//! `postgres://sendwell@127.0.0.1:5432/sendwell`, a role that may create databases) and
+//! `SENDWELL_TEST_PG_PASSWORD`. Each test works in a database of its own, dropped at its end,
+//! so they run in parallel.
+
+use std::time::Duration;
+
+use super::*;
+
+const HOWTO: &str = "the PostgreSQL store's tests need a database: set SENDWELL_TEST_PG_URL \
+     (e.g. postgres://sendwell@127.0.0.1:5432/sendwell, a role with CREATEDB) and \
+     SENDWELL_TEST_PG_PASSWORD (scripts/ensure-postgres.sh sets one up: role, password and \
+     database `sendwell`), or SENDWELL_TEST_PG_SKIP=1 to skip them";
+
+/// A database of the test's own, dropped (WITH (FORCE)) when this is dropped, even when the
+/// test panics.
+struct TestDb {
+    name: String,
+    admin: PgSettings,
+}
+
+fn settings(url: String, password: Option<String>) -> PgSettings {
+    PgSettings {
+        url,
+        password,
+        pool_size: 4,
+        connect_timeout: Duration::from_secs(5),
+        statement_timeout: Duration::from_secs(30),
+        application_name: "sendwell-test".into(),
+    }
+}
+
+/// `url` with its database replaced by `db`.
+fn with_db(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, format!("?{q}")),
+        None => (url, String::new()),
+    };
+    let host = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[host..].find('/') {
+        Some(i) => &base[..host + i],
+        None => base,
+    };
+    format!("{base}/{db}{query}")
+}
+
+impl TestDb {
+    /// None only when skipping was asked for; panics when no database is configured.
+    async fn new() -> Option<TestDb> {
+        let url = match std::env::var("SENDWELL_TEST_PG_URL") {
+            Ok(u) if !u.is_empty() => u,
+            _ if std::env::var("SENDWELL_TEST_PG_SKIP").as_deref() == Ok("1") => {
+                eprintln!("skipped (SENDWELL_TEST_PG_SKIP=1)");
+                return None;
+            }
+            _ => panic!("{HOWTO}"),
+        };
+        let admin = settings(url, std::env::var("SENDWELL_TEST_PG_PASSWORD").ok());
+        let name = format!("sw_t_{}_{:08x}", std::process::id(), rand::random::<u32>());
+        let c = connect(&admin.config("test-admin").unwrap())
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to SENDWELL_TEST_PG_URL: {e}; {HOWTO}"));
+        c.batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        Some(TestDb { name, admin })
+    }
+
+    fn settings(&self) -> PgSettings {
+        let mut s = self.admin.clone();
+        s.url = with_db(&s.url, &self.name);
+        s
+    }
+
+    async fn open(&self) -> PgStore {
+        PgStore::open(&self.settings(), false).await.unwrap()
+    }
+
+    /// A plain connection to the test's database, to look behind the store's back.
+    async fn raw(&self) -> Client {
+        connect(&self.settings().config("test-raw").unwrap())
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let (name, admin) = (self.name.clone(), self.admin.clone());
+        // Its own thread and runtime: Drop cannot await, and the test's runtime may be
+        // single-threaded.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(c) = connect(&admin.config("test-admin").unwrap()).await {
+                    let _ = c
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                }
+            })
+        })
+        .join();
+    }
+}
+
+fn entry(state: LedgerState, attempts: u32, ms: i64) -> LedgerEntry {
+    LedgerEntry {
+        state,
+        attempts,
+        updated_ms: ms,
+        published: false,
+        event: b"{}".to_vec(),
+    }
+}
+
+fn put(table: Table, key: &[u8], value: &[u8]) -> KvOp {
+    KvOp::Put {
+        table,
+        key: key.to_vec(),
+        value: value.to_vec(),
+    }
+}
+
+fn claim(id: &str, e: LedgerEntry, expect: Option<(LedgerState, u32)>) -> KvOp {
+    KvOp::ClaimJob {
+        id: id.into(),
+        entry: e,
+        expect,
+    }
+}
+
+#[test]
+fn prefix_ends_carry_past_0xff() {
+    assert_eq!(prefix_end(b"12\0"), Some(b"12\x01".to_vec()));
+    assert_eq!(prefix_end(&[0x01, 0xFF]), Some(vec![0x02]));
+    assert_eq!(
+        prefix_end(&[0x01, 0xFE, 0xFF, 0xFF]),
+        Some(vec![0x01, 0xFF])
+    );
+    assert_eq!(prefix_end(&[0xFF, 0xFF]), None);
+    assert_eq!(prefix_end(&[]), None);
+}
+
+#[test]
+fn database_url_is_rewritten_for_the_test_database() {
+    assert_eq!(
+        with_db("postgres://sendwell@127.0.0.1:5432/sendwell", "sw_t_1"),
+        "postgres://sendwell@127.0.0.1:5432/sw_t_1"
+    );
+    assert_eq!(
+        with_db("postgres://u@h/db?sslmode=disable", "x"),
+        "postgres://u@h/x?sslmode=disable"
+    );
+    assert_eq!(with_db("postgres://u@h", "x"), "postgres://u@h/x");
+}
+
+#[test]
+fn a_url_with_a_password_is_refused() {
+    let s = settings("postgres://u:secret@h/db".into(), None);
+    let e = s.config("x").unwrap_err().to_string();
+    assert!(e.contains("password file"), "{e}");
+    assert!(!e.contains("secret"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_one_of_50_concurrent_claims_wins() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let s = db.open().await;
+    let race = |expect: Option<(LedgerState, u32)>, attempts: u32| {
+        let tasks: Vec<_> = (0..50)
+            .map(|i| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    s.kv_many(vec![
+                        claim("job", entry(LedgerState::Sending, attempts, 1), expect),
+                        put(
+                            Table::CapHistory,
+                            format!("{attempts}/{i}").as_bytes(),
+                            b"x",
+                        ),
+                    ])
+                    .await
+                })
+            })
+            .collect();
+        async move {
+            let mut won = 0;
+            for t in tasks {
+                match t.await.unwrap() {
+                    Ok(n) => {
+                        assert_eq!(n, 2, "claim 1 + put 1");
+                        won += 1;
+                    }
+                    Err(LedgerError::ClaimLost) => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            won
+        }
+    };
+    assert_eq!(race(None, 1).await, 1, "one claim of a new id wins");
+    assert_eq!(
+        s.kv_len(Table::CapHistory).await.unwrap(),
+        1,
+        "losers wrote nothing"
+    );
+    assert_eq!(
+        race(Some((LedgerState::Sending, 1)), 2).await,
+        1,
+        "one claim of a known id wins"
+    );
+    assert_eq!(s.kv_len(Table::CapHistory).await.unwrap(), 2);
+    let e = s.get("job").await.unwrap().unwrap();
+    assert_eq!((e.state, e.attempts), (LedgerState::Sending, 2));
+    // Expecting what is no longer there loses, as does expecting nothing of a known id.
+    for expect in [Some((LedgerState::Sending, 1)), None] {
+        let r = s
+            .kv_many(vec![claim(
+                "job",
+                entry(LedgerState::Sending, 9, 1),
+                expect,
+            )])
+            .await;
+        assert!(matches!(r, Err(LedgerError::ClaimLost)), "{r:?}");
+    }
+    // Expecting an entry of an id that has none loses too.
+    let r = s
+        .kv_many(vec![claim(
+            "nobody",
+            entry(LedgerState::Sending, 1, 1),
+            Some((LedgerState::Pending, 0)),
+        )])
+        .await;
+    assert!(matches!(r, Err(LedgerError::ClaimLost)), "{r:?}");
+    assert_eq!(s.get("nobody").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_lost_claim_applies_nothing_and_its_batch_neighbours_commit() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let s = db.open().await;
+    s.put("done", entry(LedgerState::Final, 1, 1))
+        .await
+        .unwrap();
+    // Sent in one poll on a single-threaded runtime: one batch.
+    let (lost, neighbour, job, won) = tokio::join!(
+        s.kv_many(vec![
+            claim("done", entry(LedgerState::Sending, 1, 2), None),
+            put(Table::WebhookSeen, b"lost", b"1"),
+            KvOp::DeleteJobs {
+                ids: vec!["other".into()]
+            },
+        ]),
+        s.kv_many(vec![put(Table::WebhookSeen, b"neighbour", b"1")]),
+        s.put("other", entry(LedgerState::Pending, 0, 3)),
+        s.kv_many(vec![
+            claim("new", entry(LedgerState::Sending, 1, 4), None),
+            put(Table::WebhookSeen, b"won", b"1"),
+        ]),
+    );
+    assert!(matches!(lost, Err(LedgerError::ClaimLost)), "{lost:?}");
+    assert_eq!(neighbour.unwrap(), 1);
+    job.unwrap();
+    assert_eq!(won.unwrap(), 2);
+    assert_eq!(s.kv_get(Table::WebhookSeen, b"lost").await.unwrap(), None);
+    assert!(
+        s.kv_get(Table::WebhookSeen, b"neighbour")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        s.kv_get(Table::WebhookSeen, b"won")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        s.get("other").await.unwrap().is_some(),
+        "the lost write's delete did not run"
+    );
+    assert_eq!(
+        s.get("done").await.unwrap().unwrap().state,
+        LedgerState::Final
+    );
+    assert_eq!(
+        s.get("new").await.unwrap().unwrap().state,
+        LedgerState::Sending
+    );
+}
+
+#[tokio::test]
+async fn a_write_whose_op_fails_applies_nothing_and_fails_no_neighbour() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let s = db.open().await;
+    // A database-side failure of one particular row ("bad").
+    db.raw()
+        .await
+        .batch_execute(
+            "CREATE FUNCTION refuse_bad() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN IF NEW.key = 'bad'::bytea THEN RAISE EXCEPTION 'refused'; END IF; \
+             RETURN NEW; END $$; \
+             CREATE TRIGGER refuse_bad BEFORE INSERT ON sw_store_meta \
+             FOR EACH ROW EXECUTE FUNCTION refuse_bad()",
+        )
+        .await
+        .unwrap();
+    s.kv_put(Table::CapHistory, b"kept".to_vec(), b"old".to_vec())
+        .await
+        .unwrap();
+    let (bad, before, after) = tokio::join!(
+        s.kv_put(Table::StoreMeta, b"first".to_vec(), b"1".to_vec()),
+        s.kv_many(vec![
+            put(Table::StoreMeta, b"ok", b"1"),
+            KvOp::Delete {
+                table: Table::CapHistory,
+                key: b"kept".to_vec()
+            },
+            put(Table::StoreMeta, b"bad", b"1"),
+        ]),
+        s.put_with(
+            "job",
+            entry(LedgerState::Final, 1, 1),
+            vec![put(Table::StoreMeta, b"after", b"1")]
+        ),
+    );
+    bad.unwrap();
+    assert!(matches!(before, Err(LedgerError::Store(_))), "{before:?}");
+    after.unwrap();
+    assert_eq!(s.kv_get(Table::StoreMeta, b"ok").await.unwrap(), None);
+    assert_eq!(
+        s.kv_get(Table::CapHistory, b"kept").await.unwrap(),
+        Some(b"old".to_vec()),
+        "rolled back"
+    );
+    assert!(
+        s.kv_get(Table::StoreMeta, b"first")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        s.kv_get(Table::StoreMeta, b"after")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(s.get("job").await.unwrap().is_some());
+    assert!(s.health().writable(), "a bad write is no outage");
+}
+
+#[tokio::test]
+async fn delete_prefix_is_a_key_range() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let s = db.open().await;
+    let t = Table::ConsentHistory;
+    let keys: [&[u8]; 10] = [
+        b"12",
+        b"12\0a",
+        b"12\0b",
+        b"123\0a",
+        b"12\x01",
+        b"13",
+        &[0x01, 0xFE],
+        &[0x01, 0xFF],
+        &[0x01, 0xFF, 0x00, 0xFF],
+        &[0x02],
+    ];
+    let mut ops: Vec<KvOp> = keys.iter().map(|k| put(t, k, b"v")).collect();
+    ops.push(put(t, &[0xFF, 0xFF, 0x01], b"v"));
+    ops.push(put(t, &[0xFF, 0xFE], b"v"));
+    assert_eq!(s.kv_many(ops).await.unwrap(), 12);
+    let scan = |p: &'static [u8]| {
+        let s = s.clone();
+        async move {
+            s.kv_scan_prefix(t, p)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        scan(b"12\0").await,
+        vec![b"12\0a".to_vec(), b"12\0b".to_vec()]
+    );
+    assert_eq!(
+        scan(&[0x01, 0xFF]).await,
+        vec![vec![0x01, 0xFF], vec![0x01, 0xFF, 0x00, 0xFF]]
+    );
+    assert_eq!(scan(&[0xFF, 0xFF]).await, vec![vec![0xFF, 0xFF, 0x01]]);
+    let del = |p: &[u8]| KvOp::DeletePrefix {
+        table: t,
+        prefix: p.to_vec(),
+    };
+    assert_eq!(s.kv_many(vec![del(b"12\0")]).await.unwrap(), 2);
+    assert_eq!(s.kv_many(vec![del(&[0x01, 0xFF])]).await.unwrap(), 2);
+    assert_eq!(s.kv_many(vec![del(&[0xFF, 0xFF])]).await.unwrap(), 1);
+    assert_eq!(s.kv_many(vec![del(b"nothing")]).await.unwrap(), 0);
+    let left: Vec<Vec<u8>> = s
+        .kv_scan(t)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(
+        left,
+        vec![
+            vec![0x01, 0xFE],
+            vec![0x02],
+            b"12".to_vec(),
+            b"12\x01".to_vec(),
+            b"123\0a".to_vec(),
+            b"13".to_vec(),
+            vec![0xFF, 0xFE],
+        ]
+    );
+    // The empty prefix is every key, as in redb.
+    assert_eq!(s.kv_many(vec![del(b"")]).await.unwrap(), 7);
+    assert_eq!(s.kv_len(t).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn ops_apply_in_order_within_a_write_and_across_a_batch() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let s = db.open().await;
+    let t = Table::TierUsage;
+    let del = KvOp::Delete {
+        table: t,
+        key: b"k".to_vec(),
+    };
+    assert_eq!(
+        s.kv_many(vec![put(t, b"k", b"1"), del.clone(), put(t, b"k", b"2")])
+            .await
+            .unwrap(),
+        3
+    );
+    assert_eq!(s.kv_get(t, b"k").await.unwrap(), Some(b"2".to_vec()));
+    assert_eq!(
+        s.kv_many(vec![put(t, b"k", b"3"), del.clone()])
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(s.kv_get(t, b"k").await.unwrap(), None);
+    assert_eq!(s.kv_many(vec![del.clone()]).await.unwrap(), 0, "absent");
+    // The same across the writes of one batch.
+    let (a, b, c) = tokio::join!(
+        s.kv_put(t, b"k".to_vec(), b"4".to_vec()),
+        s.kv_many(vec![del.clone()]),
+        s.kv_put(t, b"k".to_vec(), b"5".to_vec()),
+    );
+    a.unwrap();
+    assert_eq!(b.unwrap(), 1);
+    c.unwrap();
+    assert_eq!(s.kv_get(t, b"k").await.unwrap(), Some(b"5".to_vec()));
+    // A ledger entry written then claimed within one batch: the claim sees the write.
+    let (w, c) = tokio::join!(
+        s.put("j", entry(LedgerState::Pending, 0, 1)),
+        s.kv_many(vec![claim(
+            "j",
+            entry(LedgerState::Sending, 1, 2),
+            Some((LedgerState::Pending, 0))
+        )]),
+    );
+    w.unwrap();
+    assert_eq!(c.unwrap(), 1);
+    assert_eq!(s.get("j").await.unwrap().unwrap().attempts, 1);
+}
+
+#[tokio::test]
+async fn delete_if_loses_to_a_later_write() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let s = db.open().await;
+    let t = Table::UserLimit;
+    s.kv_put(t, b"k".to_vec(), b"old".to_vec()).await.unwrap();
+    let delete_if = |v: &[u8]| KvOp::DeleteIf {
+        table: t,
+        key: b"k".to_vec(),
+        value: v.to_vec(),
+    };
+    let (w, d) = tokio::join!(
+        s.kv_put(t, b"k".to_vec(), b"new".to_vec()),
+        s.kv_many(vec![delete_if(b"old")]),
+    );
+    w.unwrap();
+    assert_eq!(d.unwrap(), 0);
+    assert_eq!(s.kv_get(t, b"k").await.unwrap(), Some(b"new".to_vec()));
+    assert_eq!(s.kv_many(vec![delete_if(b"new")]).await.unwrap(), 1);
+    assert_eq!(s.kv_get(t, b"k").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_published_mark_is_seen_at_once_and_stored_soon() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let s = db.open().await;
+    s.put("j", entry(LedgerState::Final, 1, 1)).await.unwrap();
+    assert!(!s.get("j").await.unwrap().unwrap().published);
+    s.mark_published("j").await.unwrap();
+    assert!(s.get("j").await.unwrap().unwrap().published, "at once");
+    let raw = db.raw().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let stored: bool = raw
+            .query_one("SELECT published FROM sw_ledger WHERE id = 'j'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if stored && lock(&s.inner.published).is_empty() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "mark never stored");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(s.get("j").await.unwrap().unwrap().published);
+}
+
+#[tokio::test]
+async fn purge_removes_old_jobs_and_what_is_keyed_by_them() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let s = db.open().await;
+    let ts = |ms: i64| ms.to_le_bytes().to_vec();
+    let mut ops = Vec::new();
+    for (id, ms, wamid) in [("old", 1000, "w1"), ("new", 5000, "w2")] {
+        ops.push(KvOp::PutJob {
+            id: id.into(),
+            entry: entry(LedgerState::Final, 1, ms),
+        });
+        ops.push(put(Table::Delivery, id.as_bytes(), b"delivered"));
+        ops.push(put(Table::Wamids, wamid.as_bytes(), id.as_bytes()));
+        ops.push(put(
+            Table::WebhookSeen,
+            format!("billed|{wamid}").as_bytes(),
+            b"1",
+        ));
+        ops.push(put(
+            Table::JobsByNumber,
+            &crate::store::number_job_key("4912345", id),
+            wamid.as_bytes(),
+        ));
+    }
+    ops.push(put(Table::WebhookSeen, b"seen-old", &ts(500)));
+    ops.push(put(Table::WebhookSeen, b"seen-new", &ts(5000)));
+    s.kv_many(ops).await.unwrap();
+    assert_eq!(s.purge(2000).await.unwrap(), 1);
+    assert_eq!(s.get("old").await.unwrap(), None);
+    assert!(s.get("new").await.unwrap().is_some());
+    let keys = |t: Table| {
+        let s = s.clone();
+        async move {
+            s.kv_scan(t)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|(k, _)| String::from_utf8(k).unwrap())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(keys(Table::Delivery).await, ["new"]);
+    assert_eq!(keys(Table::Wamids).await, ["w2"]);
+    assert_eq!(keys(Table::WebhookSeen).await, ["billed|w2", "seen-new"]);
+    assert_eq!(keys(Table::JobsByNumber).await, ["4912345\0new"]);
+    assert_eq!(s.purge(2000).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn purge_goes_in_chunks() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let s = db.open().await;
+    let ops: Vec<KvOp> = (0..4500)
+        .map(|i| KvOp::PutJob {
+            id: format!("j{i}"),
+            entry: entry(LedgerState::Final, 1, 10),
+        })
+        .collect();
+    s.kv_many(ops).await.unwrap();
+    assert_eq!(s.purge(11).await.unwrap(), 4500);
+    assert!(s.is_empty().await.unwrap());
+}
+
+#[tokio::test]
+async fn migrations_apply_once_and_a_newer_schema_is_refused() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let s = db.open().await;
+    s.kv_put(Table::StoreMeta, b"k".to_vec(), b"v".to_vec())
+        .await
+        .unwrap();
+    drop(s);
+    // A daemon's second open (the first let go of nothing it needs: the lock is shared).
+    let s = db.open().await;
+    assert_eq!(
+        s.kv_get(Table::StoreMeta, b"k").await.unwrap(),
+        Some(b"v".to_vec())
+    );
+    let raw = db.raw().await;
+    let n: i64 = raw
+        .query_one("SELECT count(*) FROM sw_migrations", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, MIGRATIONS_KNOWN as i64);
+    raw.batch_execute("INSERT INTO sw_migrations (version, name) VALUES (99, 'future')")
+        .await
+        .unwrap();
+    match PgStore::open(&db.settings(), false).await {
+        Err(LedgerError::SchemaTooNew { found, known }) => {
+            assert_eq!((found, known), (99, MIGRATIONS_KNOWN as i64));
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("opened a newer schema"),
+    }
+}
+
+const MIGRATIONS_KNOWN: usize = schema::MIGRATIONS.len();
+
+#[tokio::test]
+async fn a_tool_gets_in_use_while_a_daemon_has_the_store() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let daemon = db.open().await;
+    let second = db.open().await;
+    match PgStore::open(&db.settings(), true).await {
+        Err(LedgerError::InUse) => {}
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a tool opened the store under a daemon"),
+    }
+    drop((daemon, second));
+    // The daemons' writers let go as their tasks end.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let tool = loop {
+        match PgStore::open(&db.settings(), true).await {
+            Ok(t) => break t,
+            Err(LedgerError::InUse) if tokio::time::Instant::now() < deadline => {}
+            Err(e) => panic!("{e}"),
+        }
+    };
+    // And a daemon cannot start under a tool.
+    assert!(matches!(
+        PgStore::open(&db.settings(), false).await,
+        Err(LedgerError::InUse)
+    ));
+    drop(tool);
+}
+
+#[tokio::test]
+async fn the_writer_survives_a_killed_connection() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let s = db.open().await;
+    s.kv_put(Table::Inbound, b"before".to_vec(), b"1".to_vec())
+        .await
+        .unwrap();
+    let raw = db.raw().await;
+    let writer_pid = || async {
+        raw.query(
+            "SELECT pid FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name = 'sendwell-test:writer'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<_, i32>(0))
+        .collect::<Vec<_>>()
+    };
+    let pids = writer_pid().await;
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    let killed: bool = raw
+        .query_one("SELECT pg_terminate_backend($1)", &[&pids[0]])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(killed);
+    // Written on a dead connection first: held, retried on a new one, committed.
+    s.kv_put(Table::Inbound, b"after".to_vec(), b"2".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(
+        s.kv_get(Table::Inbound, b"after").await.unwrap(),
+        Some(b"2".to_vec())
+    );
+    let now = writer_pid().await;
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_ne!(now, pids, "a new connection");
+    assert!(s.health().writable());
+    // The lock came back with it: a tool still gets InUse.
+    assert!(matches!(
+        PgStore::open(&db.settings(), true).await,
+        Err(LedgerError::InUse)
+    ));
+}
+
+#[tokio::test]
+async fn an_outage_fails_writes_after_the_hold_and_a_probe_notices_the_return() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let s = db.open().await;
+    s.health().set_hold(Duration::from_millis(300));
+    s.kv_put(Table::Inbound, b"a".to_vec(), b"1".to_vec())
+        .await
+        .unwrap();
+    let raw = connect(&db.admin.config("test-admin").unwrap())
+        .await
+        .unwrap();
+    // The database goes away for the store: no new connection, its sessions ended.
+    raw.batch_execute(&format!(
+        "ALTER DATABASE {0} ALLOW_CONNECTIONS false; \
+         SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{0}'",
+        db.name
+    ))
+    .await
+    .unwrap();
+    let w = s.kv_put(Table::Inbound, b"b".to_vec(), b"2".to_vec()).await;
+    assert!(matches!(w, Err(LedgerError::Io(_))), "{w:?}");
+    assert!(!s.health().writable());
+    let r = s.kv_get(Table::Inbound, b"a").await;
+    assert!(matches!(r, Err(LedgerError::Io(_))), "{r:?}");
+    let g = s.get("j").await;
+    assert!(matches!(g, Err(LedgerError::Io(_))), "{g:?}");
+    raw.batch_execute(&format!(
+        "ALTER DATABASE {} ALLOW_CONNECTIONS true",
+        db.name
+    ))
+    .await
+    .unwrap();
+    // Nothing is written: the probe alone brings the store back.
+    tokio::time::timeout(Duration::from_secs(10), s.health().wait_writable())
+        .await
+        .expect("the store noticed the database's return");
+    s.kv_put(Table::Inbound, b"c".to_vec(), b"3".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(
+        s.kv_get(Table::Inbound, b"c").await.unwrap(),
+        Some(b"3".to_vec())
+    );
+}
+
+#[tokio::test]
+async fn reads_scans_and_counts() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let s = db.open().await;
+    assert!(s.is_empty().await.unwrap());
+    let t = Table::ConsentSummary;
+    // More than a page, in one write.
+    let ops: Vec<KvOp> = (0..5000u32)
+        .map(|i| put(t, &i.to_be_bytes(), &[i as u8]))
+        .collect();
+    assert_eq!(s.kv_many(ops).await.unwrap(), 5000);
+    assert_eq!(s.kv_len(t).await.unwrap(), 5000);
+    let mut n = 0u32;
+    let before = s.scanned_rows();
+    s.kv_for_each(t, |k, v| {
+        assert_eq!(k, n.to_be_bytes(), "in key order, each once");
+        assert_eq!(v, [n as u8]);
+        n += 1;
+    })
+    .await
+    .unwrap();
+    assert_eq!(n, 5000);
+    assert_eq!(s.scanned_rows() - before, 5000);
+    assert!(
+        s.kv_insert_if_absent(t, b"x".to_vec(), b"1".to_vec())
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.kv_insert_if_absent(t, b"x".to_vec(), b"2".to_vec())
+            .await
+            .unwrap()
+    );
+    assert_eq!(s.kv_get(t, b"x").await.unwrap(), Some(b"1".to_vec()));
+    s.kv_put_nowait(Table::WaIds, b"w".to_vec(), vec![]);
+    let mut e = entry(LedgerState::Final, 3, 7);
+    e.event = b"{\"to\":\"+4912345\"}".to_vec();
+    s.put_with("j", e.clone(), vec![put(Table::Delivery, b"j", b"d")])
+        .await
+        .unwrap();
+    assert_eq!(s.get("j").await.unwrap(), Some(e.clone()));
+    assert_eq!(s.kv_get(Table::WaIds, b"w").await.unwrap(), Some(vec![]));
+    assert_eq!(
+        s.job_ids_mentioning(b"4912345", 7).await.unwrap(),
+        vec!["j".to_string()]
+    );
+    assert!(
+        s.job_ids_mentioning(b"4912345", 6)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(s.job_ids_mentioning(b"999", 7).await.unwrap().is_empty());
+    let dump = s.dump_all().await.unwrap();
+    assert_eq!(dump[0], (b"j".to_vec(), e.encode(0)));
+    assert_eq!(dump.len(), 1 + 5001 + 1 + 1);
+    assert_eq!(s.compact().await.unwrap(), 0);
+    s.remove("j").await.unwrap();
+    assert_eq!(s.get("j").await.unwrap(), None);
+    assert!(!s.is_empty().await.unwrap());
+    s.drop_all().await.unwrap();
+    let tables: i64 = db
+        .raw()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'sw\\_%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tables, 0);
+}

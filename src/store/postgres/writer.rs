@@ -1,0 +1,630 @@
+//! The writer task: group commit on one dedicated connection.
+//!
+//! Everything waiting (up to [`MAX_BATCH`] writes) becomes one transaction: `BEGIN` and the
+//! claims, pipelined (one round trip); then every op of the writes whose claim won (or that have
+//! none), in order, pipelined; then, every result checked, `COMMIT`. tokio-postgres sends a
+//! request when its future is first polled and the server runs them in that order, so a write's
+//! ops (and two writes to one key) apply in the order they were asked for.
+//!
+//! A lost claim is no error to the server (its statement simply matches no row), so the
+//! transaction goes on and commits the other writes. A statement that fails aborts the
+//! transaction: the batch is then tried again one write per transaction, so that one bad write
+//! cannot fail its neighbours. When the database cannot be reached, the batch is held and
+//! retried on a new connection, for as long as [`StoreHealth::holding`] allows, as the redb
+//! writer holds its batch through a full disk.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::task::Poll;
+
+use deadpool_postgres::Pool;
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::{Client, Statement};
+
+use super::{
+    Published, RETRY_FIRST, RETRY_MAX, STORE_LOCK, connect, describe, is_unavailable, lock,
+    prefix_end, state_code,
+};
+use crate::store::health::StoreHealth;
+use crate::store::ledger::{KvOp, LedgerError, Table};
+
+/// Writes per transaction at most.
+const MAX_BATCH: usize = 4096;
+/// Publish marks stored per commit at most (the rest go with the next one).
+const MAX_MARKS: usize = 10_000;
+
+pub(super) enum Op {
+    /// All or nothing; a [`KvOp::ClaimJob`] may only come first.
+    Many(Vec<KvOp>),
+    /// Inserts only when the key is absent; counts 1 when it inserted.
+    InsertIfAbsent {
+        table: Table,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    /// Nothing but a wake-up: publish marks are waiting to be stored.
+    Flush,
+}
+
+pub(super) struct Request {
+    pub(super) op: Op,
+    /// None for writes nobody waits for.
+    pub(super) done: Option<oneshot::Sender<Result<u64, LedgerError>>>,
+}
+
+impl Request {
+    /// The claim this write starts with, if any.
+    fn claim(&self) -> Option<&str> {
+        match &self.op {
+            Op::Many(ops) => match ops.first() {
+                Some(KvOp::ClaimJob { id, .. }) => Some(id),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// Ledger ids this write may change.
+    fn jobs(&self, ids: &mut HashSet<String>) {
+        let Op::Many(ops) = &self.op else { return };
+        for op in ops {
+            match op {
+                KvOp::PutJob { id, .. } | KvOp::ClaimJob { id, .. } => {
+                    ids.insert(id.clone());
+                }
+                KvOp::DeleteJobs { ids: gone } => ids.extend(gone.iter().cloned()),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Takes the store's lock: shared for a daemon (any number of them), exclusive for a tool.
+/// False when someone else holds it in the other mode.
+pub(super) async fn take_lock(client: &Client, exclusive: bool) -> Result<bool, LedgerError> {
+    let sql = if exclusive {
+        "SELECT pg_try_advisory_lock($1)"
+    } else {
+        "SELECT pg_try_advisory_lock_shared($1)"
+    };
+    client
+        .query_one(sql, &[&STORE_LOCK])
+        .await
+        .and_then(|r| r.try_get(0))
+        .map_err(super::pg_error)
+}
+
+struct TableStmts {
+    put: Statement,
+    delete: Statement,
+    delete_range: Statement,
+    delete_from: Statement,
+    delete_if: Statement,
+    insert_if_absent: Statement,
+}
+
+/// Every statement the writer runs, prepared once per connection.
+struct Stmts {
+    tables: Vec<TableStmts>,
+    put_job: Statement,
+    claim_new: Statement,
+    claim_update: Statement,
+    delete_jobs: Statement,
+    mark_published: Statement,
+}
+
+impl Stmts {
+    async fn prepare(c: &Client) -> Result<Stmts, tokio_postgres::Error> {
+        use futures_util::future::try_join_all;
+        let ledger = [
+            "INSERT INTO sw_ledger (id, state, attempts, updated_ms, published, event) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO UPDATE SET \
+             state = EXCLUDED.state, attempts = EXCLUDED.attempts, \
+             updated_ms = EXCLUDED.updated_ms, published = EXCLUDED.published, \
+             event = EXCLUDED.event"
+                .to_string(),
+            "INSERT INTO sw_ledger (id, state, attempts, updated_ms, published, event) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING"
+                .to_string(),
+            "UPDATE sw_ledger SET state = $2, attempts = $3, updated_ms = $4, published = $5, \
+             event = $6 WHERE id = $1 AND state = $7 AND attempts = $8"
+                .to_string(),
+            "DELETE FROM sw_ledger WHERE id = ANY($1)".to_string(),
+            "UPDATE sw_ledger SET published = true WHERE id = ANY($1)".to_string(),
+        ];
+        let mut sql: Vec<String> = ledger.to_vec();
+        for t in Table::ALL {
+            let n = t.pg_name();
+            sql.extend([
+                format!(
+                    "INSERT INTO {n} (key, value) VALUES ($1, $2) \
+                     ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
+                ),
+                format!("DELETE FROM {n} WHERE key = $1"),
+                format!("DELETE FROM {n} WHERE key >= $1 AND key < $2"),
+                format!("DELETE FROM {n} WHERE key >= $1"),
+                format!("DELETE FROM {n} WHERE key = $1 AND value = $2"),
+                format!(
+                    "INSERT INTO {n} (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING"
+                ),
+            ]);
+        }
+        // Prepared together: one round trip, not a hundred.
+        let mut st = try_join_all(sql.iter().map(|s| c.prepare(s)))
+            .await?
+            .into_iter();
+        let mut next = || st.next().expect("one statement per text");
+        let (put_job, claim_new, claim_update, delete_jobs, mark_published) =
+            (next(), next(), next(), next(), next());
+        let tables = Table::ALL
+            .iter()
+            .map(|_| TableStmts {
+                put: next(),
+                delete: next(),
+                delete_range: next(),
+                delete_from: next(),
+                delete_if: next(),
+                insert_if_absent: next(),
+            })
+            .collect();
+        Ok(Stmts {
+            tables,
+            put_job,
+            claim_new,
+            claim_update,
+            delete_jobs,
+            mark_published,
+        })
+    }
+
+    fn t(&self, t: Table) -> &TableStmts {
+        &self.tables[t as usize]
+    }
+}
+
+/// Why a transaction did not commit.
+enum Fail {
+    /// The database cannot be reached (or the connection broke): hold and retry.
+    Unavailable(String),
+    /// A statement failed: the write is wrong, or a neighbour is.
+    Statement(String),
+}
+
+impl From<tokio_postgres::Error> for Fail {
+    fn from(e: tokio_postgres::Error) -> Self {
+        if is_unavailable(&e) {
+            Fail::Unavailable(describe(&e))
+        } else {
+            Fail::Statement(describe(&e))
+        }
+    }
+}
+
+type Fut<'a> = Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a>>;
+
+/// Runs the statements pipelined: each future is polled once in order (which sends its
+/// request), then all are awaited; the server answers in order.
+async fn pipelined(futs: Vec<Fut<'_>>) -> Vec<Result<u64, tokio_postgres::Error>> {
+    let mut futs: Vec<(Fut<'_>, Option<Result<u64, tokio_postgres::Error>>)> =
+        futs.into_iter().map(|f| (f, None)).collect();
+    std::future::poll_fn(|cx| {
+        for (f, out) in futs.iter_mut() {
+            if let Poll::Ready(r) = f.as_mut().poll(cx) {
+                *out = Some(r);
+            }
+        }
+        Poll::Ready(())
+    })
+    .await;
+    let mut results = Vec::with_capacity(futs.len());
+    for (f, out) in futs {
+        results.push(match out {
+            Some(r) => r,
+            None => f.await,
+        });
+    }
+    results
+}
+
+/// The statement of one op (not a write's leading claim, which runs before).
+fn op_future<'a>(c: &'a Client, st: &'a Stmts, op: &'a KvOp) -> Fut<'a> {
+    match op {
+        KvOp::Put { table, key, value } => {
+            Box::pin(async move { c.execute(&st.t(*table).put, &[key, value]).await })
+        }
+        KvOp::Delete { table, key } => {
+            Box::pin(async move { c.execute(&st.t(*table).delete, &[key]).await })
+        }
+        KvOp::DeletePrefix { table, prefix } => match prefix_end(prefix) {
+            Some(end) => {
+                Box::pin(
+                    async move { c.execute(&st.t(*table).delete_range, &[prefix, &end]).await },
+                )
+            }
+            None => Box::pin(async move { c.execute(&st.t(*table).delete_from, &[prefix]).await }),
+        },
+        KvOp::DeleteIf { table, key, value } => {
+            Box::pin(async move { c.execute(&st.t(*table).delete_if, &[key, value]).await })
+        }
+        KvOp::PutJob { id, entry } | KvOp::ClaimJob { id, entry, .. } => Box::pin(async move {
+            let (state, attempts) = (state_code(entry.state), entry.attempts as i32);
+            c.execute(
+                &st.put_job,
+                &[
+                    id,
+                    &state,
+                    &attempts,
+                    &entry.updated_ms,
+                    &entry.published,
+                    &entry.event,
+                ],
+            )
+            .await
+        }),
+        KvOp::DeleteJobs { ids } => {
+            Box::pin(async move { c.execute(&st.delete_jobs, &[ids]).await })
+        }
+    }
+}
+
+/// A write's leading claim: 1 when it won, 0 when the entry was not what it expected.
+fn claim_future<'a>(c: &'a Client, st: &'a Stmts, op: &'a KvOp) -> Fut<'a> {
+    let KvOp::ClaimJob { id, entry, expect } = op else {
+        unreachable!("only called with a claim")
+    };
+    Box::pin(async move {
+        let (state, attempts) = (state_code(entry.state), entry.attempts as i32);
+        let new: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
+            id,
+            &state,
+            &attempts,
+            &entry.updated_ms,
+            &entry.published,
+            &entry.event,
+        ];
+        match expect {
+            None => c.execute(&st.claim_new, &new).await,
+            Some((s, a)) => {
+                let (s, a) = (state_code(*s), *a as i32);
+                let mut p = new.to_vec();
+                p.extend::<[&(dyn tokio_postgres::types::ToSql + Sync); 2]>([&s, &a]);
+                c.execute(&st.claim_update, &p).await
+            }
+        }
+    })
+}
+
+pub(super) struct Writer {
+    client: Option<Client>,
+    stmts: Option<Stmts>,
+    config: tokio_postgres::Config,
+    exclusive: bool,
+    health: Arc<StoreHealth>,
+    published: Published,
+    pool: Pool,
+    /// Shared with the store's reads: one probe at a time.
+    probing: Arc<AtomicBool>,
+}
+
+impl Writer {
+    /// `client`: connected, holding the store's lock, schema migrated.
+    pub(super) async fn new(
+        client: Client,
+        config: tokio_postgres::Config,
+        exclusive: bool,
+        health: Arc<StoreHealth>,
+        published: Published,
+        pool: Pool,
+        probing: Arc<AtomicBool>,
+    ) -> Result<Writer, LedgerError> {
+        let stmts = Stmts::prepare(&client).await.map_err(super::pg_error)?;
+        Ok(Writer {
+            client: Some(client),
+            stmts: Some(stmts),
+            config,
+            exclusive,
+            health,
+            published,
+            pool,
+            probing,
+        })
+    }
+
+    pub(super) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Request>) {
+        let mut batch: Vec<Request> = Vec::with_capacity(256);
+        while let Some(first) = rx.recv().await {
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+            let marks: Vec<Box<str>> = lock(&self.published)
+                .iter()
+                .take(MAX_MARKS)
+                .cloned()
+                .collect();
+            let groups = split(&batch);
+            let last = groups.len() - 1;
+            let mut reqs = batch.drain(..);
+            for (i, n) in groups.into_iter().enumerate() {
+                let group: Vec<Request> = reqs.by_ref().take(n).collect();
+                let m: &[Box<str>] = if i == last { &marks } else { &[] };
+                let results = self.apply_holding(&group, m, &rx).await;
+                for (req, res) in group.into_iter().zip(results) {
+                    if let Some(done) = req.done {
+                        let _ = done.send(res);
+                    }
+                }
+            }
+        }
+        // Every handle is gone: marks not yet stored get one more try, without a hold.
+        let marks: Vec<Box<str>> = lock(&self.published).iter().cloned().collect();
+        if !marks.is_empty() && self.ensure_connected().await.is_ok() {
+            let _ = self.apply(&[], &marks).await;
+        }
+        self.pool.close();
+        // Dropping the client closes the connection, and the store's lock goes with it.
+    }
+
+    /// The batch, or its writes one per transaction when a statement failed.
+    async fn apply_holding(
+        &mut self,
+        reqs: &[Request],
+        marks: &[Box<str>],
+        rx: &mpsc::UnboundedReceiver<Request>,
+    ) -> Vec<Result<u64, LedgerError>> {
+        match self.hold(reqs, marks, rx).await {
+            Ok(r) => r,
+            Err(Fail::Unavailable(m)) => reqs
+                .iter()
+                .map(|_| Err(LedgerError::Io(m.clone())))
+                .collect(),
+            Err(Fail::Statement(m)) if reqs.len() + marks.len() <= 1 => {
+                vec![Err(LedgerError::Store(m))]
+            }
+            Err(Fail::Statement(_)) => {
+                let mut out = Vec::with_capacity(reqs.len());
+                for r in reqs {
+                    out.push(match self.hold(std::slice::from_ref(r), &[], rx).await {
+                        Ok(mut v) => v.pop().unwrap_or(Ok(0)),
+                        Err(Fail::Unavailable(m)) => Err(LedgerError::Io(m)),
+                        Err(Fail::Statement(m)) => Err(LedgerError::Store(m)),
+                    });
+                }
+                if !marks.is_empty() {
+                    // Left in memory when this fails: the next commit tries again.
+                    let _ = self.hold(&[], marks, rx).await;
+                }
+                out
+            }
+        }
+    }
+
+    /// Applies the writes in one transaction, holding them through an outage: reconnects and
+    /// tries again until they commit, a statement fails, the hold runs out or every handle is
+    /// gone.
+    async fn hold(
+        &mut self,
+        reqs: &[Request],
+        marks: &[Box<str>],
+        rx: &mpsc::UnboundedReceiver<Request>,
+    ) -> Result<Vec<Result<u64, LedgerError>>, Fail> {
+        let mut wait = RETRY_FIRST;
+        loop {
+            let r = match self.ensure_connected().await {
+                Ok(()) => self.apply(reqs, marks).await,
+                Err(m) => Err(Fail::Unavailable(m)),
+            };
+            match r {
+                Ok(v) => {
+                    self.health.succeeded();
+                    let mut p = lock(&self.published);
+                    for id in marks {
+                        p.remove(id);
+                    }
+                    return Ok(v);
+                }
+                Err(Fail::Unavailable(m)) => {
+                    self.client = None;
+                    self.stmts = None;
+                    self.health.failed(&m);
+                    if !self.health.holding() || rx.is_closed() {
+                        // Writes fail now; the store is healthy again once the database
+                        // answers, whether or not anything is written meanwhile.
+                        super::probe(&self.pool, &self.health, &self.probing);
+                        return Err(Fail::Unavailable(m));
+                    }
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(RETRY_MAX);
+                }
+                Err(f) => return Err(f),
+            }
+        }
+    }
+
+    /// A working connection that holds the store's lock, with the statements prepared.
+    async fn ensure_connected(&mut self) -> Result<(), String> {
+        if self.client.as_ref().is_some_and(|c| !c.is_closed()) && self.stmts.is_some() {
+            return Ok(());
+        }
+        self.client = None;
+        self.stmts = None;
+        let client = connect(&self.config).await.map_err(|e| e.to_string())?;
+        if !take_lock(&client, self.exclusive)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            return Err("the store's lock is held by another process".into());
+        }
+        let stmts = Stmts::prepare(&client).await.map_err(|e| describe(&e))?;
+        self.client = Some(client);
+        self.stmts = Some(stmts);
+        Ok(())
+    }
+
+    /// One transaction: the claims, then the ops of every write whose claim won, then the
+    /// marks; one result per write.
+    async fn apply(
+        &self,
+        reqs: &[Request],
+        marks: &[Box<str>],
+    ) -> Result<Vec<Result<u64, LedgerError>>, Fail> {
+        let (Some(c), Some(st)) = (&self.client, &self.stmts) else {
+            return Err(Fail::Unavailable("not connected".into()));
+        };
+        let mut results: Vec<Option<Result<u64, LedgerError>>> = reqs
+            .iter()
+            .map(|r| match &r.op {
+                Op::Many(ops)
+                    if ops
+                        .iter()
+                        .skip(1)
+                        .any(|o| matches!(o, KvOp::ClaimJob { .. })) =>
+                {
+                    Some(Err(LedgerError::Store(
+                        "a ClaimJob must be the first op of its write".into(),
+                    )))
+                }
+                _ => None,
+            })
+            .collect();
+        let work = reqs
+            .iter()
+            .zip(&results)
+            .any(|(r, res)| res.is_none() && !matches!(&r.op, Op::Flush) && !is_empty(&r.op));
+        if !work && marks.is_empty() {
+            return Ok(results.into_iter().map(|r| r.unwrap_or(Ok(0))).collect());
+        }
+
+        // BEGIN and the claims, in one round trip.
+        let mut futs: Vec<Fut<'_>> = vec![Box::pin(async move {
+            c.batch_execute("BEGIN").await.map(|()| 0)
+        })];
+        let mut claims = Vec::new();
+        for (i, r) in reqs.iter().enumerate() {
+            if results[i].is_none()
+                && let Op::Many(ops) = &r.op
+                && let Some(op @ KvOp::ClaimJob { .. }) = ops.first()
+            {
+                futs.push(claim_future(c, st, op));
+                claims.push(i);
+            }
+        }
+        let out = pipelined(futs).await;
+        let mut out = out.into_iter();
+        let mut error = None;
+        if let Err(e) = out.next().expect("BEGIN's result") {
+            note(&mut error, e);
+        }
+        let mut counts = vec![0u64; reqs.len()];
+        for (i, r) in claims.iter().zip(out) {
+            match r {
+                Ok(1) => counts[*i] = 1,
+                Ok(_) => results[*i] = Some(Err(LedgerError::ClaimLost)),
+                Err(e) => note(&mut error, e),
+            }
+        }
+        if let Some(e) = error {
+            return Err(self.abort(e).await);
+        }
+
+        // The ops of the writes still on, in order, in one round trip.
+        let mut futs: Vec<Fut<'_>> = Vec::new();
+        let mut owner = Vec::new();
+        for (i, r) in reqs.iter().enumerate() {
+            if results[i].is_some() {
+                continue;
+            }
+            match &r.op {
+                Op::Many(ops) => {
+                    let skip = claims.contains(&i) as usize;
+                    for op in &ops[skip..] {
+                        futs.push(op_future(c, st, op));
+                        owner.push(Some(i));
+                    }
+                }
+                Op::InsertIfAbsent { table, key, value } => {
+                    futs.push(Box::pin(async move {
+                        c.execute(&st.t(*table).insert_if_absent, &[key, value])
+                            .await
+                    }));
+                    owner.push(Some(i));
+                }
+                Op::Flush => {}
+            }
+        }
+        if !marks.is_empty() {
+            futs.push(Box::pin(async move {
+                let ids: Vec<&str> = marks.iter().map(|m| &**m).collect();
+                c.execute(&st.mark_published, &[&ids]).await
+            }));
+            owner.push(None);
+        }
+        for (who, r) in owner.into_iter().zip(pipelined(futs).await) {
+            match r {
+                Ok(n) => {
+                    if let Some(i) = who {
+                        counts[i] += n;
+                    }
+                }
+                Err(e) => note(&mut error, e),
+            }
+        }
+        if let Some(e) = error {
+            return Err(self.abort(e).await);
+        }
+        c.batch_execute("COMMIT").await?;
+        Ok(results
+            .into_iter()
+            .zip(counts)
+            .map(|(r, n)| r.unwrap_or(Ok(n)))
+            .collect())
+    }
+
+    /// Ends a transaction that failed; the cause is returned.
+    async fn abort(&self, f: Fail) -> Fail {
+        if let (Fail::Statement(_), Some(c)) = (&f, &self.client) {
+            // Fails only with the connection, which is then replaced anyway.
+            let _ = c.batch_execute("ROLLBACK").await;
+        }
+        f
+    }
+}
+
+fn is_empty(op: &Op) -> bool {
+    matches!(op, Op::Many(ops) if ops.is_empty())
+}
+
+/// Keeps the first failure, except that an unreachable database outranks a statement error
+/// (statements after a failed one fail too, as "transaction aborted").
+fn note(error: &mut Option<Fail>, e: tokio_postgres::Error) {
+    let f = Fail::from(e);
+    match (&*error, &f) {
+        (None, _) | (Some(Fail::Statement(_)), Fail::Unavailable(_)) => *error = Some(f),
+        _ => {}
+    }
+}
+
+/// Cuts the batch into groups that may share a transaction, returning their sizes: claims run
+/// ahead of the ops of the writes before them, so a claim on an id that an earlier write of
+/// the group changes starts a new group (it must see that change, as it would in order).
+fn split(batch: &[Request]) -> Vec<usize> {
+    let mut sizes = vec![0];
+    let mut touched = HashSet::new();
+    for r in batch {
+        if let Some(id) = r.claim()
+            && touched.contains(id)
+        {
+            sizes.push(0);
+            touched.clear();
+        }
+        r.jobs(&mut touched);
+        *sizes.last_mut().expect("never empty") += 1;
+    }
+    sizes
+}
