@@ -11,4 +11,14 @@ scripts/ensure-postgres.sh # role and database `sendwell`; tests/common/pg.rs ma
 export SENDWELL_TEST_PG_URL="${SENDWELL_TEST_PG_URL:-postgres://sendwell@127.0.0.1:5432/sendwell}"
 export SENDWELL_TEST_PG_PASSWORD="${SENDWELL_TEST_PG_PASSWORD:-${SENDWELL_PG_PASSWORD:-sendwell}}"
 scripts/ensure-promtool.sh # tests/observability.rs runs promtool
-exec cargo test --all-targets --no-fail-fast "$@"
+status=0
+cargo test --all-targets --no-fail-fast "$@" || status=$?
+if [ $# -eq 0 ]; then
+  # The integration suites again with every instance's state in a PostgreSQL database of its
+  # own (tests/common/pg.rs); tests/store_suite.rs already ran each store behaviour on both.
+  echo "test.sh: the integration suites again, with the state on PostgreSQL" >&2
+  SENDWELL_TEST_BACKEND=postgres cargo test --no-fail-fast \
+    --test send_path --test consent --test limits --test webhook --test process --test edges \
+    || status=$?
+fi
+exit "$status"

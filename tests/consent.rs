@@ -601,15 +601,19 @@ async fn erase_leaves_no_byte_of_the_number_in_the_state_store() {
     drop(ledger);
     app.stop().await;
 
-    // The file itself: not a byte of the number, in any encoding a scan would find.
-    let file = std::fs::read(env.config().state.dir.join("state.redb")).unwrap();
-    let be = digits.parse::<u64>().unwrap().to_be_bytes();
-    let le = digits.parse::<u64>().unwrap().to_le_bytes();
-    for needle in [digits.as_bytes(), &be[2..], &le[..6], b64] {
-        assert!(
-            !file.windows(needle.len()).any(|w| w == needle),
-            "{needle:?} found in state.redb"
-        );
+    // The file itself: not a byte of the number, in any encoding a scan would find. (On
+    // PostgreSQL no row holds it, as checked above; its dead tuples go with VACUUM, and its WAL
+    // and backups with their retention: docs/operations.md.)
+    if common::pg::backend() == "redb" {
+        let file = std::fs::read(env.config().state.dir.join("state.redb")).unwrap();
+        let be = digits.parse::<u64>().unwrap().to_be_bytes();
+        let le = digits.parse::<u64>().unwrap().to_le_bytes();
+        for needle in [digits.as_bytes(), &be[2..], &le[..6], b64] {
+            assert!(
+                !file.windows(needle.len()).any(|w| w == needle),
+                "{needle:?} found in state.redb"
+            );
+        }
     }
 
     // After a restart the erased number still has no consent.
