@@ -279,7 +279,9 @@ impl PgStore {
         let pool = Pool::builder(manager)
             .max_size(s.pool_size.max(1))
             .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(s.connect_timeout))
+            // Waiting for a free connection is a queue, not an outage: hundreds of jobs read
+            // at once through `pool_size` connections. Only as long as a statement may take.
+            .wait_timeout(Some(s.statement_timeout.max(s.connect_timeout)))
             .create_timeout(Some(s.connect_timeout))
             .recycle_timeout(Some(s.connect_timeout))
             .build()
