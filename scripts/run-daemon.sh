@@ -20,9 +20,12 @@ if $postgres; then
   mkdir -p "$state_dir"
   # The local role's password, as a secret file (never in the URL, the environment or a log).
   pw_file="$state_dir/postgres-password"
-  (umask 077 && printf '%s' "${SENDWELL_PG_PASSWORD:-sendwell}" >"$pw_file")
+  # Made 0600 first: an older file keeps its mode when written again.
+  install -m 600 /dev/null "$pw_file"
+  printf '%s' "${SENDWELL_PG_PASSWORD:-sendwell}" >"$pw_file"
+
   export SENDWELL_STATE__BACKEND=postgres
-  export SENDWELL_STATE__POSTGRES__URL="${SENDWELL_STATE__POSTGRES__URL:-postgres://sendwell@127.0.0.1:5432/sendwell}"
+  export SENDWELL_STATE__POSTGRES__URL="${SENDWELL_STATE__POSTGRES__URL:-postgres://sendwell@127.0.0.1:${SENDWELL_PG_PORT:-5432}/sendwell}"
   export SENDWELL_STATE__POSTGRES__PASSWORD_FILE="$pw_file"
   echo "run-daemon: state in PostgreSQL ($SENDWELL_STATE__POSTGRES__URL)" >&2
 fi
