@@ -297,7 +297,10 @@ fn failing_op() -> KvOp {
 async fn a_claim_is_refused_anywhere_but_first_in_its_write(l: Ledger) {
     // Its expectation holds: only its place makes it fail.
     let r = l
-        .kv_many(vec![put(Table::StoreMeta, b"ok", b"1"), misplaced_claim(None)])
+        .kv_many(vec![
+            put(Table::StoreMeta, b"ok", b"1"),
+            misplaced_claim(None),
+        ])
         .await;
     assert!(matches!(r, Err(LedgerError::Store(_))), "{r:?}");
     assert_eq!(l.get("misplaced").await.unwrap(), None);
@@ -683,7 +686,11 @@ async fn scans_visit_every_row_once_in_key_order(l: Ledger) {
     assert_eq!(seen[0], (b"o".to_vec(), b"before".to_vec()));
     assert_eq!(seen[n as usize + 1], (b"q".to_vec(), b"after".to_vec()));
     for i in 0..n {
-        assert_eq!(seen[i as usize + 1], want(i), "row {i}: in key order, each once");
+        assert_eq!(
+            seen[i as usize + 1],
+            want(i),
+            "row {i}: in key order, each once"
+        );
     }
 
     let prefixed = l.kv_scan_prefix(t, b"p").await.unwrap();

@@ -358,8 +358,13 @@ impl Ledger {
                     let cutoff =
                         jiff::Timestamp::now().as_millisecond() - retention.as_millis() as i64;
                     match s.purge(cutoff).await {
-                        Ok(n) => tracing::info!(removed = n, "Ledger entries past retention were purged."),
-                        Err(e) => tracing::warn!(error = %e, "Ledger purge failed; will try again."),
+                        Ok(n) => tracing::info!(
+                            removed = n,
+                            "Ledger entries past retention were purged."
+                        ),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "Ledger purge failed; will try again.")
+                        }
                     }
                 }
             }
