@@ -490,7 +490,8 @@ pub enum KvOp {
     /// that many attempts. The first op of its write, and only there: when the current entry
     /// differs, none of the write's ops is applied and the write fails with
     /// [`LedgerError::ClaimLost`]; other writes committed with it are not affected. Exactly
-    /// one of any number of racing claims on one id wins.
+    /// one of any number of racing claims on one id wins. Anywhere else in a write it fails
+    /// that write ([`LedgerError::Store`]), whatever it expects, on every backend.
     ClaimJob {
         id: String,
         entry: LedgerEntry,
@@ -1763,11 +1764,11 @@ fn apply_kv(
             1
         }
         KvOp::ClaimJob { id, entry, expect } => {
-            // Checked before the write began when it comes first, as it must; anywhere else
-            // a lost claim could only fail the whole batch.
+            // Only ever first in its write (`apply` refuses it elsewhere), and checked by
+            // `claim_holds` just before: this cannot fail unless that check is gone.
             if current_claim(jobs, id)? != *expect {
                 return Err(LedgerError::Store(format!(
-                    "a claim of job {id} that is not the first op of its write lost"
+                    "a claim of job {id} lost after its check"
                 )));
             }
             let seq = seqs.for_entry(id, entry);
@@ -1896,6 +1897,9 @@ fn apply(
                     }
                     Op::Remove { id } => t.remove(&**id)?.is_some() as u64,
                     Op::Compact | Op::CopyDone(_) => 0,
+                    // A misplaced claim fails its write before anything of it is applied, as
+                    // on PostgreSQL; applied, its loss could only fail the whole batch.
+                    Op::Many(ops) if misplaced_claim(ops) => MISPLACED_CLAIM,
                     // A lost claim skips its whole write, and only it.
                     Op::Many(ops) if !claim_holds(&t, ops.first())? => CLAIM_LOST,
                     Op::Many(ops) => {
@@ -1957,6 +1961,15 @@ fn answer(replies: Vec<Reply>, result: Result<u64, LedgerError>) {
 /// One result per request of a batch: its count, or the batch's error.
 /// The count `apply` gives a write whose claim lost (no write counts that many rows).
 const CLAIM_LOST: u64 = u64::MAX;
+/// The count `apply` gives a write with a [`KvOp::ClaimJob`] that is not its first op.
+const MISPLACED_CLAIM: u64 = u64::MAX - 1;
+
+/// Whether a claim comes anywhere but first in `ops`: refused whatever it expects.
+fn misplaced_claim(ops: &[KvOp]) -> bool {
+    ops.iter()
+        .skip(1)
+        .any(|o| matches!(o, KvOp::ClaimJob { .. }))
+}
 
 /// Whether a write that starts with `first` may go ahead: true unless it is a
 /// [`KvOp::ClaimJob`] whose expected entry is not the current one.
@@ -1987,6 +2000,9 @@ fn per_request(
             .into_iter()
             .map(|n| match n {
                 CLAIM_LOST => Err(LedgerError::ClaimLost),
+                MISPLACED_CLAIM => Err(LedgerError::Store(
+                    "a ClaimJob must be the first op of its write".into(),
+                )),
                 n => Ok(n),
             })
             .collect(),
