@@ -115,6 +115,7 @@ on_both! {
         scans_visit_every_row_once_in_key_order,
         jobs_to_lists_the_jobs_to_one_number_only,
         an_erasure_leaves_no_row_holding_the_number,
+        a_job_id_with_a_nul_is_simply_unknown,
     ],
     state: [
         a_published_mark_is_seen_at_once_and_kept_across_a_reopen,
@@ -852,4 +853,11 @@ fn no_behaviour_is_left_out_of_the_list() {
         .filter(|w| !w.is_empty() && *w != "ledger" && *w != "state")
         .collect();
     assert_eq!(defined, listed);
+}
+
+/// An invalid job's id is looked up as it came (to answer a repeat), NUL and all: unknown, not
+/// a store error (which would end the broker session and bring the message back for ever).
+async fn a_job_id_with_a_nul_is_simply_unknown(l: Ledger) {
+    assert_eq!(l.get("job\0x").await.unwrap(), None);
+    assert_eq!(l.get("job").await.unwrap(), None);
 }

@@ -87,6 +87,14 @@ impl PgSettings {
             c.password(p.trim_end_matches(['\r', '\n']));
         }
         c.connect_timeout(self.connect_timeout);
+        // A database that vanishes without a reset (a partition, a moved address, a dead VM)
+        // would otherwise hold every statement for the kernel's retransmission timeout
+        // (about 15 minutes) with the store still reported healthy: unacknowledged data
+        // fails the connection within the statement timeout, an idle one within a minute.
+        c.tcp_user_timeout(self.statement_timeout.max(Duration::from_secs(5)));
+        c.keepalives_idle(Duration::from_secs(30));
+        c.keepalives_interval(Duration::from_secs(10));
+        c.keepalives_retries(3);
         c.application_name(format!("{}:{role}", self.application_name));
         let timeout = format!(
             "-c statement_timeout={}",
@@ -108,8 +116,13 @@ fn is_unavailable(e: &tokio_postgres::Error) -> bool {
     if let Some(code) = e.code() {
         let c = code.code();
         // 08: connection exceptions; 57P01-03: admin/crash shutdown, cannot connect now;
-        // 53300: too many connections.
-        return c.starts_with("08") || matches!(c, "57P01" | "57P02" | "57P03" | "53300");
+        // 53: insufficient resources (53100 the server's disk is full, 53200 out of memory,
+        // 53300 too many connections); 25006: read-only (a standby after a failover);
+        // 58030: the server's I/O error; 57014: a statement cancelled by its timeout. Like
+        // a full disk for redb: jobs wait for the database, they are not failed.
+        return c.starts_with("08")
+            || c.starts_with("53")
+            || matches!(c, "57P01" | "57P02" | "57P03" | "25006" | "58030" | "57014");
     }
     e.is_closed()
         || e.source().is_some_and(|s| s.is::<std::io::Error>())
@@ -359,6 +372,11 @@ impl PgStore {
     }
 
     pub async fn get(&self, id: &str) -> Result<Option<LedgerEntry>, LedgerError> {
+        // PostgreSQL's text cannot hold NUL, so no job id with one was ever stored; asking
+        // would be a statement error (an invalid job's id is looked up as it came).
+        if id.contains('\0') {
+            return Ok(None);
+        }
         let r = async {
             let c = self.conn().await?;
             let st = c.prepare_cached(GET_JOB).await.map_err(pg_error)?;
