@@ -134,18 +134,22 @@ declared yet), 74 output not writable, 75 some replayed jobs were not confirmed 
 dead: run again)."
     )]
     Dead(DeadCommand),
-    /// Back up or restore the state store (state.redb) of a stopped daemon.
+    /// Back up or restore the state store (state.redb) of a stopped daemon, or move it to
+    /// PostgreSQL.
     #[command(
         subcommand,
         long_about = "Back up or restore the state store (state.redb in state.dir) of a \
-stopped daemon: the idempotency ledger, consent proofs, webhook and limit state.\n\n\
+stopped daemon: the idempotency ledger, consent proofs, webhook and limit state; or copy it \
+into the empty PostgreSQL database of [state.postgres] (migrate --to-postgres).\n\n\
 A backup holds personal data (consent proofs: numbers, sources, evidence): it is written \
 with mode 0600; store and transfer it protected, and delete it when no longer needed (an \
 erasure does not reach backups).\n\n\
 The daemon holds the store while it runs: stop it first (systemctl stop sendwell, or \
 sendwell@N for a shard).\n\n\
-Exit codes: 0 done, 64 bad usage or config, 65 the file is not a sendwell store, 66 input \
-not readable, 73 state store problem, 74 output not writable, 75 the daemon is running."
+Exit codes: 0 done, 64 bad usage or config, 65 the file is not a sendwell store (migrate: \
+the copy's row counts differ from the store's), 66 input not readable, 73 state store problem \
+(migrate: the database is not empty, or cannot be written), 74 output not writable, 75 the \
+daemon is running."
     )]
     State(StateCommand),
 }
@@ -309,6 +313,16 @@ enum StateCommand {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Copy a stopped daemon's state.redb into the empty PostgreSQL database of
+    /// [state.postgres] (with state.backend = "postgres"), then compare the rows per table.
+    /// The redb store is left as it was.
+    Migrate {
+        /// Copy into PostgreSQL (the only target there is; named so the command says where).
+        #[arg(long, required = true)]
+        to_postgres: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
 }
 
 #[derive(Args)]
@@ -391,7 +405,7 @@ fn main() -> ExitCode {
             Command::Publish(args) => publish(args).await,
             Command::Consent(c) => consent(c).await,
             Command::Dead(c) => dead(c).await,
-            Command::State(c) => state(c),
+            Command::State(c) => state(c).await,
             Command::Tail(a) => {
                 let url = match broker_url(a.url, &a.config) {
                     Ok(u) => u,
@@ -808,8 +822,10 @@ async fn dead(cmd: DeadCommand) -> i32 {
     })
 }
 
-fn state(cmd: StateCommand) -> i32 {
-    let (StateCommand::Backup { config, .. } | StateCommand::Restore { config, .. }) = &cmd;
+async fn state(cmd: StateCommand) -> i32 {
+    let (StateCommand::Backup { config, .. }
+    | StateCommand::Restore { config, .. }
+    | StateCommand::Migrate { config, .. }) = &cmd;
     let config = match config.existing().and_then(|p| load(&p)) {
         Ok(c) => c,
         Err(code) => return code,
@@ -821,6 +837,9 @@ fn state(cmd: StateCommand) -> i32 {
         StateCommand::Restore { from, .. } => {
             sendwell::ops::state_restore(&config, &from).map(|r| print!("{r}"))
         }
+        StateCommand::Migrate { .. } => sendwell::ops::state_migrate(&config)
+            .await
+            .map(|r| print!("{r}")),
     };
     match result {
         Ok(()) => 0,

@@ -69,7 +69,7 @@ const SKIP: &[(&str, &str)] = &[
     ),
     (
         "sw state ",
-        "needs the daemon stopped (backup) or replaces its store (restore)",
+        "needs the daemon stopped (backup, migrate) or replaces its store (restore)",
     ),
     ("sw consent erase", "irreversible: erases a number"),
     (

@@ -1,12 +1,14 @@
 //! Operator tools for the runbook, one file each: `dead` is `sendwell dead list | replay` over
-//! the dead-letter queue (with `dead_letter`, what one dead letter says), and `backup` is
-//! `sendwell state backup | restore` over a stopped daemon's state store. They share
+//! the dead-letter queue (with `dead_letter`, what one dead letter says), `backup` is
+//! `sendwell state backup | restore` over a stopped daemon's state store, and `migrate` is
+//! `sendwell state migrate --to-postgres`, which moves such a store into PostgreSQL. They share
 //! [`OpsError`], whose variants are the exit codes the commands end with.
 
 mod backup;
 mod dead;
 mod dead_letter;
 mod error;
+mod migrate;
 
 pub use backup::{
     BackupReport, RestoreReport, SIGNATURE_TABLE, TableRows, state_backup, state_restore,
@@ -20,3 +22,4 @@ pub use dead_letter::{
     reason_code, replay_properties,
 };
 pub use error::OpsError;
+pub use migrate::{MigrateReport, MigratedTable, state_migrate};

@@ -249,6 +249,32 @@ impl Ledger {
         }
     }
 
+    /// How many ledger entries (job ids) the store has.
+    pub async fn job_count(&self) -> Result<u64, LedgerError> {
+        match &self.0 {
+            Backend::Redb(l) => l.job_count(),
+            Backend::Pg(s) => s.job_count().await,
+        }
+    }
+
+    /// Whether the store holds nothing at all: no ledger entry, no row in any table.
+    pub async fn is_empty(&self) -> Result<bool, LedgerError> {
+        match &self.0 {
+            Backend::Redb(l) => {
+                if l.job_count()? != 0 {
+                    return Ok(false);
+                }
+                for t in Table::ALL {
+                    if l.kv_len(t)? != 0 {
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            }
+            Backend::Pg(s) => s.is_empty().await,
+        }
+    }
+
     /// Rows whose key starts with `prefix`, in key order.
     pub async fn kv_scan_prefix(
         &self,

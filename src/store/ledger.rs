@@ -863,6 +863,30 @@ impl RedbLedger {
         }
     }
 
+    /// Calls `f` with every ledger entry that decodes, page by page, `published` resolved as
+    /// [`RedbLedger::get`] resolves it: a final entry whose publication is unknown (in a gap
+    /// of [`Marks`]) reads as unpublished, so wherever it goes its redelivery republishes the
+    /// stored event. For copying the ledger elsewhere (`state migrate`).
+    pub fn for_each_entry(&self, mut f: impl FnMut(&str, LedgerEntry)) -> Result<(), LedgerError> {
+        self.for_each_job(|id, v| {
+            let Some((mut entry, seq)) = LedgerEntry::decode(v) else {
+                return;
+            };
+            if !entry.published && seq != 0 {
+                entry.published = lock(&self.marks).published(seq);
+            }
+            f(id, entry)
+        })
+    }
+
+    /// How many ledger entries (job ids) the store has.
+    pub fn job_count(&self) -> Result<u64, LedgerError> {
+        use redb::ReadableTableMetadata;
+        let g = read(&self.db)?;
+        let r = g.begin_read()?;
+        Ok(r.open_table(LEDGER)?.len()?)
+    }
+
     pub fn kv_get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, LedgerError> {
         let g = read(&self.db)?;
         let r = g.begin_read()?;

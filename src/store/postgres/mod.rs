@@ -506,6 +506,26 @@ impl PgStore {
         self.noted(r)
     }
 
+    /// How many ledger entries (job ids) the store has.
+    pub async fn job_count(&self) -> Result<u64, LedgerError> {
+        let r = async {
+            let c = self.conn().await?;
+            let st = c
+                .prepare_cached("SELECT count(*) FROM sw_ledger")
+                .await
+                .map_err(pg_error)?;
+            let n: i64 = c
+                .query_one(&st, &[])
+                .await
+                .map_err(pg_error)?
+                .try_get(0)
+                .map_err(pg_error)?;
+            Ok(n as u64)
+        }
+        .await;
+        self.noted(r)
+    }
+
     fn rows(rows: Vec<tokio_postgres::Row>) -> Result<Vec<KvRow>, LedgerError> {
         rows.iter()
             .map(|r| {
