@@ -847,7 +847,9 @@ async fn settle() {
     tokio::time::sleep(Duration::from_secs(3)).await;
 }
 
-/// The daemon as a child process (`sendwell run --config …`) at one sandbox latency.
+/// The daemon as a child process (`sendwell run --config …`) at one sandbox latency, on one
+/// state backend.
+#[allow(clippy::too_many_arguments)]
 async fn run_sendwell(
     s: &Settings,
     jobs: &Arc<Jobs>,
