@@ -48,6 +48,15 @@
 //! - `SENDWELL_BENCH_STALL_S` (60): give up when no outcome arrives for this long
 //! - `SENDWELL_BENCH_DAEMONS`: `label=path,…`, daemon binaries to measure one after the other at
 //!   each latency (a change's before and after in one run); default: the one Cargo built
+//! - `SENDWELL_BENCH_BACKENDS` (`redb`): the state backends, e.g. `redb,postgres`: every daemon
+//!   run is repeated on each, side by side in the same report. `postgres` runs on a fresh
+//!   database per run (made and dropped with `WITH (FORCE)` through `SENDWELL_TEST_PG_URL` /
+//!   `SENDWELL_TEST_PG_PASSWORD`, defaults `postgres://sendwell@127.0.0.1:5432/sendwell` /
+//!   `sendwell`, as the tests' databases), seeded with the same consent before the daemon starts.
+//!   Every run also reports PostgreSQL's CPU per job (utime + stime of all processes named
+//!   `postgres`, cluster-wide: on a redb run it is the idle cluster's), and a postgres run its
+//!   database's transactions, rows written and the cluster's WAL per job (`pg_stat_database`,
+//!   `pg_stat_wal`: from just before the first publish to after the daemon stopped)
 //! - `SENDWELL_BENCH_RATE` (0): publish at most this many jobs/s; 0 publishes as fast as the
 //!   broker confirms, so the jobs queue up and the latencies are mostly time in the queue; a
 //!   rate below the throughput measures the pipeline's own latency at that load
@@ -131,6 +140,24 @@ struct Settings {
     /// unlabelled entry, the binary Cargo built for this bench, unless `SENDWELL_BENCH_DAEMONS`
     /// names others (`before=/path/a,after=/path/b`): a refactor's before and after in one run.
     daemons: Vec<(String, std::path::PathBuf)>,
+    /// The state backends every daemon run is repeated on.
+    backends: Vec<StateKind>,
+}
+
+/// A state backend the daemon runs on (`[state] backend`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StateKind {
+    Redb,
+    Postgres,
+}
+
+impl StateKind {
+    fn name(self) -> &'static str {
+        match self {
+            StateKind::Redb => "redb",
+            StateKind::Postgres => "postgres",
+        }
+    }
 }
 
 impl Settings {
@@ -167,6 +194,30 @@ impl Settings {
             baseline_prefetch: env_or("SENDWELL_BENCH_BASELINE_PREFETCH", 1000u16).max(1),
             stall: Duration::from_secs(env_or("SENDWELL_BENCH_STALL_S", 60u64).max(5)),
             rate: env_or("SENDWELL_BENCH_RATE", 0.0f64).max(0.0),
+            backends: {
+                let mut b: Vec<StateKind> = Vec::new();
+                for name in std::env::var("SENDWELL_BENCH_BACKENDS")
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|n| !n.is_empty())
+                {
+                    let k = match name {
+                        "redb" => StateKind::Redb,
+                        "postgres" | "postgresql" | "pg" => StateKind::Postgres,
+                        other => panic!(
+                            "SENDWELL_BENCH_BACKENDS: unknown backend {other:?} (redb, postgres)"
+                        ),
+                    };
+                    if !b.contains(&k) {
+                        b.push(k);
+                    }
+                }
+                if b.is_empty() {
+                    b.push(StateKind::Redb);
+                }
+                b
+            },
             daemons: {
                 let named: Vec<(String, std::path::PathBuf)> =
                     std::env::var("SENDWELL_BENCH_DAEMONS")
@@ -211,6 +262,8 @@ struct RunResult {
     kind: RunKind,
     /// Which daemon binary (`SENDWELL_BENCH_DAEMONS`'s label; empty: this build's).
     daemon: String,
+    /// sendwell: the state backend it ran on (`redb`, `postgres`); None: a baseline.
+    backend: Option<&'static str>,
     /// The sandbox's latency; None: no HTTP step.
     latency_ms: Option<u64>,
     prefetch: u16,
@@ -239,6 +292,13 @@ struct RunResult {
     /// sendwell: `basic.ack` frames sent, (multiple, single) (`sendwell_acks_total`).
     acks: Option<(f64, f64)>,
     broker_cpu_us_per_job: Option<f64>,
+    /// PostgreSQL's CPU (all its processes, the whole cluster) per job; on a redb run, the idle
+    /// cluster's (autovacuum, checkpoints).
+    postgres_cpu_us_per_job: Option<f64>,
+    /// sendwell on PostgreSQL: its database's work per job.
+    postgres_per_job: Option<PgPerJob>,
+    /// sendwell on PostgreSQL: how long seeding the consent into the fresh database took.
+    seed_seconds: Option<f64>,
     bench_cpu_us_per_job: Option<f64>,
     machine_busy_percent: Option<f64>,
     /// The measured process's CPU µs per job by thread name (sendwell: `tokio-rt-worker` runs
@@ -255,12 +315,123 @@ struct RunResult {
 }
 
 impl RunResult {
-    /// The run's name in the tables: its kind, and the daemon's label when several are measured.
+    /// The run's name in the tables: its kind, then the daemon's label when several are
+    /// measured and sendwell's state backend.
     fn label(&self) -> String {
-        match self.daemon.as_str() {
-            "" => self.kind.label().to_string(),
-            d => format!("{} ({d})", self.kind.label()),
+        let tags: Vec<&str> = [Some(self.daemon.as_str()), self.backend]
+            .into_iter()
+            .flatten()
+            .filter(|t| !t.is_empty())
+            .collect();
+        match tags.as_slice() {
+            [] => self.kind.label().to_string(),
+            t => format!("{} ({})", self.kind.label(), t.join(", ")),
         }
+    }
+}
+
+/// A PostgreSQL run's database work per finished job: its database's transactions and rows
+/// (`pg_stat_database`, every session in it: the daemon's writer and pool) and the cluster's WAL
+/// (`pg_stat_wal`).
+#[derive(Debug, Serialize)]
+struct PgPerJob {
+    /// Committed transactions: each writer batch is one, and so is each autocommit read.
+    transactions: f64,
+    rollbacks: f64,
+    rows_inserted: f64,
+    rows_updated: f64,
+    rows_deleted: f64,
+    /// Inserted + updated + deleted.
+    rows_written: f64,
+    /// Rows read by sequential and index scans (`tup_returned`).
+    rows_scanned: f64,
+    /// Rows fetched by index scans (`tup_fetched`).
+    rows_fetched: f64,
+    wal_records: f64,
+    wal_bytes: f64,
+}
+
+/// The counters behind [`PgPerJob`] at one moment.
+#[derive(Clone, Copy, Debug)]
+struct PgCounters([i64; 9]);
+
+impl PgCounters {
+    async fn read(admin: &tokio_postgres::Client, db: &str) -> Option<PgCounters> {
+        let row = admin
+            .query_one(
+                "SELECT d.xact_commit, d.xact_rollback, d.tup_inserted, d.tup_updated, \
+                 d.tup_deleted, d.tup_returned, d.tup_fetched, w.wal_records, w.wal_bytes::bigint \
+                 FROM pg_stat_database d, pg_stat_wal w WHERE d.datname = $1",
+                &[&db],
+            )
+            .await
+            .map_err(|e| eprintln!("reading pg_stat_database: {e}"))
+            .ok()?;
+        let mut v = [0i64; 9];
+        for (i, x) in v.iter_mut().enumerate() {
+            *x = row.get(i);
+        }
+        Some(PgCounters(v))
+    }
+
+    fn per_job(a: &PgCounters, b: &PgCounters, jobs: usize) -> PgPerJob {
+        let d = |i: usize| (b.0[i] - a.0[i]) as f64 / jobs.max(1) as f64;
+        PgPerJob {
+            transactions: d(0),
+            rollbacks: d(1),
+            rows_inserted: d(2),
+            rows_updated: d(3),
+            rows_deleted: d(4),
+            rows_written: d(2) + d(3) + d(4),
+            rows_scanned: d(5),
+            rows_fetched: d(6),
+            wal_records: d(7),
+            wal_bytes: d(8),
+        }
+    }
+}
+
+/// A connection to the PostgreSQL server the tests use (`SENDWELL_TEST_PG_URL`), to its own
+/// database: the bench's statistics queries are not counted in the run's database.
+async fn pg_admin() -> tokio_postgres::Client {
+    let url = std::env::var("SENDWELL_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://sendwell@127.0.0.1:5432/sendwell".into());
+    let password = std::env::var("SENDWELL_TEST_PG_PASSWORD").unwrap_or_else(|_| "sendwell".into());
+    let mut c: tokio_postgres::Config = url.parse().expect("SENDWELL_TEST_PG_URL is a URL");
+    c.password(password);
+    c.application_name("sendwell-bench");
+    c.connect_timeout(Duration::from_secs(5));
+    let (client, conn) = c
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("the bench connects to PostgreSQL (SENDWELL_TEST_PG_URL)");
+    tokio::spawn(conn);
+    client
+}
+
+/// Waits until no session is connected to `db`: a session's statistics reach
+/// `pg_stat_database` when it ends (an idle one's within seconds), so counters read after this
+/// hold all of its work. False when some remain after `within`.
+async fn sessions_ended(admin: &tokio_postgres::Client, db: &str, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        let n: i64 = match admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1",
+                &[&db],
+            )
+            .await
+        {
+            Ok(row) => row.get(0),
+            Err(_) => return false,
+        };
+        if n == 0 {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -325,6 +496,7 @@ fn result_from(kind: RunKind, s: &Settings, m: &Measured, latency_ms: Option<u64
     RunResult {
         kind,
         daemon: String::new(),
+        backend: None,
         latency_ms,
         prefetch: match kind {
             RunKind::Sendwell => s.prefetch,
@@ -349,6 +521,9 @@ fn result_from(kind: RunKind, s: &Settings, m: &Measured, latency_ms: Option<u64
         peak_outstanding: m.c.peak_outstanding,
         acks: None,
         broker_cpu_us_per_job: per_job(m.usage.broker_s),
+        postgres_cpu_us_per_job: per_job(m.usage.postgres_s),
+        postgres_per_job: None,
+        seed_seconds: None,
         bench_cpu_us_per_job: per_job(m.usage.bench_s),
         machine_busy_percent: m.usage.machine_busy.map(|b| b * 100.0),
         cpu_us_per_job_by_thread: m
@@ -415,25 +590,33 @@ async fn run() {
         }
     }
 
-    // The consent store is seeded once, then copied for every sendwell run.
+    // The redb consent store is seeded once, then copied for every sendwell run on redb (a
+    // PostgreSQL run seeds its fresh database itself).
     let seeded = tempfile::tempdir().unwrap();
-    let t = Instant::now();
-    let grants = seed_template(&s, seeded.path()).await;
-    println!(
-        "seeded consent for {grants} recipients in {:.1} s",
-        t.elapsed().as_secs_f64()
-    );
-    for (&l, daemon) in s
-        .latencies_ms
-        .iter()
-        .flat_map(|l| s.daemons.iter().map(move |d| (l, d)))
-    {
+    if s.backends.contains(&StateKind::Redb) {
+        let t = Instant::now();
+        let grants = seed_template(&s, seeded.path()).await;
+        println!(
+            "seeded consent for {grants} recipients in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+    }
+    let mut runs = Vec::new();
+    for &l in &s.latencies_ms {
+        for daemon in &s.daemons {
+            for &backend in &s.backends {
+                runs.push((l, daemon, backend));
+            }
+        }
+    }
+    for (l, daemon, backend) in runs {
         let r = run_sendwell(
             &s,
             &jobs,
             &seeded.path().join("state"),
             l,
             daemon,
+            backend,
             broker_pid,
             ticks,
         )
@@ -493,6 +676,7 @@ async fn seed_template(s: &Settings, dir: &Path) -> usize {
         "amqp://guest:guest@127.0.0.1:5672/%2f",
         &"127.0.0.1:9".parse().unwrap(),
         &dir.join("state"),
+        "",
         &"127.0.0.1:0".parse().unwrap(),
         s.prefetch,
         s.accounts,
@@ -663,37 +847,74 @@ async fn settle() {
     tokio::time::sleep(Duration::from_secs(3)).await;
 }
 
-/// The daemon as a child process (`sendwell run --config …`) at one sandbox latency.
+/// The daemon as a child process (`sendwell run --config …`) at one sandbox latency, on one
+/// state backend.
+#[allow(clippy::too_many_arguments)]
 async fn run_sendwell(
     s: &Settings,
     jobs: &Arc<Jobs>,
     seeded_state: &Path,
     latency_ms: u64,
     daemon: &(String, std::path::PathBuf),
+    backend: StateKind,
     broker_pid: Option<u32>,
     ticks: u64,
 ) -> RunResult {
-    eprintln!("sendwell {} @{latency_ms} ms …", daemon.0);
+    eprintln!(
+        "sendwell {} on {} @{latency_ms} ms …",
+        daemon.0,
+        backend.name()
+    );
     let broker = TestBroker::new().await;
     let sandbox = drive::RunSandbox::start(Duration::from_millis(latency_ms)).await;
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
-    for f in std::fs::read_dir(seeded_state).unwrap().flatten() {
-        if f.file_type().map(|t| t.is_file()).unwrap_or(false) {
-            std::fs::copy(f.path(), state.join(f.file_name())).unwrap();
+    // PostgreSQL: a fresh database (dropped WITH (FORCE) when `db` drops), its password in a
+    // file only the bench's user reads.
+    let db = match backend {
+        StateKind::Postgres => {
+            let db = common::pg::TestDb::new().await;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&db.password_file, std::fs::Permissions::from_mode(0o600))
+                .unwrap();
+            Some(db)
         }
-    }
+        StateKind::Redb => {
+            for f in std::fs::read_dir(seeded_state).unwrap().flatten() {
+                if f.file_type().map(|t| t.is_file()).unwrap_or(false) {
+                    std::fs::copy(f.path(), state.join(f.file_name())).unwrap();
+                }
+            }
+            None
+        }
+    };
     let admin = free_port();
     let toml = drive::config_toml(
         &broker.url,
         &sandbox.addr,
         &state,
+        &common::state_backend_toml(db.as_ref()),
         &admin,
         s.prefetch,
         s.accounts,
     );
     let config = drive::write_config(dir.path(), &toml);
+    let (pg, seed_seconds) = match &db {
+        Some(db) => {
+            let t = Instant::now();
+            let c = sendwell::config::Config::load(&config).expect("the bench config is valid");
+            let grants = drive::seed_consent(&c, s.jobs, s.accounts).await;
+            let pg = pg_admin().await;
+            if !sessions_ended(&pg, &db.name, Duration::from_secs(30)).await {
+                eprintln!("  the seeding's sessions still run after 30 s: counters include them");
+            }
+            let secs = t.elapsed().as_secs_f64();
+            eprintln!("  seeded consent for {grants} recipients in PostgreSQL in {secs:.1} s");
+            (Some(pg), Some(secs))
+        }
+        None => (None, None),
+    };
     let log_path = dir.path().join("sendwell.log");
     let log = std::fs::File::create(&log_path).unwrap();
 
@@ -767,6 +988,10 @@ async fn run_sendwell(
         broker: broker_pid,
         ticks,
     };
+    let pg_before = match (&pg, &db) {
+        (Some(pg), Some(db)) => PgCounters::read(pg, &db.name).await,
+        _ => None,
+    };
     let m = measure(
         s,
         &broker.url,
@@ -781,6 +1006,8 @@ async fn run_sendwell(
     let _ = sampler.await;
     let mut r = result_from(RunKind::Sendwell, s, &m, Some(latency_ms));
     r.daemon = daemon.0.clone();
+    r.backend = Some(backend.name());
+    r.seed_seconds = seed_seconds;
     r.start_seconds = Some(start_seconds);
     r.peak_in_flight = Some(peak.load(Ordering::Relaxed));
     r.peak_at_sandbox = peak_at_sandbox(&sandbox, latency_ms);
@@ -809,6 +1036,18 @@ async fn run_sendwell(
     if r.stalled || r.exit.is_some() {
         eprintln!("sendwell's log (tail):\n{}", tail(&log_path));
     }
+    // After the daemon stopped and its sessions ended, so their statistics are all in (its
+    // shutdown's few writes with them).
+    if let (Some(pg), Some(db), Some(before)) = (&pg, &db, pg_before) {
+        if !sessions_ended(pg, &db.name, Duration::from_secs(30)).await {
+            eprintln!("  the daemon's sessions still run after 30 s: counters may miss some");
+        }
+        if let Some(after) = PgCounters::read(pg, &db.name).await {
+            r.postgres_per_job = Some(PgCounters::per_job(&before, &after, r.finished));
+        }
+    }
+    drop(pg);
+    drop(db);
     let _ = collector_conn.close(200, "done".into()).await;
     let _ = dead_conn.close(200, "done".into()).await;
     drop(sandbox);
@@ -879,14 +1118,14 @@ fn report(s: &Settings, machine: &str, results: &[RunResult]) {
     println!("sendwell load bench — {machine}; {} jobs per run", s.jobs);
     println!();
     println!(
-        "| run | API latency | prefetch | finished | published in | time | jobs/s | p50 | p99 | p99.9 | CPU µs/job | peak RSS | peak in flight | peak calls at API | RabbitMQ µs/job | bench µs/job | machine busy |"
+        "| run | API latency | prefetch | finished | published in | time | jobs/s | p50 | p99 | p99.9 | CPU µs/job | peak RSS | peak in flight | peak calls at API | RabbitMQ µs/job | PostgreSQL µs/job | bench µs/job | machine busy |"
     );
     println!(
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for r in results {
         println!(
-            "| {} | {} | {} | {}/{}{} | {:.1} s | {:.1} s | {:.0} | {:.0} ms | {:.0} ms | {:.0} ms | {} | {} MiB | {} | {} | {} | {} | {} % |",
+            "| {} | {} | {} | {}/{}{} | {:.1} s | {:.1} s | {:.0} | {:.0} ms | {:.0} ms | {:.0} ms | {} | {} MiB | {} | {} | {} | {} | {} | {} % |",
             r.label(),
             r.latency_ms.map_or("–".into(), |l| format!("{l} ms")),
             r.prefetch,
@@ -904,6 +1143,7 @@ fn report(s: &Settings, machine: &str, results: &[RunResult]) {
             r.peak_in_flight.map_or("–".into(), |v| v.to_string()),
             r.peak_at_sandbox.map_or("–".into(), |v| v.to_string()),
             opt(r.broker_cpu_us_per_job, 0),
+            opt(r.postgres_cpu_us_per_job, 0),
             opt(r.bench_cpu_us_per_job, 0),
             opt(r.machine_busy_percent, 0),
         );
@@ -943,7 +1183,11 @@ fn report(s: &Settings, machine: &str, results: &[RunResult]) {
             "http_baseline_latency_ms": h.and_then(|b| b.latency_ms),
             "cpu_per_job_vs_broker_only": cpu(broker_only),
             "cpu_per_job_vs_http_baseline": cpu(h),
-            "jobs_per_second_vs_first_latency": first.and_then(|f| ratio(r.jobs_per_second, f.jobs_per_second)),
+            // Against the first latency's run of the same daemon on the same backend.
+            "jobs_per_second_vs_first_latency": sendwell
+                .iter()
+                .find(|f| f.daemon == r.daemon && f.backend == r.backend)
+                .and_then(|f| ratio(r.jobs_per_second, f.jobs_per_second)),
         });
         let f = |k: &str| opt(row[k].as_f64(), 2);
         println!(
@@ -960,6 +1204,49 @@ fn report(s: &Settings, machine: &str, results: &[RunResult]) {
             f("jobs_per_second_vs_first_latency"),
         );
         ratios.push(row);
+    }
+
+    // The backends side by side: each run against the redb run of the same daemon and latency.
+    let mut backend_rows = Vec::new();
+    if s.backends.len() > 1 || s.backends != [StateKind::Redb] {
+        println!();
+        println!(
+            "| sendwell at | run | jobs/s | ÷ redb jobs/s | p50 | p99 | daemon µs/job | PostgreSQL µs/job | daemon + PostgreSQL µs/job | transactions/job | rows written/job | WAL bytes/job |"
+        );
+        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for r in &sendwell {
+            let redb = sendwell.iter().find(|b| {
+                b.backend == Some("redb") && b.daemon == r.daemon && b.latency_ms == r.latency_ms
+            });
+            let vs_redb = redb.and_then(|b| ratio(r.jobs_per_second, b.jobs_per_second));
+            let pg = r.postgres_per_job.as_ref();
+            let both = r
+                .cpu_us_per_job
+                .zip(r.postgres_cpu_us_per_job)
+                .map(|(a, b)| a + b);
+            println!(
+                "| {} ms | {} | {:.0} | {}× | {:.0} ms | {:.0} ms | {} | {} | {} | {} | {} | {} |",
+                r.latency_ms.unwrap_or(0),
+                r.label(),
+                r.jobs_per_second,
+                opt(vs_redb, 2),
+                r.p50_ms,
+                r.p99_ms,
+                opt(r.cpu_us_per_job, 0),
+                opt(r.postgres_cpu_us_per_job, 0),
+                opt(both, 0),
+                opt(pg.map(|p| p.transactions), 2),
+                opt(pg.map(|p| p.rows_written), 2),
+                opt(pg.map(|p| p.wal_bytes), 0),
+            );
+            backend_rows.push(serde_json::json!({
+                "latency_ms": r.latency_ms,
+                "daemon": r.daemon,
+                "backend": r.backend,
+                "jobs_per_second_vs_redb": vs_redb,
+                "daemon_plus_postgres_cpu_us_per_job": both,
+            }));
+        }
     }
 
     // The issue's targets: reported, never asserted.
@@ -991,18 +1278,55 @@ fn report(s: &Settings, machine: &str, results: &[RunResult]) {
         }
         if let Some(c) = r.cpu_us_per_job {
             println!(
-                "- @{l} ms: daemon CPU ≤ 75 µs/job: {c:.0} µs — {}",
+                "- @{l} ms{}: daemon CPU ≤ 75 µs/job: {c:.0} µs — {}",
+                r.backend.map_or(String::new(), |b| format!(" on {b}")),
                 mark(c <= 75.0)
             );
         }
     }
-    if sendwell.len() > 1 && !paced {
-        let rates: Vec<f64> = sendwell.iter().map(|r| r.jobs_per_second).collect();
+    for row in &backend_rows {
+        if !paced
+            && row["backend"] == "postgres"
+            && let Some(x) = row["jobs_per_second_vs_redb"].as_f64()
+        {
+            println!(
+                "- @{} ms: PostgreSQL ≥ 0.8× redb's jobs/s (issue 17): {x:.2}× — {}",
+                row["latency_ms"],
+                mark(x >= 0.8)
+            );
+        }
+    }
+    // Per daemon and backend: only the latency differs between the runs compared.
+    let mut groups: Vec<(&str, Option<&str>)> = Vec::new();
+    for r in &sendwell {
+        if !groups.contains(&(r.daemon.as_str(), r.backend)) {
+            groups.push((r.daemon.as_str(), r.backend));
+        }
+    }
+    for (daemon, backend) in groups {
+        let rates: Vec<f64> = sendwell
+            .iter()
+            .filter(|r| r.daemon == daemon && r.backend == backend)
+            .map(|r| r.jobs_per_second)
+            .collect();
+        if rates.len() < 2 || paced {
+            continue;
+        }
         let (lo, hi) = rates
             .iter()
             .fold((f64::MAX, 0.0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        let tags: Vec<&str> = [Some(daemon), backend]
+            .into_iter()
+            .flatten()
+            .filter(|t| !t.is_empty())
+            .collect();
         println!(
-            "- same throughput at every latency (within 10 %): slowest ÷ fastest {:.2} — {}",
+            "- same throughput at every latency (within 10 %){}: slowest ÷ fastest {:.2} — {}",
+            if tags.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", tags.join(", "))
+            },
             lo / hi,
             mark(lo / hi >= 0.9)
         );
@@ -1022,9 +1346,13 @@ fn report(s: &Settings, machine: &str, results: &[RunResult]) {
     for r in &sendwell {
         println!();
         println!(
-            "sendwell @{} ms: ready after {} s; outcomes {:?}; repeated final outcomes {}; peak outstanding {}; acks sent: {} multiple, {} single; exit {}",
+            "{} @{} ms: ready after {} s{}; outcomes {:?}; repeated final outcomes {}; peak outstanding {}; acks sent: {} multiple, {} single; exit {}",
+            r.label(),
             r.latency_ms.unwrap_or(0),
             opt(r.start_seconds, 1),
+            r.seed_seconds.map_or(String::new(), |t| format!(
+                " (consent seeded in {t:.1} s before)"
+            )),
             r.outcomes,
             r.repeated_outcomes,
             r.peak_outstanding,
@@ -1065,6 +1393,20 @@ fn report(s: &Settings, machine: &str, results: &[RunResult]) {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        if let Some(p) = &r.postgres_per_job {
+            println!(
+                "  PostgreSQL per job: {:.2} transactions ({:.3} rolled back), rows {:.2} inserted + {:.2} updated + {:.2} deleted, {:.1} scanned, {:.1} fetched; WAL {:.1} records, {:.0} bytes",
+                p.transactions,
+                p.rollbacks,
+                p.rows_inserted,
+                p.rows_updated,
+                p.rows_deleted,
+                p.rows_scanned,
+                p.rows_fetched,
+                p.wal_records,
+                p.wal_bytes
+            );
+        }
         println!(
             "  per account (limit 1000/s): rate at the API {:.0}–{:.0}/s, busiest second {busiest}, mean gate wait ≤ {gate_mean_ms:.1} ms, door waits {door:.0}",
             rates.iter().copied().fold(f64::MAX, f64::min),
@@ -1084,10 +1426,12 @@ fn report(s: &Settings, machine: &str, results: &[RunResult]) {
             "account_limit_per_second": 1000, "prefetch": s.prefetch,
             "baseline_prefetch": s.baseline_prefetch,
             "publish_rate_per_second": (s.rate > 0.0).then_some(s.rate),
+            "backends": s.backends.iter().map(|b| b.name()).collect::<Vec<_>>(),
             "mix": "marketing 60% / utility 30% / authentication 10%; 5% of marketing and utility recipients not consented; 0.5% malformed",
         },
         "runs": results,
         "ratios": ratios,
+        "backend_ratios": backend_rows,
     });
     let path = output_path();
     if let Some(dir) = path.parent() {

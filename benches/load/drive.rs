@@ -147,10 +147,13 @@ pub fn build_jobs(n: usize, accounts: usize) -> Jobs {
 
 /// The daemon's config: `accounts` accounts at the Cloud API's maximum rate with recipient
 /// pacing on, two consent purposes, the example config's marketing caps, a price table.
+/// `state_backend`: lines for the `[state]` section (the backend and `[state.postgres]`; empty:
+/// redb in `state`).
 pub fn config_toml(
     broker_url: &str,
     sandbox: &SocketAddr,
     state: &Path,
+    state_backend: &str,
     admin: &SocketAddr,
     prefetch: u16,
     accounts: usize,
@@ -163,6 +166,7 @@ prefetch = {prefetch}
 
 [state]
 dir = "{state}"
+{state_backend}
 
 [cloud_api]
 base_url = "http://{sandbox}"
@@ -226,10 +230,12 @@ pub fn write_config(dir: &Path, toml: &str) -> std::path::PathBuf {
 }
 
 /// Consent for every consented marketing (double opt-in, confirmed) and utility (opt-in)
-/// recipient, through the consent store itself, before any daemon runs. Returns how many
-/// recipients were seeded.
+/// recipient, through the consent store itself (on the config's backend), before any daemon
+/// runs. Returns how many recipients were seeded.
 pub async fn seed_consent(config: &Config, n: usize, accounts: usize) -> usize {
-    let ledger = sendwell::store::Ledger::open(&config.state.dir).unwrap();
+    let ledger = sendwell::store::Ledger::open_state(&config.state, false)
+        .await
+        .unwrap();
     let store = sendwell::consent::ConsentStore::load(ledger, config)
         .await
         .unwrap();

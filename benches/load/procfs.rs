@@ -104,6 +104,30 @@ pub fn find_rabbitmq() -> Option<u32> {
     candidates.last().map(|&(_, pid)| pid)
 }
 
+/// utime + stime of every process named `postgres` (the postmaster, its background workers and
+/// every backend), in clock ticks: the database's CPU, whoever's sessions spend it. A process
+/// that starts and exits between two readings is missed; the daemon's connections live for the
+/// whole run, so what escapes is the odd short session (autovacuum workers among them).
+pub fn postgres_ticks() -> Option<u64> {
+    let mut sum = None;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() == "postgres"
+            && let Some(t) = cpu_ticks(pid)
+        {
+            sum = Some(sum.unwrap_or(0) + t);
+        }
+    }
+    sum
+}
+
 /// Which processes a run watches.
 #[derive(Clone, Copy, Debug)]
 pub struct Probe {
@@ -120,6 +144,8 @@ pub struct Snapshot {
     pub at: Instant,
     pub target: Option<u64>,
     pub broker: Option<u64>,
+    /// PostgreSQL's processes together ([`postgres_ticks`]); None when none runs.
+    pub postgres: Option<u64>,
     /// This process: the load generator, the outcome collector and the sandbox.
     pub bench: Option<u64>,
     pub machine: Option<(u64, u64)>,
@@ -133,6 +159,7 @@ impl Probe {
             at: Instant::now(),
             target: cpu_ticks(self.target),
             broker: self.broker.and_then(cpu_ticks),
+            postgres: postgres_ticks(),
             bench: cpu_ticks(std::process::id()),
             machine: machine_ticks(),
             threads: thread_ticks(self.target),
@@ -145,6 +172,7 @@ impl Probe {
 pub struct Usage {
     pub target_s: Option<f64>,
     pub broker_s: Option<f64>,
+    pub postgres_s: Option<f64>,
     pub bench_s: Option<f64>,
     /// Share of all cores busy (any process), 0..=1.
     pub machine_busy: Option<f64>,
@@ -158,6 +186,7 @@ pub fn usage(a: &Snapshot, b: &Snapshot, ticks_per_s: u64) -> Usage {
     Usage {
         target_s: secs(a.target, b.target),
         broker_s: secs(a.broker, b.broker),
+        postgres_s: secs(a.postgres, b.postgres),
         bench_s: secs(a.bench, b.bench),
         machine_busy: match (a.machine, b.machine) {
             (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => {
