@@ -258,8 +258,7 @@ async fn an_offline_erasure_leaves_no_trace_of_the_number_in_the_file() {
     // customer-service window.
     {
         let l = open_store(&t.state());
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(async {
+        async {
             // With its number's index row, as the daemon records a finished job.
             l.put_with(
                 "job-1",
@@ -289,7 +288,8 @@ async fn an_offline_erasure_leaves_no_trace_of_the_number_in_the_file() {
             )
             .await
             .unwrap();
-        });
+        }
+        .await;
     }
     let file = Ledger::file_in(&t.state());
     assert!(contains(&std::fs::read(&file).unwrap(), A.as_bytes()));
