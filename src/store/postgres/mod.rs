@@ -19,7 +19,7 @@ mod writer;
 
 use std::collections::HashSet;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -252,8 +252,6 @@ struct Inner {
     published: Published,
     scanned: AtomicU64,
     tables: Vec<TableSql>,
-    /// Whether a probe is waiting for the database to come back.
-    probing: Arc<AtomicBool>,
 }
 
 /// Handle to the PostgreSQL store; cheap to clone. The writer task ends (and the daemon's lock
@@ -301,7 +299,6 @@ impl PgStore {
             .map_err(|e| LedgerError::Store(format!("cannot build the connection pool: {e}")))?;
         let health = Arc::new(StoreHealth::default());
         let published: Published = Arc::default();
-        let probing: Arc<AtomicBool> = Arc::default();
         let (tx, rx) = mpsc::unbounded_channel();
         let w = writer::Writer::new(
             client,
@@ -310,7 +307,6 @@ impl PgStore {
             health.clone(),
             published.clone(),
             pool.clone(),
-            probing.clone(),
         )
         .await?;
         tokio::spawn(w.run(rx));
@@ -325,7 +321,6 @@ impl PgStore {
                     .iter()
                     .map(|t| TableSql::new(t.pg_name()))
                     .collect(),
-                probing,
             }),
         })
     }
@@ -345,18 +340,13 @@ impl PgStore {
         self.noted(r)
     }
 
-    /// Passes `r` on; an error that says the database is unreachable marks the store so (and
-    /// starts a probe that notices its return even if nothing is written meanwhile).
+    /// Passes `r` on; an error that says the database is unreachable marks the store so (the
+    /// writer notices its return within half a second, even if nothing is written meanwhile).
     fn noted<T>(&self, r: Result<T, LedgerError>) -> Result<T, LedgerError> {
         if let Err(LedgerError::Io(m)) = &r {
             self.inner.health.failed(m);
-            self.probe();
         }
         r
-    }
-
-    fn probe(&self) {
-        probe(&self.inner.pool, &self.inner.health, &self.inner.probing);
     }
 
     async fn write(&self, op: Op) -> Result<u64, LedgerError> {
@@ -848,29 +838,6 @@ impl PgStore {
         .await;
         self.noted(r)
     }
-}
-
-/// Starts a task that waits for the database to answer again, then marks the store healthy:
-/// after an outage nothing else may write (the pipeline takes no job while the store is
-/// unhealthy), so something must notice the database's return. One at a time.
-fn probe(pool: &Pool, health: &Arc<StoreHealth>, probing: &Arc<AtomicBool>) {
-    if probing.swap(true, Ordering::AcqRel) {
-        return;
-    }
-    let (pool, health, probing) = (pool.clone(), health.clone(), probing.clone());
-    tokio::spawn(async move {
-        let mut wait = RETRY_FIRST;
-        while !health.writable() && !pool.is_closed() {
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(RETRY_MAX);
-            if let Ok(c) = pool.get().await
-                && c.simple_query("SELECT 1").await.is_ok()
-            {
-                health.succeeded();
-            }
-        }
-        probing.store(false, Ordering::Release);
-    });
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -488,3 +488,258 @@ async fn reads_scans_and_counts() {
         .get(0);
     assert_eq!(tables, 0);
 }
+
+/// What the [`Proxy`] does with the next COMMIT it sees.
+const PASS: u8 = 0;
+/// Passes it on, then drops the server's answer and closes the client's side: the
+/// transaction committed, and the client cannot know.
+const LOSE_ANSWER: u8 = 1;
+/// Never passes it on and keeps the server's side open: the transaction stays open on the
+/// server ("idle in transaction", its row locks held) while the client's side is closed.
+const SWALLOW: u8 = 2;
+
+/// A TCP proxy in front of the test's PostgreSQL that loses one COMMIT on request.
+struct Proxy {
+    port: u16,
+    mode: Arc<std::sync::atomic::AtomicU8>,
+    /// COMMITs it lost.
+    fired: Arc<AtomicU64>,
+}
+
+impl Proxy {
+    async fn start(db: &TestDb) -> Proxy {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let config = db.settings().config("proxy").unwrap();
+        let host = match &config.get_hosts()[0] {
+            tokio_postgres::config::Host::Tcp(h) => h.clone(),
+            #[allow(unreachable_patterns)]
+            _ => panic!("the lost-COMMIT tests need a TCP SENDWELL_TEST_PG_URL"),
+        };
+        let upstream = (host, config.get_ports().first().copied().unwrap_or(5432));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mode = Arc::new(std::sync::atomic::AtomicU8::new(PASS));
+        let fired = Arc::new(AtomicU64::new(0));
+        // Server sides kept open on purpose (SWALLOW) live here until the test ends.
+        let kept: Arc<Mutex<Vec<tokio::net::TcpStream>>> = Arc::default();
+        let (m, f) = (mode.clone(), fired.clone());
+        tokio::spawn(async move {
+            // A simple-protocol COMMIT: 'Q', length 11, "COMMIT\0".
+            const COMMIT: &[u8] = b"Q\0\0\0\x0bCOMMIT\0";
+            while let Ok((mut client, _)) = listener.accept().await {
+                let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let (m, f, kept) = (m.clone(), f.clone(), kept.clone());
+                tokio::spawn(async move {
+                    let (mut cb, mut sb) = (vec![0u8; 65536], vec![0u8; 65536]);
+                    // Set once this connection's COMMIT was passed on with LOSE_ANSWER.
+                    let mut lose_next_answer = false;
+                    loop {
+                        tokio::select! {
+                            r = client.read(&mut cb) => {
+                                let n = match r { Ok(0) | Err(_) => return, Ok(n) => n };
+                                let chunk = &cb[..n];
+                                let commit = chunk.windows(COMMIT.len()).any(|w| w == COMMIT);
+                                let mode = if commit { m.swap(PASS, Ordering::SeqCst) } else { PASS };
+                                if mode == SWALLOW {
+                                    f.fetch_add(1, Ordering::SeqCst);
+                                    lock(&kept).push(server);
+                                    return; // the client's side closes here
+                                }
+                                if server.write_all(chunk).await.is_err() {
+                                    return;
+                                }
+                                lose_next_answer |= mode == LOSE_ANSWER;
+                            }
+                            r = server.read(&mut sb) => {
+                                let n = match r { Ok(0) | Err(_) => return, Ok(n) => n };
+                                if lose_next_answer {
+                                    f.fetch_add(1, Ordering::SeqCst);
+                                    return; // both sides close; the server has committed
+                                }
+                                if client.write_all(&sb[..n]).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Proxy { port, mode, fired }
+    }
+
+    fn settings(&self, db: &TestDb) -> PgSettings {
+        let mut s = db.settings();
+        let config = s.config("proxy").unwrap();
+        let user = config.get_user().unwrap_or("postgres");
+        s.url = format!("postgres://{user}@127.0.0.1:{}/{}", self.port, db.name);
+        s
+    }
+
+    fn lose_next_commit(&self, how: u8) {
+        self.mode.store(how, Ordering::SeqCst);
+    }
+
+    fn fired(&self) -> u64 {
+        self.fired.load(Ordering::SeqCst)
+    }
+}
+
+fn claim(id: &str) -> KvOp {
+    KvOp::ClaimJob {
+        id: id.into(),
+        entry: entry(LedgerState::Sending, 1, 1),
+        expect: None,
+    }
+}
+
+async fn ledger_rows(db: &TestDb, id: &str) -> Vec<(i16, i32)> {
+    db.raw()
+        .await
+        .query(
+            "SELECT state, attempts FROM sw_ledger WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_commit_whose_answer_was_lost_keeps_its_results() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let proxy = Proxy::start(&db).await;
+    let s = PgStore::open(&proxy.settings(&db), false).await.unwrap();
+    s.kv_put(Table::Inbound, b"warm".to_vec(), b"1".to_vec())
+        .await
+        .unwrap();
+
+    // The claim committed but its answer never came: tried again blindly, it would find its
+    // own row and report the claim lost (the job then goes back to its queue unsent).
+    proxy.lose_next_commit(LOSE_ANSWER);
+    let won = tokio::time::timeout(Duration::from_secs(20), s.kv_many(vec![claim("j1")]))
+        .await
+        .expect("the claim's write returned");
+    assert_eq!(proxy.fired(), 1, "the proxy lost the COMMIT's answer");
+    assert!(matches!(won, Ok(1)), "{won:?}");
+    assert_eq!(ledger_rows(&db, "j1").await, vec![(2, 1)]);
+
+    // An insert-if-absent that inserted says so.
+    proxy.lose_next_commit(LOSE_ANSWER);
+    let inserted = tokio::time::timeout(
+        Duration::from_secs(20),
+        s.kv_insert_if_absent(Table::WebhookSeen, b"k".to_vec(), b"v".to_vec()),
+    )
+    .await
+    .expect("the insert returned");
+    assert_eq!(proxy.fired(), 2);
+    assert!(matches!(inserted, Ok(true)), "{inserted:?}");
+    assert!(s.health().writable());
+}
+
+#[tokio::test]
+async fn a_commit_that_never_arrived_is_rolled_back_and_tried_again() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let proxy = Proxy::start(&db).await;
+    let s = PgStore::open(&proxy.settings(&db), false).await.unwrap();
+    s.kv_put(Table::Inbound, b"warm".to_vec(), b"1".to_vec())
+        .await
+        .unwrap();
+    // The server still holds the transaction open (and the claimed row's lock): the writer
+    // must end that session, learn that it rolled back, and claim again.
+    proxy.lose_next_commit(SWALLOW);
+    let won = tokio::time::timeout(Duration::from_secs(20), s.kv_many(vec![claim("j2")]))
+        .await
+        .expect("the claim's write returned (not blocked behind its own first try)");
+    assert_eq!(proxy.fired(), 1, "the proxy swallowed the COMMIT");
+    assert!(matches!(won, Ok(1)), "{won:?}");
+    assert_eq!(ledger_rows(&db, "j2").await, vec![(2, 1)]);
+}
+
+#[tokio::test]
+async fn an_idle_daemon_takes_its_lock_back_and_stays_unready_while_a_tool_has_it() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let s = db.open().await;
+    s.kv_put(Table::Inbound, b"a".to_vec(), b"1".to_vec())
+        .await
+        .unwrap();
+    let raw = db.raw().await;
+    let writer_pid: i32 = raw
+        .query_one(
+            "SELECT pid FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name = 'sendwell-test:writer'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // A "tool" asks for the store exclusively and waits behind the daemon's shared lock; it
+    // gets it the moment the daemon's writer connection ends.
+    let tool = Arc::new(db.raw().await);
+    let t = tool.clone();
+    let waiting = tokio::spawn(async move {
+        t.query_one("SELECT pg_advisory_lock($1)", &[&STORE_LOCK])
+            .await
+            .map(|_| ())
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let queued: i64 = raw
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if queued == 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the tool never queued"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    raw.query_one("SELECT pg_terminate_backend($1)", &[&writer_pid])
+        .await
+        .unwrap();
+    waiting.await.unwrap().unwrap();
+
+    // Nothing is written, yet the daemon notices: it cannot take its lock back, so it says
+    // it cannot write, and keeps saying so (no flapping) while the tool holds the store.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while s.health().writable() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the idle daemon noticed that its lock is gone");
+    let until = tokio::time::Instant::now() + Duration::from_secs(2);
+    while tokio::time::Instant::now() < until {
+        assert!(!s.health().writable(), "ready while a tool has the store");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The tool ends: the daemon takes its lock back by itself, and a new tool gets InUse.
+    tool.query_one("SELECT pg_advisory_unlock($1)", &[&STORE_LOCK])
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), s.health().wait_writable())
+        .await
+        .expect("writable again once the tool let go");
+    assert!(matches!(
+        PgStore::open(&db.settings(), true).await,
+        Err(LedgerError::InUse)
+    ));
+}

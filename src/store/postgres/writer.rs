@@ -17,7 +17,6 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::task::Poll;
 
 use deadpool_postgres::Pool;
@@ -31,6 +30,9 @@ use super::{
 use crate::store::health::StoreHealth;
 use crate::store::ledger::{KvOp, LedgerError, Table};
 
+/// How often the idle writer checks its connection (and, while the store is unwritable,
+/// whether the database is back).
+const KEEP_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 /// Writes per transaction at most.
 const MAX_BATCH: usize = 4096;
 /// Publish marks stored per commit at most (the rest go with the next one).
@@ -114,6 +116,9 @@ struct Stmts {
     claim_update: Statement,
     delete_jobs: Statement,
     mark_published: Statement,
+    /// The transaction's id, taken right after BEGIN: what tells, when COMMIT's answer is
+    /// lost with the connection, whether it committed.
+    txid: Statement,
 }
 
 impl Stmts {
@@ -134,6 +139,7 @@ impl Stmts {
                 .to_string(),
             "DELETE FROM sw_ledger WHERE id = ANY($1)".to_string(),
             "UPDATE sw_ledger SET published = true WHERE id = ANY($1)".to_string(),
+            "SELECT txid_current()".to_string(),
         ];
         let mut sql: Vec<String> = ledger.to_vec();
         for t in Table::ALL {
@@ -157,8 +163,8 @@ impl Stmts {
             .await?
             .into_iter();
         let mut next = || st.next().expect("one statement per text");
-        let (put_job, claim_new, claim_update, delete_jobs, mark_published) =
-            (next(), next(), next(), next(), next());
+        let (put_job, claim_new, claim_update, delete_jobs, mark_published, txid) =
+            (next(), next(), next(), next(), next(), next());
         let tables = Table::ALL
             .iter()
             .map(|_| TableStmts {
@@ -177,6 +183,7 @@ impl Stmts {
             claim_update,
             delete_jobs,
             mark_published,
+            txid,
         })
     }
 
@@ -191,6 +198,18 @@ enum Fail {
     Unavailable(String),
     /// A statement failed: the write is wrong, or a neighbour is.
     Statement(String),
+    /// The connection broke after COMMIT was sent: the transaction may or may not have
+    /// committed. Trying the writes again blindly would report a claim that won as lost (its
+    /// own row now stands in its way) and an insert that inserted as not inserting.
+    InDoubt {
+        /// The transaction's id (`txid_current()`), asked about on a new connection.
+        xid: i64,
+        /// The server process that ran it, ended if it is still in the transaction.
+        pid: i32,
+        /// What the writes get if it committed.
+        results: Vec<Result<u64, LedgerError>>,
+        why: String,
+    },
 }
 
 impl From<tokio_postgres::Error> for Fail {
@@ -300,13 +319,13 @@ fn claim_future<'a>(c: &'a Client, st: &'a Stmts, op: &'a KvOp) -> Fut<'a> {
 pub(super) struct Writer {
     client: Option<Client>,
     stmts: Option<Stmts>,
+    /// The server process of `client`: the one to end when a transaction it ran is in doubt.
+    pid: i32,
     config: tokio_postgres::Config,
     exclusive: bool,
     health: Arc<StoreHealth>,
     published: Published,
     pool: Pool,
-    /// Shared with the store's reads: one probe at a time.
-    probing: Arc<AtomicBool>,
 }
 
 impl Writer {
@@ -318,24 +337,36 @@ impl Writer {
         health: Arc<StoreHealth>,
         published: Published,
         pool: Pool,
-        probing: Arc<AtomicBool>,
     ) -> Result<Writer, LedgerError> {
         let stmts = Stmts::prepare(&client).await.map_err(super::pg_error)?;
+        let pid = backend_pid(&client).await.map_err(super::pg_error)?;
         Ok(Writer {
             client: Some(client),
             stmts: Some(stmts),
+            pid,
             config,
             exclusive,
             health,
             published,
             pool,
-            probing,
         })
     }
 
     pub(super) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Request>) {
         let mut batch: Vec<Request> = Vec::with_capacity(256);
-        while let Some(first) = rx.recv().await {
+        let mut keep = tokio::time::interval(KEEP_EVERY);
+        keep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let first = tokio::select! {
+                r = rx.recv() => match r {
+                    Some(r) => r,
+                    None => break,
+                },
+                _ = keep.tick() => {
+                    self.keep().await;
+                    continue;
+                }
+            };
             batch.push(first);
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
@@ -371,6 +402,49 @@ impl Writer {
         // Dropping the client closes the connection, and the store's lock goes with it.
     }
 
+    /// Between writes: a connection that broke is replaced at once, not at the next write, so
+    /// that the daemon holds the store's lock all the time it runs (a tool cannot slip in
+    /// and write behind the daemon's caches while it is idle). While the store is marked
+    /// unwritable (a write or a read failed), it is marked writable again only once this
+    /// connection holds the lock again and a pooled connection answers too: what the
+    /// pipeline needs, so `/readyz` does not flap between the two.
+    async fn keep(&mut self) {
+        let broken = self.client.as_ref().is_none_or(|c| c.is_closed());
+        if !broken && self.health.writable() {
+            return;
+        }
+        let r = match self.ensure_connected().await {
+            Ok(()) => self.ping().await,
+            Err(m) => Err(m),
+        };
+        match r {
+            Ok(()) => {
+                if !self.health.writable() {
+                    self.health.succeeded();
+                }
+            }
+            Err(m) => {
+                self.client = None;
+                self.stmts = None;
+                self.health.failed(&m);
+            }
+        }
+    }
+
+    async fn ping(&self) -> Result<(), String> {
+        let c = self.client.as_ref().ok_or("not connected")?;
+        c.simple_query("SELECT 1").await.map_err(|e| describe(&e))?;
+        let pooled = self.pool.get().await.map_err(|e| match e {
+            deadpool_postgres::PoolError::Backend(e) => describe(&e),
+            e => format!("no pooled database connection: {e}"),
+        })?;
+        pooled
+            .simple_query("SELECT 1")
+            .await
+            .map_err(|e| describe(&e))?;
+        Ok(())
+    }
+
     /// The batch, or its writes one per transaction when a statement failed.
     async fn apply_holding(
         &mut self,
@@ -380,7 +454,7 @@ impl Writer {
     ) -> Vec<Result<u64, LedgerError>> {
         match self.hold(reqs, marks, rx).await {
             Ok(r) => r,
-            Err(Fail::Unavailable(m)) => reqs
+            Err(Fail::Unavailable(m) | Fail::InDoubt { why: m, .. }) => reqs
                 .iter()
                 .map(|_| Err(LedgerError::Io(m.clone())))
                 .collect(),
@@ -392,7 +466,9 @@ impl Writer {
                 for r in reqs {
                     out.push(match self.hold(std::slice::from_ref(r), &[], rx).await {
                         Ok(mut v) => v.pop().unwrap_or(Ok(0)),
-                        Err(Fail::Unavailable(m)) => Err(LedgerError::Io(m)),
+                        Err(Fail::Unavailable(m) | Fail::InDoubt { why: m, .. }) => {
+                            Err(LedgerError::Io(m))
+                        }
                         Err(Fail::Statement(m)) => Err(LedgerError::Store(m)),
                     });
                 }
@@ -420,6 +496,26 @@ impl Writer {
                 Ok(()) => self.apply(reqs, marks).await,
                 Err(m) => Err(Fail::Unavailable(m)),
             };
+            let r = match r {
+                Err(Fail::InDoubt {
+                    xid,
+                    pid,
+                    results,
+                    why,
+                }) => {
+                    self.client = None;
+                    self.stmts = None;
+                    self.health.failed(&why);
+                    match self.resolve(xid, pid, rx).await {
+                        // Committed: the writes have exactly the results they had.
+                        Ok(true) => Ok(results),
+                        // Rolled back: as if never sent; tried again at once.
+                        Ok(false) => continue,
+                        Err(m) => Err(Fail::Unavailable(m)),
+                    }
+                }
+                r => r,
+            };
             match r {
                 Ok(v) => {
                     self.health.succeeded();
@@ -435,8 +531,7 @@ impl Writer {
                     self.health.failed(&m);
                     if !self.health.holding() || rx.is_closed() {
                         // Writes fail now; the store is healthy again once the database
-                        // answers, whether or not anything is written meanwhile.
-                        super::probe(&self.pool, &self.health, &self.probing);
+                        // answers, whether or not anything is written meanwhile (`keep`).
                         return Err(Fail::Unavailable(m));
                     }
                     tokio::time::sleep(wait).await;
@@ -462,9 +557,77 @@ impl Writer {
             return Err("the store's lock is held by another process".into());
         }
         let stmts = Stmts::prepare(&client).await.map_err(|e| describe(&e))?;
+        self.pid = backend_pid(&client).await.map_err(|e| describe(&e))?;
         self.client = Some(client);
         self.stmts = Some(stmts);
         Ok(())
+    }
+
+    /// Whether the transaction `xid`, whose COMMIT's answer was lost, committed: asked on a
+    /// new connection until the server knows. A transaction still in progress (the server has
+    /// not noticed yet that its client is gone, or never got the COMMIT) is ended first, so
+    /// the answer is final and cannot change after it is given. Err when the hold runs out.
+    async fn resolve(
+        &mut self,
+        xid: i64,
+        pid: i32,
+        rx: &mpsc::UnboundedReceiver<Request>,
+    ) -> Result<bool, String> {
+        let mut wait = RETRY_FIRST;
+        loop {
+            let asked = match self.ensure_connected().await {
+                Ok(()) => self.status(xid, pid).await,
+                Err(m) => Err(m),
+            };
+            match asked {
+                Ok(Some(committed)) => return Ok(committed),
+                Ok(None) => wait = RETRY_FIRST,
+                Err(m) => {
+                    self.client = None;
+                    self.stmts = None;
+                    self.health.failed(&m);
+                    if !self.health.holding() || rx.is_closed() {
+                        return Err(format!(
+                            "{m} (and whether the last transaction committed is unknown)"
+                        ));
+                    }
+                }
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(RETRY_MAX);
+        }
+    }
+
+    /// Some(committed) once the outcome of `xid` is final; None while it is still running
+    /// (after asking the server to end the process `pid` that runs it).
+    async fn status(&self, xid: i64, pid: i32) -> Result<Option<bool>, String> {
+        let c = self.client.as_ref().ok_or("not connected")?;
+        let status: Option<String> = c
+            .query_one("SELECT txid_status($1)", &[&xid])
+            .await
+            .and_then(|r| r.try_get(0))
+            .map_err(|e| describe(&e))?;
+        match status.as_deref() {
+            Some("committed") => Ok(Some(true)),
+            Some("aborted") => Ok(Some(false)),
+            Some(_) => {
+                // Still in progress: its session is ours (same role, same application name),
+                // lost to us; ending it rolls the transaction back unless it committed first.
+                c.query_one(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                     WHERE pid = $1 AND application_name = $2",
+                    &[
+                        &pid,
+                        &self.config.get_application_name().unwrap_or_default(),
+                    ],
+                )
+                .await
+                .map_err(|e| describe(&e))?;
+                Ok(None)
+            }
+            // Too old for the server to remember: cannot happen seconds later; say so.
+            None => Err(format!("the server no longer knows transaction {xid}")),
+        }
     }
 
     /// One transaction: the claims, then the ops of every write whose claim won, then the
@@ -501,10 +664,14 @@ impl Writer {
             return Ok(results.into_iter().map(|r| r.unwrap_or(Ok(0))).collect());
         }
 
-        // BEGIN and the claims, in one round trip.
-        let mut futs: Vec<Fut<'_>> = vec![Box::pin(async move {
-            c.batch_execute("BEGIN").await.map(|()| 0)
-        })];
+        // BEGIN, the transaction's id and the claims, in one round trip.
+        let mut futs: Vec<Fut<'_>> = vec![
+            Box::pin(async move { c.batch_execute("BEGIN").await.map(|()| 0) }),
+            Box::pin(async move {
+                let row = c.query_one(&st.txid, &[]).await?;
+                row.try_get::<_, i64>(0).map(|x| x as u64)
+            }),
+        ];
         let mut claims = Vec::new();
         for (i, r) in reqs.iter().enumerate() {
             if results[i].is_none()
@@ -521,6 +688,13 @@ impl Writer {
         if let Err(e) = out.next().expect("BEGIN's result") {
             note(&mut error, e);
         }
+        let xid = match out.next().expect("txid_current's result") {
+            Ok(x) => x as i64,
+            Err(e) => {
+                note(&mut error, e);
+                0
+            }
+        };
         let mut counts = vec![0u64; reqs.len()];
         for (i, r) in claims.iter().zip(out) {
             match r {
@@ -578,12 +752,21 @@ impl Writer {
         if let Some(e) = error {
             return Err(self.abort(e).await);
         }
-        c.batch_execute("COMMIT").await?;
-        Ok(results
+        let results = results
             .into_iter()
             .zip(counts)
             .map(|(r, n)| r.unwrap_or(Ok(n)))
-            .collect())
+            .collect();
+        match c.batch_execute("COMMIT").await.map_err(Fail::from) {
+            Ok(()) => Ok(results),
+            Err(Fail::Unavailable(why)) => Err(Fail::InDoubt {
+                xid,
+                pid: self.pid,
+                results,
+                why,
+            }),
+            Err(f) => Err(f),
+        }
     }
 
     /// Ends a transaction that failed; the cause is returned.
@@ -598,6 +781,12 @@ impl Writer {
 
 fn is_empty(op: &Op) -> bool {
     matches!(op, Op::Many(ops) if ops.is_empty())
+}
+
+async fn backend_pid(c: &Client) -> Result<i32, tokio_postgres::Error> {
+    c.query_one("SELECT pg_backend_pid()", &[])
+        .await?
+        .try_get(0)
 }
 
 /// Keeps the first failure, except that an unreachable database outranks a statement error
