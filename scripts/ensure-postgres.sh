@@ -41,8 +41,13 @@ if [ -z "$(newest_server)" ] || ! command -v pg_lsclusters >/dev/null 2>&1; then
   [ -n "$(newest_server)" ] || die "no PostgreSQL server under /usr/lib/postgresql after installing"
 fi
 
-# The newest major that has a cluster; with no cluster at all, the newest installed server.
-VER="$({ pg_lsclusters -h 2>/dev/null || true; } | awk '{print $1}' | sort -n | tail -n1)"
+# The version of the cluster $CLUSTER when one exists (whichever major it is; a throw-away
+# cluster of another major must not make us create a second one on the same port); otherwise
+# the newest major that has a cluster; with no cluster at all, the newest installed server.
+VER="$({ pg_lsclusters -h 2>/dev/null || true; } | awk -v c="$CLUSTER" '$2 == c {print $1}' | sort -n | tail -n1)"
+if [ -z "$VER" ]; then
+  VER="$({ pg_lsclusters -h 2>/dev/null || true; } | awk '{print $1}' | sort -n | tail -n1)"
+fi
 if [ -z "$VER" ]; then VER="$(newest_server)"; fi
 if [ "${VER%%.*}" -lt "$MIN_MAJOR" ]; then
   die "PostgreSQL $VER is the newest here; sendwell needs $MIN_MAJOR or newer (DROP DATABASE ... WITH (FORCE), WAL_LOG database creation)"
