@@ -578,6 +578,16 @@ impl Proxy {
         s
     }
 
+    /// A store that reaches the database through a new proxy, its writer connected.
+    async fn open(db: &TestDb) -> (Proxy, PgStore) {
+        let proxy = Proxy::start(db).await;
+        let s = PgStore::open(&proxy.settings(db), false).await.unwrap();
+        s.kv_put(Table::Inbound, b"warm".to_vec(), b"1".to_vec())
+            .await
+            .unwrap();
+        (proxy, s)
+    }
+
     fn lose_next_commit(&self, how: u8) {
         self.mode.store(how, Ordering::SeqCst);
     }
@@ -614,11 +624,7 @@ async fn a_commit_whose_answer_was_lost_keeps_its_results() {
     let Some(db) = TestDb::new().await else {
         return;
     };
-    let proxy = Proxy::start(&db).await;
-    let s = PgStore::open(&proxy.settings(&db), false).await.unwrap();
-    s.kv_put(Table::Inbound, b"warm".to_vec(), b"1".to_vec())
-        .await
-        .unwrap();
+    let (proxy, s) = Proxy::open(&db).await;
 
     // The claim committed but its answer never came: tried again blindly, it would find its
     // own row and report the claim lost (the job then goes back to its queue unsent).
@@ -648,11 +654,7 @@ async fn a_commit_that_never_arrived_is_rolled_back_and_tried_again() {
     let Some(db) = TestDb::new().await else {
         return;
     };
-    let proxy = Proxy::start(&db).await;
-    let s = PgStore::open(&proxy.settings(&db), false).await.unwrap();
-    s.kv_put(Table::Inbound, b"warm".to_vec(), b"1".to_vec())
-        .await
-        .unwrap();
+    let (proxy, s) = Proxy::open(&db).await;
     // The server still holds the transaction open (and the claimed row's lock): the writer
     // must end that session, learn that it rolled back, and claim again.
     proxy.lose_next_commit(SWALLOW);
