@@ -478,32 +478,18 @@ impl PgStore {
 
     /// How many rows a table has.
     pub async fn kv_len(&self, t: Table) -> Result<u64, LedgerError> {
-        let r = async {
-            let c = self.conn().await?;
-            let st = c
-                .prepare_cached(&self.sql(t).count)
-                .await
-                .map_err(pg_error)?;
-            let n: i64 = c
-                .query_one(&st, &[])
-                .await
-                .map_err(pg_error)?
-                .try_get(0)
-                .map_err(pg_error)?;
-            Ok(n as u64)
-        }
-        .await;
-        self.noted(r)
+        self.count(&self.sql(t).count).await
     }
 
     /// How many ledger entries (job ids) the store has.
     pub async fn job_count(&self) -> Result<u64, LedgerError> {
+        self.count("SELECT count(*) FROM sw_ledger").await
+    }
+
+    async fn count(&self, sql: &str) -> Result<u64, LedgerError> {
         let r = async {
             let c = self.conn().await?;
-            let st = c
-                .prepare_cached("SELECT count(*) FROM sw_ledger")
-                .await
-                .map_err(pg_error)?;
+            let st = c.prepare_cached(sql).await.map_err(pg_error)?;
             let n: i64 = c
                 .query_one(&st, &[])
                 .await
