@@ -599,6 +599,10 @@ async fn run(path: PathBuf) -> i32 {
     handle_signals(shutdown.clone());
     let app = match sendwell::app::start(config, shutdown.clone()).await {
         Ok(a) => a,
+        Err(sendwell::app::AppError::StoppedWhileWaiting) => {
+            tracing::info!("sendwell stopped before the state store could be opened.");
+            return 0;
+        }
         Err(e) => {
             tracing::error!(error = %e, "sendwell cannot start.");
             eprintln!("sendwell: {e}");
