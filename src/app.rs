@@ -15,7 +15,7 @@ use crate::amqp::consumer::Worker;
 use crate::amqp::topology::{Names, TopologyError};
 use crate::clock::SystemClock;
 use crate::cloud_api::CloudApi;
-use crate::config::Config;
+use crate::config::{Config, StateBackend};
 use crate::consent::flow::ConsentFlow;
 use crate::consent::{ConsentStore, EventDecoder};
 use crate::http::Readiness;
@@ -29,7 +29,7 @@ use crate::webhook::apply::Applier;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
-    #[error("state directory: {0}")]
+    #[error("{0}")]
     State(#[from] LedgerError),
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
@@ -54,11 +54,16 @@ pub enum AppError {
         "the state store could not be written for {0} (state.unwritable_grace); exiting so the supervisor restarts the daemon"
     )]
     StoreUnwritable(String),
+    /// Shutdown was asked for while the daemon still waited for its state store at start: a
+    /// clean stop (exit 0), not a failure.
+    #[error("stopped before the state store could be opened")]
+    StoppedWhileWaiting,
 }
 
 impl AppError {
     /// sysexits: 73 can't create (state), 69 unavailable (ports, broker set-up), 70 software,
-    /// 78 configuration (a state database migrated by a newer sendwell).
+    /// 78 configuration (a state database migrated by a newer sendwell); 0 for a stop asked for
+    /// while waiting for the state store.
     pub fn exit_code(&self) -> i32 {
         match self {
             AppError::State(LedgerError::SchemaTooNew { .. }) => 78,
@@ -68,6 +73,7 @@ impl AppError {
             AppError::Config(_) => 64,
             // EX_IOERR.
             AppError::StoreUnwritable(_) => 74,
+            AppError::StoppedWhileWaiting => 0,
         }
     }
 }
@@ -275,12 +281,183 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
-/// Starts everything; returns once listeners are bound and the state is open.
+/// Waits between attempts to open a PostgreSQL store that cannot be reached at start: doubling
+/// from the first to the last, then the last for as long as it takes.
+const START_RETRY_FIRST: Duration = Duration::from_millis(500);
+const START_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Doubling waits, capped.
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(first: Duration, max: Duration) -> Self {
+        Backoff { next: first, max }
+    }
+
+    /// The wait before the next attempt.
+    fn next_wait(&mut self) -> Duration {
+        let wait = self.next.min(self.max);
+        self.next = (wait * 2).min(self.max);
+        wait
+    }
+}
+
+/// Opens the state store for the daemon. A PostgreSQL database that cannot be reached
+/// ([`LedgerError::Io`]: connection refused or timed out, a host name that does not resolve,
+/// 08xxx, 53xxx such as too many connections, 57P01–57P03 shutting down or starting up, 25006
+/// a standby not yet promoted) is waited for, with doubling waits up to
+/// [`START_RETRY_MAX`], until it answers or shutdown is asked for: a database that comes back
+/// after a minute must not leave the daemon dead (under systemd, quick exits would use up the
+/// unit's start limit). Meanwhile the admin listener is bound into `admin`, answering
+/// `/healthz` and `/readyz` (503, saying why), and systemd's status line says what the start
+/// waits for; READY comes only after the store is open. Every other error is permanent and
+/// returned at once: authentication (28P01, 28000), a database or role that does not exist
+/// (3D000), a schema newer than this binary (exit 78), a bad URL, an unusable state
+/// directory. redb errors are always returned at once.
+async fn open_store(
+    config: &Config,
+    shutdown: &CancellationToken,
+    admin: &mut Option<AdminServer>,
+    metrics: &PrometheusHandle,
+) -> Result<Ledger, AppError> {
+    let mut backoff = Backoff::new(START_RETRY_FIRST, START_RETRY_MAX);
+    // One line per reason per longest wait: the first failure at once, then about one line per
+    // attempt once the waits are long, not one per quick early attempt.
+    let log = crate::log_every::LogEvery::new(START_RETRY_MAX, Arc::new(SystemClock));
+    let why: Arc<std::sync::Mutex<String>> = Arc::default();
+    let started = std::time::Instant::now();
+    let mut attempts = 0u64;
+    loop {
+        let opened = tokio::select! {
+            r = Ledger::open_state(&config.state, false) => r,
+            _ = shutdown.cancelled() => return Err(AppError::StoppedWhileWaiting),
+        };
+        let error = match opened {
+            Ok(ledger) => {
+                if attempts > 0 {
+                    tracing::info!(
+                        attempts = attempts + 1,
+                        waited_s = started.elapsed().as_secs(),
+                        "PostgreSQL answers: the state store is open; starting."
+                    );
+                    *why.lock().unwrap_or_else(|e| e.into_inner()) = "loading the state".into();
+                    crate::notify::status("loading the state");
+                }
+                return Ok(ledger);
+            }
+            Err(LedgerError::Io(e)) if config.state.backend == StateBackend::Postgres => e,
+            Err(e) => return Err(e.into()),
+        };
+        attempts += 1;
+        let wait = backoff.next_wait();
+        let line = format!(
+            "waiting for PostgreSQL (attempt {attempts}, next in {}): {error}",
+            humantime::format_duration(wait)
+        );
+        *why.lock().unwrap_or_else(|e| e.into_inner()) = line.clone();
+        crate::notify::status(&line);
+        crate::metrics::store_writable(false);
+        if let Some(unlogged) = log.check(&error) {
+            tracing::warn!(
+                error = %error,
+                attempts,
+                unlogged,
+                retry_in = %humantime::format_duration(wait),
+                "PostgreSQL cannot be reached: the daemon waits for it and starts once it answers."
+            );
+        }
+        if admin.is_none() {
+            *admin = Some(
+                AdminServer::bind(
+                    config,
+                    crate::http::waiting_router(metrics.clone(), why.clone()),
+                )
+                .await?,
+            );
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.cancelled() => return Err(AppError::StoppedWhileWaiting),
+        }
+    }
+}
+
+/// The admin listener, bound and answering from the moment it is needed (see [`open_store`]):
+/// first with start-up routes, then, from [`AdminServer::serve`], with all of them.
+struct AdminServer {
+    addr: SocketAddr,
+    routes: Arc<OnceLock<axum::Router>>,
+    task: Option<JoinHandle<()>>,
+    stop: CancellationToken,
+}
+
+impl AdminServer {
+    /// Binds `admin.listen` and answers with `early` until [`AdminServer::serve`].
+    async fn bind(config: &Config, early: axum::Router) -> Result<AdminServer, AppError> {
+        let bind_error = |source| AppError::Bind {
+            what: "admin",
+            addr: config.admin.listen,
+            source,
+        };
+        let listener = tokio::net::TcpListener::bind(config.admin.listen)
+            .await
+            .map_err(bind_error)?;
+        let addr = listener.local_addr().map_err(bind_error)?;
+        let routes: Arc<OnceLock<axum::Router>> = Arc::default();
+        let router = crate::http::handover_router(early, routes.clone());
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
+        let task = tokio::spawn(async move {
+            // The consent endpoints decide by the peer's address.
+            let r = axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move { stopped.cancelled().await })
+            .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "Admin listener failed.");
+            }
+        });
+        Ok(AdminServer {
+            addr,
+            routes,
+            task: Some(task),
+            stop,
+        })
+    }
+
+    /// Answers with `router` from now on; returns the serving task and what stops it.
+    fn serve(mut self, router: axum::Router) -> (JoinHandle<()>, CancellationToken) {
+        let _ = self.routes.set(router);
+        let task = self.task.take().expect("served once");
+        (task, self.stop.clone())
+    }
+}
+
+impl Drop for AdminServer {
+    /// A start that fails after binding stops the listener too.
+    fn drop(&mut self) {
+        if self.task.is_some() {
+            self.stop.cancel();
+        }
+    }
+}
+
+/// Starts everything; returns once listeners are bound and the state is open (after waiting
+/// for PostgreSQL, if it cannot be reached yet: see [`open_store`]).
 pub async fn start(config: Config, shutdown: CancellationToken) -> Result<RunningApp, AppError> {
     let running_config = config.clone();
     crate::privacy::set_masking(config.log.mask_numbers);
     let metrics = metrics_handle();
-    let ledger = Ledger::open_state(&config.state, false).await?;
+    // Bound here only when the daemon has to wait for PostgreSQL, so that /healthz and /readyz
+    // answer meanwhile; else further down, where it always was.
+    let mut admin = None;
+    let ledger = open_store(&config, &shutdown, &mut admin, &metrics).await?;
     // A store that cannot be written (full disk) holds its writes and the pipeline waits, for
     // this long; then the daemon gives up (see the watch below).
     let unwritable_grace = config.state.unwritable_grace;
@@ -317,18 +494,17 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
                 .map_err(|source| AppError::AdminToken { path, source })?
         }
     };
-    let admin = tokio::net::TcpListener::bind(config.admin.listen)
-        .await
-        .map_err(|source| AppError::Bind {
-            what: "admin",
-            addr: config.admin.listen,
-            source,
-        })?;
-    let admin_addr = admin.local_addr().map_err(|source| AppError::Bind {
-        what: "admin",
-        addr: config.admin.listen,
-        source,
-    })?;
+    let admin = match admin {
+        Some(a) => a,
+        None => {
+            AdminServer::bind(
+                &config,
+                crate::http::router(metrics.clone(), readiness.clone()),
+            )
+            .await?
+        }
+    };
+    let admin_addr = admin.addr;
 
     // The webhook listener binds before the sandbox, which may be told to call it.
     let webhook = match (&config.webhook.app_secret, &config.webhook.verify_token) {
@@ -468,27 +644,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         shutdown.clone(),
     ));
 
-    let admin_router = crate::http::router_with_consent(
+    let (admin_task, admin_shutdown) = admin.serve(crate::http::router_with_consent(
         metrics.clone(),
         readiness.clone(),
         consent.clone(),
         config.state.dir.clone(),
         admin_token,
-    );
-    let admin_shutdown = CancellationToken::new();
-    let admin_stop = admin_shutdown.clone();
-    let admin_task = tokio::spawn(async move {
-        // The consent endpoints decide by the peer's address.
-        let r = axum::serve(
-            admin,
-            admin_router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move { admin_stop.cancelled().await })
-        .await;
-        if let Err(e) = r {
-            tracing::error!(error = %e, "Admin listener failed.");
-        }
-    });
+    ));
 
     let webhook_task = webhook.map(|(l, addr, listener)| {
         let router = crate::webhook::router(listener, config.webhook.max_body_bytes);
@@ -603,4 +765,21 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         config: Arc::new(std::sync::Mutex::new(running_config)),
         join,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_start_waits_double_up_to_the_cap_and_stay_there() {
+        let mut b = Backoff::new(START_RETRY_FIRST, START_RETRY_MAX);
+        let waits: Vec<u64> = (0..10).map(|_| b.next_wait().as_millis() as u64).collect();
+        assert_eq!(
+            waits,
+            [
+                500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000, 30000
+            ]
+        );
+    }
 }

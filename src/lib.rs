@@ -32,7 +32,8 @@
 //! - [`http`]: the admin listener (`/metrics`, `/healthz`, `/readyz`).
 //! - [`metrics`]: every metric name and its description, in one place; [`health`]: whether the
 //!   pipeline makes progress, fed by the same calls; [`log_every`]: log lines for what can
-//!   happen on every job, once per key per interval.
+//!   happen on every job, once per key per interval; [`logging`]: the log's format and filters
+//!   (PostgreSQL's statement parameters never reach it).
 //! - [`notify`]: systemd's notify protocol: READY, STATUS, STOPPING and the watchdog.
 //! - [`app`]: wiring: tasks, readiness, shutdown order.
 //! - [`publish`]: the `sendwell publish` tool for upstream developers.
@@ -51,6 +52,7 @@ pub mod health;
 pub mod http;
 pub mod job;
 pub mod log_every;
+pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod ops;

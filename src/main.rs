@@ -1,7 +1,6 @@
 //! The `sendwell` command: parses the command line, loads and validates config (exit 64 on a bad
 //! one, before anything binds), sets up logging, runs the chosen subcommand.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -486,54 +485,7 @@ fn check_config(path: PathBuf) -> i32 {
 }
 
 fn init_logging(filter: &str, format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter))
-        // tokio-postgres logs each statement's parameters at debug: the state's keys, which
-        // hold phone numbers. Never below info, whatever the filter asks for.
-        .add_directive("tokio_postgres=info".parse().expect("a valid directive"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    // Under systemd, stderr goes to the journal (`$JOURNAL_STREAM` is set): each line starts
-    // with its syslog priority (sd-daemon(3): `<3>` error … `<7>` debug), so `journalctl -p`
-    // filters it, and without a timestamp, which the journal adds.
-    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
-    let _ = match (format, journal) {
-        (LogFormat::Json, _) => builder.json().try_init(),
-        (LogFormat::Text, true) => builder
-            .event_format(JournalPriority(
-                tracing_subscriber::fmt::format().without_time(),
-            ))
-            .try_init(),
-        (LogFormat::Text, false) => builder.try_init(),
-    };
-}
-
-/// Prefixes each formatted line with its syslog priority for the journal.
-struct JournalPriority<F>(F);
-
-impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for JournalPriority<F>
-where
-    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
-    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
-    F: tracing_subscriber::fmt::FormatEvent<S, N>,
-{
-    fn format_event(
-        &self,
-        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
-        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
-        event: &tracing::Event<'_>,
-    ) -> std::fmt::Result {
-        let priority = match *event.metadata().level() {
-            tracing::Level::ERROR => 3,
-            tracing::Level::WARN => 4,
-            tracing::Level::INFO => 6,
-            _ => 7,
-        };
-        write!(writer, "<{priority}>")?;
-        self.0.format_event(ctx, writer, event)
-    }
+    sendwell::logging::init(filter, format);
 }
 
 /// First SIGTERM/SIGINT: graceful shutdown. Second: exit at once.
@@ -599,6 +551,10 @@ async fn run(path: PathBuf) -> i32 {
     handle_signals(shutdown.clone());
     let app = match sendwell::app::start(config, shutdown.clone()).await {
         Ok(a) => a,
+        Err(sendwell::app::AppError::StoppedWhileWaiting) => {
+            tracing::info!("sendwell stopped before the state store could be opened.");
+            return 0;
+        }
         Err(e) => {
             tracing::error!(error = %e, "sendwell cannot start.");
             eprintln!("sendwell: {e}");

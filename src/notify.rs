@@ -1,10 +1,11 @@
 //! systemd's notify protocol (`Type=notify`), through the `sd-notify` crate (pure Rust, no
 //! libsystemd; a no-op without `$NOTIFY_SOCKET`, so the daemon runs the same outside systemd):
 //! `READY=1` once the config is valid, the state loaded and the topology declared; `STATUS=`
-//! with a one-line summary; `STOPPING=1` at shutdown; `WATCHDOG=1` every half `WatchdogSec`,
-//! but only while [`crate::health::making_progress`] says the pipeline moves or is idle — a
-//! wedged daemon stops pinging and systemd restarts it. A state store that cannot be written
-//! (full disk) counts as wedged only after `state.unwritable_grace`.
+//! with a one-line summary (before READY: what the start waits for, e.g. PostgreSQL);
+//! `STOPPING=1` at shutdown; `WATCHDOG=1` every half `WatchdogSec`, but only while
+//! [`crate::health::making_progress`] says the pipeline moves or is idle — a wedged daemon
+//! stops pinging and systemd restarts it. A state store that cannot be written (full disk)
+//! counts as wedged only after `state.unwritable_grace`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +19,12 @@ fn send(states: &[NotifyState]) {
     if let Err(e) = sd_notify::notify(states) {
         tracing::warn!(error = %e, "Cannot notify the service manager.");
     }
+}
+
+/// A status line before the daemon is ready (waiting for its state store at start); READY
+/// comes later, from [`run`].
+pub fn status(line: &str) {
+    send(&[NotifyState::Status(line)]);
 }
 
 /// Shutting down (the first signal).

@@ -8,8 +8,8 @@
 pub mod auth;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use axum::Router;
 use axum::body::Body;
@@ -78,6 +78,40 @@ pub fn router_with_consent(
             spool_dir: Arc::new(spool_dir),
         });
     router(metrics, readiness).merge(consent)
+}
+
+/// What the admin listener answers while the daemon waits for its state store at start
+/// (PostgreSQL unreachable): `/healthz` (the process is alive), `/metrics`, and `/readyz` 503
+/// saying `why` (what it waits for, and the latest error). Nothing else exists yet: the
+/// consent endpoints need the store.
+pub fn waiting_router(metrics: PrometheusHandle, why: Arc<Mutex<String>>) -> Router {
+    Router::new()
+        .route("/metrics", get(render_metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || async move {
+                let why = why.lock().unwrap_or_else(PoisonError::into_inner).clone();
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: {why}\n"),
+                )
+            }),
+        )
+        .with_state(AdminState {
+            metrics,
+            readiness: Arc::new(Readiness::default()),
+        })
+}
+
+/// Answers with `early` until `later` is set, then with `later`: one listener, bound before
+/// the routes it will finally serve exist. Requests keep their extensions (the peer address
+/// the consent endpoints check).
+pub fn handover_router(early: Router, later: Arc<OnceLock<Router>>) -> Router {
+    Router::new().fallback_service(tower::service_fn(move |req: axum::extract::Request| {
+        let router = later.get().unwrap_or(&early).clone();
+        tower::ServiceExt::oneshot(router, req)
+    }))
 }
 
 #[derive(Clone)]
