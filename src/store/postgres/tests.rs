@@ -31,6 +31,8 @@ fn settings(url: String, password: Option<String>) -> PgSettings {
         connect_timeout: Duration::from_secs(5),
         statement_timeout: Duration::from_secs(30),
         application_name: "sendwell-test".into(),
+        tls: crate::config::PgTls::Off,
+        ca_file: None,
     }
 }
 

@@ -300,7 +300,7 @@ fn claim_future<'a>(c: &'a Client, st: &'a Stmts, op: &'a KvOp) -> Fut<'a> {
 pub(super) struct Writer {
     client: Option<Client>,
     stmts: Option<Stmts>,
-    config: tokio_postgres::Config,
+    config: super::ConnConfig,
     exclusive: bool,
     health: Arc<StoreHealth>,
     published: Published,
@@ -313,7 +313,7 @@ impl Writer {
     /// `client`: connected, holding the store's lock, schema migrated.
     pub(super) async fn new(
         client: Client,
-        config: tokio_postgres::Config,
+        config: super::ConnConfig,
         exclusive: bool,
         health: Arc<StoreHealth>,
         published: Published,
