@@ -454,6 +454,16 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     let running_config = config.clone();
     crate::privacy::set_masking(config.log.mask_numbers);
     let metrics = metrics_handle();
+    if config
+        .state
+        .postgres
+        .as_ref()
+        .is_some_and(|pg| pg.in_clear_over_network())
+    {
+        tracing::warn!(
+            "state.postgres.tls = \"off\" for a database across a network: the state, phone numbers among it, travels unencrypted."
+        );
+    }
     // Bound here only when the daemon has to wait for PostgreSQL, so that /healthz and /readyz
     // answer meanwhile; else further down, where it always was.
     let mut admin = None;

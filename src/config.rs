@@ -336,6 +336,11 @@ struct PostgresFile {
     connect_timeout: Duration,
     #[serde(with = "duration")]
     statement_timeout: Duration,
+    /// Unset: `off` when every host is loopback or a unix socket, else `verify-full`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls: Option<PgTls>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ca_file: Option<PathBuf>,
 }
 
 impl Default for PostgresFile {
@@ -346,6 +351,49 @@ impl Default for PostgresFile {
             pool_size: 8,
             connect_timeout: Duration::from_secs(5),
             statement_timeout: Duration::from_secs(30),
+            tls: None,
+            ca_file: None,
+        }
+    }
+}
+
+/// How the store's connections to PostgreSQL are protected (`state.postgres.tls`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PgTls {
+    /// Plain TCP (or a unix socket): the default for loopback and unix-socket hosts only.
+    Off,
+    /// Encrypted, or no connection; the server's certificate is not checked (as libpq's
+    /// `sslmode=require`): safe from eavesdroppers, not from an impostor on the path.
+    Require,
+    /// Encrypted, the certificate chain checked against the system's roots (or `ca_file`'s)
+    /// and its name against the URL's host (as libpq's `sslmode=verify-full`): the default for
+    /// every other host.
+    VerifyFull,
+}
+
+impl PgTls {
+    /// What an unset `tls` means for `url`'s hosts: `off` only when every one of them is a unix
+    /// socket, `localhost` or a loopback address (and every `hostaddr` is loopback): only there
+    /// does nothing cross a network.
+    pub fn default_for(url: &tokio_postgres::Config) -> PgTls {
+        use tokio_postgres::config::Host;
+        let local = |h: &Host| match h {
+            Host::Unix(_) => true,
+            Host::Tcp(name) => {
+                name.eq_ignore_ascii_case("localhost")
+                    || name
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            }
+        };
+        if url.get_hosts().iter().all(local) && url.get_hostaddrs().iter().all(|a| a.is_loopback())
+        {
+            PgTls::Off
+        } else {
+            PgTls::VerifyFull
         }
     }
 }
@@ -701,9 +749,24 @@ pub struct PostgresConfig {
     pub connect_timeout: Duration,
     /// Set per connection (`SET statement_timeout`): a statement that hangs ends as an error.
     pub statement_timeout: Duration,
+    /// Resolved: an unset `tls` is [`PgTls::default_for`] the URL.
+    pub tls: PgTls,
+    /// The roots `verify-full` trusts instead of the system's (resolved path; checked at load to
+    /// hold PEM certificates).
+    pub ca_file: Option<PathBuf>,
 }
 
 impl PostgresConfig {
+    /// Whether the state (phone numbers among it) crosses a network unencrypted: `tls = "off"`
+    /// chosen for a host that is not loopback or a unix socket.
+    pub fn in_clear_over_network(&self) -> bool {
+        self.tls == PgTls::Off
+            && self
+                .url
+                .parse::<tokio_postgres::Config>()
+                .is_ok_and(|c| PgTls::default_for(&c) != PgTls::Off)
+    }
+
     /// The connection settings for `tokio_postgres` (and deadpool): the URL with the password and
     /// the connect timeout put in. `application_name` shows in `pg_stat_activity`.
     pub fn client_config(&self, application_name: &str) -> tokio_postgres::Config {
@@ -1117,6 +1180,8 @@ impl Config {
                     pool_size: p.pool_size,
                     connect_timeout: p.connect_timeout,
                     statement_timeout: p.statement_timeout,
+                    tls: Some(p.tls),
+                    ca_file: p.ca_file.clone(),
                 }),
             },
             cloud_api: CloudApiFile {
@@ -1458,8 +1523,22 @@ fn state_postgres(
             "must be between 100ms and 1h".into(),
         );
     }
+    let ca_file_usable = p.ca_file.is_none() || p.tls == Some(PgTls::VerifyFull);
+    if !ca_file_usable {
+        bad(
+            "state.postgres.ca_file",
+            "is used only with tls = \"verify-full\": set that too, or remove ca_file".into(),
+        );
+    }
     if !used {
         return None;
+    }
+    let ca_file = p.ca_file.as_ref().map(|f| resolve_secret_path(f, base));
+    if let Some(f) = &ca_file
+        && ca_file_usable
+        && let Err(e) = read_ca_file(f)
+    {
+        bad("state.postgres.ca_file", e);
     }
     let password_file = p
         .password_file
@@ -1476,6 +1555,10 @@ fn state_postgres(
         },
     };
     let url = p.url.clone()?;
+    let tls = p.tls.unwrap_or_else(|| {
+        url.parse::<tokio_postgres::Config>()
+            .map_or(PgTls::VerifyFull, |c| PgTls::default_for(&c))
+    });
     ok.then_some(PostgresConfig {
         url,
         password,
@@ -1483,7 +1566,24 @@ fn state_postgres(
         pool_size: p.pool_size,
         connect_timeout: p.connect_timeout,
         statement_timeout: p.statement_timeout,
+        tls,
+        ca_file,
     })
+}
+
+/// The certificates of a `ca_file` (PEM; at least one).
+pub fn read_ca_file(
+    path: &Path,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("cannot read PEM certificates from {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no PEM certificate", path.display()));
+    }
+    Ok(certs)
 }
 
 /// Why `url` cannot be `state.postgres.url`, if it cannot. The reason never quotes the URL.
@@ -1514,6 +1614,17 @@ fn postgres_url_problem(url: &str) -> Option<String> {
     }
     if c.get_hosts().is_empty() && c.get_hostaddrs().is_empty() {
         return Some(format!("{FORM} (the host is missing)"));
+    }
+    // tokio-postgres knows no sslmode=verify-full; one setting says it all.
+    let query = url.split_once('?').map_or("", |(_, q)| q);
+    if query
+        .split('&')
+        .any(|kv| kv.split('=').next() == Some("sslmode"))
+    {
+        return Some(
+            "must not carry sslmode: set state.postgres.tls instead (off, require or verify-full)"
+                .into(),
+        );
     }
     None
 }
@@ -2641,8 +2752,9 @@ mod tests {
             [state]
             backend = "postgres"
             [state.postgres]
-            url = "postgres://sendwell@db.example:5433/sendwell?sslmode=disable"
+            url = "postgres://sendwell@db.example:5433/sendwell"
             password_file = "pg-password"
+            tls = "off"
             pool_size = 3
             connect_timeout = "1500ms"
             [admin]
@@ -2707,7 +2819,8 @@ mod tests {
         for line in [
             "backend = \"postgres\"",
             "[state.postgres]",
-            "url = \"postgres://sendwell@db.example:5433/sendwell?sslmode=disable\"",
+            "url = \"postgres://sendwell@db.example:5433/sendwell\"",
+            "tls = \"off\"",
             "pool_size = 3",
             "connect_timeout = \"1500ms\"",
             "statement_timeout = \"30s\"",
@@ -2842,6 +2955,143 @@ mod tests {
         // The bounds hold with redb too: the table is ready when the backend is switched.
         let p = state_problems(&format!("[state.postgres]\n{url}pool_size = 0"));
         assert_eq!(p[0].key, "state.postgres.pool_size", "{p:?}");
+    }
+
+    /// ISRG Root X2 (Let's Encrypt's ECDSA root): a real CA certificate for `ca_file`.
+    const CA_PEM: &str = "-----BEGIN CERTIFICATE-----\n\
+MIICGzCCAaGgAwIBAgIQQdKd0XLq7qeAwSxs6S+HUjAKBggqhkjOPQQDAzBPMQsw\n\
+CQYDVQQGEwJVUzEpMCcGA1UEChMgSW50ZXJuZXQgU2VjdXJpdHkgUmVzZWFyY2gg\n\
+R3JvdXAxFTATBgNVBAMTDElTUkcgUm9vdCBYMjAeFw0yMDA5MDQwMDAwMDBaFw00\n\
+MDA5MTcxNjAwMDBaME8xCzAJBgNVBAYTAlVTMSkwJwYDVQQKEyBJbnRlcm5ldCBT\n\
+ZWN1cml0eSBSZXNlYXJjaCBHcm91cDEVMBMGA1UEAxMMSVNSRyBSb290IFgyMHYw\n\
+EAYHKoZIzj0CAQYFK4EEACIDYgAEzZvVn4CDCuwJSvMWSj5cz3es3mcFDR0HttwW\n\
++1qLFNvicWDEukWVEYmO6gbf9yoWHKS5xcUy4APgHoIYOIvXRdgKam7mAHf7AlF9\n\
+ItgKbppbd9/w+kHsOdx1ymgHDB/qo0IwQDAOBgNVHQ8BAf8EBAMCAQYwDwYDVR0T\n\
+AQH/BAUwAwEB/zAdBgNVHQ4EFgQUfEKWrt5LSDv6kviejM9ti6lyN5UwCgYIKoZI\n\
+zj0EAwMDaAAwZQIwe3lORlCEwkSHRhtFcP9Ymd70/aTSVaYgLXTWNLxBo1BfASdW\n\
+tL4ndQavEi51mI38AjEAi/V3bNTIZargCyzuFJ0nN6T5U6VR5CmD1/iQMVtCnwr1\n\
+/q4AaOeMSQ+2b1tbFfLn\n\
+-----END CERTIFICATE-----\n";
+
+    #[test]
+    fn tls_defaults_to_off_only_where_nothing_crosses_a_network() {
+        for (url, tls) in [
+            ("postgres://u@127.0.0.1/db", PgTls::Off),
+            ("postgres://u@127.0.0.2:5433/db", PgTls::Off),
+            ("postgres://u@localhost/db", PgTls::Off),
+            ("postgres://u@[::1]/db", PgTls::Off),
+            ("postgres://u@%2Fvar%2Frun%2Fpostgresql/db", PgTls::Off),
+            ("postgres://u@db.example/db", PgTls::VerifyFull),
+            ("postgres://u@10.0.0.5/db", PgTls::VerifyFull),
+            ("postgres://u@localhost,db.example/db", PgTls::VerifyFull),
+            (
+                "postgres://u@localhost/db?hostaddr=10.0.0.5",
+                PgTls::VerifyFull,
+            ),
+        ] {
+            let toml =
+                format!("[state]\nbackend = \"postgres\"\n[state.postgres]\nurl = \"{url}\"\n");
+            let d = tempfile::tempdir().unwrap();
+            let c = Config::load_with_env(&write(d.path(), &format!("{toml}{GOOD}")), no_env())
+                .unwrap_or_else(|e| panic!("{url}: {e}"));
+            let pg = c.state.postgres.as_ref().unwrap();
+            assert_eq!(pg.tls, tls, "{url}");
+            assert!(!pg.in_clear_over_network(), "{url}");
+            // The effective config says what was resolved.
+            let printed = c.effective_toml();
+            let line = format!(
+                "tls = \"{}\"",
+                if tls == PgTls::Off {
+                    "off"
+                } else {
+                    "verify-full"
+                }
+            );
+            assert!(printed.contains(&line), "{url}: {line} not in\n{printed}");
+        }
+        // Chosen, it is kept; off across a network is allowed, and said.
+        for (url, tls, clear) in [
+            ("postgres://u@127.0.0.1/db", "require", false),
+            ("postgres://u@db.example/db", "off", true),
+            ("postgres://u@db.example/db", "require", false),
+        ] {
+            let toml = format!(
+                "[state]\nbackend = \"postgres\"\n[state.postgres]\nurl = \"{url}\"\ntls = \"{tls}\"\n"
+            );
+            let d = tempfile::tempdir().unwrap();
+            let c = Config::load_with_env(&write(d.path(), &format!("{toml}{GOOD}")), no_env())
+                .unwrap();
+            let pg = c.state.postgres.unwrap();
+            assert_eq!(
+                toml::Value::try_from(pg.tls).unwrap().as_str(),
+                Some(tls),
+                "{url}"
+            );
+            assert_eq!(pg.in_clear_over_network(), clear, "{url} {tls}");
+        }
+    }
+
+    #[test]
+    fn a_ca_file_is_read_at_load_and_only_with_verify_full() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("pg-ca.pem"), CA_PEM).unwrap();
+        let toml = "[state]\nbackend = \"postgres\"\n[state.postgres]\n\
+                    url = \"postgres://u@db.example/db\"\ntls = \"verify-full\"\n\
+                    ca_file = \"pg-ca.pem\"\n";
+        let c =
+            Config::load_with_env(&write(d.path(), &format!("{toml}{GOOD}")), no_env()).unwrap();
+        let pg = c.state.postgres.as_ref().unwrap();
+        assert_eq!(pg.ca_file, Some(d.path().join("pg-ca.pem")));
+        assert_eq!(read_ca_file(pg.ca_file.as_ref().unwrap()).unwrap().len(), 1);
+        // Printed resolved, as password_file is: it loads back the same from anywhere.
+        let line = format!("ca_file = \"{}\"", d.path().join("pg-ca.pem").display());
+        assert!(c.effective_toml().contains(&line), "{}", c.effective_toml());
+    }
+
+    #[test]
+    fn bad_tls_settings_are_named_by_their_keys() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("not-a-cert"), "hello\n").unwrap();
+        let pg = "[state]\nbackend = \"postgres\"\n[state.postgres]\n";
+        let url = "url = \"postgres://u@db.example/db\"\n";
+        let not_a_cert = d.path().join("not-a-cert");
+        for (extra, key) in [
+            (format!("{url}tls = \"on\""), "state.postgres.tls"),
+            (format!("{url}tls = \"verify-ca\""), "state.postgres.tls"),
+            (
+                "url = \"postgres://u@db.example/db?sslmode=require\"".to_string(),
+                "state.postgres.url",
+            ),
+            (
+                "url = \"postgres://u@db.example/db?application_name=x&sslmode=disable\""
+                    .to_string(),
+                "state.postgres.url",
+            ),
+            (
+                format!("{url}tls = \"verify-full\"\nca_file = \"nowhere.pem\""),
+                "state.postgres.ca_file",
+            ),
+            (
+                format!(
+                    "{url}tls = \"verify-full\"\nca_file = \"{}\"",
+                    not_a_cert.display()
+                ),
+                "state.postgres.ca_file",
+            ),
+            // Only verify-full reads it: elsewhere it would be ignored, silently.
+            (
+                format!("{url}tls = \"require\"\nca_file = \"pg-ca.pem\""),
+                "state.postgres.ca_file",
+            ),
+            (
+                format!("{url}ca_file = \"pg-ca.pem\""),
+                "state.postgres.ca_file",
+            ),
+        ] {
+            let p = state_problems(&format!("{pg}{extra}"));
+            assert_eq!(p.len(), 1, "{extra}: {p:?}");
+            assert_eq!(p[0].key, key, "{extra}: {p:?}");
+        }
     }
 
     #[test]

@@ -477,6 +477,15 @@ fn check_config(path: PathBuf) -> i32 {
         Ok(c) => {
             // stdout is a config file (`> sendwell.toml` saves it); the verdict goes to stderr.
             print!("{}", c.effective_toml());
+            if c.state
+                .postgres
+                .as_ref()
+                .is_some_and(|pg| pg.in_clear_over_network())
+            {
+                eprintln!(
+                    "note: state.postgres.tls = \"off\" for a database across a network: the state, phone numbers among it, travels unencrypted"
+                );
+            }
             eprintln!("configuration OK: {}", path.display());
             0
         }

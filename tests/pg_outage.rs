@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use sendwell::config::{PostgresConfig, Secret, StateBackend};
+use sendwell::config::{PgTls, PostgresConfig, Secret, StateBackend};
 
 /// A PostgreSQL cluster of its own, dropped with this.
 struct Cluster {
@@ -114,6 +114,8 @@ impl Cluster {
             pool_size: 8,
             connect_timeout: Duration::from_secs(2),
             statement_timeout: Duration::from_secs(10),
+            tls: PgTls::Off,
+            ca_file: None,
         }
     }
 }

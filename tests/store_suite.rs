@@ -15,7 +15,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::pg::TestDb;
-use sendwell::config::{PostgresConfig, Secret, StateBackend, StateConfig};
+use sendwell::config::{PgTls, PostgresConfig, Secret, StateBackend, StateConfig};
 use sendwell::store::{
     KvOp, Ledger, LedgerEntry, LedgerError, LedgerState, Table, index_job, number_job_key,
 };
@@ -59,6 +59,8 @@ impl Fixture {
             pool_size: 4,
             connect_timeout: Duration::from_secs(5),
             statement_timeout: Duration::from_secs(30),
+            tls: PgTls::Off,
+            ca_file: None,
         });
         Fixture {
             state,

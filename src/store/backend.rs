@@ -62,6 +62,8 @@ impl Ledger {
                     connect_timeout: pg.connect_timeout,
                     statement_timeout: pg.statement_timeout,
                     application_name: if tool { "sendwell-tool" } else { "sendwell" }.into(),
+                    tls: pg.tls,
+                    ca_file: pg.ca_file.clone(),
                 };
                 PgStore::open(&settings, tool)
                     .await

@@ -15,6 +15,7 @@
 mod schema;
 #[cfg(test)]
 mod tests;
+mod tls;
 mod writer;
 
 use std::collections::HashSet;
@@ -25,7 +26,8 @@ use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use tokio::sync::{mpsc, oneshot};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::health::StoreHealth;
 use super::ledger::{KvOp, KvRow, LedgerEntry, LedgerError, LedgerState, Table};
@@ -56,6 +58,25 @@ pub struct PgSettings {
     pub connect_timeout: Duration,
     pub statement_timeout: Duration,
     pub application_name: String,
+    pub tls: crate::config::PgTls,
+    /// The roots `verify-full` trusts instead of the system's.
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+/// One connection's settings and its TLS connector (unused with `tls = "off"`).
+#[derive(Clone)]
+pub(super) struct ConnConfig {
+    pg: tokio_postgres::Config,
+    tls: MakeRustlsConnect,
+}
+
+impl std::fmt::Debug for ConnConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // tokio-postgres's own Debug leaves the password out.
+        f.debug_struct("ConnConfig")
+            .field("pg", &self.pg)
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for PgSettings {
@@ -67,6 +88,8 @@ impl std::fmt::Debug for PgSettings {
             .field("connect_timeout", &self.connect_timeout)
             .field("statement_timeout", &self.statement_timeout)
             .field("application_name", &self.application_name)
+            .field("tls", &self.tls)
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }
@@ -74,7 +97,7 @@ impl std::fmt::Debug for PgSettings {
 impl PgSettings {
     /// The connection config of one of the store's roles (`pool`, `writer`): the role shows in
     /// `pg_stat_activity`'s application_name.
-    fn config(&self, role: &str) -> Result<tokio_postgres::Config, LedgerError> {
+    fn config(&self, role: &str) -> Result<ConnConfig, LedgerError> {
         // The URL's own error text may quote it; it holds no password, but say little anyway.
         let mut c = tokio_postgres::Config::from_str(&self.url)
             .map_err(|e| LedgerError::Store(format!("state.postgres.url is invalid: {e}")))?;
@@ -105,7 +128,14 @@ impl PgSettings {
             _ => timeout,
         };
         c.options(options);
-        Ok(c)
+        c.ssl_mode(match self.tls {
+            crate::config::PgTls::Off => tokio_postgres::config::SslMode::Disable,
+            _ => tokio_postgres::config::SslMode::Require,
+        });
+        Ok(ConnConfig {
+            pg: c,
+            tls: tls::connector(self.tls, self.ca_file.as_deref())?,
+        })
     }
 }
 
@@ -162,8 +192,14 @@ fn pool_error(e: PoolError) -> LedgerError {
 }
 
 /// Connects one dedicated connection; its driver runs on a task of its own and ends with it.
-async fn connect(config: &tokio_postgres::Config) -> Result<Client, LedgerError> {
-    let (client, conn) = config.connect(NoTls).await.map_err(pg_error)?;
+/// A certificate or protocol the TLS handshake refused is a setting to fix ([`LedgerError::Store`]:
+/// the daemon's start does not wait for it), not an outage.
+async fn connect(config: &ConnConfig) -> Result<Client, LedgerError> {
+    let (client, conn) = config
+        .pg
+        .connect(config.tls.clone())
+        .await
+        .map_err(|e| tls::refused(&e).map_or_else(|| pg_error(e), LedgerError::Store))?;
     tokio::spawn(async move {
         // Its end shows as the client's errors (closed): handled there, not logged here.
         let _ = conn.await;
@@ -281,8 +317,8 @@ impl PgStore {
         schema::migrate(&mut client).await?;
         let pool_config = s.config("pool")?;
         let manager = Manager::from_config(
-            pool_config,
-            NoTls,
+            pool_config.pg,
+            pool_config.tls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },

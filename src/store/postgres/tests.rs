@@ -31,6 +31,8 @@ fn settings(url: String, password: Option<String>) -> PgSettings {
         connect_timeout: Duration::from_secs(5),
         statement_timeout: Duration::from_secs(30),
         application_name: "sendwell-test".into(),
+        tls: crate::config::PgTls::Off,
+        ca_file: None,
     }
 }
 
@@ -510,12 +512,12 @@ impl Proxy {
     async fn start(db: &TestDb) -> Proxy {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let config = db.settings().config("proxy").unwrap();
-        let host = match &config.get_hosts()[0] {
+        let host = match &config.pg.get_hosts()[0] {
             tokio_postgres::config::Host::Tcp(h) => h.clone(),
             #[allow(unreachable_patterns)]
             _ => panic!("the lost-COMMIT tests need a TCP SENDWELL_TEST_PG_URL"),
         };
-        let upstream = (host, config.get_ports().first().copied().unwrap_or(5432));
+        let upstream = (host, config.pg.get_ports().first().copied().unwrap_or(5432));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let mode = Arc::new(std::sync::atomic::AtomicU8::new(PASS));
@@ -573,7 +575,7 @@ impl Proxy {
     fn settings(&self, db: &TestDb) -> PgSettings {
         let mut s = db.settings();
         let config = s.config("proxy").unwrap();
-        let user = config.get_user().unwrap_or("postgres");
+        let user = config.pg.get_user().unwrap_or("postgres");
         s.url = format!("postgres://{user}@127.0.0.1:{}/{}", self.port, db.name);
         s
     }

@@ -321,7 +321,7 @@ pub(super) struct Writer {
     stmts: Option<Stmts>,
     /// The server process of `client`: the one to end when a transaction it ran is in doubt.
     pid: i32,
-    config: tokio_postgres::Config,
+    config: super::ConnConfig,
     exclusive: bool,
     health: Arc<StoreHealth>,
     published: Published,
@@ -332,7 +332,7 @@ impl Writer {
     /// `client`: connected, holding the store's lock, schema migrated.
     pub(super) async fn new(
         client: Client,
-        config: tokio_postgres::Config,
+        config: super::ConnConfig,
         exclusive: bool,
         health: Arc<StoreHealth>,
         published: Published,
@@ -618,7 +618,7 @@ impl Writer {
                      WHERE pid = $1 AND application_name = $2",
                     &[
                         &pid,
-                        &self.config.get_application_name().unwrap_or_default(),
+                        &self.config.pg.get_application_name().unwrap_or_default(),
                     ],
                 )
                 .await
