@@ -350,6 +350,11 @@ async fn open_store(
                 return Ok(ledger);
             }
             Err(LedgerError::Io(e)) if config.state.backend == StateBackend::Postgres => e,
+            // A command-line tool has the database alone (`state migrate`, an offline
+            // erasure): it ends soon; waiting beats exits that use up systemd's start limit.
+            Err(LedgerError::InUse) if config.state.backend == StateBackend::Postgres => {
+                "a sendwell command-line tool has the state database alone".to_string()
+            }
             Err(e) => return Err(e.into()),
         };
         attempts += 1;

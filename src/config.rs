@@ -766,19 +766,6 @@ impl PostgresConfig {
                 .parse::<tokio_postgres::Config>()
                 .is_ok_and(|c| PgTls::default_for(&c) != PgTls::Off)
     }
-
-    /// The connection settings for `tokio_postgres` (and deadpool): the URL with the password and
-    /// the connect timeout put in. `application_name` shows in `pg_stat_activity`.
-    pub fn client_config(&self, application_name: &str) -> tokio_postgres::Config {
-        // Parsed at load already; an error here cannot happen.
-        let mut c: tokio_postgres::Config = self.url.parse().unwrap_or_default();
-        if let Some(pw) = &self.password {
-            c.password(pw.expose());
-        }
-        c.connect_timeout(self.connect_timeout);
-        c.application_name(application_name);
-        c
-    }
 }
 
 #[derive(Clone, Debug)]
@@ -3095,7 +3082,7 @@ tL4ndQavEi51mI38AjEAi/V3bNTIZargCyzuFJ0nN6T5U6VR5CmD1/iQMVtCnwr1\n\
     }
 
     #[test]
-    fn the_postgres_password_comes_from_its_file_into_the_client_config() {
+    fn the_postgres_password_comes_from_its_file() {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("pg-pw"), "pg pass'word\n").unwrap();
         let toml = "[state]\nbackend = \"postgres\"\n[state.postgres]\n\
@@ -3106,13 +3093,13 @@ tL4ndQavEi51mI38AjEAi/V3bNTIZargCyzuFJ0nN6T5U6VR5CmD1/iQMVtCnwr1\n\
         let pg = c.state.postgres.unwrap();
         assert_eq!(pg.password_file, Some(d.path().join("pg-pw")));
         assert!(!format!("{pg:?}").contains("pass'word"));
-        let cc = pg.client_config("sendwell/0");
-        assert_eq!(cc.get_password(), Some(&b"pg pass'word"[..]));
-        assert_eq!(cc.get_user(), Some("sendwell"));
-        assert_eq!(cc.get_dbname(), Some("sw"));
-        assert_eq!(cc.get_ports(), &[5433]);
-        assert_eq!(cc.get_connect_timeout(), Some(&Duration::from_secs(2)));
-        assert_eq!(cc.get_application_name(), Some("sendwell/0"));
+        // The line's end is trimmed; the rest is the password.
+        assert_eq!(
+            pg.password.as_ref().map(|p| p.expose()),
+            Some("pg pass'word")
+        );
+        assert_eq!(pg.url, "postgres://sendwell@db.example:5433/sw");
+        assert_eq!(pg.connect_timeout, Duration::from_secs(2));
     }
 
     #[test]

@@ -337,3 +337,46 @@ async fn a_waiting_daemon_stops_at_once_on_sigterm_and_the_tools_do_not_wait() {
     assert_eq!(status.code(), Some(0));
     assert!(stopped.elapsed() < Duration::from_secs(3), "{stopped:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_started_while_a_tool_has_the_database_waits_for_it() {
+    let env = TestEnv::new(&AppOptions {
+        consented: 0..0,
+        ..AppOptions::default()
+    })
+    .await;
+    let db = pg::TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (config, admin_port) = config_on(&env, dir.path(), &db);
+    // A command-line tool (say `state migrate`) has the database alone.
+    let tool = sendwell::store::Ledger::open_state(&config.state, true)
+        .await
+        .unwrap();
+
+    let shutdown = CancellationToken::new();
+    let _stop_on_drop = shutdown.clone().drop_guard();
+    let starting = tokio::spawn(sendwell::app::start(config, shutdown.clone()));
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], admin_port));
+    let why = wait_for(
+        "/readyz to say the daemon waits for the tool",
+        Duration::from_secs(20),
+        async || {
+            let (status, body) = get(admin, "/readyz").await;
+            (status == 503).then_some(body)
+        },
+    )
+    .await;
+    assert!(why.contains("command-line tool"), "{why}");
+    assert!(!starting.is_finished(), "the start ended: {:?}", {
+        starting.await.unwrap().err()
+    });
+
+    drop(tool);
+    let app = tokio::time::timeout(Duration::from_secs(30), starting)
+        .await
+        .expect("the daemon starts once the tool is done")
+        .unwrap()
+        .expect("the daemon starts");
+    shutdown.cancel();
+    app.wait().await.unwrap();
+}
