@@ -18,7 +18,7 @@ mod tests;
 mod tls;
 mod writer;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -236,8 +236,11 @@ impl TableSql {
     }
 }
 
-const GET_JOB: &str =
-    "SELECT state, attempts, updated_ms, published, event FROM sw_ledger WHERE id = $1";
+/// Job lookups answered by one query at most.
+const MAX_LOOKUPS: usize = 1024;
+
+const GET_JOBS: &str = "SELECT state, attempts, updated_ms, published, event, id FROM sw_ledger \
+     WHERE id = ANY($1)";
 
 /// The end (exclusive) of the key range of `prefix`: the prefix with its last byte that is not
 /// 0xFF incremented and the 0xFF bytes after it dropped (0x12 0xFF → 0x13). None when every
@@ -288,6 +291,8 @@ struct Inner {
     published: Published,
     scanned: AtomicU64,
     tables: Vec<TableSql>,
+    /// To the task that answers [`PgStore::get`].
+    lookups: mpsc::UnboundedSender<Lookup>,
 }
 
 /// Handle to the PostgreSQL store; cheap to clone. The writer task ends (and the daemon's lock
@@ -346,6 +351,8 @@ impl PgStore {
         )
         .await?;
         tokio::spawn(w.run(rx));
+        let (lookups, rx) = mpsc::unbounded_channel();
+        tokio::spawn(look_up_jobs(pool.clone(), rx));
         Ok(PgStore {
             inner: Arc::new(Inner {
                 pool,
@@ -357,6 +364,7 @@ impl PgStore {
                     .iter()
                     .map(|t| TableSql::new(t.pg_name()))
                     .collect(),
+                lookups,
             }),
         })
     }
@@ -403,20 +411,23 @@ impl PgStore {
         if id.contains('\0') {
             return Ok(None);
         }
-        let r = async {
-            let c = self.conn().await?;
-            let st = c.prepare_cached(GET_JOB).await.map_err(pg_error)?;
-            match c.query_opt(&st, &[&id]).await.map_err(pg_error)? {
-                Some(row) => entry_from(&row).map(Some),
-                None => Ok(None),
-            }
-        }
-        .await;
+        // Asked before the query too: a mark made before this call may be committed, and
+        // dropped from the set, between the query's read and the check after it.
+        let marked = lock(&self.inner.published).contains(id);
+        let (done, answer) = oneshot::channel();
+        let asked = self.inner.lookups.send(Lookup {
+            id: id.to_string(),
+            done,
+        });
+        let r = match asked {
+            Ok(()) => answer.await.unwrap_or_else(|_| Err(lookups_gone())),
+            Err(_) => Err(lookups_gone()),
+        };
         let mut entry = self.noted(r)?;
         if let Some(e) = entry.as_mut()
             && !e.published
         {
-            e.published = lock(&self.inner.published).contains(id);
+            e.published = marked || lock(&self.inner.published).contains(id);
         }
         Ok(entry)
     }
@@ -860,6 +871,58 @@ impl PgStore {
         .await;
         self.noted(r)
     }
+}
+
+/// A job's lookup, answered with the next query of [`look_up_jobs`].
+struct Lookup {
+    id: String,
+    done: oneshot::Sender<Result<Option<LedgerEntry>, LedgerError>>,
+}
+
+fn lookups_gone() -> LedgerError {
+    LedgerError::Store("the state store's job lookups have stopped".into())
+}
+
+/// Answers [`PgStore::get`]: every lookup waiting when a query starts goes into it, one query
+/// at a time. Every job is looked up once (dedupe), and a statement (with its transaction) per
+/// lookup cost the server as much as most of a job's writes. Ends with the store's handles.
+async fn look_up_jobs(pool: Pool, mut rx: mpsc::UnboundedReceiver<Lookup>) {
+    let mut batch = Vec::new();
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < MAX_LOOKUPS {
+            match rx.try_recv() {
+                Ok(l) => batch.push(l),
+                Err(_) => break,
+            }
+        }
+        let found = look_up(&pool, &batch).await;
+        for l in batch.drain(..) {
+            let r = match &found {
+                Ok(rows) => Ok(rows.get(&l.id).cloned()),
+                // The callers mark the store's health (PgStore::noted), as for any read.
+                Err(LedgerError::Io(m)) => Err(LedgerError::Io(m.clone())),
+                Err(LedgerError::Store(m)) => Err(LedgerError::Store(m.clone())),
+                Err(e) => Err(LedgerError::Store(e.to_string())),
+            };
+            let _ = l.done.send(r);
+        }
+    }
+}
+
+async fn look_up(
+    pool: &Pool,
+    batch: &[Lookup],
+) -> Result<HashMap<String, LedgerEntry>, LedgerError> {
+    let c = pool.get().await.map_err(pool_error)?;
+    let st = c.prepare_cached(GET_JOBS).await.map_err(pg_error)?;
+    let ids: Vec<&str> = batch.iter().map(|l| l.id.as_str()).collect();
+    c.query(&st, &[&ids])
+        .await
+        .map_err(pg_error)?
+        .iter()
+        .map(|row| Ok((row.try_get(5).map_err(pg_error)?, entry_from(row)?)))
+        .collect()
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

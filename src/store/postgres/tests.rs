@@ -747,3 +747,262 @@ async fn an_idle_daemon_takes_its_lock_back_and_stays_unready_while_a_tool_has_i
         Err(LedgerError::InUse)
     ));
 }
+
+/// The transaction that last wrote each of `keys` of `t` (None: no such row).
+async fn writers(raw: &Client, t: Table, keys: &[&[u8]]) -> Vec<Option<String>> {
+    let mut out = Vec::new();
+    for k in keys {
+        let sql = format!("SELECT xmin::text FROM {} WHERE key = $1", t.pg_name());
+        out.push(raw.query_opt(&sql, &[k]).await.unwrap().map(|r| r.get(0)));
+    }
+    out
+}
+
+async fn job_writer(raw: &Client, id: &str) -> Option<String> {
+    raw.query_opt("SELECT xmin::text FROM sw_ledger WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .map(|r| r.get(0))
+}
+
+// The writes of one `join!` reach the writer in one group: the test's runtime is
+// single-threaded, so all are sent before the writer's task runs. That every row has one xmin
+// proves they committed in one transaction: a gathered statement that failed would have sent
+// the writes one per transaction, each right anyway.
+
+#[tokio::test]
+async fn puts_gathered_from_several_writes_keep_each_keys_last_value() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let s = db.open().await;
+    let t = Table::StoreMeta;
+    s.kv_put(t, b"k".to_vec(), b"0".to_vec()).await.unwrap();
+    let (a, b, c, d, e) = tokio::join!(
+        s.kv_put(t, b"k".to_vec(), b"1".to_vec()),
+        s.kv_many(vec![put(t, b"k", b"2"), put(t, b"other", b"x")]),
+        s.put_with(
+            "j",
+            entry(LedgerState::Pending, 0, 1),
+            vec![put(Table::CapHistory, b"c", b"1")]
+        ),
+        s.put_with(
+            "j",
+            entry(LedgerState::Final, 1, 2),
+            vec![put(Table::CapHistory, b"c", b"2")]
+        ),
+        // Within one write too; each put counts.
+        s.kv_many(vec![put(t, b"k", b"3"), put(t, b"k", b"4")]),
+    );
+    a.unwrap();
+    assert_eq!(b.unwrap(), 2);
+    c.unwrap();
+    d.unwrap();
+    assert_eq!(e.unwrap(), 2);
+    assert_eq!(s.kv_get(t, b"k").await.unwrap(), Some(b"4".to_vec()));
+    assert_eq!(s.kv_get(t, b"other").await.unwrap(), Some(b"x".to_vec()));
+    assert_eq!(
+        s.kv_get(Table::CapHistory, b"c").await.unwrap(),
+        Some(b"2".to_vec())
+    );
+    assert_eq!(
+        s.get("j").await.unwrap(),
+        Some(entry(LedgerState::Final, 1, 2))
+    );
+    let raw = db.raw().await;
+    let mut xmins = writers(&raw, t, &[b"k", b"other"]).await;
+    xmins.extend(writers(&raw, Table::CapHistory, &[b"c"]).await);
+    xmins.push(job_writer(&raw, "j").await);
+    assert!(
+        xmins.iter().all(|x| x.is_some() && *x == xmins[0]),
+        "{xmins:?}"
+    );
+}
+
+#[tokio::test]
+async fn of_one_group_a_keys_puts_and_deletes_apply_in_order() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let s = db.open().await;
+    let t = Table::TierUsage;
+    let key = |k: &[u8]| k.to_vec();
+    let (a, b, c, d, e, f, g, h, i) = tokio::join!(
+        // Put, then delete: gone, and the delete found it.
+        s.kv_put(t, key(b"gone"), b"1".to_vec()),
+        s.kv_many(vec![KvOp::Delete {
+            table: t,
+            key: key(b"gone")
+        }]),
+        // Put, delete-if-still, put: the second put stays.
+        s.kv_put(t, key(b"back"), b"1".to_vec()),
+        s.kv_many(vec![KvOp::DeleteIf {
+            table: t,
+            key: key(b"back"),
+            value: b"1".to_vec(),
+        }]),
+        s.kv_put(t, key(b"back"), b"2".to_vec()),
+        // A put, then an insert-if-absent of the key: it is there.
+        s.kv_put(t, key(b"taken"), b"1".to_vec()),
+        s.kv_insert_if_absent(t, key(b"taken"), b"2".to_vec()),
+        // A ledger entry written, then deleted.
+        s.put("job", entry(LedgerState::Final, 1, 1)),
+        s.kv_many(vec![KvOp::DeleteJobs {
+            ids: vec!["job".into()]
+        }]),
+    );
+    a.unwrap();
+    assert_eq!(b.unwrap(), 1, "the delete ran after the put");
+    c.unwrap();
+    assert_eq!(d.unwrap(), 1, "the delete-if ran after the first put");
+    e.unwrap();
+    f.unwrap();
+    assert!(!g.unwrap(), "the insert-if-absent ran after the put");
+    h.unwrap();
+    assert_eq!(i.unwrap(), 1, "the entry's delete ran after its put");
+    assert_eq!(s.kv_get(t, b"gone").await.unwrap(), None);
+    assert_eq!(s.kv_get(t, b"back").await.unwrap(), Some(b"2".to_vec()));
+    assert_eq!(s.kv_get(t, b"taken").await.unwrap(), Some(b"1".to_vec()));
+    assert_eq!(s.get("job").await.unwrap(), None);
+    let xmins = writers(&db.raw().await, t, &[b"back", b"taken"]).await;
+    assert!(xmins[0].is_some() && xmins[0] == xmins[1], "{xmins:?}");
+}
+
+#[tokio::test]
+async fn claims_gathered_in_one_group_each_win_or_lose_alone() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let s = db.open().await;
+    s.put("held", entry(LedgerState::Sending, 1, 1))
+        .await
+        .unwrap();
+    s.put("done", entry(LedgerState::Final, 1, 1))
+        .await
+        .unwrap();
+    let t = Table::CapHistory;
+    let claim = |id: &'static str, expect: Option<(LedgerState, u32)>, row: &'static [u8]| {
+        s.kv_many(vec![
+            KvOp::ClaimJob {
+                id: id.into(),
+                entry: entry(LedgerState::Sending, 2, 5),
+                expect,
+            },
+            put(t, row, b"1"),
+        ])
+    };
+    let (fresh, taken, held, stale, missing, first, second) = tokio::join!(
+        claim("fresh", None, b"fresh"),
+        claim("done", None, b"taken"),
+        claim("held", Some((LedgerState::Sending, 1)), b"held"),
+        claim("done", Some((LedgerState::Sending, 1)), b"stale"),
+        claim("missing", Some((LedgerState::Pending, 0)), b"missing"),
+        // Two claims of one id: the first wins, the second finds its entry.
+        claim("twice", None, b"first"),
+        claim("twice", None, b"second"),
+    );
+    assert_eq!(fresh.unwrap(), 2);
+    assert!(matches!(taken, Err(LedgerError::ClaimLost)), "{taken:?}");
+    assert_eq!(held.unwrap(), 2);
+    assert!(matches!(stale, Err(LedgerError::ClaimLost)), "{stale:?}");
+    assert!(
+        matches!(missing, Err(LedgerError::ClaimLost)),
+        "{missing:?}"
+    );
+    assert_eq!(first.unwrap(), 2);
+    assert!(matches!(second, Err(LedgerError::ClaimLost)), "{second:?}");
+    let rows = [
+        &b"fresh"[..],
+        b"taken",
+        b"held",
+        b"stale",
+        b"missing",
+        b"first",
+        b"second",
+    ];
+    let xmins = writers(&db.raw().await, t, &rows).await;
+    let won: Vec<bool> = xmins.iter().map(Option::is_some).collect();
+    assert_eq!(won, [true, false, true, false, false, true, false]);
+    assert!(xmins[0] == xmins[2], "one transaction: {xmins:?}");
+    for id in ["fresh", "held", "twice"] {
+        assert_eq!(
+            s.get(id).await.unwrap(),
+            Some(entry(LedgerState::Sending, 2, 5))
+        );
+    }
+    assert_eq!(
+        s.get("done").await.unwrap().unwrap().state,
+        LedgerState::Final
+    );
+    assert_eq!(s.get("missing").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_failing_claim_among_gathered_claims_fails_only_its_write() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let s = db.open().await;
+    db.raw()
+        .await
+        .batch_execute(
+            "CREATE FUNCTION refuse_bad() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN IF NEW.id = 'bad' THEN RAISE EXCEPTION 'refused'; END IF; \
+             RETURN NEW; END $$; \
+             CREATE TRIGGER refuse_bad BEFORE INSERT ON sw_ledger \
+             FOR EACH ROW EXECUTE FUNCTION refuse_bad()",
+        )
+        .await
+        .unwrap();
+    let claim = |id: &str| {
+        s.kv_many(vec![
+            KvOp::ClaimJob {
+                id: id.into(),
+                entry: entry(LedgerState::Sending, 1, 1),
+                expect: None,
+            },
+            put(Table::CapHistory, id.as_bytes(), b"1"),
+        ])
+    };
+    let (before, bad, after) = tokio::join!(claim("before"), claim("bad"), claim("after"));
+    assert_eq!(before.unwrap(), 2);
+    assert!(matches!(bad, Err(LedgerError::Store(_))), "{bad:?}");
+    assert_eq!(after.unwrap(), 2);
+    assert!(s.get("before").await.unwrap().is_some());
+    assert!(s.get("after").await.unwrap().is_some());
+    assert_eq!(s.get("bad").await.unwrap(), None);
+    assert_eq!(s.kv_get(Table::CapHistory, b"bad").await.unwrap(), None);
+    assert!(s.health().writable(), "a bad write is no outage");
+}
+
+#[tokio::test]
+async fn lookups_made_at_once_each_get_their_own_answer() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let s = db.open().await;
+    let ops: Vec<KvOp> = (0..300)
+        .filter(|i| i % 3 != 0)
+        .map(|i| KvOp::PutJob {
+            id: format!("job-{i}"),
+            entry: entry(LedgerState::Final, i, i as i64),
+        })
+        .collect();
+    s.kv_many(ops).await.unwrap();
+    s.mark_published("job-1").await.unwrap();
+    let mut ids: Vec<String> = (0..300).map(|i| format!("job-{i}")).collect();
+    ids.extend(["job-1\0".to_string(), "job-2".to_string()]);
+    let answers = futures_util::future::join_all(ids.iter().map(|id| s.get(id))).await;
+    for (id, got) in ids.iter().zip(answers) {
+        let got = got.unwrap();
+        let want = match id.strip_prefix("job-").and_then(|n| n.parse::<u32>().ok()) {
+            Some(i) if i % 3 != 0 => {
+                let mut e = entry(LedgerState::Final, i, i as i64);
+                e.published = i == 1;
+                Some(e)
+            }
+            _ => None,
+        };
+        assert_eq!(got, want, "{id:?}");
+    }
+}

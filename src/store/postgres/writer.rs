@@ -13,14 +13,15 @@
 //! retried on a new connection, for as long as [`StoreHealth::holding`] allows, as the redb
 //! writer holds its batch through a full disk.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::Poll;
 
 use deadpool_postgres::Pool;
 use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 
 use super::{
@@ -28,7 +29,7 @@ use super::{
     prefix_end, state_code,
 };
 use crate::store::health::StoreHealth;
-use crate::store::ledger::{KvOp, LedgerError, Table};
+use crate::store::ledger::{KvOp, LedgerEntry, LedgerError, Table};
 
 /// How often the idle writer checks its connection (and, while the store is unwritable,
 /// whether the database is back).
@@ -106,7 +107,12 @@ struct TableStmts {
     delete_from: Statement,
     delete_if: Statement,
     insert_if_absent: Statement,
+    /// [`TableStmts::put`] for many rows at once (see [`Plan`]).
+    put_many: Statement,
 }
+
+/// The parameters of the multi-row ledger statements: one array per column.
+const JOB_ARRAYS: &str = "$1::text[], $2::int2[], $3::int4[], $4::int8[], $5::bool[], $6::bytea[]";
 
 /// Every statement the writer runs, prepared once per connection.
 struct Stmts {
@@ -119,6 +125,11 @@ struct Stmts {
     /// The transaction's id, taken right after BEGIN: what tells, when COMMIT's answer is
     /// lost with the connection, whether it committed.
     txid: Statement,
+    /// The multi-row forms of `put_job`, `claim_new` and `claim_update`; the claims return the
+    /// ids they took.
+    put_jobs: Statement,
+    claim_new_many: Statement,
+    claim_update_many: Statement,
 }
 
 impl Stmts {
@@ -140,6 +151,24 @@ impl Stmts {
             "DELETE FROM sw_ledger WHERE id = ANY($1)".to_string(),
             "UPDATE sw_ledger SET published = true WHERE id = ANY($1)".to_string(),
             "SELECT txid_current()".to_string(),
+            format!(
+                "INSERT INTO sw_ledger (id, state, attempts, updated_ms, published, event) \
+                 SELECT * FROM unnest({JOB_ARRAYS}) ON CONFLICT (id) DO UPDATE SET \
+                 state = EXCLUDED.state, attempts = EXCLUDED.attempts, \
+                 updated_ms = EXCLUDED.updated_ms, published = EXCLUDED.published, \
+                 event = EXCLUDED.event"
+            ),
+            format!(
+                "INSERT INTO sw_ledger (id, state, attempts, updated_ms, published, event) \
+                 SELECT * FROM unnest({JOB_ARRAYS}) ON CONFLICT (id) DO NOTHING RETURNING id"
+            ),
+            format!(
+                "UPDATE sw_ledger l SET state = u.state, attempts = u.attempts, \
+                 updated_ms = u.updated_ms, published = u.published, event = u.event \
+                 FROM unnest({JOB_ARRAYS}, $7::int2[], $8::int4[]) \
+                 AS u(id, state, attempts, updated_ms, published, event, was, tries) \
+                 WHERE l.id = u.id AND l.state = u.was AND l.attempts = u.tries RETURNING l.id"
+            ),
         ];
         let mut sql: Vec<String> = ledger.to_vec();
         for t in Table::ALL {
@@ -156,6 +185,10 @@ impl Stmts {
                 format!(
                     "INSERT INTO {n} (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING"
                 ),
+                format!(
+                    "INSERT INTO {n} (key, value) SELECT * FROM unnest($1::bytea[], $2::bytea[]) \
+                     ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
+                ),
             ]);
         }
         // Prepared together: one round trip, not a hundred.
@@ -165,6 +198,7 @@ impl Stmts {
         let mut next = || st.next().expect("one statement per text");
         let (put_job, claim_new, claim_update, delete_jobs, mark_published, txid) =
             (next(), next(), next(), next(), next(), next());
+        let (put_jobs, claim_new_many, claim_update_many) = (next(), next(), next());
         let tables = Table::ALL
             .iter()
             .map(|_| TableStmts {
@@ -174,6 +208,7 @@ impl Stmts {
                 delete_from: next(),
                 delete_if: next(),
                 insert_if_absent: next(),
+                put_many: next(),
             })
             .collect();
         Ok(Stmts {
@@ -184,6 +219,9 @@ impl Stmts {
             delete_jobs,
             mark_published,
             txid,
+            put_jobs,
+            claim_new_many,
+            claim_update_many,
         })
     }
 
@@ -314,6 +352,214 @@ fn claim_future<'a>(c: &'a Client, st: &'a Stmts, op: &'a KvOp) -> Fut<'a> {
             }
         }
     })
+}
+
+/// A ledger entry per row, one array per column: the parameters of the multi-row statements.
+#[derive(Default)]
+struct JobRows<'a> {
+    ids: Vec<&'a str>,
+    states: Vec<i16>,
+    attempts: Vec<i32>,
+    updated_ms: Vec<i64>,
+    published: Vec<bool>,
+    events: Vec<&'a [u8]>,
+}
+
+impl<'a> JobRows<'a> {
+    fn push(&mut self, id: &'a str, e: &'a LedgerEntry) {
+        self.ids.push(id);
+        self.states.push(state_code(e.state));
+        self.attempts.push(e.attempts as i32);
+        self.updated_ms.push(e.updated_ms);
+        self.published.push(e.published);
+        self.events.push(&e.event);
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 6] {
+        [
+            &self.ids,
+            &self.states,
+            &self.attempts,
+            &self.updated_ms,
+            &self.published,
+            &self.events,
+        ]
+    }
+}
+
+/// A group's claims, whose ids are all different, in (at most) two statements: the fresh
+/// entries and the expected ones. The ids that won are added to `won`; each statement counts
+/// its winners.
+fn claims_futures<'a>(
+    c: &'a Client,
+    st: &'a Stmts,
+    claims: &[&'a KvOp],
+    won: &'a Mutex<HashSet<String>>,
+) -> Vec<Fut<'a>> {
+    let (mut new, mut held) = (JobRows::default(), JobRows::default());
+    let (mut was, mut tries) = (Vec::<i16>::new(), Vec::<i32>::new());
+    for op in claims {
+        let KvOp::ClaimJob { id, entry, expect } = op else {
+            unreachable!("only called with claims")
+        };
+        match expect {
+            None => new.push(id, entry),
+            Some((s, a)) => {
+                held.push(id, entry);
+                was.push(state_code(*s));
+                tries.push(*a as i32);
+            }
+        }
+    }
+    // A row that came back unreadable is an error, not a lost claim: the claim's row would be
+    // committed without the rest of its write.
+    let took = |rows: Vec<tokio_postgres::Row>| -> Result<u64, tokio_postgres::Error> {
+        let mut w = lock(won);
+        for r in &rows {
+            w.insert(r.try_get(0)?);
+        }
+        Ok(rows.len() as u64)
+    };
+    let mut futs: Vec<Fut<'a>> = Vec::new();
+    if !new.ids.is_empty() {
+        futs.push(Box::pin(async move {
+            took(c.query(&st.claim_new_many, &new.params()).await?)
+        }));
+    }
+    if !held.ids.is_empty() {
+        futs.push(Box::pin(async move {
+            let mut p = held.params().to_vec();
+            p.extend::<[&(dyn ToSql + Sync); 2]>([&was, &tries]);
+            took(c.query(&st.claim_update_many, &p).await?)
+        }));
+    }
+    futs
+}
+
+/// The statements of a group's ops (its claims aside), in order, with its puts gathered into
+/// multi-row statements, one per table (and one for ledger entries): the server's cost is
+/// mostly per statement, and a group's hundreds of writes put to a few tables. A table's
+/// gathered puts wait until an op that touches the same table comes (then they go first) or
+/// the end: other tables' statements may pass them, as no row depends on another table's
+/// within a transaction. A key put twice keeps its last value (one statement cannot change a
+/// row twice). Each put counts 1 for its write when planned: a failure fails the transaction.
+struct Plan<'a> {
+    steps: Vec<Step<'a>>,
+    /// Per table, in [`Table::ALL`]'s order: key → value. Sorted, so that instances sharing
+    /// a database lock a table's rows in one order.
+    puts: Vec<BTreeMap<&'a [u8], &'a [u8]>>,
+    jobs: BTreeMap<&'a str, &'a LedgerEntry>,
+}
+
+enum Step<'a> {
+    /// One op of the write at this index, counted as the server counts it.
+    Op(usize, &'a KvOp),
+    /// An [`Op::InsertIfAbsent`] of the write at this index.
+    InsertIfAbsent(usize, Table, &'a [u8], &'a [u8]),
+    Puts(Table, Vec<(&'a [u8], &'a [u8])>),
+    Jobs(Vec<(&'a str, &'a LedgerEntry)>),
+}
+
+impl<'a> Plan<'a> {
+    fn new() -> Self {
+        Plan {
+            steps: Vec::new(),
+            puts: Table::ALL.iter().map(|_| BTreeMap::new()).collect(),
+            jobs: BTreeMap::new(),
+        }
+    }
+
+    /// Op `op` of the write at index `i`, whose count is `count`.
+    fn op(&mut self, i: usize, op: &'a KvOp, count: &mut u64) {
+        match op {
+            KvOp::Put { table, key, value } => {
+                self.puts[*table as usize].insert(key, value);
+                *count += 1;
+            }
+            KvOp::PutJob { id, entry } => {
+                self.jobs.insert(id, entry);
+                *count += 1;
+            }
+            KvOp::Delete { table, .. }
+            | KvOp::DeletePrefix { table, .. }
+            | KvOp::DeleteIf { table, .. } => {
+                self.flush(*table);
+                self.steps.push(Step::Op(i, op));
+            }
+            KvOp::DeleteJobs { .. } | KvOp::ClaimJob { .. } => {
+                self.flush_jobs();
+                self.steps.push(Step::Op(i, op));
+            }
+        }
+    }
+
+    fn insert_if_absent(&mut self, i: usize, table: Table, key: &'a [u8], value: &'a [u8]) {
+        self.flush(table);
+        self.steps.push(Step::InsertIfAbsent(i, table, key, value));
+    }
+
+    fn flush(&mut self, t: Table) {
+        let rows = std::mem::take(&mut self.puts[t as usize]);
+        if !rows.is_empty() {
+            self.steps.push(Step::Puts(t, rows.into_iter().collect()));
+        }
+    }
+
+    fn flush_jobs(&mut self) {
+        let rows = std::mem::take(&mut self.jobs);
+        if !rows.is_empty() {
+            self.steps.push(Step::Jobs(rows.into_iter().collect()));
+        }
+    }
+
+    /// Every step, the waiting puts last.
+    fn finish(mut self) -> Vec<Step<'a>> {
+        for t in Table::ALL {
+            self.flush(t);
+        }
+        self.flush_jobs();
+        self.steps
+    }
+}
+
+impl<'a> Step<'a> {
+    /// The statement, and the write whose count its result adds to (None: counted when
+    /// planned).
+    fn future(self, c: &'a Client, st: &'a Stmts) -> (Fut<'a>, Option<usize>) {
+        match self {
+            Step::Op(i, op) => (op_future(c, st, op), Some(i)),
+            Step::InsertIfAbsent(i, t, key, value) => (
+                Box::pin(
+                    async move { c.execute(&st.t(t).insert_if_absent, &[&key, &value]).await },
+                ),
+                Some(i),
+            ),
+            Step::Puts(t, rows) if rows.len() == 1 => {
+                let (key, value) = rows[0];
+                (
+                    Box::pin(async move { c.execute(&st.t(t).put, &[&key, &value]).await }),
+                    None,
+                )
+            }
+            Step::Puts(t, rows) => {
+                let (keys, values): (Vec<&[u8]>, Vec<&[u8]>) = rows.into_iter().unzip();
+                (
+                    Box::pin(async move { c.execute(&st.t(t).put_many, &[&keys, &values]).await }),
+                    None,
+                )
+            }
+            Step::Jobs(rows) => {
+                let mut cols = JobRows::default();
+                for (id, e) in rows {
+                    cols.push(id, e);
+                }
+                (
+                    Box::pin(async move { c.execute(&st.put_jobs, &cols.params()).await }),
+                    None,
+                )
+            }
+        }
+    }
 }
 
 pub(super) struct Writer {
@@ -664,6 +910,8 @@ impl Writer {
             return Ok(results.into_iter().map(|r| r.unwrap_or(Ok(0))).collect());
         }
 
+        // The ids whose claims won, when the claims go as multi-row statements.
+        let won = Mutex::new(HashSet::new());
         // BEGIN, the transaction's id and the claims, in one round trip.
         let mut futs: Vec<Fut<'_>> = vec![
             Box::pin(async move { c.batch_execute("BEGIN").await.map(|()| 0) }),
@@ -673,14 +921,27 @@ impl Writer {
             }),
         ];
         let mut claims = Vec::new();
+        let mut claim_ops = Vec::new();
         for (i, r) in reqs.iter().enumerate() {
             if results[i].is_none()
                 && let Op::Many(ops) = &r.op
                 && let Some(op @ KvOp::ClaimJob { .. }) = ops.first()
             {
-                futs.push(claim_future(c, st, op));
+                claim_ops.push(op);
                 claims.push(i);
             }
+        }
+        // Several claims go as one statement or two; only when their ids differ, as a
+        // statement that met an id twice could not say which claim won ([`split`] keeps a
+        // group's claims apart anyway).
+        let gathered = claim_ops.len() > 1 && {
+            let mut ids = HashSet::new();
+            claim_ops.iter().all(|op| ids.insert(claimed_id(op)))
+        };
+        if gathered {
+            futs.extend(claims_futures(c, st, &claim_ops, &won));
+        } else {
+            futs.extend(claim_ops.iter().map(|op| claim_future(c, st, op)));
         }
         let out = pipelined(futs).await;
         let mut out = out.into_iter();
@@ -696,42 +957,55 @@ impl Writer {
             }
         };
         let mut counts = vec![0u64; reqs.len()];
-        for (i, r) in claims.iter().zip(out) {
-            match r {
-                Ok(1) => counts[*i] = 1,
-                Ok(_) => results[*i] = Some(Err(LedgerError::ClaimLost)),
-                Err(e) => note(&mut error, e),
+        if gathered {
+            for r in out {
+                if let Err(e) = r {
+                    note(&mut error, e);
+                }
+            }
+            let won = won.into_inner().unwrap_or_else(|e| e.into_inner());
+            for (i, op) in claims.iter().zip(&claim_ops) {
+                if won.contains(claimed_id(op)) {
+                    counts[*i] = 1;
+                } else {
+                    results[*i] = Some(Err(LedgerError::ClaimLost));
+                }
+            }
+        } else {
+            for (i, r) in claims.iter().zip(out) {
+                match r {
+                    Ok(1) => counts[*i] = 1,
+                    Ok(_) => results[*i] = Some(Err(LedgerError::ClaimLost)),
+                    Err(e) => note(&mut error, e),
+                }
             }
         }
         if let Some(e) = error {
             return Err(self.abort(e).await);
         }
 
-        // The ops of the writes still on, in order, in one round trip.
-        let mut futs: Vec<Fut<'_>> = Vec::new();
-        let mut owner = Vec::new();
+        // The ops of the writes still on, in order (their puts gathered, see [`Plan`]), in
+        // one round trip.
+        let mut plan = Plan::new();
         for (i, r) in reqs.iter().enumerate() {
             if results[i].is_some() {
                 continue;
             }
             match &r.op {
                 Op::Many(ops) => {
-                    let skip = claims.contains(&i) as usize;
+                    let skip = claims.binary_search(&i).is_ok() as usize;
                     for op in &ops[skip..] {
-                        futs.push(op_future(c, st, op));
-                        owner.push(Some(i));
+                        plan.op(i, op, &mut counts[i]);
                     }
                 }
                 Op::InsertIfAbsent { table, key, value } => {
-                    futs.push(Box::pin(async move {
-                        c.execute(&st.t(*table).insert_if_absent, &[key, value])
-                            .await
-                    }));
-                    owner.push(Some(i));
+                    plan.insert_if_absent(i, *table, key, value)
                 }
                 Op::Flush => {}
             }
         }
+        let (mut futs, mut owner): (Vec<Fut<'_>>, Vec<Option<usize>>) =
+            plan.finish().into_iter().map(|s| s.future(c, st)).unzip();
         if !marks.is_empty() {
             futs.push(Box::pin(async move {
                 let ids: Vec<&str> = marks.iter().map(|m| &**m).collect();
@@ -776,6 +1050,13 @@ impl Writer {
             let _ = c.batch_execute("ROLLBACK").await;
         }
         f
+    }
+}
+
+fn claimed_id(op: &KvOp) -> &str {
+    match op {
+        KvOp::ClaimJob { id, .. } => id,
+        _ => unreachable!("only called with claims"),
     }
 }
 
