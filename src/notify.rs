@@ -24,7 +24,17 @@ fn send(states: &[NotifyState]) {
 /// A status line before the daemon is ready (waiting for its state store at start); READY
 /// comes later, from [`run`].
 pub fn status(line: &str) {
-    send(&[NotifyState::Status(line)]);
+    send(&[NotifyState::Status(&one_line(line))]);
+}
+
+/// `line` with every control character (a newline above all) replaced by a space: the
+/// notification is newline-separated assignments, and a status may quote a database's error
+/// text, which a hostile server (or anyone on an unencrypted path) chooses. A newline there
+/// would let it say `READY=1` or `STOPPING=1` for the daemon.
+fn one_line(line: &str) -> String {
+    line.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 /// Shutting down (the first signal).
@@ -88,5 +98,18 @@ pub async fn run(readiness: Arc<Readiness>, paused: impl Fn() -> usize, stop: Ca
             }
             None => send(&[NotifyState::Status(&status)]),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_status_line_cannot_carry_other_assignments() {
+        let line = super::one_line("too many clients\nREADY=1\r\nSTATUS=x\u{0}y (SQLSTATE 53300)");
+        assert_eq!(
+            line,
+            "too many clients READY=1  STATUS=x y (SQLSTATE 53300)"
+        );
+        assert!(!line.lines().any(|l| l == "READY=1"));
     }
 }

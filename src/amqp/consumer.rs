@@ -1018,8 +1018,9 @@ impl Worker {
         // A readable id that has another life (finished, or waiting in a delay queue: both
         // leave a ledger row) keeps its own outcome: this broken copy is only dead-lettered.
         // Copies of the id that are queued or running are not a question: this one runs in
-        // their lane, after those taken before it (see `refuse`).
-        let ledgered = id.filter(|i| i.len() <= MAX_LEDGERED_ID);
+        // their lane, after those taken before it (see `refuse`). An id with a NUL can have no
+        // other life (a valid id is printable) and PostgreSQL's text cannot hold it: not kept.
+        let ledgered = id.filter(|i| i.len() <= MAX_LEDGERED_ID && !i.contains('\0'));
         let already_final = match ledgered {
             Some(i) => self.pipeline.ledger.get(i).await?.is_some(),
             None => false,

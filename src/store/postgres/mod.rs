@@ -119,9 +119,13 @@ impl PgSettings {
         c.keepalives_interval(Duration::from_secs(10));
         c.keepalives_retries(3);
         c.application_name(format!("{}:{role}", self.application_name));
+        // A session whose client vanished mid-transaction (a partition) keeps its row locks
+        // until the server notices, by its keepalive, hours later; the writer ends such a
+        // session itself, and this bounds any other (a tool's, a pooled one's) too.
+        let ms = self.statement_timeout.as_millis().min(i32::MAX as u128 / 2);
         let timeout = format!(
-            "-c statement_timeout={}",
-            self.statement_timeout.as_millis().min(i32::MAX as u128)
+            "-c statement_timeout={ms} -c idle_in_transaction_session_timeout={}",
+            (ms * 2).max(10_000)
         );
         let options = match c.get_options() {
             Some(o) if !o.is_empty() => format!("{o} {timeout}"),
@@ -348,9 +352,22 @@ impl PgStore {
             health.clone(),
             published.clone(),
             pool.clone(),
+            writer::Deadlines {
+                round_trip: s.statement_timeout + Duration::from_secs(2),
+                probe: s.connect_timeout.max(Duration::from_secs(1)),
+            },
         )
         .await?;
-        tokio::spawn(w.run(rx));
+        let writer = tokio::spawn(w.run(rx));
+        let watched = health.clone();
+        tokio::spawn(async move {
+            // Every write fails without it (WriterGone): the store must not look writable.
+            if let Err(e) = writer.await
+                && e.is_panic()
+            {
+                watched.failed("the state store's writer task panicked");
+            }
+        });
         let (lookups, rx) = mpsc::unbounded_channel();
         tokio::spawn(look_up_jobs(pool.clone(), rx));
         Ok(PgStore {
@@ -810,18 +827,17 @@ impl PgStore {
             let c = self.conn().await?;
             let mut names = vec!["sw_ledger"];
             names.extend(Table::ALL.iter().map(|t| t.pg_name()));
-            // VACUUM may take longer than a statement may; this connection's setting only.
+            // VACUUM may take longer than a statement may. The connection leaves the pool
+            // for it and is closed after, so that one left without a timeout (this future
+            // dropped midway) can never serve anything else.
+            let c = deadpool_postgres::Object::take(c);
             c.batch_execute("SET statement_timeout = 0")
                 .await
                 .map_err(pg_error)?;
-            let vacuum = c
-                .batch_execute(&format!("VACUUM {}", names.join(", ")))
+            c.batch_execute(&format!("VACUUM {}", names.join(", ")))
                 .await
-                .map_err(pg_error);
-            c.batch_execute("RESET statement_timeout")
-                .await
-                .map_err(pg_error)?;
-            vacuum.map(|_| 0)
+                .map_err(pg_error)
+                .map(|_| 0)
         }
         .await;
         self.noted(r)

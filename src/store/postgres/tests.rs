@@ -499,6 +499,15 @@ const LOSE_ANSWER: u8 = 1;
 /// Never passes it on and keeps the server's side open: the transaction stays open on the
 /// server ("idle in transaction", its row locks held) while the client's side is closed.
 const SWALLOW: u8 = 2;
+/// like SWALLOW, but fires on the first client chunk that carries [`MARKER`] (an op's
+/// bound key) instead of a COMMIT: the connection is lost between the claims and the ops.
+const SWALLOW_MARKED: u8 = 3;
+/// on the first client chunk that carries [`MARKER`], forwards nothing more either
+/// way and keeps both sides open: a server (or a proxy/HAProxy in front of it) that accepts
+/// TCP and acknowledges every byte but never answers (a backend stuck on I/O, SIGSTOP).
+const STALL_MARKED: u8 = 4;
+/// the bytes of a key that makes the proxy fire in the *_MARKED modes.
+const MARKER: &[u8] = b"review17-cut-here";
 
 /// A TCP proxy in front of the test's PostgreSQL that loses one COMMIT on request.
 struct Proxy {
@@ -543,8 +552,23 @@ impl Proxy {
                                 let n = match r { Ok(0) | Err(_) => return, Ok(n) => n };
                                 let chunk = &cb[..n];
                                 let commit = chunk.windows(COMMIT.len()).any(|w| w == COMMIT);
-                                let mode = if commit { m.swap(PASS, Ordering::SeqCst) } else { PASS };
-                                if mode == SWALLOW {
+                                let marked = chunk.windows(MARKER.len()).any(|w| w == MARKER);
+                                let mode = match m.load(Ordering::SeqCst) {
+                                    SWALLOW_MARKED | STALL_MARKED if marked => m.swap(PASS, Ordering::SeqCst),
+                                    SWALLOW_MARKED | STALL_MARKED => PASS,
+                                    _ if commit => m.swap(PASS, Ordering::SeqCst),
+                                    _ => PASS,
+                                };
+                                if mode == STALL_MARKED {
+                                    f.fetch_add(1, Ordering::SeqCst);
+                                    // Both sides stay open, nothing moves: the client's kernel
+                                    // sees every byte acknowledged.
+                                    lock(&kept).push(server);
+                                    let _held = client;
+                                    std::future::pending::<()>().await;
+                                    return;
+                                }
+                                if mode == SWALLOW || mode == SWALLOW_MARKED {
                                     f.fetch_add(1, Ordering::SeqCst);
                                     lock(&kept).push(server);
                                     return; // the client's side closes here
@@ -1005,4 +1029,125 @@ async fn lookups_made_at_once_each_get_their_own_answer() {
         };
         assert_eq!(got, want, "{id:?}");
     }
+}
+
+// From the review of the lost-COMMIT handling: a connection lost (or a server that stops
+// answering) at other steps of a transaction, and a transaction whose session cannot be ended.
+
+/// The writer's connection is lost after the claims ran but before COMMIT
+/// was sent (a partition: the client's tcp_user_timeout fires; the server side never learns,
+/// its tcp keepalive is the OS default of about 2 h). The server's session stays "idle in
+/// transaction" holding the claimed row's lock. `hold` retries the batch on a new connection
+/// without ending that session (only the COMMIT-in-doubt path does), so the retried claim waits
+/// on the row lock until statement_timeout (57014, counted as "unavailable"), again and again:
+/// the write fails after the hold and the store reports itself unwritable for as long as the
+/// orphan lives.
+#[tokio::test]
+async fn a_connection_lost_before_commit_does_not_leave_its_claim_locked() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let proxy = Proxy::start(&db).await;
+    let mut settings = proxy.settings(&db);
+    settings.statement_timeout = Duration::from_secs(2);
+    let s = PgStore::open(&settings, false).await.unwrap();
+    s.kv_put(Table::Inbound, b"warm".to_vec(), b"1".to_vec())
+        .await
+        .unwrap();
+    proxy.lose_next_commit(SWALLOW_MARKED);
+    let won = tokio::time::timeout(
+        Duration::from_secs(20),
+        s.kv_many(vec![claim("j9"), put(Table::Inbound, MARKER, b"1")]),
+    )
+    .await
+    .expect("the write returned");
+    assert_eq!(
+        proxy.fired(),
+        1,
+        "the proxy cut the connection before the ops"
+    );
+    let orphans: i64 = db
+        .raw()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND state = 'idle in transaction'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // The claim and the put: 2.
+    assert!(
+        matches!(won, Ok(2)),
+        "the claim was retried behind its own first try's row lock: {won:?} \
+         ({orphans} session(s) idle in transaction)"
+    );
+    assert_eq!(ledger_rows(&db, "j9").await, vec![(2, 1)]);
+}
+
+/// A server that accepts TCP and acknowledges every byte but never answers
+/// (a backend stuck on I/O, a stopped process, HAProxy/PgBouncer in front of a primary that
+/// vanished): no statement of the writer has a client-side deadline, statement_timeout is the
+/// server's own, tcp_user_timeout only counts unacknowledged bytes and keepalives are answered
+/// by the kernel. The write waits for ever and the store is never marked unwritable: /readyz
+/// stays 200, the watchdog is fed, `unwritable_grace` never starts.
+#[tokio::test]
+async fn a_server_that_never_answers_marks_the_store_unwritable() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let proxy = Proxy::start(&db).await;
+    let mut settings = proxy.settings(&db);
+    settings.statement_timeout = Duration::from_secs(2);
+    let s = PgStore::open(&settings, false).await.unwrap();
+    s.health().set_hold(Duration::from_secs(2));
+    s.kv_put(Table::Inbound, b"warm".to_vec(), b"1".to_vec())
+        .await
+        .unwrap();
+    proxy.lose_next_commit(STALL_MARKED);
+    let s2 = s.clone();
+    let write = tokio::spawn(async move {
+        s2.kv_put(Table::Inbound, MARKER.to_vec(), b"1".to_vec())
+            .await
+    });
+    // Far beyond statement_timeout + hold.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while tokio::time::Instant::now() < deadline && s.health().writable() && !write.is_finished() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(proxy.fired(), 1, "the proxy stalled the connection");
+    assert!(
+        write.is_finished() || !s.health().writable(),
+        "15 s after the database stopped answering, the write still waits and the store \
+         still says it is writable"
+    );
+}
+
+/// `resolve` loops while the transaction in doubt is "in progress" and
+/// never asks `holding()` or `rx.is_closed()` on that branch: when ending the old session does
+/// not work, the writer never returns. Here the session is not ended because its
+/// application_name as the server keeps it (truncated to 63 bytes) is not the one the writer
+/// compares with; the same happens behind a pooler that rewrites it (PgBouncer
+/// `application_name_add_host`) or with a backend stuck in uninterruptible I/O.
+#[tokio::test]
+async fn a_commit_in_doubt_that_cannot_be_resolved_fails_after_the_hold() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let proxy = Proxy::start(&db).await;
+    let mut settings = proxy.settings(&db);
+    settings.application_name = "a".repeat(60);
+    let s = PgStore::open(&settings, false).await.unwrap();
+    s.health().set_hold(Duration::from_secs(1));
+    s.kv_put(Table::Inbound, b"warm".to_vec(), b"1".to_vec())
+        .await
+        .unwrap();
+    proxy.lose_next_commit(SWALLOW);
+    let r = tokio::time::timeout(Duration::from_secs(15), s.kv_many(vec![claim("j7")])).await;
+    assert_eq!(proxy.fired(), 1, "the proxy swallowed the COMMIT");
+    assert!(
+        r.is_ok(),
+        "the write never returned: the writer loops in resolve() past its 1 s hold"
+    );
 }

@@ -67,7 +67,8 @@ fn roots(ca_file: Option<&Path>) -> Result<RootCertStore, LedgerError> {
 
 /// `require`: any certificate is accepted, but the handshake's signatures are still checked
 /// against it (the server holds its key), so the session is encrypted end to end with whoever
-/// answered. SCRAM's channel binding (tokio-postgres prefers it) then still foils a relay.
+/// answered. Whoever that is: an impostor that asks for a cleartext password gets it, so
+/// `require` protects against eavesdroppers only; `verify-full` against impostors too.
 #[derive(Debug)]
 struct EncryptOnly(Arc<CryptoProvider>);
 

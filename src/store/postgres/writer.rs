@@ -236,16 +236,19 @@ enum Fail {
     Unavailable(String),
     /// A statement failed: the write is wrong, or a neighbour is.
     Statement(String),
-    /// The connection broke after COMMIT was sent: the transaction may or may not have
-    /// committed. Trying the writes again blindly would report a claim that won as lost (its
-    /// own row now stands in its way) and an insert that inserted as not inserting.
+    /// The connection broke (or the server stopped answering) inside a transaction. After
+    /// COMMIT was sent it may or may not have committed: trying the writes again blindly would
+    /// report a claim that won as lost (its own row now stands in its way) and an insert that
+    /// inserted as not inserting. Before, it did not commit, but the server may keep the
+    /// session open (and its row locks held, which the retry would wait behind) until its own
+    /// keepalive notices, hours later. Either way the session is ended and the outcome asked.
     InDoubt {
         /// The transaction's id (`txid_current()`), asked about on a new connection.
         xid: i64,
         /// The server process that ran it, ended if it is still in the transaction.
         pid: i32,
-        /// What the writes get if it committed.
-        results: Vec<Result<u64, LedgerError>>,
+        /// What the writes get if it committed; None when COMMIT was never sent.
+        results: Option<Vec<Result<u64, LedgerError>>>,
         why: String,
     },
 }
@@ -562,11 +565,24 @@ impl<'a> Step<'a> {
     }
 }
 
+/// How long the writer waits for the database.
+pub(super) struct Deadlines {
+    /// A round trip of a transaction: a little more than the server's statement_timeout.
+    pub(super) round_trip: std::time::Duration,
+    /// `keep`'s probes.
+    pub(super) probe: std::time::Duration,
+}
+
 pub(super) struct Writer {
     client: Option<Client>,
     stmts: Option<Stmts>,
     /// The server process of `client`: the one to end when a transaction it ran is in doubt.
     pid: i32,
+    /// How long a round trip may take before the database counts as not answering: a little
+    /// more than the server's own statement_timeout.
+    deadline: std::time::Duration,
+    /// How long `keep` waits for its probes.
+    probe_timeout: std::time::Duration,
     config: super::ConnConfig,
     exclusive: bool,
     health: Arc<StoreHealth>,
@@ -583,6 +599,7 @@ impl Writer {
         health: Arc<StoreHealth>,
         published: Published,
         pool: Pool,
+        deadlines: Deadlines,
     ) -> Result<Writer, LedgerError> {
         let stmts = Stmts::prepare(&client).await.map_err(super::pg_error)?;
         let pid = backend_pid(&client).await.map_err(super::pg_error)?;
@@ -590,6 +607,8 @@ impl Writer {
             client: Some(client),
             stmts: Some(stmts),
             pid,
+            deadline: deadlines.round_trip,
+            probe_timeout: deadlines.probe,
             config,
             exclusive,
             health,
@@ -678,6 +697,14 @@ impl Writer {
     }
 
     async fn ping(&self) -> Result<(), String> {
+        // Bounded: the writer task waits meanwhile, and a database that does not answer is
+        // exactly what this is to find out.
+        tokio::time::timeout(self.probe_timeout, self.ping_once())
+            .await
+            .unwrap_or_else(|_| Err(self.no_answer()))
+    }
+
+    async fn ping_once(&self) -> Result<(), String> {
         let c = self.client.as_ref().ok_or("not connected")?;
         c.simple_query("SELECT 1").await.map_err(|e| describe(&e))?;
         let pooled = self.pool.get().await.map_err(|e| match e {
@@ -752,12 +779,15 @@ impl Writer {
                     self.client = None;
                     self.stmts = None;
                     self.health.failed(&why);
-                    match self.resolve(xid, pid, rx).await {
+                    match (self.resolve(xid, pid, rx).await, results) {
                         // Committed: the writes have exactly the results they had.
-                        Ok(true) => Ok(results),
+                        (Ok(true), Some(results)) => Ok(results),
+                        (Ok(true), None) => Err(Fail::Unavailable(format!(
+                            "transaction {xid} committed without its COMMIT"
+                        ))),
                         // Rolled back: as if never sent; tried again at once.
-                        Ok(false) => continue,
-                        Err(m) => Err(Fail::Unavailable(m)),
+                        (Ok(false), _) => continue,
+                        (Err(m), _) => Err(Fail::Unavailable(m)),
                     }
                 }
                 r => r,
@@ -827,7 +857,17 @@ impl Writer {
             };
             match asked {
                 Ok(Some(committed)) => return Ok(committed),
-                Ok(None) => wait = RETRY_FIRST,
+                Ok(None) => {
+                    // Asked to end; it may take a moment (or never come, for a backend stuck
+                    // in I/O, which the hold then bounds).
+                    wait = RETRY_FIRST;
+                    if !self.health.holding() || rx.is_closed() {
+                        return Err(format!(
+                            "transaction {xid} is still in progress on the server, and \
+                             whether it commits is unknown"
+                        ));
+                    }
+                }
                 Err(m) => {
                     self.client = None;
                     self.stmts = None;
@@ -857,15 +897,15 @@ impl Writer {
             Some("committed") => Ok(Some(true)),
             Some("aborted") => Ok(Some(false)),
             Some(_) => {
-                // Still in progress: its session is ours (same role, same application name),
-                // lost to us; ending it rolls the transaction back unless it committed first.
+                // Still in progress: the session that runs it is ours, lost to us; ending it
+                // rolls the transaction back unless it committed first. Matched by the
+                // transaction's own id (the server shows its low 32 bits), so a reused pid or a
+                // rewritten application name can never end someone else's session.
+                let xid32 = xid & 0xFFFF_FFFF;
                 c.query_one(
                     "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-                     WHERE pid = $1 AND application_name = $2",
-                    &[
-                        &pid,
-                        &self.config.pg.get_application_name().unwrap_or_default(),
-                    ],
+                     WHERE pid = $1 AND backend_xid::text::bigint = $2",
+                    &[&pid, &xid32],
                 )
                 .await
                 .map_err(|e| describe(&e))?;
@@ -943,7 +983,12 @@ impl Writer {
         } else {
             futs.extend(claim_ops.iter().map(|op| claim_future(c, st, op)));
         }
-        let out = pipelined(futs).await;
+        // The server's statement_timeout cannot end a wait for a server that no longer
+        // answers at all (a stopped backend, a proxy in front of a vanished primary, with
+        // every byte acknowledged): the client's own deadline does.
+        let out = tokio::time::timeout(self.deadline, pipelined(futs))
+            .await
+            .map_err(|_| Fail::Unavailable(self.no_answer()))?;
         let mut out = out.into_iter();
         let mut error = None;
         if let Err(e) = out.next().expect("BEGIN's result") {
@@ -981,7 +1026,7 @@ impl Writer {
             }
         }
         if let Some(e) = error {
-            return Err(self.abort(e).await);
+            return Err(self.abort(e, xid).await);
         }
 
         // The ops of the writes still on, in order (their puts gathered, see [`Plan`]), in
@@ -1013,7 +1058,10 @@ impl Writer {
             }));
             owner.push(None);
         }
-        for (who, r) in owner.into_iter().zip(pipelined(futs).await) {
+        let Ok(out) = tokio::time::timeout(self.deadline, pipelined(futs)).await else {
+            return Err(self.abort(Fail::Unavailable(self.no_answer()), xid).await);
+        };
+        for (who, r) in owner.into_iter().zip(out) {
             match r {
                 Ok(n) => {
                     if let Some(i) = who {
@@ -1024,32 +1072,53 @@ impl Writer {
             }
         }
         if let Some(e) = error {
-            return Err(self.abort(e).await);
+            return Err(self.abort(e, xid).await);
         }
         let results = results
             .into_iter()
             .zip(counts)
             .map(|(r, n)| r.unwrap_or(Ok(n)))
             .collect();
-        match c.batch_execute("COMMIT").await.map_err(Fail::from) {
+        let committed = tokio::time::timeout(self.deadline, c.batch_execute("COMMIT"))
+            .await
+            .map_err(|_| Fail::Unavailable(self.no_answer()))
+            .and_then(|r| r.map_err(Fail::from));
+        match committed {
             Ok(()) => Ok(results),
             Err(Fail::Unavailable(why)) => Err(Fail::InDoubt {
                 xid,
                 pid: self.pid,
-                results,
+                results: Some(results),
                 why,
             }),
             Err(f) => Err(f),
         }
     }
 
-    /// Ends a transaction that failed; the cause is returned.
-    async fn abort(&self, f: Fail) -> Fail {
-        if let (Fail::Statement(_), Some(c)) = (&f, &self.client) {
-            // Fails only with the connection, which is then replaced anyway.
-            let _ = c.batch_execute("ROLLBACK").await;
+    fn no_answer(&self) -> String {
+        format!(
+            "the database did not answer within {}",
+            humantime::format_duration(self.deadline)
+        )
+    }
+
+    /// Ends a transaction that failed (COMMIT not sent); the cause is returned. A lost
+    /// connection leaves it to be ended on the server ([`Fail::InDoubt`], without results).
+    async fn abort(&self, f: Fail, xid: i64) -> Fail {
+        match (f, &self.client) {
+            (f @ Fail::Statement(_), Some(c)) => {
+                // Fails only with the connection, which is then replaced anyway.
+                let _ = c.batch_execute("ROLLBACK").await;
+                f
+            }
+            (Fail::Unavailable(why), _) if xid != 0 => Fail::InDoubt {
+                xid,
+                pid: self.pid,
+                results: None,
+                why,
+            },
+            (f, _) => f,
         }
-        f
     }
 }
 
