@@ -415,6 +415,106 @@ async fn an_outage_fails_writes_after_the_hold_and_a_probe_notices_the_return() 
     );
 }
 
+/// A scan whose session ends under it (a failover, a restart) after its first statement fails
+/// as unreachable, having handed on every row at most once and in key order; the store is
+/// marked unreachable until a probe sees the database again, and the next scan gets them all.
+#[tokio::test]
+async fn a_scan_whose_connection_is_lost_fails_as_unreachable() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let s = db.open().await;
+    let t = Table::ConsentSummary;
+    let rows = 5 * SCAN_CHUNK as u32;
+    let ops: Vec<KvOp> = (0..rows).map(|i| put(t, &i.to_be_bytes(), &[1])).collect();
+    s.kv_many(ops).await.unwrap();
+    let settings = db.settings();
+    let mut n = 0u32;
+    let r = s
+        .kv_for_each(t, |k, _| {
+            assert_eq!(k, n.to_be_bytes(), "in key order, each once");
+            n += 1;
+            if n == SCAN_CHUNK as u32 + 1 {
+                // `f` cannot await: the scan's sessions are ended from a thread of its own.
+                let settings = settings.clone();
+                std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap();
+                    rt.block_on(async {
+                        let c = connect(&settings.config("test-kill").unwrap())
+                            .await
+                            .unwrap();
+                        c.batch_execute(
+                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                             WHERE datname = current_database() \
+                             AND application_name = 'sendwell-test:pool'",
+                        )
+                        .await
+                        .unwrap();
+                    })
+                })
+                .join()
+                .unwrap();
+            }
+        })
+        .await;
+    assert!(matches!(r, Err(LedgerError::Io(_))), "{r:?}");
+    assert!(
+        n > SCAN_CHUNK as u32 && n < rows,
+        "{n} rows before the failure"
+    );
+    assert!(!s.health().writable());
+    tokio::time::timeout(Duration::from_secs(10), s.health().wait_writable())
+        .await
+        .expect("the store noticed the database's return");
+    let mut all = 0u32;
+    s.kv_for_each(t, |_, _| all += 1).await.unwrap();
+    assert_eq!(all, rows);
+}
+
+/// A scan may take longer than a statement may (the consent load of 10 M rows at start takes
+/// seconds, the shortest statement timeout allowed is 100 ms): each of its statements is
+/// short, however slowly the caller takes the rows, and none is cancelled.
+#[tokio::test]
+async fn a_scan_longer_than_the_statement_timeout_completes() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let timeout = Duration::from_millis(250);
+    let s = PgStore::open(
+        &PgSettings {
+            statement_timeout: timeout,
+            ..db.settings()
+        },
+        false,
+    )
+    .await
+    .unwrap();
+    let t = Table::ConsentSummary;
+    // 20 MB: more than the socket buffers hold, so a statement's end waits for the caller.
+    let rows = 10 * SCAN_CHUNK as u32;
+    let ops: Vec<KvOp> = (0..rows)
+        .map(|i| put(t, &i.to_be_bytes(), &[7; 2048]))
+        .collect();
+    s.kv_many(ops).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut n = 0u32;
+    s.kv_for_each(t, |_, v| {
+        assert_eq!(v.len(), 2048);
+        n += 1;
+        // A slow caller: about 55 ms per statement's rows, 550 ms for all of them.
+        if n % 20 == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(n, rows);
+    assert!(started.elapsed() > 2 * timeout, "{:?}", started.elapsed());
+}
+
 #[tokio::test]
 async fn reads_scans_and_counts() {
     let Some(db) = TestDb::new().await else {
