@@ -57,6 +57,9 @@
 //!   `postgres`, cluster-wide: on a redb run it is the idle cluster's), and a postgres run its
 //!   database's transactions, rows written and the cluster's WAL per job (`pg_stat_database`,
 //!   `pg_stat_wal`: from just before the first publish to after the daemon stopped)
+//! - `SENDWELL_BENCH_PG_CLUSTER`: count only this PostgreSQL cluster's processes (Debian's
+//!   cluster name, e.g. `15/bench`, as their command lines show it) in PostgreSQL's CPU, when
+//!   other clusters on the machine serve other sessions
 //! - `SENDWELL_BENCH_RATE` (0): publish at most this many jobs/s; 0 publishes as fast as the
 //!   broker confirms, so the jobs queue up and the latencies are mostly time in the queue; a
 //!   rate below the throughput measures the pipeline's own latency at that load

@@ -108,7 +108,13 @@ pub fn find_rabbitmq() -> Option<u32> {
 /// every backend), in clock ticks: the database's CPU, whoever's sessions spend it. A process
 /// that starts and exits between two readings is missed; the daemon's connections live for the
 /// whole run, so what escapes is the odd short session (autovacuum workers among them).
+/// `SENDWELL_BENCH_PG_CLUSTER` (e.g. `15/bench`, Debian's cluster name) counts only that
+/// cluster's processes (their command line names it), so other clusters on the machine, with
+/// other sessions, are left out.
 pub fn postgres_ticks() -> Option<u64> {
+    let cluster = std::env::var("SENDWELL_BENCH_PG_CLUSTER")
+        .ok()
+        .filter(|c| !c.is_empty());
     let mut sum = None;
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
         let Some(pid) = entry
@@ -120,6 +126,11 @@ pub fn postgres_ticks() -> Option<u64> {
         };
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
         if comm.trim() == "postgres"
+            && cluster.as_ref().is_none_or(|c| {
+                // The postmaster's `-D /…/15/bench`, the others' title `postgres: 15/bench: …`.
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|l| String::from_utf8_lossy(&l).contains(c.as_str()))
+            })
             && let Some(t) = cpu_ticks(pid)
         {
             sum = Some(sum.unwrap_or(0) + t);

@@ -28,7 +28,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod
 use futures_util::TryStreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::Client;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::health::StoreHealth;
@@ -1002,9 +1002,10 @@ async fn look_up(
     batch: &[Lookup],
 ) -> Result<HashMap<String, LedgerEntry>, LedgerError> {
     let c = pool.get().await.map_err(pool_error)?;
-    let st = c.prepare_cached(GET_JOBS).await.map_err(pg_error)?;
     let ids: Vec<&str> = batch.iter().map(|l| l.id.as_str()).collect();
-    c.query(&st, &[&ids])
+    // Unprepared, so that it is planned for these ids and the table as it is now (see the
+    // writer's CLAIM_UPDATE_MANY for why).
+    c.query_typed(GET_JOBS, &[(&ids, Type::TEXT_ARRAY)])
         .await
         .map_err(pg_error)?
         .iter()

@@ -1251,3 +1251,68 @@ async fn a_commit_in_doubt_that_cannot_be_resolved_fails_after_the_hold() {
         "the write never returned: the writer loops in resolve() past its 1 s hold"
     );
 }
+
+#[tokio::test]
+async fn lookups_stay_quick_when_the_table_grew_since_they_were_first_made() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let s = db.open().await;
+    let raw = db.raw().await;
+    // Statistics of an empty table, and lookups made then: a plan made now and kept would
+    // test every row against every id later.
+    raw.batch_execute("ANALYZE sw_ledger").await.unwrap();
+    for i in 0..30 {
+        assert_eq!(s.get(&format!("early-{i}")).await.unwrap(), None);
+    }
+    raw.batch_execute(
+        "INSERT INTO sw_ledger (id, state, attempts, updated_ms, published, event) \
+         SELECT 'job-' || g, 3, 1, g, false, '\\x7b7d'::bytea FROM generate_series(1, 100000) g",
+    )
+    .await
+    .unwrap();
+    let seq_rows_read = async || -> i64 {
+        raw.query_one(
+            "SELECT coalesce(seq_tup_read, 0) FROM pg_stat_user_tables WHERE relname = 'sw_ledger'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+    };
+    let before = seq_rows_read().await;
+    // One at a time: each its own query (a query for many ids may rightly read the table).
+    for i in 0..50 {
+        assert_eq!(s.get(&format!("new-{i}")).await.unwrap(), None);
+    }
+    assert_eq!(s.get("job-77").await.unwrap().unwrap().attempts, 1);
+    // The store's sessions report what they read when they end: close them, then ask.
+    drop(s);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: i64 = raw
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND application_name LIKE 'sendwell-test:%' AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if left == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the store's sessions never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Planned for the table as it is, each lookup uses the primary key; with the plan made
+    // for the empty table, each reads all 100,000 rows (5 M for the 50).
+    let scanned = seq_rows_read().await - before;
+    assert!(
+        scanned < 1_000_000,
+        "lookups scanned {scanned} rows of sw_ledger"
+    );
+}
