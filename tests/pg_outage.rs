@@ -203,9 +203,10 @@ async fn postgres_stopped_for_10s_mid_run_loses_no_job_and_sends_none_twice() {
         "no job failed while the database was down: {not_sent:?}"
     );
     cluster.ctl("start");
+    // Generous: a saturated 2-core machine (CI beside a load bench) took over 60 s once.
     wait_for(
         "/readyz to answer 200 once the database is back",
-        Duration::from_secs(60),
+        Duration::from_secs(180),
         async || (readyz(admin).await == 200).then_some(()),
     )
     .await;
