@@ -3,7 +3,8 @@
 //!
 //! Writes go through one writer task with a dedicated connection that commits everything
 //! waiting in one transaction, its statements pipelined (see [`writer`]): group commit, as the
-//! redb writer does. Reads go through a small pool. Only bind parameters reach the server:
+//! redb writer does. Reads go through a small pool; the dedupe lookups of jobs, many per query
+//! (see [`look_up_jobs`]). Only bind parameters reach the server:
 //! keys carry phone numbers, and SQL text shows up in server logs.
 //!
 //! Several processes may share one database (issue 18): a job's claim

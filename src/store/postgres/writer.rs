@@ -1,10 +1,12 @@
 //! The writer task: group commit on one dedicated connection.
 //!
 //! Everything waiting (up to [`MAX_BATCH`] writes) becomes one transaction: `BEGIN` and the
-//! claims, pipelined (one round trip); then every op of the writes whose claim won (or that have
-//! none), in order, pipelined; then, every result checked, `COMMIT`. tokio-postgres sends a
-//! request when its future is first polled and the server runs them in that order, so a write's
-//! ops (and two writes to one key) apply in the order they were asked for.
+//! claims (gathered into one or two statements), pipelined (one round trip); then every op of
+//! the writes whose claim won (or that have none), in order, their puts gathered into one
+//! multi-row statement per table (see [`Plan`]), pipelined; then, every result checked,
+//! `COMMIT`. tokio-postgres sends a request when its future is first polled and the server runs
+//! them in that order, so a write's ops (and two writes to one key) apply in the order they were
+//! asked for.
 //!
 //! A lost claim is no error to the server (its statement simply matches no row), so the
 //! transaction goes on and commits the other writes. A statement that fails aborts the
