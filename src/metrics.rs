@@ -141,6 +141,7 @@ pub const SPEND_GUARD: &str = "sendwell_spend_guard_active";
 pub const QUEUE_MESSAGES: &str = "sendwell_queue_messages";
 pub const STORE_WRITABLE: &str = "sendwell_store_writable";
 pub const STORE_WRITE_FAILURES: &str = "sendwell_store_write_failures_total";
+pub const STORE_READ_FAILURES: &str = "sendwell_store_read_failures_total";
 pub const STORE_CLAIMS_LOST: &str = "sendwell_store_claims_lost_total";
 pub const STORE_REOPENS: &str = "sendwell_store_reopens_total";
 pub const STORE_COMPACTIONS: &str = "sendwell_store_compactions_total";
@@ -204,6 +205,7 @@ pub const ALL: &[&str] = &[
     QUEUE_MESSAGES,
     STORE_WRITABLE,
     STORE_WRITE_FAILURES,
+    STORE_READ_FAILURES,
     STORE_CLAIMS_LOST,
     STORE_REOPENS,
     STORE_COMPACTIONS,
@@ -280,6 +282,10 @@ pub fn describe() {
     describe_counter!(
         STORE_WRITE_FAILURES,
         "Store write batches that failed with an I/O error (each is retried on a reopened store)."
+    );
+    describe_counter!(
+        STORE_READ_FAILURES,
+        "Jobs whose ledger entry could not be read (the store unreachable): each left queued and redelivered once the store answers."
     );
     describe_counter!(
         STORE_CLAIMS_LOST,
@@ -705,6 +711,10 @@ pub fn claim_lost() {
 
 pub fn store_write_failed() {
     counter!(STORE_WRITE_FAILURES).increment(1);
+}
+
+pub fn store_read_failed() {
+    counter!(STORE_READ_FAILURES).increment(1);
 }
 
 pub fn store_reopened(ok: bool) {

@@ -165,7 +165,12 @@ impl Pipeline {
                 };
             }
             Err(e) => {
-                tracing::error!(id = %job.id, account = %job.account, error = %e, "State store unreadable; the job stays queued.");
+                // Every job in flight meets this in an outage: counted each, logged once a
+                // minute (the store's own line says when it fails and when it is back).
+                crate::metrics::store_read_failed();
+                if let Some(unlogged) = crate::metrics::log_due("job", "store_unreadable") {
+                    tracing::error!(id = %job.id, account = %job.account, error = %e, unlogged, "State store unreadable; the job stays queued (logged at most once a minute; see sendwell_store_read_failures_total).");
+                }
                 return Disposition::Abandon;
             }
         };

@@ -1316,3 +1316,30 @@ async fn lookups_stay_quick_when_the_table_grew_since_they_were_first_made() {
         "lookups scanned {scanned} rows of sw_ledger"
     );
 }
+
+#[tokio::test]
+async fn a_transaction_the_server_never_handed_out_counts_as_rolled_back() {
+    // What a server restarted after a crash says of a transaction whose id never reached its
+    // WAL: "in the future". Its COMMIT never reached the WAL either, so it did not commit;
+    // asking again cannot change the answer (the writer used to ask until its hold ran out).
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let raw = db.raw().await;
+    let now: i64 = raw
+        .query_one("SELECT txid_current()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let ahead = now + 1_000_000;
+    assert_eq!(
+        writer::txid_outcome(&raw, ahead, 0).await,
+        Ok(Some(false)),
+        "a transaction id the server never handed out"
+    );
+    assert_eq!(
+        writer::txid_outcome(&raw, now, 0).await,
+        Ok(Some(true)),
+        "txid_current() of an autocommit statement committed"
+    );
+}

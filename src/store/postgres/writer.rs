@@ -23,6 +23,7 @@ use std::task::Poll;
 
 use deadpool_postgres::Pool;
 use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Statement};
 
@@ -901,32 +902,7 @@ impl Writer {
     /// (after asking the server to end the process `pid` that runs it).
     async fn status(&self, xid: i64, pid: i32) -> Result<Option<bool>, String> {
         let c = self.client.as_ref().ok_or("not connected")?;
-        let status: Option<String> = c
-            .query_one("SELECT txid_status($1)", &[&xid])
-            .await
-            .and_then(|r| r.try_get(0))
-            .map_err(|e| describe(&e))?;
-        match status.as_deref() {
-            Some("committed") => Ok(Some(true)),
-            Some("aborted") => Ok(Some(false)),
-            Some(_) => {
-                // Still in progress: the session that runs it is ours, lost to us; ending it
-                // rolls the transaction back unless it committed first. Matched by the
-                // transaction's own id (the server shows its low 32 bits), so a reused pid or a
-                // rewritten application name can never end someone else's session.
-                let xid32 = xid & 0xFFFF_FFFF;
-                c.query_one(
-                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-                     WHERE pid = $1 AND backend_xid::text::bigint = $2",
-                    &[&pid, &xid32],
-                )
-                .await
-                .map_err(|e| describe(&e))?;
-                Ok(None)
-            }
-            // Too old for the server to remember: cannot happen seconds later; say so.
-            None => Err(format!("the server no longer knows transaction {xid}")),
-        }
+        txid_outcome(c, xid, pid).await
     }
 
     /// One transaction: the claims, then the ops of every write whose claim won, then the
@@ -1145,6 +1121,58 @@ fn claimed_id(op: &KvOp) -> &str {
 
 fn is_empty(op: &Op) -> bool {
     matches!(op, Op::Many(ops) if ops.is_empty())
+}
+
+/// Some(committed) once the outcome of `xid` is final on the server `c` talks to; None while
+/// it is still running (after asking the server to end the process `pid` that runs it).
+pub(super) async fn txid_outcome(c: &Client, xid: i64, pid: i32) -> Result<Option<bool>, String> {
+    let status: Option<String> = match c
+        .query_one("SELECT txid_status($1)", &[&xid])
+        .await
+        .and_then(|r| r.try_get(0))
+    {
+        Ok(s) => s,
+        // "transaction ID is in the future": this server never handed out `xid`. Either it
+        // crashed and restarted before anything of the transaction reached its WAL (its
+        // COMMIT, which must be flushed first, never did), or it is a primary promoted after
+        // the old one lost it. Either way the transaction did not commit here, and never
+        // will; so it counts as rolled back. Not on a standby, whose WAL may still bring it.
+        Err(e) if e.code() == Some(&SqlState::INVALID_PARAMETER_VALUE) => {
+            let standby: bool = c
+                .query_one("SELECT pg_is_in_recovery()", &[])
+                .await
+                .and_then(|r| r.try_get(0))
+                .map_err(|e| describe(&e))?;
+            if standby {
+                return Err(format!(
+                    "the database is a standby that has not yet seen transaction {xid}"
+                ));
+            }
+            return Ok(Some(false));
+        }
+        Err(e) => return Err(describe(&e)),
+    };
+    match status.as_deref() {
+        Some("committed") => Ok(Some(true)),
+        Some("aborted") => Ok(Some(false)),
+        Some(_) => {
+            // Still in progress: the session that runs it is ours, lost to us; ending it
+            // rolls the transaction back unless it committed first. Matched by the
+            // transaction's own id (the server shows its low 32 bits), so a reused pid or a
+            // rewritten application name can never end someone else's session.
+            let xid32 = xid & 0xFFFF_FFFF;
+            c.query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE pid = $1 AND backend_xid::text::bigint = $2",
+                &[&pid, &xid32],
+            )
+            .await
+            .map_err(|e| describe(&e))?;
+            Ok(None)
+        }
+        // Too old for the server to remember: cannot happen seconds later; say so.
+        None => Err(format!("the server no longer knows transaction {xid}")),
+    }
 }
 
 async fn backend_pid(c: &Client) -> Result<i32, tokio_postgres::Error> {
