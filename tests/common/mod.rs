@@ -20,6 +20,7 @@ use sendwell::sandbox::{Sandbox, SandboxConfig, SandboxHandle};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 pub mod pg;
+pub mod procs;
 
 pub const MGMT: &str = "http://127.0.0.1:15672";
 /// base64("guest:guest"): the local broker's default management login.
