@@ -184,24 +184,48 @@ impl TestBroker {
 
     /// Whether `queue` has nothing ready and nothing unacked, asked of the queue itself
     /// (`rabbitmqctl`, not the management API's statistics, which lag by seconds).
+    ///
+    /// A `rabbitmqctl` that fails (it times out on a saturated machine) is asked again, for up
+    /// to a minute: only the queue's own answer counts, and a "no" prints the counts.
     pub fn drained(&self, queue: &str) -> bool {
-        let out = std::process::Command::new("rabbitmqctl")
-            .args([
-                "list_queues",
-                "-q",
-                "--no-table-headers",
-                "-p",
-                &self.vhost,
-                "name",
-                "messages_ready",
-                "messages_unacknowledged",
-            ])
-            .output()
-            .expect("rabbitmqctl runs");
-        String::from_utf8_lossy(&out.stdout).lines().any(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() == 3 && f[0] == queue && f[1] == "0" && f[2] == "0"
-        })
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let out = std::process::Command::new("rabbitmqctl")
+                .args([
+                    "list_queues",
+                    "-q",
+                    "--no-table-headers",
+                    "-p",
+                    &self.vhost,
+                    "name",
+                    "messages_ready",
+                    "messages_unacknowledged",
+                ])
+                .output()
+                .expect("rabbitmqctl runs");
+            let text = String::from_utf8_lossy(&out.stdout);
+            let line = text.lines().find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() == 3 && f[0] == queue).then(|| (f[1].to_string(), f[2].to_string()))
+            });
+            match line {
+                Some((ready, unacked)) => {
+                    let drained = ready == "0" && unacked == "0";
+                    if !drained {
+                        eprintln!("{queue}: {ready} ready, {unacked} unacked");
+                    }
+                    return drained;
+                }
+                None if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                None => panic!(
+                    "rabbitmqctl list_queues did not list {queue}: {}{}",
+                    text,
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            }
+        }
     }
 
     /// `rabbitmqctl close_all_connections` for this vhost only (other tests run in parallel).
