@@ -106,6 +106,12 @@ pub struct Reloader {
 }
 
 impl RunningApp {
+    /// The pipeline, for what runs beside the consumer: the instance hooks' takeover and
+    /// shard changes ([`Pipeline::takeover`], [`Pipeline::shards_changed`]), and tests.
+    pub fn pipeline(&self) -> &Arc<Pipeline> {
+        &self.pipeline
+    }
+
     pub fn reloader(&self) -> Reloader {
         Reloader {
             pipeline: self.pipeline.clone(),

@@ -109,6 +109,7 @@ on_both! {
         a_write_whose_op_fails_applies_nothing_and_fails_no_neighbour,
         a_claim_is_refused_anywhere_but_first_in_its_write,
         delete_prefix_is_a_key_range,
+        many_prefixes_are_read_at_once,
         ops_apply_in_order_within_a_write_and_across_a_batch,
         delete_if_loses_to_a_later_write,
         of_concurrent_inserts_if_absent_the_first_wins,
@@ -435,6 +436,62 @@ async fn delete_prefix_is_a_key_range(l: Ledger) {
     // The empty prefix is every key.
     assert_eq!(l.kv_many(vec![del(b"")]).await.unwrap(), 7);
     assert_eq!(l.kv_len(t).await.unwrap(), 0);
+}
+
+/// Many recipients' rows in one read (issue 18: a standby reads through the recipients of the
+/// jobs arriving at once): exactly the rows under the prefixes, in key order, each once even
+/// under prefixes that overlap, open-ended ranges included.
+async fn many_prefixes_are_read_at_once(l: Ledger) {
+    let t = Table::CapHistory;
+    let ks: [&[u8]; 9] = [
+        b"4917\0a",
+        b"4917\0b",
+        b"49170\0a",
+        b"4918\0a",
+        b"4919\0a",
+        b"4917",
+        &[0x01, 0xFF],
+        &[0xFF, 0xFF, 0x01],
+        &[0xFF, 0xFE],
+    ];
+    let ops: Vec<KvOp> = ks.iter().map(|k| put(t, k, k)).collect();
+    l.kv_many(ops).await.unwrap();
+    let read = async |prefixes: &[&[u8]]| {
+        let prefixes: Vec<Vec<u8>> = prefixes.iter().map(|p| p.to_vec()).collect();
+        let rows = l.kv_scan_prefixes(t, &prefixes).await.unwrap();
+        assert!(rows.iter().all(|(k, v)| k == v), "each key with its value");
+        rows.into_iter().map(|(k, _)| k).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        read(&[b"4919\0", b"4917\0", b"4916\0"]).await,
+        vec![
+            b"4917\0a".to_vec(),
+            b"4917\0b".to_vec(),
+            b"4919\0a".to_vec()
+        ]
+    );
+    // Overlapping prefixes, and ranges with no end (0xFF…), with a bounded one between.
+    assert_eq!(
+        read(&[b"4917", b"4917\0", &[0xFF, 0xFF], &[0x01, 0xFF], &[0xFF]]).await,
+        vec![
+            vec![0x01, 0xFF],
+            b"4917".to_vec(),
+            b"4917\0a".to_vec(),
+            b"4917\0b".to_vec(),
+            b"49170\0a".to_vec(),
+            vec![0xFF, 0xFE],
+            vec![0xFF, 0xFF, 0x01],
+        ]
+    );
+    assert!(read(&[]).await.is_empty());
+    assert!(read(&[b"5"]).await.is_empty());
+    assert!(
+        l.kv_scan_prefixes(Table::UserLimit, &[b"4917\0".to_vec()])
+            .await
+            .unwrap()
+            .is_empty(),
+        "another table's rows"
+    );
 }
 
 async fn ops_apply_in_order_within_a_write_and_across_a_batch(l: Ledger) {

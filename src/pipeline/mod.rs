@@ -1,6 +1,7 @@
 //! `process(job) -> Disposition`: everything sendwell decides about one job, readable top to
 //! bottom. Stages, in data-path order, each in its own file:
 //! [`decode`] (in the consumer, before scheduling) → [`dedupe`] → time window → consent →
+//! the recipient's state read through (its first job in an epoch: [`limits::epoch`]) →
 //! what Meta told us by webhook → [`spend`] guard → [`limits`] → [`dispatch`] with [`accounts`]
 //! pausing (the limits' waits and counts sit inside the dispatch loop, right before each Cloud
 //! API call).
@@ -165,12 +166,7 @@ impl Pipeline {
                 };
             }
             Err(e) => {
-                // Every job in flight meets this in an outage: counted each, logged once a
-                // minute (the store's own line says when it fails and when it is back).
-                crate::metrics::store_read_failed();
-                if let Some(unlogged) = crate::metrics::log_due("job", "store_unreadable") {
-                    tracing::error!(id = %job.id, account = %job.account, error = %e, unlogged, "State store unreadable; the job stays queued (logged at most once a minute; see sendwell_store_read_failures_total).");
-                }
+                Self::store_unreadable(job, &e);
                 return Disposition::Abandon;
             }
         };
@@ -203,6 +199,14 @@ impl Pipeline {
             return d;
         }
 
+        // The recipient's caps, tier count, block and service windows as the database has
+        // them, the first time this instance sees the recipient since it took the shard over
+        // (another instance may have sent to it): before the first check that reads them.
+        if let Err(e) = self.read_through(job).await {
+            Self::store_unreadable(job, &e);
+            return Disposition::Abandon;
+        }
+
         // What Meta told us by webhook: paused templates, restrictions, service windows. Before
         // the limits: a job that cannot go at all should not wait for a cap.
         if let Some(policy) = &self.webhook_policy
@@ -226,6 +230,53 @@ impl Pipeline {
         }
 
         self.dispatch(job, &mut attempts, &mut held, shutdown).await
+    }
+
+    /// This instance took its shard over (the broker began delivering to it): what the previous
+    /// active wrote since this one started is only in the database. Per-recipient limit state
+    /// begins a new epoch (each recipient is read through at its first job), and templates,
+    /// restrictions and learned tiers are read again. Call before the first job of the
+    /// takeover is processed; an error (database unreachable) leaves the old templates and
+    /// tiers in place: call again. Nothing to do on redb (one instance, one epoch).
+    pub async fn takeover(&self) -> Result<(), LedgerError> {
+        if self.limits.begin_epoch() == 0 {
+            return Ok(());
+        }
+        self.meta.reload().await?;
+        self.limits.reload_tiers(&self.ledger).await?;
+        Ok(())
+    }
+
+    /// The set of live shards changed (a shard added or removed): recipients moved between
+    /// shards, so per-recipient limit state begins a new epoch.
+    pub fn shards_changed(&self) {
+        self.limits.begin_epoch();
+    }
+
+    /// The recipient's limit state and service windows, read through from the store at its
+    /// first job in the epoch (at once otherwise), together with every recipient arriving
+    /// meanwhile.
+    async fn read_through(&self, job: &Job) -> Result<(), LedgerError> {
+        self.limits
+            .first_sight(job.to.digits(), async |digits| {
+                let now = self.clock.now();
+                tokio::try_join!(
+                    self.limits.read_recipients(&self.ledger, &digits, now),
+                    self.meta.read_windows(self.limits.account_names(), &digits),
+                )?;
+                Ok(())
+            })
+            .await
+    }
+
+    /// A read the job needs failed: it stays queued. Every job in flight meets this in an
+    /// outage: counted each, logged once a minute (the store's own line says when it fails and
+    /// when it is back).
+    fn store_unreadable(job: &Job, e: &LedgerError) {
+        crate::metrics::store_read_failed();
+        if let Some(unlogged) = crate::metrics::log_due("job", "store_unreadable") {
+            tracing::error!(id = %job.id, account = %job.account, error = %e, unlogged, "State store unreadable; the job stays queued (logged at most once a minute; see sendwell_store_read_failures_total).");
+        }
     }
 
     /// Stage 5: attempts until one ends the job, each in the steps the module docs list.

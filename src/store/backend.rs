@@ -289,6 +289,26 @@ impl Ledger {
         }
     }
 
+    /// Rows whose key starts with any of `prefixes`, in key order, each once (also under
+    /// prefixes that overlap): one read for many prefixes (PostgreSQL: one statement), for
+    /// reading many recipients' rows at once.
+    pub async fn kv_scan_prefixes(
+        &self,
+        table: Table,
+        prefixes: &[Vec<u8>],
+    ) -> Result<Vec<KvRow>, LedgerError> {
+        if prefixes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut rows = match &self.0 {
+            Backend::Redb(l) => l.kv_scan_prefixes(table, prefixes)?,
+            Backend::Pg(s) => s.kv_scan_prefixes(table, prefixes).await?,
+        };
+        rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        rows.dedup_by(|a, b| a.0 == b.0);
+        Ok(rows)
+    }
+
     /// Calls `f` on every row of a table, page by page, without collecting them: for loading
     /// millions of rows at start.
     pub async fn kv_for_each(

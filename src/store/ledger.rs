@@ -965,6 +965,29 @@ impl RedbLedger {
         Ok(rows)
     }
 
+    /// Rows whose key starts with any of `prefixes`, from one read snapshot (unordered; the
+    /// caller sorts and drops repeats).
+    pub fn kv_scan_prefixes(
+        &self,
+        table: Table,
+        prefixes: &[Vec<u8>],
+    ) -> Result<Vec<KvRow>, LedgerError> {
+        let g = read(&self.db)?;
+        let r = g.begin_read()?;
+        let t = r.open_table(table.def())?;
+        let mut rows = Vec::new();
+        for prefix in prefixes {
+            for row in t.range(prefix.as_slice()..)? {
+                let (k, v) = row?;
+                if !k.value().starts_with(prefix) {
+                    break;
+                }
+                rows.push((k.value().to_vec(), v.value().to_vec()));
+            }
+        }
+        Ok(rows)
+    }
+
     /// Calls `f` on every row of a table from one read snapshot, without collecting them: for
     /// loading millions of rows at start.
     pub fn kv_for_each(

@@ -443,6 +443,9 @@ pub struct AppOptions {
     /// Limit keys of the `acme-de` account (inside its `[[accounts]]` table, before
     /// `extra_toml`).
     pub account_limits: String,
+    /// The env's state on PostgreSQL whatever `SENDWELL_TEST_BACKEND` says: for tests of
+    /// several instances on one database ([`TestEnv::start_instance_on_shared_db`]).
+    pub postgres: bool,
 }
 
 /// Tests of the send path are not tests of the limits: the account may send at the Cloud
@@ -462,6 +465,7 @@ impl Default for AppOptions {
             prefetch: 200,
             consented: 0..4000,
             account_limits: RELAXED_LIMITS.into(),
+            postgres: false,
         }
     }
 }
@@ -615,7 +619,10 @@ impl TestEnv {
         for (name, content) in files {
             std::fs::write(dir.path().join(name), content).unwrap();
         }
-        let db = test_db().await;
+        let db = match opts.postgres {
+            true => Some(pg::TestDb::new().await),
+            false => test_db().await,
+        };
         let config_path = write_config_on(
             dir.path(),
             &broker.url,
@@ -726,6 +733,44 @@ impl TestEnv {
         let mut config = Config::load(&path).unwrap();
         config.broker.shard = shard;
         seed_consent_at(&config, consented).await;
+        (Self::run_instance(config).await, dir)
+    }
+
+    /// Another instance on `shard` on this env's own database (the env made with
+    /// `AppOptions::postgres`), sharing its consent and every other row, as instances of one
+    /// PostgreSQL state do; its own directory and `extra` config (as [`Self::start_instance`]),
+    /// then `adjust`. Started and ready (a standby when `shard` has an active already).
+    pub async fn start_instance_on_shared_db(
+        &self,
+        shard: u16,
+        extra: &str,
+        adjust: impl FnOnce(&mut Config),
+    ) -> (TestApp, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state_backend_toml(Some(
+            self.dbs
+                .lock()
+                .unwrap()
+                .first()
+                .expect("an env on PostgreSQL (AppOptions::postgres)"),
+        ));
+        let path = write_config_on(
+            dir.path(),
+            &self.broker.url,
+            &self.sandbox_addr,
+            GOOD_TOKEN,
+            50,
+            RELAXED_LIMITS,
+            extra,
+            &state,
+        );
+        let mut config = Config::load(&path).unwrap();
+        config.broker.shard = shard;
+        adjust(&mut config);
+        (Self::run_instance(config).await, dir)
+    }
+
+    async fn run_instance(config: Config) -> TestApp {
         let shutdown = CancellationToken::new();
         let app = sendwell::app::start(config, shutdown.clone())
             .await
@@ -737,13 +782,10 @@ impl TestEnv {
             async || readiness.is_ready().then_some(()),
         )
         .await;
-        (
-            TestApp {
-                app: Some(app),
-                shutdown,
-            },
-            dir,
-        )
+        TestApp {
+            app: Some(app),
+            shutdown,
+        }
     }
 
     pub async fn publish(&self, jobs: &[serde_json::Value]) {

@@ -53,7 +53,7 @@ use crate::config::limits::{
 };
 use crate::consent::index::number_key;
 use crate::job::Category;
-use crate::store::{KvOp, Ledger, LedgerError, Table};
+use crate::store::{KvOp, KvRow, Ledger, LedgerError, Table};
 
 type Hasher = foldhash::fast::FixedState;
 
@@ -446,6 +446,43 @@ impl Caps {
             })
             .await?;
         Ok(loaded)
+    }
+
+    /// Merges a recipient's rows read from the store (its `digits\0` prefix, written by
+    /// another instance that held the recipient before) into memory: for each log, the
+    /// multiset union ([`SendLog::merge`]), so a reservation of this instance that is still in
+    /// flight stays counted and nothing is counted twice. Errs strict: a send this instance
+    /// released whose row still holds it is counted again. Rows are filtered as
+    /// [`Self::load`] filters them. Returns the logs merged.
+    pub fn merge_rows(&self, rows: &[KvRow], now: Timestamp) -> usize {
+        if self.is_empty() {
+            return 0;
+        }
+        let now = to_secs(now);
+        let mut merged = 0;
+        for (k, v) in rows {
+            let Some((id, number)) = self.parse_key(k) else {
+                continue;
+            };
+            let Some(mut log) = SendLog::decode(v) else {
+                continue;
+            };
+            let cap = self.cap_of(id);
+            log.truncate(cap.keep);
+            if log.is_live(cap.longest, now) {
+                self.logs
+                    .entry(pack(id, number))
+                    .or_default()
+                    .merge(&log, cap.keep);
+                merged += 1;
+            }
+        }
+        merged
+    }
+
+    /// Whether memory holds a log of the number (digits as an integer).
+    pub fn holds(&self, number: u64) -> bool {
+        (0..self.ids.len()).any(|id| self.logs.contains_key(&pack(id as u16, number)))
     }
 
     /// None if every cap that applies lets the send happen at `now`; otherwise the refusal

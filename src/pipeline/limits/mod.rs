@@ -19,8 +19,13 @@
 //! Per-recipient state needs no locks: the consumer runs one lane per recipient and the
 //! consistent-hash exchange sends a recipient to one shard. With several shards, each instance
 //! enforces its own share: configure `messages_per_second` and tiers divided by the shards.
+//!
+//! Several instances on one PostgreSQL state: a recipient's caps, tier count and block are
+//! owned by the instance active for its shard, which reads them through from the database the
+//! first time it sees the recipient in an epoch ([`epoch`], [`Limits::read_recipients`]).
 
 pub mod caps;
+pub mod epoch;
 pub mod pacing;
 pub mod quiet;
 pub mod throughput;
@@ -39,10 +44,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::SharedClock;
 use crate::config::limits::{OnExceed, UNLIMITED};
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, StateBackend};
 use crate::job::{Category, Job};
-use crate::store::{KvOp, Ledger, LedgerError, Table};
+use crate::store::{KvOp, KvRow, Ledger, LedgerError, Table};
 use caps::{CapSubject, Caps};
+use epoch::Epochs;
 use pacing::Pacing;
 use quiet::{QuietHours, Zones};
 use throughput::Throughput;
@@ -156,6 +162,9 @@ pub struct Limits {
     /// WABA → its accounts, for 130429 reported by webhook.
     accounts_by_waba: HashMap<String, Vec<Arc<str>>>,
     housekeeping_interval: Duration,
+    /// Which recipients' state was read from the store in the current epoch (moves only on
+    /// PostgreSQL, where other instances write it too).
+    epochs: Epochs,
 }
 
 impl Limits {
@@ -216,6 +225,7 @@ impl Limits {
             portfolios_by_waba,
             accounts_by_waba,
             housekeeping_interval: config.limits.housekeeping_interval,
+            epochs: Epochs::new(config.state.backend == StateBackend::Postgres),
         })
     }
 
@@ -340,16 +350,10 @@ impl Limits {
         let now_ms = now.as_millisecond();
         ledger
             .kv_for_each(Table::UserLimit, |k, v| {
-                let number = k
-                    .split(|b| *b == 0)
-                    .next()
-                    .and_then(|d| std::str::from_utf8(d).ok())
-                    .and_then(|d| d.parse::<u64>().ok());
-                let until = <[u8; 8]>::try_from(v).ok().map(i64::from_le_bytes);
-                if let (Some(n), Some(u)) = (number, until)
-                    && u > now_ms
+                if let Some((n, until)) = block_row(k, v)
+                    && until > now_ms
                 {
-                    self.blocked.insert(n, u);
+                    self.blocked.insert(n, until);
                 }
             })
             .await?;
@@ -360,6 +364,99 @@ impl Limits {
             "Limits loaded."
         );
         Ok(())
+    }
+
+    /// Begins a new epoch (takeover, or the live shards changed): every recipient's rows are
+    /// read again at first sight, since another instance may have written them. Does nothing
+    /// on redb (one instance, one epoch).
+    pub fn begin_epoch(&self) -> u64 {
+        let e = self.epochs.begin();
+        if e > 0 {
+            tracing::info!(
+                epoch = e,
+                "Per-recipient limit state is read through again from the database at each recipient's first job."
+            );
+        }
+        e
+    }
+
+    /// Makes sure the recipient's state was read from the store in the current epoch (at once
+    /// when it was): `read` reads it, for every recipient arriving meanwhile at once (see
+    /// [`epoch`]). Err: the store could not be read, and the recipient's limits are unknown.
+    pub async fn first_sight<F, Fut>(&self, digits: &str, read: F) -> Result<(), LedgerError>
+    where
+        F: FnOnce(Vec<String>) -> Fut,
+        Fut: Future<Output = Result<(), LedgerError>>,
+    {
+        let Ok(n) = digits.parse::<u64>() else {
+            // Not E.164 digits: no limit keeps state of it.
+            return Ok(());
+        };
+        self.epochs.ensure(n, digits, read).await
+    }
+
+    /// Reads the recipients' caps, tier counts and per-user blocks from the store (one read
+    /// per table for all of them) and merges them into memory: caps as multisets
+    /// ([`Caps::merge_rows`]), tier counts and blocks by the later time, so this instance's
+    /// own counts (in flight, or newer) stay. Returns the rows merged.
+    pub async fn read_recipients(
+        &self,
+        ledger: &Ledger,
+        digits: &[String],
+        now: Timestamp,
+    ) -> Result<usize, LedgerError> {
+        // Every row of a number starts with `digits\0`, in all three tables.
+        let prefixes: Vec<Vec<u8>> = digits
+            .iter()
+            .map(|d| {
+                let mut p = Vec::with_capacity(d.len() + 1);
+                p.extend_from_slice(d.as_bytes());
+                p.push(0);
+                p
+            })
+            .collect();
+        let caps = self.caps.load_full();
+        let cap_rows = async {
+            if caps.is_empty() {
+                return Ok(Vec::new());
+            }
+            ledger.kv_scan_prefixes(Table::CapHistory, &prefixes).await
+        };
+        let (cap_rows, tier_rows, block_rows) = tokio::try_join!(
+            cap_rows,
+            ledger.kv_scan_prefixes(Table::TierUsage, &prefixes),
+            ledger.kv_scan_prefixes(Table::UserLimit, &prefixes),
+        )?;
+        Ok(caps.merge_rows(&cap_rows, now)
+            + self.tier.merge_rows(&tier_rows, now)
+            + self.merge_blocks(&block_rows, now))
+    }
+
+    /// Per-user blocks read from the store: the later end wins.
+    fn merge_blocks(&self, rows: &[KvRow], now: Timestamp) -> usize {
+        let now_ms = now.as_millisecond();
+        let mut merged = 0;
+        for (k, v) in rows {
+            if let Some((n, until)) = block_row(k, v)
+                && until > now_ms
+            {
+                let mut e = self.blocked.entry(n).or_insert(until);
+                *e = (*e).max(until);
+                merged += 1;
+            }
+        }
+        merged
+    }
+
+    /// Reads the tiers learned from Meta again (at takeover: another instance may have learned
+    /// one since this one started).
+    pub async fn reload_tiers(&self, ledger: &Ledger) -> Result<usize, LedgerError> {
+        self.tier.reload_learned(ledger).await
+    }
+
+    /// The configured accounts' names (whose service windows a recipient may have).
+    pub fn account_names(&self) -> impl Iterator<Item = &str> {
+        self.accounts.keys().map(|a| &**a)
     }
 
     /// The checks that need no send slot: quiet hours, Meta's per-user marketing block,
@@ -697,6 +794,12 @@ impl Limits {
         crate::metrics::limit_state("pacing_pairs", pairs);
         crate::metrics::limit_state("cap_logs", caps.len());
         crate::metrics::limit_state("per_user_blocks", self.blocked.len());
+        // A recipient's epoch marker goes with its state: without any, a next job reads the
+        // (few, if any) rows again.
+        let marked = self
+            .epochs
+            .retain(|n| caps.holds(n) || self.tier.holds(n) || self.blocked.contains_key(&n));
+        crate::metrics::limit_state("epoch_recipients", marked);
         let mut ops = caps.purge_ops(ledger, now, PURGE_BATCH).await?;
         ops.extend(self.tier.housekeep(ledger, now, PURGE_BATCH).await?);
         let mut blocks = Vec::new();
@@ -725,6 +828,7 @@ impl Limits {
         if let Ok(n) = digits.parse::<u64>() {
             self.tier.forget(n);
             self.blocked.remove(&n);
+            self.epochs.forget(n);
         }
     }
 
@@ -764,6 +868,17 @@ fn new_caps(config: &Config) -> Caps {
         .map(|a| (&*a.name, &*a.brand))
         .collect();
     Caps::new(config.limits.caps.clone(), &names)
+}
+
+/// A `Table::UserLimit` row: (number, blocked until, Unix ms).
+fn block_row(k: &[u8], v: &[u8]) -> Option<(u64, i64)> {
+    let number = k
+        .split(|b| *b == 0)
+        .next()
+        .and_then(|d| std::str::from_utf8(d).ok())
+        .and_then(|d| d.parse::<u64>().ok())?;
+    let until = <[u8; 8]>::try_from(v).ok().map(i64::from_le_bytes)?;
+    Some((number, until))
 }
 
 /// The number as an integer (E.164 digits fit 50 bits).
@@ -934,6 +1049,104 @@ mod tests {
         assert!(limits.reserve_tier(&j1, false, noon(), &mut again).is_err());
         // A reply inside the customer's service window is not a new conversation.
         assert_eq!(limits.reserve_tier(&j1, true, noon(), &mut again), Ok(None));
+    }
+
+    /// What another instance wrote for a recipient reaches this one's memory when it reads the
+    /// recipient through (a takeover, a moved shard), merged with what this one holds: its own
+    /// in-flight reservation stays, the later tier count and block win, nothing counts twice.
+    #[tokio::test]
+    async fn a_read_through_merges_another_instances_rows_with_what_memory_holds() {
+        let (d, c) = config();
+        // Caps of 2 a day, so a merge that replaced instead of adding would show.
+        let toml = std::fs::read_to_string(d.path().join("sendwell.toml"))
+            .unwrap()
+            .replace("max = 1, per", "max = 2, per");
+        std::fs::write(d.path().join("two.toml"), toml).unwrap();
+        let c2 = Config::load(&d.path().join("two.toml")).unwrap();
+        let ledger = Ledger::open_in_memory().unwrap();
+        let (j, k) = (
+            job(&c, "a", "+491701234567", ""),
+            job(&c, "b", "+491701234568", ""),
+        );
+        let r = || Reservation::default();
+
+        // The instance that held the shard before: a send to j at noon (cap and tier rows), a
+        // 131049 block of k at noon.
+        let before = Limits::new(&c2).unwrap();
+        let mut ops: Vec<KvOp> = before.reserve_caps(&j, noon(), &mut r());
+        ops.extend(before.reserve_tier(&j, false, noon(), &mut r()).unwrap());
+        ops.extend(before.per_user_limited("491701234568", noon()));
+        ledger.kv_many(ops).await.unwrap();
+
+        // This instance, started before those rows were written: a reservation for j at 13:00
+        // is in flight (its row not written yet), k's block it learned itself ends earlier,
+        // and k was counted for the tier later than anything in the store.
+        let now = noon() + 1.hours();
+        let after = Limits::new(&c2).unwrap();
+        let mut in_flight = r();
+        after.reserve_caps(&j, now, &mut in_flight);
+        after.per_user_limited("491701234568", noon() - 23.hours());
+        after
+            .reserve_tier(&k, false, now, &mut r())
+            .unwrap()
+            .unwrap();
+        assert_eq!(after.check(&j, now), Check::Go, "one of two counted");
+        assert_eq!(after.check(&k, now), Check::Go, "its own block is over");
+
+        let digits = vec!["491701234567".to_string(), "491701234568".to_string()];
+        // j's cap log, j's tier count, k's block.
+        assert_eq!(
+            after.read_recipients(&ledger, &digits, now).await.unwrap(),
+            3
+        );
+        assert!(
+            matches!(
+                after.check(&j, now),
+                Check::Suppress {
+                    reason: "frequency_cap",
+                    ..
+                }
+            ),
+            "the send of the other instance and this one's in flight make two"
+        );
+        assert_eq!(
+            after.check(&k, now),
+            Check::Defer {
+                wait: Duration::from_secs(23 * 3600),
+                reason: "per_user_limit"
+            },
+            "the later block wins"
+        );
+        assert_eq!(after.tier_usage("acme-de", now), Some((2, 2)));
+        // Read again (a next epoch): nothing counts twice. The reservation in flight is given
+        // back: one send (the other instance's) is left.
+        after.read_recipients(&ledger, &digits, now).await.unwrap();
+        assert_eq!(after.release(&j, &mut in_flight).len(), 1);
+        assert_eq!(after.check(&j, now), Check::Go);
+        let mut third = r();
+        after.reserve_caps(&j, now, &mut third);
+        assert!(matches!(after.check(&j, now), Check::Suppress { .. }));
+        // k's tier count from 13:00 (this instance's, later than the store's none) stayed, and
+        // j's from noon came: the window is full for a third number.
+        let l = job(&c, "c", "+491701234569", "");
+        assert!(after.reserve_tier(&l, false, now, &mut r()).is_err());
+        // A day and a half later the rows are stale: nothing is merged.
+        let later = noon() + 36.hours();
+        assert_eq!(
+            after
+                .read_recipients(&ledger, &digits, later)
+                .await
+                .unwrap(),
+            0
+        );
+    }
+
+    #[test]
+    fn on_redb_no_epoch_begins() {
+        let (_d, c) = config();
+        let limits = Limits::new(&c).unwrap();
+        assert_eq!(limits.begin_epoch(), 0);
+        assert_eq!(limits.begin_epoch(), 0);
     }
 
     #[tokio::test]

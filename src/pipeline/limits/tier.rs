@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use jiff::Timestamp;
 
 use crate::config::limits::UNLIMITED;
-use crate::store::{KvOp, Ledger, LedgerError, Table};
+use crate::store::{KvOp, KvRow, Ledger, LedgerError, Table};
 
 /// The moving window Meta counts over.
 pub const WINDOW_MS: i64 = 24 * 3600 * 1000;
@@ -132,6 +132,74 @@ impl Tier {
             );
         }
         Ok(n)
+    }
+
+    /// Merges a recipient's rows read from the store (`digits\0portfolio`, written by another
+    /// instance that held the recipient before) into the windows: the later count time wins,
+    /// so this instance's own count (in flight, or newer) stays. Returns the counts merged.
+    pub fn merge_rows(&self, rows: &[KvRow], now: Timestamp) -> usize {
+        let now_ms = now.as_millisecond();
+        let mut merged = 0;
+        for (key, value) in rows {
+            let Some((number, portfolio)) = decode_key(key) else {
+                continue;
+            };
+            let (Some(i), Ok(b)) = (self.index_of(portfolio), <[u8; 8]>::try_from(&value[..]))
+            else {
+                continue;
+            };
+            let at = i64::from_le_bytes(b);
+            if at <= now_ms - WINDOW_MS {
+                continue;
+            }
+            let p = &self.portfolios[i];
+            let mut w = lock(&p.window);
+            let known = w.last.get(&number).copied();
+            if known.is_some_and(|k| k >= at) {
+                continue;
+            }
+            if let Some(old) = known {
+                w.by_time.remove(&(old, number));
+            }
+            w.last.insert(number, at);
+            w.by_time.insert((at, number));
+            merged += 1;
+            if known.is_none() {
+                crate::metrics::tier(&p.name, w.last.len(), p.limit.load(Ordering::Relaxed));
+            }
+        }
+        merged
+    }
+
+    /// Whether a window counts the number.
+    pub fn holds(&self, number: u64) -> bool {
+        self.portfolios
+            .iter()
+            .any(|p| lock(&p.window).last.contains_key(&number))
+    }
+
+    /// Reads the tiers learned from Meta again, as [`Self::load`] does (another instance may
+    /// have learned one since this one started): at takeover. Returns how many changed.
+    pub async fn reload_learned(&self, ledger: &Ledger) -> Result<usize, LedgerError> {
+        let mut changed = 0;
+        for p in &self.portfolios {
+            let Some(v) = ledger.kv_get(Table::StoreMeta, &meta_key(&p.name)).await? else {
+                continue;
+            };
+            let Some((learned, configured_then)) = decode_learned(&v) else {
+                continue;
+            };
+            if configured_then != p.configured.load(Ordering::Relaxed) {
+                continue;
+            }
+            let before = p.limit.swap(learned, Ordering::Relaxed);
+            if before != learned {
+                changed += 1;
+                tracing::info!(portfolio = %p.name, from = before, to = learned, "Messaging tier learned by another instance.");
+                crate::metrics::tier(&p.name, lock(&p.window).last.len(), learned);
+            }
+        }
+        Ok(changed)
     }
 
     /// Counts a business-initiated send to `number` now, if the tier allows it: Ok(ticket and
@@ -394,6 +462,41 @@ mod tests {
         assert_eq!(
             t.reserve(0, 3, "3", t0() + 2.hours()),
             Err(t0() + 24.hours())
+        );
+    }
+
+    /// Rows another instance wrote: the later count time wins, stale ones are left out, and a
+    /// tier it learned is read again unless the configured tier changed since.
+    #[tokio::test]
+    async fn another_instances_counts_merge_by_the_later_time_and_its_learned_tier_is_read() {
+        let ledger = Ledger::open_in_memory().unwrap();
+        let other = tier(3);
+        let mut ops = vec![other.set_limit(0, 5)];
+        for (n, at) in [(1, t0()), (2, t0() + 2.hours()), (3, t0() - 25.hours())] {
+            ops.push(ok(&other, 0, n, at).unwrap().1);
+        }
+        ledger.kv_many(ops).await.unwrap();
+
+        let this = tier(3);
+        ok(&this, 0, 1, t0() + 1.hours());
+        ok(&this, 0, 2, t0() + 1.hours());
+        let rows = ledger.kv_scan(Table::TierUsage).await.unwrap();
+        // 2's later time; 1's is older than this one's; 3's left the window.
+        assert_eq!(this.merge_rows(&rows, t0() + 3.hours()), 1);
+        assert_eq!(this.merge_rows(&rows, t0() + 3.hours()), 0, "idempotent");
+        assert_eq!(this.usage(0, t0() + 3.hours()), (2, 3));
+        assert!(this.holds(1) && this.holds(2) && !this.holds(3));
+        // Number 1 leaves the window 24 h after this instance's count, number 2 after the
+        // other's.
+        assert_eq!(this.usage(0, t0() + 25.hours()), (1, 3));
+        assert_eq!(this.usage(0, t0() + 26.hours()), (0, 3));
+
+        assert_eq!(this.reload_learned(&ledger).await.unwrap(), 1);
+        assert_eq!(this.usage(0, t0()).1, 5);
+        assert_eq!(
+            tier(4).reload_learned(&ledger).await.unwrap(),
+            0,
+            "config changed"
         );
     }
 

@@ -227,6 +227,8 @@ struct TableSql {
     scan: String,
     range: String,
     from: String,
+    /// Many prefixes' ranges in one statement: `$1` their starts, `$2` their ends.
+    ranges: String,
     page_first: String,
     page_after: String,
     count: String,
@@ -241,6 +243,11 @@ impl TableSql {
                 "SELECT key, value FROM {name} WHERE key >= $1 AND key < $2 ORDER BY key"
             ),
             from: format!("SELECT key, value FROM {name} WHERE key >= $1 ORDER BY key"),
+            ranges: format!(
+                "SELECT t.key, t.value FROM {name} t \
+                 JOIN unnest($1::bytea[], $2::bytea[]) AS p(lo, hi) \
+                 ON t.key >= p.lo AND t.key < p.hi"
+            ),
             page_first: format!("SELECT key, value FROM {name} ORDER BY key LIMIT $1"),
             page_after: format!(
                 "SELECT key, value FROM {name} WHERE key > $2 ORDER BY key LIMIT $1"
@@ -634,6 +641,48 @@ impl PgStore {
         }
         .await;
         self.noted(r)
+    }
+
+    /// Rows whose key starts with any of `prefixes`, in one statement (an index range per
+    /// prefix); unordered, and a row under two overlapping prefixes comes twice (the caller
+    /// sorts and drops repeats). A prefix whose range has no end (all 0xFF bytes, or empty)
+    /// is read on its own: in the joined statement it would scan to the end of the table.
+    pub async fn kv_scan_prefixes(
+        &self,
+        t: Table,
+        prefixes: &[Vec<u8>],
+    ) -> Result<Vec<KvRow>, LedgerError> {
+        let (mut lo, mut hi, mut open) = (Vec::new(), Vec::new(), Vec::new());
+        for p in prefixes {
+            match prefix_end(p) {
+                Some(end) => {
+                    lo.push(p.as_slice());
+                    hi.push(end);
+                }
+                None => open.push(p),
+            }
+        }
+        let mut rows = Vec::new();
+        if !lo.is_empty() {
+            let r = async {
+                let c = self.conn().await?;
+                // Unprepared, planned with these prefixes (see the writer's CLAIM_UPDATE_MANY).
+                let found = c
+                    .query_typed(
+                        &self.sql(t).ranges,
+                        &[(&lo, Type::BYTEA_ARRAY), (&hi, Type::BYTEA_ARRAY)],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                Self::rows(found)
+            }
+            .await;
+            rows = self.noted(r)?;
+        }
+        for p in open {
+            rows.extend(self.kv_scan_prefix(t, p).await?);
+        }
+        Ok(rows)
     }
 
     /// Calls `f` on every row of a table, in key order, never holding all rows in memory: one
