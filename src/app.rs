@@ -24,6 +24,7 @@ use crate::pipeline::decode::Decoder;
 use crate::pipeline::meta_state::MetaState;
 use crate::pipeline::{Pipeline, WebhookPolicy};
 use crate::sandbox::{Sandbox, SandboxConfig, SandboxHandle};
+use crate::store::postgres::follow::FollowHandle;
 use crate::store::{Ledger, LedgerError};
 use crate::webhook::apply::Applier;
 
@@ -54,6 +55,10 @@ pub enum AppError {
         "the state store could not be written for {0} (state.unwritable_grace); exiting so the supervisor restarts the daemon"
     )]
     StoreUnwritable(String),
+    /// The consent cache could not follow the database for so long that it may have missed
+    /// changes (see `store::postgres::follow`): a restart loads it whole.
+    #[error("{0}; exiting so the supervisor restarts the daemon")]
+    ConsentFellBehind(String),
     /// Shutdown was asked for while the daemon still waited for its state store at start: a
     /// clean stop (exit 0), not a failure.
     #[error("stopped before the state store could be opened")]
@@ -73,6 +78,8 @@ impl AppError {
             AppError::Config(_) => 64,
             // EX_IOERR.
             AppError::StoreUnwritable(_) => 74,
+            // EX_TEMPFAIL: the restart fixes it.
+            AppError::ConsentFellBehind(_) => 75,
             AppError::StoppedWhileWaiting => 0,
         }
     }
@@ -87,6 +94,8 @@ pub struct RunningApp {
     pub sandbox: Option<(SocketAddr, SandboxHandle)>,
     pub readiness: Arc<Readiness>,
     pub ledger: Ledger,
+    /// Catches the consent cache up with the database (a takeover asks it to; at once on redb).
+    pub consent_follow: FollowHandle,
     /// For the status line (paused accounts) and for reloads.
     pipeline: Arc<Pipeline>,
     /// For reloads of the consent keywords and replies.
@@ -499,6 +508,30 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         took_ms = started.elapsed().as_millis() as u64,
         "Consent loaded."
     );
+    // From here on, what other instances change in consent comes into the cache (PostgreSQL
+    // only). It follows until the broker session has ended (or this start fails: the guard).
+    let follow_stop = CancellationToken::new();
+    let follow_guard = follow_stop.clone().drop_guard();
+    let follow_every = config
+        .state
+        .postgres
+        .as_ref()
+        .map_or(Duration::from_millis(250), |p| p.follow_every);
+    let (consent_follow, follow_task) = consent.follow(follow_every, follow_stop);
+    let fell_behind: Arc<OnceLock<String>> = Arc::default();
+    let follow_watch = follow_task.map(|task| {
+        let (stop, behind) = (shutdown.clone(), fell_behind.clone());
+        tokio::spawn(async move {
+            let why = match task.await {
+                Ok(Err(e)) => e.to_string(),
+                Err(e) if e.is_panic() => "the consent follower panicked".to_string(),
+                _ => return,
+            };
+            tracing::error!(error = %why, "The consent cache cannot follow the database: stopping.");
+            let _ = behind.set(why);
+            stop.cancel();
+        })
+    });
     let limits = Arc::new(crate::pipeline::limits::Limits::new(&config)?);
     limits.load(&ledger, jiff::Timestamp::now()).await?;
     let spend = Arc::new(crate::pipeline::spend::Spend::new(&config, ledger.clone()));
@@ -758,6 +791,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         stop.cancel();
         spend_stop.cancel();
         let _ = spend_saver.await;
+        drop(follow_guard);
+        if let Some(w) = follow_watch {
+            let _ = w.await;
+        }
         // An erasure whose compaction was still waiting must not leave the number in the file.
         if let Err(e) = final_compaction.compact_if_due().await {
             tracing::warn!(error = %e, "Compacting the state store after an erasure failed.");
@@ -766,6 +803,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         let _ = admin_task.await;
         if let Some(t) = webhook_task {
             let _ = t.await;
+        }
+        if let Some(why) = fell_behind.get() {
+            return Err(AppError::ConsentFellBehind(why.clone()));
         }
         if let Some(down) = gave_up.get() {
             return Err(AppError::StoreUnwritable(
@@ -781,6 +821,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         sandbox,
         readiness,
         ledger,
+        consent_follow,
         pipeline,
         flow,
         config: Arc::new(std::sync::Mutex::new(running_config)),

@@ -336,6 +336,8 @@ struct PostgresFile {
     connect_timeout: Duration,
     #[serde(with = "duration")]
     statement_timeout: Duration,
+    #[serde(with = "duration")]
+    follow_every: Duration,
     /// Unset: `off` when every host is loopback or a unix socket, else `verify-full`.
     #[serde(skip_serializing_if = "Option::is_none")]
     tls: Option<PgTls>,
@@ -351,6 +353,7 @@ impl Default for PostgresFile {
             pool_size: 8,
             connect_timeout: Duration::from_secs(5),
             statement_timeout: Duration::from_secs(30),
+            follow_every: Duration::from_millis(250),
             tls: None,
             ca_file: None,
         }
@@ -749,6 +752,9 @@ pub struct PostgresConfig {
     pub connect_timeout: Duration,
     /// Set per connection (`SET statement_timeout`): a statement that hangs ends as an error.
     pub statement_timeout: Duration,
+    /// How often the consent follower polls the database for what other instances changed
+    /// (`store::postgres::follow`): how soon a STOP applied by one is in every cache.
+    pub follow_every: Duration,
     /// Resolved: an unset `tls` is [`PgTls::default_for`] the URL.
     pub tls: PgTls,
     /// The roots `verify-full` trusts instead of the system's (resolved path; checked at load to
@@ -1167,6 +1173,7 @@ impl Config {
                     pool_size: p.pool_size,
                     connect_timeout: p.connect_timeout,
                     statement_timeout: p.statement_timeout,
+                    follow_every: p.follow_every,
                     tls: Some(p.tls),
                     ca_file: p.ca_file.clone(),
                 }),
@@ -1510,6 +1517,14 @@ fn state_postgres(
             "must be between 100ms and 1h".into(),
         );
     }
+    // Each poll is a few statements: below 10 ms they would be most of the database's work;
+    // above a minute a standby's consent would be a minute old at a takeover.
+    if p.follow_every < Duration::from_millis(10) || p.follow_every > Duration::from_secs(60) {
+        bad(
+            "state.postgres.follow_every",
+            "must be between 10ms and 1m".into(),
+        );
+    }
     let ca_file_usable = p.ca_file.is_none() || p.tls == Some(PgTls::VerifyFull);
     if !ca_file_usable {
         bad(
@@ -1553,6 +1568,7 @@ fn state_postgres(
         pool_size: p.pool_size,
         connect_timeout: p.connect_timeout,
         statement_timeout: p.statement_timeout,
+        follow_every: p.follow_every,
         tls,
         ca_file,
     })
@@ -2869,6 +2885,16 @@ mod tests {
         assert_eq!(pg.pool_size, 8);
         assert_eq!(pg.connect_timeout, Duration::from_secs(5));
         assert_eq!(pg.statement_timeout, Duration::from_secs(30));
+        assert_eq!(pg.follow_every, Duration::from_millis(250));
+        let c = Config::load_with_env(
+            &write(d.path(), &format!("{toml}follow_every = \"1s\"\n{GOOD}")),
+            no_env(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.state.postgres.unwrap().follow_every,
+            Duration::from_secs(1)
+        );
     }
 
     #[test]
@@ -2925,6 +2951,18 @@ mod tests {
             (
                 &format!("{url}statement_timeout = \"2h\""),
                 "state.postgres.statement_timeout",
+            ),
+            (
+                &format!("{url}follow_every = \"5ms\""),
+                "state.postgres.follow_every",
+            ),
+            (
+                &format!("{url}follow_every = \"2m\""),
+                "state.postgres.follow_every",
+            ),
+            (
+                &format!("{url}follow_every = \"250\""),
+                "state.postgres.follow_every",
             ),
             (
                 &format!("{url}password_file = \"nowhere\""),

@@ -146,6 +146,9 @@ pub const STORE_CLAIMS_LOST: &str = "sendwell_store_claims_lost_total";
 pub const STORE_REOPENS: &str = "sendwell_store_reopens_total";
 pub const STORE_COMPACTIONS: &str = "sendwell_store_compactions_total";
 pub const STORE_COMPACTION_HELD: &str = "sendwell_store_compaction_held_seconds";
+pub const CONSENT_FOLLOW_ROWS: &str = "sendwell_consent_follow_rows_total";
+pub const CONSENT_FOLLOW_FAILURES: &str = "sendwell_consent_follow_failures_total";
+pub const CONSENT_FOLLOW_LAG: &str = "sendwell_consent_follow_lag_seconds";
 /// Buckets of [`STORE_COMPACTION_HELD`]: a swap by copy takes milliseconds, a compaction in
 /// place of a large file minutes.
 pub const HELD_BUCKETS: &[f64] = &[0.001, 0.01, 0.1, 1.0, 10.0, 60.0, 300.0];
@@ -210,6 +213,9 @@ pub const ALL: &[&str] = &[
     STORE_REOPENS,
     STORE_COMPACTIONS,
     STORE_COMPACTION_HELD,
+    CONSENT_FOLLOW_ROWS,
+    CONSENT_FOLLOW_FAILURES,
+    CONSENT_FOLLOW_LAG,
     // From metrics-process (see PROCESS), under the names Prometheus's clients use.
     "process_cpu_seconds_total",
     "process_open_fds",
@@ -303,6 +309,19 @@ pub fn describe() {
         STORE_COMPACTION_HELD,
         Unit::Seconds,
         "How long each compaction held the state store alone (jobs and webhook events waited meanwhile), by kind."
+    );
+    describe_counter!(
+        CONSENT_FOLLOW_ROWS,
+        "Rows of the consent cache's tables (table: consent_summary, wa_ids) that the consent follower read from PostgreSQL and applied to memory: changes other instances made (and this one's, read back). Not counted: keys skipped because this instance was writing them."
+    );
+    describe_counter!(
+        CONSENT_FOLLOW_FAILURES,
+        "Polls of the consent follower that failed (the database unreachable); each is retried."
+    );
+    describe_gauge!(
+        CONSENT_FOLLOW_LAG,
+        Unit::Seconds,
+        "Seconds since the consent follower's last successful poll (PostgreSQL only): how old, at most, the consent cache's view of other instances' changes is."
     );
     describe_gauge!(
         QUEUE_MESSAGES,
@@ -698,6 +717,24 @@ pub fn queue_messages(queue: &'static str, ready: u32) {
         crate::health::queue_ready(ready);
     }
     gauge!(QUEUE_MESSAGES, "queue" => queue).set(ready as f64);
+}
+
+/// Rows the consent follower applied from one poll, of one table (`consent_summary`,
+/// `wa_ids`).
+pub fn consent_follow_applied(table: &'static str, n: u64) {
+    if n > 0 {
+        cached_counter(CONSENT_FOLLOW_ROWS, &[("table", table)]).increment(n);
+    }
+}
+
+/// A poll of the consent follower failed.
+pub fn consent_follow_failed() {
+    counter!(CONSENT_FOLLOW_FAILURES).increment(1);
+}
+
+/// Time since the consent follower's last successful poll.
+pub fn consent_follow_lag(lag: Duration) {
+    gauge!(CONSENT_FOLLOW_LAG).set(lag.as_secs_f64());
 }
 
 /// The store takes writes again (true) or cannot be written (false).

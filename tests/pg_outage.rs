@@ -114,6 +114,7 @@ impl Cluster {
             pool_size: 8,
             connect_timeout: Duration::from_secs(2),
             statement_timeout: Duration::from_secs(10),
+            follow_every: Duration::from_millis(250),
             tls: PgTls::Off,
             ca_file: None,
         }

@@ -59,6 +59,7 @@ impl Fixture {
             pool_size: 4,
             connect_timeout: Duration::from_secs(5),
             statement_timeout: Duration::from_secs(30),
+            follow_every: Duration::from_millis(250),
             tls: PgTls::Off,
             ca_file: None,
         });

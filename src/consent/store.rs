@@ -6,8 +6,9 @@
 //! lane; the CLI is one process), so "read the history, write the summary" needs no lock.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use hmac::{KeyInit, Mac};
 use jiff::Timestamp;
@@ -18,6 +19,7 @@ use super::model::{self, Decision, Fact, JobFacts, PurposeState};
 use super::wa_id::{self, Resolved, WaIds};
 use crate::config::{Config, Purpose};
 use crate::job::Job;
+use crate::store::postgres::follow::{FollowError, FollowHandle, FollowSink, Followed};
 use crate::store::{KvOp, Ledger, LedgerError, Table, number_job_key};
 
 /// What applying an event did.
@@ -83,6 +85,123 @@ pub struct ConsentStore {
     last_held_ms: std::sync::atomic::AtomicU64,
     /// WhatsApp ID → number, where they differ (see [`wa_id`]).
     wa_ids: WaIds,
+    /// PostgreSQL: where a follower of the database's changes starts, taken before the load
+    /// read anything (see [`Self::follow`]). None on redb.
+    follow_from: Option<i64>,
+    /// This instance's own writes, for the follower's skip rule.
+    local: LocalWrites,
+}
+
+/// This instance's own consent writes, in flight and lately ended, so that the follower does
+/// not put back an older value over one this instance is writing (see
+/// [`FollowSink::apply_followed`]). By number: the part of a summary or WhatsApp ID key before
+/// its first NUL, the unit an erasure deletes. One mutex: consent writes are not per job.
+#[derive(Default)]
+struct LocalWrites {
+    marks: Mutex<Marks>,
+}
+
+#[derive(Default)]
+struct Marks {
+    /// One more for every write that ends.
+    tick: u64,
+    /// A follower has started polling: from then on, ended writes are remembered until a poll
+    /// that started after them has been applied. Before (and always in tools, which do not
+    /// follow), a number is forgotten as soon as no write of it is in flight.
+    following: bool,
+    numbers: HashMap<Box<[u8]>, Mark>,
+}
+
+#[derive(Default)]
+struct Mark {
+    /// Writes of the number in flight.
+    writing: u32,
+    /// The tick at which the last one ended.
+    done_at: u64,
+}
+
+/// A write in flight, from before its statements are sent until memory has its result.
+struct Writing<'a> {
+    local: &'a LocalWrites,
+    numbers: Vec<Box<[u8]>>,
+}
+
+impl LocalWrites {
+    fn marks(&self) -> std::sync::MutexGuard<'_, Marks> {
+        self.marks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn begin(&self, numbers: &[&str]) -> Writing<'_> {
+        let numbers: Vec<Box<[u8]>> = numbers.iter().map(|n| n.as_bytes().into()).collect();
+        let mut m = self.marks();
+        for n in &numbers {
+            m.numbers.entry(n.clone()).or_default().writing += 1;
+        }
+        Writing {
+            local: self,
+            numbers,
+        }
+    }
+
+    /// Runs `apply` unless the number is being written, or a write of it ended after the
+    /// mark `started`; holds the lock meanwhile, so that no write of it starts and ends in
+    /// between (a write that starts after `apply` sets memory after it). Whether it ran.
+    fn unless_written(&self, number: &[u8], started: u64, apply: impl FnOnce()) -> bool {
+        let m = self.marks();
+        if m.numbers
+            .get(number)
+            .is_some_and(|w| w.writing > 0 || w.done_at > started)
+        {
+            return false;
+        }
+        apply();
+        true
+    }
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        let mut m = self.local.marks();
+        m.tick += 1;
+        let (tick, following) = (m.tick, m.following);
+        for n in &self.numbers {
+            if let Some(w) = m.numbers.get_mut(n) {
+                w.writing = w.writing.saturating_sub(1);
+                w.done_at = tick;
+                if w.writing == 0 && !following {
+                    m.numbers.remove(n);
+                }
+            }
+        }
+    }
+}
+
+impl FollowSink for ConsentStore {
+    fn poll_starting(&self) -> u64 {
+        let mut m = self.local.marks();
+        m.following = true;
+        m.tick
+    }
+
+    fn apply_followed(&self, started: u64, rows: Vec<Followed>) -> Vec<Followed> {
+        let mut skipped = Vec::new();
+        for row in rows {
+            let number = row.key.split(|b| *b == 0).next().unwrap_or_default();
+            if !self
+                .local
+                .unless_written(number, started, || self.apply_followed_row(&row))
+            {
+                skipped.push(row);
+            }
+        }
+        // The next poll starts after this: marks of writes that ended before this one started
+        // can never make it skip anything.
+        self.local
+            .marks()
+            .numbers
+            .retain(|_, w| w.writing > 0 || w.done_at > started);
+        skipped
+    }
 }
 
 fn sep(parts: &[&[u8]]) -> Vec<u8> {
@@ -263,6 +382,10 @@ impl ConsentStore {
     ) -> Result<Arc<ConsentStore>, LedgerError> {
         let mut purposes: Vec<&str> = rules.keys().map(String::as_str).collect();
         purposes.sort();
+        // Before the first read: a follower that starts from here sees every change committed
+        // after the load read a row, and some again (harmless). Taken in a snapshot of its own,
+        // as the load's statements each have theirs.
+        let follow_from = ledger.follow_watermark().await?;
         let erase_key = match ledger.kv_get(Table::StoreMeta, b"erase_key").await? {
             Some(k) if k.len() == 32 => k.try_into().unwrap_or([0; 32]),
             _ => {
@@ -328,7 +451,79 @@ impl ConsentStore {
             last_compaction_ms: Default::default(),
             last_held_ms: Default::default(),
             wa_ids,
+            follow_from,
+            local: LocalWrites::default(),
         }))
+    }
+
+    /// Starts following the database's consent changes (PostgreSQL): every `every`, what
+    /// other instances wrote since the load comes into the cache (see
+    /// [`crate::store::postgres::follow`]). Call it once, right after the load and before any
+    /// write. On redb: a handle that follows nothing, and no task.
+    pub fn follow(
+        self: &Arc<Self>,
+        every: Duration,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> (
+        FollowHandle,
+        Option<tokio::task::JoinHandle<Result<(), FollowError>>>,
+    ) {
+        let started = self
+            .follow_from
+            .and_then(|from| self.ledger.follow(self.clone(), from, every, stop));
+        match started {
+            Some((handle, task)) => (handle, Some(task)),
+            None => (FollowHandle::none(), None),
+        }
+    }
+
+    /// Puts a row another instance wrote (or deleted: `value` None) into memory: a summary as
+    /// the load decodes it, a WhatsApp ID learned or forgotten.
+    fn apply_followed_row(&self, row: &Followed) {
+        let mut parts = row.key.splitn(2, |b| *b == 0);
+        let (Some(first), Some(second)) = (parts.next(), parts.next()) else {
+            return;
+        };
+        let (Ok(first), Ok(second)) = (std::str::from_utf8(first), std::str::from_utf8(second))
+        else {
+            return;
+        };
+        match row.table {
+            // digits \0 account
+            Table::ConsentSummary => {
+                let Some(n) = number_key(first) else { return };
+                let mut summary = BTreeMap::new();
+                if let Some(v) = &row.value {
+                    // As the load: the well-formed entries of a malformed row count.
+                    for_each_encoded(v, |e| {
+                        summary.insert(
+                            e.purpose.to_string(),
+                            PurposeState {
+                                flags: e.flags,
+                                consented_at: e.consented_at,
+                                sources: e.sources().map(str::to_string).collect(),
+                            },
+                        );
+                    });
+                }
+                // Empty (deleted: an erasure, an emptied summary): the number leaves the cache.
+                self.index.set(second, n, &summary);
+            }
+            // number \0 WhatsApp ID
+            Table::WaIds => match row.value {
+                Some(_) => self.wa_ids.insert(first, second),
+                None => self.wa_ids.remove(first, second),
+            },
+            _ => {}
+        }
+    }
+
+    /// The consent flags the cache holds for (account, number, purpose), without I/O; None
+    /// when it holds nothing. For tests and tools that check what a job would be decided on.
+    pub fn cached_flags(&self, account: &str, digits: &str, purpose: &str) -> Option<u8> {
+        self.index
+            .find(account, number_key(digits)?, purpose, None)
+            .flags
     }
 
     /// Learns from a send's answer that `number` is the WhatsApp user `id` (both digits):
@@ -339,6 +534,7 @@ impl ConsentStore {
         if !digits || number == id || self.wa_ids.has(number, id) {
             return Ok(false);
         }
+        let _writing = self.local.begin(&[number]);
         self.ledger
             .kv_put(Table::WaIds, wa_id::row_key(number, id), Vec::new())
             .await?;
@@ -446,6 +642,8 @@ impl ConsentStore {
             }
             return Ok(Applied::Erased);
         }
+        // From before the history is read until memory has the summary.
+        let _writing = self.local.begin(&[digits]);
         if self
             .erased_at(digits)
             .await?
@@ -514,6 +712,12 @@ impl ConsentStore {
     /// consent back. Dating it makes a late or repeated erasure harmless.
     pub async fn erase(&self, digits: &str, at: Timestamp) -> Result<EraseReport, LedgerError> {
         let until_ms = at.as_millisecond();
+        // The digits may be a WhatsApp ID kept under its number's prefix: that number's rows
+        // change too.
+        let as_id = self.wa_ids.number_of(digits);
+        let mut numbers = vec![digits];
+        numbers.extend(as_id.as_deref());
+        let _writing = self.local.begin(&numbers);
         let mut report = EraseReport::default();
         let mut ops = Vec::new();
         let prefix = number_prefix(digits);
@@ -650,7 +854,6 @@ impl ConsentStore {
         }
         // The digits erased may be a WhatsApp ID (the form a webhook named) rather than the
         // number: its row sits under the number's prefix.
-        let as_id = self.wa_ids.number_of(digits);
         if let Some(n) = &as_id {
             ops.push(KvOp::Delete {
                 table: Table::WaIds,
@@ -855,6 +1058,115 @@ mod tests {
             ops.extend(index_job(to, id, Some(&wamid)));
         }
         ops
+    }
+
+    /// The follower's skip rule, at the sink: a row polled for a number this instance is
+    /// writing, or wrote after the poll started, is handed back (read again next poll) and
+    /// the cache keeps this instance's value.
+    #[tokio::test]
+    async fn a_followed_row_is_skipped_while_this_instance_writes_the_number() {
+        use crate::consent::model::{CONFIRMED, OPTED_IN};
+        let rules: HashMap<String, Purpose> = [(
+            "newsletter".to_string(),
+            Purpose {
+                name: "newsletter".into(),
+                description: None,
+                categories: vec![crate::job::Category::Marketing],
+                double_opt_in: None,
+                expire_after: None,
+            },
+        )]
+        .into();
+        let store = ConsentStore::load_with(
+            Ledger::open_in_memory().unwrap(),
+            vec!["acme".into()],
+            rules,
+        )
+        .await
+        .unwrap();
+        let row = |digits: &str, value: Option<Vec<u8>>| Followed {
+            table: Table::ConsentSummary,
+            key: number_account_key(digits, "acme"),
+            value,
+        };
+        let consent = || {
+            let mut m = BTreeMap::new();
+            m.insert(
+                "newsletter".to_string(),
+                PurposeState {
+                    flags: OPTED_IN | CONFIRMED,
+                    consented_at: 1,
+                    sources: Default::default(),
+                },
+            );
+            Some(encode_summary(&m))
+        };
+        let other = "4915100000001";
+        let started = store.poll_starting();
+        let writing = store.local.begin(&[NUMBER]);
+        let skipped =
+            store.apply_followed(started, vec![row(NUMBER, consent()), row(other, consent())]);
+        assert_eq!(skipped, vec![row(NUMBER, consent())], "in flight: skipped");
+        assert_eq!(store.cached_flags("acme", NUMBER, "newsletter"), None);
+        assert_eq!(
+            store.cached_flags("acme", other, "newsletter"),
+            Some(OPTED_IN | CONFIRMED),
+            "another number is not held back"
+        );
+        drop(writing);
+        assert_eq!(
+            store
+                .apply_followed(started, vec![row(NUMBER, consent())])
+                .len(),
+            1,
+            "ended after the poll started: still skipped"
+        );
+        let later = store.poll_starting();
+        assert!(
+            store
+                .apply_followed(later, vec![row(NUMBER, consent())])
+                .is_empty()
+        );
+        assert_eq!(
+            store.cached_flags("acme", NUMBER, "newsletter"),
+            Some(OPTED_IN | CONFIRMED)
+        );
+        assert!(
+            store.local.marks().numbers.is_empty(),
+            "marks no poll can need are forgotten"
+        );
+        // A deleted row (another instance's erasure): the number leaves the cache.
+        assert!(
+            store
+                .apply_followed(store.poll_starting(), vec![row(NUMBER, None)])
+                .is_empty()
+        );
+        assert_eq!(store.cached_flags("acme", NUMBER, "newsletter"), None);
+        assert!(!store.knows_number(NUMBER));
+    }
+
+    /// Tools never follow: their writes leave no marks behind (an import of millions of events
+    /// must not grow memory).
+    #[tokio::test]
+    async fn without_a_follower_writes_leave_no_marks() {
+        let store = ConsentStore::load_with(
+            Ledger::open_in_memory().unwrap(),
+            vec!["acme".into()],
+            HashMap::new(),
+        )
+        .await
+        .unwrap();
+        assert!(
+            store
+                .learn_wa_id("5511987654321", "551187654321")
+                .await
+                .unwrap()
+        );
+        store
+            .erase("5511987654321", Timestamp::from_millisecond(5_000).unwrap())
+            .await
+            .unwrap();
+        assert!(store.local.marks().numbers.is_empty());
     }
 
     #[test]

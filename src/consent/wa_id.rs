@@ -141,6 +141,21 @@ impl WaIds {
         }
     }
 
+    /// Forgets that `id` is `number` (its stored row was deleted, by another instance's
+    /// erasure): nothing else the map knows of either.
+    pub fn remove(&self, number: &str, id: &str) {
+        let mut m = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        if m.by_id.get(id).is_some_and(|n| n == number) {
+            m.by_id.remove(id);
+        }
+        if let Some(ids) = m.by_number.get_mut(number) {
+            ids.retain(|i| i != id);
+            if ids.is_empty() {
+                m.by_number.remove(number);
+            }
+        }
+    }
+
     /// Forgets one ID (an erasure of the ID's own digits).
     pub fn forget_id(&self, id: &str) {
         let mut m = self.inner.write().unwrap_or_else(|e| e.into_inner());

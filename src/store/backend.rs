@@ -15,6 +15,7 @@ use super::health::StoreHealth;
 use super::ledger::{
     KvOp, KvRow, LedgerEntry, LedgerError, LedgerState, RedbLedger, Table, number_job_key,
 };
+use super::postgres::follow::{FollowError, FollowHandle, FollowSink};
 use super::postgres::{PgSettings, PgStore};
 use crate::config::{StateBackend, StateConfig};
 
@@ -41,6 +42,12 @@ macro_rules! each {
 impl From<RedbLedger> for Ledger {
     fn from(l: RedbLedger) -> Self {
         Ledger(Backend::Redb(l))
+    }
+}
+
+impl From<PgStore> for Ledger {
+    fn from(s: PgStore) -> Self {
+        Ledger(Backend::Pg(s))
     }
 }
 
@@ -81,6 +88,33 @@ impl Ledger {
         match &self.0 {
             Backend::Redb(_) => "redb",
             Backend::Pg(_) => "postgres",
+        }
+    }
+
+    /// Where a consent follower started after a load that begins now must start reading
+    /// (PostgreSQL: the xmin of a snapshot taken now, see [`crate::store::postgres::follow`]);
+    /// None on redb, which one instance has alone.
+    pub async fn follow_watermark(&self) -> Result<Option<i64>, LedgerError> {
+        match &self.0 {
+            Backend::Redb(_) => Ok(None),
+            Backend::Pg(s) => s.snapshot_xmin().await.map(Some),
+        }
+    }
+
+    /// Starts a consent follower (PostgreSQL only; see [`PgStore::follow`]): None on redb.
+    pub fn follow(
+        &self,
+        sink: Arc<dyn FollowSink>,
+        watermark: i64,
+        every: Duration,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> Option<(
+        FollowHandle,
+        tokio::task::JoinHandle<Result<(), FollowError>>,
+    )> {
+        match &self.0 {
+            Backend::Redb(_) => None,
+            Backend::Pg(s) => Some(s.follow(sink, watermark, every, stop)),
         }
     }
 

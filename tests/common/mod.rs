@@ -483,6 +483,9 @@ pub struct TestEnv {
     pub outcomes: Collected,
     pub dead: Collected,
     stops: Vec<CancellationToken>,
+    /// The `[state]` lines of the database [`TestEnv::start_instance_sharing_db`] puts every
+    /// instance in, once chosen.
+    shared_state: Mutex<Option<String>>,
 }
 
 impl Drop for TestEnv {
@@ -659,6 +662,7 @@ impl TestEnv {
             outcomes,
             dead,
             stops: vec![sb_stop, s1, s2],
+            shared_state: Mutex::new(None),
         };
         let numbers: Vec<String> = opts.consented.clone().map(number).collect();
         env.seed_consent(&numbers).await;
@@ -715,8 +719,51 @@ impl TestEnv {
         extra: &str,
         consented: &[String],
     ) -> (TestApp, tempfile::TempDir) {
-        let dir = tempfile::tempdir().unwrap();
         let db = test_db().await;
+        let state = state_backend_toml(db.as_ref());
+        self.dbs.lock().unwrap().extend(db);
+        self.start_instance_on(shard, extra, consented, &state)
+            .await
+    }
+
+    /// As [`Self::start_instance`], with the state in the one PostgreSQL database every
+    /// instance this starts shares: the env's own when the tests run on PostgreSQL, else one
+    /// made at the first call (whatever `SENDWELL_TEST_BACKEND` says: instances that share
+    /// state need PostgreSQL). Two of them on one shard are an active and a warm standby.
+    pub async fn start_instance_sharing_db(
+        &self,
+        shard: u16,
+        extra: &str,
+        consented: &[String],
+    ) -> (TestApp, tempfile::TempDir) {
+        let known = self.shared_state.lock().unwrap().clone();
+        let state = match known {
+            Some(s) => s,
+            None => {
+                let s = if self.config().state.backend == sendwell::config::StateBackend::Postgres {
+                    state_backend_toml(self.dbs.lock().unwrap().first())
+                } else {
+                    let db = pg::TestDb::new().await;
+                    let s = state_backend_toml(Some(&db));
+                    self.dbs.lock().unwrap().push(db);
+                    s
+                };
+                *self.shared_state.lock().unwrap() = Some(s.clone());
+                s
+            }
+        };
+        self.start_instance_on(shard, extra, consented, &state)
+            .await
+    }
+
+    async fn start_instance_on(
+        &self,
+        shard: u16,
+        extra: &str,
+        consented: &[String],
+        state: &str,
+    ) -> (TestApp, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
         let path = write_config_on(
             dir.path(),
             &self.broker.url,
@@ -725,9 +772,8 @@ impl TestEnv {
             50,
             RELAXED_LIMITS,
             extra,
-            &state_backend_toml(db.as_ref()),
+            state,
         );
-        self.dbs.lock().unwrap().extend(db);
         std::fs::write(dir.path().join("app-secret"), APP_SECRET).unwrap();
         std::fs::write(dir.path().join("verify-token"), VERIFY_TOKEN).unwrap();
         let mut config = Config::load(&path).unwrap();

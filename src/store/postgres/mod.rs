@@ -13,6 +13,9 @@
 //! command-line tool's open takes it exclusively, so it learns that a daemon runs (and talks to
 //! the daemon instead), as redb's file lock told it.
 
+pub mod follow;
+#[cfg(test)]
+mod follow_tests;
 mod schema;
 #[cfg(test)]
 mod tests;
@@ -974,11 +977,14 @@ impl PgStore {
     pub async fn drop_all(&self) -> Result<(), LedgerError> {
         let r = async {
             let c = self.conn().await?;
-            let mut names = vec!["sw_ledger", "sw_migrations"];
+            let mut names = vec!["sw_ledger", "sw_migrations", "sw_follow"];
             names.extend(Table::ALL.iter().map(|t| t.pg_name()));
-            c.batch_execute(&format!("DROP TABLE IF EXISTS {}", names.join(", ")))
-                .await
-                .map_err(pg_error)
+            c.batch_execute(&format!(
+                "DROP TABLE IF EXISTS {}; DROP FUNCTION IF EXISTS sw_follow_log()",
+                names.join(", ")
+            ))
+            .await
+            .map_err(pg_error)
         }
         .await;
         self.noted(r)

@@ -1,0 +1,344 @@
+//! The consent follower against a real PostgreSQL (as [`super::tests`]: a database per test):
+//! two consent caches on one database, the commit order, the skip rule, `sync`, the purge, and
+//! which tables log their changes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use tokio_util::sync::CancellationToken;
+
+use super::follow::Follower;
+use super::tests::TestDb;
+use crate::config::Purpose;
+use crate::consent::ConsentStore;
+use crate::consent::event::{ConsentEvent, Kind};
+use crate::consent::model::{ALL, CONFIRMED, OPTED_IN, OPTED_OUT, PurposeState};
+use crate::consent::store::{encode_summary, number_account_key};
+use crate::consent::wa_id::How;
+use crate::job::Recipient;
+use crate::store::Ledger;
+
+const ACCOUNT: &str = "acme";
+const PURPOSE: &str = "newsletter";
+/// Long enough for a busy machine; a follower polling every 50 ms needs a fraction of it.
+const WITHIN: Duration = Duration::from_secs(20);
+
+async fn store(db: &TestDb) -> Arc<ConsentStore> {
+    let rules: HashMap<String, Purpose> = [(
+        PURPOSE.to_string(),
+        Purpose {
+            name: PURPOSE.into(),
+            description: None,
+            categories: vec![crate::job::Category::Marketing],
+            double_opt_in: None,
+            expire_after: None,
+        },
+    )]
+    .into();
+    ConsentStore::load_with(Ledger::from(db.open().await), vec![ACCOUNT.into()], rules)
+        .await
+        .unwrap()
+}
+
+fn event(kind: Kind, digits: &str, at_s: i64) -> ConsentEvent {
+    ConsentEvent {
+        kind,
+        account: ACCOUNT.into(),
+        to: Recipient::new(format!("+{digits}").into(), "DE"),
+        purposes: match kind {
+            Kind::OptIn | Kind::Confirm => vec![PURPOSE.into()],
+            _ => vec![],
+        },
+        source: (kind == Kind::OptIn).then(|| "website".into()),
+        at: Timestamp::from_second(at_s).unwrap(),
+        evidence: None,
+    }
+}
+
+/// An hour ago, plus `s` seconds: events in the past, in order.
+fn ago(s: i64) -> i64 {
+    Timestamp::now().as_second() - 3600 + s
+}
+
+async fn opt_in(s: &ConsentStore, digits: &str) {
+    s.apply(&event(Kind::OptIn, digits, ago(0))).await.unwrap();
+    s.apply(&event(Kind::Confirm, digits, ago(1)))
+        .await
+        .unwrap();
+}
+
+/// What a marketing job to the number would be decided on: a confirmed opt-in, and no opt-out.
+fn consented(s: &ConsentStore, digits: &str) -> bool {
+    s.cached_flags(ACCOUNT, digits, PURPOSE)
+        .is_some_and(|f| f & OPTED_IN != 0 && f & CONFIRMED != 0 && f & OPTED_OUT == 0)
+}
+
+fn opted_out(s: &ConsentStore, digits: &str) -> bool {
+    s.cached_flags(ACCOUNT, digits, ALL)
+        .is_some_and(|f| f & OPTED_OUT != 0)
+}
+
+async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WITHIN;
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {WITHIN:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A summary row as another instance writes it: opted in and confirmed for the purpose.
+fn consented_row(digits: &str) -> (Vec<u8>, Vec<u8>) {
+    let mut summary = BTreeMap::new();
+    summary.insert(
+        PURPOSE.to_string(),
+        PurposeState {
+            flags: OPTED_IN | CONFIRMED,
+            consented_at: ago(0) as u32,
+            sources: ["website".to_string()].into(),
+        },
+    );
+    (
+        number_account_key(digits, ACCOUNT),
+        encode_summary(&summary),
+    )
+}
+
+/// A follower for `s` that a test steps by hand, starting from where `s`'s load started.
+async fn manual_follower(db: &TestDb, s: &Arc<ConsentStore>, from: i64) -> Follower {
+    Follower::new(db.open().await, s.clone(), from, Duration::from_secs(3600)).0
+}
+
+#[tokio::test]
+async fn another_instances_opt_in_stop_erasure_and_wa_id_reach_this_cache_within_a_deadline() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let (a, b) = (store(&db).await, store(&db).await);
+    let stop = CancellationToken::new();
+    let (follow, task) = b.follow(Duration::from_millis(50), stop.clone());
+    assert!(follow.following() && task.is_some());
+    let n = "4917000000001";
+
+    opt_in(&a, n).await;
+    assert!(consented(&a, n));
+    wait_until("b to see a's opt-in", || consented(&b, n)).await;
+
+    a.apply(&event(Kind::OptOut, n, ago(10))).await.unwrap();
+    wait_until("b to see a's STOP", || {
+        opted_out(&b, n) && !consented(&b, n)
+    })
+    .await;
+
+    // A WhatsApp ID a send to another number taught a.
+    let (br, br_id) = ("5511987654321", "551187654321");
+    opt_in(&a, br).await;
+    assert!(a.learn_wa_id(br, br_id).await.unwrap());
+    wait_until("b to resolve a's WhatsApp ID", || {
+        b.resolve_wa_id(br_id).how == How::Mapped
+    })
+    .await;
+    assert_eq!(b.resolve_wa_id(br_id).digits, br);
+
+    // Erasures: the numbers leave b's cache, the ID with its number.
+    a.apply(&event(Kind::Erase, n, ago(20))).await.unwrap();
+    a.apply(&event(Kind::Erase, br, ago(20))).await.unwrap();
+    wait_until("b to forget the erased numbers", || {
+        !b.knows_number(n) && !b.knows_number(br) && b.resolve_wa_id(br_id).how != How::Mapped
+    })
+    .await;
+    assert_eq!(b.cached_flags(ACCOUNT, n, PURPOSE), None);
+    assert_eq!(b.cached_flags(ACCOUNT, n, ALL), None);
+    assert_eq!(b.wa_id_entries(), 0);
+
+    stop.cancel();
+    assert!(task.unwrap().await.unwrap().is_ok(), "stops cleanly");
+}
+
+#[tokio::test]
+async fn sync_returns_once_a_poll_started_after_it_was_applied() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let (a, b) = (store(&db).await, store(&db).await);
+    let stop = CancellationToken::new();
+    // An hour between polls: only sync's own poll can bring the change in.
+    let (follow, _task) = b.follow(Duration::from_secs(3600), stop.clone());
+    let n = "4917000000002";
+    opt_in(&a, n).await;
+    for _ in 0..3 {
+        tokio::time::timeout(WITHIN, follow.sync())
+            .await
+            .expect("sync returns")
+            .unwrap();
+    }
+    assert!(consented(&b, n), "committed before sync was called");
+    stop.cancel();
+    // Stopped: sync says so rather than waiting for ever.
+    wait_until("the follower to stop", || {
+        futures_util::FutureExt::now_or_never(follow.sync()).is_some()
+    })
+    .await;
+}
+
+/// A transaction that began writing before another one, and commits after the other was
+/// polled, is still read: the watermark moves to the snapshot's xmin, not past what it saw.
+#[tokio::test]
+async fn a_transaction_that_commits_after_a_later_one_was_polled_is_not_missed() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let pg = db.open().await;
+    let from = pg.snapshot_xmin().await.unwrap();
+    let b = store(&db).await;
+    let mut f = manual_follower(&db, &b, from).await;
+    let (early, late) = ("4917000000003", "4917000000004");
+
+    let mut slow = db.raw().await;
+    let tx = slow.transaction().await.unwrap();
+    let (k, v) = consented_row(early);
+    tx.execute(
+        "INSERT INTO sw_consent_summary (key, value) VALUES ($1, $2)",
+        &[&k, &v],
+    )
+    .await
+    .unwrap();
+    // Begun (and given its id) first, still open: another commits after it.
+    let (k2, v2) = consented_row(late);
+    db.raw()
+        .await
+        .execute(
+            "INSERT INTO sw_consent_summary (key, value) VALUES ($1, $2)",
+            &[&k2, &v2],
+        )
+        .await
+        .unwrap();
+    f.poll_once().await.unwrap();
+    assert!(consented(&b, late));
+    assert!(!consented(&b, early), "not committed yet");
+    tx.commit().await.unwrap();
+    f.poll_once().await.unwrap();
+    assert!(
+        consented(&b, early),
+        "the earlier transaction's row was missed"
+    );
+}
+
+/// The skip rule: a poll whose snapshot was taken before this instance's own write ended
+/// does not put the older row it read back over that write.
+#[tokio::test]
+async fn an_older_polled_row_does_not_overwrite_this_instances_newer_write() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let pg = db.open().await;
+    let from = pg.snapshot_xmin().await.unwrap();
+    let (a, b) = (store(&db).await, store(&db).await);
+    let mut f = manual_follower(&db, &b, from).await;
+    let n = "4917000000005";
+    opt_in(&a, n).await;
+
+    // The poll reads the opt-in...
+    let batch = f.read().await.unwrap();
+    // ...b applies a STOP meanwhile (stored, and in its cache)...
+    b.apply(&event(Kind::OptOut, n, ago(10))).await.unwrap();
+    assert!(opted_out(&b, n));
+    // ...and the poll's older row must not bring the consent back.
+    f.apply(batch);
+    assert!(
+        opted_out(&b, n) && !consented(&b, n),
+        "the polled opt-in overwrote b's newer STOP"
+    );
+    // The next poll reads the key again (carried, and logged by b's own write): the STOP.
+    f.poll_once().await.unwrap();
+    assert!(opted_out(&b, n) && !consented(&b, n));
+    // Nothing is held back for ever: a change by another instance after that comes in.
+    a.apply(&event(Kind::OptIn, n, ago(20))).await.unwrap();
+    a.apply(&event(Kind::Confirm, n, ago(21))).await.unwrap();
+    f.poll_once().await.unwrap();
+    assert!(consented(&b, n));
+}
+
+#[tokio::test]
+async fn the_follow_log_is_purged_by_the_xmin_of_an_old_enough_poll() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let raw = db.raw().await;
+    let count = async || -> i64 {
+        raw.query_one("SELECT count(*) FROM sw_follow", &[])
+            .await
+            .unwrap()
+            .get(0)
+    };
+    let a = store(&db).await;
+    opt_in(&a, "4917000000006").await;
+    assert_eq!(
+        count().await,
+        2,
+        "a log row per summary written (opt-in, confirm)"
+    );
+    let pg = db.open().await;
+    let from = pg.snapshot_xmin().await.unwrap();
+    let b = store(&db).await;
+    let mut f = manual_follower(&db, &b, from).await;
+    opt_in(&a, "4917000000007").await;
+    f.poll_once().await.unwrap();
+    // Not an hour old yet: nothing goes.
+    assert_eq!(f.purge_if_due().await.unwrap(), 0);
+    assert_eq!(count().await, 4);
+    // As if the start's sample were an hour old: the rows of transactions below its xmin go
+    // (usually the first two: another database's transaction running then may hold the
+    // cluster's xmin lower); those written after it stay.
+    let below: i64 = raw
+        .query_one(
+            "SELECT count(*) FROM sw_follow WHERE xid < $1::int8::text::xid8",
+            &[&from],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    f.set_purge_after(Duration::ZERO);
+    assert_eq!(f.purge_if_due().await.unwrap() as i64, below);
+    assert_eq!(count().await, 4 - below);
+    assert!(
+        count().await >= 2,
+        "rows written after the sample were purged"
+    );
+    assert!(f.watermark() >= from);
+}
+
+/// Only the two consent cache tables log their changes: the job path (ledger, wamids,
+/// delivery, caps, ...) pays nothing for following.
+#[tokio::test]
+async fn only_the_consent_summary_and_wa_id_tables_have_triggers() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let _s = db.open().await;
+    let rows = db
+        .raw()
+        .await
+        .query(
+            "SELECT c.relname::text, t.tgname::text FROM pg_trigger t \
+             JOIN pg_class c ON c.oid = t.tgrelid WHERE NOT t.tgisinternal ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let found: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(
+        found,
+        [
+            (
+                "sw_consent_summary".into(),
+                "sw_consent_summary_follow".into()
+            ),
+            ("sw_wa_ids".into(), "sw_wa_ids_follow".into()),
+        ]
+    );
+}
