@@ -43,12 +43,14 @@ async fn apply(client: &mut Client) -> Result<Vec<i32>, LedgerError> {
         )
         .await
         .map_err(pg_error)?;
-    let found: Option<i32> = client
-        .query_one("SELECT max(version) FROM sw_migrations", &[])
+    let done: Vec<i32> = client
+        .query("SELECT version FROM sw_migrations", &[])
         .await
         .map_err(pg_error)?
-        .get(0);
-    let found = found.unwrap_or(0);
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let found = done.iter().copied().max().unwrap_or(0);
     if found > known() {
         return Err(LedgerError::SchemaTooNew {
             found: found.into(),
@@ -56,7 +58,7 @@ async fn apply(client: &mut Client) -> Result<Vec<i32>, LedgerError> {
         });
     }
     let mut applied = Vec::new();
-    for &(version, name, sql) in MIGRATIONS.iter().filter(|m| m.0 > found) {
+    for &(version, name, sql) in pending(MIGRATIONS, &done) {
         let tx = client.transaction().await.map_err(pg_error)?;
         tx.batch_execute(sql).await.map_err(pg_error)?;
         tx.execute(
@@ -70,4 +72,28 @@ async fn apply(client: &mut Client) -> Result<Vec<i32>, LedgerError> {
         applied.push(version);
     }
     Ok(applied)
+}
+
+/// The versions of `all` not in `done`, in order: every one not applied yet, not only those
+/// above the newest applied, as two versions made on separate branches may land in either
+/// order.
+fn pending<'a>(
+    all: &'a [(i32, &'a str, &'a str)],
+    done: &'a [i32],
+) -> impl Iterator<Item = &'a (i32, &'a str, &'a str)> {
+    all.iter().filter(|m| !done.contains(&m.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_version_below_the_newest_applied_is_still_applied() {
+        let all = [(1, "a", ""), (2, "b", ""), (3, "c", "")];
+        let left: Vec<i32> = pending(&all, &[1, 3]).map(|m| m.0).collect();
+        assert_eq!(left, [2]);
+        let left: Vec<i32> = pending(&all, &[]).map(|m| m.0).collect();
+        assert_eq!(left, [1, 2, 3]);
+    }
 }
