@@ -13,6 +13,7 @@
 //! command-line tool's open takes it exclusively, so it learns that a daemon runs (and talks to
 //! the daemon instead), as redb's file lock told it.
 
+mod registry;
 mod schema;
 #[cfg(test)]
 mod tests;
@@ -34,6 +35,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::health::StoreHealth;
 use super::ledger::{KvOp, KvRow, LedgerEntry, LedgerError, LedgerState, Table};
+pub use registry::{LiveSet, Me, Registry};
 use writer::{Op, Request};
 
 /// Held shared by every running daemon (on its writer connection), exclusively by a tool:
@@ -404,6 +406,11 @@ impl PgStore {
     /// Whether writes succeed now, and waiting for them to.
     pub fn health(&self) -> &Arc<StoreHealth> {
         &self.inner.health
+    }
+
+    /// The registry of running instances (issue 18), on this store's pool.
+    pub fn registry(&self) -> Registry {
+        Registry::new(self.inner.pool.clone())
     }
 
     fn sql(&self, t: Table) -> &TableSql {
@@ -925,7 +932,7 @@ impl PgStore {
     pub async fn drop_all(&self) -> Result<(), LedgerError> {
         let r = async {
             let c = self.conn().await?;
-            let mut names = vec!["sw_ledger", "sw_migrations"];
+            let mut names = vec!["sw_ledger", "sw_migrations", "sw_instances"];
             names.extend(Table::ALL.iter().map(|t| t.pg_name()));
             c.batch_execute(&format!("DROP TABLE IF EXISTS {}", names.join(", ")))
                 .await

@@ -8,8 +8,14 @@ use super::{MIGRATE_LOCK, pg_error};
 use crate::store::LedgerError;
 
 /// (version, name, SQL), in order; a released one is never edited.
-pub(super) const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "initial", include_str!("migrations/0001_initial.sql"))];
+pub(super) const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "initial", include_str!("migrations/0001_initial.sql")),
+    (
+        2,
+        "instances",
+        include_str!("migrations/0002_instances.sql"),
+    ),
+];
 
 /// The newest version this binary knows.
 pub(super) fn known() -> i32 {
