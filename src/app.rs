@@ -19,6 +19,7 @@ use crate::config::{Config, StateBackend};
 use crate::consent::flow::ConsentFlow;
 use crate::consent::{ConsentStore, EventDecoder};
 use crate::http::Readiness;
+use crate::instances::{Heartbeats, Instance};
 use crate::pipeline::accounts::Accounts;
 use crate::pipeline::decode::Decoder;
 use crate::pipeline::meta_state::MetaState;
@@ -87,6 +88,8 @@ pub struct RunningApp {
     pub sandbox: Option<(SocketAddr, SandboxHandle)>,
     pub readiness: Arc<Readiness>,
     pub ledger: Ledger,
+    /// This process as an instance of its shard: its role, and where takeover hooks register.
+    pub instance: Arc<Instance>,
     /// For the status line (paused accounts) and for reloads.
     pipeline: Arc<Pipeline>,
     /// For reloads of the consent keywords and replies.
@@ -479,8 +482,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     ledger.health().set_hold(unwritable_grace);
     crate::health::set_store_grace(unwritable_grace);
     crate::metrics::store_writable(true);
+    let instance = Instance::new(config.broker.shard);
     let readiness = Arc::new(Readiness {
         store_unwritable: ledger.health().unwritable_flag(),
+        instance: Some(instance.clone()),
         ..Readiness::default()
     });
     let meta = MetaState::load(ledger.clone()).await?;
@@ -495,6 +500,14 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     );
     let limits = Arc::new(crate::pipeline::limits::Limits::new(&config)?);
     limits.load(&ledger, jiff::Timestamp::now()).await?;
+    let account_names: Arc<[Arc<str>]> = config.accounts.iter().map(|a| a.name.clone()).collect();
+    let (share_limits, share_names) = (limits.clone(), account_names.clone());
+    instance.report_shares(Box::new(move || {
+        share_names
+            .iter()
+            .filter_map(|a| Some((a.clone(), share_limits.throughput(a)?.share())))
+            .collect()
+    }));
     let spend = Arc::new(crate::pipeline::spend::Spend::new(&config, ledger.clone()));
     spend.load(&ledger, jiff::Timestamp::now()).await?;
     readiness.state.store(true, Ordering::SeqCst);
@@ -740,6 +753,30 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         }
     });
 
+    // PostgreSQL: the registry row, and each account's share of its rate from the live shards.
+    // The first heartbeat comes before the broker session, so the first job already goes at
+    // the share (a start that cannot reach the registry goes at the whole rate until it can).
+    let registry = match ledger.registry() {
+        Some(registry) => {
+            let (limits, names) = (limits.clone(), account_names.clone());
+            let heartbeats = Heartbeats::new(
+                instance.clone(),
+                registry,
+                Box::new(move |live_shards| {
+                    for a in names.iter() {
+                        if let Some(t) = limits.throughput(a) {
+                            t.set_live_shards(live_shards);
+                        }
+                    }
+                }),
+            );
+            instance.on_takeover(heartbeats.takeover_hook());
+            heartbeats.beat().await;
+            let stop = CancellationToken::new();
+            Some((tokio::spawn(heartbeats.run(stop.clone())), stop))
+        }
+        None => None,
+    };
     let broker_flag = readiness.broker.clone();
     let broker_cfg = config.broker.clone();
     let grace = config.shutdown.grace_period;
@@ -747,9 +784,23 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     // The spend estimate goes to the store once a second, and once more after the last job.
     let spend_stop = CancellationToken::new();
     let spend_saver = tokio::spawn(spend.clone().save_every_second(spend_stop.clone()));
+    let run_instance = instance.clone();
     let join = tokio::spawn(async move {
-        let result = crate::amqp::run(worker, broker_cfg, broker_flag, stop.clone(), grace).await;
+        let result = crate::amqp::run(
+            worker,
+            run_instance,
+            broker_cfg,
+            broker_flag,
+            stop.clone(),
+            grace,
+        )
+        .await;
         stop.cancel();
+        // After the drain: this instance's share is its own until it can no longer send.
+        if let Some((task, registry_stop)) = registry {
+            registry_stop.cancel();
+            let _ = task.await;
+        }
         spend_stop.cancel();
         let _ = spend_saver.await;
         // An erasure whose compaction was still waiting must not leave the number in the file.
@@ -775,6 +826,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         sandbox,
         readiness,
         ledger,
+        instance,
         pipeline,
         flow,
         config: Arc::new(std::sync::Mutex::new(running_config)),
