@@ -19,6 +19,7 @@ use crate::config::{Config, StateBackend};
 use crate::consent::flow::ConsentFlow;
 use crate::consent::{ConsentStore, EventDecoder};
 use crate::http::Readiness;
+use crate::instances::{Heartbeats, Instance};
 use crate::pipeline::accounts::Accounts;
 use crate::pipeline::decode::Decoder;
 use crate::pipeline::meta_state::MetaState;
@@ -96,6 +97,8 @@ pub struct RunningApp {
     pub ledger: Ledger,
     /// Catches the consent cache up with the database (a takeover asks it to; at once on redb).
     pub consent_follow: FollowHandle,
+    /// This process as an instance of its shard: its role, and where takeover hooks register.
+    pub instance: Arc<Instance>,
     /// For the status line (paused accounts) and for reloads.
     pipeline: Arc<Pipeline>,
     /// For reloads of the consent keywords and replies.
@@ -494,8 +497,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     ledger.health().set_hold(unwritable_grace);
     crate::health::set_store_grace(unwritable_grace);
     crate::metrics::store_writable(true);
+    let instance = Instance::new(config.broker.shard);
     let readiness = Arc::new(Readiness {
         store_unwritable: ledger.health().unwritable_flag(),
+        instance: Some(instance.clone()),
         ..Readiness::default()
     });
     let meta = MetaState::load(ledger.clone()).await?;
@@ -534,6 +539,14 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     });
     let limits = Arc::new(crate::pipeline::limits::Limits::new(&config)?);
     limits.load(&ledger, jiff::Timestamp::now()).await?;
+    let account_names: Arc<[Arc<str>]> = config.accounts.iter().map(|a| a.name.clone()).collect();
+    let (share_limits, share_names) = (limits.clone(), account_names.clone());
+    instance.report_shares(Box::new(move || {
+        share_names
+            .iter()
+            .filter_map(|a| Some((a.clone(), share_limits.throughput(a)?.share())))
+            .collect()
+    }));
     let spend = Arc::new(crate::pipeline::spend::Spend::new(&config, ledger.clone()));
     spend.load(&ledger, jiff::Timestamp::now()).await?;
     readiness.state.store(true, Ordering::SeqCst);
@@ -779,6 +792,58 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         }
     });
 
+    // A takeover (the first delivery of a broker session) catches this instance up with what
+    // the old active wrote, before its first job: the consent cache with the database (waits
+    // for as long as the database does not answer: a stale cache could message a STOP), and
+    // per-recipient limit state, templates and tiers (a new epoch). Hooks run concurrently.
+    let (hook_follow, hook_pipeline) = (consent_follow.clone(), pipeline.clone());
+    instance.on_takeover(Box::new(move || {
+        let follow = hook_follow.clone();
+        Box::pin(async move {
+            if follow.sync().await.is_err() {
+                tracing::warn!(
+                    "The consent follower stopped before the takeover could wait for it."
+                );
+            }
+        })
+    }));
+    instance.on_takeover(Box::new(move || {
+        let pipeline = hook_pipeline.clone();
+        Box::pin(async move {
+            if let Err(e) = pipeline.takeover().await {
+                tracing::warn!(error = %e, "Reading templates and tiers again at the takeover failed; the old ones stay until the next takeover.");
+            }
+        })
+    }));
+    let shards_pipeline = pipeline.clone();
+    instance.on_shards_changed(Box::new(move || {
+        shards_pipeline.shards_changed();
+        Box::pin(async {})
+    }));
+    // PostgreSQL: the registry row, and each account's share of its rate from the live shards.
+    // The first heartbeat comes before the broker session, so the first job already goes at
+    // the share (a start that cannot reach the registry goes at the whole rate until it can).
+    let registry = match ledger.registry() {
+        Some(registry) => {
+            let (limits, names) = (limits.clone(), account_names.clone());
+            let heartbeats = Heartbeats::new(
+                instance.clone(),
+                registry,
+                Box::new(move |live_shards| {
+                    for a in names.iter() {
+                        if let Some(t) = limits.throughput(a) {
+                            t.set_live_shards(live_shards);
+                        }
+                    }
+                }),
+            );
+            instance.on_takeover(heartbeats.takeover_hook());
+            heartbeats.beat().await;
+            let stop = CancellationToken::new();
+            Some((tokio::spawn(heartbeats.run(stop.clone())), stop))
+        }
+        None => None,
+    };
     let broker_flag = readiness.broker.clone();
     let broker_cfg = config.broker.clone();
     let grace = config.shutdown.grace_period;
@@ -786,9 +851,23 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     // The spend estimate goes to the store once a second, and once more after the last job.
     let spend_stop = CancellationToken::new();
     let spend_saver = tokio::spawn(spend.clone().save_every_second(spend_stop.clone()));
+    let run_instance = instance.clone();
     let join = tokio::spawn(async move {
-        let result = crate::amqp::run(worker, broker_cfg, broker_flag, stop.clone(), grace).await;
+        let result = crate::amqp::run(
+            worker,
+            run_instance,
+            broker_cfg,
+            broker_flag,
+            stop.clone(),
+            grace,
+        )
+        .await;
         stop.cancel();
+        // After the drain: this instance's share is its own until it can no longer send.
+        if let Some((task, registry_stop)) = registry {
+            registry_stop.cancel();
+            let _ = task.await;
+        }
         spend_stop.cancel();
         let _ = spend_saver.await;
         drop(follow_guard);
@@ -822,6 +901,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         readiness,
         ledger,
         consent_follow,
+        instance,
         pipeline,
         flow,
         config: Arc::new(std::sync::Mutex::new(running_config)),

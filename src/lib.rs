@@ -34,6 +34,10 @@
 //!   pipeline makes progress, fed by the same calls; [`log_every`]: log lines for what can
 //!   happen on every job, once per key per interval; [`logging`]: the log's format and filters
 //!   (PostgreSQL's statement parameters never reach it).
+//! - [`instances`]: this process as one of several instances on one PostgreSQL state: its
+//!   identity, its role (active while the broker delivers its shard's jobs queue to it, else
+//!   standby), the hooks that run when it takes over, and the registry whose live shards set each
+//!   account's rate share.
 //! - [`notify`]: systemd's notify protocol: READY, STATUS, STOPPING and the watchdog.
 //! - [`app`]: wiring: tasks, readiness, shutdown order.
 //! - [`publish`]: the `sendwell publish` tool for upstream developers.
@@ -50,6 +54,7 @@ pub mod config;
 pub mod consent;
 pub mod health;
 pub mod http;
+pub mod instances;
 pub mod job;
 pub mod log_every;
 pub mod logging;

@@ -149,6 +149,15 @@ pub const STORE_COMPACTION_HELD: &str = "sendwell_store_compaction_held_seconds"
 pub const CONSENT_FOLLOW_ROWS: &str = "sendwell_consent_follow_rows_total";
 pub const CONSENT_FOLLOW_FAILURES: &str = "sendwell_consent_follow_failures_total";
 pub const CONSENT_FOLLOW_LAG: &str = "sendwell_consent_follow_lag_seconds";
+pub const INSTANCE_ACTIVE: &str = "sendwell_instance_active";
+pub const INSTANCE_TAKEOVER_TIME: &str = "sendwell_instance_takeover_timestamp_seconds";
+pub const INSTANCE_TAKEOVERS: &str = "sendwell_instance_takeovers_total";
+pub const INSTANCE_TAKEOVER_DURATION: &str = "sendwell_instance_takeover_duration_seconds";
+pub const INSTANCE_RATE_SHARE: &str = "sendwell_instance_rate_share";
+pub const INSTANCES_LIVE: &str = "sendwell_instances_live";
+pub const SHARDS_LIVE: &str = "sendwell_shards_live";
+pub const INSTANCE_PROBES: &str = "sendwell_instance_probes_total";
+pub const INSTANCE_HEARTBEAT_FAILURES: &str = "sendwell_instance_heartbeat_failures_total";
 /// Buckets of [`STORE_COMPACTION_HELD`]: a swap by copy takes milliseconds, a compaction in
 /// place of a large file minutes.
 pub const HELD_BUCKETS: &[f64] = &[0.001, 0.01, 0.1, 1.0, 10.0, 60.0, 300.0];
@@ -216,6 +225,15 @@ pub const ALL: &[&str] = &[
     CONSENT_FOLLOW_ROWS,
     CONSENT_FOLLOW_FAILURES,
     CONSENT_FOLLOW_LAG,
+    INSTANCE_ACTIVE,
+    INSTANCE_TAKEOVER_TIME,
+    INSTANCE_TAKEOVERS,
+    INSTANCE_TAKEOVER_DURATION,
+    INSTANCE_RATE_SHARE,
+    INSTANCES_LIVE,
+    SHARDS_LIVE,
+    INSTANCE_PROBES,
+    INSTANCE_HEARTBEAT_FAILURES,
     // From metrics-process (see PROCESS), under the names Prometheus's clients use.
     "process_cpu_seconds_total",
     "process_open_fds",
@@ -334,7 +352,43 @@ pub fn describe() {
     );
     describe_gauge!(
         ACCOUNT_RATE,
-        "The rate sendwell enforces for an account now (msgs/s): the configured one, lower after Meta's 130429 while it recovers."
+        "The account-wide rate this instance works from (msgs/s): the configured one, lower after Meta's 130429 while it recovers. This instance sends its share of it (sendwell_instance_rate_share)."
+    );
+    describe_gauge!(
+        INSTANCE_RATE_SHARE,
+        "Messages per second this instance may send for the account: its rate (sendwell_account_rate_messages_per_second) split evenly over the live shards of the registry (PostgreSQL; the whole rate on redb)."
+    );
+    describe_gauge!(
+        INSTANCE_ACTIVE,
+        "1 while this instance is its shard's active one (the broker delivers the shard's jobs queue to it), 0 while it is a standby."
+    );
+    describe_gauge!(
+        INSTANCE_TAKEOVER_TIME,
+        "When this instance last became its shard's active one (Unix seconds; 0: never since it started)."
+    );
+    describe_counter!(
+        INSTANCE_TAKEOVERS,
+        "Takeovers this instance completed (every takeover hook ran, then the shard's jobs were processed)."
+    );
+    describe_gauge!(
+        INSTANCE_TAKEOVER_DURATION,
+        "How long the last takeover took, from the first delivery to the end of its hooks (the shard's jobs waited meanwhile)."
+    );
+    describe_gauge!(
+        INSTANCES_LIVE,
+        "Instances with a live row in the registry (a heartbeat in the last 10 s), this one included; PostgreSQL only."
+    );
+    describe_gauge!(
+        SHARDS_LIVE,
+        "Distinct shards with a live instance in the registry; each account's rate is split over them. PostgreSQL only."
+    );
+    describe_counter!(
+        INSTANCE_PROBES,
+        "Probes on the shard's jobs queue, by direction: sent (while this instance had no delivery in its broker session) and received (acked, never processed as jobs)."
+    );
+    describe_counter!(
+        INSTANCE_HEARTBEAT_FAILURES,
+        "Registry writes (heartbeats, active_since notes) that failed; retried every 2 s while the shares stay as they were."
     );
     describe_gauge!(
         TIER_USAGE,
@@ -665,6 +719,47 @@ pub fn limit_wait(account: &str, limit: &'static str, waited: Duration) {
 
 pub fn account_rate(account: &str, mps: f64) {
     gauge!(ACCOUNT_RATE, "account" => account.to_string()).set(mps);
+}
+
+pub fn rate_share(account: &str, mps: f64) {
+    gauge!(INSTANCE_RATE_SHARE, "account" => account.to_string()).set(mps);
+}
+
+/// An instance started: standby, no takeover yet.
+pub fn instance_started(shard: u16) {
+    instance_active(shard, false);
+    gauge!(INSTANCE_TAKEOVER_TIME, "shard" => shard.to_string()).set(0.0);
+}
+
+pub fn instance_active(shard: u16, active: bool) {
+    gauge!(INSTANCE_ACTIVE, "shard" => shard.to_string()).set(if active { 1.0 } else { 0.0 });
+}
+
+pub fn instance_took_over(shard: u16, at: jiff::Timestamp) {
+    gauge!(INSTANCE_TAKEOVER_TIME, "shard" => shard.to_string())
+        .set(at.as_millisecond() as f64 / 1000.0);
+}
+
+pub fn instance_takeover_done(shard: u16, took: Duration) {
+    counter!(INSTANCE_TAKEOVERS, "shard" => shard.to_string()).increment(1);
+    gauge!(INSTANCE_TAKEOVER_DURATION, "shard" => shard.to_string()).set(took.as_secs_f64());
+}
+
+pub fn live_instances(instances: u32, shards: usize) {
+    gauge!(INSTANCES_LIVE).set(instances as f64);
+    gauge!(SHARDS_LIVE).set(shards as f64);
+}
+
+pub fn probe_sent() {
+    counter!(INSTANCE_PROBES, "direction" => "sent").increment(1);
+}
+
+pub fn probe_received() {
+    counter!(INSTANCE_PROBES, "direction" => "received").increment(1);
+}
+
+pub fn heartbeat_failed() {
+    counter!(INSTANCE_HEARTBEAT_FAILURES).increment(1);
 }
 
 pub fn tier(portfolio: &str, used: usize, limit: u32) {

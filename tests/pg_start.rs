@@ -207,7 +207,10 @@ async fn the_daemon_waits_for_postgres_at_start_and_sends_once_it_answers() {
     )
     .await;
     // The same listener now answers with every route.
-    assert_eq!(get(admin, "/readyz").await, (200, "ready\n".into()));
+    // The first line says it; the lines after it tell the instance's role and rate shares.
+    let (status, body) = get(admin, "/readyz").await;
+    assert_eq!(status, 200);
+    assert!(body.starts_with("ready\n"), "{body}");
     env.publish(&[template_job("pg-start-1", &number(1))]).await;
     let finals = env
         .final_outcomes(&["pg-start-1".into()], Duration::from_secs(30))

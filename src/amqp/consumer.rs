@@ -35,6 +35,9 @@ pub const HEADER_REASON: &str = "x-sendwell-reason";
 pub const HEADER_REASON_CODE: &str = "x-sendwell-reason-code";
 /// The dead-letter reason of a message that claims to come from sendwell and does not.
 pub const FORGED: &str = "forged_control";
+/// The header of a probe an instance publishes to its own shard queue while it has had no
+/// delivery in its broker session (see `crate::instances`); its value is that instance's id.
+pub const HEADER_PROBE: &str = "x-sendwell-probe";
 /// Ids longer than this are not valid job ids (CONTRACT §2) and get no ledger row.
 const MAX_LEDGERED_ID: usize = 128;
 
@@ -223,6 +226,34 @@ impl Worker {
             tracker: TaskTracker::new(),
             shutdown,
         }
+    }
+
+    /// sendwell's identity on the broker (probes are stamped with it).
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// Whether a delivery is a probe: the header, on a message the broker vouches sendwell
+    /// published. A message with the header and without the voucher is no probe: it goes to
+    /// [`Worker::handle`] like any other, which refuses it as forged.
+    pub fn is_probe(&self, delivery: &Delivery) -> bool {
+        self.identity.vouched(&delivery.properties)
+            && delivery
+                .properties
+                .headers()
+                .as_ref()
+                .is_some_and(|h| h.inner().contains_key(HEADER_PROBE))
+    }
+
+    /// Acks a probe: it only told the broker's choice, so it is never processed as a job, and
+    /// never logged (one would come every 2 s per standby); the counter counts it.
+    pub fn ack_probe(self: &Arc<Self>, delivery: Delivery, session: &Arc<Session>) {
+        crate::metrics::probe_received();
+        let session = session.clone();
+        self.tracker.spawn(async move {
+            let r = ack(&session, &delivery).await;
+            settle_failed(&session, r, "ack a probe");
+        });
     }
 
     /// Takes one delivery from the consumer loop; never blocks on I/O.

@@ -3,6 +3,14 @@
 //! declares, consumes, and on any loss reconnects with jittered backoff while `/readyz` says
 //! not ready. Unacked jobs of a lost connection are redelivered by the broker; the ledger keeps
 //! them from being sent twice.
+//!
+//! It also tells [`crate::instances::Instance`] its role: the first delivery from the shard's
+//! jobs queue in a session makes this instance the active one (the queue is
+//! single-active-consumer), and the session's end makes it a standby again. That first delivery
+//! starts the takeover: its hooks run while the jobs delivered meanwhile are held, and only then
+//! are they processed. Until it has had a delivery, the session publishes a probe to its own
+//! jobs queue every 2 s ([`probe`]), so that an active instance with no job flowing learns it
+//! is active; whoever receives a probe acks it and processes nothing.
 
 pub mod acks;
 pub mod consumer;
@@ -15,15 +23,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use lapin::message::Delivery;
 use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions,
 };
-use lapin::types::FieldTable;
-use lapin::{Channel, Connection, ConnectionProperties, Consumer};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::BrokerConfig;
+use crate::instances::Instance;
 use consumer::{Session, Worker};
 use publisher::Publisher;
 use topology::TopologyError;
@@ -41,11 +52,14 @@ enum SessionError {
 
 /// How long each closing step may take before shutdown stops waiting for the broker.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often an instance with no delivery in its session probes its shard queue (decision 1).
+pub const PROBE_EVERY: Duration = Duration::from_secs(2);
 
 /// Runs until `shutdown`, reconnecting as needed. Returns an error only for problems a
 /// reconnect cannot fix (a missing plugin, a queue declared with other arguments).
 pub async fn run(
     worker: Arc<Worker>,
+    instance: Arc<Instance>,
     cfg: BrokerConfig,
     connected: Arc<AtomicBool>,
     shutdown: CancellationToken,
@@ -56,6 +70,7 @@ pub async fn run(
     loop {
         let result = session(
             &worker,
+            &instance,
             &cfg,
             &connected,
             &shutdown,
@@ -63,6 +78,7 @@ pub async fn run(
             &mut ever_connected,
         )
         .await;
+        instance.session_ended();
         connected.store(false, Ordering::SeqCst);
         crate::metrics::broker_connected(false);
         let e = match result {
@@ -96,6 +112,7 @@ pub async fn run(
 
 async fn session(
     worker: &Arc<Worker>,
+    instance: &Arc<Instance>,
     cfg: &BrokerConfig,
     connected: &AtomicBool,
     shutdown: &CancellationToken,
@@ -121,6 +138,18 @@ async fn session(
     };
     let (session, consume_channel, tag, mut consumer, mut webhooks, mut consent) = set_up?;
     let token = session.token.clone();
+    tokio::spawn(probe(
+        conn.create_channel().await?,
+        names.jobs_queue.clone(),
+        worker.identity().clone(),
+        instance.clone(),
+        token.clone(),
+    ));
+    // The takeover: started by the session's first delivery from the jobs queue; the jobs that
+    // arrive while its hooks run wait in `held`, in order, and are handed on when it is done.
+    let mut taking_over: Option<tokio::task::JoinHandle<()>> = None;
+    let mut held: Vec<Delivery> = Vec::new();
+    let (took_over, mut took_over_rx) = tokio::sync::mpsc::channel::<()>(1);
 
     connected.store(true, Ordering::SeqCst);
     crate::metrics::broker_connected(true);
@@ -138,10 +167,32 @@ async fn session(
             _ = token.cancelled() => break Err(SessionError::LostAfterConsuming(
                 "a job could not be settled on this connection".into(),
             )),
+            Some(()) = took_over_rx.recv() => {
+                taking_over = None;
+                // In arrival order (probes were acked as they came, never held).
+                for delivery in held.drain(..) {
+                    worker.handle(delivery, &session);
+                }
+            }
             d = consumer.next() => match d {
                 Some(Ok(delivery)) => {
                     session.acks.delivered(delivery.delivery_tag);
-                    worker.handle(delivery, &session)
+                    if !instance.role().is_active() {
+                        // The broker delivers this queue to us alone: we are the active one.
+                        instance.became_active();
+                        let (instance, done) = (instance.clone(), took_over.clone());
+                        taking_over = Some(tokio::spawn(async move {
+                            instance.run_takeover_hooks().await;
+                            let _ = done.send(()).await;
+                        }));
+                    }
+                    if worker.is_probe(&delivery) {
+                        worker.ack_probe(delivery, &session);
+                    } else if taking_over.is_some() {
+                        held.push(delivery);
+                    } else {
+                        worker.handle(delivery, &session);
+                    }
                 }
                 Some(Err(e)) => break Err(SessionError::LostAfterConsuming(e.to_string())),
                 None => break Err(SessionError::LostAfterConsuming(
@@ -171,6 +222,24 @@ async fn session(
         }
     };
     connected.store(false, Ordering::SeqCst);
+    // From here the broker may give the queue to another instance.
+    instance.session_ended();
+    if let Some(t) = taking_over.take() {
+        // The next session's takeover runs them again.
+        t.abort();
+    }
+    for delivery in held.drain(..) {
+        // Never processed here: back to the queue now rather than when the connection closes
+        // after the drain (the next active instance takes them).
+        session.acks.forget(delivery.delivery_tag);
+        let _ = delivery
+            .acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                multiple: false,
+            })
+            .await;
+    }
     if end.is_ok() {
         // Stop taking new jobs, finish the ones in flight, leave the rest unacked.
         for t in [
@@ -256,6 +325,78 @@ async fn setup(
         )
         .await?;
     Ok((session, consume_channel, tag, consumer, webhooks, consent))
+}
+
+/// Publishes a probe to this instance's own shard queue every [`PROBE_EVERY`] while the
+/// instance has had no delivery in this session (its role is standby), until `stop` (the
+/// session's end). The active consumer of the queue gets it: if that is us, we learn we are
+/// active with no job flowing; if it is another instance, it acks it and nothing happens.
+///
+/// A probe carries header `x-sendwell-probe` (our instance id) and our broker user as
+/// `user_id`, which the broker validates; nothing else (an empty body). No probe goes out while
+/// the queue has messages ready: the active instance will get them (if that is us, they make us
+/// active), and a probe would only queue up behind them. So at most one of ours waits in the
+/// queue at a time, and none piles up behind a backlog. No per-message TTL either: an expired
+/// message of this queue is dead-lettered to `sendwell.dead` (and would set off the
+/// dead-letter alert), while a probe left over in a queue nobody consumes is acked by whichever
+/// instance starts on it next (and rightly makes it active).
+async fn probe(
+    ch: Channel,
+    queue: String,
+    identity: provenance::Identity,
+    instance: Arc<Instance>,
+    stop: CancellationToken,
+) {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        ShortString::from(consumer::HEADER_PROBE),
+        AMQPValue::LongString(LongString::from(instance.id.to_string())),
+    );
+    let props = identity.stamp(BasicProperties::default().with_headers(headers));
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let mut tick = tokio::time::interval(PROBE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        if instance.role().is_active() {
+            break;
+        }
+        let ready = match ch
+            .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+            .await
+        {
+            Ok(q) => q.message_count(),
+            // The channel went with its connection: the session is ending.
+            Err(_) => return,
+        };
+        if ready > 0 {
+            continue;
+        }
+        let published = ch
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions::default(),
+                &[],
+                props.clone(),
+            )
+            .await;
+        match published {
+            Ok(_) => crate::metrics::probe_sent(),
+            Err(e) => {
+                // Once per session at most: the loop ends with the channel.
+                tracing::warn!(error = %e, "Could not publish a probe to the shard queue; this instance learns its role from deliveries only until the next broker session.");
+                return;
+            }
+        }
+    }
+    let _ = ch.close(200, "sendwell closing".into()).await;
 }
 
 /// Every 15 s: ready messages in the shard queue and in `sendwell.dead`, by passive declare.

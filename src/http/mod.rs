@@ -33,6 +33,10 @@ pub struct Readiness {
     pub state: AtomicBool,
     /// Set while the state store cannot be written (the ledger's [`crate::store::StoreHealth`]).
     pub store_unwritable: Arc<AtomicBool>,
+    /// This instance's role, shard and rate shares: reported by `/readyz` after its first line
+    /// (which stays what it was: `ready`, or `not ready: …`). Readiness does not depend on them:
+    /// a standby is ready (it takes over the moment the broker hands it the queue).
+    pub instance: Option<Arc<crate::instances::Instance>>,
 }
 
 impl Readiness {
@@ -199,10 +203,20 @@ async fn render_metrics(
     )
 }
 
-async fn ready(State(s): State<AdminState>) -> (StatusCode, &'static str) {
-    let broker = s.readiness.broker.load(Ordering::SeqCst);
-    let state = s.readiness.state.load(Ordering::SeqCst);
-    if s.readiness.store_unwritable.load(Ordering::SeqCst) {
+async fn ready(State(s): State<AdminState>) -> (StatusCode, String) {
+    let (status, first) = readiness_line(&s.readiness);
+    let mut body = first.to_string();
+    if let Some(instance) = &s.readiness.instance {
+        body.push_str(&instance.describe());
+    }
+    (status, body)
+}
+
+/// `/readyz`'s status and first line, as they always were.
+fn readiness_line(r: &Readiness) -> (StatusCode, &'static str) {
+    let broker = r.broker.load(Ordering::SeqCst);
+    let state = r.state.load(Ordering::SeqCst);
+    if r.store_unwritable.load(Ordering::SeqCst) {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: state store cannot be written (full disk?)\n",

@@ -141,6 +141,15 @@ impl Ledger {
         }
     }
 
+    /// The registry of running instances: PostgreSQL only (a redb store belongs to one
+    /// process, so there is nobody to share limits with).
+    pub fn registry(&self) -> Option<super::postgres::Registry> {
+        match &self.0 {
+            Backend::Redb(_) => None,
+            Backend::Pg(s) => Some(s.registry()),
+        }
+    }
+
     /// Whether writes succeed now, and waiting for them to.
     pub fn health(&self) -> &Arc<StoreHealth> {
         each!(self, l => l.health())

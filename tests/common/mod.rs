@@ -603,6 +603,25 @@ impl TestEnv {
 
     /// As `new`, writing extra files (secrets) into the config directory first.
     pub async fn with_dir_files(opts: &AppOptions, files: &[(&str, &str)]) -> TestEnv {
+        let db = match opts.postgres {
+            true => Some(pg::TestDb::new().await),
+            false => test_db().await,
+        };
+        Self::with_dir_files_on(opts, files, db).await
+    }
+
+    /// As `new`, with the state in a PostgreSQL database of its own whatever
+    /// `SENDWELL_TEST_BACKEND` says: for instances that share one state (issue 18; see
+    /// [`TestEnv::start_shared_instance`]).
+    pub async fn on_postgres(opts: &AppOptions) -> TestEnv {
+        Self::with_dir_files_on(opts, &[], Some(pg::TestDb::new().await)).await
+    }
+
+    async fn with_dir_files_on(
+        opts: &AppOptions,
+        files: &[(&str, &str)],
+        db: Option<pg::TestDb>,
+    ) -> TestEnv {
         // The daemon's log, for a failing test: SENDWELL_TEST_LOG=sendwell=debug.
         if let Ok(filter) = std::env::var("SENDWELL_TEST_LOG") {
             let _ = tracing_subscriber::fmt()
@@ -622,10 +641,6 @@ impl TestEnv {
         for (name, content) in files {
             std::fs::write(dir.path().join(name), content).unwrap();
         }
-        let db = match opts.postgres {
-            true => Some(pg::TestDb::new().await),
-            false => test_db().await,
-        };
         let config_path = write_config_on(
             dir.path(),
             &broker.url,
@@ -832,6 +847,61 @@ impl TestEnv {
             app: Some(app),
             shutdown,
         }
+    }
+
+    /// Another instance on `shard` whose state is this env's own database (instances sharing
+    /// one PostgreSQL state, issue 18; the env must be on PostgreSQL: [`TestEnv::on_postgres`],
+    /// or `SENDWELL_TEST_BACKEND=postgres`), with the env's config adjusted by `adjust`;
+    /// started and ready. The directory returned holds its state directory (its admin token):
+    /// keep it as long as the instance runs.
+    pub async fn start_shared_instance(
+        &self,
+        shard: u16,
+        adjust: impl FnOnce(&mut Config),
+    ) -> (TestApp, tempfile::TempDir) {
+        let mut config = self.config();
+        assert!(
+            config.state.backend == sendwell::config::StateBackend::Postgres,
+            "start_shared_instance needs an env on PostgreSQL"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        config.state.dir = dir.path().join("state");
+        config.broker.shard = shard;
+        adjust(&mut config);
+        let shutdown = CancellationToken::new();
+        let app = sendwell::app::start(config, shutdown.clone())
+            .await
+            .expect("the shared instance starts");
+        let readiness = app.readiness.clone();
+        wait_for(
+            "the shared instance to be ready",
+            Duration::from_secs(30),
+            async || readiness.is_ready().then_some(()),
+        )
+        .await;
+        (
+            TestApp {
+                app: Some(app),
+                shutdown,
+            },
+            dir,
+        )
+    }
+
+    /// The env's own database (None on redb): for reading what the instances wrote.
+    pub async fn db_client(&self) -> Option<tokio_postgres::Client> {
+        let db = self
+            .dbs
+            .lock()
+            .unwrap()
+            .first()
+            .map(|d| (d.url.clone(), d.password().to_string()));
+        let (url, password) = db?;
+        let mut c: tokio_postgres::Config = url.parse().unwrap();
+        c.password(password);
+        let (client, conn) = c.connect(tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        Some(client)
     }
 
     pub async fn publish(&self, jobs: &[serde_json::Value]) {

@@ -20,6 +20,13 @@
 //! right before the HTTP call ([`Throughput::at_the_door`]), takes that out again: its waits
 //! are short (only the bunching), so it needs no queue and is never cancelled.
 //!
+//! Several instances on one PostgreSQL state send for the same account: each takes an even share
+//! of the account's rate and burst, split over the live shards of the registry
+//! ([`Throughput::set_live_shards`], after every heartbeat; see `crate::instances`), so that
+//! together they stay within `messages_per_second`. The 130429 step-down and its recovery work on
+//! the account-wide rate as before, and the share is taken of that: a factor on top. On redb
+//! there is one shard: the whole rate.
+//!
 //! Waiting here is the backpressure: a job holds its prefetch slot while it waits its turn, so
 //! the broker stops handing us more than we can send. It is never failed or dropped for it.
 
@@ -67,8 +74,11 @@ pub struct Throughput {
     burst: AtomicU32,
     /// After a 130429, how long without another one before the rate steps back up.
     recover_after: Duration,
-    /// The rate the limiter below enforces now (msgs/s).
+    /// The account-wide rate now (msgs/s): the configured one, less after a 130429; the
+    /// limiter below enforces this instance's share of it.
     rate: AtomicU32,
+    /// Live shards in the registry (at least 1): the rate and burst are split over them.
+    shards: AtomicU32,
     /// Swapped when the rate changes; a new limiter starts full (one burst), which is fine:
     /// the step that rebuilt it was either a cut (fewer cells from now on) or a recovery after
     /// `recover_after` of quiet.
@@ -92,13 +102,15 @@ impl Throughput {
         let configured = configured.max(1);
         let burst = gate_burst(configured, burst, arrival_jitter);
         crate::metrics::account_rate(&account, configured as f64);
+        crate::metrics::rate_share(&account, configured as f64);
         Self {
-            limiter: RwLock::new(Arc::new(build(configured, burst, clock))),
+            limiter: RwLock::new(Arc::new(build(configured, burst, 1, clock))),
             account,
             configured: AtomicU32::new(configured),
             burst: AtomicU32::new(burst),
             recover_after,
             rate: AtomicU32::new(configured),
+            shards: AtomicU32::new(1),
             gate: tokio::sync::Mutex::new(()),
             last_change: Mutex::new(Changes::default()),
             clock,
@@ -118,9 +130,29 @@ impl Throughput {
         self.set_rate(rate, false);
     }
 
-    /// The rate enforced now.
+    /// The account-wide rate now (this instance enforces its share: [`Throughput::share`]).
     pub fn rate(&self) -> u32 {
         self.rate.load(Ordering::Relaxed)
+    }
+
+    /// Msgs/s this instance may send for the account: the rate split over the live shards.
+    pub fn share(&self) -> f64 {
+        self.rate() as f64 / self.shards.load(Ordering::Relaxed).max(1) as f64
+    }
+
+    /// The registry counts `n` live shards (at least 1): this instance takes `1/n` of the rate
+    /// and the burst. Only a change rebuilds the limiter, keeping a step-down (it is part of the
+    /// rate) and never refilling the burst for nothing.
+    pub fn set_live_shards(&self, n: u32) {
+        let n = n.max(1);
+        // Under the lock a cut or a recovery takes, so the rebuild uses the rate they leave.
+        let _changes = self.last_change.lock().unwrap_or_else(|e| e.into_inner());
+        let was = self.shards.swap(n, Ordering::Relaxed);
+        if was == n {
+            return;
+        }
+        // Logged once for all accounts by the registry (`crate::instances`), not here.
+        self.set_rate(self.rate(), false);
     }
 
     /// Waits for this account's next cell; returns how long it waited.
@@ -226,17 +258,19 @@ impl Throughput {
         self.rate.store(rate, Ordering::Relaxed);
         // A lower rate keeps the burst at most the rate, so a cut really lowers the 1 s peak.
         let burst = self.burst.load(Ordering::Relaxed).min(rate.max(2));
-        let limiter = Arc::new(build(rate, burst, self.clock));
+        let shards = self.shards.load(Ordering::Relaxed).max(1);
+        let limiter = Arc::new(build(rate, burst, shards, self.clock));
         if cut {
             // A new limiter starts with a full bucket; after a 130429 that burst must not go
             // out at once, so it starts empty.
-            for _ in 0..burst {
+            for _ in 0..share_burst(burst, shards) {
                 let _ = limiter.gate.check();
                 let _ = limiter.door.check();
             }
         }
         *self.limiter.write().unwrap_or_else(|e| e.into_inner()) = limiter;
         crate::metrics::account_rate(&self.account, rate as f64);
+        crate::metrics::rate_share(&self.account, rate as f64 / shards as f64);
     }
 
     fn current(&self) -> Arc<Gates> {
@@ -247,15 +281,32 @@ impl Throughput {
     }
 }
 
-fn build(rate: u32, burst: u32, clock: MonoClock) -> Gates {
-    // Invariant: both are at least 1 (clamped by the callers).
+/// The gates of this instance's share: `rate / shards` msgs/s (one cell every `shards / rate`
+/// seconds) and [`share_burst`] cells.
+fn build(rate: u32, burst: u32, shards: u32, clock: MonoClock) -> Gates {
+    // Invariant: all are at least 1 (clamped by the callers).
     let r = NonZeroU32::new(rate.max(1)).unwrap_or(NonZeroU32::MIN);
-    let b = NonZeroU32::new(burst.max(1)).unwrap_or(NonZeroU32::MIN);
-    let quota = Quota::per_second(r).allow_burst(b);
+    let b = NonZeroU32::new(share_burst(burst, shards)).unwrap_or(NonZeroU32::MIN);
+    let quota = match shards {
+        // Exactly as before shares existed.
+        0 | 1 => Quota::per_second(r),
+        n => {
+            let nanos = 1_000_000_000u128 * n as u128 / r.get() as u128;
+            Quota::with_period(Duration::from_nanos(nanos.min(u64::MAX as u128) as u64))
+                .unwrap_or_else(|| Quota::per_second(r))
+        }
+    }
+    .allow_burst(b);
     Gates {
         gate: RateLimiter::direct_with_clock(quota, clock),
         door: RateLimiter::direct_with_clock(quota, clock),
     }
+}
+
+/// This instance's part of the gate's burst: an even share, rounded down so that the shards
+/// together never hold more than the whole; at least 1.
+fn share_burst(burst: u32, shards: u32) -> u32 {
+    (burst / shards.max(1)).max(1)
 }
 
 /// The gate's burst: the configured one less `rate × jitter` cells kept for transit-time
@@ -401,6 +452,52 @@ mod tests {
         }
         assert_eq!(&seen[..8], &[20, 28, 36, 44, 52, 60, 68, 76]);
         assert!(seen[8..].iter().all(|&r| r == 80), "{seen:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_two_live_shards_each_instance_takes_half_the_rate_and_burst() {
+        let t = gate(100, 10);
+        t.set_live_shards(2);
+        assert_eq!(t.share(), 50.0);
+        assert_eq!(t.rate(), 100, "the account-wide rate stays");
+        let times = passes(&t, 500).await;
+        // Half the burst (5): at most 50 + 5 - 1 in any second, and the long run is 50/s.
+        let peak = max_per_second(&times);
+        assert!(peak < 50 + 5, "{peak} in one second");
+        let steady = &times[5..];
+        let span = (*steady.last().unwrap() - steady[0]).as_secs_f64();
+        let measured = (steady.len() - 1) as f64 / span;
+        assert!((measured - 50.0).abs() < 0.5, "measured {measured}");
+        // The other shard's instance died: the whole rate again.
+        t.set_live_shards(1);
+        assert_eq!(t.share(), 100.0);
+        let times = passes(&t, 1000).await;
+        let steady = &times[10..];
+        let span = (*steady.last().unwrap() - steady[0]).as_secs_f64();
+        let measured = (steady.len() - 1) as f64 / span;
+        assert!((measured - 100.0).abs() < 1.0, "measured {measured}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_step_down_is_a_factor_on_the_share_and_an_unchanged_share_refills_nothing() {
+        let t = gate(80, 8);
+        t.set_live_shards(2);
+        // The bucket (4 cells) emptied.
+        while t.try_acquire() {}
+        // The same share again (every heartbeat says so): no new, full bucket.
+        t.set_live_shards(2);
+        assert!(!t.try_acquire(), "an unchanged share refilled the burst");
+        t.throttled();
+        assert_eq!((t.rate(), t.share()), (40, 20.0));
+        // The share changes; the step-down stays.
+        t.set_live_shards(1);
+        assert_eq!((t.rate(), t.share()), (40, 40.0));
+        t.set_live_shards(4);
+        assert_eq!((t.rate(), t.share()), (40, 10.0));
+        // Recovery steps up the account-wide rate; the share follows.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        t.acquire(&CancellationToken::new()).await.unwrap();
+        assert_eq!((t.rate(), t.share()), (48, 12.0));
     }
 
     #[test]

@@ -16,6 +16,7 @@
 pub mod follow;
 #[cfg(test)]
 mod follow_tests;
+mod registry;
 mod schema;
 #[cfg(test)]
 mod tests;
@@ -37,6 +38,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::health::StoreHealth;
 use super::ledger::{KvOp, KvRow, LedgerEntry, LedgerError, LedgerState, Table};
+pub use registry::{LiveSet, Me, Registry};
 use writer::{Op, Request};
 
 /// Held shared by every running daemon (on its writer connection), exclusively by a tool:
@@ -414,6 +416,11 @@ impl PgStore {
     /// Whether writes succeed now, and waiting for them to.
     pub fn health(&self) -> &Arc<StoreHealth> {
         &self.inner.health
+    }
+
+    /// The registry of running instances (issue 18), on this store's pool.
+    pub fn registry(&self) -> Registry {
+        Registry::new(self.inner.pool.clone())
     }
 
     fn sql(&self, t: Table) -> &TableSql {
@@ -977,7 +984,7 @@ impl PgStore {
     pub async fn drop_all(&self) -> Result<(), LedgerError> {
         let r = async {
             let c = self.conn().await?;
-            let mut names = vec!["sw_ledger", "sw_migrations", "sw_follow"];
+            let mut names = vec!["sw_ledger", "sw_migrations", "sw_follow", "sw_instances"];
             names.extend(Table::ALL.iter().map(|t| t.pg_name()));
             c.batch_execute(&format!(
                 "DROP TABLE IF EXISTS {}; DROP FUNCTION IF EXISTS sw_follow_log()",

@@ -10,6 +10,11 @@ use crate::store::LedgerError;
 /// (version, name, SQL), in order; a released one is never edited.
 pub(super) const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "initial", include_str!("migrations/0001_initial.sql")),
+    (
+        2,
+        "instances",
+        include_str!("migrations/0002_instances.sql"),
+    ),
     (3, "follow", include_str!("migrations/0003_follow.sql")),
 ];
 
