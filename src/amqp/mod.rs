@@ -260,7 +260,23 @@ async fn session(
         }
     }
     token.cancel();
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, "sendwell closing".into())).await;
+    // The close handshake is what makes the broker take every ack written before it; a close
+    // that does not finish drops the connection, and acks still in its buffers are lost (their
+    // jobs come back, and the ledger keeps them from being sent twice). Said, so that a
+    // redelivery after a clean stop has its cause in the log.
+    match tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, "sendwell closing".into())).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) if end.is_ok() => {
+            tracing::warn!(error = %e, "The broker connection did not close cleanly; jobs acked last may be redelivered (they are recorded as done).");
+        }
+        Err(_) if end.is_ok() => {
+            tracing::warn!(
+                after_s = CLOSE_TIMEOUT.as_secs(),
+                "The broker connection did not close in time; jobs acked last may be redelivered (they are recorded as done)."
+            );
+        }
+        _ => {}
+    }
     end
 }
 
