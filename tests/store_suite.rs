@@ -120,6 +120,7 @@ on_both! {
         jobs_to_lists_the_jobs_to_one_number_only,
         an_erasure_leaves_no_row_holding_the_number,
         a_job_id_with_a_nul_is_simply_unknown,
+        processes_opening_an_empty_store_at_once_get_one_erase_key,
     ],
     state: [
         a_published_mark_is_seen_at_once_and_kept_across_a_reopen,
@@ -920,4 +921,16 @@ fn no_behaviour_is_left_out_of_the_list() {
 async fn a_job_id_with_a_nul_is_simply_unknown(l: Ledger) {
     assert_eq!(l.get("job\0x").await.unwrap(), None);
     assert_eq!(l.get("job").await.unwrap(), None);
+}
+
+/// Several instances starting at once on an empty store (issue 18) must hash erased numbers
+/// with one key: two keys would each miss the other's tombstones.
+async fn processes_opening_an_empty_store_at_once_get_one_erase_key(l: Ledger) {
+    let keys =
+        futures_util::future::join_all((0..8).map(|_| sendwell::consent::store::erase_key(&l)))
+            .await;
+    let keys: HashSet<[u8; 32]> = keys.into_iter().map(Result::unwrap).collect();
+    assert_eq!(keys.len(), 1, "one erase key for the store");
+    let stored = l.kv_get(Table::StoreMeta, b"erase_key").await.unwrap();
+    assert_eq!(stored.as_deref(), keys.iter().next().map(|k| &k[..]));
 }

@@ -363,6 +363,36 @@ pub fn rest_after_compaction(
     share.max(took).max(std::time::Duration::from_secs(30))
 }
 
+/// The key of the erasure tombstones' hashes: one per store, made by whichever process opens
+/// the store first. Several instances may open an empty PostgreSQL store at once: the key is
+/// inserted only if absent and read back, so all of them hash with the same key (two keys would
+/// each miss the other's tombstones, and an erased number's late events would count again).
+pub async fn erase_key(ledger: &Ledger) -> Result<[u8; 32], LedgerError> {
+    if let Some(k) = ledger.kv_get(Table::StoreMeta, b"erase_key").await?
+        && let Ok(k) = <[u8; 32]>::try_from(k.as_slice())
+    {
+        return Ok(k);
+    }
+    let fresh: [u8; 32] = rand::random();
+    // Written before any tombstone can exist; a crash here only means a new key.
+    if !ledger
+        .kv_insert_if_absent(Table::StoreMeta, b"erase_key".to_vec(), fresh.to_vec())
+        .await?
+    {
+        // Another process made one first: that one is the store's.
+        if let Some(k) = ledger.kv_get(Table::StoreMeta, b"erase_key").await?
+            && let Ok(k) = <[u8; 32]>::try_from(k.as_slice())
+        {
+            return Ok(k);
+        }
+        // A row that is not a key (damaged): replaced, as before.
+        ledger
+            .kv_put(Table::StoreMeta, b"erase_key".to_vec(), fresh.to_vec())
+            .await?;
+    }
+    Ok(fresh)
+}
+
 impl ConsentStore {
     /// Loads every summary into memory. Returns the store and how many entries were loaded.
     pub async fn load(ledger: Ledger, config: &Config) -> Result<Arc<ConsentStore>, LedgerError> {
@@ -386,17 +416,7 @@ impl ConsentStore {
         // after the load read a row, and some again (harmless). Taken in a snapshot of its own,
         // as the load's statements each have theirs.
         let follow_from = ledger.follow_watermark().await?;
-        let erase_key = match ledger.kv_get(Table::StoreMeta, b"erase_key").await? {
-            Some(k) if k.len() == 32 => k.try_into().unwrap_or([0; 32]),
-            _ => {
-                let k: [u8; 32] = rand::random();
-                // Written before any tombstone can exist; a crash here only means a new key.
-                ledger
-                    .kv_put(Table::StoreMeta, b"erase_key".to_vec(), k.to_vec())
-                    .await?;
-                k
-            }
-        };
+        let erase_key = erase_key(&ledger).await?;
         // A row holds one entry per purpose: sized for 1.5 per row, so a typical store loads
         // without the table growing (each growth rehashes every entry loaded so far).
         let rows = ledger.kv_len(Table::ConsentSummary).await? as usize;
