@@ -204,6 +204,9 @@ impl FollowSink for ConsentStore {
     }
 }
 
+/// The namespace of [`Ledger::lock_key`] for a number's consent (its history and summaries).
+const LOCK_NUMBER: i32 = 1;
+
 fn sep(parts: &[&[u8]]) -> Vec<u8> {
     let mut v = Vec::new();
     for (i, p) in parts.iter().enumerate() {
@@ -664,21 +667,23 @@ impl ConsentStore {
         }
         // From before the history is read until memory has the summary.
         let _writing = self.local.begin(&[digits]);
-        if self
-            .erased_at(digits)
+        // The summary is recomputed from the history read here and written whole: another
+        // instance doing the same for this number in between would have one of the two
+        // summaries miss the other's event (a STOP overwritten by an opt-in's summary, then
+        // spread to every cache by the follower). Until the write has committed.
+        // The reads below go through the lock (on PostgreSQL, its transaction's connection).
+        let lock = self.ledger.lock_key(LOCK_NUMBER, digits.as_bytes()).await?;
+        let erased = lock
+            .kv_get(Table::ConsentErased, &self.tombstone_key(digits))
             .await?
-            .is_some_and(|t| ev.at.as_millisecond() <= t)
-        {
+            .and_then(|v| v.as_slice().try_into().ok().map(i64::from_le_bytes));
+        if erased.is_some_and(|t| ev.at.as_millisecond() <= t) {
+            lock.release().await?;
             return Ok(Applied::Void);
         }
         let key = history_key(ev);
-        let known = self
-            .ledger
-            .kv_get(Table::ConsentHistory, &key)
-            .await?
-            .is_some();
-        let rows = self
-            .ledger
+        let known = lock.kv_get(Table::ConsentHistory, &key).await?.is_some();
+        let rows = lock
             .kv_scan_prefix(Table::ConsentHistory, &history_prefix(digits, &ev.account))
             .await?;
         let mut facts: Vec<Fact> = rows.iter().filter_map(|(_, v)| fact_of(v)).collect();
@@ -688,7 +693,7 @@ impl ConsentStore {
         }
         let summary = model::summarize(&facts);
         let skey = number_account_key(digits, &ev.account);
-        let stored = self.ledger.kv_get(Table::ConsentSummary, &skey).await?;
+        let stored = lock.kv_get(Table::ConsentSummary, &skey).await?;
         let encoded = encode_summary(&summary);
         let mut ops = Vec::new();
         if !known {
@@ -716,6 +721,9 @@ impl ConsentStore {
         if !ops.is_empty() {
             self.ledger.kv_many(ops).await?;
         }
+        // Lost early (the session ended): the summary may have been computed beside another
+        // instance's; the event comes again, and its replay recomputes it.
+        lock.release().await?;
         if let Some(n) = number_key(digits) {
             self.index.set(&ev.account, n, &summary);
         }
@@ -738,6 +746,15 @@ impl ConsentStore {
         let mut numbers = vec![digits];
         numbers.extend(as_id.as_deref());
         let _writing = self.local.begin(&numbers);
+        // As in `apply`: the summaries are recomputed from the history kept. In one order, so
+        // two instances erasing the number and its ID at once do not wait on each other.
+        let mut locked = numbers.clone();
+        locked.sort_unstable();
+        locked.dedup();
+        let mut locks = Vec::new();
+        for n in locked {
+            locks.push(self.ledger.lock_key(LOCK_NUMBER, n.as_bytes()).await?);
+        }
         let mut report = EraseReport::default();
         let mut ops = Vec::new();
         let prefix = number_prefix(digits);
@@ -898,6 +915,9 @@ impl ConsentStore {
             value: tombstone.to_le_bytes().to_vec(),
         });
         self.ledger.kv_many(ops).await?;
+        for lock in locks {
+            lock.release().await?;
+        }
         self.wa_ids.forget(digits);
         if as_id.is_some() {
             self.wa_ids.forget_id(digits);

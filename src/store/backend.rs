@@ -19,6 +19,41 @@ use super::postgres::follow::{FollowError, FollowHandle, FollowSink};
 use super::postgres::{PgSettings, PgStore};
 use crate::config::{StateBackend, StateConfig};
 
+/// A lock from [`Ledger::lock_key`], held until released (or dropped: then freed too).
+#[must_use = "the lock is freed when dropped"]
+pub struct KeyLock(Option<super::postgres::KeyLock>, Ledger);
+
+impl KeyLock {
+    /// [`Ledger::kv_get`], read under the lock (PostgreSQL: in its transaction).
+    pub async fn kv_get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, LedgerError> {
+        match &self.0 {
+            Some(l) => l.kv_get(table, key).await,
+            None => self.1.kv_get(table, key).await,
+        }
+    }
+
+    /// [`Ledger::kv_scan_prefix`], read under the lock.
+    pub async fn kv_scan_prefix(
+        &self,
+        table: Table,
+        prefix: &[u8],
+    ) -> Result<Vec<KvRow>, LedgerError> {
+        match &self.0 {
+            Some(l) => l.kv_scan_prefix(table, prefix).await,
+            None => self.1.kv_scan_prefix(table, prefix).await,
+        }
+    }
+
+    /// Frees the lock. An error: it may have been lost early (the database session ended);
+    /// what was done under it is to be done again.
+    pub async fn release(self) -> Result<(), LedgerError> {
+        match self.0 {
+            Some(l) => l.release().await,
+            None => Ok(()),
+        }
+    }
+}
+
 /// Handle to the state store; cheap to clone.
 #[derive(Clone)]
 pub struct Ledger(Backend);
@@ -362,6 +397,17 @@ impl Ledger {
         match &self.0 {
             Backend::Redb(l) => in_place(|| l.kv_for_each(table, f)),
             Backend::Pg(s) => s.kv_for_each(table, f).await,
+        }
+    }
+
+    /// Takes a lock on `key` (in the namespace `space`) that every instance sharing the store
+    /// respects, until [`KeyLock::release`]: for a read-compute-write that must not interleave
+    /// with another instance's. redb has one process, whose callers order such work
+    /// themselves: nothing to take.
+    pub async fn lock_key(&self, space: i32, key: &[u8]) -> Result<KeyLock, LedgerError> {
+        match &self.0 {
+            Backend::Redb(_) => Ok(KeyLock(None, self.clone())),
+            Backend::Pg(s) => Ok(KeyLock(Some(s.lock_key(space, key).await?), self.clone())),
         }
     }
 

@@ -8,7 +8,7 @@ pub mod health;
 pub mod ledger;
 pub mod postgres;
 
-pub use backend::Ledger;
+pub use backend::{KeyLock, Ledger};
 pub use health::StoreHealth;
 pub use ledger::{
     KvOp, KvRow, LedgerEntry, LedgerError, LedgerState, RedbLedger, Table, index_job,

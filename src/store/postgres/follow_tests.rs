@@ -342,3 +342,46 @@ async fn only_the_consent_summary_and_wa_id_tables_have_triggers() {
         ]
     );
 }
+
+/// Two instances applying events of one number at once: each recomputes the summary from the
+/// history it read and writes it whole. Without a lock across instances, an opt-in's summary
+/// computed before a STOP's history row was written overwrites the STOP's summary, and the
+/// database (then every cache, through the follower) says the number may be messaged.
+#[tokio::test]
+async fn a_stop_applied_beside_another_instances_opt_in_is_never_overwritten() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let (a, b) = (store(&db).await, store(&db).await);
+    let numbers: Vec<String> = (0..40).map(|i| format!("49170000{i:05}")).collect();
+    for n in &numbers {
+        opt_in(&a, n).await;
+    }
+    // Each pair at once: a STOP on `a`, and on `b` an earlier opt-in from another source,
+    // which changes the summary (its sources) without lifting a later STOP.
+    let pairs = numbers.iter().map(|n| {
+        let (a, b) = (a.clone(), b.clone());
+        async move {
+            let mut again = event(Kind::OptIn, n, ago(5));
+            again.source = Some("app".into());
+            let stop = event(Kind::OptOut, n, ago(10));
+            let (x, y) = tokio::join!(a.apply(&stop), b.apply(&again));
+            x.unwrap();
+            y.unwrap();
+        }
+    });
+    futures_util::future::join_all(pairs).await;
+
+    // What a new instance (or any follower) reads from the database.
+    let fresh = store(&db).await;
+    let messageable: Vec<&String> = numbers
+        .iter()
+        .filter(|n| !opted_out(&fresh, n) || consented(&fresh, n))
+        .collect();
+    assert!(
+        messageable.is_empty(),
+        "{} of {} numbers lost their STOP in the stored summary: {messageable:?}",
+        messageable.len(),
+        numbers.len()
+    );
+}

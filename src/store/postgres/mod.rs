@@ -197,6 +197,60 @@ fn pg_error(e: tokio_postgres::Error) -> LedgerError {
     }
 }
 
+/// A lock taken by [`PgStore::lock_key`]: held until [`Self::release`]. Dropped without it (an
+/// error on the way, a cancelled future), its connection is closed instead of going back to
+/// the pool, so the server ends the transaction and frees the lock at once.
+pub struct KeyLock {
+    store: PgStore,
+    /// The transaction holding the lock. The reads under the lock go through it too: with
+    /// other pooled connections, locks taken at once would hold every connection of the pool
+    /// and wait for one more.
+    conn: Option<deadpool_postgres::Object>,
+}
+
+impl KeyLock {
+    pub async fn kv_get(&self, t: Table, key: &[u8]) -> Result<Option<Vec<u8>>, LedgerError> {
+        let c = self.conn.as_ref().expect("held until released");
+        let r = self.store.kv_get_on(c, t, key).await;
+        self.store.noted(r)
+    }
+
+    pub async fn kv_scan_prefix(&self, t: Table, prefix: &[u8]) -> Result<Vec<KvRow>, LedgerError> {
+        let c = self.conn.as_ref().expect("held until released");
+        let r = self.store.kv_scan_prefix_on(c, t, prefix).await;
+        self.store.noted(r)
+    }
+
+    /// Ends the transaction that holds the lock. An error means the session was lost meanwhile
+    /// (the lock may have been freed early): the caller's work is to be done again.
+    pub async fn release(mut self) -> Result<(), LedgerError> {
+        let c = self.conn.take().expect("held until released");
+        match c.batch_execute("COMMIT").await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                drop(deadpool_postgres::Object::take(c));
+                Err(pg_error(e))
+            }
+        }
+    }
+}
+
+impl Drop for KeyLock {
+    fn drop(&mut self) {
+        if let Some(c) = self.conn.take() {
+            drop(deadpool_postgres::Object::take(c));
+        }
+    }
+}
+
+/// A key's 32 bits for a two-key advisory lock (`(space, hash)`: a lock space of its own, apart
+/// from the one-bigint locks the store uses). Two keys with one hash only wait for each other.
+fn lock_hash(key: &[u8]) -> i32 {
+    use sha2::Digest as _;
+    let d = sha2::Sha256::digest(key);
+    i32::from_be_bytes([d[0], d[1], d[2], d[3]])
+}
+
 fn pool_error(e: PoolError) -> LedgerError {
     match e {
         // Only a new connection's failure comes as Backend (the pool's fast recycling runs no
@@ -521,16 +575,21 @@ impl PgStore {
     }
 
     pub async fn kv_get(&self, t: Table, key: &[u8]) -> Result<Option<Vec<u8>>, LedgerError> {
-        let r = async {
-            let c = self.conn().await?;
-            let st = c.prepare_cached(&self.sql(t).get).await.map_err(pg_error)?;
-            match c.query_opt(&st, &[&key]).await.map_err(pg_error)? {
-                Some(row) => Ok(Some(row.try_get(0).map_err(pg_error)?)),
-                None => Ok(None),
-            }
-        }
-        .await;
+        let r = async { self.kv_get_on(&self.conn().await?, t, key).await }.await;
         self.noted(r)
+    }
+
+    async fn kv_get_on(
+        &self,
+        c: &deadpool_postgres::Object,
+        t: Table,
+        key: &[u8],
+    ) -> Result<Option<Vec<u8>>, LedgerError> {
+        let st = c.prepare_cached(&self.sql(t).get).await.map_err(pg_error)?;
+        match c.query_opt(&st, &[&key]).await.map_err(pg_error)? {
+            Some(row) => Ok(Some(row.try_get(0).map_err(pg_error)?)),
+            None => Ok(None),
+        }
     }
 
     /// Durably sets `key` to `value`.
@@ -629,8 +688,17 @@ impl PgStore {
 
     /// Rows whose key starts with `prefix`, in key order: a range of the primary key.
     pub async fn kv_scan_prefix(&self, t: Table, prefix: &[u8]) -> Result<Vec<KvRow>, LedgerError> {
-        let r = async {
-            let c = self.conn().await?;
+        let r = async { self.kv_scan_prefix_on(&self.conn().await?, t, prefix).await }.await;
+        self.noted(r)
+    }
+
+    async fn kv_scan_prefix_on(
+        &self,
+        c: &deadpool_postgres::Object,
+        t: Table,
+        prefix: &[u8],
+    ) -> Result<Vec<KvRow>, LedgerError> {
+        {
             let rows = match prefix_end(prefix) {
                 Some(end) => {
                     let st = c
@@ -649,8 +717,6 @@ impl PgStore {
             };
             Self::rows(rows.map_err(pg_error)?)
         }
-        .await;
-        self.noted(r)
     }
 
     /// Rows whose key starts with any of `prefixes`, in one statement (an index range per
@@ -950,13 +1016,43 @@ impl PgStore {
         Ok(rows)
     }
 
+    /// Takes a lock that every instance on the database respects, on `key` in the
+    /// namespace `space` (one per kind of key), until [`KeyLock::release`]. For a
+    /// read-compute-write that must not interleave with another instance's (a consent summary
+    /// recomputed from its history). A transaction-scoped advisory lock on a pooled
+    /// connection: a dead holder's session ends and frees it (never a lock held forever), the
+    /// wait is bounded by the statement timeout, and a holder stuck longer than the
+    /// idle-in-transaction timeout loses its session rather than blocking the others.
+    pub async fn lock_key(&self, space: i32, key: &[u8]) -> Result<KeyLock, LedgerError> {
+        let r = async {
+            let c = self.conn().await?;
+            c.batch_execute("BEGIN").await.map_err(pg_error)?;
+            let held = KeyLock {
+                store: self.clone(),
+                conn: Some(c),
+            };
+            let c = held.conn.as_ref().expect("just set");
+            c.execute(
+                "SELECT pg_advisory_xact_lock($1, $2)",
+                &[&space, &lock_hash(key)],
+            )
+            .await
+            .map_err(pg_error)?;
+            Ok(held)
+        }
+        .await;
+        self.noted(r)
+    }
+
     /// VACUUM (never FULL: it would lock the tables) of every table, so that erased rows'
     /// space is pruned and reused. Erased bytes leave WAL and backups only with their
     /// retention. Ok(0): nothing is held alone.
     pub async fn compact(&self) -> Result<u64, LedgerError> {
         let r = async {
             let c = self.conn().await?;
-            let mut names = vec!["sw_ledger"];
+            // sw_follow too: the follow log names the numbers whose consent changed in the
+            // last hour (an erased one among them until the purge).
+            let mut names = vec!["sw_ledger", "sw_follow"];
             names.extend(Table::ALL.iter().map(|t| t.pg_name()));
             // VACUUM may take longer than a statement may. The connection leaves the pool
             // for it and is closed after, so that one left without a timeout (this future
