@@ -4,9 +4,9 @@
 //! so what another instance sent still counts. Every instance here shares one database (the
 //! env's, on PostgreSQL whatever `SENDWELL_TEST_BACKEND` says: redb is one process's).
 //!
-//! The instance hooks (src/instances.rs: the broker's first delivery, the registry's live
-//! shards) are not wired to the pipeline yet: the tests call `Pipeline::takeover` and
-//! `Pipeline::shards_changed` themselves, where those hooks will.
+//! The tests call `Pipeline::takeover` and `Pipeline::shards_changed` themselves, as the
+//! instance hooks (src/instances.rs: the broker's first delivery, the registry's live shards)
+//! do in the daemon, so that each step happens at a known point.
 
 mod common;
 
@@ -237,4 +237,58 @@ async fn a_recipient_moved_off_a_removed_shard_keeps_its_cap() {
         assert_capped(&finals, &env, id);
     }
     zero.stop().await;
+}
+
+/// An account-level webhook (a template paused) goes to every shard through the fanout, and
+/// each shard's active instance keeps the template's state in its own memory: the first shard
+/// to apply the event must not make the others skip their copy as already applied (the record
+/// of applied events is shared on PostgreSQL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_level_webhook_is_applied_by_every_shard() {
+    let env = env().await;
+    let first = env.start().await;
+    let (second, _dir) = second(&env, 1).await;
+    let body = std::fs::read(format!(
+        "{}/tests/fixtures/webhooks/template_paused.json",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    let events = sendwell::webhook::parse::split(&body).unwrap();
+    assert_eq!(events.len(), 1);
+    assert!(events[0].recipient.is_none(), "an account-level event");
+    // As the webhook listener publishes it (the daemons act on it only with our user_id).
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-sendwell-kind".into(),
+        lapin::types::AMQPValue::LongString("webhook".into()),
+    );
+    let props = lapin::BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_headers(headers)
+        .with_user_id("guest".into());
+    let event = serde_json::to_vec(&events[0]).unwrap();
+    // The fanout's two copies, one shard after the other: shard 1 takes its copy only once
+    // shard 0 has applied its own (on a busy system, any order happens).
+    for (name, app) in [("shard 0", &first), ("shard 1", &second)] {
+        let queue = if name == "shard 0" {
+            "sendwell.webhooks.0"
+        } else {
+            "sendwell.webhooks.1"
+        };
+        publish_with(&env.broker.url, "", queue, &event, props.clone()).await;
+        wait_for(
+            &format!("{name} to hold the template paused"),
+            T,
+            async || {
+                pipeline(app)
+                    .meta
+                    .template_block(None, "spring_sale", "de")
+                    .map(|_| ())
+            },
+        )
+        .await;
+    }
+    first.stop().await;
+    second.stop().await;
 }

@@ -772,7 +772,15 @@ impl Worker {
         event: &Event,
     ) -> Result<(), SettleError> {
         use sha2::Digest;
-        let key = sha2::Sha256::digest(&delivery.data).to_vec();
+        let mut key = sha2::Sha256::digest(&delivery.data).to_vec();
+        if event.recipient.is_none() {
+            // An account-level event comes to every shard (the fanout), and each shard's
+            // active instance applies it to its own memory (templates, tiers, quality): with
+            // state shared on PostgreSQL, one shard's record must not make the others skip
+            // theirs. A recipient's event goes to one shard only: after a failover or a
+            // reshard, the one record still makes its repeat a repeat.
+            key.extend_from_slice(&self.names.shard.to_be_bytes());
+        }
         let ledger = &self.pipeline.ledger;
         // Status callbacks keep coming during a compaction: each waits for it here, parked,
         // not on a thread of its own in the reads below (see `Ledger::compacted`).
