@@ -88,6 +88,9 @@ pub struct Instance {
     role: watch::Sender<Role>,
     takeover_hooks: Mutex<Vec<Arc<Hook>>>,
     shard_hooks: Mutex<Vec<Arc<Hook>>>,
+    /// Since when the takeover hooks have been running (None when no takeover is): for
+    /// `/readyz`, which would otherwise call an instance active while its jobs are held.
+    taking_over: Mutex<Option<Timestamp>>,
     /// Set by the registry's heartbeats; None on redb, or before the first heartbeat.
     live: Mutex<Option<Live>>,
     /// The accounts' shares, read at each `/readyz` (set once by the wiring).
@@ -106,6 +109,7 @@ impl Instance {
             role,
             takeover_hooks: Mutex::default(),
             shard_hooks: Mutex::default(),
+            taking_over: Mutex::default(),
             live: Mutex::default(),
             shares: OnceLock::new(),
         })
@@ -154,11 +158,53 @@ impl Instance {
         );
     }
 
-    /// Runs every takeover hook and waits for all of them.
+    /// Runs every takeover hook and waits for all of them. A hook that panics is logged and
+    /// counted, and the takeover goes on without it: the jobs it holds must not wait forever.
+    /// While the hooks run, `/readyz` and `sendwell_instance_taking_over_seconds` say since
+    /// when, and a wait past the 2 s target is logged then (and each minute after), not only
+    /// when it ends: a takeover stuck on a database that does not answer is visible at once.
     pub(crate) async fn run_takeover_hooks(&self) {
+        use futures_util::FutureExt as _;
         let hooks = lock(&self.takeover_hooks).clone();
         let started = std::time::Instant::now();
-        futures_util::future::join_all(hooks.iter().map(|h| h())).await;
+        *lock(&self.taking_over) = Some(Timestamp::now());
+        let all = futures_util::future::join_all(
+            hooks
+                .iter()
+                .map(|h| std::panic::AssertUnwindSafe(h()).catch_unwind()),
+        );
+        tokio::pin!(all);
+        let mut next_note = TAKEOVER_TARGET;
+        let mut gauge = tokio::time::interval(Duration::from_secs(1));
+        let results = loop {
+            tokio::select! {
+                r = &mut all => break r,
+                _ = gauge.tick() => {
+                    let held = started.elapsed();
+                    crate::metrics::instance_taking_over(self.shard, held);
+                    if held >= next_note {
+                        next_note = held + Duration::from_secs(60);
+                        tracing::warn!(
+                            shard = self.shard,
+                            hooks = hooks.len(),
+                            waited_s = held.as_secs(),
+                            "The takeover is still running its hooks; the shard's jobs are held until they finish (logged again each minute)."
+                        );
+                    }
+                }
+            }
+        };
+        for r in results {
+            if r.is_err() {
+                crate::metrics::instance_takeover_hook_panicked(self.shard);
+                tracing::error!(
+                    shard = self.shard,
+                    "A takeover hook panicked; the takeover goes on without it (what it had to prepare may be missing until the next takeover)."
+                );
+            }
+        }
+        *lock(&self.taking_over) = None;
+        crate::metrics::instance_taking_over(self.shard, Duration::ZERO);
         let took = started.elapsed();
         crate::metrics::instance_takeover_done(self.shard, took);
         if took > TAKEOVER_TARGET {
@@ -214,6 +260,13 @@ impl Instance {
                     "role: active (shard {}), for {for_s} s since the takeover at {since:.0}",
                     self.shard
                 );
+                if let Some(at) = *lock(&self.taking_over) {
+                    let held_s = (Timestamp::now().as_second() - at.as_second()).max(0);
+                    let _ = writeln!(
+                        out,
+                        "taking over: the takeover hooks have run for {held_s} s; the shard's jobs are held until they finish"
+                    );
+                }
             }
             Role::Standby => {
                 let _ = writeln!(out, "role: standby (shard {})", self.shard);
@@ -514,6 +567,42 @@ mod tests {
         assert_eq!(ran.load(Ordering::SeqCst), 3);
         i.run_takeover_hooks().await;
         assert_eq!(ran.load(Ordering::SeqCst), 6, "again at the next takeover");
+    }
+
+    /// A hook that panics must not hold the shard's jobs forever (the takeover would never
+    /// end); one that waits shows on `/readyz` while it does.
+    #[tokio::test]
+    async fn a_panicking_hook_ends_the_takeover_and_a_waiting_one_shows_on_readyz() {
+        let i = Instance::new(0);
+        i.on_takeover(Box::new(|| Box::pin(async { panic!("a broken hook") })));
+        let release = Arc::new(tokio::sync::Notify::new());
+        {
+            let release = release.clone();
+            i.on_takeover(Box::new(move || {
+                let release = release.clone();
+                Box::pin(async move { release.notified().await })
+            }));
+        }
+        i.became_active();
+        let run = tokio::spawn({
+            let i = i.clone();
+            async move { i.run_takeover_hooks().await }
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !i.describe().contains("taking over:") {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "readyz never said the takeover is running: {}",
+                i.describe()
+            );
+            tokio::task::yield_now().await;
+        }
+        release.notify_one();
+        tokio::time::timeout(Duration::from_secs(10), run)
+            .await
+            .expect("the takeover ends though a hook panicked")
+            .expect("the panic stays inside the takeover");
+        assert!(!i.describe().contains("taking over:"), "{}", i.describe());
     }
 
     #[test]

@@ -153,6 +153,8 @@ pub const INSTANCE_ACTIVE: &str = "sendwell_instance_active";
 pub const INSTANCE_TAKEOVER_TIME: &str = "sendwell_instance_takeover_timestamp_seconds";
 pub const INSTANCE_TAKEOVERS: &str = "sendwell_instance_takeovers_total";
 pub const INSTANCE_TAKEOVER_DURATION: &str = "sendwell_instance_takeover_duration_seconds";
+pub const INSTANCE_TAKING_OVER: &str = "sendwell_instance_taking_over_seconds";
+pub const INSTANCE_TAKEOVER_HOOK_PANICS: &str = "sendwell_instance_takeover_hook_panics_total";
 pub const INSTANCE_RATE_SHARE: &str = "sendwell_instance_rate_share";
 pub const INSTANCES_LIVE: &str = "sendwell_instances_live";
 pub const SHARDS_LIVE: &str = "sendwell_shards_live";
@@ -229,6 +231,8 @@ pub const ALL: &[&str] = &[
     INSTANCE_TAKEOVER_TIME,
     INSTANCE_TAKEOVERS,
     INSTANCE_TAKEOVER_DURATION,
+    INSTANCE_TAKING_OVER,
+    INSTANCE_TAKEOVER_HOOK_PANICS,
     INSTANCE_RATE_SHARE,
     INSTANCES_LIVE,
     SHARDS_LIVE,
@@ -373,6 +377,14 @@ pub fn describe() {
     describe_gauge!(
         INSTANCE_TAKEOVER_DURATION,
         "How long the last takeover took, from the first delivery to the end of its hooks (the shard's jobs waited meanwhile)."
+    );
+    describe_gauge!(
+        INSTANCE_TAKING_OVER,
+        "How long the takeover in progress has held the shard's jobs so far (0 when none is): a value that keeps growing is a takeover stuck on a hook (the database not answering the consent follower's sync, for one)."
+    );
+    describe_counter!(
+        INSTANCE_TAKEOVER_HOOK_PANICS,
+        "Takeover hooks that panicked; the takeover went on without them (what they had to do, e.g. reading the consent changes, may be missing until the next takeover)."
     );
     describe_gauge!(
         INSTANCES_LIVE,
@@ -743,6 +755,14 @@ pub fn instance_took_over(shard: u16, at: jiff::Timestamp) {
 pub fn instance_takeover_done(shard: u16, took: Duration) {
     counter!(INSTANCE_TAKEOVERS, "shard" => shard.to_string()).increment(1);
     gauge!(INSTANCE_TAKEOVER_DURATION, "shard" => shard.to_string()).set(took.as_secs_f64());
+}
+
+pub fn instance_taking_over(shard: u16, held: Duration) {
+    gauge!(INSTANCE_TAKING_OVER, "shard" => shard.to_string()).set(held.as_secs_f64());
+}
+
+pub fn instance_takeover_hook_panicked(shard: u16) {
+    counter!(INSTANCE_TAKEOVER_HOOK_PANICS, "shard" => shard.to_string()).increment(1);
 }
 
 pub fn live_instances(instances: u32, shards: usize) {
