@@ -15,7 +15,7 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::*;
@@ -466,37 +466,6 @@ async fn recipients_by_shard(url: &str, per_shard: usize) -> [Vec<String>; 2] {
     }
     let _ = conn.close(200, "mapped".into()).await;
     out
-}
-
-/// Most arrivals in any half-open 1-second window `[x, x + 1000 ms)`.
-fn max_in_one_second(sorted_ms: &[u64]) -> usize {
-    let mut best = 0;
-    let mut j = 0;
-    for i in 0..sorted_ms.len() {
-        while sorted_ms[i] - sorted_ms[j] >= 1000 {
-            j += 1;
-        }
-        best = best.max(i - j + 1);
-    }
-    best
-}
-
-/// Watches this process's runtime (where the sandbox counts arrivals) for stalls: the most a
-/// task woke up late from a 5 ms sleep, in ms, until aborted. Calls held up that long arrive
-/// bunched with the ones after them, which is the machine, not the gates.
-fn watch_stalls() -> (Arc<AtomicU64>, tokio::task::JoinHandle<()>) {
-    let worst = Arc::new(AtomicU64::new(0));
-    let w = worst.clone();
-    let task = tokio::spawn(async move {
-        const TICK: Duration = Duration::from_millis(5);
-        loop {
-            let t = std::time::Instant::now();
-            tokio::time::sleep(TICK).await;
-            let late = t.elapsed().saturating_sub(TICK).as_millis() as u64;
-            w.fetch_max(late, Ordering::Relaxed);
-        }
-    });
-    (worst, task)
 }
 
 /// The long-run rate (msgs/s) of sorted arrival times.

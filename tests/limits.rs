@@ -13,8 +13,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::*;
@@ -38,37 +37,6 @@ fn auth_job(id: &str, account: &str, to: &str) -> serde_json::Value {
         "category": "authentication",
         "template": { "name": "otp", "language": "en", "components": [] }
     })
-}
-
-/// Most arrivals in any half-open 1-second window `[x, x + 1000 ms)`.
-fn max_in_one_second(sorted_ms: &[u64]) -> usize {
-    let mut best = 0;
-    let mut j = 0;
-    for i in 0..sorted_ms.len() {
-        while sorted_ms[i] - sorted_ms[j] >= 1000 {
-            j += 1;
-        }
-        best = best.max(i - j + 1);
-    }
-    best
-}
-
-/// Watches this runtime (the daemon's and the sandbox's) for stalls: the most a task woke up
-/// late from a 5 ms sleep, in ms, until aborted. A call held up that long between the daemon's
-/// door and the sandbox's clock arrives bunched with the ones after it.
-fn watch_stalls() -> (Arc<AtomicU64>, tokio::task::JoinHandle<()>) {
-    let worst = Arc::new(AtomicU64::new(0));
-    let w = worst.clone();
-    let task = tokio::spawn(async move {
-        const TICK: Duration = Duration::from_millis(5);
-        loop {
-            let t = std::time::Instant::now();
-            tokio::time::sleep(TICK).await;
-            let late = t.elapsed().saturating_sub(TICK).as_millis() as u64;
-            w.fetch_max(late, Ordering::Relaxed);
-        }
-    });
-    (worst, task)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -868,24 +868,7 @@ impl TestEnv {
         config.state.dir = dir.path().join("state");
         config.broker.shard = shard;
         adjust(&mut config);
-        let shutdown = CancellationToken::new();
-        let app = sendwell::app::start(config, shutdown.clone())
-            .await
-            .expect("the shared instance starts");
-        let readiness = app.readiness.clone();
-        wait_for(
-            "the shared instance to be ready",
-            Duration::from_secs(30),
-            async || readiness.is_ready().then_some(()),
-        )
-        .await;
-        (
-            TestApp {
-                app: Some(app),
-                shutdown,
-            },
-            dir,
-        )
+        (Self::run_instance(config).await, dir)
     }
 
     /// The env's own database (None on redb): for reading what the instances wrote.
@@ -1218,4 +1201,38 @@ pub fn markdown_anchors(text: &str) -> std::collections::BTreeSet<String> {
         }
     }
     anchors
+}
+
+/// Most arrivals in any half-open 1-second window `[x, x + 1000 ms)`.
+pub fn max_in_one_second(sorted_ms: &[u64]) -> usize {
+    let mut best = 0;
+    let mut j = 0;
+    for i in 0..sorted_ms.len() {
+        while sorted_ms[i] - sorted_ms[j] >= 1000 {
+            j += 1;
+        }
+        best = best.max(i - j + 1);
+    }
+    best
+}
+
+/// Watches this runtime (the daemon's and the sandbox's) for stalls: the most a task woke up
+/// late from a 5 ms sleep, in ms, until aborted. A call held up that long between the daemon's
+/// door and the sandbox's clock arrives bunched with the ones after it.
+pub fn watch_stalls() -> (
+    Arc<std::sync::atomic::AtomicU64>,
+    tokio::task::JoinHandle<()>,
+) {
+    let worst = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let w = worst.clone();
+    let task = tokio::spawn(async move {
+        const TICK: Duration = Duration::from_millis(5);
+        loop {
+            let t = std::time::Instant::now();
+            tokio::time::sleep(TICK).await;
+            let late = t.elapsed().saturating_sub(TICK).as_millis() as u64;
+            w.fetch_max(late, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    (worst, task)
 }
