@@ -151,8 +151,11 @@ impl Throughput {
         if was == n {
             return;
         }
-        // Logged once for all accounts by the registry (`crate::instances`), not here.
-        self.set_rate(self.rate(), false);
+        // Logged once for all accounts by the registry (`crate::instances`), not here. The new
+        // share starts with an empty bucket, as after a cut: a full one at every change would
+        // let live shards that come and go (heartbeats failing and recovering) add a burst
+        // each time, above the account's rate.
+        self.set_rate(self.rate(), true);
     }
 
     /// Waits for this account's next cell; returns how long it waited.
@@ -498,6 +501,23 @@ mod tests {
         tokio::time::advance(Duration::from_secs(10)).await;
         t.acquire(&CancellationToken::new()).await.unwrap();
         assert_eq!((t.rate(), t.share()), (48, 12.0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_changed_share_starts_empty_so_flapping_shards_add_no_burst() {
+        let t = gate(80, 8);
+        t.set_live_shards(2);
+        while t.try_acquire() {}
+        // Another shard's heartbeats stop and come back, over and over.
+        for _ in 0..5 {
+            t.set_live_shards(1);
+            assert!(!t.try_acquire(), "a new share came with a full bucket");
+            t.set_live_shards(2);
+            assert!(!t.try_acquire(), "a new share came with a full bucket");
+        }
+        // Still the share's rate: a cell after its period.
+        tokio::time::advance(Duration::from_millis(26)).await;
+        assert!(t.try_acquire());
     }
 
     #[test]
