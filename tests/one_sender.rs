@@ -12,9 +12,11 @@ use std::time::Duration;
 use common::pg::TestDb;
 use common::*;
 use jiff::Timestamp;
-use lapin::options::QueueBindOptions;
-use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties};
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
 use sendwell::config::limits::{CapConfig, CapRule, CapScope, OnExceed};
 use sendwell::config::{PgTls, PostgresConfig, Secret, StateBackend, StateConfig};
 use sendwell::job::Category;
@@ -56,9 +58,15 @@ async fn bind_shard_1(env: &TestEnv, bound: bool) {
     let ch = conn.create_channel().await.unwrap();
     let (q, x, w) = ("sendwell.jobs.1", "sendwell.jobs", "1");
     if bound {
-        ch.queue_bind(q.into(), x.into(), w.into(), QueueBindOptions::default(), FieldTable::default())
-            .await
-            .unwrap();
+        ch.queue_bind(
+            q.into(),
+            x.into(),
+            w.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
     } else {
         ch.queue_unbind(q.into(), x.into(), w.into(), FieldTable::default())
             .await
@@ -85,7 +93,9 @@ async fn a_delayed_job_returns_to_its_recipient_s_shard_after_a_shard_was_added(
 
     let due = Timestamp::now() + Duration::from_secs(8);
     let ids: Vec<String> = (0..N).map(|i| format!("later-{i}")).collect();
-    let jobs: Vec<_> = (0..N).map(|i| auth_job(&ids[i], &number(i), Some(due))).collect();
+    let jobs: Vec<_> = (0..N)
+        .map(|i| auth_job(&ids[i], &number(i), Some(due)))
+        .collect();
     env.publish(&jobs).await;
     // Every job deferred (its ledger row written, right before its copy goes to a delay queue).
     let db = env.db_client().await.unwrap();
@@ -100,14 +110,19 @@ async fn a_delayed_job_returns_to_its_recipient_s_shard_after_a_shard_was_added(
         (row.get::<_, i64>(0) == N as i64).then_some(())
     })
     .await;
-    assert!(Timestamp::now() < due, "the machine took 8 s to defer {N} jobs");
+    assert!(
+        Timestamp::now() < due,
+        "the machine took 8 s to defer {N} jobs"
+    );
     bind_shard_1(&env, true).await;
 
     let finals = env.final_outcomes(&ids, T).await;
     assert!(ids.iter().all(|id| finals[id][0]["status"] == "sent"));
     // Where a new job of each recipient goes now.
     let probes: Vec<String> = (0..N).map(|i| format!("now-{i}")).collect();
-    let jobs: Vec<_> = (0..N).map(|i| auth_job(&probes[i], &number(i), None)).collect();
+    let jobs: Vec<_> = (0..N)
+        .map(|i| auth_job(&probes[i], &number(i), None))
+        .collect();
     env.publish(&jobs).await;
     env.final_outcomes(&probes, T).await;
 
@@ -122,6 +137,100 @@ async fn a_delayed_job_returns_to_its_recipient_s_shard_after_a_shard_was_added(
         );
         assert_eq!(env.sandbox.accepted_count_for(&ids[i]), 1, "{}", ids[i]);
     }
+    one.stop().await;
+    zero.stop().await;
+}
+
+/// Upgrading: a job an older sendwell deferred comes back from its per-shard delay queue to
+/// that shard's queue by name, though its recipient belongs to shard 1: shard 0 sends it on,
+/// and shard 1 sends it, once. A second copy of it (dead-lettering is at-least-once) is the
+/// same message there: acked, no `duplicate`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_back_from_an_old_build_s_delay_queue_goes_on_to_its_recipient_s_shard() {
+    let env = TestEnv::new(&AppOptions {
+        postgres: true,
+        ..AppOptions::default()
+    })
+    .await;
+    let zero = env.start().await;
+    let (one, _dir) = env
+        .start_instance_on_shared_db(1, "", |c| c.accounts[0].phone_number_id = SECOND.into())
+        .await;
+    let probes: Vec<String> = (0..N).map(|i| format!("owner-{i}")).collect();
+    let jobs: Vec<_> = (0..N)
+        .map(|i| auth_job(&probes[i], &number(i), None))
+        .collect();
+    env.publish(&jobs).await;
+    env.final_outcomes(&probes, T).await;
+    let by = senders(&env);
+    let i = (0..N)
+        .find(|&i| by[&probes[i]] == SECOND)
+        .expect("shard 1 owns one of the numbers");
+
+    // The old build's queue, as it declared it: back to sendwell.jobs.0 by name.
+    let conn = Connection::connect(&env.broker.url, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let old = "sendwell.delay.0.1s";
+    let mut args = FieldTable::default();
+    let text = |v: &str| AMQPValue::LongString(LongString::from(v));
+    for (k, v) in [
+        ("x-queue-type", text("quorum")),
+        ("x-message-ttl", AMQPValue::LongLongInt(1000)),
+        ("x-dead-letter-exchange", text("")),
+        ("x-dead-letter-routing-key", text("sendwell.jobs.0")),
+        ("x-overflow", text("reject-publish")),
+        ("x-dead-letter-strategy", text("at-least-once")),
+    ] {
+        args.insert(ShortString::from(k), v);
+    }
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.queue_declare(old.into(), durable, args).await.unwrap();
+    let id = "deferred-by-an-old-build";
+    let body = serde_json::to_vec(&auth_job(id, &number(i), None)).unwrap();
+    let publish_copy = async || {
+        let mut headers = FieldTable::default();
+        let now = Timestamp::now().as_millisecond();
+        headers.insert("x-sendwell-due".into(), AMQPValue::LongLongInt(now));
+        headers.insert("x-sendwell-attempts".into(), AMQPValue::LongLongInt(0));
+        ch.basic_publish(
+            "".into(),
+            old.into(),
+            BasicPublishOptions::default(),
+            &body,
+            BasicProperties::default()
+                .with_headers(headers)
+                .with_user_id("guest".into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    };
+    publish_copy().await;
+    let finals = env.final_outcomes(&[id.to_string()], T).await;
+    assert_eq!(finals[id][0]["status"], "sent");
+    assert_eq!(senders(&env)[id], SECOND, "sent by the recipient's shard");
+
+    publish_copy().await;
+    wait_for("the second copy to be taken", T, async || {
+        ([old, "sendwell.jobs.0", "sendwell.jobs.1"]
+            .iter()
+            .all(|q| env.broker.drained(q)))
+        .then_some(())
+    })
+    .await;
+    assert_eq!(env.sandbox.accepted_count_for(id), 1);
+    let events: Vec<_> = env.outcomes.for_id(id);
+    assert_eq!(events.len(), 1, "one outcome, no duplicate: {events:?}");
+    let _ = conn.close(200, "".into()).await;
     one.stop().await;
     zero.stop().await;
 }
@@ -189,11 +298,18 @@ async fn two_instances_counting_sends_to_one_recipient_lose_none() {
         let v = la.kv_get(Table::CapHistory, key).await.unwrap().unwrap();
         SendLog::decode(&v).unwrap()
     };
-    assert_eq!(row().await.len(), 6, "a send counted by one instance was lost");
+    assert_eq!(
+        row().await.len(),
+        6,
+        "a send counted by one instance was lost"
+    );
 
     // B's send at t0 did not happen after all: one send at t0 is un-counted, A's stays.
     lb.kv_many(cb.release(&s, at(0))).await.unwrap();
     let log = row().await;
     assert_eq!(log.len(), 5);
-    assert_eq!(log.encode()[16..], sendwell::pipeline::limits::caps::to_secs(at(0)).to_le_bytes());
+    assert_eq!(
+        log.encode()[16..],
+        sendwell::pipeline::limits::caps::to_secs(at(0)).to_le_bytes()
+    );
 }

@@ -36,7 +36,10 @@ async fn close_daemon_connection(env: &TestEnv) {
     let http = reqwest::Client::new();
     let name = wait_for("the daemon's connection to be listed", T, async || {
         let text = http
-            .get(format!("{MGMT}/api/vhosts/{}/connections", env.broker.vhost))
+            .get(format!(
+                "{MGMT}/api/vhosts/{}/connections",
+                env.broker.vhost
+            ))
             .basic_auth("guest", Some("guest"))
             .send()
             .await

@@ -1878,9 +1878,7 @@ fn kv_touched(op: &KvOp, keys: &mut Vec<Key>) {
         KvOp::Put { table, key, .. }
         | KvOp::Delete { table, key }
         | KvOp::DeleteIf { table, key, .. }
-        | KvOp::LogSend { table, key, .. } => {
-            keys.push((Which::Kv(*table), key.as_slice().into()))
-        }
+        | KvOp::LogSend { table, key, .. } => keys.push((Which::Kv(*table), key.as_slice().into())),
         KvOp::PutJob { id, .. } | KvOp::ClaimJob { id, .. } => {
             keys.push((Which::Jobs, id.as_bytes().into()))
         }
