@@ -84,6 +84,14 @@ impl Session {
     }
 }
 
+impl Drop for Session {
+    /// A session dropped without its end being signalled (its setup failed half-way) still
+    /// ends what waits on it: the `work` watcher, the ack batcher.
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
+}
+
 struct Item {
     delivery: Delivery,
     job: Job,
@@ -705,7 +713,7 @@ impl Worker {
                 id,
                 to = %to.masked(),
                 unlogged,
-                "A job was published with a routing key other than its recipient's digits; sent on with the right key (logged at most once a minute, counted in sendwell_jobs_rerouted_total)."
+                "A job came with a routing key other than its recipient's digits (a publisher's wrong key, or a copy back from an older sendwell's per-shard delay queue); sent on with the right key (logged at most once a minute, counted in sendwell_jobs_rerouted_total)."
             );
         }
         let key = to.digits().to_string();
