@@ -8,7 +8,7 @@
 //!  sendwell.jobs.<shard>            (validate)        (store::ledger)    (cache)   (retries, pause)      (POST /messages)
 //!                                                                                 │
 //!  sendwell.outcomes ◄── amqp::publisher (confirmed) ◄── worker: ledger.finalize ◄┘ ──► ack
-//!  sendwell.delay.*  ◄── deferrals and long retries come back to the shard queue by TTL + dead-letter
+//!  sendwell.delay.*  ◄── deferrals and long retries come back by TTL + dead-letter through sendwell.jobs
 //!  sendwell.dead     ◄── invalid jobs and consent events, with header x-sendwell-reason
 //!  sendwell.consent  ──► amqp::consumer ─► consent::store (history, summary, cache) ◄── webhook STOP / YES
 //! ```

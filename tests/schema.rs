@@ -891,7 +891,6 @@ fn the_asyncapi_document_names_the_topology_the_daemon_declares() {
         ch["delay"]["address"]
             .as_str()
             .unwrap()
-            .replace("{shard}", "7")
             .replace("{tier}", "1s")
     );
 }

@@ -18,7 +18,10 @@ use tracing::Instrument;
 
 use super::provenance::Identity;
 use super::publisher::{PublishError, Publisher, json_properties};
-use super::topology::{CONSENT_EXCHANGE, DEAD, JOBS_EXCHANGE, Names, OUTCOMES_EXCHANGE};
+use super::topology::{
+    CONSENT_EXCHANGE, DEAD, DELAY_EXCHANGE, HEADER_DELAY_QUEUE, JOBS_EXCHANGE, Names,
+    OUTCOMES_EXCHANGE,
+};
 use crate::consent::flow::{ConsentFlow, Outgoing};
 use crate::consent::{Applied, ConsentEvent, EventDecoder};
 use crate::job::{Category, Invalid, Job, Outcome, OutcomeEvent};
@@ -49,6 +52,44 @@ pub struct Session {
     /// Cancelled when the connection is lost or closed: items of this session still waiting in
     /// a lane are skipped (the broker redelivers them on the next connection).
     pub token: CancellationToken,
+    /// Cancelled by the daemon's shutdown or by `token`: what a job of this session waits on
+    /// (pacing, the throughput gate, a store coming back, an inline retry). Once the session is
+    /// gone its jobs belong to the broker again, which may already have given them to another
+    /// instance (the queue's new active consumer): a job of a lost session must not go on to be
+    /// claimed and sent here, beside the copies and the new jobs of its recipient there.
+    pub work: CancellationToken,
+}
+
+impl Session {
+    /// A session whose `work` ends with `shutdown` or with the session (`token`).
+    pub fn new(
+        publisher: Publisher,
+        acks: Arc<super::acks::AckBatcher>,
+        token: CancellationToken,
+        shutdown: &CancellationToken,
+    ) -> Session {
+        let work = shutdown.child_token();
+        let (lost, w) = (token.clone(), work.clone());
+        // Ends with the session: its token is cancelled whichever way the session ends.
+        tokio::spawn(async move {
+            lost.cancelled().await;
+            w.cancel();
+        });
+        Session {
+            publisher,
+            acks,
+            token,
+            work,
+        }
+    }
+}
+
+impl Drop for Session {
+    /// A session dropped without its end being signalled (its setup failed half-way) still
+    /// ends what waits on it: the `work` watcher, the ack batcher.
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
 }
 
 struct Item {
@@ -228,6 +269,11 @@ impl Worker {
         }
     }
 
+    /// The daemon's shutdown (a session's `work` ends with it).
+    pub fn shutdown(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
     /// sendwell's identity on the broker (probes are stamped with it).
     pub fn identity(&self) -> &Identity {
         &self.identity
@@ -273,32 +319,37 @@ impl Worker {
             _ => {}
         }
         crate::metrics::job_received();
-        if let Some(due) = header_i64(&delivery.properties, HEADER_DUE)
+        let decoded = self.decoder.decode(&delivery.data);
+        if let Ok(job) = &decoded
+            && let Some(due) = header_i64(&delivery.properties, HEADER_DUE)
             && due > Timestamp::now().as_millisecond() + 50
         {
-            // Back from a delay tier shorter than the whole wait: wait some more.
+            // Back from a delay tier shorter than the whole wait: wait some more (through
+            // `sendwell.jobs` again, so it comes back to whichever shard owns the recipient
+            // then: see `delay`).
             let this = self.clone();
             let session = session.clone();
+            let digits = job.to.digits().to_string();
             self.tracker.spawn(async move {
                 let until = Timestamp::from_millisecond(due).unwrap_or(Timestamp::now());
                 let attempts = header_i64(&delivery.properties, HEADER_ATTEMPTS).unwrap_or(0);
                 let r = this
-                    .delay(&session, &delivery, until, attempts as u32)
+                    .delay(&session, &delivery, &digits, until, attempts as u32)
                     .await;
                 settle_failed(&session, r, "re-delay a job");
             });
             return;
         }
-        match self.decoder.decode(&delivery.data) {
+        match decoded {
             Err(refused) => self.refuse(delivery, session, refused),
-            Ok(job)
-                if delivery.routing_key.as_str() != job.to.digits()
-                    && header_i64(&delivery.properties, HEADER_ATTEMPTS).is_none() =>
-            {
-                // Not from our delay queues (those come back by queue name): published with a
-                // key that is not the recipient's digits. On another shard than the recipient's,
-                // its id would escape that shard's ledger; sent on with the right key, it
-                // reaches the recipient's shard, whose ledger dedupes it.
+            Ok(job) if delivery.routing_key.as_str() != job.to.digits() => {
+                // Published with a key that is not the recipient's digits (a publisher's bug),
+                // or back from a delay queue of an older sendwell (those return to their shard
+                // queue by name, whichever shard owns the recipient now). On another shard than
+                // the recipient's, it would be sent beside the recipient's other jobs there
+                // (caps and pacing kept by two instances) and its id could escape that shard's
+                // ledger; sent on with the right key, it reaches the recipient's shard, whose
+                // ledger dedupes it.
                 self.reroute(delivery, session, &job);
             }
             Ok(job) => self.schedule(Item {
@@ -643,7 +694,9 @@ impl Worker {
 
     /// Sends a job published with the wrong routing key on to `sendwell.jobs` with its
     /// recipient's digits, then acks it here. The copy keeps the original's properties and
-    /// headers (it has no `x-sendwell-*` ones: forged claims are refused before this).
+    /// headers. A copy back from an old delay queue keeps its `x-sendwell-*` delay headers (its
+    /// attempt count; `same_message` there): they were vouched for, or accepted as an old
+    /// build's (forged claims are refused before this), so the copy is stamped as sendwell's.
     fn reroute(self: &Arc<Self>, delivery: Delivery, session: &Arc<Session>, job: &Job) {
         self.reroute_to(delivery, session, &job.id, &job.to);
     }
@@ -660,23 +713,26 @@ impl Worker {
                 id,
                 to = %to.masked(),
                 unlogged,
-                "A job was published with a routing key other than its recipient's digits; sent on with the right key (logged at most once a minute, counted in sendwell_jobs_rerouted_total)."
+                "A job came with a routing key other than its recipient's digits (a publisher's wrong key, or a copy back from an older sendwell's per-shard delay queue); sent on with the right key (logged at most once a minute, counted in sendwell_jobs_rerouted_total)."
             );
         }
         let key = to.digits().to_string();
         let session = session.clone();
+        let identity = self.identity.clone();
         self.tracker.spawn(async move {
             let headers = delivery.properties.headers().clone().unwrap_or_default();
+            let ours = headers
+                .inner()
+                .keys()
+                .any(|k| k.as_str().starts_with("x-sendwell-"));
+            let mut props = carry_properties(&delivery, headers);
+            if ours {
+                props = identity.stamp(props);
+            }
             let r = async {
                 session
                     .publisher
-                    .publish(
-                        JOBS_EXCHANGE,
-                        &key,
-                        &delivery.data,
-                        carry_properties(&delivery, headers),
-                        true,
-                    )
+                    .publish(JOBS_EXCHANGE, &key, &delivery.data, props, true)
                     .await?;
                 ack(&session, &delivery).await
             }
@@ -695,8 +751,14 @@ impl Worker {
                 this.pipeline
                     .note_waiting(&item.job, attempts as u32)
                     .await?;
-                this.delay(&item.session, &item.delivery, until, attempts as u32)
-                    .await
+                this.delay(
+                    &item.session,
+                    &item.delivery,
+                    item.job.to.digits(),
+                    until,
+                    attempts as u32,
+                )
+                .await
             }
             .await;
             settle_failed(&item.session, r, "defer a job of a busy recipient");
@@ -713,9 +775,12 @@ impl Worker {
                         // its fields formatted (1–2 % of the daemon's CPU in the load bench);
                         // the few lines logged inside `process` name the job themselves.
                         let span = tracing::debug_span!("job", id = %item.job.id, account = %item.job.account);
+                        // The session's `work`, not only the shutdown: a job waiting in here
+                        // when the session is lost stops waiting and is not sent (see
+                        // `Session::work`).
                         let disposition = self
                             .pipeline
-                            .process(&item.job, item.same_message, &self.shutdown)
+                            .process(&item.job, item.same_message, &item.session.work)
                             .instrument(span)
                             .await;
                         let r = self.settle(item, disposition).await;
@@ -850,8 +915,14 @@ impl Worker {
                 crate::metrics::job_deferred(&job.account, reason);
                 tracing::debug!(id = %job.id, reason, %until, "Job deferred.");
                 self.pipeline.note_waiting(job, attempts).await?;
-                self.delay(&item.session, &item.delivery, until, attempts)
-                    .await
+                self.delay(
+                    &item.session,
+                    &item.delivery,
+                    job.to.digits(),
+                    until,
+                    attempts,
+                )
+                .await
             }
             Disposition::Finish(outcome) => {
                 let event = OutcomeEvent::for_job(
@@ -950,7 +1021,8 @@ impl Worker {
                 Ok(())
             }
             Disposition::Abandon => {
-                if !self.shutdown.is_cancelled() {
+                // A lost session: the broker has the job back already; nothing to nack.
+                if !self.shutdown.is_cancelled() && !item.session.token.is_cancelled() {
                     // The store failed: give it a moment, and if it cannot be written (a full
                     // disk), wait until it can; then let the broker redeliver. Nacking sooner
                     // would only cycle the job toward the broker's delivery limit.
@@ -999,11 +1071,16 @@ impl Worker {
         Ok(())
     }
 
-    /// Sends the message to a delay queue that dead-letters it back to the shard queue, then acks.
+    /// Sends the message to a delay queue, then acks. It goes through the headers exchange
+    /// `sendwell.delay` (which picks the tier's queue by header) with the recipient's `digits` as
+    /// routing key; the queue dead-letters it to `sendwell.jobs` with that key, so it comes back
+    /// to the shard that owns the recipient when it is due, not to this one: after a shard is
+    /// added or removed, that is where the recipient's new jobs go (`amqp::topology`).
     async fn delay(
         &self,
         session: &Session,
         delivery: &Delivery,
+        digits: &str,
         until: Timestamp,
         attempts: u32,
     ) -> Result<(), SettleError> {
@@ -1025,11 +1102,15 @@ impl Worker {
             ShortString::from(HEADER_ATTEMPTS),
             AMQPValue::LongLongInt(attempts as i64),
         );
+        headers.insert(
+            ShortString::from(HEADER_DELAY_QUEUE),
+            AMQPValue::LongString(LongString::from(queue.as_str())),
+        );
         session
             .publisher
             .publish(
-                "",
-                &queue,
+                DELAY_EXCHANGE,
+                digits,
                 &delivery.data,
                 // Back on the shard queue, its x-sendwell-* headers must be vouched for.
                 self.identity.stamp(carry_properties(delivery, headers)),

@@ -302,11 +302,12 @@ async fn setup(
     publish_channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    let session = Arc::new(Session {
-        publisher: Publisher::new(publish_channel, token.clone()),
-        acks: Arc::new(acks::AckBatcher::default()),
+    let session = Arc::new(Session::new(
+        Publisher::new(publish_channel, token.clone()),
+        Arc::new(acks::AckBatcher::default()),
         token,
-    });
+        worker.shutdown(),
+    ));
     tokio::spawn(session.acks.clone().run(session.token.clone()));
 
     let consume_channel = conn.create_channel().await?;

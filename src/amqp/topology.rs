@@ -1,5 +1,17 @@
 //! CONTRACT §1, declared idempotently at every (re)connect, plus the delay queues that carry
-//! deferrals and long retries back to the shard queue.
+//! deferrals and long retries back through `sendwell.jobs`.
+//!
+//! The delay queues belong to no shard: a copy is published to the headers exchange
+//! [`DELAY_EXCHANGE`] with its recipient's digits as routing key and the tier's queue named in
+//! header [`HEADER_DELAY_QUEUE`]; its queue dead-letters it to `sendwell.jobs` without a
+//! dead-letter routing key, so RabbitMQ keeps the routing key it was published with (its
+//! "Dead Letter Exchanges" guide: "If the routing key is not set, the message's own routing keys
+//! are used"; the same on 3.10 and 4.x). The consistent-hash exchange then takes it to the
+//! shard that owns the recipient *when it returns*: after a shard was added or removed that is
+//! the shard new jobs of the recipient go to, so one instance sends to a recipient at a time.
+//! (Delay queues of older builds, `sendwell.delay.<shard>.<tier>`, dead-letter to the shard
+//! queue by name; they are no longer declared, drain by their TTL, and the consumer sends what
+//! comes back from them on to the recipient's shard: docs/operations.md, "Upgrades".)
 //!
 //! Every queue is a quorum queue (replicated, durable). Dead-lettering from the shard and delay
 //! queues is `at-least-once` (needs `x-overflow = reject-publish`), so a message in transit
@@ -21,6 +33,13 @@ pub const CONSENT_EXCHANGE: &str = "sendwell.consent";
 /// shard through this fanout; customer-level events go through `sendwell.jobs` instead.
 pub const WEBHOOKS_EXCHANGE: &str = "sendwell.webhooks";
 pub const DELIVERY_LIMIT: i64 = 20;
+/// Headers exchange in front of the delay queues: routes by [`HEADER_DELAY_QUEUE`] alone, so the
+/// routing key is free to be the recipient's digits, which dead-lettering keeps.
+pub const DELAY_EXCHANGE: &str = "sendwell.delay";
+/// The delay queue a copy is for (its name). Not `x-` prefixed: a headers exchange ignores
+/// binding arguments that begin with `x-` when matching (RabbitMQ's headers exchange; `x-match
+/// = all-with-x` would include them, but exists only from 3.10 on, and needs nothing here).
+pub const HEADER_DELAY_QUEUE: &str = "sendwell-delay-queue";
 
 /// Delay tiers: a wait is spent in the longest tier that fits and re-delayed for the rest, so
 /// each queue has one TTL and messages expire in order (per-message TTLs would block behind the
@@ -53,7 +72,15 @@ impl Names {
         }
     }
 
+    /// A tier's delay queue: shared by every shard (what it holds goes back through
+    /// `sendwell.jobs`, to whichever shard owns each recipient then).
     pub fn delay_queue(&self, tier: &str) -> String {
+        delay_queue(tier)
+    }
+
+    /// The delay queue of this shard in builds before shared delay queues: it dead-letters to
+    /// the shard queue by name. Not declared any more; named for the docs and the tests.
+    pub fn legacy_delay_queue(&self, tier: &str) -> String {
         format!("sendwell.delay.{}.{tier}", self.shard)
     }
 
@@ -66,6 +93,11 @@ impl Names {
             .unwrap_or(&DELAY_TIERS[0]);
         self.delay_queue(tier.0)
     }
+}
+
+/// A tier's delay queue (see [`Names::delay_queue`]).
+pub fn delay_queue(tier: &str) -> String {
+    format!("{DELAY_EXCHANGE}.{tier}")
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -257,20 +289,40 @@ pub async fn declare(ch: &Channel, names: &Names) -> Result<(), TopologyError> {
     )
     .await?;
 
+    ch.exchange_declare(
+        DELAY_EXCHANGE.into(),
+        ExchangeKind::Headers,
+        exchange_opts(),
+        FieldTable::default(),
+    )
+    .await
+    .map_err(|e| classify("exchange sendwell.delay", e))?;
     for (tier, ttl) in DELAY_TIERS {
-        let q = names.delay_queue(tier);
+        let q = delay_queue(tier);
+        // No `x-dead-letter-routing-key`: the copy goes back with the key it was published
+        // with, its recipient's digits (see the module's note).
         let mut args = vec![
             (
                 "x-message-ttl",
                 AMQPValue::LongLongInt(ttl.as_millis() as i64),
             ),
-            ("x-dead-letter-exchange", s("")),
-            ("x-dead-letter-routing-key", s(&names.jobs_queue)),
+            ("x-dead-letter-exchange", s(JOBS_EXCHANGE)),
         ];
         args.extend(dead_lettering.iter().cloned());
         ch.queue_declare(q.as_str().into(), durable(), quorum_args(&args))
             .await
             .map_err(|e| classify(&format!("queue {q}"), e))?;
+        let mut binding = FieldTable::default();
+        binding.insert(ShortString::from("x-match"), s("all"));
+        binding.insert(ShortString::from(HEADER_DELAY_QUEUE), s(&q));
+        ch.queue_bind(
+            q.as_str().into(),
+            DELAY_EXCHANGE.into(),
+            "".into(),
+            QueueBindOptions::default(),
+            binding,
+        )
+        .await?;
     }
     Ok(())
 }
@@ -284,19 +336,19 @@ mod tests {
         let n = Names::new(3);
         assert_eq!(
             n.delay_queue_for(Duration::from_millis(10)),
-            "sendwell.delay.3.1s"
+            "sendwell.delay.1s"
         );
         assert_eq!(
             n.delay_queue_for(Duration::from_secs(7)),
-            "sendwell.delay.3.5s"
+            "sendwell.delay.5s"
         );
         assert_eq!(
             n.delay_queue_for(Duration::from_secs(90)),
-            "sendwell.delay.3.30s"
+            "sendwell.delay.30s"
         );
         assert_eq!(
             n.delay_queue_for(Duration::from_secs(86400)),
-            "sendwell.delay.3.1h"
+            "sendwell.delay.1h"
         );
     }
 }

@@ -101,6 +101,8 @@ impl Pipeline {
     /// Decides one job. `same_message`: this delivery is a copy of a message already taken
     /// (redelivered by the broker, or back from our own delay queue): when its job is done it is
     /// acked silently, while a new publication of a finished id gets a `duplicate` event.
+    /// `shutdown`: the daemon stopping, or the job's broker session lost: every wait ends with
+    /// `Abandon`, and no send is claimed once it is cancelled.
     pub async fn process(
         &self,
         job: &Job,
@@ -313,6 +315,15 @@ impl Pipeline {
                 Ok(also) => also,
                 Err(held) => return held,
             };
+            // `shutdown` also ends with the job's broker session (the consumer passes its
+            // session's token): a session lost while this job waited above has given the job
+            // back to the broker, and maybe to another instance already. Nothing is claimed
+            // after that; the job is left to its redelivery. (Its counts were not written.)
+            if shutdown.is_cancelled() {
+                attempt.inconclusive();
+                self.limits.release(job, &mut counted);
+                return Disposition::Abandon;
+            }
             if self
                 .record_sending(&attempt, *attempts + 1, *held, also, &mut counted)
                 .await

@@ -480,6 +480,21 @@ pub enum KvOp {
         key: Vec<u8>,
         value: Vec<u8>,
     },
+    /// One send counted (`add`) or un-counted at `at` in a send log (the frequency caps'
+    /// rows: u32 LE seconds, newest first, at most `keep` of them). `log` is the writer's whole
+    /// log after the change: redb (one process, one writer) stores it as it is, or deletes the
+    /// row when it is empty, exactly as a `Put`/`Delete` did. PostgreSQL applies the change to
+    /// the row as it stands, under the row's lock (`sw_log_send`, migration 0005), so two
+    /// instances counting sends to one recipient at once each add theirs instead of one
+    /// overwriting the other's; `log` is written only where there is no row yet.
+    LogSend {
+        table: Table,
+        key: Vec<u8>,
+        log: Vec<u8>,
+        at: u32,
+        add: bool,
+        keep: u8,
+    },
     /// Records a job's ledger entry (with [`super::Ledger::put_with`]: together with what it implies).
     PutJob {
         id: String,
@@ -1805,6 +1820,17 @@ fn apply_kv(
             }
             same as u64
         }
+        KvOp::LogSend {
+            table, key, log, ..
+        } => {
+            let t = tables.get(*table)?;
+            if log.is_empty() {
+                t.remove(key.as_slice())?;
+            } else {
+                t.insert(key.as_slice(), log.as_slice())?;
+            }
+            1
+        }
         KvOp::PutJob { id, entry } => {
             let seq = seqs.for_entry(id, entry);
             jobs.insert(id.as_str(), entry.encode(seq).as_slice())?;
@@ -1851,9 +1877,8 @@ fn kv_touched(op: &KvOp, keys: &mut Vec<Key>) {
     match op {
         KvOp::Put { table, key, .. }
         | KvOp::Delete { table, key }
-        | KvOp::DeleteIf { table, key, .. } => {
-            keys.push((Which::Kv(*table), key.as_slice().into()))
-        }
+        | KvOp::DeleteIf { table, key, .. }
+        | KvOp::LogSend { table, key, .. } => keys.push((Which::Kv(*table), key.as_slice().into())),
         KvOp::PutJob { id, .. } | KvOp::ClaimJob { id, .. } => {
             keys.push((Which::Jobs, id.as_bytes().into()))
         }

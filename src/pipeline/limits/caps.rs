@@ -66,6 +66,19 @@ const ID_BITS: u32 = 64 - NUMBER_BITS;
 // Config validation bounds the logs a configuration may define by what this key can hold.
 const _: () = assert!(MAX_SCOPES == 1 << ID_BITS);
 
+/// The row of a log that changed by one send at `at` (`add`: counted, else un-counted): the
+/// change for PostgreSQL, the whole log for redb (an empty one deletes the row).
+fn log_send(key: Vec<u8>, log: &SendLog, at: u32, add: bool, keep: usize) -> KvOp {
+    KvOp::LogSend {
+        table: Table::CapHistory,
+        key,
+        log: log.encode(),
+        at,
+        add,
+        keep: keep.min(K) as u8,
+    }
+}
+
 /// `t` as whole seconds since [`CAP_EPOCH_UNIX`], floored (so a rule is exact on the second
 /// grid whatever the sub-second part) and clamped to `0..=u32::MAX`.
 pub fn to_secs(t: Timestamp) -> u32 {
@@ -535,8 +548,13 @@ impl Caps {
     }
 
     /// Counts a send at `now` in every applicable cap's log (call right before the API call);
-    /// returns the `KvOp::Put` rows to write in the same transaction as the send record.
+    /// returns the `KvOp::LogSend` rows to write in the same transaction as the send record.
     /// Counts unconditionally: [`Self::check`] (or [`Self::check_and_reserve`]) first.
+    ///
+    /// The rows carry the change, not only the log: on PostgreSQL another instance may have
+    /// counted a send to the same recipient since this one read the row (a shard added or
+    /// removed, a failover), and a whole-log put would erase it; the change is applied to the
+    /// row as it stands. On redb the whole log is written, as before.
     pub fn reserve(&self, s: &CapSubject<'_>, now: Timestamp) -> Vec<KvOp> {
         let Some((ids, number)) = self.applicable(s) else {
             return Vec::new();
@@ -544,13 +562,10 @@ impl Caps {
         let at = to_secs(now);
         ids.iter()
             .map(|&id| {
+                let keep = self.cap_of(id).keep;
                 let mut log = self.logs.entry(pack(id, number)).or_default();
-                log.record(at, self.cap_of(id).keep);
-                KvOp::Put {
-                    table: Table::CapHistory,
-                    key: self.store_key(s.digits, id),
-                    value: log.encode(),
-                }
+                log.record(at, keep);
+                log_send(self.store_key(s.digits, id), &log, at, true, keep)
             })
             .collect()
     }
@@ -588,18 +603,12 @@ impl Caps {
                 continue;
             }
             let key = self.store_key(s.digits, id);
+            let keep = self.cap_of(id).keep;
+            // As a change too (see `reserve`): un-counting by a whole-log put would also erase
+            // what another instance counted meanwhile.
+            ops.push(log_send(key, e.get(), at, false, keep));
             if e.get().is_empty() {
                 e.remove();
-                ops.push(KvOp::Delete {
-                    table: Table::CapHistory,
-                    key,
-                });
-            } else {
-                ops.push(KvOp::Put {
-                    table: Table::CapHistory,
-                    key,
-                    value: e.get().encode(),
-                });
             }
         }
         ops
@@ -1239,22 +1248,31 @@ mod tests {
         assert!(c.check(&s, at(D0 + 20)).is_some());
         let ops = c.release(&s, t2);
         let key = b"491701234567\0b:acme\0marketing".to_vec();
+        // The change (for PostgreSQL) and the log it leaves (for redb).
         assert_eq!(
             ops,
-            vec![KvOp::Put {
+            vec![KvOp::LogSend {
                 table: Table::CapHistory,
                 key: key.clone(),
-                value: D0.to_le_bytes().to_vec(),
+                log: D0.to_le_bytes().to_vec(),
+                at: D0 + 10,
+                add: false,
+                keep: 2,
             }]
         );
         assert!(c.check(&s, at(D0 + 20)).is_none());
         // Releasing twice is harmless.
         assert!(c.release(&s, t2).is_empty());
+        // The last entry: an empty log, which redb deletes.
         assert_eq!(
             c.release(&s, t1),
-            vec![KvOp::Delete {
+            vec![KvOp::LogSend {
                 table: Table::CapHistory,
                 key,
+                log: Vec::new(),
+                at: D0,
+                add: false,
+                keep: 2,
             }]
         );
         assert_eq!(c.len(), 0);
@@ -1296,7 +1314,7 @@ mod tests {
             .reserve(&mkt("acme-fr", NUM), at(D0))
             .into_iter()
             .map(|op| match op {
-                KvOp::Put { table, key, .. } => {
+                KvOp::LogSend { table, key, .. } => {
                     assert_eq!(table, Table::CapHistory);
                     key
                 }

@@ -112,6 +112,8 @@ struct TableStmts {
     insert_if_absent: Statement,
     /// [`TableStmts::put`] for many rows at once (see [`Plan`]).
     put_many: Statement,
+    /// [`KvOp::LogSend`]: the change applied to the row under its lock.
+    log_send: Statement,
 }
 
 /// The parameters of the multi-row ledger statements: one array per column.
@@ -197,6 +199,12 @@ impl Stmts {
                     "INSERT INTO {n} (key, value) SELECT * FROM unnest($1::bytea[], $2::bytea[]) \
                      ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
                 ),
+                // ON CONFLICT DO UPDATE locks the row and sees its latest committed version,
+                // so concurrent changes of one log apply one after the other, none lost.
+                format!(
+                    "INSERT INTO {n} (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE \
+                     SET value = sw_log_send({n}.value, $3::int8, $4::bool, $5::int4)"
+                ),
             ]);
         }
         // Prepared together: one round trip, not a hundred.
@@ -217,6 +225,7 @@ impl Stmts {
                 delete_if: next(),
                 insert_if_absent: next(),
                 put_many: next(),
+                log_send: next(),
             })
             .collect();
         Ok(Stmts {
@@ -315,6 +324,18 @@ fn op_future<'a>(c: &'a Client, st: &'a Stmts, op: &'a KvOp) -> Fut<'a> {
         KvOp::DeleteIf { table, key, value } => {
             Box::pin(async move { c.execute(&st.t(*table).delete_if, &[key, value]).await })
         }
+        KvOp::LogSend {
+            table,
+            key,
+            log,
+            at,
+            add,
+            keep,
+        } => Box::pin(async move {
+            let (at, keep) = (i64::from(*at), i32::from(*keep));
+            c.execute(&st.t(*table).log_send, &[key, log, &at, add, &keep])
+                .await
+        }),
         KvOp::PutJob { id, entry } | KvOp::ClaimJob { id, entry, .. } => Box::pin(async move {
             let (state, attempts) = (state_code(entry.state), entry.attempts as i32);
             c.execute(
@@ -497,9 +518,11 @@ impl<'a> Plan<'a> {
                 self.jobs.insert(id, entry);
                 *count += 1;
             }
+            // A log change is never folded into a multi-row put: each one counts.
             KvOp::Delete { table, .. }
             | KvOp::DeletePrefix { table, .. }
-            | KvOp::DeleteIf { table, .. } => {
+            | KvOp::DeleteIf { table, .. }
+            | KvOp::LogSend { table, .. } => {
                 self.flush(*table);
                 self.steps.push(Step::Op(i, op));
             }
