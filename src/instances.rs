@@ -48,6 +48,11 @@ const TAKEOVER_TARGET: Duration = Duration::from_secs(2);
 /// How long the takeover waits for the registry row to say `active_since`; the next heartbeat
 /// writes it otherwise (a database outage must not hold the jobs).
 const ACTIVE_NOTE_WITHIN: Duration = Duration::from_secs(2);
+/// Heartbeats failing this long: the instance gives up its rate share (the others count it
+/// dead at 10 s, the registry's liveness, and take it), keeping [`YIELD_SHARDS`]' worth.
+const YIELD_AFTER: Duration = Duration::from_secs(8);
+/// The share kept meanwhile: the rate split as if over this many shards (next to nothing).
+const YIELD_SHARDS: u32 = 1000;
 /// Bound on one heartbeat round trip (the pool's own timeouts come first normally).
 const BEAT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Rows dead for a day are purged about this often (by every instance; the statement is cheap).
@@ -351,6 +356,11 @@ pub struct Heartbeats {
     failing: AtomicU64,
     /// Latest live shards, for the task that runs the shard hooks (coalescing changes).
     shards: watch::Sender<Option<Vec<i32>>>,
+    /// When a heartbeat last worked (the start counts): past [`YIELD_AFTER`] the others are
+    /// about to count this instance dead and take its share.
+    last_ok: Mutex<tokio::time::Instant>,
+    /// Whether this instance gave up its share for heartbeats that fail ([`YIELD_AFTER`]).
+    yielded: AtomicBool,
 }
 
 impl Heartbeats {
@@ -369,6 +379,8 @@ impl Heartbeats {
             writes: tokio::sync::Mutex::new(()),
             failing: AtomicU64::new(0),
             shards: watch::channel(None).0,
+            last_ok: Mutex::new(tokio::time::Instant::now()),
+            yielded: AtomicBool::new(false),
         })
     }
 
@@ -392,6 +404,8 @@ impl Heartbeats {
                 return false;
             }
         };
+        *lock(&self.last_ok) = tokio::time::Instant::now();
+        self.yielded.store(false, Ordering::SeqCst);
         let failed = self.failing.swap(0, Ordering::SeqCst);
         if failed > 0 {
             tracing::info!(
@@ -427,7 +441,19 @@ impl Heartbeats {
         if self.failing.fetch_add(1, Ordering::SeqCst) == 0 {
             tracing::warn!(
                 error = why,
-                "The instance registry cannot be written (heartbeat failed); retrying every 2 s, rate shares stay as they are (logged once per outage; sendwell_instance_heartbeat_failures_total counts each)."
+                "The instance registry cannot be written (heartbeat failed); retrying every 2 s, rate shares stay as they are for 8 s (logged once per outage; sendwell_instance_heartbeat_failures_total counts each)."
+            );
+        }
+        // The others count this instance dead 10 s after its last heartbeat and split the rate
+        // without it; sending on at the old share would then exceed the account's rate. Jobs
+        // mostly wait anyway while the database does not answer; if only the heartbeats fail
+        // (a pool too busy), going slow also eases that.
+        if lock(&self.last_ok).elapsed() >= YIELD_AFTER
+            && !self.yielded.swap(true, Ordering::SeqCst)
+        {
+            (self.apply)(YIELD_SHARDS);
+            tracing::warn!(
+                "No heartbeat for 8 s: the other instances will soon count this one dead and take its rate share, so it sends at a thousandth of each account's rate until a heartbeat works again."
             );
         }
     }
@@ -603,6 +629,29 @@ mod tests {
             .expect("the takeover ends though a hook panicked")
             .expect("the panic stays inside the takeover");
         assert!(!i.describe().contains("taking over:"), "{}", i.describe());
+    }
+
+    /// The others take this instance's share 10 s after its last heartbeat: it must have given
+    /// it up by then, once (not at every failed heartbeat), and take it back at the next one
+    /// that works (not tested here: that needs a database).
+    #[tokio::test]
+    async fn an_instance_whose_heartbeats_fail_for_8_s_gives_up_its_share_once() {
+        let applied = Arc::new(Mutex::new(Vec::new()));
+        let hb = {
+            let applied = applied.clone();
+            Heartbeats::new(
+                Instance::new(0),
+                Registry::unreachable(),
+                Box::new(move |n| lock(&applied).push(n)),
+            )
+        };
+        assert!(!hb.beat().await);
+        assert!(lock(&applied).is_empty(), "gave up its share at once");
+        // As if the last heartbeat that worked were 9 s ago.
+        *lock(&hb.last_ok) = tokio::time::Instant::now() - Duration::from_secs(9);
+        assert!(!hb.beat().await);
+        assert!(!hb.beat().await);
+        assert_eq!(*lock(&applied), vec![YIELD_SHARDS]);
     }
 
     #[test]

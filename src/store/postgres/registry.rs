@@ -62,6 +62,22 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// A registry whose database never answers (a port nothing listens on), for tests of what
+    /// an instance does while its heartbeats fail.
+    #[cfg(test)]
+    pub fn unreachable() -> Self {
+        let mut c = tokio_postgres::Config::new();
+        c.host("127.0.0.1").port(1).user("nobody").dbname("nothing");
+        c.connect_timeout(std::time::Duration::from_secs(1));
+        let manager = deadpool_postgres::Manager::new(c, tokio_postgres::NoTls);
+        let pool = Pool::builder(manager)
+            .max_size(1)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .expect("a pool needs no connection to be built");
+        Registry { pool }
+    }
+
     pub(super) fn new(pool: Pool) -> Self {
         Registry { pool }
     }
