@@ -50,6 +50,10 @@ const XMIN: &str = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::int8";
 const CHANGED: &str = "SELECT DISTINCT tbl, key FROM sw_follow WHERE xid >= $1::int8::text::xid8";
 const SUMMARY_ROWS: &str = "SELECT key, value FROM sw_consent_summary WHERE key = ANY($1)";
 const WA_ID_ROWS: &str = "SELECT key, value FROM sw_wa_ids WHERE key = ANY($1)";
+/// How far the log has been purged (migration 6), read in each poll's snapshot.
+const PURGED: &str = "SELECT below FROM sw_follow_purged";
+/// Raised before a purge deletes anything, so that no follower can miss rows unawares.
+const MARK_PURGED: &str = "UPDATE sw_follow_purged SET below = greatest(below, $1)";
 /// One chunk of a purge: rows by a range of the xid index, deleted by their tuple ids.
 const PURGE: &str = "DELETE FROM sw_follow WHERE ctid = ANY(ARRAY(\
      SELECT ctid FROM sw_follow WHERE xid < $1::int8::text::xid8 LIMIT $2))";
@@ -91,6 +95,10 @@ pub enum FollowError {
         humantime::format_duration(Duration::from_secs(.0.as_secs()))
     )]
     FellBehind(Duration),
+    #[error(
+        "the follow log was purged past this instance's consent cache (watermark {watermark}, purged below {below}): changes other instances made may be gone, so the cache may be stale (a restart loads it whole)"
+    )]
+    Purged { watermark: i64, below: i64 },
 }
 
 /// [`FollowHandle::sync`] could not wait: the follower has stopped (shutdown).
@@ -178,6 +186,8 @@ pub struct Follower {
     samples: VecDeque<(Instant, i64)>,
     /// Past this age, log rows are purged.
     purge_after: Duration,
+    /// Set when a poll found the log purged past the watermark: [`Self::run`] stops then.
+    purged_past: Option<i64>,
     shared: Arc<Shared>,
     /// Tells [`FollowHandle::sync`] which poll was applied last.
     applied: watch::Sender<u64>,
@@ -209,6 +219,7 @@ impl Follower {
             last_ok: now,
             samples: VecDeque::from([(now, watermark)]),
             purge_after: PURGE_AFTER,
+            purged_past: None,
             shared: shared.clone(),
             applied,
         };
@@ -240,7 +251,14 @@ impl Follower {
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.shared.wake.notified() => {}
             }
-            match self.poll_once().await {
+            let polled = self.poll_once().await;
+            if let Some(below) = self.purged_past {
+                return Err(FollowError::Purged {
+                    watermark: self.watermark,
+                    below,
+                });
+            }
+            match polled {
                 Ok(()) => {
                     if let Some((since, failed)) = failing.take() {
                         tracing::info!(
@@ -297,12 +315,20 @@ impl Follower {
                 .map_err(pg_error)?;
             let xmin_st = tx.prepare_cached(XMIN).await.map_err(pg_error)?;
             let changed_st = tx.prepare_cached(CHANGED).await.map_err(pg_error)?;
+            let purged_st = tx.prepare_cached(PURGED).await.map_err(pg_error)?;
             // Sent together (one round trip); the same snapshot either way.
             let from: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&self.watermark];
-            let (xmin, logged) =
-                futures_util::try_join!(tx.query_one(&xmin_st, &[]), tx.query(&changed_st, &from))
-                    .map_err(pg_error)?;
+            let (xmin, logged, purged) = futures_util::try_join!(
+                tx.query_one(&xmin_st, &[]),
+                tx.query(&changed_st, &from),
+                tx.query_one(&purged_st, &[])
+            )
+            .map_err(pg_error)?;
             let xmin: i64 = xmin.try_get(0).map_err(pg_error)?;
+            let below: i64 = purged.try_get(0).map_err(pg_error)?;
+            if below > self.watermark {
+                return Ok(Err(below));
+            }
             // Cloned: a poll that fails keeps them for the next one.
             let mut keys: HashSet<(Table, Vec<u8>)> = self.carry.clone();
             for row in logged {
@@ -341,11 +367,20 @@ impl Follower {
                 }));
             }
             tx.commit().await.map_err(pg_error)?;
-            Ok((xmin, rows))
+            Ok(Ok((xmin, rows)))
         }
         .await;
         // Nothing moved on failure: the watermark and the carried keys stay for the next poll.
-        let (xmin, rows) = self.store.noted(r)?;
+        let (xmin, rows) = match self.store.noted(r)? {
+            Ok(read) => read,
+            Err(below) => {
+                self.purged_past = Some(below);
+                return Err(LedgerError::Store(format!(
+                    "the follow log was purged below {below}, past this follower's watermark {}",
+                    self.watermark
+                )));
+            }
+        };
         Ok(Batch {
             seq,
             started,
@@ -400,6 +435,9 @@ impl Follower {
             _ => return Ok(0),
         };
         let c = self.store.conn().await?;
+        // First, and committed on its own: a follower behind `below` learns it before any row
+        // it needs is gone.
+        c.execute(MARK_PURGED, &[&below]).await.map_err(pg_error)?;
         let st = c.prepare_cached(PURGE).await.map_err(pg_error)?;
         let mut deleted = 0;
         loop {
@@ -418,6 +456,15 @@ impl Follower {
     #[cfg(test)]
     pub(crate) fn set_purge_after(&mut self, d: Duration) {
         self.purge_after = d;
+    }
+
+    /// For tests: a poll sample as if taken [`PURGE_AFTER`] ago with this xmin.
+    #[cfg(test)]
+    pub(crate) fn add_sample_an_hour_old(&mut self, xmin: i64) {
+        let at = Instant::now()
+            .checked_sub(PURGE_AFTER)
+            .unwrap_or_else(Instant::now);
+        self.samples.push_front((at, xmin));
     }
 
     /// For tests: the watermark the next poll reads from.

@@ -310,6 +310,8 @@ async fn the_follow_log_is_purged_by_the_xmin_of_an_old_enough_poll() {
         "rows written after the sample were purged"
     );
     assert!(f.watermark() >= from);
+    // The purging follower itself is past what it purged: it goes on.
+    f.poll_once().await.unwrap();
 }
 
 /// Only the two consent cache tables log their changes: the job path (ledger, wamids,
@@ -384,4 +386,38 @@ async fn a_stop_applied_beside_another_instances_opt_in_is_never_overwritten() {
         messageable.len(),
         numbers.len()
     );
+}
+
+/// A follower that did not poll while another instance purged the log past its watermark (a
+/// process stopped for an hour, a host suspended: its own clock need not have counted that
+/// time) stops, rather than going on with a cache that may miss what the purged rows named.
+#[tokio::test]
+async fn a_follower_whose_watermark_was_purged_past_stops() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let a = store(&db).await;
+    let pg = db.open().await;
+    let from = pg.snapshot_xmin().await.unwrap();
+    let b = store(&db).await;
+    // Polling every 50 ms once it runs (below); not before the purge.
+    let behind = Follower::new(db.open().await, b.clone(), from, Duration::from_millis(50)).0;
+    opt_in(&a, "4917000020100").await;
+    // Another instance purges below `from + 1`, as if a poll of its own an hour ago had seen
+    // that xmin (a purge never goes past the purging follower's own watermark).
+    let c = store(&db).await;
+    let mut purger = manual_follower(&db, &c, from + 1).await;
+    purger.add_sample_an_hour_old(from + 1);
+    purger.set_purge_after(Duration::ZERO);
+    purger.purge_if_due().await.unwrap();
+
+    let stop = CancellationToken::new();
+    let r = tokio::time::timeout(WITHIN, behind.run(stop.clone())).await;
+    stop.cancel();
+    match r {
+        Ok(Err(e @ super::follow::FollowError::Purged { .. })) => {
+            assert!(e.to_string().contains("purged"), "{e}");
+        }
+        other => panic!("the follower went on behind a purge: {other:?}"),
+    }
 }

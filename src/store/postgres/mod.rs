@@ -1080,7 +1080,13 @@ impl PgStore {
     pub async fn drop_all(&self) -> Result<(), LedgerError> {
         let r = async {
             let c = self.conn().await?;
-            let mut names = vec!["sw_ledger", "sw_migrations", "sw_follow", "sw_instances"];
+            let mut names = vec![
+                "sw_ledger",
+                "sw_migrations",
+                "sw_follow",
+                "sw_follow_purged",
+                "sw_instances",
+            ];
             names.extend(Table::ALL.iter().map(|t| t.pg_name()));
             c.batch_execute(&format!(
                 "DROP TABLE IF EXISTS {}; DROP FUNCTION IF EXISTS sw_follow_log()",

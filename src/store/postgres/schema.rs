@@ -17,6 +17,11 @@ pub(super) const MIGRATIONS: &[(i32, &str, &str)] = &[
     ),
     (3, "follow", include_str!("migrations/0003_follow.sql")),
     (5, "log_send", include_str!("migrations/0005_log_send.sql")),
+    (
+        6,
+        "follow_purged",
+        include_str!("migrations/0006_follow_purged.sql"),
+    ),
 ];
 
 /// The newest version this binary knows.
