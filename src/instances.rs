@@ -388,6 +388,9 @@ impl Heartbeats {
     /// the shares. False when the database could not be reached (counted; logged once per
     /// outage); the shares stay as they were.
     pub async fn beat(&self) -> bool {
+        // The others date this heartbeat by when the database took it: at the latest, when
+        // its answer comes; at the earliest, now. The earlier is the safe one for yielding.
+        let started = tokio::time::Instant::now();
         let result = {
             let _w = self.writes.lock().await;
             let active = self.active.load(Ordering::SeqCst);
@@ -404,7 +407,7 @@ impl Heartbeats {
                 return false;
             }
         };
-        *lock(&self.last_ok) = tokio::time::Instant::now();
+        *lock(&self.last_ok) = started;
         self.yielded.store(false, Ordering::SeqCst);
         let failed = self.failing.swap(0, Ordering::SeqCst);
         if failed > 0 {
@@ -444,10 +447,15 @@ impl Heartbeats {
                 "The instance registry cannot be written (heartbeat failed); retrying every 2 s, rate shares stay as they are for 8 s (logged once per outage; sendwell_instance_heartbeat_failures_total counts each)."
             );
         }
-        // The others count this instance dead 10 s after its last heartbeat and split the rate
-        // without it; sending on at the old share would then exceed the account's rate. Jobs
-        // mostly wait anyway while the database does not answer; if only the heartbeats fail
-        // (a pool too busy), going slow also eases that.
+        self.yield_if_overdue();
+    }
+
+    /// The others count this instance dead 10 s after its last heartbeat and split the rate
+    /// without it; sending on at the old share would then exceed the account's rate. Jobs
+    /// mostly wait anyway while the database does not answer; if only the heartbeats fail (a
+    /// pool too busy), going slow also eases that. Called after a failed heartbeat, and by a
+    /// task of [`Self::run`] on time (a heartbeat may hang for [`BEAT_TIMEOUT`] first).
+    fn yield_if_overdue(&self) {
         if lock(&self.last_ok).elapsed() >= YIELD_AFTER
             && !self.yielded.swap(true, Ordering::SeqCst)
         {
@@ -488,6 +496,22 @@ impl Heartbeats {
     /// drained, so the share is held as long as this instance may still send.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
         let hooks = tokio::spawn(self.clone().shard_hooks(stop.clone()));
+        // On a task of its own: the loop below waits in a heartbeat that hangs.
+        let yields = tokio::spawn({
+            let this = self.clone();
+            async move {
+                loop {
+                    let due = *lock(&this.last_ok) + YIELD_AFTER;
+                    let due = due.max(tokio::time::Instant::now()) + Duration::from_millis(10);
+                    tokio::time::sleep_until(due).await;
+                    this.yield_if_overdue();
+                    if this.yielded.load(Ordering::SeqCst) {
+                        // Nothing more to do until a heartbeat works again.
+                        tokio::time::sleep(HEARTBEAT_EVERY).await;
+                    }
+                }
+            }
+        });
         let mut role = self.instance.watch();
         let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -518,6 +542,7 @@ impl Heartbeats {
             }
         }
         hooks.abort();
+        yields.abort();
         let removed = async {
             let _w = self.writes.lock().await;
             self.registry.remove(&self.me).await
@@ -652,6 +677,49 @@ mod tests {
         assert!(!hb.beat().await);
         assert!(!hb.beat().await);
         assert_eq!(*lock(&applied), vec![YIELD_SHARDS]);
+    }
+
+    /// A heartbeat that hangs (a database that takes the connection and never answers) fails
+    /// only after [`BEAT_TIMEOUT`]; the share must be given up on time all the same.
+    #[tokio::test]
+    async fn a_hanging_heartbeat_does_not_delay_giving_up_the_share() {
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = silent.local_addr().unwrap().port();
+        let held = tokio::spawn(async move {
+            let mut conns = Vec::new();
+            while let Ok((c, _)) = silent.accept().await {
+                conns.push(c);
+            }
+        });
+        let applied = Arc::new(Mutex::new(Vec::new()));
+        let hb = {
+            let applied = applied.clone();
+            Heartbeats::new(
+                Instance::new(0),
+                Registry::at_port(port),
+                Box::new(move |n| lock(&applied).push(n)),
+            )
+        };
+        *lock(&hb.last_ok) = tokio::time::Instant::now() - Duration::from_millis(7500);
+        let stop = CancellationToken::new();
+        let run = tokio::spawn(hb.clone().run(stop.clone()));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while lock(&applied).is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never gave up its share"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(*lock(&applied), vec![YIELD_SHARDS]);
+        assert_eq!(
+            hb.failing.load(Ordering::SeqCst),
+            0,
+            "gave it up only when the hanging heartbeat failed"
+        );
+        stop.cancel();
+        run.abort();
+        held.abort();
     }
 
     #[test]

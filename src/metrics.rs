@@ -153,6 +153,7 @@ pub const INSTANCE_ACTIVE: &str = "sendwell_instance_active";
 pub const INSTANCE_TAKEOVER_TIME: &str = "sendwell_instance_takeover_timestamp_seconds";
 pub const INSTANCE_TAKEOVERS: &str = "sendwell_instance_takeovers_total";
 pub const INSTANCE_TAKEOVER_DURATION: &str = "sendwell_instance_takeover_duration_seconds";
+pub const STORE_LOCK_RETRIES: &str = "sendwell_store_lock_retries_total";
 pub const INSTANCE_TAKING_OVER: &str = "sendwell_instance_taking_over_seconds";
 pub const INSTANCE_TAKEOVER_HOOK_PANICS: &str = "sendwell_instance_takeover_hook_panics_total";
 pub const INSTANCE_RATE_SHARE: &str = "sendwell_instance_rate_share";
@@ -233,6 +234,7 @@ pub const ALL: &[&str] = &[
     INSTANCE_TAKEOVER_DURATION,
     INSTANCE_TAKING_OVER,
     INSTANCE_TAKEOVER_HOOK_PANICS,
+    STORE_LOCK_RETRIES,
     INSTANCE_RATE_SHARE,
     INSTANCES_LIVE,
     SHARDS_LIVE,
@@ -377,6 +379,10 @@ pub fn describe() {
     describe_gauge!(
         INSTANCE_TAKEOVER_DURATION,
         "How long the last takeover took, from the first delivery to the end of its hooks (the shard's jobs waited meanwhile)."
+    );
+    describe_counter!(
+        STORE_LOCK_RETRIES,
+        "Tries of a per-number lock (consent apply, erasure) that found the number locked by another instance or task, and were tried again shortly (PostgreSQL). Steady growth: instances contending for one number, or one that holds its locks and stalls."
     );
     describe_gauge!(
         INSTANCE_TAKING_OVER,
@@ -755,6 +761,10 @@ pub fn instance_took_over(shard: u16, at: jiff::Timestamp) {
 pub fn instance_takeover_done(shard: u16, took: Duration) {
     counter!(INSTANCE_TAKEOVERS, "shard" => shard.to_string()).increment(1);
     gauge!(INSTANCE_TAKEOVER_DURATION, "shard" => shard.to_string()).set(took.as_secs_f64());
+}
+
+pub fn store_lock_retry() {
+    counter!(STORE_LOCK_RETRIES).increment(1);
 }
 
 pub fn instance_taking_over(shard: u16, held: Duration) {

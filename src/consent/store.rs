@@ -666,7 +666,7 @@ impl ConsentStore {
             return Ok(Applied::Erased);
         }
         // From before the history is read until memory has the summary.
-        let _writing = self.local.begin(&[digits]);
+        let writing = self.local.begin(&[digits]);
         // The summary is recomputed from the history read here and written whole: another
         // instance doing the same for this number in between would have one of the two
         // summaries miss the other's event (a STOP overwritten by an opt-in's summary, then
@@ -721,12 +721,16 @@ impl ConsentStore {
         if !ops.is_empty() {
             self.ledger.kv_many(ops).await?;
         }
-        // Lost early (the session ended): the summary may have been computed beside another
-        // instance's; the event comes again, and its replay recomputes it.
-        lock.release().await?;
         if let Some(n) = number_key(digits) {
             self.index.set(&ev.account, n, &summary);
         }
+        // Memory and the end of this write's mark before the lock goes: another instance's
+        // summary of the number, written after it, must find the mark ended, or this
+        // instance's follower would skip that newer row as older than its own write.
+        drop(writing);
+        // Lost early (the session ended): the summary may have been computed beside another
+        // instance's; the event comes again, and its replay recomputes it.
+        lock.release().await?;
         Ok(if known { Applied::Replay } else { Applied::New })
     }
 
@@ -745,16 +749,11 @@ impl ConsentStore {
         let as_id = self.wa_ids.number_of(digits);
         let mut numbers = vec![digits];
         numbers.extend(as_id.as_deref());
-        let _writing = self.local.begin(&numbers);
-        // As in `apply`: the summaries are recomputed from the history kept. In one order, so
-        // two instances erasing the number and its ID at once do not wait on each other.
-        let mut locked = numbers.clone();
-        locked.sort_unstable();
-        locked.dedup();
-        let mut locks = Vec::new();
-        for n in locked {
-            locks.push(self.ledger.lock_key(LOCK_NUMBER, n.as_bytes()).await?);
-        }
+        let writing = self.local.begin(&numbers);
+        // As in `apply`: the summaries are recomputed from the history kept. Both numbers in
+        // one lock (one connection, a fixed order).
+        let keys: Vec<&[u8]> = numbers.iter().map(|n| n.as_bytes()).collect();
+        let lock = self.ledger.lock_keys(LOCK_NUMBER, &keys).await?;
         let mut report = EraseReport::default();
         let mut ops = Vec::new();
         let prefix = number_prefix(digits);
@@ -915,9 +914,6 @@ impl ConsentStore {
             value: tombstone.to_le_bytes().to_vec(),
         });
         self.ledger.kv_many(ops).await?;
-        for lock in locks {
-            lock.release().await?;
-        }
         self.wa_ids.forget(digits);
         if as_id.is_some() {
             self.wa_ids.forget_id(digits);
@@ -927,6 +923,9 @@ impl ConsentStore {
                 self.index.set(account, n, summary);
             }
         }
+        // As in `apply`: memory, then the mark's end, then the lock.
+        drop(writing);
+        lock.release().await?;
         // Deleted rows live on in freed pages until overwritten (redb is copy-on-write):
         // compaction rewrites them away, so the file itself no longer holds the number.
         self.compaction_due.store(true, Ordering::SeqCst);

@@ -405,9 +405,16 @@ impl Ledger {
     /// with another instance's. redb has one process, whose callers order such work
     /// themselves: nothing to take.
     pub async fn lock_key(&self, space: i32, key: &[u8]) -> Result<KeyLock, LedgerError> {
+        self.lock_keys(space, &[key]).await
+    }
+
+    /// [`Self::lock_key`] on several keys at once: one lock to release, held on one database
+    /// connection (never one per key: callers holding some while waiting for more could hold
+    /// every connection).
+    pub async fn lock_keys(&self, space: i32, keys: &[&[u8]]) -> Result<KeyLock, LedgerError> {
         match &self.0 {
             Backend::Redb(_) => Ok(KeyLock(None, self.clone())),
-            Backend::Pg(s) => Ok(KeyLock(Some(s.lock_key(space, key).await?), self.clone())),
+            Backend::Pg(s) => Ok(KeyLock(Some(s.lock_keys(space, keys).await?), self.clone())),
         }
     }
 

@@ -176,7 +176,7 @@ impl Throughput {
                 Ok(()) => return Ok(started.elapsed()),
                 Err(not_until) => {
                     waited = true;
-                    let wait = not_until.wait_time_from(self.clock.now());
+                    let wait = not_until.wait_time_from(self.clock.now()).min(RECHECK);
                     tokio::select! {
                         biased;
                         _ = shutdown.cancelled() => return Err(ShuttingDown),
@@ -206,7 +206,7 @@ impl Throughput {
                 Ok(()) => return started.elapsed(),
                 Err(not_until) => {
                     waited = true;
-                    let wait = not_until.wait_time_from(self.clock.now());
+                    let wait = not_until.wait_time_from(self.clock.now()).min(RECHECK);
                     tokio::select! {
                         _ = shutdown.cancelled() => return started.elapsed(),
                         _ = tokio::time::sleep(wait) => {}
@@ -283,6 +283,11 @@ impl Throughput {
             .clone()
     }
 }
+
+/// The longest a waiter sleeps before it looks at the limiter again: the share may have
+/// changed meanwhile (an instance that gave its share up waits a thousand periods for a cell,
+/// and must not go on sleeping once the share is back).
+const RECHECK: Duration = Duration::from_secs(1);
 
 /// The gates of this instance's share: `rate / shards` msgs/s (one cell every `shards / rate`
 /// seconds) and [`share_burst`] cells.
@@ -518,6 +523,25 @@ mod tests {
         // Still the share's rate: a cell after its period.
         tokio::time::advance(Duration::from_millis(26)).await;
         assert!(t.try_acquire());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_share_given_back_is_used_within_a_second() {
+        let t = Arc::new(gate(80, 8));
+        while t.try_acquire() {}
+        // Heartbeats failed: a thousandth of the rate (a cell every 12.5 s).
+        t.set_live_shards(1000);
+        let waiter = tokio::spawn({
+            let t = t.clone();
+            async move { t.acquire(&CancellationToken::new()).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiter.is_finished());
+        // A heartbeat works again: the whole share, and the waiter takes a cell soon.
+        t.set_live_shards(1);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert!(waiter.is_finished(), "still asleep on the share it had");
+        waiter.await.unwrap().unwrap();
     }
 
     #[test]

@@ -26,6 +26,10 @@ const PURPOSE: &str = "newsletter";
 const WITHIN: Duration = Duration::from_secs(20);
 
 async fn store(db: &TestDb) -> Arc<ConsentStore> {
+    store_on(db.open().await).await
+}
+
+async fn store_on(pg: super::PgStore) -> Arc<ConsentStore> {
     let rules: HashMap<String, Purpose> = [(
         PURPOSE.to_string(),
         Purpose {
@@ -37,7 +41,7 @@ async fn store(db: &TestDb) -> Arc<ConsentStore> {
         },
     )]
     .into();
-    ConsentStore::load_with(Ledger::from(db.open().await), vec![ACCOUNT.into()], rules)
+    ConsentStore::load_with(Ledger::from(pg), vec![ACCOUNT.into()], rules)
         .await
         .unwrap()
 }
@@ -419,5 +423,97 @@ async fn a_follower_whose_watermark_was_purged_past_stops() {
             assert!(e.to_string().contains("purged"), "{e}");
         }
         other => panic!("the follower went on behind a purge: {other:?}"),
+    }
+}
+
+/// As many erasures at once as the pool has connections (4 in tests): each holds its lock
+/// while it reads; had it taken a read connection for the lock, each would wait for one of the
+/// others' until the pool's timeout, and fail as "database unreachable" (found by the review).
+#[tokio::test]
+async fn erasures_at_once_do_not_wait_on_each_others_connections() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let a = store(&db).await;
+    let numbers: Vec<String> = (0..4).map(|i| format!("49170000{i:05}")).collect();
+    for n in &numbers {
+        opt_in(&a, n).await;
+    }
+    let erases = numbers.iter().map(|n| {
+        let a = a.clone();
+        async move { a.erase(n, Timestamp::now()).await.map(|_| ()) }
+    });
+    let r = tokio::time::timeout(
+        Duration::from_secs(60),
+        futures_util::future::join_all(erases),
+    )
+    .await
+    .expect("erasures still waiting after 60 s");
+    let failed: Vec<_> = r.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of 4 erasures failed: {failed:?}",
+        failed.len()
+    );
+}
+
+/// Another instance holds numbers' locks and stalls (a partition, a stalled writer): this
+/// instance's applies of those numbers wait, but hold no connection meanwhile, so a number
+/// nobody holds is applied at once (with waiters holding connections, four of them would have
+/// held the whole pool); and the waiters go on once the locks are freed (found by the review).
+#[tokio::test]
+async fn numbers_locked_elsewhere_do_not_hold_up_other_numbers() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let a_store = db.open().await;
+    let a = store_on(a_store.clone()).await;
+    let numbers: Vec<String> = (0..4).map(|i| format!("49170000{i:05}")).collect();
+    let other = db.raw().await;
+    other.batch_execute("BEGIN").await.unwrap();
+    for n in &numbers {
+        other
+            .execute(
+                "SELECT pg_advisory_xact_lock($1, $2)",
+                &[&1i32, &super::lock_hash(n.as_bytes())],
+            )
+            .await
+            .unwrap();
+    }
+    let blocked: Vec<_> = numbers
+        .iter()
+        .map(|n| {
+            let (a, ev) = (a.clone(), event(Kind::OptOut, n, ago(10)));
+            tokio::spawn(async move { a.apply(&ev).await.map(|_| ()) })
+        })
+        .collect();
+    // Once each of the four has found its number locked (a retry each, at least)...
+    let deadline = tokio::time::Instant::now() + WITHIN;
+    while a_store.lock_retries() < 4 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the applies never found their numbers locked ({} tries)",
+            a_store.lock_retries()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ...an unrelated number, while they wait.
+    let unrelated = tokio::time::timeout(
+        Duration::from_secs(60),
+        a.apply(&event(Kind::OptOut, "4917099999999", ago(10))),
+    )
+    .await
+    .expect("an unrelated number waited for the locked ones");
+    unrelated.unwrap();
+    assert!(
+        blocked.iter().all(|b| !b.is_finished()),
+        "an apply went on though another instance held its number's lock"
+    );
+    other.batch_execute("ROLLBACK").await.unwrap();
+    for b in blocked {
+        b.await.unwrap().unwrap();
+    }
+    for n in &numbers {
+        assert!(opted_out(&a, n), "{n}");
     }
 }

@@ -197,7 +197,7 @@ fn pg_error(e: tokio_postgres::Error) -> LedgerError {
     }
 }
 
-/// A lock taken by [`PgStore::lock_key`]: held until [`Self::release`]. Dropped without it (an
+/// A lock taken by [`PgStore::lock_keys`]: held until [`Self::release`]. Dropped without it (an
 /// error on the way, a cancelled future), its connection is closed instead of going back to
 /// the pool, so the server ends the transaction and frees the lock at once.
 pub struct KeyLock {
@@ -243,12 +243,38 @@ impl Drop for KeyLock {
     }
 }
 
+/// How long [`PgStore::lock_keys`] tries a lock held elsewhere: past the idle-in-transaction
+/// timeout that frees a stalled holder's (twice the statement timeout, 60 s by default).
+const LOCK_PATIENCE: Duration = Duration::from_secs(90);
+
 /// A key's 32 bits for a two-key advisory lock (`(space, hash)`: a lock space of its own, apart
 /// from the one-bigint locks the store uses). Two keys with one hash only wait for each other.
-fn lock_hash(key: &[u8]) -> i32 {
+pub(crate) fn lock_hash(key: &[u8]) -> i32 {
     use sha2::Digest as _;
     let d = sha2::Sha256::digest(key);
     i32::from_be_bytes([d[0], d[1], d[2], d[3]])
+}
+
+/// A pool of `pool_size` connections in `role` (as `application_name` shows it).
+fn build_pool(s: &PgSettings, role: &str) -> Result<Pool, LedgerError> {
+    let config = s.config(role)?;
+    let manager = Manager::from_config(
+        config.pg,
+        config.tls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(s.pool_size.max(1))
+        .runtime(Runtime::Tokio1)
+        // Waiting for a free connection is a queue, not an outage: hundreds of jobs read at
+        // once through `pool_size` connections. Only as long as a statement may take.
+        .wait_timeout(Some(s.statement_timeout.max(s.connect_timeout)))
+        .create_timeout(Some(s.connect_timeout))
+        .recycle_timeout(Some(s.connect_timeout))
+        .build()
+        .map_err(|e| LedgerError::Store(format!("cannot build the connection pool: {e}")))
 }
 
 fn pool_error(e: PoolError) -> LedgerError {
@@ -371,6 +397,11 @@ pub(super) type Published = Arc<Mutex<HashSet<Box<str>>>>;
 
 struct Inner {
     pool: Pool,
+    /// For [`PgStore::lock_keys`] only (see where it is built).
+    locks: Pool,
+    /// Tries of [`PgStore::lock_keys`] that found a key held elsewhere (for tests and the
+    /// metric `sendwell_store_lock_retries_total`).
+    lock_retries: AtomicU64,
     tx: mpsc::UnboundedSender<Request>,
     health: Arc<StoreHealth>,
     published: Published,
@@ -405,24 +436,12 @@ impl PgStore {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         schema::migrate(&mut client).await?;
-        let pool_config = s.config("pool")?;
-        let manager = Manager::from_config(
-            pool_config.pg,
-            pool_config.tls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(s.pool_size.max(1))
-            .runtime(Runtime::Tokio1)
-            // Waiting for a free connection is a queue, not an outage: hundreds of jobs read
-            // at once through `pool_size` connections. Only as long as a statement may take.
-            .wait_timeout(Some(s.statement_timeout.max(s.connect_timeout)))
-            .create_timeout(Some(s.connect_timeout))
-            .recycle_timeout(Some(s.connect_timeout))
-            .build()
-            .map_err(|e| LedgerError::Store(format!("cannot build the connection pool: {e}")))?;
+        let pool = build_pool(s, "pool")?;
+        // Connections that hold a lock (`lock_keys`) come from a pool of their own: one that
+        // waits for a lock, or holds one while it reads, must never take the connection a
+        // read (or a heartbeat) needs, nor wait for one itself (erasures at once would hold
+        // every connection and wait for one more). Made on first use, up to `pool_size`.
+        let locks = build_pool(s, "locks")?;
         let health = Arc::new(StoreHealth::default());
         let published: Published = Arc::default();
         let (tx, rx) = mpsc::unbounded_channel();
@@ -454,6 +473,8 @@ impl PgStore {
         Ok(PgStore {
             inner: Arc::new(Inner {
                 pool,
+                locks,
+                lock_retries: AtomicU64::new(0),
                 tx,
                 health,
                 published,
@@ -1016,32 +1037,71 @@ impl PgStore {
         Ok(rows)
     }
 
-    /// Takes a lock that every instance on the database respects, on `key` in the
+    /// Takes a lock that every instance on the database respects, on each of `keys` in the
     /// namespace `space` (one per kind of key), until [`KeyLock::release`]. For a
     /// read-compute-write that must not interleave with another instance's (a consent summary
     /// recomputed from its history). A transaction-scoped advisory lock on a pooled
     /// connection: a dead holder's session ends and frees it (never a lock held forever), the
     /// wait is bounded by the statement timeout, and a holder stuck longer than the
     /// idle-in-transaction timeout loses its session rather than blocking the others.
-    pub async fn lock_key(&self, space: i32, key: &[u8]) -> Result<KeyLock, LedgerError> {
-        let r = async {
-            let c = self.conn().await?;
-            c.batch_execute("BEGIN").await.map_err(pg_error)?;
-            let held = KeyLock {
-                store: self.clone(),
-                conn: Some(c),
-            };
-            let c = held.conn.as_ref().expect("just set");
-            c.execute(
-                "SELECT pg_advisory_xact_lock($1, $2)",
-                &[&space, &lock_hash(key)],
-            )
-            .await
-            .map_err(pg_error)?;
-            Ok(held)
+    ///
+    /// Several keys are locked in one transaction (one connection), in the order of their
+    /// hashes, so two callers locking overlapping sets never wait for each other in a cycle.
+    ///
+    /// A key held elsewhere is tried again (after 10 ms, doubling to 500 ms) with no connection
+    /// held meanwhile: waiters holding connections would take every one of the pool while an
+    /// instance that holds the lock stalls (a partition: the server frees it only at its
+    /// idle-in-transaction timeout), and keys nobody holds would then wait too. Gives up after
+    /// [`LOCK_PATIENCE`].
+    pub async fn lock_keys(&self, space: i32, keys: &[&[u8]]) -> Result<KeyLock, LedgerError> {
+        let mut hashes: Vec<i32> = keys.iter().map(|k| lock_hash(k)).collect();
+        hashes.sort_unstable();
+        hashes.dedup();
+        let started = tokio::time::Instant::now();
+        let mut pause = Duration::from_millis(10);
+        loop {
+            let r = async {
+                let c = self.inner.locks.get().await.map_err(pool_error)?;
+                c.batch_execute("BEGIN").await.map_err(pg_error)?;
+                let held = KeyLock {
+                    store: self.clone(),
+                    conn: Some(c),
+                };
+                let c = held.conn.as_ref().expect("just set");
+                for h in &hashes {
+                    let got: bool = c
+                        .query_one("SELECT pg_try_advisory_xact_lock($1, $2)", &[&space, h])
+                        .await
+                        .map_err(pg_error)?
+                        .try_get(0)
+                        .map_err(pg_error)?;
+                    if !got {
+                        // Frees what this transaction took, and the connection for others.
+                        c.batch_execute("ROLLBACK").await.map_err(pg_error)?;
+                        let mut held = held;
+                        if let Some(c) = held.conn.take() {
+                            drop(c);
+                        }
+                        return Ok(None);
+                    }
+                }
+                Ok(Some(held))
+            }
+            .await;
+            if let Some(held) = self.noted(r)? {
+                return Ok(held);
+            }
+            self.inner.lock_retries.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::store_lock_retry();
+            if started.elapsed() >= LOCK_PATIENCE {
+                return Err(LedgerError::Store(format!(
+                    "a lock another instance holds was not freed within {}s",
+                    LOCK_PATIENCE.as_secs()
+                )));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
         }
-        .await;
-        self.noted(r)
     }
 
     /// VACUUM (never FULL: it would lock the tables) of every table, so that erased rows'
@@ -1068,6 +1128,11 @@ impl PgStore {
         }
         .await;
         self.noted(r)
+    }
+
+    /// Tries of [`Self::lock_keys`] that found a key held elsewhere, since the store opened.
+    pub fn lock_retries(&self) -> u64 {
+        self.inner.lock_retries.load(Ordering::Relaxed)
     }
 
     /// Rows delivered by whole-table scans since the store was opened, so tests can tell a

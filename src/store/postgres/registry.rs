@@ -66,9 +66,18 @@ impl Registry {
     /// an instance does while its heartbeats fail.
     #[cfg(test)]
     pub fn unreachable() -> Self {
+        Self::at_port(1)
+    }
+
+    /// A registry whose database is whatever listens on this local port (a test's server that
+    /// never answers makes every heartbeat hang).
+    #[cfg(test)]
+    pub fn at_port(port: u16) -> Self {
         let mut c = tokio_postgres::Config::new();
-        c.host("127.0.0.1").port(1).user("nobody").dbname("nothing");
-        c.connect_timeout(std::time::Duration::from_secs(1));
+        c.host("127.0.0.1")
+            .port(port)
+            .user("nobody")
+            .dbname("nothing");
         let manager = deadpool_postgres::Manager::new(c, tokio_postgres::NoTls);
         let pool = Pool::builder(manager)
             .max_size(1)
