@@ -919,23 +919,6 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_start_waits_double_up_to_the_cap_and_stay_there() {
-        let mut b = Backoff::new(START_RETRY_FIRST, START_RETRY_MAX);
-        let waits: Vec<u64> = (0..10).map(|_| b.next_wait().as_millis() as u64).collect();
-        assert_eq!(
-            waits,
-            [
-                500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000, 30000
-            ]
-        );
-    }
-}
-
 /// The renewal tasks of the global quotas (PostgreSQL), and what their stop needs.
 struct Quotas {
     store: crate::store::postgres::quota::QuotaStore,
@@ -999,8 +982,29 @@ impl Quotas {
         }
         match tokio::time::timeout(Duration::from_secs(5), self.store.drop_leases(&self.me)).await {
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "Could not give this instance's tier and budget leases back; they stop counting 10 s after its last heartbeat."),
-            Err(_) => tracing::warn!("The database did not answer when this instance gave its tier and budget leases back; they stop counting 10 s after its last heartbeat."),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "Could not give this instance's tier and budget leases back; they stop counting 10 s after its last heartbeat.")
+            }
+            Err(_) => tracing::warn!(
+                "The database did not answer when this instance gave its tier and budget leases back; they stop counting 10 s after its last heartbeat."
+            ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_start_waits_double_up_to_the_cap_and_stay_there() {
+        let mut b = Backoff::new(START_RETRY_FIRST, START_RETRY_MAX);
+        let waits: Vec<u64> = (0..10).map(|_| b.next_wait().as_millis() as u64).collect();
+        assert_eq!(
+            waits,
+            [
+                500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000, 30000
+            ]
+        );
     }
 }

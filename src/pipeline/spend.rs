@@ -231,7 +231,10 @@ impl Spend {
                 .accounts
                 .iter()
                 .filter_map(|(name, a)| {
-                    Some((name.clone(), Quota::new(Kind::Budget, name.clone(), a.budget?)))
+                    Some((
+                        name.clone(),
+                        Quota::new(Kind::Budget, name.clone(), a.budget?),
+                    ))
                 })
                 .collect(),
         });
@@ -245,8 +248,7 @@ impl Spend {
     /// Before [`Self::check`]: on PostgreSQL, a guarded job of an account whose global lease
     /// ran out waits a moment for its renewal (at once otherwise).
     pub async fn wait_room(&self, job: &Job, stop: &CancellationToken) {
-        let (Some(q), Some(a)) = (self.quota(&job.account), self.accounts.get(&job.account))
-        else {
+        let (Some(q), Some(a)) = (self.quota(&job.account), self.accounts.get(&job.account)) else {
             return;
         };
         if a.guarded.contains(&job.category) {

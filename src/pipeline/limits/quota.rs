@@ -389,7 +389,9 @@ impl Quota {
                 s.row -= s.durable;
                 s.durable = 0;
                 let used = s.used.max(0);
-                let idle = s.demand_at.is_none_or(|t| started.duration_since(t) >= IDLE);
+                let idle = s
+                    .demand_at
+                    .is_none_or(|t| started.duration_since(t) >= IDLE);
                 let free = limit - seen.durable - seen.others - used;
                 let room = if !seen.me_live || idle {
                     0
@@ -418,7 +420,12 @@ impl Quota {
         s.seen = Some(seen);
         let room = s.row - s.used - s.durable;
         drop(s);
-        crate::metrics::quota_lease(self.kind.as_str(), &self.name, new_row, seen.durable + seen.others + new_row);
+        crate::metrics::quota_lease(
+            self.kind.as_str(),
+            &self.name,
+            new_row,
+            seen.durable + seen.others + new_row,
+        );
         crate::metrics::quota_renewal(
             self.kind.as_str(),
             &self.name,

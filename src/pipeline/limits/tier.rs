@@ -147,7 +147,8 @@ impl Tier {
             return;
         };
         let p = &self.portfolios[portfolio];
-        if p.limit.load(Ordering::Relaxed) == UNLIMITED || lock(&p.window).last.contains_key(&number)
+        if p.limit.load(Ordering::Relaxed) == UNLIMITED
+            || lock(&p.window).last.contains_key(&number)
         {
             return;
         }
@@ -306,17 +307,18 @@ impl Tier {
         }
         // A new recipient counts globally too: one from the lease, or not now.
         let leased = previous.is_none() && self.quota(portfolio).is_some();
-        if leased && let Some(q) = self.quota(portfolio) {
-            if !q.try_take(1) {
-                // Used up everywhere: as long as the window could take (the caller caps it);
-                // else the lease is on its way.
-                let wait = if q.used_up() {
-                    Duration::from_millis(WINDOW_MS as u64)
-                } else {
-                    LEASE_RETRY
-                };
-                return Err(now.checked_add(wait).unwrap_or(now));
-            }
+        if leased
+            && let Some(q) = self.quota(portfolio)
+            && !q.try_take(1)
+        {
+            // Used up everywhere: as long as the window could take (the caller caps it);
+            // else the lease is on its way.
+            let wait = if q.used_up() {
+                Duration::from_millis(WINDOW_MS as u64)
+            } else {
+                LEASE_RETRY
+            };
+            return Err(now.checked_add(wait).unwrap_or(now));
         }
         if let Some(old) = previous {
             w.by_time.remove(&(old, number));

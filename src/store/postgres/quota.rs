@@ -179,7 +179,10 @@ impl QuotaStore {
         let seen = Seen {
             durable: row.try_get::<_, i64>(0).map_err(pg_error)?,
             others: row.try_get::<_, i64>(1).map_err(pg_error)?,
-            live_shards: row.try_get::<_, i64>(2).map_err(pg_error)?.clamp(1, 1 << 16) as u32,
+            live_shards: row
+                .try_get::<_, i64>(2)
+                .map_err(pg_error)?
+                .clamp(1, 1 << 16) as u32,
             me_live: row.try_get::<_, bool>(3).map_err(pg_error)?,
         };
         let granted = decide(&seen).max(0);
@@ -290,10 +293,12 @@ mod tests {
             tier_rows(since),
             stop_a.clone(),
         ));
-        tokio::spawn(
-            qb.clone()
-                .run(store.quotas(), b.id.clone(), tier_rows(since), stop_b.clone()),
-        );
+        tokio::spawn(qb.clone().run(
+            store.quotas(),
+            b.id.clone(),
+            tier_rows(since),
+            stop_b.clone(),
+        ));
 
         // A counts 30, their rows written, and keeps some room.
         let mut took = 0;
@@ -310,7 +315,10 @@ mod tests {
         // B takes what it can while A lives: less than the 70 left, by A's room.
         let before = take_all(&qb, &stop_b).await;
         assert!(before < 70, "B took {before} while A held room");
-        assert!(before >= 60, "B took only {before}: A holds 5 % of the tier at most");
+        assert!(
+            before >= 60,
+            "B took only {before}: A holds 5 % of the tier at most"
+        );
 
         // A dies: its task stops, its heartbeat ages.
         stop_a.cancel();
@@ -330,7 +338,10 @@ mod tests {
         eprintln!("A's room came back to B {back:?} after A died");
         assert_eq!(total, 70, "never past the limit");
         assert!(!qb.try_take(1));
-        assert!(back >= Duration::from_secs(5), "A counted as live for a while: {back:?}");
+        assert!(
+            back >= Duration::from_secs(5),
+            "A counted as live for a while: {back:?}"
+        );
         stop_b.cancel();
     }
 
@@ -348,12 +359,10 @@ mod tests {
             let m = me(shard);
             store.registry().heartbeat(&m, true).await.unwrap();
             let q = Quota::new(Kind::Tier, "acme".into(), 250);
-            tokio::spawn(q.clone().run(
-                store.quotas(),
-                m.id.clone(),
-                tier_rows(0),
-                stop.clone(),
-            ));
+            tokio::spawn(
+                q.clone()
+                    .run(store.quotas(), m.id.clone(), tier_rows(0), stop.clone()),
+            );
             let stop = stop.clone();
             takers.push(tokio::spawn(async move { take_all(&q, &stop).await }));
         }
