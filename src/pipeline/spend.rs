@@ -678,6 +678,81 @@ mod tests {
         );
     }
 
+    /// Counted across instances (PostgreSQL): rows of this instance's own, summed with every
+    /// other's by a restarted instance; guarded jobs go while the budget's lease has room, and
+    /// what a save wrote leaves the lease's use once the save committed.
+    #[tokio::test]
+    async fn each_instance_saves_its_own_rows_and_the_lease_guards_the_budget() {
+        let (_d, c) = config();
+        let ledger = Ledger::open_in_memory().unwrap();
+        let now: Timestamp = "2026-11-29T12:00:00Z".parse().unwrap();
+        let minute = minute_of(now);
+        // What another instance and a one-instance store saved earlier in the day.
+        ledger
+            .kv_many(vec![
+                KvOp::Put {
+                    table: Table::StoreMeta,
+                    key: format!("spend|a|{}|other-instance-id", minute - 10).into_bytes(),
+                    value: 20_000i64.to_le_bytes().to_vec(),
+                },
+                KvOp::Put {
+                    table: Table::StoreMeta,
+                    key: format!("spend|a|{}", minute - 20).into_bytes(),
+                    value: 30_000i64.to_le_bytes().to_vec(),
+                },
+            ])
+            .await
+            .unwrap();
+        let spend = Spend::new(&c, ledger.clone());
+        spend.load(&ledger, now).await.unwrap();
+        assert_eq!(spend.rolling("a", now), Some(Micros(50_000)));
+        let q = spend.share_globally("me")[0].clone();
+        let m = job(&c, "marketing", "+491701234567", false);
+        assert_eq!(spend.check(&m, now), Err(LEASE_RETRY), "no lease yet");
+        q.granted_for_test(100_000, false);
+        assert!(spend.check(&m, now).is_ok());
+        spend.add("a", Micros(113_100), now);
+        assert_eq!(spend.check(&m, now), Err(LEASE_RETRY), "the lease is spent");
+        let (ops, taken) = spend.take_unsaved();
+        assert_eq!(
+            ops,
+            vec![KvOp::Put {
+                table: Table::StoreMeta,
+                key: format!("spend|a|{minute}|me").into_bytes(),
+                value: 113_100i64.to_le_bytes().to_vec(),
+            }],
+            "this instance's own total, under its own key"
+        );
+        ledger.kv_many(ops).await.unwrap();
+        spend.saved(taken);
+        assert_eq!(q.counts_for_test(), (0, 113_100));
+        q.granted_for_test(0, true);
+        assert_eq!(
+            spend.check(&m, now),
+            Err(BUDGET_RECHECK),
+            "used up everywhere"
+        );
+
+        // A restart: a new instance, which knows the whole day's spend.
+        let again = Spend::new(&c, ledger.clone());
+        again.load(&ledger, now).await.unwrap();
+        assert_eq!(again.rolling("a", now), Some(Micros(163_100)));
+        assert_eq!(again.housekeep(&ledger, now).await.unwrap(), vec![]);
+        let later = now + Duration::from_secs(86_400);
+        assert_eq!(again.housekeep(&ledger, later).await.unwrap().len(), 3);
+    }
+
+    #[test]
+    fn a_spend_key_names_its_account_and_minute_in_both_forms() {
+        assert_eq!(parse_key(b"spend|a|123"), Some(("a", 123)));
+        assert_eq!(
+            parse_key(b"spend|a|b|123|0b7c0d9e-0000-4000-8000-000000000001"),
+            Some(("a|b", 123))
+        );
+        assert_eq!(parse_key(b"spend|a|x"), None);
+        assert_eq!(parse_key(b"tier|a"), None);
+    }
+
     #[test]
     fn the_rolling_day_sums_exactly_the_last_1440_minutes() {
         let mut r = Ring::new();

@@ -535,6 +535,10 @@ impl Limits {
     /// Before [`Self::reserve_tier`]: on PostgreSQL, waits a moment for the portfolio's global
     /// lease when it ran out and a renewal is on its way (at once otherwise).
     pub async fn tier_room(&self, job: &Job, stop: &CancellationToken) {
+        if !self.tier.is_global() {
+            // redb: one instance counts alone, nothing to wait for (and nothing to look up).
+            return;
+        }
         if let (Some(a), Some(n)) = (self.accounts.get(&job.account), number(job)) {
             self.tier.wait_room(a.portfolio, n, stop).await;
         }

@@ -435,6 +435,25 @@ impl Quota {
     }
 }
 
+#[cfg(test)]
+impl Quota {
+    /// As if a renewal had written a lease of `row` (with nothing left beyond it when
+    /// `used_up`), for tests of the callers without a database.
+    pub(crate) fn granted_for_test(&self, row: i64, used_up: bool) {
+        let mut s = lock(&self.state);
+        s.row = row + s.durable;
+        s.trusted_until = Some(Instant::now() + TRUST);
+        s.exhausted = used_up;
+        s.used_up = used_up;
+    }
+
+    /// (use not yet durable, use made durable since the lease).
+    pub(crate) fn counts_for_test(&self) -> (i64, i64) {
+        let s = lock(&self.state);
+        (s.used, s.durable)
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }

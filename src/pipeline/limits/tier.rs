@@ -125,6 +125,11 @@ impl Tier {
             .clone()
     }
 
+    /// Whether the tiers are counted across instances ([`Self::share_globally`] was called).
+    pub fn is_global(&self) -> bool {
+        self.global.get().is_some()
+    }
+
     fn quota(&self, portfolio: usize) -> Option<&Arc<Quota>> {
         self.global.get().and_then(|g| g.get(portfolio))
     }
@@ -607,6 +612,43 @@ mod tests {
             tier(4).reload_learned(&ledger).await.unwrap(),
             0,
             "config changed"
+        );
+    }
+
+    /// Counted across instances (PostgreSQL): a new recipient takes one from the portfolio's
+    /// lease, a known one none; a send that did not happen gives it back, a recorded one makes
+    /// it durable; an empty lease defers briefly, a used-up quota for long.
+    #[test]
+    fn a_new_recipient_takes_one_from_the_global_lease() {
+        let t = tier(100);
+        let q = t.share_globally()[0].clone();
+        assert!(t.is_global());
+        q.granted_for_test(2, false);
+        let (mut first, _) = ok(&t, 0, 1, t0()).unwrap();
+        assert_eq!(q.counts_for_test(), (1, 0));
+        ok(&t, 0, 1, t0() + 1.hours());
+        assert_eq!(q.counts_for_test(), (1, 0), "a counted recipient is free");
+        let (second, _) = ok(&t, 0, 2, t0()).unwrap();
+        assert_eq!(
+            t.reserve(0, 3, "3", t0()),
+            Err(t0() + LEASE_RETRY),
+            "the lease is empty: looks again soon"
+        );
+        t.release(second, "2");
+        assert_eq!(q.counts_for_test(), (1, 0), "given back");
+        t.recorded(&mut first);
+        t.recorded(&mut first);
+        assert_eq!(q.counts_for_test(), (0, 1), "durable, once");
+        t.release(first, "1");
+        assert_eq!(
+            q.counts_for_test(),
+            (0, 1),
+            "its row goes, not the lease's count"
+        );
+        q.granted_for_test(0, true);
+        assert!(
+            t.reserve(0, 4, "4", t0()).unwrap_err() >= t0() + 24.hours(),
+            "used up: for long (the caller caps the wait)"
         );
     }
 
