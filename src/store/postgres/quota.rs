@@ -413,6 +413,16 @@ mod tests {
         assert_eq!(seen.durable, 5 + 7 + 11);
         assert!(seen.me_live);
         assert_eq!((seen.others, granted), (0, 3));
+        // What one renewal costs here (reported, not asserted: the machine's speed).
+        let started = Instant::now();
+        for _ in 0..50 {
+            store
+                .quotas()
+                .renew("budget|a", &m.id, &durable, |_| 3)
+                .await
+                .unwrap();
+        }
+        eprintln!("one renewal: {:?}", started.elapsed() / 50);
         // An instance without a registry row is not live: its lease would count for nobody.
         let ghost = me(1);
         let (seen, _) = store
