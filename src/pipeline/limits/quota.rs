@@ -380,32 +380,39 @@ impl Quota {
     ) -> Result<bool, crate::store::LedgerError> {
         let started = Instant::now();
         let limit = self.limit.load(Ordering::Relaxed);
+        // Use made durable so far: its commits finished before this transaction reads the
+        // durable count, so that count has it. Use made durable later (while the transaction
+        // runs) may not be in it: it stays in the lease until the next renewal.
+        let durable_before = lock(&self.state).durable;
         let mut decided = None;
         let (seen, granted) = store
             .renew(&self.key, me, durable, |seen| {
                 let mut s = lock(&self.state);
-                // Durable use leaves the lease now: it is in `seen.durable` (committed before
-                // this transaction read it, as `durable` is counted only after the commit).
-                s.row -= s.durable;
-                s.durable = 0;
-                let used = s.used.max(0);
+                // That use leaves the lease now: it is in `seen.durable`.
+                s.row -= durable_before;
+                s.durable -= durable_before;
+                // What this instance counted that `seen.durable` may not have: its use not
+                // durable yet, and use made durable while this transaction ran.
+                let held = s.used.max(0) + s.durable;
                 let idle = s
                     .demand_at
                     .is_none_or(|t| started.duration_since(t) >= IDLE);
-                let free = limit - seen.durable - seen.others - used;
+                let free = limit - seen.durable - seen.others - held;
                 let room = if !seen.me_live || idle {
                     0
                 } else {
                     wanted_room(limit, free, seen.live_shards, self.unit)
                 };
-                // The lease always covers the use: use not yet durable is real whatever the
-                // limit says.
-                let new_row = used + room;
+                // The lease always covers that: it is real use whatever the limit says.
+                let new_row = held + room;
                 if new_row < s.row {
                     // Lowered at once: no job takes from what is about to go.
                     s.row = new_row;
                 }
-                decided = Some((new_row, free <= 0, seen.durable + used >= limit));
+                // Used up: the durable count with this instance's own use not durable yet
+                // (not `held`, which may count a use twice: a refusal for long must be sure).
+                let used_up = seen.durable + s.used.max(0) >= limit;
+                decided = Some((new_row, free <= 0, used_up));
                 new_row
             })
             .await?;
