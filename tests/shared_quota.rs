@@ -5,7 +5,7 @@
 //! `SENDWELL_TEST_BACKEND` says: redb is one process's).
 //!
 //! A job the quota refuses is deferred: once the limit is reached by what is durably counted,
-//! for minutes (it waits in a shard's `2m` delay queue, and comes back long after the test).
+//! for minutes (it waits in the `2m` delay queue, and comes back long after the test).
 //! So the run is over when every job is either sent or waiting there.
 
 mod common;
@@ -51,20 +51,15 @@ async fn two_shards(
     (zero, one, dir)
 }
 
-/// Messages waiting in the shards' `2m` delay queues (where a deferral of minutes waits), as the
-/// management API counts them (its figures lag by seconds: waits only get longer).
+/// Messages waiting in the `2m` delay queue (where a deferral of minutes waits; the shards
+/// share it), as the management API counts them (its figures lag by seconds: waits only get
+/// longer).
 async fn deferred_for_minutes(env: &TestEnv) -> u64 {
-    let mut n = 0;
-    for shard in [0, 1] {
-        let q = format!("sendwell.delay.{shard}.2m");
-        n += env
-            .broker
-            .queue_info(&q)
-            .await
-            .and_then(|i| i.get("messages")?.as_u64())
-            .unwrap_or(0);
-    }
-    n
+    env.broker
+        .queue_info(&sendwell::amqp::topology::delay_queue("2m"))
+        .await
+        .and_then(|i| i.get("messages")?.as_u64())
+        .unwrap_or(0)
 }
 
 /// Publishes marketing jobs `{prefix}-{i}` to `number(i)` for `i` in `0..n`, then waits until
