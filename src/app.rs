@@ -844,6 +844,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         }
         None => None,
     };
+    // PostgreSQL: daily tiers and budgets counted across the instances, through leases renewed
+    // in the background (after the first heartbeat: a lease counts while its instance is live).
+    let quotas = ledger
+        .quotas()
+        .map(|store| start_quotas(store, &instance, &limits, &spend));
     let broker_flag = readiness.broker.clone();
     let broker_cfg = config.broker.clone();
     let grace = config.shutdown.grace_period;
@@ -863,13 +868,18 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         )
         .await;
         stop.cancel();
+        // After the drain, the last spend saved, then the leases given back, then the registry
+        // row: a use is durable before its lease goes, and a lease counts while the row does.
+        spend_stop.cancel();
+        let _ = spend_saver.await;
+        if let Some(q) = quotas {
+            q.stop().await;
+        }
         // After the drain: this instance's share is its own until it can no longer send.
         if let Some((task, registry_stop)) = registry {
             registry_stop.cancel();
             let _ = task.await;
         }
-        spend_stop.cancel();
-        let _ = spend_saver.await;
         drop(follow_guard);
         if let Some(w) = follow_watch {
             let _ = w.await;
@@ -907,6 +917,79 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         config: Arc::new(std::sync::Mutex::new(running_config)),
         join,
     })
+}
+
+/// The renewal tasks of the global quotas (PostgreSQL), and what their stop needs.
+struct Quotas {
+    store: crate::store::postgres::quota::QuotaStore,
+    me: String,
+    stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Counts every portfolio's tier and every account's budget across the instances on the
+/// database (docs/design/instances.md, decision 7): one renewal task per quota.
+fn start_quotas(
+    store: crate::store::postgres::quota::QuotaStore,
+    instance: &Instance,
+    limits: &crate::pipeline::limits::Limits,
+    spend: &crate::pipeline::spend::Spend,
+) -> Quotas {
+    use crate::store::postgres::quota::Durable;
+    let me = instance.id.to_string();
+    let stop = CancellationToken::new();
+    let mut tasks = Vec::new();
+    for q in limits.share_tiers_globally() {
+        let portfolio = q.name().to_string();
+        tasks.push(tokio::spawn(q.run(
+            store.clone(),
+            me.clone(),
+            move || Durable::TierRecipients {
+                portfolio: portfolio.clone(),
+                since_ms: jiff::Timestamp::now().as_millisecond()
+                    - crate::pipeline::limits::tier::WINDOW_MS,
+            },
+            stop.clone(),
+        )));
+    }
+    for q in spend.share_globally(&me) {
+        let account = q.name().to_string();
+        tasks.push(tokio::spawn(q.run(
+            store.clone(),
+            me.clone(),
+            move || Durable::Spend {
+                account: account.clone(),
+                since_minute: jiff::Timestamp::now().as_second().div_euclid(60) - 24 * 60,
+            },
+            stop.clone(),
+        )));
+    }
+    Quotas {
+        store,
+        me,
+        stop,
+        tasks,
+    }
+}
+
+impl Quotas {
+    /// Stops the renewals and deletes this instance's leases (a clean stop): the others may
+    /// use them at once. If that fails they stop counting 10 s after the last heartbeat.
+    async fn stop(self) {
+        self.stop.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        match tokio::time::timeout(Duration::from_secs(5), self.store.drop_leases(&self.me)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "Could not give this instance's tier and budget leases back; they stop counting 10 s after its last heartbeat.")
+            }
+            Err(_) => tracing::warn!(
+                "The database did not answer when this instance gave its tier and budget leases back; they stop counting 10 s after its last heartbeat."
+            ),
+        }
+    }
 }
 
 #[cfg(test)]

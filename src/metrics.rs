@@ -161,6 +161,9 @@ pub const INSTANCES_LIVE: &str = "sendwell_instances_live";
 pub const SHARDS_LIVE: &str = "sendwell_shards_live";
 pub const INSTANCE_PROBES: &str = "sendwell_instance_probes_total";
 pub const INSTANCE_HEARTBEAT_FAILURES: &str = "sendwell_instance_heartbeat_failures_total";
+pub const QUOTA_LEASE: &str = "sendwell_quota_lease";
+pub const QUOTA_GLOBAL_USE: &str = "sendwell_quota_global_use";
+pub const QUOTA_RENEWALS: &str = "sendwell_quota_renewals_total";
 /// Buckets of [`STORE_COMPACTION_HELD`]: a swap by copy takes milliseconds, a compaction in
 /// place of a large file minutes.
 pub const HELD_BUCKETS: &[f64] = &[0.001, 0.01, 0.1, 1.0, 10.0, 60.0, 300.0];
@@ -240,6 +243,9 @@ pub const ALL: &[&str] = &[
     SHARDS_LIVE,
     INSTANCE_PROBES,
     INSTANCE_HEARTBEAT_FAILURES,
+    QUOTA_LEASE,
+    QUOTA_GLOBAL_USE,
+    QUOTA_RENEWALS,
     // From metrics-process (see PROCESS), under the names Prometheus's clients use.
     "process_cpu_seconds_total",
     "process_open_fds",
@@ -407,6 +413,18 @@ pub fn describe() {
     describe_counter!(
         INSTANCE_HEARTBEAT_FAILURES,
         "Registry writes (heartbeats, active_since notes) that failed; retried every 2 s while the shares stay as they were."
+    );
+    describe_gauge!(
+        QUOTA_LEASE,
+        "The lease this instance holds of a quota counted across instances (quota: tier, in recipients; budget, in millionths of the currency), by quota and name (portfolio or account): what it may count without a round trip, its use not yet durable included. PostgreSQL only."
+    );
+    describe_gauge!(
+        QUOTA_GLOBAL_USE,
+        "A quota's global use at this instance's last renewal: durably counted (every instance's tier or spend rows) + the live instances' leases. PostgreSQL only."
+    );
+    describe_counter!(
+        QUOTA_RENEWALS,
+        "Renewals of this instance's quota leases, by quota, name and result: granted (room to count), refused (nothing left: jobs needing it are deferred), failed (the database did not answer; retried)."
     );
     describe_gauge!(
         TIER_USAGE,
@@ -790,6 +808,18 @@ pub fn probe_received() {
 
 pub fn heartbeat_failed() {
     counter!(INSTANCE_HEARTBEAT_FAILURES).increment(1);
+}
+
+/// After a renewal: the lease held and the global use seen.
+pub fn quota_lease(quota: &'static str, name: &str, lease: i64, global: i64) {
+    cached_gauge(QUOTA_LEASE, &[("quota", quota), ("name", name)]).set(lease as f64);
+    cached_gauge(QUOTA_GLOBAL_USE, &[("quota", quota), ("name", name)]).set(global as f64);
+}
+
+/// One renewal's result: `granted`, `refused` or `failed`.
+pub fn quota_renewal(quota: &'static str, name: &str, result: &'static str) {
+    counter!(QUOTA_RENEWALS, "quota" => quota, "name" => name.to_string(), "result" => result)
+        .increment(1);
 }
 
 pub fn tier(portfolio: &str, used: usize, limit: u32) {

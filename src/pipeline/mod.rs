@@ -217,7 +217,9 @@ impl Pipeline {
             return d;
         }
 
-        // Spend guard: a daily budget holds the guarded categories back once spent.
+        // Spend guard: a daily budget holds the guarded categories back once spent (on
+        // PostgreSQL counted across instances: a moment's wait for the lease's renewal first).
+        self.spend.wait_room(job, shutdown).await;
         if let Err(wait) = self.spend.check(job, now) {
             return self.defer(job, attempts, wait, "spend_budget");
         }
@@ -380,6 +382,7 @@ impl Pipeline {
         let job = attempt.job;
         let mut also = Vec::new();
         if counts_for_tier {
+            self.limits.tier_room(job, shutdown).await;
             match self
                 .limits
                 .reserve_tier(job, false, self.clock.now(), counted)
@@ -443,7 +446,7 @@ impl Pipeline {
             Err(e) => {
                 tracing::error!(id = %job.id, account = %job.account, error = %e, "State store write failed; the job stays queued.");
             }
-            Ok(()) => {}
+            Ok(()) => self.limits.recorded(counted),
         }
         if recorded.is_err() {
             attempt.inconclusive();

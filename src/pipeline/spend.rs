@@ -15,14 +15,22 @@
 //! the day's spend. The guard checks before a send; sends already in flight when the budget is
 //! reached still go, so spend can overshoot by what is in flight (at most `broker.prefetch`
 //! messages).
+//!
+//! Several instances on one PostgreSQL state (issue 18) count one budget per account: each
+//! saves its own spend under rows of its own (`spend|account|minute|instance`, summed by
+//! whoever reads them), and a guarded job goes only while this instance's lease of the
+//! account's global [`Quota`] has room ([`Spend::share_globally`]). The lease covers the spend
+//! this instance has not saved yet; a save that committed moves it to the rows. A restarted
+//! instance is a new one: it loads every instance's rows of the day, and keeps adding its own.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use jiff::Timestamp;
 use tokio_util::sync::CancellationToken;
 
+use super::limits::quota::{self, Kind, Quota};
 use crate::config::Config;
 use crate::job::{Category, Content, Job};
 use crate::pricing::{Micros, PriceTable};
@@ -33,6 +41,9 @@ const MINUTES: usize = 24 * 60;
 const UTILITY_IN_WINDOW_FREE_UNTIL: Timestamp = Timestamp::constant(1_790_812_800, 0);
 /// A job held back by the budget looks again at least this often.
 pub const BUDGET_RECHECK: Duration = Duration::from_secs(300);
+/// A guarded job the global lease had no room for while the budget is not known to be spent
+/// (the lease not renewed yet: the database slow or unreachable) looks again this soon.
+const LEASE_RETRY: Duration = Duration::from_secs(5);
 
 /// The estimated price of sending `job` now, or None when the table has no price for it.
 pub fn estimate(
@@ -129,9 +140,29 @@ pub const SAVE_INTERVAL: Duration = Duration::from_secs(1);
 struct Account {
     budget: Option<i64>,
     guarded: Vec<Category>,
+    /// The spend this instance knows of: on redb all of it; on PostgreSQL every instance's
+    /// rows of the day as loaded at start, plus its own since.
     ring: Mutex<Ring>,
+    /// PostgreSQL: this process's own spend, saved under its own rows ([`Own`]).
+    own: Mutex<Own>,
     /// 0: below 80 %, 1: at 80 %, 2: at the budget (for one log line per crossing).
     level: Mutex<u8>,
+}
+
+/// This process's own spend per minute and what of it is not saved yet (PostgreSQL only).
+struct Own {
+    ring: Ring,
+    /// Micros added since the last save was taken: made durable in the global lease once the
+    /// save commits.
+    unsaved: i64,
+}
+
+/// What the global budgets need (set once, on PostgreSQL).
+struct Shared {
+    /// This instance's id: the last part of its spend rows' keys.
+    instance: String,
+    /// Account → its budget's lease (accounts with a budget).
+    quotas: HashMap<Arc<str>, Arc<Quota>>,
 }
 
 /// Spend per account and the guard.
@@ -141,6 +172,21 @@ pub struct Spend {
     /// Where each minute's spend is remembered.
     ledger: Ledger,
     accounts: HashMap<Arc<str>, Account>,
+    /// Unset on redb (one instance: its rows are `spend|account|minute`, its ring is the day).
+    shared: OnceLock<Shared>,
+}
+
+/// `spend|<account>|<minute>` (one instance) or `spend|<account>|<minute>|<instance>` (several
+/// on PostgreSQL): the account and the minute. From the right: an account's name may hold `|`,
+/// an instance id (a UUID) never parses as a minute.
+fn parse_key(k: &[u8]) -> Option<(&str, i64)> {
+    let rest = std::str::from_utf8(k.strip_prefix(b"spend|")?).ok()?;
+    let (head, last) = rest.rsplit_once('|')?;
+    if let Ok(m) = last.parse::<i64>() {
+        return Some((head, m));
+    }
+    let (name, minute) = head.rsplit_once('|')?;
+    Some((name, minute.parse().ok()?))
 }
 
 impl Spend {
@@ -158,6 +204,10 @@ impl Spend {
                         budget: a.daily_budget.map(|m| m.0),
                         guarded: a.budget_categories.clone(),
                         ring: Mutex::new(Ring::new()),
+                        own: Mutex::new(Own {
+                            ring: Ring::new(),
+                            unsaved: 0,
+                        }),
                         level: Mutex::new(0),
                     },
                 )
@@ -167,6 +217,42 @@ impl Spend {
             prices: Arc::new(crate::pricing::SharedPrices::new(config.prices.clone())),
             ledger,
             accounts,
+            shared: OnceLock::new(),
+        }
+    }
+
+    /// Counts every account's budget across the instances on the database (PostgreSQL), this
+    /// one being `instance`: its spend goes to rows of its own from now on. Returns the quotas
+    /// whose leases the caller keeps renewing (`Quota::run`). Call once, before the first job.
+    pub fn share_globally(&self, instance: &str) -> Vec<Arc<Quota>> {
+        let shared = self.shared.get_or_init(|| Shared {
+            instance: instance.to_string(),
+            quotas: self
+                .accounts
+                .iter()
+                .filter_map(|(name, a)| {
+                    Some((
+                        name.clone(),
+                        Quota::new(Kind::Budget, name.clone(), a.budget?),
+                    ))
+                })
+                .collect(),
+        });
+        shared.quotas.values().cloned().collect()
+    }
+
+    fn quota(&self, account: &str) -> Option<&Arc<Quota>> {
+        self.shared.get()?.quotas.get(account)
+    }
+
+    /// Before [`Self::check`]: on PostgreSQL, a guarded job of an account whose global lease
+    /// ran out waits a moment for its renewal (at once otherwise).
+    pub async fn wait_room(&self, job: &Job, stop: &CancellationToken) {
+        let (Some(q), Some(a)) = (self.quota(&job.account), self.accounts.get(&job.account)) else {
+            return;
+        };
+        if a.guarded.contains(&job.category) {
+            q.wait_room(1, quota::WAIT_ROOM, stop).await;
         }
     }
 
@@ -185,20 +271,10 @@ impl Spend {
         let minute = minute_of(now);
         ledger
             .kv_for_each(Table::StoreMeta, |k, v| {
-                let Some(rest) = k.strip_prefix(b"spend|") else {
+                // Every instance's rows (on PostgreSQL), this process's earlier lives' included.
+                let (Some((name, m)), Ok(b)) = (parse_key(k), <[u8; 8]>::try_from(v)) else {
                     return;
                 };
-                let Some(sep) = rest.iter().rposition(|&b| b == b'|') else {
-                    return;
-                };
-                let (Ok(name), Ok(m), Ok(b)) = (
-                    std::str::from_utf8(&rest[..sep]),
-                    std::str::from_utf8(&rest[sep + 1..]).map(|m| m.parse::<i64>()),
-                    <[u8; 8]>::try_from(v),
-                ) else {
-                    return;
-                };
-                let Ok(m) = m else { return };
                 if m <= minute - MINUTES as i64 {
                     return;
                 }
@@ -224,7 +300,19 @@ impl Spend {
         let minute = minute_of(now);
         let mut ring = lock(&a.ring);
         if ring.total(minute) < budget {
-            return Ok(());
+            // On PostgreSQL the ring is only what this instance knows: the global lease decides.
+            let Some(q) = self.quota(&job.account) else {
+                return Ok(());
+            };
+            drop(ring);
+            if q.has_room() {
+                return Ok(());
+            }
+            return Err(if q.used_up() {
+                BUDGET_RECHECK
+            } else {
+                LEASE_RETRY
+            });
         }
         let frees = ring.frees_at(minute, budget);
         let wait = Duration::from_secs(((frees - minute).max(1) * 60) as u64);
@@ -244,8 +332,20 @@ impl Spend {
         {
             let mut ring = lock(&a.ring);
             ring.add(minute, micros.0);
-            if ring.dirty.last() != Some(&minute) {
+            if self.shared.get().is_none() && ring.dirty.last() != Some(&minute) {
                 ring.dirty.push(minute);
+            }
+        }
+        if self.shared.get().is_some() {
+            let mut own = lock(&a.own);
+            own.ring.add(minute, micros.0);
+            own.unsaved += micros.0;
+            if own.ring.dirty.last() != Some(&minute) {
+                own.ring.dirty.push(minute);
+            }
+            // Under `own`'s lock: a save taken meanwhile sees both or neither.
+            if let Some(q) = self.quota(account) {
+                q.add_use(micros.0);
             }
         }
         self.report(account, now);
@@ -256,22 +356,85 @@ impl Spend {
     /// account instead of one store write per job (a crash loses at most that second of the
     /// estimate).
     pub fn unsaved(&self) -> Vec<KvOp> {
+        self.take_unsaved().0
+    }
+
+    /// [`Self::unsaved`], and per account the micros those rows make durable and their
+    /// minutes (to put back if the save fails).
+    fn take_unsaved(&self) -> (Vec<KvOp>, Vec<Taken<'_>>) {
         let mut ops = Vec::new();
+        let mut taken = Vec::new();
+        let shared = self.shared.get();
         for (name, a) in &self.accounts {
-            let mut ring = lock(&a.ring);
-            for minute in std::mem::take(&mut ring.dirty) {
+            let mut own_guard;
+            let mut ring_guard;
+            let (ring, suffix, micros) = match shared {
+                Some(s) => {
+                    own_guard = lock(&a.own);
+                    let micros = std::mem::take(&mut own_guard.unsaved);
+                    (&mut own_guard.ring, format!("|{}", s.instance), micros)
+                }
+                None => {
+                    ring_guard = lock(&a.ring);
+                    (&mut *ring_guard, String::new(), 0)
+                }
+            };
+            let minutes = std::mem::take(&mut ring.dirty);
+            for &minute in &minutes {
                 let i = minute.rem_euclid(MINUTES as i64) as usize;
                 if ring.minute_of[i] != minute {
                     continue;
                 }
                 ops.push(KvOp::Put {
                     table: Table::StoreMeta,
-                    key: format!("spend|{name}|{minute}").into_bytes(),
+                    key: format!("spend|{name}|{minute}{suffix}").into_bytes(),
                     value: ring.slots[i].to_le_bytes().to_vec(),
                 });
             }
+            if micros != 0 || !minutes.is_empty() {
+                taken.push(Taken {
+                    account: name,
+                    micros,
+                    minutes,
+                });
+            }
         }
-        ops
+        (ops, taken)
+    }
+
+    /// A save committed: what it carried is durable, out of the global leases.
+    fn saved(&self, taken: Vec<Taken<'_>>) {
+        for t in taken {
+            if let Some(q) = self.quota(t.account) {
+                q.durable(t.micros);
+            }
+        }
+    }
+
+    /// A save failed: its minutes and micros wait for the next one.
+    fn not_saved(&self, taken: Vec<Taken<'_>>) {
+        let shared = self.shared.get().is_some();
+        for t in taken {
+            let Some(a) = self.accounts.get(t.account) else {
+                continue;
+            };
+            let mut own;
+            let mut all;
+            let ring = if shared {
+                own = lock(&a.own);
+                own.unsaved += t.micros;
+                &mut own.ring
+            } else {
+                all = lock(&a.ring);
+                &mut *all
+            };
+            for m in t.minutes {
+                if !ring.dirty.contains(&m) {
+                    ring.dirty.push(m);
+                }
+            }
+            ring.dirty.sort_unstable();
+        }
     }
 
     /// Writes [`Self::unsaved`] every [`SAVE_INTERVAL`] until `stop`, then once more.
@@ -282,11 +445,15 @@ impl Spend {
                 _ = stop.cancelled() => true,
                 _ = tick.tick() => false,
             };
-            let ops = self.unsaved();
-            if !ops.is_empty()
-                && let Err(e) = self.ledger.kv_many(ops).await
-            {
-                tracing::warn!(error = %e, "Saving the spend estimate failed; will try again.");
+            let (ops, taken) = self.take_unsaved();
+            if !ops.is_empty() {
+                match self.ledger.kv_many(ops).await {
+                    Ok(_) => self.saved(taken),
+                    Err(e) => {
+                        self.not_saved(taken);
+                        tracing::warn!(error = %e, "Saving the spend estimate failed; will try again.");
+                    }
+                }
             }
             if stopping {
                 return;
@@ -305,7 +472,14 @@ impl Spend {
         let Some(a) = self.accounts.get(account) else {
             return;
         };
-        let total = lock(&a.ring).total(minute_of(now));
+        let mut total = lock(&a.ring).total(minute_of(now));
+        // On PostgreSQL every instance's durable spend at the last renewal, with this one's
+        // unsaved: more than the ring knows once others spend.
+        if let (Some(q), Some(_)) = (self.quota(account), self.shared.get())
+            && let Some(durable) = q.durable_use()
+        {
+            total = total.max(durable + lock(&a.own).unsaved);
+        }
         crate::metrics::spend(account, self.prices.get().currency(), total);
         let Some(budget) = a.budget else {
             return;
@@ -347,11 +521,7 @@ impl Spend {
         let mut ops = Vec::new();
         ledger
             .kv_for_each(Table::StoreMeta, |k, _| {
-                let stale = k
-                    .strip_prefix(b"spend|")
-                    .and_then(|rest| rest.rsplit(|&b| b == b'|').next())
-                    .and_then(|m| std::str::from_utf8(m).ok()?.parse::<i64>().ok())
-                    .is_some_and(|m| m <= oldest);
+                let stale = parse_key(k).is_some_and(|(_, m)| m <= oldest);
                 if stale {
                     ops.push(KvOp::Delete {
                         table: Table::StoreMeta,
@@ -362,6 +532,13 @@ impl Spend {
             .await?;
         Ok(ops)
     }
+}
+
+/// What one save took of an account (see [`Spend::take_unsaved`]).
+struct Taken<'a> {
+    account: &'a Arc<str>,
+    micros: i64,
+    minutes: Vec<i64>,
 }
 
 fn minute_of(t: Timestamp) -> i64 {
@@ -499,6 +676,81 @@ mod tests {
             again.rolling("a", now + Duration::from_secs(60)),
             Some(Micros(350_000))
         );
+    }
+
+    /// Counted across instances (PostgreSQL): rows of this instance's own, summed with every
+    /// other's by a restarted instance; guarded jobs go while the budget's lease has room, and
+    /// what a save wrote leaves the lease's use once the save committed.
+    #[tokio::test]
+    async fn each_instance_saves_its_own_rows_and_the_lease_guards_the_budget() {
+        let (_d, c) = config();
+        let ledger = Ledger::open_in_memory().unwrap();
+        let now: Timestamp = "2026-11-29T12:00:00Z".parse().unwrap();
+        let minute = minute_of(now);
+        // What another instance and a one-instance store saved earlier in the day.
+        ledger
+            .kv_many(vec![
+                KvOp::Put {
+                    table: Table::StoreMeta,
+                    key: format!("spend|a|{}|other-instance-id", minute - 10).into_bytes(),
+                    value: 20_000i64.to_le_bytes().to_vec(),
+                },
+                KvOp::Put {
+                    table: Table::StoreMeta,
+                    key: format!("spend|a|{}", minute - 20).into_bytes(),
+                    value: 30_000i64.to_le_bytes().to_vec(),
+                },
+            ])
+            .await
+            .unwrap();
+        let spend = Spend::new(&c, ledger.clone());
+        spend.load(&ledger, now).await.unwrap();
+        assert_eq!(spend.rolling("a", now), Some(Micros(50_000)));
+        let q = spend.share_globally("me")[0].clone();
+        let m = job(&c, "marketing", "+491701234567", false);
+        assert_eq!(spend.check(&m, now), Err(LEASE_RETRY), "no lease yet");
+        q.granted_for_test(100_000, false);
+        assert!(spend.check(&m, now).is_ok());
+        spend.add("a", Micros(113_100), now);
+        assert_eq!(spend.check(&m, now), Err(LEASE_RETRY), "the lease is spent");
+        let (ops, taken) = spend.take_unsaved();
+        assert_eq!(
+            ops,
+            vec![KvOp::Put {
+                table: Table::StoreMeta,
+                key: format!("spend|a|{minute}|me").into_bytes(),
+                value: 113_100i64.to_le_bytes().to_vec(),
+            }],
+            "this instance's own total, under its own key"
+        );
+        ledger.kv_many(ops).await.unwrap();
+        spend.saved(taken);
+        assert_eq!(q.counts_for_test(), (0, 113_100));
+        q.granted_for_test(0, true);
+        assert_eq!(
+            spend.check(&m, now),
+            Err(BUDGET_RECHECK),
+            "used up everywhere"
+        );
+
+        // A restart: a new instance, which knows the whole day's spend.
+        let again = Spend::new(&c, ledger.clone());
+        again.load(&ledger, now).await.unwrap();
+        assert_eq!(again.rolling("a", now), Some(Micros(163_100)));
+        assert_eq!(again.housekeep(&ledger, now).await.unwrap(), vec![]);
+        let later = now + Duration::from_secs(86_400);
+        assert_eq!(again.housekeep(&ledger, later).await.unwrap().len(), 3);
+    }
+
+    #[test]
+    fn a_spend_key_names_its_account_and_minute_in_both_forms() {
+        assert_eq!(parse_key(b"spend|a|123"), Some(("a", 123)));
+        assert_eq!(
+            parse_key(b"spend|a|b|123|0b7c0d9e-0000-4000-8000-000000000001"),
+            Some(("a|b", 123))
+        );
+        assert_eq!(parse_key(b"spend|a|x"), None);
+        assert_eq!(parse_key(b"tier|a"), None);
     }
 
     #[test]

@@ -185,6 +185,15 @@ impl Ledger {
         }
     }
 
+    /// The leases of the daily tiers and budgets counted across instances: PostgreSQL only,
+    /// as the registry (a redb store's one process counts them alone).
+    pub fn quotas(&self) -> Option<super::postgres::quota::QuotaStore> {
+        match &self.0 {
+            Backend::Redb(_) => None,
+            Backend::Pg(s) => Some(s.quotas()),
+        }
+    }
+
     /// Whether writes succeed now, and waiting for them to.
     pub fn health(&self) -> &Arc<StoreHealth> {
         each!(self, l => l.health())

@@ -17,8 +17,9 @@
 //! send that definitely did not happen gives its counts back ([`Limits::release`]).
 //!
 //! Per-recipient state needs no locks: the consumer runs one lane per recipient and the
-//! consistent-hash exchange sends a recipient to one shard. With several shards, each instance
-//! enforces its own share: configure `messages_per_second` and tiers divided by the shards.
+//! consistent-hash exchange sends a recipient to one shard. With several shards on one
+//! PostgreSQL state, each account's rate is split over the live shards, and each portfolio's
+//! daily tier is counted globally through leases ([`quota`]); on redb, one instance holds all.
 //!
 //! Several instances on one PostgreSQL state: a recipient's caps, tier count and block are
 //! owned by the instance active for its shard, which reads them through from the database the
@@ -28,6 +29,7 @@ pub mod caps;
 pub mod epoch;
 pub mod pacing;
 pub mod quiet;
+pub mod quota;
 pub mod throughput;
 pub mod tier;
 
@@ -517,6 +519,37 @@ impl Limits {
             return q.release_at(std::slice::from_ref(&jiff::tz::TimeZone::UTC), now, key);
         }
         q.release_at(zones, now, key)
+    }
+
+    /// Counts every portfolio's tier across the instances on the database (PostgreSQL): the
+    /// quotas to keep renewing, with their portfolios' names.
+    pub fn share_tiers_globally(&self) -> Vec<Arc<quota::Quota>> {
+        self.tier.share_globally()
+    }
+
+    /// The portfolio's name by index (the global tier lease counts its rows).
+    pub fn portfolio_name(&self, portfolio: usize) -> Option<&str> {
+        self.tier.name(portfolio)
+    }
+
+    /// Before [`Self::reserve_tier`]: on PostgreSQL, waits a moment for the portfolio's global
+    /// lease when it ran out and a renewal is on its way (at once otherwise).
+    pub async fn tier_room(&self, job: &Job, stop: &CancellationToken) {
+        if !self.tier.is_global() {
+            // redb: one instance counts alone, nothing to wait for (and nothing to look up).
+            return;
+        }
+        if let (Some(a), Some(n)) = (self.accounts.get(&job.account), number(job)) {
+            self.tier.wait_room(a.portfolio, n, stop).await;
+        }
+    }
+
+    /// The send record with the reservation's rows is written: what it took from a global
+    /// lease is durable now.
+    pub fn recorded(&self, r: &mut Reservation) {
+        if let Some(t) = r.tier.as_mut() {
+            self.tier.recorded(t);
+        }
     }
 
     /// Counts the send toward the portfolio's daily tier when it opens a business-initiated

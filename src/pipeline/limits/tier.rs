@@ -13,18 +13,30 @@
 //! and check-and-count must be one step. Counts are durable ([`Table::TierUsage`]), and so is a
 //! tier learned from Meta's webhook (in [`Table::StoreMeta`]), so a restart neither resets the
 //! window nor forgets an upgrade.
+//!
+//! Several instances on one PostgreSQL state (issue 18) count one tier together: each
+//! instance's window holds the recipients of its own shard (recipients are sharded, so the
+//! per-shard distinct counts add up), and a new recipient also takes one from the portfolio's
+//! global [`Quota`] lease ([`Tier::share_globally`]). The lease unit becomes durable with the
+//! send record that carries the tier row ([`Tier::recorded`]). A recipient moved between
+//! shards during a reshard may be counted on both for a while: an overcount, never an under-.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use jiff::Timestamp;
 
+use super::quota::{self, Kind, Quota};
 use crate::config::limits::UNLIMITED;
 use crate::store::{KvOp, KvRow, Ledger, LedgerError, Table};
 
 /// The moving window Meta counts over.
 pub const WINDOW_MS: i64 = 24 * 3600 * 1000;
+/// A new recipient the global lease had no room for while the quota is not known to be used up
+/// (the lease not renewed yet: the database slow or unreachable) looks again this soon.
+const LEASE_RETRY: Duration = Duration::from_secs(5);
 
 /// A counted send, so that a send that definitely did not happen can be un-counted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,6 +46,9 @@ pub struct TierTicket {
     /// The number's previous count time, if it had one in the window.
     previous: Option<i64>,
     at: i64,
+    /// The count took one from the portfolio's global lease, not durable yet: given back if
+    /// the send does not happen, moved to durable once its row is written.
+    leased: bool,
 }
 
 struct Window {
@@ -65,6 +80,9 @@ struct Portfolio {
 
 pub struct Tier {
     portfolios: Vec<Portfolio>,
+    /// The portfolios' global leases, in portfolio order: set once on PostgreSQL
+    /// ([`Tier::share_globally`]); unset on redb (one instance counts alone).
+    global: OnceLock<Vec<Arc<Quota>>>,
 }
 
 impl Tier {
@@ -84,6 +102,71 @@ impl Tier {
                     }),
                 })
                 .collect(),
+            global: OnceLock::new(),
+        }
+    }
+
+    /// Counts each portfolio's tier across every instance on the database: returns the quotas
+    /// whose leases the caller keeps renewing (`Quota::run`). Call once, before the first job.
+    pub fn share_globally(&self) -> Vec<Arc<Quota>> {
+        self.global
+            .get_or_init(|| {
+                self.portfolios
+                    .iter()
+                    .map(|p| {
+                        Quota::new(
+                            Kind::Tier,
+                            p.name.clone(),
+                            p.limit.load(Ordering::Relaxed) as i64,
+                        )
+                    })
+                    .collect()
+            })
+            .clone()
+    }
+
+    /// Whether the tiers are counted across instances ([`Self::share_globally`] was called).
+    pub fn is_global(&self) -> bool {
+        self.global.get().is_some()
+    }
+
+    fn quota(&self, portfolio: usize) -> Option<&Arc<Quota>> {
+        self.global.get().and_then(|g| g.get(portfolio))
+    }
+
+    /// The portfolio's name (the global lease's durable count is of its rows).
+    pub fn name(&self, portfolio: usize) -> Option<&str> {
+        self.portfolios.get(portfolio).map(|p| &*p.name)
+    }
+
+    /// Before [`Self::reserve`] of a recipient that would be new: waits (a moment at most) for
+    /// the portfolio's global lease to have room, when it ran out and a renewal can bring some.
+    /// At once on redb, for a limited-less portfolio and for a recipient already counted.
+    pub async fn wait_room(
+        &self,
+        portfolio: usize,
+        number: u64,
+        stop: &tokio_util::sync::CancellationToken,
+    ) {
+        let Some(q) = self.quota(portfolio) else {
+            return;
+        };
+        let p = &self.portfolios[portfolio];
+        if p.limit.load(Ordering::Relaxed) == UNLIMITED
+            || lock(&p.window).last.contains_key(&number)
+        {
+            return;
+        }
+        q.wait_room(1, quota::WAIT_ROOM, stop).await;
+    }
+
+    /// The send record carrying the ticket's row is written: its lease unit is durable now.
+    pub fn recorded(&self, t: &mut TierTicket) {
+        if t.leased
+            && let Some(q) = self.quota(t.portfolio)
+        {
+            q.durable(1);
+            t.leased = false;
         }
     }
 
@@ -193,6 +276,9 @@ impl Tier {
                 continue;
             }
             let before = p.limit.swap(learned, Ordering::Relaxed);
+            if let Some(i) = self.index_of(&p.name) {
+                self.limit_changed(i, learned);
+            }
             if before != learned {
                 changed += 1;
                 tracing::info!(portfolio = %p.name, from = before, to = learned, "Messaging tier learned by another instance.");
@@ -224,6 +310,21 @@ impl Tier {
             let oldest = w.by_time.first().map_or(now_ms, |&(t, _)| t);
             return Err(Timestamp::from_millisecond(oldest + WINDOW_MS).unwrap_or(now));
         }
+        // A new recipient counts globally too: one from the lease, or not now.
+        let leased = previous.is_none() && self.quota(portfolio).is_some();
+        if leased
+            && let Some(q) = self.quota(portfolio)
+            && !q.try_take(1)
+        {
+            // Used up everywhere: as long as the window could take (the caller caps it);
+            // else the lease is on its way.
+            let wait = if q.used_up() {
+                Duration::from_millis(WINDOW_MS as u64)
+            } else {
+                LEASE_RETRY
+            };
+            return Err(now.checked_add(wait).unwrap_or(now));
+        }
         if let Some(old) = previous {
             w.by_time.remove(&(old, number));
         }
@@ -244,6 +345,7 @@ impl Tier {
                 number,
                 previous,
                 at: now_ms,
+                leased,
             },
             op,
         )))
@@ -251,6 +353,11 @@ impl Tier {
 
     /// Un-counts a send that definitely did not happen; returns the row change to write.
     pub fn release(&self, t: TierTicket, digits: &str) -> KvOp {
+        if t.leased
+            && let Some(q) = self.quota(t.portfolio)
+        {
+            q.give_back(1);
+        }
         let p = &self.portfolios[t.portfolio];
         let mut w = lock(&p.window);
         if w.last.get(&t.number) == Some(&t.at) {
@@ -286,6 +393,7 @@ impl Tier {
         if before != limit {
             tracing::info!(portfolio = %p.name, from = before, to = limit, "Messaging tier changed.");
         }
+        self.limit_changed(portfolio, limit);
         crate::metrics::tier(&p.name, lock(&p.window).last.len(), limit);
         let mut value = limit.to_le_bytes().to_vec();
         value.extend_from_slice(&p.configured.load(Ordering::Relaxed).to_le_bytes());
@@ -307,8 +415,15 @@ impl Tier {
             return false;
         }
         p.limit.store(configured, Ordering::Relaxed);
+        self.limit_changed(portfolio, configured);
         crate::metrics::tier(&p.name, lock(&p.window).last.len(), configured);
         true
+    }
+
+    fn limit_changed(&self, portfolio: usize, limit: u32) {
+        if let Some(q) = self.quota(portfolio) {
+            q.set_limit(limit as i64);
+        }
     }
 
     /// (counted recipients in the window, limit) of a portfolio.
@@ -497,6 +612,43 @@ mod tests {
             tier(4).reload_learned(&ledger).await.unwrap(),
             0,
             "config changed"
+        );
+    }
+
+    /// Counted across instances (PostgreSQL): a new recipient takes one from the portfolio's
+    /// lease, a known one none; a send that did not happen gives it back, a recorded one makes
+    /// it durable; an empty lease defers briefly, a used-up quota for long.
+    #[test]
+    fn a_new_recipient_takes_one_from_the_global_lease() {
+        let t = tier(100);
+        let q = t.share_globally()[0].clone();
+        assert!(t.is_global());
+        q.granted_for_test(2, false);
+        let (mut first, _) = ok(&t, 0, 1, t0()).unwrap();
+        assert_eq!(q.counts_for_test(), (1, 0));
+        ok(&t, 0, 1, t0() + 1.hours());
+        assert_eq!(q.counts_for_test(), (1, 0), "a counted recipient is free");
+        let (second, _) = ok(&t, 0, 2, t0()).unwrap();
+        assert_eq!(
+            t.reserve(0, 3, "3", t0()),
+            Err(t0() + LEASE_RETRY),
+            "the lease is empty: looks again soon"
+        );
+        t.release(second, "2");
+        assert_eq!(q.counts_for_test(), (1, 0), "given back");
+        t.recorded(&mut first);
+        t.recorded(&mut first);
+        assert_eq!(q.counts_for_test(), (0, 1), "durable, once");
+        t.release(first, "1");
+        assert_eq!(
+            q.counts_for_test(),
+            (0, 1),
+            "its row goes, not the lease's count"
+        );
+        q.granted_for_test(0, true);
+        assert!(
+            t.reserve(0, 4, "4", t0()).unwrap_err() >= t0() + 24.hours(),
+            "used up: for long (the caller caps the wait)"
         );
     }
 

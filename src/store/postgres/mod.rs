@@ -16,6 +16,7 @@
 pub mod follow;
 #[cfg(test)]
 mod follow_tests;
+pub mod quota;
 mod registry;
 mod schema;
 #[cfg(test)]
@@ -496,6 +497,12 @@ impl PgStore {
     /// The registry of running instances (issue 18), on this store's pool.
     pub fn registry(&self) -> Registry {
         Registry::new(self.inner.pool.clone())
+    }
+
+    /// The leases of the global quotas (daily tiers and budgets, issue 18), on this store's
+    /// pool.
+    pub fn quotas(&self) -> quota::QuotaStore {
+        quota::QuotaStore::new(self.inner.pool.clone())
     }
 
     fn sql(&self, t: Table) -> &TableSql {
@@ -1151,6 +1158,7 @@ impl PgStore {
                 "sw_follow",
                 "sw_follow_purged",
                 "sw_instances",
+                "sw_quota_leases",
             ];
             names.extend(Table::ALL.iter().map(|t| t.pg_name()));
             c.batch_execute(&format!(

@@ -16,6 +16,7 @@ pub(super) const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("migrations/0002_instances.sql"),
     ),
     (3, "follow", include_str!("migrations/0003_follow.sql")),
+    (4, "quota", include_str!("migrations/0004_quota.sql")),
     (5, "log_send", include_str!("migrations/0005_log_send.sql")),
     (
         6,
