@@ -411,6 +411,19 @@ impl Pipeline {
             self.give_back(job, counted).await;
             return Err(self.defer(job, attempts, wait, "quiet_hours"));
         }
+        // The waits above may have lasted (pacing) or the process stalled: a tier count taken
+        // from a global lease whose renewal is now too old may have been handed to another
+        // instance meanwhile. Checked as late as can be; the claim's commit follows at once.
+        if !self.limits.tier_lease_still_trusted(counted) {
+            attempt.inconclusive();
+            self.give_back(job, counted).await;
+            return Err(self.defer(
+                job,
+                attempts,
+                crate::pipeline::limits::tier::LEASE_RETRY,
+                "messaging_limit",
+            ));
+        }
         also.extend(self.limits.reserve_caps(job, self.clock.now(), counted));
         Ok(also)
     }

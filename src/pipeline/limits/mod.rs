@@ -544,6 +544,15 @@ impl Limits {
         }
     }
 
+    /// Right before the claim: whether the tier count this pass took from the portfolio's
+    /// global lease may still be sent (the lease was renewed less than 8 s ago). False: give
+    /// the counts back and defer briefly; the others may have handed the room out.
+    pub fn tier_lease_still_trusted(&self, r: &Reservation) -> bool {
+        r.tier
+            .as_ref()
+            .is_none_or(|t| self.tier.lease_still_trusted(t))
+    }
+
     /// The send record with the reservation's rows is written: what it took from a global
     /// lease is durable now.
     pub fn recorded(&self, r: &mut Reservation) {

@@ -53,6 +53,10 @@ const CROWDED_RETRY: Duration = Duration::from_millis(250);
 /// live: doubling up to [`REFRESH`].
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 
+/// A renewal that takes longer gives up (and is tried again): its statements are bounded to
+/// 2 s each by the database; this bounds a connection that stops answering.
+const RENEW_WITHIN: Duration = Duration::from_secs(5);
+
 /// The room an instance asks to hold beyond its use, given what is `free` for it (the limit
 /// less the durable use, the other live instances' leases and its own use not yet durable) and
 /// the live shards sharing it: 5 % of the limit (at least `unit`), and near the end at most
@@ -190,6 +194,16 @@ impl Quota {
         true
     }
 
+    /// Whether the lease is still trusted (renewed less than 8 s ago). Checked again right
+    /// before a send's claim that took from it: an instance stalled since the take (a frozen
+    /// VM, a starved process) may have been counted dead by the others, who then handed its
+    /// room out.
+    pub fn trusted(&self) -> bool {
+        lock(&self.state)
+            .trusted_until
+            .is_some_and(|t| Instant::now() < t)
+    }
+
     /// Whether any room is left (the budget: a send goes while some is; its cost is counted
     /// when it was sent, [`Self::add_use`]).
     pub fn has_room(&self) -> bool {
@@ -318,7 +332,17 @@ impl Quota {
                 continue;
             }
             let next = backoff.map_or(RETRY_FIRST, |b| (b * 2).min(REFRESH));
-            match self.renew(&store, &me, &durable()).await {
+            // Bounded here too: a connection that stops answering mid-renewal must not hold
+            // this quota's renewals until TCP gives up.
+            let renewed = tokio::time::timeout(RENEW_WITHIN, self.renew(&store, &me, &durable()))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(crate::store::LedgerError::Io(format!(
+                        "no answer within {}s",
+                        RENEW_WITHIN.as_secs()
+                    )))
+                });
+            match renewed {
                 Ok(true) => {
                     if failing {
                         tracing::info!(quota = %self.key, "The quota's lease is renewed again.");
@@ -452,6 +476,11 @@ impl Quota {
         s.trusted_until = Some(Instant::now() + TRUST);
         s.exhausted = used_up;
         s.used_up = used_up;
+    }
+
+    /// As if the last renewal were older than the trust.
+    pub(crate) fn distrusted_for_test(&self) {
+        lock(&self.state).trusted_until = Some(Instant::now());
     }
 
     /// (use not yet durable, use made durable since the lease).

@@ -36,7 +36,7 @@ use crate::store::{KvOp, KvRow, Ledger, LedgerError, Table};
 pub const WINDOW_MS: i64 = 24 * 3600 * 1000;
 /// A new recipient the global lease had no room for while the quota is not known to be used up
 /// (the lease not renewed yet: the database slow or unreachable) looks again this soon.
-const LEASE_RETRY: Duration = Duration::from_secs(5);
+pub(crate) const LEASE_RETRY: Duration = Duration::from_secs(5);
 
 /// A counted send, so that a send that definitely did not happen can be un-counted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -351,6 +351,12 @@ impl Tier {
         )))
     }
 
+    /// Whether what the ticket took from the global lease may still be sent: the lease is
+    /// still trusted (see [`Quota::trusted`]). A count not from a lease always may.
+    pub fn lease_still_trusted(&self, t: &TierTicket) -> bool {
+        !t.leased || self.quota(t.portfolio).is_none_or(|q| q.trusted())
+    }
+
     /// Un-counts a send that definitely did not happen; returns the row change to write.
     pub fn release(&self, t: TierTicket, digits: &str) -> KvOp {
         if t.leased
@@ -636,6 +642,13 @@ mod tests {
         );
         t.release(second, "2");
         assert_eq!(q.counts_for_test(), (1, 0), "given back");
+        assert!(t.lease_still_trusted(&first));
+        q.distrusted_for_test();
+        assert!(
+            !t.lease_still_trusted(&first),
+            "a lease not renewed for 8 s: the others may have handed it out"
+        );
+        q.granted_for_test(2, false);
         t.recorded(&mut first);
         t.recorded(&mut first);
         assert_eq!(q.counts_for_test(), (0, 1), "durable, once");

@@ -109,10 +109,16 @@ impl QuotaStore {
         let tx = c.transaction().await.map_err(pg_error)?;
         // A session that vanished mid-renewal holds the lock until the server ends it
         // (`idle_in_transaction_session_timeout`): this renewal fails and is retried instead
-        // of waiting that long.
-        tx.batch_execute("SET LOCAL lock_timeout = '2s'")
-            .await
-            .map_err(pg_error)?;
+        // of waiting that long. And this session, should it stall mid-renewal itself (a
+        // partition), is ended by the server within 3 s rather than the pool's 60 s: it holds
+        // the quota's lock and its own registry row, so every instance's renewals of the
+        // quota, and its own heartbeat, would wait for it.
+        tx.batch_execute(
+            "SET LOCAL lock_timeout = '2s'; SET LOCAL statement_timeout = '2s'; \
+             SET LOCAL idle_in_transaction_session_timeout = '3s'",
+        )
+        .await
+        .map_err(pg_error)?;
         tx.query_typed(LOCK, &[(&LOCK_CLASS, Type::INT4), (&quota, Type::TEXT)])
             .await
             .map_err(pg_error)?;

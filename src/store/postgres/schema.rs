@@ -72,6 +72,12 @@ async fn apply(client: &mut Client) -> Result<Vec<i32>, LedgerError> {
     let mut applied = Vec::new();
     for &(version, name, sql) in pending(MIGRATIONS, &done) {
         let tx = client.transaction().await.map_err(pg_error)?;
+        // A version may rewrite a large table (4 adds generated columns to sw_tier_usage: about
+        // 1.3 s per million rows here); the session's statement timeout would fail it at
+        // every start past some size. Only this transaction's statements.
+        tx.batch_execute("SET LOCAL statement_timeout = 0")
+            .await
+            .map_err(pg_error)?;
         tx.batch_execute(sql).await.map_err(pg_error)?;
         tx.execute(
             "INSERT INTO sw_migrations (version, name) VALUES ($1, $2)",
