@@ -18,7 +18,7 @@ use deadpool_postgres::Pool;
 use tokio_postgres::types::Type;
 
 use super::{pg_error, pool_error, prefix_end};
-use crate::store::LedgerError;
+use crate::store::ledger::LedgerError;
 
 /// The advisory-lock class of the quotas (two-key locks: their space is apart from the
 /// one-key locks of the store and the migrations); the key is the quota's text hashed.
