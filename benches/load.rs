@@ -145,6 +145,27 @@ struct Settings {
     daemons: Vec<(String, std::path::PathBuf)>,
     /// The state backends every daemon run is repeated on.
     backends: Vec<StateKind>,
+    /// Which sendwell runs get Meta's callbacks: webhooks off only, or each run twice, webhooks
+    /// off (the ratio's base) then with every callback, or with callbacks only.
+    callbacks: CallbacksMode,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CallbacksMode {
+    Off,
+    Both,
+    Only,
+}
+
+impl CallbacksMode {
+    /// The webhook settings of each run, in order.
+    fn runs(self) -> &'static [bool] {
+        match self {
+            CallbacksMode::Off => &[false],
+            CallbacksMode::Both => &[false, true],
+            CallbacksMode::Only => &[true],
+        }
+    }
 }
 
 /// A state backend the daemon runs on (`[state] backend`).
@@ -197,6 +218,15 @@ impl Settings {
             baseline_prefetch: env_or("SENDWELL_BENCH_BASELINE_PREFETCH", 1000u16).max(1),
             stall: Duration::from_secs(env_or("SENDWELL_BENCH_STALL_S", 60u64).max(5)),
             rate: env_or("SENDWELL_BENCH_RATE", 0.0f64).max(0.0),
+            callbacks: match std::env::var("SENDWELL_BENCH_CALLBACKS")
+                .unwrap_or_default()
+                .trim()
+            {
+                "" | "0" | "off" | "no" | "false" => CallbacksMode::Off,
+                "1" | "on" | "yes" | "true" | "both" => CallbacksMode::Both,
+                "only" => CallbacksMode::Only,
+                other => panic!("SENDWELL_BENCH_CALLBACKS: {other:?} is not off, both or only"),
+            },
             backends: {
                 let mut b: Vec<StateKind> = Vec::new();
                 for name in std::env::var("SENDWELL_BENCH_BACKENDS")
@@ -315,17 +345,50 @@ struct RunResult {
     exit: Option<String>,
     /// sendwell: per account, the sends at the sandbox and the waits at its limits.
     per_account: Vec<serde_json::Value>,
+    /// sendwell with Meta's callbacks (`sent`, `delivered`, `read` per sent message).
+    callbacks: bool,
+    /// With callbacks: what came of them.
+    callback_figures: Option<CallbackFigures>,
+}
+
+/// A callbacks run: the callbacks, and the delivery events they became.
+#[derive(Debug, Serialize)]
+struct CallbackFigures {
+    /// Status callbacks the sandbox posted and got a 200 for (the listener took them).
+    posted: usize,
+    /// Callbacks given up after Meta-like retries (no 200 in 10 tries).
+    given_up: usize,
+    /// Tries beyond the first, over all callbacks (503s while the broker was slow).
+    retries: u64,
+    /// Delivery events (`delivered` + `read`), each (job, status) once: every sent job's two.
+    delivery_events: usize,
+    /// Delivery events published again for a (job, status) already seen.
+    repeated_delivery_events: usize,
+    /// `sent` statuses the daemon applied (`sendwell_delivery_statuses_total{status="sent"}`).
+    sent_applied: f64,
+    /// Callbacks applied per second: posted ÷ the run's time (first publish → the last
+    /// delivery event).
+    per_second: f64,
+    /// Callback POST (its first try) → its delivery event at the outcome consumer.
+    p50_ms: f64,
+    p99_ms: f64,
+    /// Callbacks whose delivery event could be matched to the sandbox's record of them.
+    latency_samples: usize,
 }
 
 impl RunResult {
     /// The run's name in the tables: its kind, then the daemon's label when several are
     /// measured and sendwell's state backend.
     fn label(&self) -> String {
-        let tags: Vec<&str> = [Some(self.daemon.as_str()), self.backend]
-            .into_iter()
-            .flatten()
-            .filter(|t| !t.is_empty())
-            .collect();
+        let tags: Vec<&str> = [
+            Some(self.daemon.as_str()),
+            self.backend,
+            self.callbacks.then_some("callbacks"),
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|t| !t.is_empty())
+        .collect();
         match tags.as_slice() {
             [] => self.kind.label().to_string(),
             t => format!("{} ({})", self.kind.label(), t.join(", ")),
@@ -449,6 +512,7 @@ struct Measured {
 
 /// Publishes every job to `exchange` and collects the outcomes from `consumer`, reading the
 /// CPU counters of `probe` at the first publish and at the last outcome.
+#[allow(clippy::too_many_arguments)]
 async fn measure(
     s: &Settings,
     url: &str,
@@ -457,6 +521,7 @@ async fn measure(
     consumer: lapin::Consumer,
     dead: Option<lapin::Consumer>,
     probe: Probe,
+    callbacks: bool,
 ) -> Measured {
     let times = drive::publish_times(jobs.jobs.len());
     let start = probe.snap();
@@ -469,7 +534,10 @@ async fn measure(
         times.clone(),
         s.rate,
     ));
-    let c = drive::collect(consumer, dead, jobs, epoch, &times, &probe, s.stall).await;
+    let c = drive::collect(
+        consumer, dead, jobs, epoch, &times, &probe, s.stall, callbacks,
+    )
+    .await;
     let publish_seconds = if c.stalled && !publisher.is_finished() {
         publisher.abort();
         f64::NAN
@@ -540,6 +608,8 @@ fn result_from(kind: RunKind, s: &Settings, m: &Measured, latency_ms: Option<u64
         start_seconds: None,
         exit: None,
         per_account: Vec::new(),
+        callbacks: false,
+        callback_figures: None,
     }
 }
 
@@ -608,18 +678,23 @@ async fn run() {
     for &l in &s.latencies_ms {
         for daemon in &s.daemons {
             for &backend in &s.backends {
-                runs.push((l, daemon, backend));
+                for &callbacks in s.callbacks.runs() {
+                    runs.push((l, daemon, backend, callbacks));
+                }
             }
         }
     }
-    for (l, daemon, backend) in runs {
+    for (l, daemon, backend, callbacks) in runs {
         let r = run_sendwell(
             &s,
             &jobs,
             &seeded.path().join("state"),
-            l,
-            daemon,
-            backend,
+            Daemon {
+                latency_ms: l,
+                binary: daemon,
+                backend,
+                callbacks,
+            },
             broker_pid,
             ticks,
         )
@@ -683,6 +758,7 @@ async fn seed_template(s: &Settings, dir: &Path) -> usize {
         &"127.0.0.1:0".parse().unwrap(),
         s.prefetch,
         s.accounts,
+        None,
     );
     let path = drive::write_config(dir, &toml);
     let config = sendwell::config::Config::load(&path).expect("the bench config is valid");
@@ -715,7 +791,7 @@ async fn run_baseline(
     );
     let broker = TestBroker::new().await;
     let sandbox = match latency_ms {
-        Some(l) => Some(drive::RunSandbox::start(Duration::from_millis(l)).await),
+        Some(l) => Some(drive::RunSandbox::start(Duration::from_millis(l), None).await),
         None => None,
     };
     let pid = std::process::id();
@@ -807,7 +883,17 @@ async fn run_baseline(
         broker: broker_pid,
         ticks,
     };
-    let m = measure(s, &broker.url, &jobs_name, jobs, consumer, None, probe).await;
+    let m = measure(
+        s,
+        &broker.url,
+        &jobs_name,
+        jobs,
+        consumer,
+        None,
+        probe,
+        false,
+    )
+    .await;
     let mut r = result_from(kind, s, &m, latency_ms);
 
     drop(child.stdin.take());
@@ -853,23 +939,40 @@ async fn settle() {
 /// The daemon as a child process (`sendwell run --config …`) at one sandbox latency, on one
 /// state backend.
 #[allow(clippy::too_many_arguments)]
+/// What one sendwell run runs.
+struct Daemon<'a> {
+    latency_ms: u64,
+    /// (label, path).
+    binary: &'a (String, std::path::PathBuf),
+    backend: StateKind,
+    /// Meta's callbacks on: the webhook listener enabled, the sandbox posting to it.
+    callbacks: bool,
+}
+
 async fn run_sendwell(
     s: &Settings,
     jobs: &Arc<Jobs>,
     seeded_state: &Path,
-    latency_ms: u64,
-    daemon: &(String, std::path::PathBuf),
-    backend: StateKind,
+    d: Daemon<'_>,
     broker_pid: Option<u32>,
     ticks: u64,
 ) -> RunResult {
+    let Daemon {
+        latency_ms,
+        binary: daemon,
+        backend,
+        callbacks,
+    } = d;
     eprintln!(
-        "sendwell {} on {} @{latency_ms} ms …",
+        "sendwell {} on {} @{latency_ms} ms{} …",
         daemon.0,
-        backend.name()
+        backend.name(),
+        if callbacks { " with callbacks" } else { "" }
     );
     let broker = TestBroker::new().await;
-    let sandbox = drive::RunSandbox::start(Duration::from_millis(latency_ms)).await;
+    let webhook = callbacks.then(free_port);
+    let sandbox =
+        drive::RunSandbox::start(Duration::from_millis(latency_ms), webhook.as_ref()).await;
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
@@ -901,6 +1004,7 @@ async fn run_sendwell(
         &admin,
         s.prefetch,
         s.accounts,
+        webhook.as_ref(),
     );
     let config = drive::write_config(dir.path(), &toml);
     let (pg, seed_seconds) = match &db {
@@ -1003,11 +1107,13 @@ async fn run_sendwell(
         consumer,
         Some(dead),
         probe,
+        callbacks,
     )
     .await;
     stop.cancel();
     let _ = sampler.await;
     let mut r = result_from(RunKind::Sendwell, s, &m, Some(latency_ms));
+    r.callbacks = callbacks;
     r.daemon = daemon.0.clone();
     r.backend = Some(backend.name());
     r.seed_seconds = seed_seconds;
@@ -1019,6 +1125,9 @@ async fn run_sendwell(
         Err(_) => String::new(),
     };
     r.per_account = per_account(s, &sandbox, &metrics);
+    if callbacks {
+        r.callback_figures = Some(callback_figures(&m, &sandbox, &metrics));
+    }
     r.acks = Some((
         metric_value(&metrics, "sendwell_acks_total{kind=\"multiple\"}"),
         metric_value(&metrics, "sendwell_acks_total{kind=\"single\"}"),
@@ -1057,6 +1166,54 @@ async fn run_sendwell(
     drop(broker);
     settle().await;
     r
+}
+
+/// What came of the callbacks of a run: matched to their delivery events by (wamid, status).
+fn callback_figures(m: &Measured, sandbox: &drive::RunSandbox, metrics: &str) -> CallbackFigures {
+    let records = sandbox.handle.callbacks();
+    let mut posted_at: std::collections::HashMap<(&str, &str), u64> =
+        std::collections::HashMap::with_capacity(records.len());
+    let (mut posted, mut given_up, mut retries) = (0, 0, 0u64);
+    for r in &records {
+        if r.http_status == Some(200) {
+            posted += 1;
+        } else {
+            given_up += 1;
+        }
+        retries += u64::from(r.attempts.saturating_sub(1));
+        if let (Some(w), Some(st)) = (r.wamid.as_deref(), r.status.as_deref()) {
+            posted_at.insert((w, st), r.at_ms);
+        }
+    }
+    let mut latencies_us: Vec<u64> =
+        m.c.delivery_arrivals
+            .iter()
+            .filter_map(|(w, st, at)| {
+                posted_at
+                    .get(&(w.as_str(), *st))
+                    .map(|p| at.saturating_sub(*p) * 1000)
+            })
+            .collect();
+    latencies_us.sort_unstable();
+    let sent_applied: f64 = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("sendwell_delivery_statuses_total{") && l.contains("status=\"sent\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    CallbackFigures {
+        posted,
+        given_up,
+        retries,
+        delivery_events: m.c.deliveries,
+        repeated_delivery_events: m.c.delivery_repeats,
+        sent_applied,
+        per_second: posted as f64 / m.seconds,
+        p50_ms: percentile_ms(&latencies_us, 0.50),
+        p99_ms: percentile_ms(&latencies_us, 0.99),
+        latency_samples: latencies_us.len(),
+    }
 }
 
 fn tail(path: &Path) -> String {
@@ -1189,7 +1346,7 @@ fn report(s: &Settings, machine: &str, results: &[RunResult]) {
             // Against the first latency's run of the same daemon on the same backend.
             "jobs_per_second_vs_first_latency": sendwell
                 .iter()
-                .find(|f| f.daemon == r.daemon && f.backend == r.backend)
+                .find(|f| f.daemon == r.daemon && f.backend == r.backend && f.callbacks == r.callbacks)
                 .and_then(|f| ratio(r.jobs_per_second, f.jobs_per_second)),
         });
         let f = |k: &str| opt(row[k].as_f64(), 2);
@@ -1219,7 +1376,10 @@ fn report(s: &Settings, machine: &str, results: &[RunResult]) {
         println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for r in &sendwell {
             let redb = sendwell.iter().find(|b| {
-                b.backend == Some("redb") && b.daemon == r.daemon && b.latency_ms == r.latency_ms
+                b.backend == Some("redb")
+                    && b.daemon == r.daemon
+                    && b.latency_ms == r.latency_ms
+                    && b.callbacks == r.callbacks
             });
             let vs_redb = redb.and_then(|b| ratio(r.jobs_per_second, b.jobs_per_second));
             let pg = r.postgres_per_job.as_ref();
@@ -1248,6 +1408,59 @@ fn report(s: &Settings, machine: &str, results: &[RunResult]) {
                 "backend": r.backend,
                 "jobs_per_second_vs_redb": vs_redb,
                 "daemon_plus_postgres_cpu_us_per_job": both,
+            }));
+        }
+    }
+
+    // Callbacks: each run with them against the webhooks-off run of the same daemon, backend
+    // and latency (issue 19).
+    let mut callback_rows = Vec::new();
+    if sendwell.iter().any(|r| r.callbacks) {
+        println!();
+        println!(
+            "| with callbacks at | run | jobs/s | ÷ webhooks off | callbacks/s | posted / given up / retries | delivery events (repeated) | daemon µs/job: off → on | RabbitMQ µs/job: off → on | job p50 / p99 | callback → delivery event p50 / p99 |"
+        );
+        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for r in sendwell.iter().filter(|r| r.callbacks) {
+            let Some(cb) = &r.callback_figures else {
+                continue;
+            };
+            let off = sendwell.iter().find(|b| {
+                !b.callbacks
+                    && b.daemon == r.daemon
+                    && b.backend == r.backend
+                    && b.latency_ms == r.latency_ms
+            });
+            let vs_off = off.and_then(|b| ratio(r.jobs_per_second, b.jobs_per_second));
+            println!(
+                "| {} ms | {} | {:.0} | {}× | {:.0} | {} / {} / {} | {} ({}) | {} → {} | {} → {} | {:.0} / {:.0} ms | {:.0} / {:.0} ms |",
+                r.latency_ms.unwrap_or(0),
+                r.label(),
+                r.jobs_per_second,
+                opt(vs_off, 2),
+                cb.per_second,
+                cb.posted,
+                cb.given_up,
+                cb.retries,
+                cb.delivery_events,
+                cb.repeated_delivery_events,
+                opt(off.and_then(|b| b.cpu_us_per_job), 0),
+                opt(r.cpu_us_per_job, 0),
+                opt(off.and_then(|b| b.broker_cpu_us_per_job), 0),
+                opt(r.broker_cpu_us_per_job, 0),
+                r.p50_ms,
+                r.p99_ms,
+                cb.p50_ms,
+                cb.p99_ms,
+            );
+            callback_rows.push(serde_json::json!({
+                "latency_ms": r.latency_ms,
+                "daemon": r.daemon,
+                "backend": r.backend,
+                "jobs_per_second": r.jobs_per_second,
+                "webhooks_off_jobs_per_second": off.map(|b| b.jobs_per_second),
+                "jobs_per_second_vs_webhooks_off": vs_off,
+                "callbacks_per_second": cb.per_second,
             }));
         }
     }
@@ -1284,6 +1497,18 @@ fn report(s: &Settings, machine: &str, results: &[RunResult]) {
                 "- @{l} ms{}: daemon CPU ≤ 75 µs/job: {c:.0} µs — {}",
                 r.backend.map_or(String::new(), |b| format!(" on {b}")),
                 mark(c <= 75.0)
+            );
+        }
+    }
+    for row in &callback_rows {
+        if !paced && let Some(x) = row["jobs_per_second_vs_webhooks_off"].as_f64() {
+            println!(
+                "- @{} ms{}: with every callback applied ≥ 0.6× the webhooks-off jobs/s (issue 19): {x:.2}× — {}",
+                row["latency_ms"],
+                row["backend"]
+                    .as_str()
+                    .map_or(String::new(), |b| format!(" on {b}")),
+                mark(x >= 0.6)
             );
         }
     }
@@ -1430,11 +1655,13 @@ fn report(s: &Settings, machine: &str, results: &[RunResult]) {
             "baseline_prefetch": s.baseline_prefetch,
             "publish_rate_per_second": (s.rate > 0.0).then_some(s.rate),
             "backends": s.backends.iter().map(|b| b.name()).collect::<Vec<_>>(),
+            "callbacks": format!("{:?}", s.callbacks).to_lowercase(),
             "mix": "marketing 60% / utility 30% / authentication 10%; 5% of marketing and utility recipients not consented; 0.5% malformed",
         },
         "runs": results,
         "ratios": ratios,
         "backend_ratios": backend_rows,
+        "callback_ratios": callback_rows,
     });
     let path = output_path();
     if let Some(dir) = path.parent() {

@@ -149,6 +149,7 @@ pub fn build_jobs(n: usize, accounts: usize) -> Jobs {
 /// pacing on, two consent purposes, the example config's marketing caps, a price table.
 /// `state_backend`: lines for the `[state]` section (the backend and `[state.postgres]`; empty:
 /// redb in `state`).
+#[allow(clippy::too_many_arguments)] // each is one setting of the config's text
 pub fn config_toml(
     broker_url: &str,
     sandbox: &SocketAddr,
@@ -157,6 +158,7 @@ pub fn config_toml(
     admin: &SocketAddr,
     prefetch: u16,
     accounts: usize,
+    webhook: Option<&SocketAddr>,
 ) -> String {
     let mut toml = format!(
         r#"
@@ -210,6 +212,14 @@ service = "0.0456"
 "#,
         state = state.display()
     );
+    // The listener the sandbox posts every status callback to; its secrets are the files
+    // `write_config` writes next to the config.
+    if let Some(listen) = webhook {
+        toml.push_str(&format!(
+            "\n[webhook]\nenabled = true\nlisten = \"{listen}\"\n\
+             app_secret_file = \"app_secret\"\nverify_token_file = \"verify_token\"\n"
+        ));
+    }
     for k in 0..accounts {
         toml.push_str(&format!(
             "\n[[accounts]]\nname = \"{}\"\nphone_number_id = \"{}\"\ntoken_file = \"token\"\n\
@@ -221,9 +231,15 @@ service = "0.0456"
     toml
 }
 
-/// Writes the config (and the token file) into `dir`; returns the config's path.
+/// The app secret the sandbox signs callbacks with and the daemon checks them against.
+pub const APP_SECRET: &str = "bench-app-secret";
+
+/// Writes the config (and the token and webhook secret files) into `dir`; returns the config's
+/// path.
 pub fn write_config(dir: &Path, toml: &str) -> std::path::PathBuf {
     std::fs::write(dir.join("token"), GOOD_TOKEN).unwrap();
+    std::fs::write(dir.join("app_secret"), APP_SECRET).unwrap();
+    std::fs::write(dir.join("verify_token"), "bench-verify-token").unwrap();
     let p = dir.join("sendwell.toml");
     std::fs::write(&p, toml).unwrap();
     p
@@ -286,12 +302,20 @@ pub struct RunSandbox {
 }
 
 impl RunSandbox {
-    pub async fn start(latency: Duration) -> RunSandbox {
+    /// `webhook`: the daemon's listener; every accepted send then gets its `sent` (with
+    /// pricing), `delivered` and `read` callbacks, signed, each posted as soon as the one
+    /// before it was answered 200 (no delay, no cap on how many are in flight), as Meta does
+    /// at full speed.
+    pub async fn start(latency: Duration, webhook: Option<&SocketAddr>) -> RunSandbox {
         let sb = Sandbox::bind(
             "127.0.0.1:0".parse().unwrap(),
             SandboxConfig {
                 latency,
                 valid_tokens: Some(vec![GOOD_TOKEN.to_string()]),
+                webhook_url: webhook.map(|a| format!("http://{a}/webhook")),
+                app_secret: webhook.map(|_| APP_SECRET.to_string()),
+                status_delay: Duration::ZERO,
+                read_rate: 1.0,
                 ..SandboxConfig::default()
             },
         )
@@ -436,6 +460,15 @@ pub struct Collected {
     /// Most jobs published and not yet finished at once (queued + in flight).
     pub peak_outstanding: usize,
     pub stalled: bool,
+    /// Jobs whose final outcome is `sent`: with callbacks, each gets a `delivered` and a `read`.
+    pub sent: usize,
+    /// Delivery events (`delivered`, `read`), each (job, status) counted once.
+    pub deliveries: usize,
+    /// Delivery events repeated for a (job, status) already seen.
+    pub delivery_repeats: usize,
+    /// Every delivery event first seen: (wamid, status, arrival in unix ms), to match with the
+    /// sandbox's callback times.
+    pub delivery_arrivals: Vec<(String, &'static str, u64)>,
 }
 
 #[derive(serde::Deserialize)]
@@ -444,11 +477,24 @@ struct OutcomeHead<'a> {
     id: Option<std::borrow::Cow<'a, str>>,
     #[serde(borrow, default)]
     status: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    wamid: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// Now, unix milliseconds: the sandbox stamps its callbacks on the same clock.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Reads outcomes until every job has a final one, or none came for `stall`. A job whose id
 /// cannot be read gets no outcome from sendwell (CONTRACT §3 needs an id), only a dead letter:
 /// with `dead` (a queue on the dead-letter exchange), such dead letters count as its finish.
+/// With `callbacks`, also until every sent job's `delivered` and `read` events have come: a
+/// message's callbacks go through its lane in order, so its `sent` callback was applied by
+/// then too.
+#[allow(clippy::too_many_arguments)]
 pub async fn collect(
     mut consumer: Consumer,
     mut dead: Option<Consumer>,
@@ -457,9 +503,12 @@ pub async fn collect(
     times: &PublishTimes,
     probe: &Probe,
     stall: Duration,
+    callbacks: bool,
 ) -> Collected {
     let n = jobs.jobs.len();
     let mut seen = vec![false; n];
+    // Per job: bit 0 `delivered` seen, bit 1 `read` seen.
+    let mut delivered = vec![0u8; n];
     let mut anonymous = 0usize;
     let mut c = Collected {
         finished: 0,
@@ -469,9 +518,14 @@ pub async fn collect(
         end: probe.snap(),
         peak_outstanding: 0,
         stalled: false,
+        sent: 0,
+        deliveries: 0,
+        delivery_repeats: 0,
+        delivery_arrivals: Vec::new(),
     };
     let mut published_upto = 0usize;
-    while c.finished < n {
+    let done = |c: &Collected| c.finished >= n && (!callbacks || c.deliveries >= 2 * c.sent);
+    while !done(&c) {
         let next = async {
             tokio::select! {
                 d = consumer.next() => (false, d),
@@ -500,7 +554,7 @@ pub async fn collect(
             if !named && anonymous < jobs.anonymous {
                 anonymous += 1;
                 c.finished += 1;
-                if c.finished == n {
+                if done(&c) {
                     c.end = probe.snap();
                 }
             }
@@ -510,6 +564,28 @@ pub async fn collect(
         let Ok(head) = serde_json::from_slice::<OutcomeHead>(&d.data) else {
             continue;
         };
+        let bit = match head.status.as_deref() {
+            Some("delivered") => Some((1u8, "delivered")),
+            Some("read") => Some((2u8, "read")),
+            _ => None,
+        };
+        if let Some((bit, status)) = bit {
+            if let Some(i) = head.id.as_deref().and_then(index_of).filter(|&i| i < n) {
+                if delivered[i] & bit != 0 {
+                    c.delivery_repeats += 1;
+                } else {
+                    delivered[i] |= bit;
+                    c.deliveries += 1;
+                    if let Some(w) = head.wamid.as_deref() {
+                        c.delivery_arrivals.push((w.to_string(), status, unix_ms()));
+                    }
+                    if done(&c) {
+                        c.end = probe.snap();
+                    }
+                }
+            }
+            continue;
+        }
         if !head.status.as_deref().is_some_and(|s| FINAL.contains(&s)) {
             continue;
         }
@@ -518,6 +594,9 @@ pub async fn collect(
             Some(i) => {
                 seen[i] = true;
                 c.finished += 1;
+                if head.status.as_deref() == Some("sent") {
+                    c.sent += 1;
+                }
                 let published = times[i].load(Ordering::Relaxed);
                 if published > 0 {
                     c.latencies_us
@@ -537,7 +616,7 @@ pub async fn collect(
         c.peak_outstanding = c
             .peak_outstanding
             .max(published_upto.saturating_sub(c.finished));
-        if c.finished == n {
+        if done(&c) {
             c.end = probe.snap();
         }
     }
