@@ -837,6 +837,9 @@ impl Worker {
         event: &Event,
     ) -> Result<(), SettleError> {
         use sha2::Digest;
+        // A status keeps its record in its message's delivery row (see `records_itself`):
+        // no `WebhookSeen` read or row for the bulk of callbacks.
+        let records_itself = Applier::records_itself(event);
         let mut key = sha2::Sha256::digest(&delivery.data).to_vec();
         if event.recipient.is_none() {
             // An account-level event comes to every shard (the fanout), and each shard's
@@ -850,11 +853,14 @@ impl Worker {
         // Status callbacks keep coming during a compaction: each waits for it here, parked,
         // not on a thread of its own in the reads below (see `Ledger::compacted`).
         ledger.compacted().await;
-        if ledger.kv_get(Table::WebhookSeen, &key).await?.is_some() {
+        if !records_itself && ledger.kv_get(Table::WebhookSeen, &key).await?.is_some() {
             crate::metrics::webhook_duplicate();
             return ack(session, delivery).await;
         }
-        let publications = self.webhooks.apply(event).await?;
+        let crate::webhook::apply::Effects {
+            publications,
+            record,
+        } = self.webhooks.apply(event).await?;
         let mut learned = Vec::new();
         for p in &publications {
             if p.exchange == CONSENT_EXCHANGE
@@ -889,18 +895,23 @@ impl Worker {
             }
         }
         // What the confirmed publications made true (a delivery level reached), and that this
-        // event is applied: one transaction, after the confirms.
+        // event is applied: one transaction, after the confirms (none when nothing changed).
         let now = Timestamp::now().as_millisecond();
         let mut ops: Vec<KvOp> = publications
             .into_iter()
             .flat_map(|p| p.after_confirm)
+            .chain(record)
             .collect();
-        ops.push(KvOp::Put {
-            table: Table::WebhookSeen,
-            key,
-            value: now.to_le_bytes().to_vec(),
-        });
-        ledger.kv_many(ops).await?;
+        if !records_itself {
+            ops.push(KvOp::Put {
+                table: Table::WebhookSeen,
+                key,
+                value: now.to_le_bytes().to_vec(),
+            });
+        }
+        if !ops.is_empty() {
+            ledger.kv_many(ops).await?;
+        }
         ack(session, delivery).await
     }
 

@@ -37,6 +37,25 @@ pub struct Publication {
     pub derived: bool,
 }
 
+/// What applying one event asks of the caller: publish, then (every publication confirmed)
+/// write.
+#[derive(Debug, Default)]
+pub struct Effects {
+    pub publications: Vec<Publication>,
+    /// Store writes that record the event as applied (a status's delivery row), made once
+    /// every publication is confirmed and in the same transaction as their `after_confirm`.
+    pub record: Vec<KvOp>,
+}
+
+impl From<Vec<Publication>> for Effects {
+    fn from(publications: Vec<Publication>) -> Self {
+        Effects {
+            publications,
+            record: Vec::new(),
+        }
+    }
+}
+
 pub struct Applier {
     pub ledger: Ledger,
     pub meta: Arc<MetaState>,
@@ -186,6 +205,67 @@ const DELIVERED: u8 = 1;
 const READ: u8 = 2;
 const UNDELIVERED: u8 = 3;
 
+/// Flags of a delivery row: which statuses were applied, and whether billing was counted.
+const SENT_APPLIED: u8 = 1;
+const DELIVERED_APPLIED: u8 = 2;
+const READ_APPLIED: u8 = 4;
+const BILLED: u8 = 16;
+
+/// The flag of a status; 0 for one whose repeats the caller recognises by its bytes instead
+/// (`failed`: see [`Applier::records_itself`]) or that changes nothing twice (`played`).
+fn status_bit(status: &str) -> u8 {
+    match status {
+        "sent" => SENT_APPLIED,
+        "delivered" => DELIVERED_APPLIED,
+        "read" => READ_APPLIED,
+        _ => 0,
+    }
+}
+
+/// A message's row in [`Table::Delivery`]: `[level, flags]`. Older builds wrote `[level]` only
+/// once a level was reached, and kept the statuses applied in `WebhookSeen`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct DeliveryRow {
+    level: u8,
+    flags: u8,
+    /// No flags stored: absent, or written by an older build.
+    legacy: bool,
+}
+
+impl DeliveryRow {
+    fn decode(v: Option<&[u8]>) -> Self {
+        match v {
+            Some([level, flags, ..]) => DeliveryRow {
+                level: *level,
+                flags: *flags,
+                legacy: false,
+            },
+            Some([level]) => DeliveryRow {
+                level: *level,
+                flags: 0,
+                legacy: true,
+            },
+            _ => DeliveryRow {
+                level: 0,
+                flags: 0,
+                legacy: true,
+            },
+        }
+    }
+
+    /// The write that stores this row, if it changed since `before`.
+    fn record(&self, before: &DeliveryRow, job_id: &str) -> Vec<KvOp> {
+        if (self.level, self.flags) == (before.level, before.flags) {
+            return Vec::new();
+        }
+        vec![KvOp::Put {
+            table: Table::Delivery,
+            key: job_id.as_bytes().to_vec(),
+            value: vec![self.level, self.flags],
+        }]
+    }
+}
+
 impl Applier {
     pub fn new(config: &Config, ledger: Ledger, meta: Arc<MetaState>) -> Self {
         let mut accounts_by_waba: HashMap<String, Vec<String>> = HashMap::new();
@@ -219,12 +299,28 @@ impl Applier {
             .map(String::as_str)
     }
 
-    pub async fn apply(&self, ev: &Event) -> Result<Vec<Publication>, LedgerError> {
+    /// Whether an event keeps its own record of being applied, so the caller needs no
+    /// `WebhookSeen` row for it: a `sent`, `delivered` or `read` status, whose message's
+    /// delivery row says which of them it had (one read the status needs anyway, and no row
+    /// per callback). A `failed` status keeps the row of its exact bytes: two different
+    /// failures of one message (131049, then 131050) are two events, and the second's opt-out
+    /// must not be taken for a repeat.
+    pub fn records_itself(ev: &Event) -> bool {
+        #[derive(Deserialize)]
+        struct Head<'a> {
+            #[serde(borrow)]
+            status: std::borrow::Cow<'a, str>,
+        }
+        ev.kind == EventKind::Status
+            && serde_json::from_str::<Head>(ev.item.get()).is_ok_and(|h| status_bit(&h.status) != 0)
+    }
+
+    pub async fn apply(&self, ev: &Event) -> Result<Effects, LedgerError> {
         crate::metrics::webhook_event(ev.kind, &ev.field);
         match ev.kind {
             EventKind::Status => self.status(ev).await,
-            EventKind::Message => self.message(ev).await,
-            EventKind::UserPreference => self.preference(ev),
+            EventKind::Message => self.message(ev).await.map(Effects::from),
+            EventKind::UserPreference => self.preference(ev).map(Effects::from),
             EventKind::Error => {
                 if let Ok(e) = serde_json::from_str::<MetaError>(ev.item.get()) {
                     crate::metrics::webhook_error(e.code);
@@ -240,16 +336,16 @@ impl Applier {
                     }
                     tracing::warn!(code = e.code, title = e.title.as_deref().unwrap_or(""), waba = %ev.waba_id, "The Cloud API reported an error by webhook.");
                 }
-                Ok(Vec::new())
+                Ok(Effects::default())
             }
-            EventKind::Change => self.change(ev).await,
+            EventKind::Change => self.change(ev).await.map(Effects::from),
         }
     }
 
-    async fn status(&self, ev: &Event) -> Result<Vec<Publication>, LedgerError> {
+    async fn status(&self, ev: &Event) -> Result<Effects, LedgerError> {
         let Ok(s) = serde_json::from_str::<Status>(ev.item.get()) else {
             crate::metrics::webhook_unmatched("unreadable_status");
-            return Ok(Vec::new());
+            return Ok(Effects::default());
         };
         // The job: our id rides in biz_opaque_callback_data; otherwise look the wamid up.
         let job_id = match &s.biz_opaque_callback_data {
@@ -267,16 +363,31 @@ impl Applier {
         let Some(entry) = entry.filter(|e| e.state == LedgerState::Final) else {
             crate::metrics::webhook_unmatched("unknown_message");
             tracing::info!(status = %s.status, "A status callback for a message sendwell does not know was ignored.");
-            return Ok(Vec::new());
+            return Ok(Effects::default());
         };
         let Ok(job) = serde_json::from_slice::<StoredOutcome>(&entry.event) else {
             crate::metrics::webhook_unmatched("unreadable_job");
-            return Ok(Vec::new());
+            return Ok(Effects::default());
         };
         if job.status != "sent" {
             crate::metrics::webhook_unmatched("job_not_sent");
-            return Ok(Vec::new());
+            return Ok(Effects::default());
         }
+        // The message's delivery row: the level reached and the statuses applied. A status
+        // already applied (Meta's retry, the broker's redelivery after a crash before the ack)
+        // changes nothing more.
+        let stored = self
+            .ledger
+            .kv_get(Table::Delivery, job.id.as_bytes())
+            .await?;
+        let before = DeliveryRow::decode(stored.as_deref());
+        let mut row = before;
+        let bit = status_bit(&s.status);
+        if row.flags & bit != 0 {
+            crate::metrics::webhook_duplicate();
+            return Ok(Effects::default());
+        }
+        row.flags |= bit;
         crate::metrics::delivery_status(&job.account, &s.status);
         // The status names the job's number by WhatsApp ID: one more place to learn the ID from
         // (a send answered without `contacts`, or sent before the map existed).
@@ -307,14 +418,16 @@ impl Applier {
             let digits = job.to.trim_start_matches('+');
             let prices = self.prices.get();
             if let Some(price) = prices.price(&category, digits) {
-                let first = self
-                    .ledger
-                    .kv_insert_if_absent(
-                        Table::WebhookSeen,
-                        format!("billed|{}", s.id).into_bytes(),
-                        Vec::new(),
-                    )
-                    .await?;
+                // Billing counted once a message, by the row's flag; a row an older build wrote
+                // (no flags) may have counted it under `billed|<wamid>` instead.
+                let first = row.flags & BILLED == 0
+                    && !(before.legacy
+                        && self
+                            .ledger
+                            .kv_get(Table::WebhookSeen, format!("billed|{}", s.id).as_bytes())
+                            .await?
+                            .is_some());
+                row.flags |= BILLED;
                 if first {
                     crate::metrics::billed_cost(
                         &job.account,
@@ -370,16 +483,14 @@ impl Applier {
             "delivered" => DELIVERED,
             "read" => READ,
             "failed" => UNDELIVERED,
-            _ => return Ok(out),
+            _ => 0,
         };
-        let current = self
-            .ledger
-            .kv_get(Table::Delivery, job.id.as_bytes())
-            .await?
-            .and_then(|v| v.first().copied())
-            .unwrap_or(0);
-        if current >= level || current == UNDELIVERED {
-            return Ok(out);
+        let current = row.level;
+        if level == 0 || current >= level || current == UNDELIVERED {
+            return Ok(Effects {
+                publications: out,
+                record: row.record(&before, &job.id),
+            });
         }
         let mut event = |status: &'static str, reason, detail, code, cost: Option<Cost>| {
             let e = DeliveryEvent {
@@ -423,15 +534,13 @@ impl Applier {
                 event("undelivered", Some(reason), detail, code, None);
             }
         }
-        // The level counts as reached only once its event is confirmed (see `Publication`).
-        if let Some(last) = out.last_mut() {
-            last.after_confirm.push(KvOp::Put {
-                table: Table::Delivery,
-                key: job.id.as_bytes().to_vec(),
-                value: vec![level],
-            });
-        }
-        Ok(out)
+        // The level counts as reached only once its event is confirmed: `record` is written
+        // after every publication's confirm.
+        row.level = level;
+        Ok(Effects {
+            publications: out,
+            record: row.record(&before, &job.id),
+        })
     }
 
     /// The forms of a customer's number that an opt-out learned from WhatsApp must cover (the
