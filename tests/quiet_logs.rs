@@ -280,7 +280,7 @@ fn by_message(lines: &[String]) -> String {
         *counts.entry(message).or_default() += 1;
     }
     let mut counts: Vec<_> = counts.into_iter().collect();
-    counts.sort_by(|a, b| b.1.cmp(&a.1));
+    counts.sort_by_key(|&(_, n)| std::cmp::Reverse(n));
     counts
         .iter()
         .map(|(m, n)| format!("{n:>6} × {m}"))
