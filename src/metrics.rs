@@ -111,6 +111,7 @@ pub const WEBHOOK_UNMATCHED: &str = "sendwell_webhook_unmatched_total";
 pub const WEBHOOK_ERRORS: &str = "sendwell_webhook_errors_total";
 pub const DELIVERY_STATUSES: &str = "sendwell_delivery_statuses_total";
 pub const BILLED_COST: &str = "sendwell_billed_cost_microunits_total";
+pub const PRICES_MISSING: &str = "sendwell_prices_missing_total";
 pub const OPT_OUTS_LEARNED: &str = "sendwell_opt_outs_learned_total";
 pub const INBOUND_MESSAGES: &str = "sendwell_inbound_messages_total";
 pub const WA_IDS_LEARNED: &str = "sendwell_wa_ids_learned_total";
@@ -193,6 +194,7 @@ pub const ALL: &[&str] = &[
     WEBHOOK_ERRORS,
     DELIVERY_STATUSES,
     BILLED_COST,
+    PRICES_MISSING,
     OPT_OUTS_LEARNED,
     INBOUND_MESSAGES,
     WA_IDS_LEARNED,
@@ -516,7 +518,7 @@ pub fn describe() {
     );
     describe_counter!(
         WEBHOOK_REQUESTS,
-        "Webhook POSTs, by result (ok, unsigned, forged, malformed, unavailable)."
+        "Webhook requests, by result: POSTs ok, unsigned, forged, malformed, unavailable; handshake_refused: a verification GET with the wrong mode or verify token."
     );
     describe_counter!(WEBHOOK_EVENTS, "Webhook events applied, by kind and field.");
     describe_counter!(
@@ -525,7 +527,7 @@ pub fn describe() {
     );
     describe_counter!(
         WEBHOOK_UNMATCHED,
-        "Status callbacks that match no job sendwell sent, by why."
+        "Webhook events taken but not acted on, by why: status callbacks that match no job sendwell sent (unknown_message, job_not_sent), unreadable events, user preference changes other than a marketing stop (preference_not_stop)."
     );
     describe_counter!(WEBHOOK_ERRORS, "Errors Meta reported by webhook, by code.");
     describe_counter!(
@@ -535,6 +537,10 @@ pub fn describe() {
     describe_counter!(
         BILLED_COST,
         "Billed cost from webhook pricing and the price table, in millionths of the currency."
+    );
+    describe_counter!(
+        PRICES_MISSING,
+        "Billed status callbacks whose category has no price in the table for the recipient's market (their billed cost is unknown), by category and market."
     );
     describe_counter!(
         OPT_OUTS_LEARNED,
@@ -648,12 +654,34 @@ pub fn billed_cost(
         .increment(micros.max(0) as u64);
 }
 
+/// A billed status callback whose category has no price for the recipient's market: counted
+/// each time (Meta repeats `pricing` on `sent` and `delivered`), logged once an hour per
+/// category and market. Both labels are bounded: Meta's categories or `other`, the table's
+/// market names or `other`.
+pub fn price_missing(category: &str, market: &str) {
+    let category = crate::pricing::category_label(category);
+    counter!(PRICES_MISSING, "category" => category, "market" => market.to_string()).increment(1);
+    if let Some(unlogged) = log_hourly(("price_missing", category, market)) {
+        tracing::warn!(
+            category,
+            market,
+            unlogged,
+            "A billed message's category has no price in the table for its market; its billed cost is unknown (logged once an hour per category and market; sendwell_prices_missing_total counts each)."
+        );
+    }
+}
+
 pub fn opt_out_learned(account: &str, source: &'static str) {
-    tracing::info!(
-        account,
-        source,
-        "An opt-out was learned from WhatsApp; it is applied and published to sendwell.consent."
-    );
+    // One per customer who opts out, and a 131050 comes with every marketing message still
+    // sent to one: a line each would scale with traffic.
+    if let Some(unlogged) = log_hourly(("opt_out_learned", account, source)) {
+        tracing::info!(
+            account,
+            source,
+            unlogged,
+            "An opt-out was learned from WhatsApp; it is applied and published to sendwell.consent (logged once an hour per account and source; sendwell_opt_outs_learned_total counts each)."
+        );
+    }
     counter!(OPT_OUTS_LEARNED, "account" => account.to_string(), "source" => source).increment(1);
 }
 
@@ -714,6 +742,25 @@ static REFUSALS_LOG: LazyLock<crate::log_every::LogEvery> = LazyLock::new(|| {
 /// `Some(n)`: n went unlogged since the last.
 pub fn log_due(what: &'static str, reason: &'static str) -> Option<u64> {
     REFUSALS_LOG.check((what, reason))
+}
+
+/// How often a line about something that can happen on every webhook event or job in steady
+/// state (an unknown wamid, a missing price, a customer's message) is written per key: the
+/// counter beside it counts each occurrence, the line only says that it happens.
+pub const HOURLY_LOG_EVERY: Duration = Duration::from_secs(3600);
+
+static HOURLY_LOG: LazyLock<crate::log_every::LogEvery> = LazyLock::new(|| {
+    crate::log_every::LogEvery::new(
+        HOURLY_LOG_EVERY,
+        std::sync::Arc::new(crate::clock::SystemClock),
+    )
+});
+
+/// Whether the line for `key` is due: once an hour per key; `Some(n)`: n went unlogged since
+/// the last. The key starts with a name of its own (`("price_missing", category, market)`) and
+/// never holds a phone number, wamid or job id: one key per customer would be one line each.
+pub fn log_hourly(key: impl std::hash::Hash) -> Option<u64> {
+    HOURLY_LOG.check(key)
 }
 
 static JOBS_REROUTED_LOG: LazyLock<crate::log_every::LogEvery> = LazyLock::new(|| {

@@ -396,6 +396,13 @@ fn category_index(category: &str) -> Option<usize> {
     })
 }
 
+/// A pricing category as a metric label or log key: Meta's spelling when it is one of
+/// [`CATEGORIES`] (either spelling of the international authentication), else `"other"`, so a
+/// webhook cannot add label values of its own choosing.
+pub fn category_label(category: &str) -> &'static str {
+    category_index(category).map_or(OTHER, |i| CATEGORIES[i])
+}
+
 /// Slot of a category spelt exactly as in [`CATEGORIES`].
 fn category_slot(category: &str) -> Option<usize> {
     CATEGORIES.iter().position(|&c| c == category)
@@ -761,5 +768,17 @@ mod tests {
             assert_eq!(m.prices.get("service"), m.prices.get("utility"), "{name}");
         }
         assert_eq!(f.default.get("service"), f.default.get("utility"));
+    }
+
+    #[test]
+    fn category_labels_are_meta_categories_or_other() {
+        assert_eq!(category_label("marketing_lite"), "marketing_lite");
+        assert_eq!(
+            category_label("authentication_international"),
+            "authentication-international"
+        );
+        // Whatever else a webhook carries is one label, never a new one.
+        assert_eq!(category_label("+491701234567"), "other");
+        assert_eq!(category_label(""), "other");
     }
 }

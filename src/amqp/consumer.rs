@@ -543,7 +543,13 @@ impl Worker {
                         crate::metrics::wa_id_learned();
                     }
                     crate::metrics::consent_message(&out.account, out.kind, "sent");
-                    tracing::info!(to = %ev.to.masked(), kind = out.kind, "Consent message sent.");
+                    // One per opt-in asked and per STOP answered: a line each would scale
+                    // with traffic.
+                    if let Some(unlogged) =
+                        crate::metrics::log_hourly(("consent_message_sent", &out.account, out.kind))
+                    {
+                        tracing::info!(to = %ev.to.masked(), kind = out.kind, unlogged, "Consent message sent (logged once an hour per account and kind; sendwell_consent_messages_total counts each).");
+                    }
                     return true;
                 }
                 Err(f) if f.class == crate::cloud_api::FailureClass::Retryable && attempt < 3 => {
@@ -554,7 +560,13 @@ impl Worker {
                 }
                 Err(f) => {
                     crate::metrics::consent_message(&out.account, out.kind, "failed");
-                    tracing::warn!(to = %ev.to.masked(), kind = out.kind, error = %f.message, "A consent message could not be sent.");
+                    if let Some(unlogged) = crate::metrics::log_hourly((
+                        "consent_message_failed",
+                        &out.account,
+                        out.kind,
+                    )) {
+                        tracing::warn!(to = %ev.to.masked(), kind = out.kind, error = %f.message, unlogged, "A consent message could not be sent (logged once an hour per account and kind; sendwell_consent_messages_total with result failed counts each).");
+                    }
                     return false;
                 }
             }

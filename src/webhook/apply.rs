@@ -334,7 +334,11 @@ impl Applier {
                             None => limits.throttled_waba(&ev.waba_id),
                         }
                     }
-                    tracing::warn!(code = e.code, title = e.title.as_deref().unwrap_or(""), waba = %ev.waba_id, "The Cloud API reported an error by webhook.");
+                    if let Some(unlogged) =
+                        crate::metrics::log_hourly(("webhook_error", e.code, &ev.waba_id))
+                    {
+                        tracing::warn!(code = e.code, title = e.title.as_deref().unwrap_or(""), waba = %ev.waba_id, unlogged, "The Cloud API reported an error by webhook (logged once an hour per code and WABA; sendwell_webhook_errors_total counts each).");
+                    }
                 }
                 Ok(Effects::default())
             }
@@ -362,7 +366,9 @@ impl Applier {
         };
         let Some(entry) = entry.filter(|e| e.state == LedgerState::Final) else {
             crate::metrics::webhook_unmatched("unknown_message");
-            tracing::info!(status = %s.status, "A status callback for a message sendwell does not know was ignored.");
+            if let Some(unlogged) = crate::metrics::log_hourly("unknown_message") {
+                tracing::info!(status = %s.status, unlogged, "A status callback for a message sendwell does not know was ignored (logged once an hour; sendwell_webhook_unmatched_total{{why=\"unknown_message\"}} counts each).");
+            }
             return Ok(Effects::default());
         };
         let Ok(job) = serde_json::from_slice::<StoredOutcome>(&entry.event) else {
@@ -418,10 +424,14 @@ impl Applier {
             let digits = job.to.trim_start_matches('+');
             let prices = self.prices.get();
             if let Some(price) = prices.price(&category, digits) {
-                // Billing counted once a message, by the row's flag; a row an older build wrote
-                // (no flags) may have counted it under `billed|<wamid>` instead.
+                // Billing counted once a message, by the row's flag. A row an older build wrote
+                // (no flags) may have counted it under `billed|<wamid>` instead; not looked up
+                // for a `sent` (the first status: only a repeat straddling the upgrade could
+                // have been counted, and then a counter counts it twice), which spares the bulk
+                // of callbacks a read.
                 let first = row.flags & BILLED == 0
                     && !(before.legacy
+                        && bit != SENT_APPLIED
                         && self
                             .ledger
                             .kv_get(Table::WebhookSeen, format!("billed|{}", s.id).as_bytes())
@@ -445,10 +455,7 @@ impl Applier {
                     currency: prices.currency().to_string(),
                 });
             } else {
-                tracing::warn!(
-                    category,
-                    "A billed message's category has no price in the table."
-                );
+                crate::metrics::price_missing(&category, prices.market(digits));
             }
         }
 
@@ -700,7 +707,11 @@ impl Applier {
     /// `how`: how the sender's WhatsApp ID became `m.from`.
     async fn inbound(&self, m: &InboundMessage, how: How) -> Result<Vec<Publication>, LedgerError> {
         crate::metrics::inbound_message(m.account.as_deref().unwrap_or("unknown"), &m.kind);
-        tracing::info!(from = %Masked(&m.from), kind = %m.kind, "Inbound message received.");
+        if let Some(unlogged) =
+            crate::metrics::log_hourly(("inbound", m.account.as_deref(), &m.kind))
+        {
+            tracing::info!(from = %Masked(&m.from), kind = %m.kind, unlogged, "Inbound message received (logged once an hour per account and type; sendwell_inbound_messages_total counts each).");
+        }
         let Some(flow) = &self.consent else {
             return Ok(Vec::new());
         };
@@ -766,7 +777,10 @@ impl Applier {
                 .as_deref()
                 .is_some_and(|c| c != "marketing_messages")
         {
-            tracing::info!(value = %p.value, "A user preference change other than a marketing stop was noted.");
+            crate::metrics::webhook_unmatched("preference_not_stop");
+            if let Some(unlogged) = crate::metrics::log_hourly(("preference", &p.value)) {
+                tracing::info!(value = %p.value, unlogged, "A user preference change other than a marketing stop was noted (logged once an hour per value; sendwell_webhook_unmatched_total{{why=\"preference_not_stop\"}} counts each).");
+            }
             return Ok(Vec::new());
         }
         let at = at_of(&p.timestamp);

@@ -411,7 +411,16 @@ async fn handshake(
             (StatusCode::OK, challenge)
         }
         _ => {
-            tracing::warn!("Webhook verification handshake refused: wrong mode or verify token.");
+            // Anyone can send these (a scanner, a wrong token left in Meta's settings).
+            crate::metrics::webhook_request("handshake_refused");
+            if let Some(unlogged) =
+                crate::metrics::log_hourly(("webhook_refused", "handshake_refused"))
+            {
+                tracing::warn!(
+                    unlogged,
+                    "Webhook verification handshake refused: wrong mode or verify token (logged once an hour; sendwell_webhook_requests_total{{result=\"handshake_refused\"}} counts each)."
+                );
+            }
             (StatusCode::FORBIDDEN, "verification refused\n".into())
         }
     }
@@ -432,14 +441,19 @@ async fn receive(
             "forged"
         };
         crate::metrics::webhook_request(result);
-        tracing::warn!(error = %e, "Webhook refused: signature not valid; nothing applied.");
+        // Anyone who finds the URL can send these: one line an hour per result, each counted.
+        if let Some(unlogged) = crate::metrics::log_hourly(("webhook_refused", result)) {
+            tracing::warn!(error = %e, unlogged, "Webhook refused: signature not valid; nothing applied (logged once an hour per result; sendwell_webhook_requests_total counts each).");
+        }
         return (StatusCode::UNAUTHORIZED, "invalid signature\n");
     }
     let mut events = match parse::split(&body) {
         Ok(ev) => ev,
         Err(reason) => {
             crate::metrics::webhook_request("malformed");
-            tracing::warn!(%reason, "Webhook refused: signed but malformed.");
+            if let Some(unlogged) = crate::metrics::log_hourly(("webhook_refused", "malformed")) {
+                tracing::warn!(%reason, unlogged, "Webhook refused: signed but malformed (logged once an hour; sendwell_webhook_requests_total{{result=\"malformed\"}} counts each).");
+            }
             return (StatusCode::BAD_REQUEST, "malformed callback\n");
         }
     };
