@@ -543,6 +543,17 @@ struct WebhookFile {
     broker_connect_timeout: Duration,
     #[serde(with = "duration")]
     request_timeout: Duration,
+    /// Which delivery updates become outcome events (the metrics count every one).
+    delivery_events: Vec<DeliveryEventKind>,
+}
+
+/// A delivery update that can become an outcome event (`delivery.<kind>`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryEventKind {
+    Delivered,
+    Read,
+    Undelivered,
 }
 
 impl Default for WebhookFile {
@@ -558,6 +569,11 @@ impl Default for WebhookFile {
             service_window: Duration::from_secs(24 * 3600),
             broker_connect_timeout: Duration::from_secs(3),
             request_timeout: Duration::from_secs(5),
+            delivery_events: vec![
+                DeliveryEventKind::Delivered,
+                DeliveryEventKind::Read,
+                DeliveryEventKind::Undelivered,
+            ],
         }
     }
 }
@@ -689,6 +705,10 @@ pub struct WebhookConfig {
     pub broker_connect_timeout: Duration,
     /// The most a callback waits to be stored in the broker before it is answered 503.
     pub request_timeout: Duration,
+    /// Which delivery updates are published as outcome events (`read` receipts are noise to
+    /// many upstreams, and each is a broker message); the delivery level is kept and the
+    /// metrics count every update either way.
+    pub delivery_events: Vec<DeliveryEventKind>,
 }
 
 /// Jobs in flight per configured account when `broker.prefetch` is not set. Throughput comes
@@ -1219,6 +1239,7 @@ impl Config {
                 service_window: self.webhook.service_window,
                 broker_connect_timeout: self.webhook.broker_connect_timeout,
                 request_timeout: self.webhook.request_timeout,
+                delivery_events: self.webhook.delivery_events.clone(),
             },
             prices: Some(self.prices.to_file()),
             consent: ConsentFile {
@@ -2169,6 +2190,7 @@ fn validate(f: FileConfig, base: &Path) -> Result<Config, ConfigError> {
             service_window: f.webhook.service_window,
             broker_connect_timeout: f.webhook.broker_connect_timeout,
             request_timeout: f.webhook.request_timeout,
+            delivery_events: f.webhook.delivery_events,
         },
         prices: Arc::new(prices),
         limits: LimitsConfig {

@@ -237,6 +237,59 @@ async fn statuses_become_delivery_outcomes_once_each_and_in_order() {
     app.stop().await;
 }
 
+/// `delivery_events` without `read`: a read receipt is applied (the level reached, so a late
+/// `delivered` changes nothing) but not published; a status repeated in other bytes (Meta's
+/// timestamps differ) is applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_receipts_left_out_of_delivery_events_are_applied_but_not_published() {
+    let opts = AppOptions {
+        extra_toml: webhook_toml(1 << 20).replacen(
+            "[webhook]\n",
+            "[webhook]\ndelivery_events = [\"delivered\", \"undelivered\"]\n",
+            1,
+        ),
+        ..Default::default()
+    };
+    let env = TestEnv::with_dir_files(
+        &opts,
+        &[("app-secret", APP_SECRET), ("verify-token", VERIFY_TOKEN)],
+    )
+    .await;
+    env.seed_consent(&[JOB1_TO.into()]).await;
+    let app = env.start().await;
+    env.publish(&[template_job("job-1", JOB1_TO)]).await;
+    env.final_outcomes(&["job-1".into()], T).await;
+    for body in [
+        fixture("status_sent.json"),
+        fresh("status_sent.json"),
+        fixture("status_read.json"),
+        fixture("status_delivered.json"),
+        fresh("status_delivered.json"),
+        // The sentinel: applied after every status before it, in job-1's lane.
+        fixture("status_failed_131049.json"),
+    ] {
+        assert_eq!(post_signed(&app, &body).await, 200);
+    }
+    wait_delivery(&env, "job-1", "undelivered").await;
+    let statuses: Vec<String> = delivery_events(&env, "job-1")
+        .iter()
+        .map(|e| e["status"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        statuses,
+        vec!["delivered", "undelivered"],
+        "read counts as delivered (published) and read (not published); the later delivered \
+         changes nothing"
+    );
+    assert!(
+        !env.outcomes
+            .all()
+            .iter()
+            .any(|s| s.routing_key == "delivery.read")
+    );
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_statuses_are_undelivered_with_the_code_and_131050_is_an_opt_out() {
     let (env, app) = env_with_job1(1 << 20).await;

@@ -69,6 +69,8 @@ pub struct Applier {
     pub consent: Option<Arc<ConsentFlow>>,
     /// Where Meta's limit signals go: tier changes, 130429, 131049.
     pub limits: Option<Arc<crate::pipeline::limits::Limits>>,
+    /// Which delivery updates are published (`[webhook] delivery_events`).
+    publish: Vec<crate::config::DeliveryEventKind>,
 }
 
 #[derive(Deserialize)]
@@ -289,6 +291,7 @@ impl Applier {
             accounts_by_waba,
             consent: None,
             limits: None,
+            publish: config.webhook.delivery_events.clone(),
         }
     }
 
@@ -499,7 +502,18 @@ impl Applier {
                 record: row.record(&before, &job.id),
             });
         }
+        let publish = &self.publish;
         let mut event = |status: &'static str, reason, detail, code, cost: Option<Cost>| {
+            use crate::config::DeliveryEventKind as K;
+            let kind = match status {
+                "delivered" => K::Delivered,
+                "read" => K::Read,
+                _ => K::Undelivered,
+            };
+            // Not wanted as an event: the level is still recorded below, and counted.
+            if !publish.contains(&kind) {
+                return;
+            }
             let e = DeliveryEvent {
                 id: &job.id,
                 account: &job.account,
