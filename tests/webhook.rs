@@ -194,11 +194,12 @@ async fn statuses_become_delivery_outcomes_once_each_and_in_order() {
         "status_delivered.json",
         "status_read.json",
         "status_delivered.json",
+        // The sentinel: applied after every status before it, in job-1's lane.
+        "status_failed_131049.json",
     ] {
         assert_eq!(post_signed(&app, &fixture(f)).await, 200, "{f}");
     }
-    // Sentinel: job-2's failure arrives after all of them in its own lane; job-1's events are
-    // applied before we look because each waits for its predecessor in job-1's lane.
+    wait_delivery(&env, "job-1", "undelivered").await;
     let read = wait_delivery(&env, "job-1", "read").await;
     let events = delivery_events(&env, "job-1");
     let statuses: Vec<_> = events
@@ -207,7 +208,7 @@ async fn statuses_become_delivery_outcomes_once_each_and_in_order() {
         .collect();
     assert_eq!(
         statuses,
-        vec!["delivered", "read"],
+        vec!["delivered", "read", "undelivered"],
         "the same callback twice is applied once; no going back"
     );
     assert_eq!(read["account"], "acme-de");
@@ -227,12 +228,8 @@ async fn statuses_become_delivery_outcomes_once_each_and_in_order() {
     let delivered = &events[0];
     assert_eq!(delivered["billed_cost"]["amount"], "0.1131", "{delivered}");
     assert_eq!(delivered["billed_cost"]["currency"], "EUR");
-    let m = app.metrics().await;
-    assert!(
-        metric(&m, "sendwell_webhook_duplicates_total") >= 2.0,
-        "{m}"
-    );
-    // (The billed-cost counter is checked end to end in tests/process.rs, where the daemon's
+    // (The duplicates counter is process-wide here, shared with the other tests of this
+    // binary; the events above show each repeat applied once. The billed-cost counter is checked end to end in tests/process.rs, where the daemon's
     // metrics are its own.)
     app.stop().await;
 }

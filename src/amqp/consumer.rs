@@ -872,7 +872,9 @@ impl Worker {
         let crate::webhook::apply::Effects {
             publications,
             record,
-        } = self.webhooks.apply(event).await?;
+            record_if_absent,
+            billed,
+        } = self.webhooks.apply(event, &key).await?;
         let mut learned = Vec::new();
         for p in &publications {
             if p.exchange == CONSENT_EXCHANGE
@@ -923,6 +925,12 @@ impl Worker {
         }
         if !ops.is_empty() {
             ledger.kv_many(ops).await?;
+        }
+        if let Some((table, key, value)) = record_if_absent {
+            ledger.kv_insert_if_absent(table, key, value).await?;
+        }
+        if let Some(b) = billed {
+            b.count();
         }
         ack(session, delivery).await
     }

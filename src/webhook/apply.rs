@@ -38,21 +38,52 @@ pub struct Publication {
 }
 
 /// What applying one event asks of the caller: publish, then (every publication confirmed)
-/// write.
+/// write, then count.
 #[derive(Debug, Default)]
 pub struct Effects {
     pub publications: Vec<Publication>,
     /// Store writes that record the event as applied (a status's delivery row), made once
     /// every publication is confirmed and in the same transaction as their `after_confirm`.
     pub record: Vec<KvOp>,
+    /// A first record of a message's row made by a status that reaches no level (`sent`):
+    /// written only if the row is still absent, so that it never overwrites a level another
+    /// instance recorded meanwhile (a reshard, a failover with the old active still running).
+    pub record_if_absent: Option<(Table, Vec<u8>, Vec<u8>)>,
+    /// Billing to count once the writes above are done: counted before them, a write that
+    /// failed (the broker redelivers the event) would count it again.
+    pub billed: Option<BilledCount>,
 }
 
 impl From<Vec<Publication>> for Effects {
     fn from(publications: Vec<Publication>) -> Self {
         Effects {
             publications,
-            record: Vec::new(),
+            ..Effects::default()
         }
+    }
+}
+
+/// A message's billed cost, for `sendwell_billed_cost_total`.
+#[derive(Debug)]
+pub struct BilledCount {
+    account: String,
+    category: String,
+    market: String,
+    country: &'static str,
+    currency: String,
+    micros: i64,
+}
+
+impl BilledCount {
+    pub fn count(&self) {
+        crate::metrics::billed_cost(
+            &self.account,
+            &self.category,
+            &self.market,
+            self.country,
+            &self.currency,
+            self.micros,
+        );
     }
 }
 
@@ -143,6 +174,10 @@ struct StoredOutcome<'a> {
     metadata: Option<&'a RawValue>,
     #[serde(default)]
     category: Option<String>,
+    /// The message the send's answer named: statuses of another (the first try of an
+    /// ambiguous send that did go through) are kept apart (see `Applier::status`).
+    #[serde(default)]
+    wamid: Option<String>,
 }
 
 /// CONTRACT §3 for delivery updates (`delivered`, `read`, `undelivered`); `billed_cost` is an
@@ -224,47 +259,50 @@ fn status_bit(status: &str) -> u8 {
     }
 }
 
-/// A message's row in [`Table::Delivery`]: `[level, flags]`. Older builds wrote `[level]` only
+/// A job's row in [`Table::Delivery`]: `[level, flags]`. Older builds wrote `[level]` only
 /// once a level was reached, and kept the statuses applied in `WebhookSeen`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct DeliveryRow {
     level: u8,
     flags: u8,
-    /// No flags stored: absent, or written by an older build.
-    legacy: bool,
+    form: RowForm,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RowForm {
+    Absent,
+    /// `[level]`, from an older build.
+    Legacy,
+    Current,
 }
 
 impl DeliveryRow {
     fn decode(v: Option<&[u8]>) -> Self {
-        match v {
-            Some([level, flags, ..]) => DeliveryRow {
-                level: *level,
-                flags: *flags,
-                legacy: false,
-            },
-            Some([level]) => DeliveryRow {
-                level: *level,
-                flags: 0,
-                legacy: true,
-            },
-            _ => DeliveryRow {
-                level: 0,
-                flags: 0,
-                legacy: true,
-            },
-        }
+        let (level, flags, form) = match v {
+            Some([level, flags, ..]) => (*level, *flags, RowForm::Current),
+            Some([level]) => (*level, 0, RowForm::Legacy),
+            _ => (0, 0, RowForm::Absent),
+        };
+        DeliveryRow { level, flags, form }
     }
 
-    /// The write that stores this row, if it changed since `before`.
-    fn record(&self, before: &DeliveryRow, job_id: &str) -> Vec<KvOp> {
+    /// Adds the write that stores this row to `effects`, if it changed since `before`: an
+    /// insert if absent when there was no row and no level is reached (see
+    /// [`Effects::record_if_absent`]), else a put after the confirms.
+    fn record(&self, before: &DeliveryRow, job_id: &str, effects: &mut Effects) {
         if (self.level, self.flags) == (before.level, before.flags) {
-            return Vec::new();
+            return;
         }
-        vec![KvOp::Put {
-            table: Table::Delivery,
-            key: job_id.as_bytes().to_vec(),
-            value: vec![self.level, self.flags],
-        }]
+        let value = vec![self.level, self.flags];
+        if before.form == RowForm::Absent && self.level == 0 {
+            effects.record_if_absent = Some((Table::Delivery, job_id.as_bytes().to_vec(), value));
+        } else {
+            effects.record.push(KvOp::Put {
+                table: Table::Delivery,
+                key: job_id.as_bytes().to_vec(),
+                value,
+            });
+        }
     }
 }
 
@@ -318,10 +356,12 @@ impl Applier {
             && serde_json::from_str::<Head>(ev.item.get()).is_ok_and(|h| status_bit(&h.status) != 0)
     }
 
-    pub async fn apply(&self, ev: &Event) -> Result<Effects, LedgerError> {
+    /// Applies `ev`. `seen_key`: the event's identity in `WebhookSeen` (its bytes' hash), for
+    /// the statuses that keep a row there after all (see [`Applier::status`]).
+    pub async fn apply(&self, ev: &Event, seen_key: &[u8]) -> Result<Effects, LedgerError> {
         crate::metrics::webhook_event(ev.kind, &ev.field);
         match ev.kind {
-            EventKind::Status => self.status(ev).await,
+            EventKind::Status => self.status(ev, seen_key).await,
             EventKind::Message => self.message(ev).await.map(Effects::from),
             EventKind::UserPreference => self.preference(ev).map(Effects::from),
             EventKind::Error => {
@@ -349,7 +389,7 @@ impl Applier {
         }
     }
 
-    async fn status(&self, ev: &Event) -> Result<Effects, LedgerError> {
+    async fn status(&self, ev: &Event, seen_key: &[u8]) -> Result<Effects, LedgerError> {
         let Ok(s) = serde_json::from_str::<Status>(ev.item.get()) else {
             crate::metrics::webhook_unmatched("unreadable_status");
             return Ok(Effects::default());
@@ -382,9 +422,13 @@ impl Applier {
             crate::metrics::webhook_unmatched("job_not_sent");
             return Ok(Effects::default());
         }
-        // The message's delivery row: the level reached and the statuses applied. A status
-        // already applied (Meta's retry, the broker's redelivery after a crash before the ack)
-        // changes nothing more.
+        let mut effects = Effects::default();
+        // The job's delivery row: the level reached and, for the message the job's answer
+        // named, the statuses applied and whether billing was counted. A status already
+        // applied (Meta's retry, the broker's redelivery after a crash before the ack) changes
+        // nothing more. A status of another message of the job (an ambiguous send tried again
+        // when the first try did go through: two messages, both billed) is recognised by its
+        // bytes in `WebhookSeen` and billed under its own wamid, as every status once was.
         let stored = self
             .ledger
             .kv_get(Table::Delivery, job.id.as_bytes())
@@ -392,11 +436,30 @@ impl Applier {
         let before = DeliveryRow::decode(stored.as_deref());
         let mut row = before;
         let bit = status_bit(&s.status);
-        if row.flags & bit != 0 {
-            crate::metrics::webhook_duplicate();
-            return Ok(Effects::default());
+        let own = Self::records_itself(ev) && job.wamid.as_deref().is_none_or(|w| w == s.id);
+        if own {
+            if row.flags & bit != 0 {
+                crate::metrics::webhook_duplicate();
+                return Ok(effects);
+            }
+            row.flags |= bit;
+        } else if Self::records_itself(ev) {
+            // The caller left this status's `WebhookSeen` row to us.
+            if self
+                .ledger
+                .kv_get(Table::WebhookSeen, seen_key)
+                .await?
+                .is_some()
+            {
+                crate::metrics::webhook_duplicate();
+                return Ok(effects);
+            }
+            effects.record.push(KvOp::Put {
+                table: Table::WebhookSeen,
+                key: seen_key.to_vec(),
+                value: Timestamp::now().as_millisecond().to_le_bytes().to_vec(),
+            });
         }
-        row.flags |= bit;
         crate::metrics::delivery_status(&job.account, &s.status);
         // The status names the job's number by WhatsApp ID: one more place to learn the ID from
         // (a send answered without `contacts`, or sent before the map existed).
@@ -427,31 +490,42 @@ impl Applier {
             let digits = job.to.trim_start_matches('+');
             let prices = self.prices.get();
             if let Some(price) = prices.price(&category, digits) {
-                // Billing counted once a message, by the row's flag. A row an older build wrote
-                // (no flags) may have counted it under `billed|<wamid>` instead; not looked up
-                // for a `sent` (the first status: only a repeat straddling the upgrade could
-                // have been counted, and then a counter counts it twice), which spares the bulk
-                // of callbacks a read.
-                let first = row.flags & BILLED == 0
-                    && !(before.legacy
-                        && bit != SENT_APPLIED
+                // Billing counted once a message: by the row's flag for the job's own message,
+                // by `billed|<wamid>` for another. An older build kept every message's under
+                // `billed|<wamid>`: looked up while the row has no flags, except for a `sent`
+                // on no row at all (the first status: only its own repeat across the upgrade
+                // could have been counted), which spares the bulk of callbacks a read.
+                let billed_key = format!("billed|{}", s.id).into_bytes();
+                let look_up = !own
+                    || before.form == RowForm::Legacy
+                    || (before.form == RowForm::Absent && bit != SENT_APPLIED);
+                let counted_before = (own && row.flags & BILLED != 0)
+                    || (look_up
                         && self
                             .ledger
-                            .kv_get(Table::WebhookSeen, format!("billed|{}", s.id).as_bytes())
+                            .kv_get(Table::WebhookSeen, &billed_key)
                             .await?
                             .is_some());
-                row.flags |= BILLED;
-                if first {
-                    crate::metrics::billed_cost(
-                        &job.account,
-                        &category,
-                        prices.market(digits),
-                        crate::phone::parse_e164(&job.to)
+                if own {
+                    row.flags |= BILLED;
+                } else if !counted_before {
+                    effects.record.push(KvOp::Put {
+                        table: Table::WebhookSeen,
+                        key: billed_key,
+                        value: Vec::new(),
+                    });
+                }
+                if !counted_before {
+                    effects.billed = Some(BilledCount {
+                        account: job.account.clone(),
+                        category: category.clone(),
+                        market: prices.market(digits).to_string(),
+                        country: crate::phone::parse_e164(&job.to)
                             .map(|r| r.region())
                             .unwrap_or("ZZ"),
-                        prices.currency(),
-                        price.0,
-                    );
+                        currency: prices.currency().to_string(),
+                        micros: price.0,
+                    });
                 }
                 billed_cost = Some(Cost {
                     amount: price.to_decimal_string(),
@@ -497,10 +571,9 @@ impl Applier {
         };
         let current = row.level;
         if level == 0 || current >= level || current == UNDELIVERED {
-            return Ok(Effects {
-                publications: out,
-                record: row.record(&before, &job.id),
-            });
+            effects.publications = out;
+            row.record(&before, &job.id, &mut effects);
+            return Ok(effects);
         }
         let publish = &self.publish;
         let mut event = |status: &'static str, reason, detail, code, cost: Option<Cost>| {
@@ -558,10 +631,9 @@ impl Applier {
         // The level counts as reached only once its event is confirmed: `record` is written
         // after every publication's confirm.
         row.level = level;
-        Ok(Effects {
-            publications: out,
-            record: row.record(&before, &job.id),
-        })
+        effects.publications = out;
+        row.record(&before, &job.id, &mut effects);
+        Ok(effects)
     }
 
     /// The forms of a customer's number that an opt-out learned from WhatsApp must cover (the
@@ -926,5 +998,203 @@ mod tests {
         assert_eq!(t("UNLIMITED"), Some(f64::INFINITY));
         assert_eq!(t("TIER_UNLIMITED"), Some(f64::INFINITY));
         assert_eq!(t("TIER_NOT_SET"), None);
+    }
+}
+
+#[cfg(test)]
+mod delivery_rows {
+    //! The delivery row's rules against the sequences an attacker/SRE review found (billing
+    //! counted before the write, an upgrade, two instances at once, an ambiguous resend).
+    use super::*;
+    use crate::store::ledger::{LedgerEntry, LedgerState};
+
+    fn fixture(name: &str) -> Vec<u8> {
+        std::fs::read(format!(
+            "{}/tests/fixtures/webhooks/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap()
+    }
+
+    fn setup() -> (tempfile::TempDir, Applier, Ledger, tokio::runtime::Runtime) {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("token"), "tok").unwrap();
+        let toml = r#"
+            [[purposes]]
+            name = "newsletter"
+            [[accounts]]
+            name = "acme-de"
+            phone_number_id = "106540352242922"
+            token_file = "token"
+            [prices]
+            currency = "EUR"
+            effective = "2026-10-01"
+            source = "t"
+            [prices.markets.germany]
+            calling_codes = ["49"]
+            marketing = "0.1131"
+        "#;
+        let p = d.path().join("sendwell.toml");
+        std::fs::write(&p, toml).unwrap();
+        let c = Config::load(&p).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let ledger = Ledger::open_in_memory().unwrap();
+        let (applier, ledger) = rt.block_on(async {
+            ledger
+                .put(
+                    "job-1",
+                    LedgerEntry {
+                        state: LedgerState::Final,
+                        attempts: 1,
+                        updated_ms: jiff::Timestamp::now().as_millisecond(),
+                        published: true,
+                        event: format!(r#"{{"id":"job-1","account":"acme-de","to":"+491701234567","status":"sent","category":"marketing","wamid":"{WAMID}"}}"#).into_bytes(),
+                    },
+                )
+                .await
+                .unwrap();
+            let meta = crate::pipeline::meta_state::MetaState::load(ledger.clone()).await.unwrap();
+            (Applier::new(&c, ledger.clone(), meta), ledger)
+        });
+        (d, applier, ledger, rt)
+    }
+
+    fn billed(rec: &metrics_exporter_prometheus::PrometheusRecorder) -> f64 {
+        rec.handle()
+            .render()
+            .lines()
+            .filter(|l| l.starts_with("sendwell_billed_cost_microunits_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// The message the job's answer named (the fixtures' wamid).
+    const WAMID: &str = "wamid.HBgMNDkxNzAxMjM0NTY3FQIAERgSQTFCMkMzRDRFNUY2QTdCOEM5AA==";
+
+    fn event(body: &[u8]) -> Event {
+        crate::webhook::parse::split(body).unwrap().remove(0)
+    }
+
+    fn seen_key(ev: &Event) -> Vec<u8> {
+        use sha2::Digest;
+        sha2::Sha256::digest(serde_json::to_vec(ev).unwrap()).to_vec()
+    }
+
+    /// As the consumer settles: apply, write, then count.
+    async fn settle(applier: &Applier, ledger: &Ledger, ev: &Event) -> Effects {
+        let mut e = applier.apply(ev, &seen_key(ev)).await.unwrap();
+        ledger.kv_many(std::mem::take(&mut e.record)).await.unwrap();
+        if let Some((t, k, v)) = e.record_if_absent.take() {
+            ledger.kv_insert_if_absent(t, k, v).await.unwrap();
+        }
+        if let Some(b) = e.billed.take() {
+            b.count();
+        }
+        e
+    }
+
+    /// `apply` never counts billing itself: a settle whose write fails (the broker then
+    /// redelivers the status) must not have counted it.
+    #[test]
+    fn billing_is_counted_only_after_the_record_is_written() {
+        let (_d, applier, ledger, rt) = setup();
+        let rec = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let ev = &event(&fixture("status_delivered.json"));
+        metrics::with_local_recorder(&rec, || {
+            // First try: applied and published, then the write failed: nothing kept.
+            let first = rt.block_on(applier.apply(ev, &seen_key(ev))).unwrap();
+            assert_eq!(first.publications.len(), 1);
+            assert!(first.billed.is_some());
+            // The redelivery, settled.
+            let again = rt.block_on(settle(&applier, &ledger, ev));
+            assert_eq!(again.publications.len(), 1);
+            // And a third copy: a repeat now.
+            let third = rt.block_on(settle(&applier, &ledger, ev));
+            assert!(third.publications.is_empty());
+        });
+        assert_eq!(billed(&rec), 113100.0, "billing counted once per message");
+    }
+
+    /// Upgrade: the previous build applied `delivered` (row `[1]`, `billed|<wamid>`); Meta's
+    /// retry of the earlier `sent` (pricing on it too) comes after the upgrade.
+    #[test]
+    fn a_late_sent_after_an_older_builds_delivered_is_not_billed_again() {
+        let (_d, applier, ledger, rt) = setup();
+        rt.block_on(async {
+            ledger
+                .kv_put(Table::Delivery, b"job-1".to_vec(), vec![DELIVERED])
+                .await
+                .unwrap();
+            ledger
+                .kv_put(
+                    Table::WebhookSeen,
+                    format!("billed|{WAMID}").into_bytes(),
+                    Vec::new(),
+                )
+                .await
+                .unwrap();
+        });
+        let rec = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let ev = &event(&fixture("status_sent.json"));
+        metrics::with_local_recorder(&rec, || {
+            rt.block_on(settle(&applier, &ledger, ev));
+        });
+        assert_eq!(
+            billed(&rec),
+            0.0,
+            "the older build counted this message already"
+        );
+    }
+
+    /// Two instances at once (a reshard, a failover with the old active still running): a
+    /// `sent` that read no row is recorded after a `delivered` recorded its level; the level
+    /// must stay.
+    #[test]
+    fn a_sent_recorded_after_a_concurrent_delivered_leaves_its_level() {
+        let (_d, applier, ledger, rt) = setup();
+        let sent = event(&fixture("status_sent.json"));
+        let delivered = event(&fixture("status_delivered.json"));
+        let read = event(&fixture("status_read.json"));
+        rt.block_on(async {
+            let s = applier.apply(&sent, &seen_key(&sent)).await.unwrap();
+            let d = settle(&applier, &ledger, &delivered).await;
+            assert_eq!(d.publications.len(), 1);
+            // The `sent`'s write, late.
+            ledger.kv_many(s.record).await.unwrap();
+            if let Some((t, k, v)) = s.record_if_absent {
+                ledger.kv_insert_if_absent(t, k, v).await.unwrap();
+            }
+            let r = settle(&applier, &ledger, &read).await;
+            let keys: Vec<_> = r
+                .publications
+                .iter()
+                .map(|p| p.routing_key.clone())
+                .collect();
+            assert_eq!(keys, vec!["delivery.read"], "no delivered again");
+        });
+    }
+
+    /// A utility job sent again after an ambiguous timeout whose first request did go
+    /// through: two messages, two wamids, both naming the job, both billed by Meta.
+    #[test]
+    fn both_messages_of_an_ambiguous_resend_are_billed_and_each_once() {
+        let (_d, applier, ledger, rt) = setup();
+        let rec = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let first = event(&fixture("status_sent.json"));
+        let other = String::from_utf8(fixture("status_sent.json"))
+            .unwrap()
+            .replace("wamid.HBgM", "wamid.SECOND");
+        let second = event(other.as_bytes());
+        metrics::with_local_recorder(&rec, || {
+            rt.block_on(async {
+                for ev in [&first, &second, &second, &first] {
+                    settle(&applier, &ledger, ev).await;
+                }
+            })
+        });
+        assert_eq!(billed(&rec), 2.0 * 113100.0, "two messages, two charges");
     }
 }
