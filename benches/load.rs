@@ -72,6 +72,8 @@ mod common;
 
 #[path = "load/baseline.rs"]
 mod baseline;
+#[path = "load/daemon.rs"]
+mod daemon;
 #[path = "load/drive.rs"]
 mod drive;
 #[path = "load/procfs.rs"]
@@ -94,6 +96,7 @@ use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use common::{GOOD_TOKEN, TestBroker, metric_value};
+use daemon::{free_port, tail};
 use drive::Jobs;
 use procfs::{Probe, Usage};
 
@@ -765,13 +768,6 @@ async fn seed_template(s: &Settings, dir: &Path) -> usize {
     drive::seed_consent(&config, s.jobs, s.accounts).await
 }
 
-fn free_port() -> std::net::SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 /// The baseline pipeline as a child process; `latency_ms` None: broker only.
 async fn run_baseline(
     s: &Settings,
@@ -1023,48 +1019,9 @@ async fn run_sendwell(
         None => (None, None),
     };
     let log_path = dir.path().join("sendwell.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-
-    let mut cmd = tokio::process::Command::new(&daemon.1);
-    cmd.arg("run")
-        .arg("--config")
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true);
-    // The bench's own knobs would be config overrides to the daemon (SENDWELL_<KEY>).
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("SENDWELL_") || k == "RUST_LOG" {
-            cmd.env_remove(k);
-        }
-    }
-    // The daemon's tokio worker threads (tokio reads TOKIO_WORKER_THREADS), to compare
-    // runtime sizes without changing the load generator's.
-    cmd.env_remove("TOKIO_WORKER_THREADS");
-    if let Ok(n) = std::env::var("SENDWELL_BENCH_DAEMON_WORKERS") {
-        cmd.env("TOKIO_WORKER_THREADS", n);
-    }
-    let started = Instant::now();
-    let mut child = cmd.spawn().expect("the sendwell binary starts");
-    let pid = child.id().unwrap();
+    let process = daemon::Process::start(&daemon.1, &config, admin, &log_path).await;
+    let (pid, start_seconds) = (process.pid, process.start_seconds);
     let http = reqwest::Client::new();
-    loop {
-        if let Ok(Some(st)) = child.try_wait() {
-            panic!("sendwell exited at start ({st}):\n{}", tail(&log_path));
-        }
-        let ready = http.get(format!("http://{admin}/readyz")).send().await;
-        if ready.is_ok_and(|r| r.status().is_success()) {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(180),
-            "sendwell not ready within 180 s:\n{}",
-            tail(&log_path)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let start_seconds = started.elapsed().as_secs_f64();
     let (collector_conn, consumer) =
         drive::observe(&broker.url, "sendwell.outcomes", "bench.outcomes").await;
     let (dead_conn, dead) = drive::observe(&broker.url, "sendwell.dead", "bench.dead").await;
@@ -1134,17 +1091,7 @@ async fn run_sendwell(
     ));
 
     // SIGTERM: a graceful stop (the state store closes cleanly).
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status();
-    r.exit = match tokio::time::timeout(Duration::from_secs(40), child.wait()).await {
-        Ok(Ok(st)) if st.success() => None,
-        Ok(Ok(st)) => Some(format!("{st}")),
-        other => {
-            let _ = child.start_kill();
-            Some(format!("did not stop within 40 s: {other:?}"))
-        }
-    };
+    r.exit = process.stop().await;
     if r.stalled || r.exit.is_some() {
         eprintln!("sendwell's log (tail):\n{}", tail(&log_path));
     }
@@ -1214,12 +1161,6 @@ fn callback_figures(m: &Measured, sandbox: &drive::RunSandbox, metrics: &str) ->
         p99_ms: percentile_ms(&latencies_us, 0.99),
         latency_samples: latencies_us.len(),
     }
-}
-
-fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
 /// Per account: sends at the sandbox (rate first → last call, busiest second) and the time jobs

@@ -78,71 +78,72 @@ pub struct Jobs {
 }
 
 pub fn build_jobs(n: usize, accounts: usize) -> Jobs {
-    let mut anonymous = 0;
-    let jobs = (0..n)
-        .map(|i| {
-            let to = number(i);
-            let acc = account(i % accounts);
-            let template = |name: &str, lang: &str, components: serde_json::Value| {
-                serde_json::json!({ "name": name, "language": lang, "components": components })
-            };
-            let mut job = serde_json::json!({
-                "id": job_id(i),
-                "account": acc,
-                "to": to,
-                "metadata": { "campaign": "bench", "batch": i / 1000 },
-            });
-            let k = kind(i);
-            match k {
-                Kind::Marketing | Kind::Malformed(_) => {
-                    job["category"] = "marketing".into();
-                    job["purpose"] = "newsletter".into();
-                    job["template"] = template("spring_sale", "de", serde_json::json!([]));
-                }
-                Kind::Utility => {
-                    job["category"] = "utility".into();
-                    job["purpose"] = "order_updates".into();
-                    job["template"] = template(
-                        "order_shipped",
-                        "de",
-                        serde_json::json!([{ "type": "body", "parameters": [
-                            { "type": "text", "text": format!("A-{i}") }
-                        ]}]),
-                    );
-                }
-                Kind::Authentication => {
-                    job["category"] = "authentication".into();
-                    job["template"] = template(
-                        "login_code",
-                        "en",
-                        serde_json::json!([{ "type": "body", "parameters": [
-                            { "type": "text", "text": format!("{:06}", i % 1_000_000) }
-                        ]}]),
-                    );
-                }
-            }
-            let mut body = match k {
-                Kind::Malformed(0) => {
-                    job["to"] = "+4912".into();
-                    serde_json::to_vec(&job).unwrap()
-                }
-                Kind::Malformed(1) => {
-                    job["colour"] = "blue".into();
-                    serde_json::to_vec(&job).unwrap()
-                }
-                _ => serde_json::to_vec(&job).unwrap(),
-            };
-            if k == Kind::Malformed(2) {
-                anonymous += 1;
-                body.truncate(40);
-            }
-            Job {
-                routing_key: to.trim_start_matches('+').to_string(),
-                body,
-            }
-        })
-        .collect();
+    let jobs: Vec<Job> = (0..n).map(|i| build_job(i, &job_id(i), accounts)).collect();
+    let anonymous = (0..n).filter(|&i| kind(i) == Kind::Malformed(2)).count();
     Jobs { jobs, anonymous }
+}
+
+/// The job for recipient `i` (its number, account and [`kind`]) under the id `id`: the load
+/// bench gives every recipient one job (`job_id(i)`), the soak sends to the same recipients
+/// again and again under new ids. A [`Kind::Malformed`]`(2)` job is not JSON: its outcome
+/// cannot name it.
+pub fn build_job(i: usize, id: &str, accounts: usize) -> Job {
+    let to = number(i);
+    let acc = account(i % accounts);
+    let template = |name: &str, lang: &str, components: serde_json::Value| serde_json::json!({ "name": name, "language": lang, "components": components });
+    let mut job = serde_json::json!({
+        "id": id,
+        "account": acc,
+        "to": to,
+        "metadata": { "campaign": "bench", "batch": i / 1000 },
+    });
+    let k = kind(i);
+    match k {
+        Kind::Marketing | Kind::Malformed(_) => {
+            job["category"] = "marketing".into();
+            job["purpose"] = "newsletter".into();
+            job["template"] = template("spring_sale", "de", serde_json::json!([]));
+        }
+        Kind::Utility => {
+            job["category"] = "utility".into();
+            job["purpose"] = "order_updates".into();
+            job["template"] = template(
+                "order_shipped",
+                "de",
+                serde_json::json!([{ "type": "body", "parameters": [
+                    { "type": "text", "text": format!("A-{i}") }
+                ]}]),
+            );
+        }
+        Kind::Authentication => {
+            job["category"] = "authentication".into();
+            job["template"] = template(
+                "login_code",
+                "en",
+                serde_json::json!([{ "type": "body", "parameters": [
+                    { "type": "text", "text": format!("{:06}", i % 1_000_000) }
+                ]}]),
+            );
+        }
+    }
+    let mut body = match k {
+        Kind::Malformed(0) => {
+            job["to"] = "+4912".into();
+            serde_json::to_vec(&job).unwrap()
+        }
+        Kind::Malformed(1) => {
+            job["colour"] = "blue".into();
+            serde_json::to_vec(&job).unwrap()
+        }
+        _ => serde_json::to_vec(&job).unwrap(),
+    };
+    if k == Kind::Malformed(2) {
+        body.truncate(40);
+    }
+    Job {
+        routing_key: to.trim_start_matches('+').to_string(),
+        body,
+    }
 }
 
 /// The daemon's config: `accounts` accounts at the Cloud API's maximum rate with recipient
