@@ -63,6 +63,13 @@
 //! - `SENDWELL_BENCH_RATE` (0): publish at most this many jobs/s; 0 publishes as fast as the
 //!   broker confirms, so the jobs queue up and the latencies are mostly time in the queue; a
 //!   rate below the throughput measures the pipeline's own latency at that load
+//! - `SENDWELL_BENCH_CALLBACKS` (`off`): `both` runs every sendwell run twice, webhooks off (the
+//!   base of the ratio) and with Meta's callbacks: the daemon's listener on, the sandbox posting
+//!   `sent` (with pricing), `delivered` and `read` for every accepted send, signed, one status
+//!   per POST, each as soon as the one before it was answered, with no cap on how many are in
+//!   flight; such a run ends when every sent job's `delivered` and `read` events have come too.
+//!   `only`: the callbacks runs alone. Reports callbacks/s, the ratio to the webhooks-off run,
+//!   and callback → delivery event p50/p99 (docs/performance.md, issue 19)
 //!
 //! Without `--bench` (as `cargo test --all-targets` runs it) it only says it is skipped.
 

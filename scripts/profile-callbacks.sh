@@ -8,7 +8,7 @@
 # Needs perf (Debian's linux-perf) and the local RabbitMQ. Env: SENDWELL_BENCH_JOBS (40000),
 # SENDWELL_BENCH_LATENCY_MS (50), PROFILE_SECONDS (8), PROFILE_OUT (target/callbacks.perf).
 # The shares overlap (a stage's share includes what it calls); "kernel" is time in syscalls
-# under any of them.
+# under any of them. PROFILE_REPORT_ONLY=<perf.data> prints the shares of an earlier recording.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=${CARGO_TARGET_DIR:-target}
@@ -16,6 +16,28 @@ out=${PROFILE_OUT:-$target/callbacks.perf}
 secs=${PROFILE_SECONDS:-8}
 daemons=()
 if [ $# -gt 0 ]; then daemons=(SENDWELL_BENCH_DAEMONS="profiled=$1"); fi
+summary() {
+    report=$(perf report -i "$1" --children --sort sym --stdio -g none 2>/dev/null | grep '%' | grep -v '^#')
+    share() { # the largest "children" share among symbols matching $1
+        printf '%s\n' "$report" | grep -F -- "$1" | awk '{ gsub("%", "", $1); if ($1 > m) m = $1 } END { printf "%5.1f %%", m + 0 }'
+    }
+    total() { # the sum of the shares of symbols matching $1 (one line per monomorphised copy)
+        printf '%s\n' "$report" | grep -F -- "$1" | awk '{ gsub("%", "", $1); m += $1 } END { printf "%5.1f %%", m + 0 }'
+    }
+    echo "daemon samples under each stage ($1):"
+    echo "  HTTP server (hyper connections, all requests)  $(share 'hyper_util::server::conn::auto::UpgradeableConnection')"
+    echo "    webhook handler (signature, parse, publish)  $(share 'State<alloc::sync::Arc<sendwell::webhook::Listener')"
+    echo "      publish to the broker with confirm         $(share 'sendwell::webhook::publish_one')"
+    echo "  lanes (jobs and webhook events)                $(share 'sendwell::amqp::consumer::Worker::run_lane')"
+    echo "    apply a webhook event                        $(share 'sendwell::amqp::consumer::Worker::settle_webhook')"
+    echo "  state store writer thread                      $(share 'sendwell::store::ledger::Writer::run')"
+    echo "  AMQP I/O threads (lapin, both links)           $(total 'lapin::io_loop::IoLoop<RK,C>::run')"
+    echo "  kernel (syscalls)                              $(share 'entry_SYSCALL_64_after_hwframe')"
+}
+if [ -n "${PROFILE_REPORT_ONLY:-}" ]; then
+    summary "$PROFILE_REPORT_ONLY"
+    exit 0
+fi
 log=$(mktemp)
 env "${daemons[@]}" SENDWELL_BENCH_JOBS="${SENDWELL_BENCH_JOBS:-40000}" \
     SENDWELL_BENCH_LATENCY_MS="${SENDWELL_BENCH_LATENCY_MS:-50}" SENDWELL_BENCH_BASELINE=0 \
@@ -24,31 +46,16 @@ env "${daemons[@]}" SENDWELL_BENCH_JOBS="${SENDWELL_BENCH_JOBS:-40000}" \
 bench=$!
 pid=
 for _ in $(seq 1 900); do
-    pid=$(pgrep -f "sendwell run --config" | head -1 || true)
+    pid=$(pgrep -f " run --config .*/sendwell.toml" | head -1 || true)
     [ -n "$pid" ] && break
     kill -0 "$bench" 2>/dev/null || { cat "$log"; exit 1; }
     sleep 1
 done
 [ -n "$pid" ] || { echo "the daemon did not start" >&2; exit 1; }
 sleep 5 # past the start, into the steady state
-perf record -F 300 --call-graph dwarf,16384 -p "$pid" -o "$out" -- sleep "$secs" >/dev/null 2>&1
+perf record -F 300 --call-graph dwarf,16384 -p "$pid" -o "$out" -- sleep "$secs" >/dev/null
 wait "$bench" || true
-grep -E "with callbacks at|^\| [0-9]+ ms \| sendwell|CPU µs/job by thread" "$log" || true
-report=$(perf report -i "$out" --children --sort sym --stdio -g none 2>/dev/null | grep '%' | grep -v '^#')
-share() { # the largest "children" share among symbols matching $1
-    printf '%s\n' "$report" | grep -F -- "$1" | awk '{ gsub("%", "", $1); if ($1 > m) m = $1 } END { printf "%5.1f %%", m + 0 }'
-}
-total() { # the sum of the shares of symbols matching $1 (one line per monomorphised copy)
-    printf '%s\n' "$report" | grep -F -- "$1" | awk '{ gsub("%", "", $1); m += $1 } END { printf "%5.1f %%", m + 0 }'
-}
+grep -E "^\| [0-9]+ ms \| sendwell|CPU µs/job by thread" "$log" || true
 echo
-echo "daemon samples under each stage (perf, $secs s, pid $pid; $out):"
-echo "  HTTP server (hyper/axum, all requests)   $(share 'axum::serve::handle_connection')"
-echo "    webhook handler (signature, parse, publish) $(share 'State<alloc::sync::Arc<sendwell::webhook::Listener')"
-echo "      publish to the broker with confirm    $(share 'sendwell::webhook::publish_one')"
-echo "  lanes (jobs and webhook events)          $(share 'sendwell::amqp::consumer::Worker::run_lane')"
-echo "    apply a webhook event                  $(share 'sendwell::amqp::consumer::Worker::settle_webhook')"
-echo "  state store writer thread                $(share 'sendwell::store::ledger::Writer::run')"
-echo "  AMQP I/O threads (lapin, both links)     $(total 'lapin::io_loop::IoLoop<RK,C>::run')"
-echo "  kernel (syscalls)                        $(share 'entry_SYSCALL_64_after_hwframe')"
+summary "$out"
 rm -f "$log"
