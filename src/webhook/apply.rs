@@ -614,7 +614,13 @@ impl Applier {
         match level {
             // "A status is considered read only if it has been delivered": when both happen at
             // once Meta sends only `read`, but the funnel still counts the delivery.
-            READ if current < DELIVERED => {
+            // The billed cost rides on the first event published (`delivered` may be left
+            // out by `delivery_events`).
+            READ if current < DELIVERED
+                && self
+                    .publish
+                    .contains(&crate::config::DeliveryEventKind::Delivered) =>
+            {
                 event("delivered", None, None, None, billed_cost.clone());
                 event("read", None, None, None, None);
             }
@@ -1196,5 +1202,30 @@ mod delivery_rows {
             })
         });
         assert_eq!(billed(&rec), 2.0 * 113100.0, "two messages, two charges");
+    }
+
+    /// Meta sends only `read` when delivery and reading come together, with the pricing: with
+    /// `delivered` left out of `delivery_events`, the billed cost rides on `read`.
+    #[test]
+    fn the_billed_cost_rides_on_read_when_delivered_is_not_published() {
+        let (_d, mut applier, ledger, rt) = setup();
+        applier.publish = vec![
+            crate::config::DeliveryEventKind::Read,
+            crate::config::DeliveryEventKind::Undelivered,
+        ];
+        // `delivered`'s fixture, as a `read`: the pricing with it.
+        let body = String::from_utf8(fixture("status_delivered.json"))
+            .unwrap()
+            .replace("\"delivered\"", "\"read\"");
+        let ev = event(body.as_bytes());
+        let e = rt.block_on(settle(&applier, &ledger, &ev));
+        let keys: Vec<_> = e
+            .publications
+            .iter()
+            .map(|p| p.routing_key.as_str())
+            .collect();
+        assert_eq!(keys, vec!["delivery.read"]);
+        let read: serde_json::Value = serde_json::from_slice(&e.publications[0].body).unwrap();
+        assert_eq!(read["billed_cost"]["amount"], "0.1131", "{read}");
     }
 }
