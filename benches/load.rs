@@ -1612,13 +1612,7 @@ fn report(s: &Settings, machine: &str, results: &[RunResult]) {
         "callback_ratios": callback_rows,
     });
     let path = output_path();
-    if let Some(dir) = path.parent() {
-        let _ = std::fs::create_dir_all(dir);
-    }
-    match std::fs::write(&path, serde_json::to_vec_pretty(&json).unwrap()) {
-        Ok(()) => println!("\nJSON: {}", path.display()),
-        Err(e) => println!("\nJSON not written to {}: {e}", path.display()),
-    }
+    drive::write_json(&path, &json);
 }
 
 fn output_path() -> PathBuf {

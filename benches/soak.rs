@@ -1495,13 +1495,7 @@ async fn run(s: Settings) {
         "samples": samples,
     });
     let path = output_path();
-    if let Some(dir) = path.parent() {
-        let _ = std::fs::create_dir_all(dir);
-    }
-    match std::fs::write(&path, serde_json::to_vec_pretty(&json).unwrap()) {
-        Ok(()) => println!("\nJSON: {}", path.display()),
-        Err(e) => println!("\nJSON not written to {}: {e}", path.display()),
-    }
+    drive::write_json(&path, &json);
     let svg = path.with_extension("svg");
     match plot(&svg, &samples, rate) {
         Ok(()) => println!("plot: {}", svg.display()),

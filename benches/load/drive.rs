@@ -640,3 +640,15 @@ pub fn max_in_window(sorted_ms: &[u64], window_ms: u64) -> usize {
     }
     best
 }
+
+/// Writes a bench's JSON report to `path` (its directory made if missing) and says where, or
+/// why not: a report that cannot be written must not lose the run's printed figures.
+pub fn write_json(path: &Path, json: &serde_json::Value) {
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    match std::fs::write(path, serde_json::to_vec_pretty(json).unwrap()) {
+        Ok(()) => println!("\nJSON: {}", path.display()),
+        Err(e) => println!("\nJSON not written to {}: {e}", path.display()),
+    }
+}
