@@ -72,7 +72,7 @@ fn benches(c: &mut Criterion) {
         b.iter(|| store.check(black_box(&job), now))
     });
     c.bench_function("build_request_body", |b| {
-        b.iter(|| build_body(black_box(&job), None))
+        b.iter(|| build_body(black_box(&job), None, "job-1\u{1f}0"))
     });
     let outcome = Outcome::Sent {
         wamid: "wamid.HBgLNDkxNzAxMjM0NTY3FQIAERgSQ0Y".into(),

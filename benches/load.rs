@@ -65,11 +65,14 @@
 //!   rate below the throughput measures the pipeline's own latency at that load
 //! - `SENDWELL_BENCH_CALLBACKS` (`off`): `both` runs every sendwell run twice, webhooks off (the
 //!   base of the ratio) and with Meta's callbacks: the daemon's listener on, the sandbox posting
-//!   `sent` (with pricing), `delivered` and `read` for every accepted send, signed, one status
-//!   per POST, each as soon as the one before it was answered, with no cap on how many are in
-//!   flight; such a run ends when every sent job's `delivered` and `read` events have come too.
-//!   `only`: the callbacks runs alone. Reports callbacks/s, the ratio to the webhooks-off run,
-//!   and callback → delivery event p50/p99 (docs/performance.md, issue 19)
+//!   `sent` (with pricing), `delivered` and `read` for every accepted send, signed, each due as
+//!   soon as the one before it was answered, with no cap on how many are in flight; such a run
+//!   ends when every sent job's `delivered` and `read` events have come too. `only`: the
+//!   callbacks runs alone. Reports callbacks/s, the ratio to the webhooks-off run, and
+//!   callback → delivery event p50/p99 (docs/performance.md, issue 19)
+//! - `SENDWELL_BENCH_STATUS_BATCH` (100): statuses in one callback POST at most, those due within
+//!   10 ms of each other together, as Meta batches notifications under load; 1: each status in
+//!   a POST of its own
 //!
 //! Without `--bench` (as `cargo test --all-targets` runs it) it only says it is skipped.
 

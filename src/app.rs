@@ -655,6 +655,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         consent: consent.clone(),
         limits: limits.clone(),
         spend: spend.clone(),
+        shard: config.broker.shard,
     });
     // Gauges that are cheaper to compute now and then than on every change: the consent
     // census, the rolling spend (it ages out without sends); and the spend rows that left the day.

@@ -107,6 +107,8 @@ pub const ACCOUNT_PAUSES: &str = "sendwell_account_pauses_total";
 pub const WEBHOOK_REQUESTS: &str = "sendwell_webhook_requests_total";
 pub const WEBHOOK_EVENTS: &str = "sendwell_webhook_events_total";
 pub const WEBHOOK_DUPLICATES: &str = "sendwell_webhook_duplicates_total";
+pub const WEBHOOK_STATUS_BATCHES: &str = "sendwell_webhook_status_batches_total";
+pub const WEBHOOK_BATCHED_STATUSES: &str = "sendwell_webhook_batched_statuses_total";
 pub const WEBHOOK_UNMATCHED: &str = "sendwell_webhook_unmatched_total";
 pub const WEBHOOK_ERRORS: &str = "sendwell_webhook_errors_total";
 pub const DELIVERY_STATUSES: &str = "sendwell_delivery_statuses_total";
@@ -190,6 +192,8 @@ pub const ALL: &[&str] = &[
     WEBHOOK_REQUESTS,
     WEBHOOK_EVENTS,
     WEBHOOK_DUPLICATES,
+    WEBHOOK_STATUS_BATCHES,
+    WEBHOOK_BATCHED_STATUSES,
     WEBHOOK_UNMATCHED,
     WEBHOOK_ERRORS,
     DELIVERY_STATUSES,
@@ -526,6 +530,14 @@ pub fn describe() {
         "Webhook events received again and not applied twice."
     );
     describe_counter!(
+        WEBHOOK_STATUS_BATCHES,
+        "Broker messages of status events the listener published, by result: published (to the sending shard's queue), rerouted (that queue was gone; each status went on its own through sendwell.jobs)."
+    );
+    describe_counter!(
+        WEBHOOK_BATCHED_STATUSES,
+        "Status events the listener published in batches (divided by sendwell_webhook_status_batches_total: the mean batch)."
+    );
+    describe_counter!(
         WEBHOOK_UNMATCHED,
         "Webhook events taken but not acted on, by why: status callbacks that match no job sendwell sent (unknown_message, job_not_sent), unreadable events, user preference changes other than a marketing stop (preference_not_stop)."
     );
@@ -624,6 +636,12 @@ pub fn webhook_event(kind: crate::webhook::parse::EventKind, field: &str) {
 
 pub fn webhook_duplicate() {
     counter!(WEBHOOK_DUPLICATES).increment(1);
+}
+
+/// One batch of `statuses` status events published by the listener (see `webhook::batch`).
+pub fn webhook_status_batch(result: &'static str, statuses: usize) {
+    counter!(WEBHOOK_STATUS_BATCHES, "result" => result).increment(1);
+    counter!(WEBHOOK_BATCHED_STATUSES).increment(statuses as u64);
 }
 
 pub fn webhook_unmatched(why: &'static str) {

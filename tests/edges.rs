@@ -122,6 +122,17 @@ async fn control_messages_count_only_when_the_broker_vouches_for_sendwell() {
             read_status(&sent_digits, &wamid, "e1-sent"),
             "webhook",
         ),
+        // A batch of statuses, as the listener sends one to the shard that sent them.
+        (
+            sent_digits.clone(),
+            [
+                b"[".as_slice(),
+                &read_status(&sent_digits, &wamid, "e1-sent"),
+                b"]",
+            ]
+            .concat(),
+            "status_batch",
+        ),
     ];
     let upstream = env.broker.user_who_may_write("^sendwell\\.jobs$").await;
     for (key, body, kind) in &forgeries {
@@ -144,7 +155,7 @@ async fn control_messages_count_only_when_the_broker_vouches_for_sendwell() {
     .await;
 
     let dead = env.dead.clone();
-    wait_for("five forged messages dead-lettered", T, async || {
+    wait_for("six forged messages dead-lettered", T, async || {
         (dead
             .all()
             .iter()
@@ -153,7 +164,7 @@ async fn control_messages_count_only_when_the_broker_vouches_for_sendwell() {
                     == Some("forged_control")
             })
             .count()
-            >= 5)
+            >= 6)
             .then_some(())
     })
     .await;
@@ -202,7 +213,7 @@ async fn control_messages_count_only_when_the_broker_vouches_for_sendwell() {
     .await;
     env.publish(&[template_job("e1-after-own", &fresh)]).await;
     assert_eq!(final_of(&env, "e1-after-own").await["status"], "sent");
-    assert_eq!(dead_with_reason(&env, "forged_control"), 5);
+    assert_eq!(dead_with_reason(&env, "forged_control"), 6);
     app.stop().await;
 }
 

@@ -304,9 +304,9 @@ pub struct RunSandbox {
 
 impl RunSandbox {
     /// `webhook`: the daemon's listener; every accepted send then gets its `sent` (with
-    /// pricing), `delivered` and `read` callbacks, signed, each posted as soon as the one
-    /// before it was answered 200 (no delay, no cap on how many are in flight), as Meta does
-    /// at full speed.
+    /// pricing), `delivered` and `read` callbacks, signed, each due as soon as the one before
+    /// it was answered 200 (no delay, no cap on how many are in flight), as Meta does at full
+    /// speed, and posted with the others due within 10 ms (see [`status_batch`]).
     pub async fn start(latency: Duration, webhook: Option<&SocketAddr>) -> RunSandbox {
         let sb = Sandbox::bind(
             "127.0.0.1:0".parse().unwrap(),
@@ -317,6 +317,8 @@ impl RunSandbox {
                 app_secret: webhook.map(|_| APP_SECRET.to_string()),
                 status_delay: Duration::ZERO,
                 read_rate: 1.0,
+                status_batch: status_batch(),
+                status_batch_window: Duration::from_millis(10),
                 ..SandboxConfig::default()
             },
         )
@@ -328,6 +330,21 @@ impl RunSandbox {
         tokio::spawn(sb.serve(stop.clone()));
         RunSandbox { addr, handle, stop }
     }
+}
+
+/// `SENDWELL_BENCH_STATUS_BATCH` (100): statuses in one callback POST at most, those due
+/// within 10 ms of each other together, as Meta batches notifications under load (up to
+/// 1,000); 1 posts each status alone.
+pub fn status_batch() -> usize {
+    std::env::var("SENDWELL_BENCH_STATUS_BATCH")
+        .ok()
+        .map(|v| {
+            v.parse()
+                .ok()
+                .filter(|n| (1..=1000).contains(n))
+                .unwrap_or_else(|| panic!("SENDWELL_BENCH_STATUS_BATCH: {v:?} is not 1 to 1000"))
+        })
+        .unwrap_or(100)
 }
 
 impl Drop for RunSandbox {

@@ -29,6 +29,7 @@ use crate::pipeline::decode::{Decoder, Refused};
 use crate::pipeline::{Disposition, Pipeline};
 use crate::store::{KvOp, Table};
 use crate::webhook::apply::Applier;
+use crate::webhook::batch::KIND_STATUS_BATCH;
 use crate::webhook::parse::Event;
 use crate::webhook::{HEADER_KIND, KIND_CONSENT_QUESTION, KIND_WEBHOOK};
 
@@ -103,9 +104,54 @@ struct Item {
 /// A webhook event about a customer, processed in that customer's lane: after their jobs in
 /// flight, so a status never overtakes the send it reports on.
 struct WebhookItem {
-    delivery: Delivery,
+    from: EventMessage,
     event: Event,
     session: Arc<Session>,
+}
+
+/// The broker message a webhook event came in, acked once the event is applied.
+enum EventMessage {
+    /// A message of its own.
+    Own(Box<Delivery>),
+    /// One of the statuses of a batch (see [`crate::webhook::batch`]); `bytes` are the event's
+    /// as a message of its own would have had them (its identity).
+    Batch {
+        batch: Arc<StatusBatch>,
+        bytes: Vec<u8>,
+    },
+}
+
+impl EventMessage {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            EventMessage::Own(d) => &d.data,
+            EventMessage::Batch { bytes, .. } => bytes,
+        }
+    }
+
+    /// Acks the message, or the batch once its last status is applied.
+    async fn applied(&self, session: &Session) -> Result<(), SettleError> {
+        match self {
+            EventMessage::Own(d) => ack(session, d).await,
+            EventMessage::Batch { batch, .. } => {
+                if batch.left.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+                    ack(session, &batch.delivery).await
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+/// A batch of statuses, its events spread over their numbers' lanes. A status that cannot be
+/// applied ends the session (`settle_failed`) without counting down, so the batch is never
+/// acked here and the broker redelivers it whole; the statuses already applied are then
+/// recognised as applied (their delivery rows) and only counted.
+struct StatusBatch {
+    delivery: Delivery,
+    /// Statuses not applied yet.
+    left: std::sync::atomic::AtomicUsize,
 }
 
 /// A consent event, applied in its number's lane: after the number's jobs already taken, before
@@ -315,6 +361,7 @@ impl Worker {
         }
         match header_str(&delivery.properties, HEADER_KIND) {
             Some(KIND_WEBHOOK) => return self.handle_webhook(delivery, session),
+            Some(KIND_STATUS_BATCH) => return self.handle_status_batch(delivery, session),
             Some(KIND_CONSENT_QUESTION) => return self.handle_consent(delivery, session, true),
             _ => {}
         }
@@ -591,6 +638,44 @@ impl Worker {
                 return;
             }
         };
+        self.take_event(EventMessage::Own(Box::new(delivery)), event, session);
+    }
+
+    /// Takes a batch of statuses (see [`crate::webhook::batch`]): each into its number's lane.
+    fn handle_status_batch(self: &Arc<Self>, delivery: Delivery, session: &Arc<Session>) {
+        let events = match crate::webhook::batch::decode(&delivery.data) {
+            Ok(events) if !events.is_empty() => events,
+            decoded => {
+                let detail = match decoded {
+                    Err(e) => e.to_string(),
+                    Ok(_) => "an empty batch".to_string(),
+                };
+                let this = self.clone();
+                let session = session.clone();
+                self.tracker.spawn(async move {
+                    let r = this
+                        .dead_letter(&session, &delivery, "malformed_webhook_event", &detail)
+                        .await;
+                    settle_failed(&session, r, "dead-letter a broken status batch");
+                });
+                return;
+            }
+        };
+        let batch = Arc::new(StatusBatch {
+            left: events.len().into(),
+            delivery,
+        });
+        for (event, bytes) in events {
+            let from = EventMessage::Batch {
+                batch: batch.clone(),
+                bytes,
+            };
+            self.take_event(from, event, session);
+        }
+    }
+
+    /// A customer's event goes in their lane; any other is applied at once.
+    fn take_event(self: &Arc<Self>, from: EventMessage, event: Event, session: &Arc<Session>) {
         let session = session.clone();
         match event.recipient.clone() {
             Some(digits) => {
@@ -598,7 +683,7 @@ impl Worker {
                 self.enqueue(
                     key,
                     Work::Webhook(WebhookItem {
-                        delivery,
+                        from,
                         event,
                         session,
                     }),
@@ -607,7 +692,7 @@ impl Worker {
             None => {
                 let this = self.clone();
                 self.tracker.spawn(async move {
-                    let r = this.settle_webhook(&session, &delivery, &event).await;
+                    let r = this.settle_webhook(&session, &from, &event).await;
                     settle_failed(&session, r, "apply a webhook event");
                 });
             }
@@ -806,7 +891,7 @@ impl Worker {
                         settle_failed(&i.session, r, "dead-letter an invalid job");
                     }
                     Work::Webhook(w) => {
-                        let r = self.settle_webhook(&w.session, &w.delivery, &w.event).await;
+                        let r = self.settle_webhook(&w.session, &w.from, &w.event).await;
                         settle_failed(&w.session, r, "apply a webhook event");
                     }
                     Work::Consent(c) => {
@@ -845,14 +930,14 @@ impl Worker {
     async fn settle_webhook(
         &self,
         session: &Session,
-        delivery: &Delivery,
+        from: &EventMessage,
         event: &Event,
     ) -> Result<(), SettleError> {
         use sha2::Digest;
         // A status keeps its record in its message's delivery row (see `records_itself`):
         // no `WebhookSeen` read or row for the bulk of callbacks.
         let records_itself = Applier::records_itself(event);
-        let mut key = sha2::Sha256::digest(&delivery.data).to_vec();
+        let mut key = sha2::Sha256::digest(from.bytes()).to_vec();
         if event.recipient.is_none() {
             // An account-level event comes to every shard (the fanout), and each shard's
             // active instance applies it to its own memory (templates, tiers, quality): with
@@ -867,7 +952,7 @@ impl Worker {
         ledger.compacted().await;
         if !records_itself && ledger.kv_get(Table::WebhookSeen, &key).await?.is_some() {
             crate::metrics::webhook_duplicate();
-            return ack(session, delivery).await;
+            return from.applied(session).await;
         }
         let crate::webhook::apply::Effects {
             publications,
@@ -932,7 +1017,7 @@ impl Worker {
         if let Some(b) = billed {
             b.count();
         }
-        ack(session, delivery).await
+        from.applied(session).await
     }
 
     async fn settle(&self, item: &Item, disposition: Disposition) -> Result<(), SettleError> {

@@ -41,7 +41,9 @@ struct TextBody<'a> {
 }
 
 /// The JSON body for one send; `footer` (the way to opt out) is appended to a text body.
-pub fn build_body(job: &Job, footer: Option<&str>) -> Vec<u8> {
+/// `callback_data` is echoed in the message's status webhooks (see
+/// [`crate::webhook::batch::callback_data`]).
+pub fn build_body(job: &Job, footer: Option<&str>, callback_data: &str) -> Vec<u8> {
     let with_footer;
     let (kind, template, text) = match &job.content {
         Content::Template(t) => (
@@ -75,7 +77,7 @@ pub fn build_body(job: &Job, footer: Option<&str>) -> Vec<u8> {
         kind,
         template,
         text,
-        biz_opaque_callback_data: &job.id,
+        biz_opaque_callback_data: callback_data,
     };
     // Invariant: all fields are strings, bools or already-valid raw JSON.
     serde_json::to_vec(&body).unwrap_or_default()

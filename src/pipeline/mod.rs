@@ -71,6 +71,9 @@ pub struct Pipeline {
     pub limits: Arc<Limits>,
     /// Estimated cost of each send, and the daily budget that holds marketing back.
     pub spend: Arc<spend::Spend>,
+    /// This instance's shard, named in every send's `biz_opaque_callback_data` so that the
+    /// message's statuses come back here in batches (see [`crate::webhook::batch`]).
+    pub shard: u16,
 }
 
 #[derive(Clone, Debug)]
@@ -299,7 +302,11 @@ impl Pipeline {
             (Content::Text(_), Category::Marketing) => account.marketing_footer(),
             _ => None,
         };
-        let body = request::build_body(job, footer.as_deref());
+        let body = request::build_body(
+            job,
+            footer.as_deref(),
+            &crate::webhook::batch::callback_data(&job.id, self.shard),
+        );
         // A template outside the customer's service window opens a business-initiated
         // conversation: it counts toward the portfolio's daily tier.
         let counts_for_tier = matches!(job.content, Content::Template(_))

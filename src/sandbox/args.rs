@@ -43,6 +43,13 @@ pub struct SandboxArgs {
     /// WhatsApp IDs Meta gives such accounts (55AAXXXXXXXX, 521…).
     #[arg(long)]
     pub legacy_wa_ids: bool,
+    /// Statuses in one callback POST at most: those due within --status-batch-window of each
+    /// other go out together, as Meta batches notifications under load. 1: each alone.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub status_batch: u16,
+    /// How long a status waits for others to share its POST (with --status-batch above 1).
+    #[arg(long, default_value = "10ms", value_parser = humantime::parse_duration)]
+    pub status_batch_window: Duration,
 }
 
 /// By hand, so the app secret never reaches a log.
@@ -63,6 +70,8 @@ impl std::fmt::Debug for SandboxArgs {
             )
             .field("read_rate", &self.read_rate)
             .field("legacy_wa_ids", &self.legacy_wa_ids)
+            .field("status_batch", &self.status_batch)
+            .field("status_batch_window", &self.status_batch_window)
             .finish()
     }
 }
@@ -81,6 +90,8 @@ impl SandboxArgs {
             app_secret: self.app_secret.clone(),
             read_rate: self.read_rate,
             legacy_wa_ids: self.legacy_wa_ids,
+            status_batch: self.status_batch.into(),
+            status_batch_window: self.status_batch_window,
             ..SandboxConfig::default()
         }
     }

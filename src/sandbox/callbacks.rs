@@ -37,6 +37,16 @@ const CALLBACK_FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// `errors[].href` in failed statuses, as in Meta's examples.
 const ERROR_CODES_HREF: &str = "/documentation/business-messaging/whatsapp/support/error-codes";
 
+/// A status due, waiting in the outbox to share a POST (see [`SandboxConfig::status_batch`](super::SandboxConfig::status_batch)).
+pub(super) struct DueStatus {
+    phone_number_id: String,
+    item: Value,
+    status: &'static str,
+    wamid: String,
+    /// Told when the POST is answered (or given up).
+    done: tokio::sync::oneshot::Sender<()>,
+}
+
 /// What the status callbacks of one accepted send need.
 pub(super) struct StatusRun {
     /// From the send's URL: `metadata.phone_number_id`.
@@ -77,6 +87,20 @@ impl Shared {
             let Some(target) = self.webhook_target() else {
                 break;
             };
+            if self.status_batch > 1 {
+                // Gathered with the other statuses due now into one POST; the next status of
+                // this message waits for that POST's answer, as it waits for its own below.
+                let (done, answered) = tokio::sync::oneshot::channel();
+                self.clone().queue_status(DueStatus {
+                    phone_number_id: run.phone_number_id.clone(),
+                    item: self.status_item(&run, status),
+                    status,
+                    wamid: run.wamid.clone(),
+                    done,
+                });
+                let _ = answered.await;
+                continue;
+            }
             let body = self.status_envelope(&run, status);
             self.deliver(
                 &target,
@@ -90,8 +114,95 @@ impl Shared {
         self.status_runs_done.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Adds a due status to the outbox; the first of a window starts the poster that sends
+    /// the window's statuses together.
+    fn queue_status(self: Arc<Self>, due: DueStatus) {
+        let start = {
+            let mut outbox = self.status_outbox.lock().unwrap_or_else(|e| e.into_inner());
+            outbox.due.push(due);
+            !std::mem::replace(&mut outbox.gathering, true)
+        };
+        if start {
+            tokio::spawn(async move {
+                tokio::time::sleep(self.status_batch_window).await;
+                let due = {
+                    let mut outbox = self.status_outbox.lock().unwrap_or_else(|e| e.into_inner());
+                    outbox.gathering = false;
+                    std::mem::take(&mut outbox.due)
+                };
+                let mut due = due.into_iter().peekable();
+                while due.peek().is_some() {
+                    let batch: Vec<DueStatus> = due.by_ref().take(self.status_batch).collect();
+                    tokio::spawn(self.clone().post_statuses(batch));
+                }
+            });
+        }
+    }
+
+    /// One POST of several statuses: one `messages` change per sender number.
+    async fn post_statuses(self: Arc<Self>, batch: Vec<DueStatus>) {
+        let Some(target) = self.webhook_target() else {
+            return;
+        };
+        let mut changes: Vec<(String, Vec<Value>)> = Vec::new();
+        for d in &batch {
+            match changes.iter_mut().find(|(p, _)| *p == d.phone_number_id) {
+                Some((_, items)) => items.push(d.item.clone()),
+                None => changes.push((d.phone_number_id.clone(), vec![d.item.clone()])),
+            }
+        }
+        let changes: Vec<Value> = changes
+            .into_iter()
+            .map(|(phone_number_id, statuses)| {
+                json!({
+                    "field": "messages",
+                    "value": {
+                        "messaging_product": "whatsapp",
+                        "metadata": {
+                            "display_phone_number": self.display_phone_number,
+                            "phone_number_id": phone_number_id,
+                        },
+                        "statuses": statuses,
+                    },
+                })
+            })
+            .collect();
+        let body = serde_json::to_vec(&json!({
+            "object": "whatsapp_business_account",
+            "entry": [{ "id": self.waba_id, "changes": changes }],
+        }))
+        .unwrap_or_default();
+        let at_ms = unix_ms();
+        let (http_status, attempts) = self.post(&target, body).await;
+        for d in batch {
+            self.record_callback(CallbackRecord {
+                at_ms,
+                kind: CallbackKind::Status,
+                status: Some(d.status.to_owned()),
+                wamid: Some(d.wamid),
+                http_status,
+                attempts,
+            });
+            let _ = d.done.send(());
+        }
+    }
+
     /// One status callback body, as Meta sends it (v24.0+: no `conversation`).
     fn status_envelope(&self, run: &StatusRun, status: &str) -> Vec<u8> {
+        let item = self.status_item(run, status);
+        let value = json!({
+            "messaging_product": "whatsapp",
+            "metadata": {
+                "display_phone_number": self.display_phone_number,
+                "phone_number_id": run.phone_number_id,
+            },
+            "statuses": [item],
+        });
+        self.envelope(value)
+    }
+
+    /// One `statuses[]` item.
+    fn status_item(&self, run: &StatusRun, status: &str) -> Value {
         let mut item = json!({
             "id": run.wamid,
             "status": status,
@@ -116,15 +227,7 @@ impl Shared {
                 "href": ERROR_CODES_HREF,
             }]);
         }
-        let value = json!({
-            "messaging_product": "whatsapp",
-            "metadata": {
-                "display_phone_number": self.display_phone_number,
-                "phone_number_id": run.phone_number_id,
-            },
-            "statuses": [item],
-        });
-        self.envelope(value)
+        item
     }
 
     /// Meta's envelope around one `messages` change value, serialized.
@@ -151,6 +254,20 @@ impl Shared {
         body: Vec<u8>,
     ) -> (Option<u16>, u32) {
         let at_ms = unix_ms();
+        let (http_status, attempts) = self.post(target, body).await;
+        self.record_callback(CallbackRecord {
+            at_ms,
+            kind,
+            status: status.map(str::to_owned),
+            wamid: Some(wamid.to_owned()),
+            http_status,
+            attempts,
+        });
+        (http_status, attempts)
+    }
+
+    /// POSTs one body, signed, retrying like Meta until a 200 or [`CALLBACK_TRIES`] tries.
+    async fn post(&self, target: &WebhookTarget, body: Vec<u8>) -> (Option<u16>, u32) {
         let signature = target
             .app_secret
             .as_deref()
@@ -189,14 +306,6 @@ impl Shared {
         if http_status != Some(200) {
             tracing::warn!(url = %target.url, ?http_status, attempts, "sandbox callback given up");
         }
-        self.record_callback(CallbackRecord {
-            at_ms,
-            kind,
-            status: status.map(str::to_owned),
-            wamid: Some(wamid.to_owned()),
-            http_status,
-            attempts,
-        });
         (http_status, attempts)
     }
 }

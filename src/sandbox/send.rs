@@ -146,7 +146,10 @@ async fn send(
         phone_number_id,
         to: str_field("to").unwrap_or_default().to_owned(),
         kind: kind.to_owned(),
-        callback_data,
+        // The job id: sendwell's sends add their shard after it (see `webhook::batch`).
+        callback_data: callback_data
+            .as_deref()
+            .map(|d| crate::webhook::batch::read_callback_data(d).0.to_owned()),
         status: status.as_u16(),
         error_code,
         wamid,

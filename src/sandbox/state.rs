@@ -70,6 +70,13 @@ pub struct SandboxConfig {
     /// Answer Brazilian mobiles and Mexican numbers with the legacy WhatsApp IDs Meta gives
     /// such accounts (see the module documentation).
     pub legacy_wa_ids: bool,
+    /// Statuses in one callback POST at most. 1 (the default): every status alone. More:
+    /// the statuses that fall due within `status_batch_window` of each other go out together
+    /// (as `statuses[]` of one change per sender number), as Meta batches notifications under
+    /// load (up to 1,000 per POST, facts §4).
+    pub status_batch: usize,
+    /// How long a status waits for others to share its POST (with `status_batch` above 1).
+    pub status_batch_window: Duration,
 }
 
 impl Default for SandboxConfig {
@@ -89,6 +96,8 @@ impl Default for SandboxConfig {
             template_categories: HashMap::new(),
             read_rate: 1.0,
             legacy_wa_ids: false,
+            status_batch: 1,
+            status_batch_window: Duration::from_millis(10),
         }
     }
 }
@@ -114,6 +123,8 @@ impl std::fmt::Debug for SandboxConfig {
             .field("template_categories", &self.template_categories)
             .field("read_rate", &self.read_rate)
             .field("legacy_wa_ids", &self.legacy_wa_ids)
+            .field("status_batch", &self.status_batch)
+            .field("status_batch_window", &self.status_batch_window)
             .finish()
     }
 }
@@ -129,8 +140,9 @@ pub struct SandboxRecord {
     pub to: String,
     /// `type` as sent: "template", "text", anything else, or empty if absent/not a string.
     pub kind: String,
-    /// `biz_opaque_callback_data`, the daemon's correlation key (its job id): the handle for
-    /// "sent exactly once" assertions.
+    /// `biz_opaque_callback_data`, the daemon's correlation key: its job id (the part before
+    /// the shard sendwell adds, see `webhook::batch`), the handle for "sent exactly once"
+    /// assertions.
     pub callback_data: Option<String>,
     /// HTTP status answered, so tests can tell accepted sends from refused ones.
     pub status: u16,
@@ -246,6 +258,19 @@ pub(super) struct Shared {
     /// Status callback tasks that have run to their end, so tests can tell "no more callbacks
     /// will come for these sends" without sleeping.
     pub(super) status_runs_done: AtomicU64,
+    /// See [`SandboxConfig::status_batch`]; at least 1.
+    pub(super) status_batch: usize,
+    pub(super) status_batch_window: Duration,
+    /// Statuses due, waiting for the poster to gather them into a POST (`status_batch` > 1).
+    pub(super) status_outbox: Mutex<StatusOutbox>,
+}
+
+/// Statuses waiting to share a POST.
+#[derive(Default)]
+pub(super) struct StatusOutbox {
+    pub(super) due: Vec<super::callbacks::DueStatus>,
+    /// A poster task is gathering (it takes `due` when its window ends).
+    pub(super) gathering: bool,
 }
 
 /// A callback destination.
@@ -301,6 +326,9 @@ impl Shared {
             callbacks: Mutex::new(Vec::new()),
             http,
             status_runs_done: AtomicU64::new(0),
+            status_batch: config.status_batch.max(1),
+            status_batch_window: config.status_batch_window,
+            status_outbox: Mutex::new(StatusOutbox::default()),
         })
     }
 

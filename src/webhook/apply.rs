@@ -394,19 +394,26 @@ impl Applier {
             crate::metrics::webhook_unmatched("unreadable_status");
             return Ok(Effects::default());
         };
-        // The job: our id rides in biz_opaque_callback_data; otherwise look the wamid up.
-        let job_id = match &s.biz_opaque_callback_data {
-            Some(id) => Some(id.clone()),
-            None => self
+        // The job: our id rides in biz_opaque_callback_data (before the shard, see
+        // `batch::callback_data`); otherwise, or when that names no job (data mangled on the
+        // way), look the wamid up.
+        let mut entry = match &s.biz_opaque_callback_data {
+            Some(data) => {
+                self.ledger
+                    .get(super::batch::read_callback_data(data).0)
+                    .await?
+            }
+            None => None,
+        };
+        if entry.is_none()
+            && let Some(id) = self
                 .ledger
                 .kv_get(Table::Wamids, s.id.as_bytes())
                 .await?
-                .and_then(|v| String::from_utf8(v).ok()),
-        };
-        let entry = match &job_id {
-            Some(id) => self.ledger.get(id).await?,
-            None => None,
-        };
+                .and_then(|v| String::from_utf8(v).ok())
+        {
+            entry = self.ledger.get(&id).await?;
+        }
         let Some(entry) = entry.filter(|e| e.state == LedgerState::Final) else {
             crate::metrics::webhook_unmatched("unknown_message");
             if let Some(unlogged) = crate::metrics::log_hourly("unknown_message") {

@@ -11,6 +11,7 @@
 //! consent), without I/O.
 
 pub mod apply;
+pub mod batch;
 pub mod parse;
 pub mod signature;
 
@@ -246,14 +247,30 @@ impl BrokerSink {
         let result = tokio::time::timeout(limit, async {
             let (ch, generation) = self.channel().await?;
             used = Some(generation);
-            try_join_all(
-                events
+            // Statuses that name their sending shard: one message per shard (see `batch`).
+            let mut by_shard: std::collections::BTreeMap<u16, Vec<&parse::Event>> =
+                Default::default();
+            let mut single = Vec::new();
+            for ev in events {
+                match (ev.shard, &ev.recipient) {
+                    (Some(shard), Some(_)) => by_shard.entry(shard).or_default().push(ev),
+                    _ => single.push(ev),
+                }
+            }
+            let batches = try_join_all(
+                by_shard
                     .iter()
+                    .map(|(shard, evs)| publish_batch(&ch, &self.inner.user, *shard, evs)),
+            );
+            let singles = try_join_all(
+                single
+                    .into_iter()
                     .map(|ev| publish_one(&ch, &self.inner.user, ev)),
-            )
-            .await
-            .map(|_| ())
-            .map_err(SinkError::Publish)
+            );
+            futures_util::future::try_join(batches, singles)
+                .await
+                .map(|_| ())
+                .map_err(SinkError::Publish)
         })
         .await
         .unwrap_or(Err(SinkError::Timeout(limit)));
@@ -326,6 +343,57 @@ async fn open(
             }
             Err(format!("no answer within {limit:?} (connect timeout)"))
         }
+    }
+}
+
+/// Publishes statuses of messages `shard` sent as one message to that shard's queue. When the
+/// queue is gone (the shard was removed), each goes on its own through `sendwell.jobs`, to
+/// the shard that owns its number now.
+async fn publish_batch(
+    ch: &Channel,
+    user: &str,
+    shard: u16,
+    events: &[&parse::Event],
+) -> Result<(), String> {
+    let body = batch::encode(events);
+    let queue = crate::amqp::topology::Names::new(shard).jobs_queue;
+    let mut headers = FieldTable::default();
+    headers.insert(
+        ShortString::from(HEADER_KIND),
+        AMQPValue::LongString(LongString::from(batch::KIND_STATUS_BATCH)),
+    );
+    let props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_headers(headers)
+        .with_user_id(user.into());
+    let confirm = ch
+        .basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            &body,
+            props,
+        )
+        .await
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    match confirm {
+        Confirmation::Ack(None) | Confirmation::NotRequested => {
+            crate::metrics::webhook_status_batch("published", events.len());
+            Ok(())
+        }
+        Confirmation::Ack(Some(_)) => {
+            crate::metrics::webhook_status_batch("rerouted", events.len());
+            try_join_all(events.iter().map(|ev| publish_one(ch, user, ev)))
+                .await
+                .map(|_| ())
+        }
+        Confirmation::Nack(_) => Err("the broker refused the events".into()),
     }
 }
 

@@ -44,6 +44,11 @@ pub struct Event {
     pub entry_time: Option<i64>,
     /// Exactly what Meta sent for this item (the whole `value` for a `Change`).
     pub item: Box<RawValue>,
+    /// The shard that sent the message a `sent`, `delivered` or `read` status reports on, from
+    /// its `biz_opaque_callback_data`: the listener batches such statuses to that shard (see
+    /// [`super::batch`]). Not published: an event's bytes are its identity.
+    #[serde(skip)]
+    pub shard: Option<u16>,
 }
 
 #[derive(Deserialize)]
@@ -98,6 +103,10 @@ struct Metadata {
 #[derive(Deserialize)]
 struct StatusKey {
     recipient_id: String,
+    #[serde(default)]
+    status: String,
+    #[serde(default)]
+    biz_opaque_callback_data: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -144,6 +153,11 @@ pub fn split(body: &[u8]) -> Result<Vec<Event>, String> {
                             recipient: Some(digits(&k.recipient_id)?),
                             entry_time: entry.time,
                             item: raw(s),
+                            shard: k
+                                .biz_opaque_callback_data
+                                .as_deref()
+                                .filter(|_| super::batch::batchable(&k.status))
+                                .and_then(|d| super::batch::read_callback_data(d).1),
                         });
                     }
                     for m in v.messages {
@@ -157,6 +171,7 @@ pub fn split(body: &[u8]) -> Result<Vec<Event>, String> {
                             recipient: Some(digits(&k.from)?),
                             entry_time: entry.time,
                             item: raw(m),
+                            shard: None,
                         });
                     }
                     for e in v.errors {
@@ -168,6 +183,7 @@ pub fn split(body: &[u8]) -> Result<Vec<Event>, String> {
                             recipient: None,
                             entry_time: entry.time,
                             item: raw(e),
+                            shard: None,
                         });
                     }
                 }
@@ -186,6 +202,7 @@ pub fn split(body: &[u8]) -> Result<Vec<Event>, String> {
                             recipient: Some(digits(&k.wa_id)?),
                             entry_time: entry.time,
                             item: raw(p),
+                            shard: None,
                         });
                     }
                 }
@@ -197,6 +214,7 @@ pub fn split(body: &[u8]) -> Result<Vec<Event>, String> {
                     recipient: None,
                     entry_time: entry.time,
                     item: raw(change.value),
+                    shard: None,
                 }),
             }
         }
@@ -237,6 +255,28 @@ mod tests {
         assert_eq!(
             ev[1].item.get(),
             r#"{"id":"w2","status":"read","timestamp":"2","recipient_id":"491701234568"}"#
+        );
+    }
+
+    #[test]
+    fn only_delivery_statuses_that_name_their_shard_are_batched() {
+        let body = br#"{"object":"whatsapp_business_account","entry":[{"id":"1","changes":[
+          {"field":"messages","value":{"metadata":{"phone_number_id":"9"},
+           "statuses":[{"id":"w1","status":"sent","recipient_id":"491701234567","biz_opaque_callback_data":"j1\u001f3"},
+                       {"id":"w1","status":"delivered","recipient_id":"491701234567","biz_opaque_callback_data":"j1\u001f3"},
+                       {"id":"w1","status":"read","recipient_id":"491701234567","biz_opaque_callback_data":"j1\u001f3"},
+                       {"id":"w1","status":"failed","recipient_id":"491701234567","biz_opaque_callback_data":"j1\u001f3"},
+                       {"id":"w2","status":"read","recipient_id":"491701234568","biz_opaque_callback_data":"j2"},
+                       {"id":"w3","status":"read","recipient_id":"491701234569"}]}}]}]}"#;
+        let shards: Vec<Option<u16>> = split(body).unwrap().iter().map(|e| e.shard).collect();
+        // `failed` may be an opt-out (131050): it goes to the number's shard, in its lane.
+        assert_eq!(shards, [Some(3), Some(3), Some(3), None, None, None]);
+        // The shard is not part of the event's bytes (its identity).
+        let ev = &split(body).unwrap()[0];
+        assert!(
+            !String::from_utf8(serde_json::to_vec(ev).unwrap())
+                .unwrap()
+                .contains("\"shard\"")
         );
     }
 

@@ -1,0 +1,108 @@
+//! Status batches: many delivery statuses in one broker message, straight to the shard that
+//! sent their messages.
+//!
+//! Meta calls back three times for every message (`sent`, `delivered`, `read`). One broker
+//! message per status made the callbacks cost the broker three times what the job itself did
+//! (see docs/performance.md). A send therefore tells Meta which shard sent it: the job id in
+//! `biz_opaque_callback_data` is followed by [`SHARD_MARK`] and the shard number, and Meta echoes
+//! it in every status of the message. The listener gathers such statuses (`sent`, `delivered`,
+//! `read`; a `failed` one may carry an opt-out and goes through the number's lane, like inbound
+//! messages) and publishes those of one shard as one message to that shard's queue by name.
+//! The shard's consumer puts each status in its number's lane, behind the job it reports on
+//! (still in flight there, or finished), and acks the message once every status in it is
+//! applied. A status without the mark (an older build's send, a test's fixture) or for a shard
+//! whose queue is gone (shards removed on PostgreSQL) goes the old way: its own message through
+//! `sendwell.jobs`, routed by the customer's number.
+//!
+//! The batch body is a JSON array of the events exactly as they would be published one by
+//! one, so an event's identity (the hash of its bytes) is the same either way.
+
+use serde_json::value::RawValue;
+
+use super::parse::Event;
+
+/// Between the job id and the shard in `biz_opaque_callback_data`. A job id is printable ASCII
+/// (0x20–0x7e), so the unit separator can never be part of one.
+pub const SHARD_MARK: char = '\u{1f}';
+
+/// Header value of `x-sendwell-kind` for a batch of status events.
+pub const KIND_STATUS_BATCH: &str = "status_batch";
+
+/// The `biz_opaque_callback_data` of a send: the job id, then the sending shard.
+pub fn callback_data(job_id: &str, shard: u16) -> String {
+    format!("{job_id}{SHARD_MARK}{shard}")
+}
+
+/// Reads `biz_opaque_callback_data` back: the job id and, when the send named one, the shard.
+/// An older build's (the bare job id) has no shard.
+pub fn read_callback_data(data: &str) -> (&str, Option<u16>) {
+    match data.rsplit_once(SHARD_MARK) {
+        Some((id, shard)) => (id, shard.parse().ok()),
+        None => (data, None),
+    }
+}
+
+/// Whether a status goes in a batch: only the delivery statuses that change nothing but their
+/// message's delivery row. `failed` may carry 131050 (an opt-out) or 131049, which must be
+/// applied in the number's lane on the shard that owns the number now.
+pub fn batchable(status: &str) -> bool {
+    matches!(status, "sent" | "delivered" | "read")
+}
+
+/// One batch's body: a JSON array of the events as published one by one.
+pub fn encode(events: &[&Event]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(events.len() * 400 + 2);
+    body.push(b'[');
+    for (i, ev) in events.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        // Invariant: an Event (strings, numbers, raw JSON) always serializes.
+        let _ = serde_json::to_writer(&mut body, ev);
+    }
+    body.push(b']');
+    body
+}
+
+/// A batch's events, each with the exact bytes it would have had as a message of its own.
+pub fn decode(body: &[u8]) -> Result<Vec<(Event, Vec<u8>)>, serde_json::Error> {
+    let raws: Vec<&RawValue> = serde_json::from_slice(body)?;
+    raws.into_iter()
+        .map(|raw| {
+            let event: Event = serde_json::from_str(raw.get())?;
+            Ok((event, raw.get().as_bytes().to_vec()))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_callback_data_carries_the_job_id_and_the_shard() {
+        let data = callback_data("job 1|x", 7);
+        assert_eq!(read_callback_data(&data), ("job 1|x", Some(7)));
+        // An older build's send: the bare id.
+        assert_eq!(read_callback_data("job-1"), ("job-1", None));
+        // A mangled shard is no shard; the id is still read.
+        assert_eq!(read_callback_data("job-1\u{1f}x"), ("job-1", None));
+    }
+
+    #[test]
+    fn a_batch_keeps_each_events_bytes() {
+        let body = br#"{"object":"whatsapp_business_account","entry":[{"id":"1","changes":[
+          {"field":"messages","value":{"metadata":{"phone_number_id":"9"},
+           "statuses":[{"id":"w1","status":"sent","timestamp":"1","recipient_id":"491701234567"},
+                       {"id":"w2","status":"read","timestamp":"2","recipient_id":"491701234568"}]}}]}]}"#;
+        let events = super::super::parse::split(body).unwrap();
+        let refs: Vec<&Event> = events.iter().collect();
+        let decoded = decode(&encode(&refs)).unwrap();
+        assert_eq!(decoded.len(), 2);
+        for (ev, (back, bytes)) in events.iter().zip(&decoded) {
+            assert_eq!(bytes, &serde_json::to_vec(ev).unwrap());
+            assert_eq!(back.item.get(), ev.item.get());
+            assert_eq!(back.recipient, ev.recipient);
+        }
+    }
+}
