@@ -19,6 +19,7 @@ if [ $# -eq 0 ]; then
   echo "test.sh: the integration suites again, with the state on PostgreSQL" >&2
   SENDWELL_TEST_BACKEND=postgres cargo test --no-fail-fast \
     --test send_path --test consent --test limits --test webhook --test process --test edges \
+    --test status_batches \
     || status=$?
 fi
 exit "$status"

@@ -31,6 +31,9 @@ pub fn parameter_cap() -> Targets {
     Targets::new()
         .with_default(LevelFilter::TRACE)
         .with_targets(PARAMETER_TARGETS.map(|t| (t, LevelFilter::INFO)))
+        // lapin warns with the whole message the broker returned (a mandatory publish nothing
+        // took), body included: webhook events name customers. sendwell reports those itself.
+        .with_target("lapin::returned_messages", LevelFilter::ERROR)
 }
 
 /// `RUST_LOG` when it is set and valid, else `default` (`log.filter`).

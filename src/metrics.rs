@@ -531,7 +531,7 @@ pub fn describe() {
     );
     describe_counter!(
         WEBHOOK_STATUS_BATCHES,
-        "Broker messages of status events the listener published, by result: published (to the sending shard's queue), rerouted (that queue was gone; each status went on its own through sendwell.jobs)."
+        "Broker messages of status batches the listener published to sendwell.statuses (to the queue of the shard that sent their messages, or, that shard gone, through sendwell.jobs to a live one)."
     );
     describe_counter!(
         WEBHOOK_BATCHED_STATUSES,
@@ -639,8 +639,8 @@ pub fn webhook_duplicate() {
 }
 
 /// One batch of `statuses` status events published by the listener (see `webhook::batch`).
-pub fn webhook_status_batch(result: &'static str, statuses: usize) {
-    counter!(WEBHOOK_STATUS_BATCHES, "result" => result).increment(1);
+pub fn webhook_status_batch(statuses: usize) {
+    counter!(WEBHOOK_STATUS_BATCHES).increment(1);
     counter!(WEBHOOK_BATCHED_STATUSES).increment(statuses as u64);
 }
 

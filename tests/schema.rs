@@ -866,6 +866,10 @@ fn the_asyncapi_document_names_the_topology_the_daemon_declares() {
     assert_eq!(exchange("jobs"), JOBS_EXCHANGE);
     assert_eq!(exchange("outcomes"), OUTCOMES_EXCHANGE);
     assert_eq!(exchange("consent"), CONSENT_EXCHANGE);
+    assert_eq!(
+        exchange("statuses"),
+        sendwell::amqp::topology::STATUSES_EXCHANGE
+    );
     assert_eq!(ch["dead"]["bindings"]["amqp"]["queue"]["name"], DEAD);
     assert_eq!(
         ch["jobsShard"]["address"],

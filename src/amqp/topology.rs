@@ -32,6 +32,12 @@ pub const CONSENT_EXCHANGE: &str = "sendwell.consent";
 /// Account-level webhook events (template status, capability, account updates) reach every
 /// shard through this fanout; customer-level events go through `sendwell.jobs` instead.
 pub const WEBHOOKS_EXCHANGE: &str = "sendwell.webhooks";
+/// Status batches (see [`crate::webhook::batch`]) go to the shard that sent their messages:
+/// each shard queue is bound here with its shard number as routing key. A batch for a shard
+/// with no queue bound (a shard removed) goes on to the alternate exchange, `sendwell.jobs`,
+/// whose ring gives it to a live shard: nothing is dropped, and the listener need not rely on
+/// the broker returning it.
+pub const STATUSES_EXCHANGE: &str = "sendwell.statuses";
 pub const DELIVERY_LIMIT: i64 = 20;
 /// Headers exchange in front of the delay queues: routes by [`HEADER_DELAY_QUEUE`] alone, so the
 /// routing key is free to be the recipient's digits, which dead-lettering keeps.
@@ -219,6 +225,25 @@ pub async fn declare(ch: &Channel, names: &Names) -> Result<(), TopologyError> {
         names.jobs_queue.as_str().into(),
         JOBS_EXCHANGE.into(),
         "1".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+
+    let mut statuses_args = FieldTable::default();
+    statuses_args.insert(ShortString::from("alternate-exchange"), s(JOBS_EXCHANGE));
+    ch.exchange_declare(
+        STATUSES_EXCHANGE.into(),
+        ExchangeKind::Direct,
+        exchange_opts(),
+        statuses_args,
+    )
+    .await
+    .map_err(|e| classify("exchange sendwell.statuses", e))?;
+    ch.queue_bind(
+        names.jobs_queue.as_str().into(),
+        STATUSES_EXCHANGE.into(),
+        names.shard.to_string().as_str().into(),
         QueueBindOptions::default(),
         FieldTable::default(),
     )

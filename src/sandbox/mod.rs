@@ -160,7 +160,8 @@ impl SandboxHandle {
             .collect()
     }
 
-    /// How many 200 answers carried this `biz_opaque_callback_data` (exact, never truncated).
+    /// How many 200 answers carried this job id in `biz_opaque_callback_data` (the part before
+    /// the shard sendwell adds after U+001F; exact, never truncated).
     pub fn accepted_count_for(&self, callback_data: &str) -> usize {
         self.shared
             .log()

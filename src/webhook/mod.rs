@@ -30,7 +30,7 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProper
 use rand::Rng;
 use tokio::sync::watch;
 
-use crate::amqp::topology::{JOBS_EXCHANGE, WEBHOOKS_EXCHANGE};
+use crate::amqp::topology::{JOBS_EXCHANGE, STATUSES_EXCHANGE, WEBHOOKS_EXCHANGE};
 use crate::config::Secret;
 
 /// Header that marks a webhook event among the jobs on a shard queue.
@@ -346,55 +346,59 @@ async fn open(
     }
 }
 
-/// Publishes statuses of messages `shard` sent as one message to that shard's queue. When the
-/// queue is gone (the shard was removed), each goes on its own through `sendwell.jobs`, to
-/// the shard that owns its number now.
+/// Publishes statuses of messages `shard` sent, [`batch::MAX_EVENTS`] to a message, to
+/// `sendwell.statuses` with the shard as routing key: to that shard's queue, or, when no queue
+/// is bound for it (a shard removed), on through the alternate exchange `sendwell.jobs` to a
+/// live shard (see [`crate::amqp::topology::STATUSES_EXCHANGE`]).
 async fn publish_batch(
     ch: &Channel,
     user: &str,
     shard: u16,
     events: &[&parse::Event],
 ) -> Result<(), String> {
-    let body = batch::encode(events);
-    let queue = crate::amqp::topology::Names::new(shard).jobs_queue;
-    let mut headers = FieldTable::default();
-    headers.insert(
-        ShortString::from(HEADER_KIND),
-        AMQPValue::LongString(LongString::from(batch::KIND_STATUS_BATCH)),
-    );
-    let props = BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_delivery_mode(2)
-        .with_headers(headers)
-        .with_user_id(user.into());
-    let confirm = ch
-        .basic_publish(
-            "".into(),
-            queue.as_str().into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..Default::default()
-            },
-            &body,
-            props,
-        )
-        .await
-        .map_err(|e| e.to_string())?
-        .await
-        .map_err(|e| e.to_string())?;
-    match confirm {
-        Confirmation::Ack(None) | Confirmation::NotRequested => {
-            crate::metrics::webhook_status_batch("published", events.len());
-            Ok(())
-        }
-        Confirmation::Ack(Some(_)) => {
-            crate::metrics::webhook_status_batch("rerouted", events.len());
-            try_join_all(events.iter().map(|ev| publish_one(ch, user, ev)))
+    let key = shard.to_string();
+    try_join_all(events.chunks(batch::MAX_EVENTS).map(|chunk| {
+        let body = batch::encode(chunk);
+        let mut headers = FieldTable::default();
+        headers.insert(
+            ShortString::from(HEADER_KIND),
+            AMQPValue::LongString(LongString::from(batch::KIND_STATUS_BATCH)),
+        );
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_headers(headers)
+            .with_user_id(user.into());
+        let key = key.as_str();
+        async move {
+            let confirm = ch
+                .basic_publish(
+                    STATUSES_EXCHANGE.into(),
+                    key.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    &body,
+                    props,
+                )
                 .await
-                .map(|_| ())
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())?;
+            match confirm {
+                Confirmation::Ack(None) | Confirmation::NotRequested => {
+                    crate::metrics::webhook_status_batch(chunk.len());
+                    Ok(())
+                }
+                // Not even the alternate exchange could route it: no shard at all.
+                Confirmation::Ack(Some(_)) => Err(format!("no queue bound to {STATUSES_EXCHANGE}")),
+                Confirmation::Nack(_) => Err("the broker refused the events".into()),
+            }
         }
-        Confirmation::Nack(_) => Err("the broker refused the events".into()),
-    }
+    }))
+    .await
+    .map(|_| ())
 }
 
 async fn publish_one(ch: &Channel, user: &str, ev: &parse::Event) -> Result<(), String> {
