@@ -34,7 +34,7 @@ fn statuses(jobs: &[(String, String, String)], status: &str, shard: u16) -> Vec<
                 "id": wamid, "status": status,
                 "timestamp": jiff::Timestamp::now().as_second().to_string(),
                 "recipient_id": to.trim_start_matches('+'),
-                "biz_opaque_callback_data": sendwell::webhook::batch::callback_data(id, shard),
+                "biz_opaque_callback_data": sendwell::webhook::opaque::callback_data(id, shard),
             })
         })
         .collect();

@@ -42,7 +42,7 @@ struct TextBody<'a> {
 
 /// The JSON body for one send; `footer` (the way to opt out) is appended to a text body.
 /// `callback_data` is echoed in the message's status webhooks (see
-/// [`crate::webhook::batch::callback_data`]).
+/// [`crate::webhook::opaque::callback_data`]).
 pub fn build_body(job: &Job, footer: Option<&str>, callback_data: &str) -> Vec<u8> {
     let with_footer;
     let (kind, template, text) = match &job.content {

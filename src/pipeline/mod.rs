@@ -305,7 +305,7 @@ impl Pipeline {
         let body = request::build_body(
             job,
             footer.as_deref(),
-            &crate::webhook::batch::callback_data(&job.id, self.shard),
+            &crate::webhook::opaque::callback_data(&job.id, self.shard),
         );
         // A template outside the customer's service window opens a business-initiated
         // conversation: it counts toward the portfolio's daily tier.

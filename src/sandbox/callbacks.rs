@@ -27,7 +27,8 @@ use sha2::Sha256;
 
 use super::error::known_details;
 use super::state::{
-    AsyncFailure, CallbackKind, CallbackRecord, Shared, WebhookTarget, unix_ms, unix_secs_string,
+    AsyncFailure, CallbackKind, CallbackRecord, DueStatus, Shared, WebhookTarget, unix_ms,
+    unix_secs_string,
 };
 
 /// Tries per callback, the first included, before it is given up.
@@ -36,16 +37,6 @@ const CALLBACK_TRIES: u32 = 10;
 const CALLBACK_FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// `errors[].href` in failed statuses, as in Meta's examples.
 const ERROR_CODES_HREF: &str = "/documentation/business-messaging/whatsapp/support/error-codes";
-
-/// A status due, waiting in the outbox to share a POST (see [`SandboxConfig::status_batch`](super::SandboxConfig::status_batch)).
-pub(super) struct DueStatus {
-    phone_number_id: String,
-    item: Value,
-    status: &'static str,
-    wamid: String,
-    /// Told when the POST is answered (or given up).
-    done: tokio::sync::oneshot::Sender<()>,
-}
 
 /// What the status callbacks of one accepted send need.
 pub(super) struct StatusRun {

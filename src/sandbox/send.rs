@@ -149,7 +149,7 @@ async fn send(
         // The job id: sendwell's sends add their shard after it (see `webhook::batch`).
         callback_data: callback_data
             .as_deref()
-            .map(|d| crate::webhook::batch::read_callback_data(d).0.to_owned()),
+            .map(|d| crate::webhook::opaque::read_callback_data(d).0.to_owned()),
         status: status.as_u16(),
         error_code,
         wamid,

@@ -265,10 +265,20 @@ pub(super) struct Shared {
     pub(super) status_outbox: Mutex<StatusOutbox>,
 }
 
+/// A status due, waiting in the outbox to share a POST (see [`SandboxConfig::status_batch`](SandboxConfig::status_batch)).
+pub(super) struct DueStatus {
+    pub(super) phone_number_id: String,
+    pub(super) item: serde_json::Value,
+    pub(super) status: &'static str,
+    pub(super) wamid: String,
+    /// Told when the POST is answered (or given up).
+    pub(super) done: tokio::sync::oneshot::Sender<()>,
+}
+
 /// Statuses waiting to share a POST.
 #[derive(Default)]
 pub(super) struct StatusOutbox {
-    pub(super) due: Vec<super::callbacks::DueStatus>,
+    pub(super) due: Vec<DueStatus>,
     /// A poster task is gathering (it takes `due` when its window ends).
     pub(super) gathering: bool,
 }

@@ -395,12 +395,12 @@ impl Applier {
             return Ok(Effects::default());
         };
         // The job: our id rides in biz_opaque_callback_data (before the shard, see
-        // `batch::callback_data`); otherwise, or when that names no job (data mangled on the
+        // `opaque::callback_data`); otherwise, or when that names no job (data mangled on the
         // way), look the wamid up.
         let mut entry = match &s.biz_opaque_callback_data {
             Some(data) => {
                 self.ledger
-                    .get(super::batch::read_callback_data(data).0)
+                    .get(super::opaque::read_callback_data(data).0)
                     .await?
             }
             None => None,

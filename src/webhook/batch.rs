@@ -4,7 +4,7 @@
 //! Meta calls back three times for every message (`sent`, `delivered`, `read`). One broker
 //! message per status made the callbacks cost the broker three times what the job itself did
 //! (see docs/performance.md). A send therefore tells Meta which shard sent it: the job id in
-//! `biz_opaque_callback_data` is followed by [`SHARD_MARK`] and the shard number, and Meta echoes
+//! `biz_opaque_callback_data` is followed by [`super::opaque::SHARD_MARK`] and the shard number, and Meta echoes
 //! it in every status of the message. The listener gathers such statuses (`sent`, `delivered`,
 //! `read`; a `failed` one may carry an opt-out and goes through the number's lane, like inbound
 //! messages) and publishes those of one shard, [`MAX_EVENTS`] to a message, to `sendwell.statuses` with the
@@ -23,10 +23,6 @@ use serde_json::value::RawValue;
 
 use super::parse::Event;
 
-/// Between the job id and the shard in `biz_opaque_callback_data`. A job id is printable ASCII
-/// (0x20–0x7e), so the unit separator can never be part of one.
-pub const SHARD_MARK: char = '\u{1f}';
-
 /// Header value of `x-sendwell-kind` for a batch of status events.
 pub const KIND_STATUS_BATCH: &str = "status_batch";
 
@@ -35,27 +31,6 @@ pub const KIND_STATUS_BATCH: &str = "status_batch";
 /// a few times what one event per message held, and still cuts the broker's messages 16-fold
 /// when Meta posts many statuses at once.
 pub const MAX_EVENTS: usize = 16;
-
-/// The `biz_opaque_callback_data` of a send: the job id, then the sending shard.
-pub fn callback_data(job_id: &str, shard: u16) -> String {
-    format!("{job_id}{SHARD_MARK}{shard}")
-}
-
-/// Reads `biz_opaque_callback_data` back: the job id and, when the send named one, the shard.
-/// An older build's (the bare job id) has no shard.
-pub fn read_callback_data(data: &str) -> (&str, Option<u16>) {
-    match data.rsplit_once(SHARD_MARK) {
-        Some((id, shard)) => (id, shard.parse().ok()),
-        None => (data, None),
-    }
-}
-
-/// Whether a status goes in a batch: only the delivery statuses that change nothing but their
-/// message's delivery row. `failed` may carry 131050 (an opt-out) or 131049, which must be
-/// applied in the number's lane on the shard that owns the number now.
-pub fn batchable(status: &str) -> bool {
-    matches!(status, "sent" | "delivered" | "read")
-}
 
 /// One batch's body: a JSON array of the events as published one by one.
 pub fn encode(events: &[&Event]) -> Vec<u8> {
@@ -96,7 +71,7 @@ pub fn decode(body: &[u8]) -> Result<Vec<(Event, Vec<u8>)>, String> {
                 .unwrap_or_default();
             if event.kind != super::parse::EventKind::Status
                 || event.recipient.is_none()
-                || !batchable(&status)
+                || !super::parse::batchable(&status)
             {
                 return Err(format!(
                     "a batch holds only a customer's sent, delivered and read statuses, not {:?} {status:?}",
@@ -111,16 +86,6 @@ pub fn decode(body: &[u8]) -> Result<Vec<(Event, Vec<u8>)>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_callback_data_carries_the_job_id_and_the_shard() {
-        let data = callback_data("job 1|x", 7);
-        assert_eq!(read_callback_data(&data), ("job 1|x", Some(7)));
-        // An older build's send: the bare id.
-        assert_eq!(read_callback_data("job-1"), ("job-1", None));
-        // A mangled shard is no shard; the id is still read.
-        assert_eq!(read_callback_data("job-1\u{1f}x"), ("job-1", None));
-    }
 
     #[test]
     fn a_batch_takes_only_a_customers_delivery_statuses() {

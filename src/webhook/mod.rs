@@ -12,6 +12,7 @@
 
 pub mod apply;
 pub mod batch;
+pub mod opaque;
 pub mod parse;
 pub mod signature;
 

@@ -156,8 +156,8 @@ pub fn split(body: &[u8]) -> Result<Vec<Event>, String> {
                             shard: k
                                 .biz_opaque_callback_data
                                 .as_deref()
-                                .filter(|_| super::batch::batchable(&k.status))
-                                .and_then(|d| super::batch::read_callback_data(d).1),
+                                .filter(|_| batchable(&k.status))
+                                .and_then(|d| super::opaque::read_callback_data(d).1),
                         });
                     }
                     for m in v.messages {
@@ -220,6 +220,13 @@ pub fn split(body: &[u8]) -> Result<Vec<Event>, String> {
         }
     }
     Ok(events)
+}
+
+/// Whether a status goes in a batch (see [`super::batch`]): only the delivery statuses that
+/// change nothing but their message's delivery row. `failed` may carry 131050 (an opt-out) or
+/// 131049, which must be applied in the number's lane on the shard that owns the number now.
+pub fn batchable(status: &str) -> bool {
+    matches!(status, "sent" | "delivered" | "read")
 }
 
 /// A customer's number as digits (Meta sends `16505551234`; some payloads add a `+`).
