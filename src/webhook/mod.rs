@@ -359,43 +359,20 @@ async fn publish_batch(
 ) -> Result<(), String> {
     let key = shard.to_string();
     try_join_all(events.chunks(batch::MAX_EVENTS).map(|chunk| {
-        let body = batch::encode(chunk);
-        let mut headers = FieldTable::default();
-        headers.insert(
-            ShortString::from(HEADER_KIND),
-            AMQPValue::LongString(LongString::from(batch::KIND_STATUS_BATCH)),
-        );
-        let props = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_delivery_mode(2)
-            .with_headers(headers)
-            .with_user_id(user.into());
         let key = key.as_str();
         async move {
-            let confirm = ch
-                .basic_publish(
-                    STATUSES_EXCHANGE.into(),
-                    key.into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..Default::default()
-                    },
-                    &body,
-                    props,
-                )
-                .await
-                .map_err(|e| e.to_string())?
-                .await
-                .map_err(|e| e.to_string())?;
-            match confirm {
-                Confirmation::Ack(None) | Confirmation::NotRequested => {
-                    crate::metrics::webhook_status_batch(chunk.len());
-                    Ok(())
-                }
-                // Not even the alternate exchange could route it: no shard at all.
-                Confirmation::Ack(Some(_)) => Err(format!("no queue bound to {STATUSES_EXCHANGE}")),
-                Confirmation::Nack(_) => Err("the broker refused the events".into()),
-            }
+            let body = batch::encode(chunk);
+            publish_confirmed(
+                ch,
+                user,
+                STATUSES_EXCHANGE,
+                key,
+                batch::KIND_STATUS_BATCH,
+                &body,
+            )
+            .await?;
+            crate::metrics::webhook_status_batch(chunk.len());
+            Ok::<_, String>(())
         }
     }))
     .await
@@ -408,10 +385,23 @@ async fn publish_one(ch: &Channel, user: &str, ev: &parse::Event) -> Result<(), 
         Some(digits) => (JOBS_EXCHANGE, digits.as_str()),
         None => (WEBHOOKS_EXCHANGE, ""),
     };
+    publish_confirmed(ch, user, exchange, key, KIND_WEBHOOK, &body).await
+}
+
+/// One persistent, mandatory publish of sendwell's own (`kind` in `x-sendwell-kind`, our
+/// `user_id`), awaited until the broker confirms it; an error says why it is not stored.
+async fn publish_confirmed(
+    ch: &Channel,
+    user: &str,
+    exchange: &str,
+    key: &str,
+    kind: &str,
+    body: &[u8],
+) -> Result<(), String> {
     let mut headers = FieldTable::default();
     headers.insert(
         ShortString::from(HEADER_KIND),
-        AMQPValue::LongString(LongString::from(KIND_WEBHOOK)),
+        AMQPValue::LongString(LongString::from(kind)),
     );
     // The consumer acts on x-sendwell-kind only when the broker vouches for our user_id.
     let props = BasicProperties::default()
@@ -427,7 +417,7 @@ async fn publish_one(ch: &Channel, user: &str, ev: &parse::Event) -> Result<(), 
                 mandatory: true,
                 ..Default::default()
             },
-            &body,
+            body,
             props,
         )
         .await
@@ -436,6 +426,7 @@ async fn publish_one(ch: &Channel, user: &str, ev: &parse::Event) -> Result<(), 
         .map_err(|e| e.to_string())?;
     match confirm {
         Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+        // For a status batch: not even the alternate exchange could route it (no shard at all).
         Confirmation::Ack(Some(_)) => Err(format!("no queue bound to {exchange}")),
         Confirmation::Nack(_) => Err("the broker refused the event".into()),
     }
