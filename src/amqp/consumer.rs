@@ -624,39 +624,34 @@ impl Worker {
     fn handle_webhook(self: &Arc<Self>, delivery: Delivery, session: &Arc<Session>) {
         let event: Event = match serde_json::from_slice(&delivery.data) {
             Ok(e) => e,
-            Err(e) => {
-                // Only our own listener publishes these; a broken one is kept for inspection.
-                let this = self.clone();
-                let session = session.clone();
-                let detail = e.to_string();
-                self.tracker.spawn(async move {
-                    let r = this
-                        .dead_letter(&session, &delivery, "malformed_webhook_event", &detail)
-                        .await;
-                    settle_failed(&session, r, "dead-letter a broken webhook event");
-                });
-                return;
-            }
+            Err(e) => return self.keep_broken_event(delivery, session, e.to_string()),
         };
         self.take_event(EventMessage::Own(Box::new(delivery)), event, session);
+    }
+
+    /// A webhook event or status batch that cannot be read: only our own listener publishes
+    /// these, so a broken one is dead-lettered (`malformed_webhook_event`) for inspection.
+    fn keep_broken_event(
+        self: &Arc<Self>,
+        delivery: Delivery,
+        session: &Arc<Session>,
+        detail: String,
+    ) {
+        let this = self.clone();
+        let session = session.clone();
+        self.tracker.spawn(async move {
+            let r = this
+                .dead_letter(&session, &delivery, "malformed_webhook_event", &detail)
+                .await;
+            settle_failed(&session, r, "dead-letter a broken webhook event");
+        });
     }
 
     /// Takes a batch of statuses (see [`crate::webhook::batch`]): each into its number's lane.
     fn handle_status_batch(self: &Arc<Self>, delivery: Delivery, session: &Arc<Session>) {
         let events = match crate::webhook::batch::decode(&delivery.data) {
             Ok(events) => events,
-            Err(detail) => {
-                // Only our own listener publishes these; a broken one is kept for inspection.
-                let this = self.clone();
-                let session = session.clone();
-                self.tracker.spawn(async move {
-                    let r = this
-                        .dead_letter(&session, &delivery, "malformed_webhook_event", &detail)
-                        .await;
-                    settle_failed(&session, r, "dead-letter a broken status batch");
-                });
-                return;
-            }
+            Err(detail) => return self.keep_broken_event(delivery, session, detail),
         };
         let batch = Arc::new(StatusBatch {
             left: events.len().into(),
