@@ -1224,18 +1224,25 @@ fn per_account(s: &Settings, sandbox: &drive::RunSandbox, metrics: &str) -> Vec<
 }
 
 /// A callbacks run's ceilings on 2 busy cores (issue 19): the total CPU per job (daemon,
-/// RabbitMQ, bench) webhooks off ÷ with callbacks, and the same with the daemon's callbacks
+/// RabbitMQ, bench process, PostgreSQL) webhooks off ÷ with callbacks, and the same with the daemon's callbacks
 /// priced at nothing (its webhooks-off CPU on both sides), which is what the broker's and the
 /// load generator's own work for the callbacks leave. None when a reading is missing.
 fn cpu_bounds(off: &RunResult, on: &RunResult) -> (Option<f64>, Option<f64>) {
+    // PostgreSQL's reading is the cluster's: on a redb run, the idle cluster's few µs.
     let total = |r: &RunResult| {
-        Some(r.cpu_us_per_job? + r.broker_cpu_us_per_job? + r.bench_cpu_us_per_job?)
+        Some(
+            r.cpu_us_per_job?
+                + r.broker_cpu_us_per_job?
+                + r.bench_cpu_us_per_job?
+                + r.postgres_cpu_us_per_job.unwrap_or(0.0),
+        )
     };
-    let (Some(t_off), Some(t_on)) = (total(off), total(on)) else {
+    let (Some(t_off), Some(t_on), Some(d_off), Some(d_on)) =
+        (total(off), total(on), off.cpu_us_per_job, on.cpu_us_per_job)
+    else {
         return (None, None);
     };
-    let free = t_on - on.cpu_us_per_job.unwrap_or(0.0) + off.cpu_us_per_job.unwrap_or(0.0);
-    (ratio(t_off, t_on), ratio(t_off, free))
+    (ratio(t_off, t_on), ratio(t_off, t_on - d_on + d_off))
 }
 
 fn opt(v: Option<f64>, digits: usize) -> String {
@@ -1396,7 +1403,7 @@ fn report(s: &Settings, machine: &str, results: &[RunResult]) {
         println!(
             "| with callbacks at | run | jobs/s | ÷ webhooks off | callbacks/s | posted / given up / retries | delivery events (repeated) | daemon µs/job: off → on | RabbitMQ µs/job: off → on | bench µs/job: off → on | CPU bound | bound, free daemon | job p50 / p99 | callback → delivery event p50 / p99 |"
         );
-        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for r in sendwell.iter().filter(|r| r.callbacks) {
             let Some(cb) = &r.callback_figures else {
                 continue;
@@ -1449,8 +1456,9 @@ fn report(s: &Settings, machine: &str, results: &[RunResult]) {
     }
 
     if !callback_rows.is_empty() {
+        println!();
         println!(
-            "CPU bound: the machine's CPU per job, all three (daemon, RabbitMQ, bench) off ÷ on: on a machine whose cores are the limit, the ratio cannot beat it. Bound, free daemon: the same if the daemon spent nothing on callbacks (its off figure on both sides): what RabbitMQ's and the load generator's own work for the callbacks leave."
+            "CPU bound: the machine's CPU per job (daemon, RabbitMQ, bench process, PostgreSQL) off ÷ on: on a machine whose cores are the limit, the ratio cannot beat it. Bound, free daemon: the same if the daemon spent nothing on callbacks (its off figure on both sides): what RabbitMQ's and the load generator's own work for the callbacks leave."
         );
     }
 

@@ -140,7 +140,9 @@ async fn verify_full_refuses_a_self_signed_certificate_at_once() {
         why.contains("TLS") && why.contains("not valid for name") && why.contains("ca_file"),
         "{why}"
     );
-    assert!(began.elapsed() < Duration::from_secs(5), "{e}");
+    // "At once": not after the retries a transient error gets (the open's 20 s would end it);
+    // loose enough for two cores shared with the PostgreSQL suites scripts/test.sh runs beside.
+    assert!(began.elapsed() < Duration::from_secs(15), "{e}");
 
     let bundle = std::path::Path::new("/etc/ssl/certs/ca-certificates.crt");
     if !bundle.exists() {
