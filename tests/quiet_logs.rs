@@ -2,7 +2,7 @@
 //! kind that the daemon only takes note of (a status for a wamid it does not know, a billed
 //! status whose category has no price, a customer's message, a preference other than a
 //! marketing stop, a callback with a forged signature) are counted one by one in the metrics,
-//! and logged once per key an hour. The daemon runs in this process; its log is the
+//! and logged once per key an hour; so are a thousand jobs that end suppressed (no consent). The daemon runs in this process; its log is the
 //! subscriber `sendwell run` installs, with the default filter (`info`), writing into a buffer
 //! (one test in this binary: the subscriber is the process's).
 
@@ -21,8 +21,8 @@ const EVENTS: usize = 1000;
 const JOBS: usize = EVENTS / 2;
 /// Statuses or messages per callback: Meta batches them.
 const PER_CALLBACK: usize = 50;
-/// What "a handful" of lines is: one per key is five here.
-const HANDFUL: usize = 6;
+/// What "a handful" of lines is: one per key is six here.
+const HANDFUL: usize = 7;
 const T: Duration = Duration::from_secs(180);
 
 /// The daemon's log: every line it writes, in order.
@@ -226,6 +226,25 @@ async fn a_thousand_unmatched_unpriced_and_inbound_events_log_a_handful_of_lines
         assert_eq!(post(&client, &app, body, "not-the-app-secret").await, 401);
     }
 
+    // Jobs for customers who never consented: each ends `suppressed.no_consent`, an outcome
+    // a campaign can have thousands of a second.
+    let unasked: Vec<String> = (0..EVENTS).map(|i| format!("quiet-unasked-{i}")).collect();
+    let jobs: Vec<_> = unasked
+        .iter()
+        .enumerate()
+        .map(|(i, id)| template_job(id, &number(JOBS + 1 + i)))
+        .collect();
+    env.publish(&jobs).await;
+    let finals = env.final_outcomes(&unasked, T).await;
+    for id in &unasked {
+        let e = &finals[id][0];
+        assert_eq!(
+            (&e["status"], &e["reason"]),
+            (&"suppressed".into(), &"no_consent".into()),
+            "{e}"
+        );
+    }
+
     let counted = [
         r#"sendwell_webhook_unmatched_total{why="unknown_message"}"#,
         r#"sendwell_prices_missing_total{category="marketing_lite",market="germany"}"#,
@@ -251,7 +270,7 @@ async fn a_thousand_unmatched_unpriced_and_inbound_events_log_a_handful_of_lines
         lines.len() <= HANDFUL,
         "{} lines logged for {} events in steady state (at most {HANDFUL} expected: one per key an hour); by message:\n{}",
         lines.len(),
-        counted.len() * EVENTS,
+        (counted.len() + 1) * EVENTS,
         by_message(&lines)
     );
     // One line per key says that it happens.
@@ -261,6 +280,7 @@ async fn a_thousand_unmatched_unpriced_and_inbound_events_log_a_handful_of_lines
         "Inbound message received",
         "A user preference change other than a marketing stop was noted",
         "Webhook refused: signature not valid",
+        "Job finished (a job other than sent is logged once an hour",
     ] {
         assert!(
             lines.iter().any(|l| l.contains(said)),

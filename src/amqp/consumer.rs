@@ -1094,12 +1094,14 @@ impl Worker {
                         Duration::from_millis(age_ms.max(0) as u64),
                     );
                 }
-                // A sent job is the common case, thousands a second: its line is debug (the
-                // metrics count it), so the journal is not flooded (journald's default rate
-                // limit would drop most of them anyway) and no job pays a write to stderr.
-                // Every other outcome is worth reading: info.
+                // Every job's line is debug (`sendwell_jobs_finished_total` counts each): a
+                // sent job is thousands a second, and a campaign's suppressed or capped jobs can
+                // be as many, which would flood the journal (journald's default rate limit drops
+                // most of them anyway) and make every job pay a write to stderr. An outcome
+                // other than `sent` is worth reading, so at info once an hour per account,
+                // status and reason, with how many went unlogged and the last job as example.
                 macro_rules! finished {
-                    ($level:ident) => {
+                    ($level:ident, $message:literal $(, $unlogged:ident)?) => {
                         tracing::$level!(
                             id = %job.id,
                             account = %job.account,
@@ -1107,14 +1109,28 @@ impl Worker {
                             status = outcome.status(),
                             reason = outcome.reason().unwrap_or(""),
                             attempts = event.attempts,
-                            "Job finished."
+                            $($unlogged,)?
+                            $message
                         )
                     };
                 }
-                if matches!(outcome, Outcome::Sent { .. }) {
-                    finished!(debug);
-                } else {
-                    finished!(info);
+                let hourly = (!matches!(outcome, Outcome::Sent { .. }))
+                    .then(|| {
+                        crate::metrics::log_hourly((
+                            "job_finished",
+                            &*job.account,
+                            outcome.status(),
+                            outcome.reason(),
+                        ))
+                    })
+                    .flatten();
+                match hourly {
+                    Some(unlogged) => finished!(
+                        info,
+                        "Job finished (a job other than sent is logged once an hour per account, status and reason; sendwell_jobs_finished_total counts each).",
+                        unlogged
+                    ),
+                    None => finished!(debug, "Job finished."),
                 }
                 Ok(())
             }
