@@ -75,6 +75,12 @@
 //! - `SENDWELL_BENCH_STATUS_BATCH` (100): statuses in one callback POST at most, those due within
 //!   10 ms of each other together, as Meta batches notifications under load; 1: each status in
 //!   a POST of its own
+//! - `SENDWELL_BENCH_READ_EVENTS` (`on`): `off` leaves `read` out of the daemon's
+//!   `[webhook] delivery_events` (an upstream that does not want read receipts): `read`
+//!   callbacks are still posted and applied but publish no event, so a callbacks run ends
+//!   when every `delivered` event has come and the daemon's
+//!   `sendwell_delivery_statuses_total{status="read"}` counts every sent job (polled every
+//!   10 ms once the events are in)
 //!
 //! Without `--bench` (as `cargo test --all-targets` runs it) it only says it is skipped.
 
@@ -171,6 +177,9 @@ struct Settings {
     /// Which sendwell runs get Meta's callbacks: webhooks off only, or each run twice, webhooks
     /// off (the ratio's base) then with every callback, or with callbacks only.
     callbacks: CallbacksMode,
+    /// With callbacks: whether the daemon publishes `read` as an outcome event
+    /// (`[webhook] delivery_events`); off, the run's end waits for its read counter instead.
+    read_events: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -249,6 +258,14 @@ impl Settings {
                 "1" | "on" | "yes" | "true" | "both" => CallbacksMode::Both,
                 "only" => CallbacksMode::Only,
                 other => panic!("SENDWELL_BENCH_CALLBACKS: {other:?} is not off, both or only"),
+            },
+            read_events: match std::env::var("SENDWELL_BENCH_READ_EVENTS")
+                .unwrap_or_default()
+                .trim()
+            {
+                "" | "1" | "on" | "yes" | "true" => true,
+                "0" | "off" | "no" | "false" => false,
+                other => panic!("SENDWELL_BENCH_READ_EVENTS: {other:?} is not on or off"),
             },
             backends: {
                 let mut b: Vec<StateKind> = Vec::new();
@@ -370,6 +387,8 @@ struct RunResult {
     per_account: Vec<serde_json::Value>,
     /// sendwell with Meta's callbacks (`sent`, `delivered`, `read` per sent message).
     callbacks: bool,
+    /// With callbacks: whether `read` was published as an event (`SENDWELL_BENCH_READ_EVENTS`).
+    read_events: bool,
     /// With callbacks: what came of them.
     callback_figures: Option<CallbackFigures>,
 }
@@ -407,6 +426,7 @@ impl RunResult {
             Some(self.daemon.as_str()),
             self.backend,
             self.callbacks.then_some("callbacks"),
+            (self.callbacks && !self.read_events).then_some("no read events"),
         ]
         .into_iter()
         .flatten()
@@ -545,6 +565,9 @@ async fn measure(
     dead: Option<lapin::Consumer>,
     probe: Probe,
     callbacks: bool,
+    // With callbacks and `read` published as no event: the daemon's admin address, whose
+    // read counter tells when every `read` was applied.
+    reads_counted_at: Option<std::net::SocketAddr>,
 ) -> Measured {
     let times = drive::publish_times(jobs.jobs.len());
     let start = probe.snap();
@@ -557,10 +580,30 @@ async fn measure(
         times.clone(),
         s.rate,
     ));
-    let c = drive::collect(
-        consumer, dead, jobs, epoch, &times, &probe, s.stall, callbacks,
+    let events_per_sent = match (callbacks, reads_counted_at) {
+        (false, _) => 0,
+        (true, None) => 2,
+        (true, Some(_)) => 1,
+    };
+    let mut c = drive::collect(
+        consumer,
+        dead,
+        jobs,
+        epoch,
+        &times,
+        &probe,
+        s.stall,
+        events_per_sent,
     )
     .await;
+    if let Some(admin) = reads_counted_at
+        && !c.stalled
+    {
+        match drive::reads_applied(&admin, c.sent, s.stall).await {
+            true => c.end = probe.snap(),
+            false => c.stalled = true,
+        }
+    }
     let publish_seconds = if c.stalled && !publisher.is_finished() {
         publisher.abort();
         f64::NAN
@@ -632,6 +675,7 @@ fn result_from(kind: RunKind, s: &Settings, m: &Measured, latency_ms: Option<u64
         exit: None,
         per_account: Vec::new(),
         callbacks: false,
+        read_events: true,
         callback_figures: None,
     }
 }
@@ -908,6 +952,7 @@ async fn run_baseline(
         None,
         probe,
         false,
+        None,
     )
     .await;
     let mut r = result_from(kind, s, &m, latency_ms);
@@ -1022,6 +1067,16 @@ async fn run_sendwell(
         s.accounts,
         webhook.as_ref(),
     );
+    // The daemon's default publishes all three delivery updates; `read` left out, it is
+    // applied and counted but publishes no event.
+    let toml = if callbacks && !s.read_events {
+        toml.replace(
+            "verify_token_file = \"verify_token\"\n",
+            "verify_token_file = \"verify_token\"\ndelivery_events = [\"delivered\", \"undelivered\"]\n",
+        )
+    } else {
+        toml
+    };
     let config = drive::write_config(dir.path(), &toml);
     let (pg, seed_seconds) = match &db {
         Some(db) => {
@@ -1085,12 +1140,14 @@ async fn run_sendwell(
         Some(dead),
         probe,
         callbacks,
+        (callbacks && !s.read_events).then_some(admin),
     )
     .await;
     stop.cancel();
     let _ = sampler.await;
     let mut r = result_from(RunKind::Sendwell, s, &m, Some(latency_ms));
     r.callbacks = callbacks;
+    r.read_events = s.read_events;
     r.daemon = daemon.0.clone();
     r.backend = Some(backend.name());
     r.seed_seconds = seed_seconds;

@@ -499,6 +499,34 @@ struct OutcomeHead<'a> {
     wamid: Option<std::borrow::Cow<'a, str>>,
 }
 
+/// Polls the daemon's `/metrics` every 10 ms until its `read` statuses applied
+/// (`sendwell_delivery_statuses_total{status="read"}`, all accounts; counted as each is
+/// applied, before its delivery row is written) reach `sent`; false if that takes over
+/// `stall`.
+pub async fn reads_applied(admin: &SocketAddr, sent: usize, stall: Duration) -> bool {
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + stall;
+    while Instant::now() < deadline {
+        if let Ok(r) = http.get(format!("http://{admin}/metrics")).send().await
+            && let Ok(text) = r.text().await
+        {
+            let reads: f64 = text
+                .lines()
+                .filter(|l| {
+                    l.starts_with("sendwell_delivery_statuses_total{")
+                        && l.contains("status=\"read\"")
+                })
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
+            if reads >= sent as f64 {
+                return true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
 /// Now, unix milliseconds: the sandbox stamps its callbacks on the same clock.
 pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()
@@ -509,9 +537,10 @@ pub fn unix_ms() -> u64 {
 /// Reads outcomes until every job has a final one, or none came for `stall`. A job whose id
 /// cannot be read gets no outcome from sendwell (CONTRACT §3 needs an id), only a dead letter:
 /// with `dead` (a queue on the dead-letter exchange), such dead letters count as its finish.
-/// With `callbacks`, also until every sent job's `delivered` and `read` events have come: a
-/// message's callbacks go through its lane in order, so its `sent` callback was applied by
-/// then too.
+/// With callbacks, also until every sent job's delivery events have come
+/// (`events_per_sent`: 2, `delivered` and `read`; 1, `delivered` only, when `read` publishes
+/// no event; 0, no callbacks): a message's callbacks go through its lane in order, so its
+/// `sent` callback was applied by then too.
 #[allow(clippy::too_many_arguments)]
 pub async fn collect(
     mut consumer: Consumer,
@@ -521,7 +550,7 @@ pub async fn collect(
     times: &PublishTimes,
     probe: &Probe,
     stall: Duration,
-    callbacks: bool,
+    events_per_sent: usize,
 ) -> Collected {
     let n = jobs.jobs.len();
     let mut seen = vec![false; n];
@@ -542,7 +571,7 @@ pub async fn collect(
         delivery_arrivals: Vec::new(),
     };
     let mut published_upto = 0usize;
-    let done = |c: &Collected| c.finished >= n && (!callbacks || c.deliveries >= 2 * c.sent);
+    let done = |c: &Collected| c.finished >= n && c.deliveries >= events_per_sent * c.sent;
     while !done(&c) {
         let next = async {
             tokio::select! {
