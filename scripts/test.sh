@@ -47,7 +47,7 @@ if [ $# -eq 0 ]; then
       echo "test.sh: FAILED on PostgreSQL: ${failed[*]}"
       exit 101
     fi
-  ) >"$pg_log" 2>&1 &
+  ) </dev/null >"$pg_log" 2>&1 &
   pg_pid=$!
   set +m
   trap '[ -n "$pg_pid" ] && kill -- "-$pg_pid" 2>/dev/null || true' EXIT

@@ -863,7 +863,7 @@ impl Worker {
                         // Debug level: at info this span cost every job a registry entry and
                         // its fields formatted (1–2 % of the daemon's CPU in the load bench);
                         // the few lines logged inside `process` name the job themselves.
-                        let span = tracing::debug_span!("job", id = %item.job.id, account = %item.job.account);
+                        let span = tracing::debug_span!("job", id = ?item.job.id, account = %item.job.account);
                         // The session's `work`, not only the shutdown: a job waiting in here
                         // when the session is lost stops waiting and is not sent (see
                         // `Session::work`).
@@ -1021,7 +1021,7 @@ impl Worker {
                 attempts,
             }) => {
                 crate::metrics::job_deferred(&job.account, reason);
-                tracing::debug!(id = %job.id, reason, %until, "Job deferred.");
+                tracing::debug!(id = ?job.id, reason, %until, "Job deferred.");
                 self.pipeline.note_waiting(job, attempts).await?;
                 self.delay(
                     &item.session,
@@ -1077,7 +1077,7 @@ impl Worker {
                     }
                     crate::metrics::sent_unrecorded();
                     if let Some(unlogged) = crate::metrics::sent_unrecorded_log() {
-                        tracing::error!(id = %job.id, account = %job.account, error = %e, unlogged, "A sent job's outcome could not be recorded in the state store; published and acked without the record, so it is not sent again.");
+                        tracing::error!(id = ?job.id, account = %job.account, error = %e, unlogged, "A sent job's outcome could not be recorded in the state store; published and acked without the record, so it is not sent again.");
                     }
                     recorded = false;
                 }
@@ -1099,11 +1099,13 @@ impl Worker {
                 // be as many, which would flood the journal (journald's default rate limit drops
                 // most of them anyway) and make every job pay a write to stderr. An outcome
                 // other than `sent` is worth reading, so at info once an hour per account,
-                // status and reason, with how many went unlogged and the last job as example.
+                // status and reason, with how many went unlogged since and the job that
+                // opened the hour as example. The id is printed quoted (`?`): an upstream's id
+                // may hold spaces and `=`, which unquoted would read as fields of their own.
                 macro_rules! finished {
                     ($level:ident, $message:literal $(, $unlogged:ident)?) => {
                         tracing::$level!(
-                            id = %job.id,
+                            id = ?job.id,
                             account = %job.account,
                             to = %job.to.masked(),
                             status = outcome.status(),
@@ -1137,7 +1139,7 @@ impl Worker {
             Disposition::Republish(bytes) => {
                 self.publish_outcome(item, &stored_routing_key(&bytes), &bytes, true)
                     .await?;
-                tracing::info!(id = %job.id, "Republished the stored outcome of a job whose event was not confirmed before.");
+                tracing::info!(id = ?job.id, "Republished the stored outcome of a job whose event was not confirmed before.");
                 Ok(())
             }
             Disposition::AckOnly => {
