@@ -141,7 +141,7 @@ async fn verify_full_refuses_a_self_signed_certificate_at_once() {
         "{why}"
     );
     // "At once": not after the retries a transient error gets (the open's 20 s would end it);
-    // loose enough for two cores shared with the PostgreSQL suites scripts/test.sh runs beside.
+    // loose enough for two cores shared with other work.
     assert!(began.elapsed() < Duration::from_secs(15), "{e}");
 
     let bundle = std::path::Path::new("/etc/ssl/certs/ca-certificates.crt");

@@ -1056,8 +1056,8 @@ pub async fn seed_consent_at(config: &Config, numbers: &[String]) {
         }
     });
     // A bounded number at a time: on PostgreSQL each apply takes a connection of the store's
-    // pool, and ten thousand waiting at once outwait its `wait_timeout` when other suites load
-    // the same server (scripts/test.sh runs the PostgreSQL reruns beside the main run).
+    // pool, and ten thousand waiting at once outwait its `wait_timeout` when other work loads
+    // the same server.
     futures_util::stream::iter(grants)
         .buffer_unordered(256)
         .collect::<Vec<()>>()
