@@ -120,6 +120,7 @@ on_both! {
         jobs_to_lists_the_jobs_to_one_number_only,
         an_erasure_leaves_no_row_holding_the_number,
         a_job_id_with_a_nul_is_simply_unknown,
+        get_with_reads_a_final_entry_and_its_row,
         processes_opening_an_empty_store_at_once_get_one_erase_key,
     ],
     state: [
@@ -933,4 +934,35 @@ async fn processes_opening_an_empty_store_at_once_get_one_erase_key(l: Ledger) {
     assert_eq!(keys.len(), 1, "one erase key for the store");
     let stored = l.kv_get(Table::StoreMeta, b"erase_key").await.unwrap();
     assert_eq!(stored.as_deref(), keys.iter().next().map(|k| &k[..]));
+}
+
+/// `get_with`, a status callback's one read: the entry and, for a final entry only, the row
+/// under the same id; nothing for an id without an entry, whatever rows it has.
+async fn get_with_reads_a_final_entry_and_its_row(l: Ledger) {
+    let t = Table::Delivery;
+    let done = entry(LedgerState::Final, 1, 1);
+    let running = entry(LedgerState::Sending, 1, 1);
+    l.put("done", done.clone()).await.unwrap();
+    l.put("bare", done.clone()).await.unwrap();
+    l.put("running", running.clone()).await.unwrap();
+    l.kv_many(vec![
+        put(t, b"done", &[1, 2]),
+        put(t, b"running", &[1, 2]),
+        put(t, b"orphan", &[1, 2]),
+        put(Table::WebhookSeen, b"bare", &[9]),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(
+        l.get_with("done", t).await.unwrap(),
+        (Some(done.clone()), Some(vec![1, 2]))
+    );
+    // Another table's row under the id is not this table's.
+    assert_eq!(l.get_with("bare", t).await.unwrap(), (Some(done), None));
+    assert_eq!(
+        l.get_with("running", t).await.unwrap(),
+        (Some(running), None)
+    );
+    assert_eq!(l.get_with("orphan", t).await.unwrap(), (None, None));
+    assert_eq!(l.get_with("job\0x", t).await.unwrap(), (None, None));
 }

@@ -231,6 +231,25 @@ impl Ledger {
         }
     }
 
+    /// [`Self::get`] and, for a final entry only (a status callback applies to nothing else),
+    /// `table`'s row keyed by the same id: on redb from one read transaction.
+    pub async fn get_with(
+        &self,
+        id: &str,
+        table: Table,
+    ) -> Result<(Option<LedgerEntry>, Option<Vec<u8>>), LedgerError> {
+        match &self.0 {
+            Backend::Redb(l) => l.get_with(id, table),
+            Backend::Pg(s) => match Box::pin(s.get(id)).await? {
+                Some(entry) if entry.state == LedgerState::Final => {
+                    let row = Box::pin(s.kv_get(table, id.as_bytes())).await?;
+                    Ok((Some(entry), row))
+                }
+                other => Ok((other, None)),
+            },
+        }
+    }
+
     /// Durably records the entry (returns once committed).
     pub async fn put(&self, id: &str, entry: LedgerEntry) -> Result<(), LedgerError> {
         each!(self, l => l.put(id, entry).await)

@@ -703,6 +703,32 @@ impl RedbLedger {
         Ok(Some(entry))
     }
 
+    /// [`Self::get`] and, for a final entry only, `table`'s row under the same id, from one read
+    /// transaction: a status callback reads its finished job's entry and delivery row together.
+    pub fn get_with(
+        &self,
+        id: &str,
+        table: Table,
+    ) -> Result<(Option<LedgerEntry>, Option<Vec<u8>>), LedgerError> {
+        let g = read(&self.db)?;
+        let r = g.begin_read()?;
+        let t = r.open_table(LEDGER)?;
+        let Some((mut entry, seq)) = t.get(id)?.and_then(|v| LedgerEntry::decode(v.value())) else {
+            return Ok((None, None));
+        };
+        if !entry.published && seq != 0 {
+            entry.published = lock(&self.marks).published(seq);
+        }
+        if entry.state != LedgerState::Final {
+            return Ok((Some(entry), None));
+        }
+        let row = r
+            .open_table(table.def())?
+            .get(id.as_bytes())?
+            .map(|v| v.value().to_vec());
+        Ok((Some(entry), row))
+    }
+
     async fn write(&self, op: Op) -> Result<u64, LedgerError> {
         let (done, rx) = oneshot::channel();
         self.tx

@@ -3,6 +3,7 @@
 //! every shard (account-level changes). Returns what must be published; the caller publishes it
 //! with confirms, then records the event as applied, then acks.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -161,23 +162,29 @@ struct MetaError {
     message: Option<String>,
 }
 
-/// The parts of a job's stored final outcome a delivery update repeats.
+/// The parts of a job's stored final outcome a delivery update repeats. Read for every status
+/// callback: its strings are borrowed from the stored bytes where they need no unescaping
+/// (serde borrows a plain `Cow<str>`; the optional ones come back owned).
 #[derive(Deserialize)]
 struct StoredOutcome<'a> {
-    id: String,
-    account: String,
-    to: String,
-    status: String,
+    #[serde(borrow)]
+    id: Cow<'a, str>,
+    #[serde(borrow)]
+    account: Cow<'a, str>,
+    #[serde(borrow)]
+    to: Cow<'a, str>,
+    #[serde(borrow)]
+    status: Cow<'a, str>,
     #[serde(default)]
     attempts: u32,
     #[serde(borrow, default)]
     metadata: Option<&'a RawValue>,
-    #[serde(default)]
-    category: Option<String>,
+    #[serde(borrow, default)]
+    category: Option<Cow<'a, str>>,
     /// The message the send's answer named: statuses of another (the first try of an
     /// ambiguous send that did go through) are kept apart (see `Applier::status`).
-    #[serde(default)]
-    wamid: Option<String>,
+    #[serde(borrow, default)]
+    wamid: Option<Cow<'a, str>>,
 }
 
 /// CONTRACT §3 for delivery updates (`delivered`, `read`, `undelivered`); `billed_cost` is an
@@ -397,24 +404,28 @@ impl Applier {
         // The job: our id rides in biz_opaque_callback_data (before the shard, see
         // `opaque::callback_data`); otherwise, or when that names no job (data mangled on the
         // way), look the wamid up.
-        let mut entry = match &s.biz_opaque_callback_data {
+        // With the entry, the delivery row under the same id (see below), in one read.
+        let mut found = match &s.biz_opaque_callback_data {
             Some(data) => {
-                self.ledger
-                    .get(super::opaque::read_callback_data(data).0)
-                    .await?
+                let id = super::opaque::read_callback_data(data).0;
+                let (entry, row) = self.ledger.get_with(id, Table::Delivery).await?;
+                entry.map(|e| (e, id.to_string(), row))
             }
             None => None,
         };
-        if entry.is_none()
+        if found.is_none()
             && let Some(id) = self
                 .ledger
                 .kv_get(Table::Wamids, s.id.as_bytes())
                 .await?
                 .and_then(|v| String::from_utf8(v).ok())
         {
-            entry = self.ledger.get(&id).await?;
+            let (entry, row) = self.ledger.get_with(&id, Table::Delivery).await?;
+            found = entry.map(|e| (e, id, row));
         }
-        let Some(entry) = entry.filter(|e| e.state == LedgerState::Final) else {
+        let Some((entry, entry_id, row_of_id)) =
+            found.filter(|(e, _, _)| e.state == LedgerState::Final)
+        else {
             crate::metrics::webhook_unmatched("unknown_message");
             if let Some(unlogged) = crate::metrics::log_hourly("unknown_message") {
                 tracing::info!(status = %s.status, unlogged, "A status callback for a message sendwell does not know was ignored (logged once an hour; sendwell_webhook_unmatched_total{{why=\"unknown_message\"}} counts each).");
@@ -436,21 +447,26 @@ impl Applier {
         // nothing more. A status of another message of the job (an ambiguous send tried again
         // when the first try did go through: two messages, both billed) is recognised by its
         // bytes in `WebhookSeen` and billed under its own wamid, as every status once was.
-        let stored = self
-            .ledger
-            .kv_get(Table::Delivery, job.id.as_bytes())
-            .await?;
+        let stored = if *job.id == *entry_id {
+            row_of_id
+        } else {
+            self.ledger
+                .kv_get(Table::Delivery, job.id.as_bytes())
+                .await?
+        };
         let before = DeliveryRow::decode(stored.as_deref());
         let mut row = before;
         let bit = status_bit(&s.status);
-        let own = Self::records_itself(ev) && job.wamid.as_deref().is_none_or(|w| w == s.id);
+        // `records_itself`, from the status already read (not parsed again).
+        let records_itself = bit != 0;
+        let own = records_itself && job.wamid.as_deref().is_none_or(|w| w == s.id);
         if own {
             if row.flags & bit != 0 {
                 crate::metrics::webhook_duplicate();
                 return Ok(effects);
             }
             row.flags |= bit;
-        } else if Self::records_itself(ev) {
+        } else if records_itself {
             // The caller left this status's `WebhookSeen` row to us.
             if self
                 .ledger
@@ -490,7 +506,7 @@ impl Applier {
             let category = p
                 .category
                 .clone()
-                .or(job.category.clone())
+                .or_else(|| job.category.as_deref().map(String::from))
                 .unwrap_or_default();
             // The job's number: `recipient_id` is a WhatsApp ID, which for Mexico carries an
             // extra digit.
@@ -524,7 +540,7 @@ impl Applier {
                 }
                 if !counted_before {
                     effects.billed = Some(BilledCount {
-                        account: job.account.clone(),
+                        account: job.account.to_string(),
                         category: category.clone(),
                         market: prices.market(digits).to_string(),
                         country: crate::phone::parse_e164(&job.to)
