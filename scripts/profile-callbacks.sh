@@ -18,18 +18,22 @@ daemons=()
 if [ $# -gt 0 ]; then daemons=(SENDWELL_BENCH_DAEMONS="profiled=$1"); fi
 summary() {
     report=$(perf report -i "$1" --children --sort sym --stdio -g none 2>/dev/null | grep '%' | grep -v '^#')
-    share() { # the largest "children" share among symbols matching $1
-        printf '%s\n' "$report" | grep -F -- "$1" | awk '{ gsub("%", "", $1); if ($1 > m) m = $1 } END { printf "%5.1f %%", m + 0 }'
+    share() { # the largest "children" share among symbols matching any regex given (grep -E)
+        local args=()
+        for p in "$@"; do args+=(-e "$p"); done
+        printf '%s\n' "$report" | grep -E "${args[@]}" | awk '{ gsub("%", "", $1); if ($1 > m) m = $1 } END { printf "%5.1f %%", m + 0 }'
     }
     total() { # the sum of the shares of symbols matching $1 (one line per monomorphised copy)
         printf '%s\n' "$report" | grep -F -- "$1" | awk '{ gsub("%", "", $1); m += $1 } END { printf "%5.1f %%", m + 0 }'
     }
+    # A lane's stages are boxed futures since ad80f1f: their frames are named by the async
+    # block or fn they poll, not by the function (the second pattern of each).
     echo "daemon samples under each stage ($1):"
     echo "  HTTP server (hyper connections, all requests)  $(share 'hyper_util::server::conn::auto::UpgradeableConnection')"
     echo "    webhook handler (signature, parse, publish)  $(share 'State<alloc::sync::Arc<sendwell::webhook::Listener')"
-    echo "      publish to the broker with confirm         $(share 'sendwell::webhook::publish_one')"
-    echo "  lanes (jobs and webhook events)                $(share 'sendwell::amqp::consumer::Worker::run_lane')"
-    echo "    apply a webhook event                        $(share 'sendwell::amqp::consumer::Worker::settle_webhook')"
+    echo "      publish to the broker with confirm         $(share 'sendwell::webhook::publish_(one|batch|confirmed)')"
+    echo "  lanes (jobs and webhook events)                $(share 'sendwell::amqp::consumer::Worker::run_lane' 'sendwell::amqp::consumer::\{impl#[0-9]+\}::enqueue::\{async_block_env')"
+    echo "    apply a webhook event                        $(share 'sendwell::amqp::consumer::Worker::settle_webhook' 'sendwell::amqp::consumer::\{impl#[0-9]+\}::settle_webhook::\{async_fn_env')"
     echo "  state store writer thread                      $(share 'sendwell::store::ledger::Writer::run')"
     echo "  AMQP I/O threads (lapin, both links)           $(total 'lapin::io_loop::IoLoop<RK,C>::run')"
     echo "  kernel (syscalls)                              $(share 'entry_SYSCALL_64_after_hwframe')"
