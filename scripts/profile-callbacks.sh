@@ -21,7 +21,7 @@ summary() {
     share() { # the largest "children" share among symbols matching any regex given (grep -E)
         local args=()
         for p in "$@"; do args+=(-e "$p"); done
-        printf '%s\n' "$report" | grep -E "${args[@]}" | awk '{ gsub("%", "", $1); if ($1 > m) m = $1 } END { printf "%5.1f %%", m + 0 }'
+        printf '%s\n' "$report" | grep -E "${args[@]}" | awk '{ gsub("%", "", $1); v = $1 + 0; if (v > m) m = v } END { printf "%5.1f %%", m + 0 }'
     }
     total() { # the sum of the shares of symbols matching $1 (one line per monomorphised copy)
         printf '%s\n' "$report" | grep -F -- "$1" | awk '{ gsub("%", "", $1); m += $1 } END { printf "%5.1f %%", m + 0 }'
