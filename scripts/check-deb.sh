@@ -20,15 +20,17 @@ if ! cargo deb --version 2>/dev/null | grep -qF "$CARGO_DEB_VERSION"; then
 fi
 command -v dpkg-deb >/dev/null || { log "dpkg-deb is missing (Debian's dpkg)" >&2; exit 1; }
 
-log "cargo deb (release build)"
 # The checks are about what the package holds and that its binary runs: in CI
 # (CHECK_DEB_QUICK=1, set by .ci/run, after the tests) the package takes the dev profile's
 # binary, which the tests' build already made (a release build took 4-6 minutes of a CI that
 # must stay under 30); a package to ship is built without it, in release.
 profile=()
+build="release build"
 if [ "${CHECK_DEB_QUICK:-0}" = 1 ]; then
     profile=(--profile dev)
+    build="dev build, CHECK_DEB_QUICK=1"
 fi
+log "cargo deb ($build)"
 deb="$(cargo deb --fast --quiet "${profile[@]}" -- --locked | tail -n 1)"
 [ -f "$deb" ] || { log "cargo deb printed no package path (got: $deb)" >&2; exit 1; }
 log "built $deb"
