@@ -1227,6 +1227,65 @@ mod delivery_rows {
         assert_eq!(billed(&rec), 2.0 * 113100.0, "two messages, two charges");
     }
 
+    /// A job id with characters JSON escapes: its stored outcome's strings cannot be borrowed
+    /// (serde unescapes them into owned ones), and the status still finds its job and row.
+    #[test]
+    fn a_job_id_with_escapes_is_found_and_its_row_kept() {
+        let (_d, applier, ledger, rt) = setup();
+        let id = r#"job"\1"#;
+        let escaped = serde_json::to_string(id).unwrap();
+        rt.block_on(async {
+            let event = format!(
+                r#"{{"id":{escaped},"account":"acme-de","to":"+491701234567","status":"sent","category":"marketing","wamid":"{WAMID}"}}"#
+            );
+            let entry = LedgerEntry {
+                state: LedgerState::Final,
+                attempts: 1,
+                updated_ms: jiff::Timestamp::now().as_millisecond(),
+                published: true,
+                event: event.into_bytes(),
+            };
+            ledger.put(id, entry).await.unwrap();
+        });
+        let body = String::from_utf8(fixture("status_delivered.json"))
+            .unwrap()
+            .replace(r#""job-1""#, &escaped);
+        let ev = event(body.as_bytes());
+        let first = rt.block_on(settle(&applier, &ledger, &ev));
+        assert_eq!(first.publications.len(), 1, "the job is found");
+        let row = rt.block_on(ledger.kv_get(Table::Delivery, id.as_bytes()));
+        assert_eq!(row.unwrap().map(|r| r[0]), Some(DELIVERED));
+        let again = rt.block_on(settle(&applier, &ledger, &ev));
+        assert!(again.publications.is_empty(), "a repeat, by the row");
+    }
+
+    /// The row is read under the stored outcome's own id: an entry found under another key
+    /// (never written so by sendwell) does not make the status read another job's row, or none.
+    #[test]
+    fn a_stored_outcome_under_another_key_reads_the_row_of_its_own_id() {
+        let (_d, applier, ledger, rt) = setup();
+        rt.block_on(async {
+            let entry = ledger.get("job-1").await.unwrap().unwrap();
+            ledger.put("alias", entry).await.unwrap();
+            ledger
+                .kv_put(
+                    Table::Delivery,
+                    b"job-1".to_vec(),
+                    vec![DELIVERED, DELIVERED_APPLIED],
+                )
+                .await
+                .unwrap();
+        });
+        let body = String::from_utf8(fixture("status_delivered.json"))
+            .unwrap()
+            .replace(r#""job-1""#, r#""alias""#);
+        let e = rt.block_on(settle(&applier, &ledger, &event(body.as_bytes())));
+        assert!(
+            e.publications.is_empty(),
+            "job-1's row says delivered was applied"
+        );
+    }
+
     /// Meta sends only `read` when delivery and reading come together, with the pricing: with
     /// `delivered` left out of `delivery_events`, the billed cost rides on `read`.
     #[test]
