@@ -692,7 +692,15 @@ impl RedbLedger {
 
     pub fn get(&self, id: &str) -> Result<Option<LedgerEntry>, LedgerError> {
         let g = read(&self.db)?;
-        let r = g.begin_read()?;
+        self.entry_in(&g.begin_read()?, id)
+    }
+
+    /// The job's entry as `r` sees it, its publish mark from memory when not stored yet.
+    fn entry_in(
+        &self,
+        r: &redb::ReadTransaction,
+        id: &str,
+    ) -> Result<Option<LedgerEntry>, LedgerError> {
         let t = r.open_table(LEDGER)?;
         let Some((mut entry, seq)) = t.get(id)?.and_then(|v| LedgerEntry::decode(v.value())) else {
             return Ok(None);
@@ -712,13 +720,9 @@ impl RedbLedger {
     ) -> Result<(Option<LedgerEntry>, Option<Vec<u8>>), LedgerError> {
         let g = read(&self.db)?;
         let r = g.begin_read()?;
-        let t = r.open_table(LEDGER)?;
-        let Some((mut entry, seq)) = t.get(id)?.and_then(|v| LedgerEntry::decode(v.value())) else {
+        let Some(entry) = self.entry_in(&r, id)? else {
             return Ok((None, None));
         };
-        if !entry.published && seq != 0 {
-            entry.published = lock(&self.marks).published(seq);
-        }
         if entry.state != LedgerState::Final {
             return Ok((Some(entry), None));
         }
