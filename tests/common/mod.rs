@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 pub mod pg;
 pub mod procs;
+pub mod seed;
 
 pub const MGMT: &str = "http://127.0.0.1:15672";
 /// base64("guest:guest"): the local broker's default management login.
@@ -603,25 +604,33 @@ impl TestEnv {
 
     /// As `new`, writing extra files (secrets) into the config directory first.
     pub async fn with_dir_files(opts: &AppOptions, files: &[(&str, &str)]) -> TestEnv {
-        let db = match opts.postgres {
-            true => Some(pg::TestDb::new().await),
-            false => test_db().await,
-        };
-        Self::with_dir_files_on(opts, files, db).await
+        let postgres = opts.postgres || pg::backend() == "postgres";
+        Self::with_dir_files_on(opts, files, postgres).await
     }
 
     /// As `new`, with the state in a PostgreSQL database of its own whatever
     /// `SENDWELL_TEST_BACKEND` says: for instances that share one state (issue 18; see
     /// [`TestEnv::start_shared_instance`]).
     pub async fn on_postgres(opts: &AppOptions) -> TestEnv {
-        Self::with_dir_files_on(opts, &[], Some(pg::TestDb::new().await)).await
+        Self::with_dir_files_on(opts, &[], true).await
     }
 
+    /// `opts.consented` comes from a store seeded once per test binary ([`seed`]): copied into
+    /// this env's database or state directory.
     async fn with_dir_files_on(
         opts: &AppOptions,
         files: &[(&str, &str)],
-        db: Option<pg::TestDb>,
+        postgres: bool,
     ) -> TestEnv {
+        let seeded = match opts.consented.is_empty() {
+            true => None,
+            false => Some(seed::template(postgres, opts.consented.clone()).await),
+        };
+        let db = match (postgres, seeded.as_ref().and_then(|s| s.get())) {
+            (true, Some(seed::Template::Postgres(t))) => Some(pg::TestDb::copy_of(t).await),
+            (true, _) => Some(pg::TestDb::new().await),
+            (false, _) => None,
+        };
         // The daemon's log, for a failing test: SENDWELL_TEST_LOG=sendwell=debug.
         if let Ok(filter) = std::env::var("SENDWELL_TEST_LOG") {
             let _ = tracing_subscriber::fmt()
@@ -679,8 +688,9 @@ impl TestEnv {
             stops: vec![sb_stop, s1, s2],
             shared_state: Mutex::new(None),
         };
-        let numbers: Vec<String> = opts.consented.clone().map(number).collect();
-        env.seed_consent(&numbers).await;
+        if let Some(seed::Template::Redb(file)) = seeded.as_ref().and_then(|s| s.get()) {
+            seed::copy_redb(file, &env.config().state.dir);
+        }
         env
     }
 

@@ -44,6 +44,15 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn new() -> TestDb {
+        Self::create(None).await
+    }
+
+    /// A fresh database holding a copy of `template` (no one may be connected to it).
+    pub async fn copy_of(template: &TestDb) -> TestDb {
+        Self::create(Some(&template.name)).await
+    }
+
+    async fn create(template: Option<&str>) -> TestDb {
         let (base_url, password) = settings();
         let admin = client_config(&base_url, &password);
         let client = connect(&admin).await;
@@ -52,8 +61,11 @@ impl TestDb {
         let name = format!("{PREFIX}{}", uuid::Uuid::new_v4().simple());
         // Identifiers cannot be bound; this one is ours, plain [a-z0-9_]. Two statements: CREATE
         // DATABASE cannot run in the implicit transaction of a multi-statement query.
+        let from = template
+            .map(|t| format!(" TEMPLATE \"{t}\""))
+            .unwrap_or_default();
         for sql in [
-            format!("CREATE DATABASE \"{name}\""),
+            format!("CREATE DATABASE \"{name}\"{from}"),
             format!("COMMENT ON DATABASE \"{name}\" IS '{}'", owner_mark()),
         ] {
             tokio::time::timeout(WITHIN, client.batch_execute(&sql))
