@@ -619,6 +619,34 @@ struct Proxy {
     mode: Arc<std::sync::atomic::AtomicU8>,
     /// COMMITs it lost.
     fired: Arc<AtomicU64>,
+    /// Its tasks, and the server sides it keeps open: see [`Proxy::close`].
+    tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    kept: Arc<Mutex<Vec<tokio::net::TcpStream>>>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        for t in lock(&self.tasks).drain(..) {
+            t.abort();
+        }
+        lock(&self.kept).clear();
+    }
+}
+
+impl Proxy {
+    /// Closes every connection it holds, before the test's database is dropped. A backend it
+    /// stalled (or one it had let in mid-handshake) cannot absorb the barrier `DROP DATABASE`
+    /// waits for, and dropping the proxy only aborts its tasks: they close their sockets when
+    /// the runtime next polls them, which a runtime blocked in `TestDb`'s drop never does (the
+    /// drop waited about 30 s).
+    async fn close(self) {
+        let tasks: Vec<_> = lock(&self.tasks).drain(..).collect();
+        for t in tasks {
+            t.abort();
+            let _ = t.await;
+        }
+        lock(&self.kept).clear();
+    }
 }
 
 impl Proxy {
@@ -637,8 +665,10 @@ impl Proxy {
         let fired = Arc::new(AtomicU64::new(0));
         // Server sides kept open on purpose (SWALLOW) live here until the test ends.
         let kept: Arc<Mutex<Vec<tokio::net::TcpStream>>> = Arc::default();
-        let (m, f) = (mode.clone(), fired.clone());
-        tokio::spawn(async move {
+        let tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (m, f, k, t) = (mode.clone(), fired.clone(), kept.clone(), tasks.clone());
+        let accept = tokio::spawn(async move {
+            let (kept, tasks) = (k, t);
             // A simple-protocol COMMIT: 'Q', length 11, "COMMIT\0".
             const COMMIT: &[u8] = b"Q\0\0\0\x0bCOMMIT\0";
             while let Ok((mut client, _)) = listener.accept().await {
@@ -646,7 +676,7 @@ impl Proxy {
                     continue;
                 };
                 let (m, f, kept) = (m.clone(), f.clone(), kept.clone());
-                tokio::spawn(async move {
+                let conn = tokio::spawn(async move {
                     let (mut cb, mut sb) = (vec![0u8; 65536], vec![0u8; 65536]);
                     // Set once this connection's COMMIT was passed on with LOSE_ANSWER.
                     let mut lose_next_answer = false;
@@ -695,9 +725,17 @@ impl Proxy {
                         }
                     }
                 });
+                lock(&tasks).push(conn);
             }
         });
-        Proxy { port, mode, fired }
+        lock(&tasks).push(accept);
+        Proxy {
+            port,
+            mode,
+            fired,
+            tasks,
+            kept,
+        }
     }
 
     fn settings(&self, db: &TestDb) -> PgSettings {
@@ -1226,6 +1264,9 @@ async fn a_server_that_never_answers_marks_the_store_unwritable() {
         "15 s after the database stopped answering, the write still waits and the store \
          still says it is writable"
     );
+    write.abort();
+    drop(s);
+    proxy.close().await;
 }
 
 /// `resolve` loops while the transaction in doubt is "in progress" and
