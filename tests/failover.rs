@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use common::procs::Procs;
 use common::*;
 
-const N: usize = 6_000;
+const N: usize = 4_500;
 const KILLS: usize = 3;
 
 /// Outcome events seen so far (cheap: no parsing).
@@ -45,7 +45,7 @@ async fn the_active_instance_killed_three_times_under_load_sends_no_id_twice_and
     };
     opts.sandbox.latency = Duration::from_millis(200);
     let env = TestEnv::new(&opts).await;
-    // Prefetch 20 at 200 ms: at most ~100 jobs/s, so the run (~60 s) outlasts three kills
+    // Prefetch 20 at 200 ms: at most ~100 jobs/s, so the run (~45 s) outlasts three kills
     // and restarts even on a fast machine.
     let mut procs = Procs::new(&env, &[0, 0], 20, "").await;
 

@@ -41,8 +41,9 @@ fn auth_job(id: &str, account: &str, to: &str) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_accounts_keep_their_rates_at_the_receiving_end() {
-    // 50/s and 200/s with the default bursts (a tenth of the rate: 5 and 20). 2,000 + 8,000
-    // jobs, interleaved as upstream would publish them, so both accounts stay busy ~40 s.
+    // 50/s and 200/s with the default bursts (a tenth of the rate: 5 and 20). 1,000 + 4,000
+    // jobs, interleaved as upstream would publish them, so both accounts stay busy ~20 s (the
+    // burst is then 0.5 % of each account's calls, well inside the 2 % long-run bound).
     let opts = AppOptions {
         account_limits: "messages_per_second = 50\npacing = { interval = \"0s\" }\n".into(),
         extra_toml: SECOND_ACCOUNT.into(),
@@ -54,7 +55,7 @@ async fn two_accounts_keep_their_rates_at_the_receiving_end() {
     let app = env.start().await;
     let mut jobs = Vec::new();
     let mut ids = Vec::new();
-    for i in 0..10_000 {
+    for i in 0..5_000 {
         let account = if i % 5 == 0 { "acme-de" } else { "acme-fr" };
         let id = format!("rate-{i}");
         jobs.push(auth_job(&id, account, &number(i)));
@@ -62,13 +63,13 @@ async fn two_accounts_keep_their_rates_at_the_receiving_end() {
     }
     let (stalled_ms, watching) = watch_stalls();
     env.publish(&jobs).await;
-    // 40 s at the limits; the deadline only bounds a wait (10x).
-    let finals = env.final_outcomes(&ids, Duration::from_secs(400)).await;
+    // 20 s at the limits; the deadline only bounds a wait (10x).
+    let finals = env.final_outcomes(&ids, Duration::from_secs(200)).await;
     watching.abort();
     let stalled_ms = stalled_ms.load(Ordering::Relaxed);
     let sent = finals.values().filter(|v| v[0]["status"] == "sent").count();
     assert_eq!(
-        sent, 10_000,
+        sent, 5_000,
         "every job is sent, none failed or dropped for the limit"
     );
 
@@ -80,8 +81,8 @@ async fn two_accounts_keep_their_rates_at_the_receiving_end() {
             .push(r.at_ms);
     }
     for (phone, limit, burst, n) in [
-        ("106540352242922", 50.0, 5, 2_000),
-        ("106540352242923", 200.0, 20, 8_000),
+        ("106540352242922", 50.0, 5, 1_000),
+        ("106540352242923", 200.0, 20, 4_000),
     ] {
         let mut at = by_account.remove(phone).unwrap_or_default();
         at.sort_unstable();
@@ -107,7 +108,7 @@ async fn two_accounts_keep_their_rates_at_the_receiving_end() {
             allowed - limit as usize - burst
         );
         // Never above the limit in the long run (2 %: the burst and the arrival jitter over
-        // 40 s). How close it comes from below is how fast this machine feeds the gate: the
+        // 20 s). How close it comes from below is how fast this machine feeds the gate: the
         // load bench's figure (an idle 2-core machine once gave 46.6/s for 50/s; 30.7 to
         // 46.9/s under two busy loops here). That the gate's long run is exactly the rate is
         // checked on tokio's paused clock (`pipeline::limits::throughput`); here the floor
@@ -130,7 +131,7 @@ async fn two_accounts_keep_their_rates_at_the_receiving_end() {
         "sendwell_limit_wait_seconds_count{account=\"acme-fr\",limit=\"throughput\"}",
     );
     eprintln!("acme-fr: {waits} waits at the gate");
-    assert!((1.0..8_000.0).contains(&waits), "{waits} waits");
+    assert!((1.0..4_000.0).contains(&waits), "{waits} waits");
     assert_eq!(
         metric_value(
             &metrics,
