@@ -90,6 +90,10 @@ async fn two_accounts_keep_their_rates_at_the_receiving_end() {
         let peak = max_in_one_second(&at);
         let span_s = (at[n - 1] - at[0]) as f64 / 1000.0;
         let rate = (n - 1) as f64 / span_s;
+        // A stall can hold the first calls back and shorten the span they are measured over
+        // by as much as it lasted beyond the arrival jitter: the long-run bound allows that.
+        let stall_beyond = stalled_ms.saturating_sub(50) as f64 / 1000.0;
+        let rate_allowing_stalls = (n - 1) as f64 / (span_s + stall_beyond);
         eprintln!(
             "{phone}: peak {peak} in 1 s, long-run {rate:.2}/s (limit {limit}), stalls up to {stalled_ms} ms"
         );
@@ -99,7 +103,6 @@ async fn two_accounts_keep_their_rates_at_the_receiving_end() {
         // a stall beyond that brings up to `limit` more calls per second of stall together,
         // which is the machine, not the gate. Seen under two busy loops: 211 to 219 for
         // 200 + 20, 52 to 54 for 50 + 5, with stalls of 171 to 293 ms.
-        let stall_beyond = stalled_ms.saturating_sub(50) as f64 / 1000.0;
         let allowed = limit as usize + burst + (limit * stall_beyond).ceil() as usize;
         assert!(
             peak <= allowed,
@@ -114,8 +117,9 @@ async fn two_accounts_keep_their_rates_at_the_receiving_end() {
         // checked on tokio's paused clock (`pipeline::limits::throughput`); here the floor
         // only catches an account that crawls.
         assert!(
-            rate <= limit * 1.02,
-            "{phone}: long-run rate {rate:.1}/s, above the limit {limit}/s"
+            rate_allowing_stalls <= limit * 1.02,
+            "{phone}: long-run rate {rate:.1}/s ({rate_allowing_stalls:.1}/s allowing for \
+             stalls of {stalled_ms} ms), above the limit {limit}/s"
         );
         assert!(
             rate >= limit * 0.3,

@@ -27,9 +27,15 @@ async fn post_signed(app: &TestApp, body: &[u8]) -> u16 {
 
 /// One callback with a status per (job id, wamid, number), naming `shard` as the sender.
 fn statuses(jobs: &[(String, String, String)], status: &str, shard: u16) -> Vec<u8> {
-    let items: Vec<serde_json::Value> = jobs
+    let each: Vec<_> = jobs.iter().map(|j| (j, status)).collect();
+    statuses_each(&each, shard)
+}
+
+/// One callback with the given status of each (job id, wamid, number), in this order.
+fn statuses_each(items: &[(&(String, String, String), &str)], shard: u16) -> Vec<u8> {
+    let items: Vec<serde_json::Value> = items
         .iter()
-        .map(|(id, wamid, to)| {
+        .map(|((id, wamid, to), status)| {
             serde_json::json!({
                 "id": wamid, "status": status,
                 "timestamp": jiff::Timestamp::now().as_second().to_string(),
@@ -227,6 +233,44 @@ async fn statuses_travel_in_batches_to_the_shard_that_sent_them_and_apply_once_e
             delivery_statuses(&env, id),
             ["delivered", "read"],
             "{id}: one delivered, one read, nothing after the read"
+        );
+    }
+
+    // 5. One callback carrying a message's `delivered` and then its `read` (Meta batches a
+    // message's statuses too under load), beside a status of another number: the two of one
+    // number share its lane, so the second is applied after the first, never beside it.
+    let pair: Vec<String> = (0..3).map(|i| format!("pair-{i}")).collect();
+    let pair_jobs: Vec<_> = pair
+        .iter()
+        .enumerate()
+        .map(|(i, id)| template_job(id, &number(70 + i)))
+        .collect();
+    env.publish(&pair_jobs).await;
+    let finals = env.final_outcomes(&pair, T).await;
+    let sent: Vec<(String, String, String)> = pair
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let wamid = finals[id][0]["wamid"].as_str().unwrap().to_string();
+            (id.clone(), wamid, number(70 + i))
+        })
+        .collect();
+    let items: Vec<_> = sent
+        .iter()
+        .flat_map(|j| [(j, "delivered"), (j, "read")])
+        .collect();
+    assert_eq!(post_signed(&app, &statuses_each(&items, 0)).await, 200);
+    wait_for("delivered and read for every pair job", T, async || {
+        pair.iter()
+            .all(|id| delivery_statuses(&env, id).len() >= 2)
+            .then_some(())
+    })
+    .await;
+    for id in &pair {
+        assert_eq!(
+            delivery_statuses(&env, id),
+            ["delivered", "read"],
+            "{id}: a batch's statuses of one number apply in their order"
         );
     }
     drop(outcomes);

@@ -98,6 +98,11 @@ impl TestDb {
         connect(&client_config(&self.url, &self.password)).await
     }
 
+    /// A connection to the server as the test role, on its own database (not this one).
+    pub async fn admin_client(&self) -> tokio_postgres::Client {
+        connect(&self.admin).await
+    }
+
     /// The `[state.postgres]` table for a test's config (`state.backend = "postgres"` goes in
     /// the `[state]` section, which this does not write).
     pub fn state_postgres_toml(&self) -> String {

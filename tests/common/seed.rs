@@ -6,7 +6,8 @@
 //! redb, `CREATE DATABASE … TEMPLATE` on PostgreSQL). The copy holds what seeding the test's
 //! own store would have written: the events and the summaries derived from them alone (no
 //! config in them), with times an hour before the template was made, which is at most the
-//! binary's run time before the test's start.
+//! binary's run time before the test's start. The copies of one binary share the seeded
+//! store's random erase key (`consent::store::erase_key`); no test relies on it being unique.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -70,18 +71,7 @@ async fn make(postgres: bool, range: Range<usize>) -> Template {
     super::seed_consent_at(&config, &numbers).await;
     match db {
         Some(db) => {
-            // The seeding store's pool closes its connections on tasks of its own; a copy waits
-            // up to 5 s for them (PostgreSQL's own wait), and this makes it a moment.
-            let client = db.client().await;
-            client
-                .execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                     WHERE datname = $1 AND pid <> pg_backend_pid()",
-                    &[&db.name],
-                )
-                .await
-                .expect("closing the seeding connections");
-            drop(client);
+            closed_on_postgres(&db).await;
             Template::Postgres(Box::new(db))
         }
         None => {
@@ -89,6 +79,43 @@ async fn make(postgres: bool, range: Range<usize>) -> Template {
             wait_closed(&file);
             Template::Redb(file)
         }
+    }
+}
+
+/// Waits (20 s at most) until no session is on the seeded database, so each copy can be made
+/// (`CREATE DATABASE … TEMPLATE` refuses a template in use, after waiting 5 s itself). The
+/// seeding store's pool closes its connections on tasks of its own, and its writer may
+/// reconnect once more: this role's own client sessions there are ended, each round. Only
+/// those: other sessions (an autovacuum worker) are not this role's to end, and leave soon.
+async fn closed_on_postgres(db: &TestDb) {
+    // From the role's own database: a session on the template would keep it in use.
+    let client = db.admin_client().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let others: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1",
+                &[&db.name],
+            )
+            .await
+            .expect("listing the sessions on the seeded database")
+            .get(0);
+        if others == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{others} sessions still on the seeded database {} after 20 s",
+            db.name
+        );
+        let _ = client
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 \
+                 AND usename = current_user AND backend_type = 'client backend'",
+                &[&db.name],
+            )
+            .await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -1234,7 +1234,9 @@ async fn a_connection_lost_before_commit_does_not_leave_its_claim_locked() {
 /// server's own, tcp_user_timeout only counts unacknowledged bytes and keepalives are answered
 /// by the kernel. The write waits for ever and the store is never marked unwritable: /readyz
 /// stays 200, the watchdog is fed, `unwritable_grace` never starts.
-#[tokio::test]
+// Two workers: should an assertion fail before `Proxy::close`, the proxy's aborted tasks are
+// still dropped (their sockets closed) while `TestDb`'s drop blocks the other worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_never_answers_marks_the_store_unwritable() {
     let Some(db) = TestDb::new().await else {
         return;
