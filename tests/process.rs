@@ -12,26 +12,30 @@ use std::time::Duration;
 use common::*;
 
 /// The daemon as a child process, killed when dropped so a failing test leaves none behind.
-struct Daemon(Child);
+struct Daemon {
+    child: Child,
+    /// Its admin listener (`SENDWELL_ADMIN__LISTEN`): `/readyz` says when it consumes.
+    admin: String,
+}
 
 impl std::ops::Deref for Daemon {
     type Target = Child;
     fn deref(&self) -> &Child {
-        &self.0
+        &self.child
     }
 }
 
 impl std::ops::DerefMut for Daemon {
     fn deref_mut(&mut self) -> &mut Child {
-        &mut self.0
+        &mut self.child
     }
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
 }
@@ -40,17 +44,22 @@ fn spawn_daemon(env: &TestEnv) -> Daemon {
     spawn_daemon_with(env, &[])
 }
 
+/// The admin listener goes on a free port unless `vars` name one.
 fn spawn_daemon_with(env: &TestEnv, vars: &[(&str, &str)]) -> Daemon {
-    Daemon(
-        Command::new(env!("CARGO_BIN_EXE_sendwell"))
-            .envs(vars.iter().copied())
-            .args(["run", "--config"])
-            .arg(&env.config_path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("the daemon starts"),
-    )
+    let admin = match vars.iter().find(|(k, _)| *k == "SENDWELL_ADMIN__LISTEN") {
+        Some((_, a)) => a.to_string(),
+        None => free_port(),
+    };
+    let child = Command::new(env!("CARGO_BIN_EXE_sendwell"))
+        .envs(vars.iter().copied())
+        .env("SENDWELL_ADMIN__LISTEN", &admin)
+        .args(["run", "--config"])
+        .arg(&env.config_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("the daemon starts");
+    Daemon { child, admin }
 }
 
 fn signal(child: &Child, sig: &str) {
@@ -68,12 +77,24 @@ async fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitSta
     .await
 }
 
-async fn wait_consuming(env: &TestEnv) {
-    let broker = &env.broker;
+/// Waits until the daemon answers `/readyz`, which it does once the broker has confirmed its
+/// consumer on the jobs queue (the session's set-up). The management API's consumer count
+/// says the same up to its statistics interval (5 s) later.
+async fn wait_consuming(daemon: &mut Daemon) {
+    let url = format!("http://{}/readyz", daemon.admin);
     wait_for(
         "the daemon to consume",
         Duration::from_secs(30),
-        async || (broker.consumers("sendwell.jobs.0").await == Some(1)).then_some(()),
+        async || {
+            assert!(
+                daemon.child.try_wait().unwrap().is_none(),
+                "the daemon exited while starting"
+            );
+            reqwest::get(&url)
+                .await
+                .is_ok_and(|r| r.status().is_success())
+                .then_some(())
+        },
     )
     .await;
 }
@@ -89,7 +110,7 @@ async fn sigterm_mid_load_then_restart_gives_every_job_exactly_one_outcome() {
     })
     .await;
     let mut daemon = spawn_daemon(&env);
-    wait_consuming(&env).await;
+    wait_consuming(&mut daemon).await;
     let ids: Vec<String> = (0..3000).map(|i| format!("term-{i}")).collect();
     // Many jobs share recipients, so per-recipient ordering is exercised too.
     env.publish(
@@ -211,16 +232,21 @@ async fn a_second_signal_exits_at_once() {
     })
     .await;
     let mut daemon = spawn_daemon_with(&env, &[("SENDWELL_CLOUD_API__REQUEST_TIMEOUT", "60s")]);
-    wait_consuming(&env).await;
+    wait_consuming(&mut daemon).await;
     env.publish(&[template_job("slow-1", &number(1))]).await;
-    // The sandbox answers after 30 s, so once the daemon holds the job unacked it is mid-call.
-    let broker = &env.broker;
+    // The sandbox logs a call as it arrives and answers it 30 s later: once the call is in
+    // its log, the daemon is mid-call. (The management API's unacked count says the same up
+    // to 5 s later.)
+    let sandbox = &env.sandbox;
     wait_for(
         "the job to be in flight",
         Duration::from_secs(20),
         async || {
-            let q = broker.queue_info("sendwell.jobs.0").await?;
-            (q["messages_unacknowledged"].as_u64() == Some(1)).then_some(())
+            sandbox
+                .requests()
+                .iter()
+                .any(|r| r.callback_data.as_deref() == Some("slow-1"))
+                .then_some(())
         },
     )
     .await;
@@ -339,7 +365,7 @@ async fn a_daemon_killed_mid_call_does_not_resend_marketing_after_restart() {
     })
     .await;
     let mut daemon = spawn_daemon(&env);
-    wait_consuming(&env).await;
+    wait_consuming(&mut daemon).await;
     env.publish(&[template_job("killed-1", &number(14))]).await;
     let sandbox = env.sandbox.clone();
     wait_for(
@@ -391,7 +417,7 @@ async fn a_daemon_killed_right_after_answering_200_loses_no_callback() {
     let listen = format!("127.0.0.1:{port}");
     let vars = [("SENDWELL_WEBHOOK__LISTEN", listen.as_str())];
     let mut daemon = spawn_daemon_with(&env, &vars);
-    wait_consuming(&env).await;
+    wait_consuming(&mut daemon).await;
     let ids: Vec<String> = (0..40).map(|i| format!("cb-{i}")).collect();
     env.publish(
         &ids.iter()
@@ -461,7 +487,7 @@ async fn a_daemon_killed_right_after_answering_200_loses_no_callback() {
     // callback that got a 200 has its delivery outcome.
     env.sandbox.set_latency(Duration::from_millis(5));
     let mut daemon = spawn_daemon_with(&env, &vars);
-    wait_consuming(&env).await;
+    wait_consuming(&mut daemon).await;
     let outcomes = env.outcomes.clone();
     wait_for(
         "a delivered outcome for every callback",
@@ -521,7 +547,7 @@ async fn jobs_sent_to_the_sandbox_come_back_delivered_and_read_and_billed_as_the
         ("SENDWELL_ADMIN__LISTEN", admin.as_str()),
     ];
     let mut daemon = spawn_daemon_with(&env, &vars);
-    wait_consuming(&env).await;
+    wait_consuming(&mut daemon).await;
     // The sandbox calls the daemon back, signed, like Meta: sent (with pricing) → delivered → read.
     env.sandbox.set_webhook(
         Some(format!("http://{webhook}/webhook")),
@@ -589,7 +615,7 @@ async fn sighup_applies_a_new_rate_limit_to_a_running_daemon() {
     let env = TestEnv::new(&AppOptions::default()).await;
     let admin = free_port();
     let mut daemon = spawn_daemon_with(&env, &[("SENDWELL_ADMIN__LISTEN", admin.as_str())]);
-    wait_consuming(&env).await;
+    wait_consuming(&mut daemon).await;
     let rate = async |admin: &str| {
         let m = scrape(admin).await?;
         Some(metric(
@@ -671,8 +697,8 @@ async fn under_the_journal_each_line_carries_its_syslog_priority() {
     use std::io::BufRead;
     let env = TestEnv::new(&AppOptions::default()).await;
     // An unreachable broker: the daemon starts, logs at info, and warns while reconnecting.
-    let mut daemon = Daemon(
-        Command::new(env!("CARGO_BIN_EXE_sendwell"))
+    let mut daemon = Daemon {
+        child: Command::new(env!("CARGO_BIN_EXE_sendwell"))
             .env("JOURNAL_STREAM", "8:12345")
             .env("SENDWELL_BROKER__URL", "amqp://guest:guest@127.0.0.1:1/%2f")
             .args(["run", "--config"])
@@ -681,8 +707,9 @@ async fn under_the_journal_each_line_carries_its_syslog_priority() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap(),
-    );
-    let stderr = daemon.0.stderr.take().unwrap();
+        admin: String::new(),
+    };
+    let stderr = daemon.child.stderr.take().unwrap();
     let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let sink = lines.clone();
     std::thread::spawn(move || {

@@ -55,6 +55,33 @@ fn statuses_each(items: &[(&(String, String, String), &str)], shard: u16) -> Vec
     .unwrap()
 }
 
+/// Sends `n` jobs, `{prefix}-{i}` to `number(first + i)`, and waits for their outcomes: their
+/// ids, and (job id, wamid, number) of each.
+async fn send_and_wait(
+    env: &TestEnv,
+    prefix: &str,
+    first: usize,
+    n: usize,
+) -> (Vec<String>, Vec<(String, String, String)>) {
+    let ids: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
+    let jobs: Vec<_> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| template_job(id, &number(first + i)))
+        .collect();
+    env.publish(&jobs).await;
+    let finals = env.final_outcomes(&ids, T).await;
+    let sent = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let wamid = finals[id][0]["wamid"].as_str().unwrap().to_string();
+            (id.clone(), wamid, number(first + i))
+        })
+        .collect();
+    (ids, sent)
+}
+
 /// The delivery events of `id`, in the order published.
 fn delivery_statuses(env: &TestEnv, id: &str) -> Vec<String> {
     env.outcomes
@@ -157,22 +184,7 @@ async fn statuses_travel_in_batches_to_the_shard_that_sent_them_and_apply_once_e
 
     // 3. Statuses naming a shard whose queue is gone (a shard removed) are applied too.
     env.sandbox.set_webhook(None, None);
-    let late: Vec<String> = (0..5).map(|i| format!("late-{i}")).collect();
-    let late_jobs: Vec<_> = late
-        .iter()
-        .enumerate()
-        .map(|(i, id)| template_job(id, &number(50 + i)))
-        .collect();
-    env.publish(&late_jobs).await;
-    let finals = env.final_outcomes(&late, T).await;
-    let sent: Vec<(String, String, String)> = late
-        .iter()
-        .enumerate()
-        .map(|(i, id)| {
-            let wamid = finals[id][0]["wamid"].as_str().unwrap().to_string();
-            (id.clone(), wamid, number(50 + i))
-        })
-        .collect();
+    let (late, sent) = send_and_wait(&env, "late", 50, 5).await;
     let batches_before = metric_value(
         &app.metrics().await,
         "sendwell_webhook_status_batches_total",
@@ -239,22 +251,7 @@ async fn statuses_travel_in_batches_to_the_shard_that_sent_them_and_apply_once_e
     // 5. One callback carrying a message's `delivered` and then its `read` (Meta batches a
     // message's statuses too under load), beside a status of another number: the two of one
     // number share its lane, so the second is applied after the first, never beside it.
-    let pair: Vec<String> = (0..3).map(|i| format!("pair-{i}")).collect();
-    let pair_jobs: Vec<_> = pair
-        .iter()
-        .enumerate()
-        .map(|(i, id)| template_job(id, &number(70 + i)))
-        .collect();
-    env.publish(&pair_jobs).await;
-    let finals = env.final_outcomes(&pair, T).await;
-    let sent: Vec<(String, String, String)> = pair
-        .iter()
-        .enumerate()
-        .map(|(i, id)| {
-            let wamid = finals[id][0]["wamid"].as_str().unwrap().to_string();
-            (id.clone(), wamid, number(70 + i))
-        })
-        .collect();
+    let (pair, sent) = send_and_wait(&env, "pair", 70, 3).await;
     let items: Vec<_> = sent
         .iter()
         .flat_map(|j| [(j, "delivered"), (j, "read")])
