@@ -82,6 +82,11 @@ async fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitSta
 /// says the same up to its statistics interval (5 s) later.
 async fn wait_consuming(daemon: &mut Daemon) {
     let url = format!("http://{}/readyz", daemon.admin);
+    // A deadline per poll: `wait_for` checks its own only between polls.
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
     wait_for(
         "the daemon to consume",
         Duration::from_secs(30),
@@ -90,7 +95,8 @@ async fn wait_consuming(daemon: &mut Daemon) {
                 daemon.child.try_wait().unwrap().is_none(),
                 "the daemon exited while starting"
             );
-            reqwest::get(&url)
+            http.get(&url)
+                .send()
                 .await
                 .is_ok_and(|r| r.status().is_success())
                 .then_some(())
