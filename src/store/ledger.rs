@@ -563,18 +563,43 @@ impl RedbLedger {
         let path = dir.join("state.redb");
         let file = path.clone();
         let opener: Opener = Box::new(move || Database::create(&path));
+        let lock_path = dir.join("state.redb.lock");
         loop {
-            match opener() {
+            // The lock file first (see `Writer::_lock`), then redb's own lock on the store.
+            let lock = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&lock_path)
+                .map_err(|e| {
+                    LedgerError::Store(format!("cannot open {}: {e}", lock_path.display()))
+                })?;
+            // flock: released with the file, or by the kernel when the process dies.
+            let opened = match rustix::fs::flock(
+                &lock,
+                rustix::fs::FlockOperation::NonBlockingLockExclusive,
+            ) {
+                Ok(()) => opener(),
+                Err(rustix::io::Errno::WOULDBLOCK) => Err(redb::DatabaseError::DatabaseAlreadyOpen),
+                Err(e) => {
+                    return Err(LedgerError::Store(format!(
+                        "cannot lock {}: {e}",
+                        lock_path.display()
+                    )));
+                }
+            };
+            match opened {
                 Ok(db) => {
                     // A compaction by copy that a crash or a stop interrupted: the store is ours
                     // now (redb's lock), so its copy is stale. It may hold a number erased
                     // since; removed, it holds nothing.
                     let _ = std::fs::remove_file(compaction::copy_path(&file));
-                    return Self::start(db, Some(opener), Some(file), chunk_hook);
+                    return Self::start(db, Some(opener), Some(file), chunk_hook, Some(lock));
                 }
                 Err(redb::DatabaseError::DatabaseAlreadyOpen)
                     if std::time::Instant::now() < deadline =>
                 {
+                    drop(lock);
                     std::thread::sleep(Duration::from_millis(10));
                 }
                 Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(LedgerError::InUse),
@@ -586,7 +611,7 @@ impl RedbLedger {
     /// A store that lives in memory only: for tests and benchmarks.
     pub fn open_in_memory() -> Result<RedbLedger, LedgerError> {
         let db = Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())?;
-        Self::start(db, None, None, None)
+        Self::start(db, None, None, None, None)
     }
 
     /// The path of the store file in a state directory.
@@ -633,6 +658,7 @@ impl RedbLedger {
         opener: Option<Opener>,
         file: Option<PathBuf>,
         chunk_hook: Option<compaction::ChunkHook>,
+        lock: Option<std::fs::File>,
     ) -> Result<RedbLedger, LedgerError> {
         let db = Arc::new(RwLock::new(Some(db)));
         {
@@ -671,6 +697,7 @@ impl RedbLedger {
             wake: tx.downgrade(),
             chunk_hook,
             copies: AtomicU64::new(0),
+            _lock: lock,
         };
         *OPEN_WRITERS.0.lock().unwrap_or_else(|e| e.into_inner()) += 1;
         std::thread::Builder::new()
@@ -1328,6 +1355,11 @@ struct Writer {
     chunk_hook: Option<compaction::ChunkHook>,
     /// Copies started so far: each copy's number.
     copies: AtomicU64,
+    /// The store's lock file (`state.redb.lock`), taken before the file is opened and held for
+    /// as long as the writer runs. redb's own lock on the file is let go for a moment when a
+    /// compaction swaps its copy in (see `swap_in`): a tool opening the store then (`state
+    /// migrate`, `backup`) would have taken it from the running daemon. None in memory.
+    _lock: Option<std::fs::File>,
 }
 
 /// Where a write's result goes (None: nobody waits for it).
@@ -1632,7 +1664,8 @@ impl Writer {
         // name) must never take another write.
         drop(g.take());
         // The copy was made with a small cache; opened again, it gets the store's usual one.
-        // Closing it leaves the file unlocked for the moment until the open below takes it.
+        // Closing it leaves the file without redb's lock for the moment until the open below
+        // takes it: the store's lock file (`Writer::_lock`) keeps tools out meanwhile.
         drop(dest);
         match self.opener.as_ref().map(|open| open()) {
             Some(Ok(db)) => *g = Some(db),
@@ -2374,7 +2407,7 @@ mod tests {
         });
         let db = opener().unwrap();
         (
-            RedbLedger::start(db, Some(opener), None, None).unwrap(),
+            RedbLedger::start(db, Some(opener), None, None, None).unwrap(),
             full,
         )
     }
@@ -3021,6 +3054,23 @@ mod tests {
                 .status();
             let _ = std::fs::remove_dir(&self.0);
         }
+    }
+
+    /// A compaction's swap lets go of redb's own lock on the file for a moment (`swap_in`): a
+    /// tool opening the store then must still find it in use. Without the lock file it opened
+    /// it (seen in `tests/migrate.rs`: `state migrate` copied the store of a running daemon).
+    #[test]
+    fn the_store_stays_in_use_while_a_swap_has_let_go_of_redbs_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = RedbLedger::open(dir.path()).unwrap();
+        drop(l.db.write().unwrap().take());
+        assert!(
+            matches!(RedbLedger::open(dir.path()), Err(LedgerError::InUse)),
+            "a second open got the store while the first still runs"
+        );
+        // Once the store closes, it opens again (in this process too).
+        drop(l);
+        RedbLedger::open(dir.path()).expect("the store opens once the first is closed");
     }
 
     fn free_bytes(dir: &Path) -> u64 {
