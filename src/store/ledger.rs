@@ -571,6 +571,12 @@ impl RedbLedger {
                 .truncate(false)
                 .write(true)
                 .open(&lock_path)
+                .or_else(|e| match e.kind() {
+                    // Made by another user (a tool run as root before the daemon's first
+                    // start): a read-only descriptor takes the lock as well.
+                    std::io::ErrorKind::PermissionDenied => std::fs::File::open(&lock_path),
+                    _ => Err(e),
+                })
                 .map_err(|e| {
                     LedgerError::Store(format!("cannot open {}: {e}", lock_path.display()))
                 })?;
